@@ -1,0 +1,58 @@
+//! The one wasmtime [`Engine`] of the process, and compiled components.
+//!
+//! Compiling a component with Cranelift takes seconds, so each `.wasm` file is compiled
+//! once per process (an in-memory map keyed by path and modification time) and, when
+//! a cache directory is configured, once per machine (wasmtime's on-disk cache).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use wasmtime::component::Component;
+use wasmtime::{Cache, CacheConfig, Config, Engine};
+
+/// Environment variable naming a directory for wasmtime's compilation cache.
+pub const CACHE_DIR_ENV: &str = "SPILLWAY_HOST_CACHE_DIR";
+
+/// The process-wide engine: component model with async (WASIp3) enabled.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut config = Config::new();
+        config.wasm_component_model_async(true);
+        if let Some(dir) = std::env::var_os(CACHE_DIR_ENV) {
+            let mut cache = CacheConfig::new();
+            cache.with_directory(PathBuf::from(dir));
+            match Cache::new(cache) {
+                Ok(cache) => {
+                    config.cache(Some(cache));
+                }
+                Err(e) => eprintln!("warning: compilation cache disabled: {e:#}"),
+            }
+        }
+        Engine::new(&config).expect("the engine configuration is static and valid")
+    })
+}
+
+/// Loads and compiles the component at `path`, reusing an earlier compilation of the
+/// same unchanged file in this process.
+pub fn load_component(path: &Path) -> anyhow::Result<Component> {
+    type Key = (PathBuf, Option<SystemTime>);
+    static COMPILED: OnceLock<Mutex<HashMap<Key, Component>>> = OnceLock::new();
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("component file {} cannot be read", path.display()))?;
+    let key = (path.to_path_buf(), meta.modified().ok());
+    let compiled = COMPILED.get_or_init(Default::default);
+    if let Some(c) = compiled.lock().expect("poisoned").get(&key) {
+        return Ok(c.clone());
+    }
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("component file {} cannot be read", path.display()))?;
+    let component = Component::new(engine(), &bytes)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("{} is not a valid Wasm component", path.display()))?;
+    compiled.lock().expect("poisoned").insert(key, component.clone());
+    Ok(component)
+}

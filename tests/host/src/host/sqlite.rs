@@ -1,0 +1,211 @@
+//! `spin:sqlite/sqlite@3.1.0` over rusqlite (bundled SQLite), as Spin's in-process
+//! databases: a new connection per `open` to the label's file, values mapped by
+//! storage class, every SQLite error as `io(<message>)`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use wasmtime::component::{Accessor, FutureReader, Resource, StreamReader};
+
+use super::spin::sqlite::sqlite::{
+    Error, Host, HostConnection, HostConnectionWithStore, QueryResult, RowResult, Value,
+};
+use super::{Spin, SpinView};
+
+/// A configured database: a file, or (`None`) one in-memory database shared by all
+/// connections.
+pub(crate) struct SqliteDb {
+    path: Option<PathBuf>,
+    memory: Mutex<Option<Arc<Mutex<rusqlite::Connection>>>>,
+}
+
+/// An open connection: the resource behind `connection`.
+#[allow(unreachable_pub, reason = "bindgen re-exports resource types publicly")]
+pub struct Connection(Arc<Mutex<rusqlite::Connection>>);
+
+fn io(e: impl std::fmt::Display) -> Error {
+    Error::Io(e.to_string())
+}
+
+impl SqliteDb {
+    pub(crate) fn new(path: Option<PathBuf>) -> Self {
+        Self {
+            path,
+            memory: Mutex::new(None),
+        }
+    }
+
+    fn connect(&self) -> Result<Arc<Mutex<rusqlite::Connection>>, Error> {
+        match &self.path {
+            Some(p) => {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir).map_err(io)?;
+                }
+                let c = rusqlite::Connection::open(p).map_err(io)?;
+                c.busy_timeout(std::time::Duration::from_secs(5)).map_err(io)?;
+                Ok(Arc::new(Mutex::new(c)))
+            }
+            None => {
+                let mut m = self.memory.lock().map_err(io_poison)?;
+                if m.is_none() {
+                    *m = Some(Arc::new(Mutex::new(rusqlite::Connection::open_in_memory().map_err(io)?)));
+                }
+                Ok(m.as_ref().expect("set above").clone())
+            }
+        }
+    }
+}
+
+fn io_poison<T>(_: T) -> Error {
+    Error::Io("connection lock poisoned".into())
+}
+
+fn to_sql(v: Value) -> rusqlite::types::Value {
+    use rusqlite::types::Value as V;
+    match v {
+        Value::Integer(i) => V::Integer(i),
+        Value::Real(f) => V::Real(f),
+        Value::Text(t) => V::Text(t),
+        Value::Blob(b) => V::Blob(b),
+        Value::Null => V::Null,
+    }
+}
+
+fn from_sql(v: rusqlite::types::ValueRef<'_>) -> Value {
+    use rusqlite::types::ValueRef as V;
+    match v {
+        V::Null => Value::Null,
+        V::Integer(i) => Value::Integer(i),
+        V::Real(f) => Value::Real(f),
+        V::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        V::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}
+
+/// Runs one statement: columns, the rows produced before any error, and that error.
+fn run(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: Vec<Value>,
+) -> Result<(Vec<String>, Vec<RowResult>, Result<(), Error>), Error> {
+    let mut stmt = conn.prepare_cached(sql).map_err(io)?;
+    let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+    let params: Vec<rusqlite::types::Value> = params.into_iter().map(to_sql).collect();
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(params.iter()))
+        .map_err(io)?;
+    let mut out = Vec::new();
+    loop {
+        match rows.next() {
+            Ok(Some(row)) => {
+                let values = (0..columns.len())
+                    .map(|i| row.get_ref(i).map(from_sql))
+                    .collect::<Result<Vec<_>, _>>();
+                match values {
+                    Ok(values) => out.push(RowResult { values }),
+                    Err(e) => return Ok((columns, out, Err(io(e)))),
+                }
+            }
+            Ok(None) => return Ok((columns, out, Ok(()))),
+            Err(e) => return Ok((columns, out, Err(io(e)))),
+        }
+    }
+}
+
+fn open(view: &mut SpinView<'_>, label: &str) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
+    let Some(db) = view.caps.sqlite.get(label).cloned() else {
+        return Ok(Err(Error::AccessDenied));
+    };
+    match db.connect() {
+        Ok(c) => Ok(Ok(view.table.push(Connection(c))?)),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+fn conn_of(view: &mut SpinView<'_>, c: &Resource<Connection>) -> wasmtime::Result<Arc<Mutex<rusqlite::Connection>>> {
+    Ok(view.table.get(c)?.0.clone())
+}
+
+impl HostConnection for SpinView<'_> {
+    fn open(&mut self, database: String) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
+        open(self, &database)
+    }
+
+    fn execute(
+        &mut self,
+        c: Resource<Connection>,
+        statement: String,
+        parameters: Vec<Value>,
+    ) -> wasmtime::Result<Result<QueryResult, Error>> {
+        let conn = conn_of(self, &c)?;
+        let guard = conn.lock().map_err(|_| wasmtime::format_err!("connection lock poisoned"))?;
+        Ok(match run(&guard, &statement, parameters) {
+            Ok((columns, rows, Ok(()))) => Ok(QueryResult { columns, rows }),
+            Ok((_, _, Err(e))) | Err(e) => Err(e),
+        })
+    }
+
+    fn last_insert_rowid(&mut self, c: Resource<Connection>) -> wasmtime::Result<i64> {
+        let conn = conn_of(self, &c)?;
+        let guard = conn.lock().map_err(|_| wasmtime::format_err!("connection lock poisoned"))?;
+        Ok(guard.last_insert_rowid())
+    }
+
+    fn changes(&mut self, c: Resource<Connection>) -> wasmtime::Result<u64> {
+        let conn = conn_of(self, &c)?;
+        let guard = conn.lock().map_err(|_| wasmtime::format_err!("connection lock poisoned"))?;
+        Ok(guard.changes())
+    }
+
+    fn drop(&mut self, c: Resource<Connection>) -> wasmtime::Result<()> {
+        self.table.delete(c)?;
+        Ok(())
+    }
+}
+
+async fn on_conn<T, R: Send + 'static>(
+    accessor: &Accessor<T, Spin>,
+    c: &Resource<Connection>,
+    f: impl FnOnce(&rusqlite::Connection) -> R + Send + 'static,
+) -> wasmtime::Result<R> {
+    let conn = accessor.with(|mut access| conn_of(&mut access.get(), c))?;
+    tokio::task::spawn_blocking(move || {
+        let guard = conn.lock().map_err(|_| wasmtime::format_err!("connection lock poisoned"))?;
+        Ok(f(&guard))
+    })
+    .await?
+}
+
+impl<T> HostConnectionWithStore<T> for Spin {
+    async fn open_async(accessor: &Accessor<T, Self>, database: String) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
+        accessor.with(|mut access| open(&mut access.get(), &database))
+    }
+
+    async fn execute_async(
+        accessor: &Accessor<T, Self>,
+        c: Resource<Connection>,
+        statement: String,
+        parameters: Vec<Value>,
+    ) -> wasmtime::Result<Result<(Vec<String>, StreamReader<RowResult>, FutureReader<Result<(), Error>>), Error>> {
+        let outcome = on_conn(accessor, &c, move |conn| run(conn, &statement, parameters)).await?;
+        let (columns, rows, result) = match outcome {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        accessor.with(|mut access| {
+            let rows = StreamReader::new(&mut access, rows)?;
+            let result = FutureReader::new(&mut access, async move { wasmtime::error::Ok(result) })?;
+            Ok(Ok((columns, rows, result)))
+        })
+    }
+
+    async fn last_insert_rowid_async(accessor: &Accessor<T, Self>, c: Resource<Connection>) -> wasmtime::Result<i64> {
+        on_conn(accessor, &c, |conn| conn.last_insert_rowid()).await
+    }
+
+    async fn changes_async(accessor: &Accessor<T, Self>, c: Resource<Connection>) -> wasmtime::Result<u64> {
+        on_conn(accessor, &c, |conn| conn.changes()).await
+    }
+}
+
+impl Host for SpinView<'_> {}

@@ -1,0 +1,32 @@
+//! `spillway-host`: runs a Spin application on the embedded test host.
+
+use clap::{Parser, Subcommand};
+
+/// Run Spin applications without Spin: the embedded host used by Spillway's tests.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the application, like `spin up`.
+    Up(spillway_testhost::up::UpArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => spillway_testhost::up::run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Per-store state: what one request or message sees.
+
+use std::io::Write as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::app::ComponentCaps;
+
+/// The data of one wasmtime store: WASI, WASI HTTP and the Spin capabilities of the
+/// component it runs.
+pub struct StoreData {
+    pub(crate) table: ResourceTable,
+    pub(crate) wasi: WasiCtx,
+    pub(crate) http: WasiHttpCtx,
+    pub(crate) caps: Arc<ComponentCaps>,
+    hooks: NoOutboundHttp,
+}
+
+impl StoreData {
+    /// State for one instance of the component described by `caps`.
+    pub(crate) fn new(caps: Arc<ComponentCaps>) -> Self {
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(GuestOutput::new(&caps, Stream::Stdout))
+            .stderr(GuestOutput::new(&caps, Stream::Stderr));
+        for (k, v) in &caps.environment {
+            wasi.env(k, v);
+        }
+        Self {
+            table: ResourceTable::new(),
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            caps,
+            hooks: NoOutboundHttp,
+        }
+    }
+}
+
+impl WasiView for StoreData {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for StoreData {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Which of the guest's output streams.
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Guest stdout/stderr: written through to the host's stderr, as Spin does (so a test
+/// harness captures it and shows it when a test fails), and kept in the application's
+/// output log when capture is on.
+#[derive(Clone)]
+struct GuestOutput {
+    log: Option<Arc<Mutex<Vec<u8>>>>,
+    stream: Stream,
+}
+
+impl GuestOutput {
+    fn new(caps: &ComponentCaps, stream: Stream) -> Self {
+        Self {
+            log: caps.output.clone(),
+            stream,
+        }
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let text = String::from_utf8_lossy(buf);
+        // Spin shows both guest streams on its stderr. `eprint!` rather than a raw
+        // handle write: libtest captures it per test and shows it when a test fails.
+        match self.stream {
+            Stream::Stdout | Stream::Stderr => eprint!("{text}"),
+        }
+        if let Some(log) = &self.log {
+            log.lock().expect("poisoned").extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let _ = std::io::stderr().flush();
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_flush(cx)
+    }
+}
+
+/// Outbound HTTP hooks: Spillway's components make no outbound HTTP requests, so every
+/// request is denied (as Spin denies a host missing from `allowed_outbound_hosts`).
+struct NoOutboundHttp;
+
+impl wasmtime_wasi_http::WasiHttpHooks for NoOutboundHttp {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}

@@ -1,0 +1,23 @@
+//! Integration tests of the embedded Spin host: real guest components (built for
+//! wasm32-wasip2 from `tests/fixtures/`) against a real `redis-server` and real
+//! SQLite files, each test with its own server and directory.
+
+/// Test support: redis-server, fixtures, temporary apps.
+mod support;
+
+/// The `up` command as a separate process: route listing, serving TCP, startup errors.
+mod cli;
+/// HTTP trigger: routing, `spin-*` headers, 404, instance reuse and isolation.
+mod http;
+/// `spin:key-value`: the default SQLite store, Redis per runtime config, refusals.
+mod key_value;
+/// `spin:redis`: commands, reply flattening, `allowed_outbound_hosts`.
+mod redis_outbound;
+/// The Redis trigger: delivery in order, failures do not stop it.
+mod redis_trigger;
+/// `spin:sqlite`: statements, value mapping, errors, refusals.
+mod sqlite;
+/// `spin:variables`: resolution, overrides, templates, errors.
+mod variables;
+/// WASI: environment, clocks, random, guest output.
+mod wasi;

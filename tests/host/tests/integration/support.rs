@@ -1,0 +1,191 @@
+//! Shared test support: a real `redis-server` per test on a free loopback port, the
+//! guest fixtures built once per test binary, and applications written to temporary
+//! directories.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use serde_json::Value;
+use spillway_testhost::{App, AppOptions};
+
+/// The workspace root.
+pub(crate) fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
+}
+
+/// Builds the guest fixtures for wasm32-wasip2 (once per test binary) and returns
+/// the directory holding their `.wasm` files.
+pub(crate) fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "fixture-probe", "-p", "fixture-subscriber"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the guest fixtures failed");
+        target_dir().join("wasm32-wasip2/release")
+    })
+}
+
+/// Absolute path of a fixture's `.wasm`.
+pub(crate) fn fixture(name: &str) -> String {
+    fixtures().join(format!("{name}.wasm")).display().to_string()
+}
+
+/// A `redis-server` of our own on a free loopback port, stopped on drop.
+pub(crate) struct Redis {
+    child: Child,
+    /// Its port.
+    pub(crate) port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts a server and waits until it answers.
+    pub(crate) fn start() -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server is installed (see .ci/run)");
+            let mut server = Self { child, port, _dir: dir };
+            if server.wait_ready() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let client = redis::Client::open(self.url()).expect("url");
+        for _ in 0..500 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false; // port taken meanwhile: try another
+            }
+            if let Ok(mut c) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return true;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A synchronous connection for assertions.
+    pub(crate) fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url()).expect("url").get_connection().expect("connect")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// An application in a temporary directory.
+pub(crate) struct TestApp {
+    /// The directory holding `spin.toml` (and `.spin/`).
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    /// Writes `manifest` (with `{probe}` and `{subscriber}` replaced by the fixtures'
+    /// paths) and any extra files.
+    pub(crate) fn write(manifest: &str, files: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifest = manifest
+            .replace("{probe}", &fixture("fixture_probe"))
+            .replace("{subscriber}", &fixture("fixture_subscriber"));
+        std::fs::write(dir.path().join("spin.toml"), manifest).expect("write manifest");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write file");
+        }
+        Self { dir }
+    }
+
+    /// Options for this app (guest output captured, no process environment).
+    pub(crate) fn options(&self) -> AppOptions {
+        let mut o = AppOptions::new(self.dir.path().join("spin.toml"));
+        o.env_variables = false;
+        o.capture_output = true;
+        o
+    }
+
+    /// Loads the app.
+    pub(crate) fn load(&self) -> App {
+        App::load(&self.options()).expect("app loads")
+    }
+
+    /// Path of a file in the app directory.
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// POSTs a probe command and returns the JSON answer.
+pub(crate) async fn probe(app: &App, path: &str, cmd: Value) -> Value {
+    let req = http::Request::post(format!("http://127.0.0.1:3000{path}"))
+        .header("host", "127.0.0.1:3000")
+        .header("content-type", "application/json")
+        .body(Bytes::from(cmd.to_string()))
+        .expect("request");
+    let res = app.handle(req).await.expect("response");
+    assert_eq!(res.status(), 200, "probe failed; guest output:\n{}", app.guest_output());
+    serde_json::from_slice(res.body()).expect("probe answers JSON")
+}
+
+/// GETs `path` and returns status and body.
+pub(crate) async fn get(app: &App, path: &str) -> (u16, Bytes) {
+    let req = http::Request::get(format!("http://127.0.0.1:3000{path}"))
+        .header("host", "127.0.0.1:3000")
+        .body(Bytes::new())
+        .expect("request");
+    let res = app.handle(req).await.expect("response");
+    (res.status().as_u16(), res.into_body())
+}
+
+/// A minimal manifest serving the probe on `/...` with extra component keys.
+pub(crate) fn probe_manifest(extra_component: &str, extra_top: &str) -> String {
+    format!(
+        r#"spin_manifest_version = 2
+[application]
+name = "probe-app"
+{extra_top}
+[[trigger.http]]
+route = "/..."
+component = "probe"
+
+[component.probe]
+source = "{{probe}}"
+{extra_component}
+"#
+    )
+}
