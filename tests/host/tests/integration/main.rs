@@ -4,6 +4,8 @@
 
 /// Test support: redis-server, fixtures, temporary apps.
 mod support;
+/// Support for Spillway's own app: the repository's spin.toml in process.
+mod spillway;
 
 /// The `up` command as a separate process: route listing, serving TCP, startup errors.
 mod cli;
@@ -11,6 +13,8 @@ mod cli;
 mod http;
 /// `spin:key-value`: the default SQLite store, Redis per runtime config, refusals.
 mod key_value;
+/// Spillway's pipeline: intake -> queue -> locked apply -> cached read.
+mod pipeline;
 /// `spin:redis`: commands, reply flattening, `allowed_outbound_hosts`.
 mod redis_outbound;
 /// The Redis trigger: delivery in order, failures do not stop it.

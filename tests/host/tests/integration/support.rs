@@ -20,15 +20,16 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
 }
 
-/// Builds the guest fixtures for wasm32-wasip2 (once per test binary) and returns
-/// the directory holding their `.wasm` files.
+/// Builds the guest fixtures and Spillway's components for wasm32-wasip2 (once per
+/// test binary) and returns the directory holding their `.wasm` files.
 pub(crate) fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(workspace())
-            .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "fixture-probe", "-p", "fixture-subscriber"])
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .args(["-p", "fixture-probe", "-p", "fixture-subscriber", "-p", "intake", "-p", "processor", "-p", "cache"])
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the guest fixtures failed");

@@ -1,0 +1,176 @@
+//! Handlers for records and write status.
+
+use serde_json::{Value as Json, json};
+use spillway_core::layout::WriteId;
+use spillway_core::problem::Problem;
+use spillway_core::scripts;
+use spillway_core::settings::Settings;
+use spillway_core::sql;
+use spillway_spin::{Redis, bin, int, json, problem, respond, text, token};
+use spin_sdk::key_value::Store;
+use spin_sdk::sqlite::{Connection, Value};
+
+pub(crate) async fn handle(req: spin_sdk::http::Request) -> http::Response<String> {
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        return spillway_spin::method_not_allowed("GET, HEAD");
+    }
+    let settings = match spillway_spin::settings().await {
+        Ok(s) => s,
+        Err(p) => return problem(&p),
+    };
+    let path = req.uri().path().to_owned();
+    let result = if let Some(key) = path.strip_prefix("/v1/records/") {
+        record(&settings, key, req.headers()).await
+    } else if let Some(id) = path.strip_prefix("/v1/writes/") {
+        write_status(&settings, id).await
+    } else {
+        Err(Problem::not_found(&format!("no resource at {path}")))
+    };
+    result.unwrap_or_else(|p| problem(&p))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn db_err(e: spin_sdk::sqlite::Error) -> Problem {
+    Problem::unavailable(&format!("database: {e:?}"))
+}
+
+fn kv_err(e: spin_sdk::key_value::Error) -> Problem {
+    Problem::unavailable(&format!("key-value store: {e:?}"))
+}
+
+async fn query(stmt: &str, params: Vec<Value>) -> Result<Option<Vec<Value>>, Problem> {
+    let conn = Connection::open_default().await.map_err(db_err)?;
+    let r = match conn.execute(stmt, params).await {
+        Ok(r) => r,
+        // Nothing applied yet: the processor creates the tables.
+        Err(spin_sdk::sqlite::Error::Io(m)) if m.contains("no such table") => return Ok(None),
+        Err(e) => return Err(db_err(e)),
+    };
+    Ok(r.collect().await.map_err(db_err)?.into_iter().next().map(|r| r.values))
+}
+
+/// The record from the database, as the cache stores it.
+async fn from_db(key: &str) -> Result<Option<Json>, Problem> {
+    let Some(row) = query(sql::RECORD, vec![Value::Text(key.to_owned())]).await? else {
+        return Ok(None);
+    };
+    let (Some(Value::Text(value)), Some(Value::Integer(version)), Some(Value::Text(etag)), Some(Value::Integer(updated_at))) =
+        (row.get(1), row.get(2), row.get(3), row.get(4))
+    else {
+        return Err(Problem::unavailable("database row has an unexpected shape"));
+    };
+    let value: Json = serde_json::from_str(value).map_err(|e| Problem::unavailable(&e.to_string()))?;
+    Ok(Some(json!({"key": key, "value": value, "version": version, "etag": etag, "updated_at": updated_at})))
+}
+
+async fn cached(store: &Store, cache_key: &str) -> Result<Option<Json>, Problem> {
+    Ok(store.get(cache_key).await.map_err(kv_err)?.and_then(|b| serde_json::from_slice(&b).ok()))
+}
+
+async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Result<http::Response<String>, Problem> {
+    let key = percent_decode(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
+    if key.is_empty() || key.len() > s.limits.max_key_len {
+        return Err(Problem::not_found("no such record"));
+    }
+    let l = &s.layout;
+    let store = Store::open_default().await.map_err(kv_err)?;
+    let cache_key = l.cache_key(&key);
+    let mut entry = cached(&store, &cache_key).await?;
+    if entry.is_none() {
+        entry = fill(s, &store, &cache_key, &key).await?;
+    }
+    let Some(entry) = entry else {
+        return Err(Problem::not_found(&format!("no record {key:?}")));
+    };
+    let etag = format!("\"{}\"", entry["etag"].as_str().unwrap_or_default());
+    let matches = headers
+        .get("if-none-match")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if matches {
+        return Ok(respond(304, "application/json", String::new(), &[("etag", etag)]));
+    }
+    Ok(json(200, &entry, &[("etag", etag), ("cache-control", "no-cache".into())]))
+}
+
+/// Cache miss: one filler per key reads the database and fills the cache under the
+/// single-flight lock (the same lock the processor takes to refresh, so an older
+/// value cannot overwrite a newer one); others wait for it, then fall back to the
+/// database without filling.
+async fn fill(s: &Settings, store: &Store, cache_key: &str, key: &str) -> Result<Option<Json>, Problem> {
+    let redis = Redis::new(&s.redis_address);
+    let lock = s.layout.fill_lock(key);
+    let me = token();
+    for _ in 0..100 {
+        let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), "5000".into()]).await?;
+        if got.first().and_then(int) == Some(1) {
+            let result = async {
+                let entry = from_db(key).await?;
+                if let Some(e) = &entry {
+                    store.set(cache_key, e.to_string().as_bytes()).await.map_err(kv_err)?;
+                }
+                Ok(entry)
+            }
+            .await;
+            redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+            return result;
+        }
+        spillway_spin::wait_ms(2).await;
+        if let Some(e) = cached(store, cache_key).await? {
+            return Ok(Some(e));
+        }
+    }
+    from_db(key).await
+}
+
+async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>, Problem> {
+    let Some(id) = WriteId::parse(raw).filter(|id| id.shard < s.layout.shards) else {
+        return Err(Problem::not_found(&format!("no write {raw:?}")));
+    };
+    let sid = id.to_string();
+    if let Some(row) = query(sql::WRITE_STATUS, vec![Value::Text(sid.clone())]).await? {
+        let status = match row.first() { Some(Value::Text(t)) => t.clone(), _ => String::new() };
+        let mut body = json!({"id": sid, "status": status});
+        if let Some(Value::Integer(v)) = row.get(1) {
+            body["version"] = json!(v);
+        }
+        if let Some(Value::Text(r)) = row.get(2) {
+            body["reason"] = json!(r);
+        }
+        if let Some(Value::Text(k)) = row.get(3) {
+            body["key"] = json!(k);
+        }
+        return Ok(json(200, &body, &[]));
+    }
+    let l = &s.layout;
+    let redis = Redis::new(&s.redis_address);
+    let dead = redis.execute("HGET", vec![bin(&l.dead_index(id.shard)), bin(&id.entry)]).await?;
+    if let Some(err) = dead.first().and_then(text) {
+        return Ok(json(200, &json!({"id": sid, "status": "dead", "reason": err}), &[]));
+    }
+    let pending = redis.execute("XRANGE", vec![bin(&l.stream(id.shard)), bin(&id.entry), bin(&id.entry)]).await?;
+    if !pending.is_empty() {
+        return Ok(json(200, &json!({"id": sid, "status": "pending"}), &[]));
+    }
+    // Applied between our database and Redis reads?
+    if query(sql::WRITE_STATUS, vec![Value::Text(sid.clone())]).await?.is_some() {
+        return Box::pin(write_status(s, raw)).await;
+    }
+    Err(Problem::not_found(&format!("no write {sid}")))
+}

@@ -1,0 +1,124 @@
+//! Request handling for `POST /v1/writes`.
+
+use serde_json::json;
+use spillway_core::problem::Problem;
+use spillway_core::scripts;
+use spillway_core::settings::Settings;
+use spillway_core::write::parse_request;
+use spillway_spin::{Redis, json, problem, text};
+use spin_sdk::http::{Request, body::IncomingBodyExt as _};
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+pub(crate) async fn handle(req: Request) -> http::Response<String> {
+    match accept(req).await {
+        Ok(r) => r,
+        Err(p) => problem(&p),
+    }
+}
+
+async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
+    if req.method() != http::Method::POST {
+        return Ok(spillway_spin::method_not_allowed("POST"));
+    }
+    let settings = spillway_spin::settings().await?;
+    let limits = settings.limits;
+    let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime != "application/json" {
+        return Err(Problem::new(415, "unsupported-media-type", "Unsupported media type", "send the writes as application/json"));
+    }
+    if let Some(len) = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        if len > limits.max_body_bytes {
+            return Err(Problem::too_large(len, limits.max_body_bytes));
+        }
+    }
+    let idem = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII", "").at("/headers/idempotency-key"))?;
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(Problem::invalid(&format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"), "/headers/idempotency-key"));
+            }
+            Some(k.to_owned())
+        }
+    };
+    let body = req.into_body().bytes().await.map_err(|e| Problem::malformed(&format!("the body could not be read: {e:?}")))?;
+    let batch = parse_request(&body, &limits)?;
+    enqueue(&settings, &batch.writes, idem.as_deref(), &body, !batch.batch).await
+}
+
+async fn enqueue(
+    s: &Settings,
+    writes: &[spillway_core::write::Write],
+    idem: Option<&str>,
+    body: &[u8],
+    single: bool,
+) -> Result<http::Response<String>, Problem> {
+    let layout = &s.layout;
+    let mut shards: Vec<u32> = Vec::new();
+    let mut slots = Vec::with_capacity(writes.len());
+    for w in writes {
+        let shard = layout.shard_of(&w.key);
+        let slot = match shards.iter().position(|s| *s == shard) {
+            Some(i) => i,
+            None => {
+                shards.push(shard);
+                shards.len() - 1
+            }
+        };
+        slots.push(slot + 1);
+    }
+    let mut keys = vec![layout.idempotency(idem.unwrap_or(""))];
+    for s in &shards {
+        keys.push(layout.stream(*s));
+        keys.push(layout.bell(*s));
+    }
+    let mut args = vec![
+        if idem.is_some() { "1" } else { "0" }.to_owned(),
+        spillway_core::layout::md5_hex(body),
+        s.idempotency_ttl_secs.to_string(),
+        s.queue_depth_limit.to_string(),
+        layout.doorbell_channel(),
+        (s.lease_ttl_ms * 2).to_string(),
+        shards.len().to_string(),
+    ];
+    args.extend(shards.iter().map(u32::to_string));
+    args.push(writes.len().to_string());
+    for (w, slot) in writes.iter().zip(&slots) {
+        args.push(slot.to_string());
+        args.push(serde_json::to_string(w).map_err(|e| Problem::invalid(&e.to_string(), ""))?);
+    }
+    let reply = Redis::new(&s.redis_address).eval(scripts::ENQUEUE, &keys, &args).await?;
+    let status = reply.first().and_then(text).unwrap_or_default();
+    let ids: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
+    match status.as_str() {
+        "ok" | "replay" => {
+            let mut headers = Vec::new();
+            if status == "replay" {
+                headers.push(("idempotent-replayed", "true".to_owned()));
+            }
+            let entry = |id: &String| json!({"id": id, "status_url": format!("/v1/writes/{id}")});
+            let body = if single {
+                headers.push(("location", format!("/v1/writes/{}", ids[0])));
+                entry(&ids[0])
+            } else {
+                json!({"writes": ids.iter().map(entry).collect::<Vec<_>>()})
+            };
+            Ok(json(202, &body, &headers))
+        }
+        "conflict" => Err(Problem::new(
+            422,
+            "idempotency-key-reused",
+            "Idempotency key reused",
+            "this Idempotency-Key was used with a different request body",
+        )
+        .at("/headers/idempotency-key")),
+        "full" => Err(Problem::queue_full(
+            &format!("shard {} is over its queue depth limit of {}; retry later", ids.first().map_or("?", |s| s), s.queue_depth_limit),
+            1,
+        )),
+        other => Err(Problem::unavailable(&format!("unexpected reply from the enqueue script: {other:?}"))),
+    }
+}

@@ -1,0 +1,16 @@
+//! Spillway intake (HTTP): `POST /v1/writes`.
+//!
+//! A request (one write, or `{"writes": [...]}`) is validated in full, then made
+//! durable with ONE Redis round trip (the enqueue script: idempotency check, depth
+//! check, `XADD` per write, coalesced doorbell), and answered `202 Accepted` with the
+//! write ids and status URLs. A refused request enqueues nothing.
+
+mod handlers;
+
+use spin_sdk::http::{IntoResponse, Request};
+use spin_sdk::http_service;
+
+#[http_service]
+async fn handle(req: Request) -> impl IntoResponse {
+    handlers::handle(req).await
+}

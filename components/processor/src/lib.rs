@@ -1,0 +1,28 @@
+//! Spillway processor: applies queued writes.
+//!
+//! Triggered by the doorbell (Redis trigger; the message is a shard number) and by
+//! `POST /v1/drain` (admin token; for platforms without the Redis trigger, called by
+//! cron). Either way it takes the shard's lease, reads batches through the consumer
+//! group, applies each in ONE database transaction (fenced, ordered, deduplicated by
+//! write id), refreshes the cache, acknowledges, and releases the lease.
+
+// spin-sdk's `#[redis_subscriber]` expands to the export glue, which is `unsafe`.
+#![allow(unsafe_code)]
+
+mod db;
+mod drain;
+mod handlers;
+
+use bytes::Bytes;
+use spin_sdk::http::{IntoResponse, Request};
+use spin_sdk::{http_service, redis_subscriber};
+
+#[http_service]
+async fn handle(req: Request) -> impl IntoResponse {
+    handlers::handle(req).await
+}
+
+#[redis_subscriber]
+async fn on_doorbell(message: Bytes) -> anyhow::Result<()> {
+    handlers::on_doorbell(&message).await
+}

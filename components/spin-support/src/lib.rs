@@ -1,0 +1,186 @@
+//! The Spin side shared by Spillway's components (the pure logic is in
+//! `spillway-core`): settings read from Spin variables, one Redis connection kept per
+//! instance, Lua script calls with flat replies, and HTTP responses that always carry
+//! `Content-Length`.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use spillway_core::problem::Problem;
+use spillway_core::settings::Settings;
+use spin_sdk::redis::{Connection, RedisParameter, RedisResult};
+use spin_sdk::variables;
+
+/// Every variable a component may read; undeclared ones fall back to defaults.
+const VARIABLES: &[&str] = &[
+    "redis_address", "key_prefix", "shard_count", "batch_size", "lease_ttl_ms", "max_attempts",
+    "queue_depth_limit", "idempotency_ttl_secs", "admin_token", "max_body_bytes", "max_batch",
+    "max_key_len", "max_value_bytes", "max_json_depth",
+];
+
+/// Reads [`Settings`] from the component's Spin variables.
+pub async fn settings() -> Result<Settings, Problem> {
+    let mut values = std::collections::HashMap::new();
+    for name in VARIABLES {
+        if let Ok(v) = variables::get(*name).await {
+            values.insert(*name, v);
+        }
+    }
+    Settings::load(|n| values.get(n).cloned())
+        .map_err(|e| Problem::new(500, "misconfigured", "Misconfigured", &e.to_string()))
+}
+
+thread_local! {
+    static REDIS: RefCell<Option<(String, Rc<Connection>)>> = const { RefCell::new(None) };
+}
+
+/// A value of a flat reply as text (status or binary).
+pub fn text(v: &RedisResult) -> Option<String> {
+    match v {
+        RedisResult::Status(s) => Some(s.clone()),
+        RedisResult::Binary(b) => String::from_utf8(b.clone()).ok(),
+        RedisResult::Int64(i) => Some(i.to_string()),
+        RedisResult::Nil => None,
+    }
+}
+
+/// A value of a flat reply as an integer.
+pub fn int(v: &RedisResult) -> Option<i64> {
+    match v {
+        RedisResult::Int64(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// Redis, through Spin's outbound Redis, with the connection kept for the life of
+/// the instance (WASIp3 instances serve many requests) and reopened after an error.
+pub struct Redis {
+    address: String,
+}
+
+impl Redis {
+    /// Redis at `address`.
+    pub fn new(address: &str) -> Self {
+        Self { address: address.to_owned() }
+    }
+
+    async fn conn(&self) -> Result<Rc<Connection>, Problem> {
+        if let Some(c) = REDIS.with_borrow(|r| r.as_ref().filter(|(a, _)| *a == self.address).map(|(_, c)| c.clone())) {
+            return Ok(c);
+        }
+        let c = Rc::new(Connection::open(&self.address).await.map_err(|e| unavailable(&e))?);
+        REDIS.with_borrow_mut(|r| *r = Some((self.address.clone(), c.clone())));
+        Ok(c)
+    }
+
+    /// Runs one command; a failure drops the kept connection and is a 503.
+    pub async fn execute(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
+        let conn = self.conn().await?;
+        match conn.execute(command, args).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                REDIS.with_borrow_mut(|r| *r = None);
+                Err(unavailable(&e))
+            }
+        }
+    }
+
+    /// Runs a Lua script with `keys` and `args`.
+    pub async fn eval(&self, script: &str, keys: &[String], args: &[String]) -> Result<Vec<RedisResult>, Problem> {
+        let mut params = Vec::with_capacity(2 + keys.len() + args.len());
+        params.push(bin(script));
+        params.push(RedisParameter::Int64(keys.len() as i64));
+        params.extend(keys.iter().map(|k| bin(k)));
+        params.extend(args.iter().map(|a| bin(a)));
+        self.execute("EVAL", params).await
+    }
+}
+
+/// A binary Redis argument.
+pub fn bin(s: &str) -> RedisParameter {
+    RedisParameter::Binary(s.as_bytes().to_vec())
+}
+
+fn unavailable(e: &spin_sdk::redis::Error) -> Problem {
+    Problem::unavailable(&format!("Redis is unreachable or failed: {e:?}"))
+}
+
+/// A response with a known body: `Content-Length` is always set (see DESIGN.md).
+pub fn respond(status: u16, content_type: &str, body: String, headers: &[(&str, String)]) -> http::Response<String> {
+    let mut b = http::Response::builder()
+        .status(status)
+        .header("content-length", body.len());
+    if !body.is_empty() {
+        b = b.header("content-type", content_type);
+    }
+    for (k, v) in headers {
+        b = b.header(*k, v.as_str());
+    }
+    b.body(body).unwrap_or_else(|_| {
+        http::Response::builder().status(500).header("content-length", 0).body(String::new()).expect("static")
+    })
+}
+
+/// A JSON response.
+pub fn json(status: u16, value: &serde_json::Value, headers: &[(&str, String)]) -> http::Response<String> {
+    respond(status, "application/json", value.to_string(), headers)
+}
+
+/// An `application/problem+json` response.
+pub fn problem(p: &Problem) -> http::Response<String> {
+    let mut headers = Vec::new();
+    if let Some(s) = p.retry_after {
+        headers.push(("retry-after", s.to_string()));
+    }
+    respond(p.status, "application/problem+json", p.body(), &headers)
+}
+
+/// 405 with `Allow`.
+pub fn method_not_allowed(allow: &str) -> http::Response<String> {
+    let p = Problem::new(405, "method-not-allowed", "Method not allowed", &format!("allowed: {allow}"));
+    respond(405, "application/problem+json", p.body(), &[("allow", allow.to_owned())])
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time; admin endpoints are
+/// disabled (403) when no token is configured.
+pub fn authorize(headers: &http::HeaderMap, token: Option<&str>) -> Result<(), Problem> {
+    let Some(token) = token else {
+        return Err(Problem::unauthorized(403, "admin endpoints are disabled: no admin_token is configured"));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Problem::unauthorized(401, "missing Authorization: Bearer <token>"))?;
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Problem::unauthorized(403, "the token is not valid"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Waits `ms` milliseconds (WASI monotonic clock).
+pub async fn wait_ms(ms: u64) {
+    spin_sdk::wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;
+}
+
+/// A random token (lease and lock owner).
+pub fn token() -> String {
+    let r = spin_sdk::wasip3::random::random::get_random_bytes(16);
+    r.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,230 @@
+//! Applying writes to records: the built-in operations, preconditions and ETags.
+//! A write whose operation fails is *rejected* with a reason; it is never retried.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::layout::md5_hex;
+use crate::write::{Op, Write};
+
+/// A stored record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The JSON document.
+    pub value: Value,
+    /// Incremented by every applied write.
+    pub version: u64,
+    /// MD5 of the canonical value bytes (hex).
+    pub etag: String,
+    /// Milliseconds since the Unix epoch of the last applied write.
+    pub updated_at: i64,
+}
+
+/// Canonical bytes of a value (object members sorted by key).
+pub fn canonical(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The ETag of a value: MD5 of its canonical bytes, hex.
+pub fn etag(value: &Value) -> String {
+    md5_hex(&canonical(value))
+}
+
+/// What happened to one write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Applied; the record's resulting version.
+    Applied {
+        /// Version after this write.
+        version: u64,
+    },
+    /// Refused by its operation or precondition.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// RFC 7396 JSON merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Value::Object(t) = target else { unreachable!("made an object above") };
+    for (k, v) in patch {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+fn object_of(current: Option<&Record>) -> Result<Map<String, Value>, String> {
+    match current.map(|r| &r.value) {
+        None => Ok(Map::new()),
+        Some(Value::Object(o)) => Ok(o.clone()),
+        Some(_) => Err("the record is not a JSON object".into()),
+    }
+}
+
+/// Applies one write to the current record (`None`: absent). `Ok(None)` means the
+/// record is deleted; `Err` is the rejection reason.
+pub fn apply(current: Option<&Record>, write: &Write, now_ms: i64) -> Result<Option<Record>, String> {
+    let version = current.map_or(0, |r| r.version);
+    if let Some(expected) = write.if_version {
+        if expected != version {
+            return Err(format!("precondition failed: the record is at version {version}, not {expected}"));
+        }
+    }
+    let value = match &write.op {
+        Op::Delete => return Ok(None),
+        Op::Put { value } => value.clone(),
+        Op::Merge { patch } => {
+            let mut v = current.map_or(Value::Null, |r| r.value.clone());
+            merge_patch(&mut v, patch);
+            v
+        }
+        Op::Incr { field, by, min, max } => {
+            let mut obj = object_of(current)?;
+            let now = match obj.get(field) {
+                None | Some(Value::Null) => 0,
+                Some(v) => v.as_i64().ok_or_else(|| format!("field {field:?} is not an integer"))?,
+            };
+            let next = now.checked_add(*by).ok_or_else(|| format!("field {field:?} would overflow"))?;
+            if let Some(lo) = min.filter(|lo| next < *lo) {
+                return Err(format!("{field} would become {next}, below the minimum {lo}"));
+            }
+            if let Some(hi) = max.filter(|hi| next > *hi) {
+                return Err(format!("{field} would become {next}, above the maximum {hi}"));
+            }
+            obj.insert(field.clone(), Value::from(next));
+            Value::Object(obj)
+        }
+        Op::Append { field, value, max_len } => {
+            let mut obj = object_of(current)?;
+            let arr = obj.entry(field.clone()).or_insert_with(|| Value::Array(Vec::new()));
+            let Value::Array(items) = arr else {
+                return Err(format!("field {field:?} is not an array"));
+            };
+            if let Some(limit) = max_len.filter(|l| items.len() >= *l) {
+                return Err(format!("{field} already has {} elements; the maximum is {limit}", items.len()));
+            }
+            items.push(value.clone());
+            Value::Object(obj)
+        }
+    };
+    Ok(Some(Record { etag: etag(&value), value, version: version + 1, updated_at: now_ms }))
+}
+
+/// The effect of a batch: final state of every touched key, and an outcome per write
+/// not applied before.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Final record per touched key (`None`: deleted).
+    pub records: BTreeMap<String, Option<Record>>,
+    /// `(write id, key, outcome)` in batch order, skipping writes applied before.
+    pub outcomes: Vec<(String, String, Outcome)>,
+}
+
+/// Applies `writes` in order to `existing` records, skipping ids in `already`
+/// (applied by an earlier delivery): the exactly-once effect.
+pub fn plan_batch(
+    existing: BTreeMap<String, Record>,
+    writes: &[(String, Write)],
+    already: &HashSet<String>,
+    now_ms: i64,
+) -> Plan {
+    let mut state: BTreeMap<String, Option<Record>> = existing.into_iter().map(|(k, r)| (k, Some(r))).collect();
+    let mut plan = Plan::default();
+    let mut seen = HashSet::new();
+    for (id, w) in writes {
+        if already.contains(id) || !seen.insert(id.clone()) {
+            continue;
+        }
+        let current = state.get(&w.key).cloned().flatten();
+        let previous_version = current.as_ref().map_or(0, |r| r.version);
+        let outcome = match apply(current.as_ref(), w, now_ms) {
+            Ok(next) => {
+                let version = next.as_ref().map_or(previous_version + 1, |r| r.version);
+                state.insert(w.key.clone(), next.clone());
+                plan.records.insert(w.key.clone(), next);
+                Outcome::Applied { version }
+            }
+            Err(reason) => Outcome::Rejected { reason },
+        };
+        plan.outcomes.push((id.clone(), w.key.clone(), outcome));
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn w(v: Value) -> Write {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// RFC 7396's examples hold.
+    #[test]
+    fn merge_patch_rfc_examples() {
+        let cases = [
+            (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
+            (json!({"a": "b"}), json!({"b": "c"}), json!({"a": "b", "b": "c"})),
+            (json!({"a": "b"}), json!({"a": null}), json!({})),
+            (json!({"a": [{"b": "c"}]}), json!({"a": [1]}), json!({"a": [1]})),
+            (json!(["a", "b"]), json!({"a": "c"}), json!({"a": "c"})),
+            (json!({"e": null}), json!({"a": 1}), json!({"e": null, "a": 1})),
+            (json!({}), json!({"a": {"bb": {"ccc": null}}}), json!({"a": {"bb": {}}})),
+        ];
+        for (mut t, p, r) in cases {
+            merge_patch(&mut t, &p);
+            assert_eq!(t, r);
+        }
+    }
+
+    /// A bounded decrement stops at its bound and says why.
+    #[test]
+    fn bounded_incr_rejects() {
+        let r = apply(None, &w(json!({"key": "k", "op": "put", "value": {"stock": 1}})), 1).unwrap();
+        let dec = w(json!({"key": "k", "op": "incr", "field": "stock", "by": -1, "min": 0}));
+        let r = apply(r.as_ref(), &dec, 2).unwrap();
+        assert_eq!(r.as_ref().unwrap().value, json!({"stock": 0}));
+        assert_eq!(r.as_ref().unwrap().version, 2);
+        let e = apply(r.as_ref(), &dec, 3).unwrap_err();
+        assert!(e.contains("below the minimum 0"), "{e}");
+    }
+
+    /// Appends keep order and respect max_len; preconditions check versions.
+    #[test]
+    fn append_and_preconditions() {
+        let a = |v: i64| w(json!({"key": "k", "op": "append", "field": "l", "value": v, "max_len": 2}));
+        let r1 = apply(None, &a(1), 0).unwrap();
+        let r2 = apply(r1.as_ref(), &a(2), 0).unwrap();
+        assert_eq!(r2.as_ref().unwrap().value, json!({"l": [1, 2]}));
+        assert!(apply(r2.as_ref(), &a(3), 0).is_err());
+        let guarded = w(json!({"key": "k", "op": "delete", "if_version": 1}));
+        assert!(apply(r2.as_ref(), &guarded, 0).unwrap_err().contains("version 2"));
+    }
+
+    /// A batch skips already-applied ids and duplicates, applying the rest in order.
+    #[test]
+    fn plan_is_exactly_once() {
+        let inc = w(json!({"key": "k", "op": "incr", "field": "n"}));
+        let writes = vec![("a".into(), inc.clone()), ("b".into(), inc.clone()), ("b".into(), inc.clone()), ("c".into(), inc)];
+        let already: HashSet<String> = ["a".to_owned()].into();
+        let plan = plan_batch(BTreeMap::new(), &writes, &already, 0);
+        assert_eq!(plan.outcomes.len(), 2);
+        assert_eq!(plan.records["k"].as_ref().unwrap().value, json!({"n": 2}));
+        assert_eq!(plan.outcomes[1].2, Outcome::Applied { version: 2 });
+    }
+}

@@ -1,0 +1,176 @@
+//! The Redis key layout. Every key lives under one prefix (default `spillway:`); a
+//! shard's keys share the hash tag `{s<n>}` so they stay in one Redis Cluster slot.
+//! A record key never becomes part of a Redis key as it is: it is hashed (shards,
+//! locks) or percent-encoded (cache entries), so no character can escape the layout.
+
+use md5::{Digest as _, Md5};
+
+/// Consumer group of every shard stream.
+pub const GROUP: &str = "spillway";
+/// Consumer name; only the lease holder reads a shard, so one name serves all.
+pub const CONSUMER: &str = "processor";
+
+/// Prefix and shard count: everything needed to name a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Key prefix, e.g. `spillway:`.
+    pub prefix: String,
+    /// Number of shards.
+    pub shards: u32,
+}
+
+/// MD5 of `data` as lower-case hex.
+pub fn md5_hex(data: &[u8]) -> String {
+    Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Percent-encodes everything but `A-Z a-z 0-9 - . _ ~`: injective, and free of
+/// `*`, `{`, `}`, `:`, spaces, control and non-ASCII characters.
+pub fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Layout {
+    /// The shard of a record key: a stable hash (first 8 bytes of its MD5) modulo
+    /// the shard count.
+    pub fn shard_of(&self, key: &str) -> u32 {
+        let d = Md5::digest(key.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d[..8]);
+        (u64::from_be_bytes(first) % u64::from(self.shards.max(1))) as u32
+    }
+
+    fn shard_key(&self, shard: u32, name: &str) -> String {
+        format!("{}{{s{shard}}}:{name}", self.prefix)
+    }
+
+    /// The shard's write stream.
+    pub fn stream(&self, shard: u32) -> String {
+        self.shard_key(shard, "stream")
+    }
+
+    /// The shard's lease (the lock).
+    pub fn lease(&self, shard: u32) -> String {
+        self.shard_key(shard, "lease")
+    }
+
+    /// The shard's fencing counter.
+    pub fn fence(&self, shard: u32) -> String {
+        self.shard_key(shard, "fence")
+    }
+
+    /// The shard's doorbell flag (coalesces wake-ups).
+    pub fn bell(&self, shard: u32) -> String {
+        self.shard_key(shard, "bell")
+    }
+
+    /// Delivery attempts and last errors per pending write.
+    pub fn attempts(&self, shard: u32) -> String {
+        self.shard_key(shard, "attempts")
+    }
+
+    /// Dead-letter stream.
+    pub fn dead(&self, shard: u32) -> String {
+        self.shard_key(shard, "dead")
+    }
+
+    /// Index of dead writes: write stream id -> error.
+    pub fn dead_index(&self, shard: u32) -> String {
+        self.shard_key(shard, "dead-index")
+    }
+
+    /// Idempotency record of a client's `Idempotency-Key`.
+    pub fn idempotency(&self, client_key: &str) -> String {
+        format!("{}idem:{}", self.prefix, md5_hex(client_key.as_bytes()))
+    }
+
+    /// Single-flight lock of a record's cache fill.
+    pub fn fill_lock(&self, key: &str) -> String {
+        format!("{}fill:{}", self.prefix, md5_hex(key.as_bytes()))
+    }
+
+    /// Pub/sub channel of the doorbell.
+    pub fn doorbell_channel(&self) -> String {
+        format!("{}doorbell", self.prefix)
+    }
+
+    /// Key-value (cache) key of a record.
+    pub fn cache_key(&self, key: &str) -> String {
+        format!("{}rec:{}", self.prefix, encode_key(key))
+    }
+}
+
+/// A write id: shard and stream entry id, `"<shard>-<ms>-<seq>"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteId {
+    /// Shard number.
+    pub shard: u32,
+    /// Stream entry id (`<ms>-<seq>`).
+    pub entry: String,
+}
+
+impl WriteId {
+    /// Parses a write id, refusing anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (shard, entry) = s.split_once('-')?;
+        let shard: u32 = shard.parse().ok()?;
+        let (ms, seq) = entry.split_once('-')?;
+        if ms.is_empty() || seq.is_empty() || !ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit()) || ms.len() > 20 || seq.len() > 20 {
+            return None;
+        }
+        Some(Self { shard, entry: entry.to_owned() })
+    }
+}
+
+impl std::fmt::Display for WriteId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.shard, self.entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shards are stable, in range and spread keys.
+    #[test]
+    fn shards_are_stable_and_spread() {
+        let l = Layout { prefix: "spillway:".into(), shards: 16 };
+        assert_eq!(l.shard_of("sku-1"), l.shard_of("sku-1"));
+        let used: std::collections::HashSet<u32> = (0..200).map(|i| l.shard_of(&format!("k{i}"))).collect();
+        assert!(used.iter().all(|s| *s < 16));
+        assert_eq!(used.len(), 16);
+        assert_eq!(l.stream(7), "spillway:{s7}:stream");
+    }
+
+    /// Encoded keys cannot contain layout characters and never collide.
+    #[test]
+    fn encoding_is_safe_and_injective() {
+        let l = Layout { prefix: "spillway:".into(), shards: 16 };
+        for k in ["a b", "*", "{s1}", "x:y", "é", "\u{1}", "a%20b"] {
+            let c = l.cache_key(k);
+            let tail = c.strip_prefix("spillway:rec:").unwrap();
+            assert!(!tail.contains([' ', '*', '{', '}', ':']) && tail.is_ascii(), "{c}");
+        }
+        assert_ne!(encode_key("a b"), encode_key("a%20b"));
+    }
+
+    /// Write ids round-trip and junk is refused.
+    #[test]
+    fn write_ids() {
+        let id = WriteId::parse("7-1700000000000-3").unwrap();
+        assert_eq!((id.shard, id.entry.as_str()), (7, "1700000000000-3"));
+        assert_eq!(id.to_string(), "7-1700000000000-3");
+        for bad in ["", "7", "x-1-2", "7-1", "7-1-x", "7-1-2-3"] {
+            assert!(WriteId::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

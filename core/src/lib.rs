@@ -1,0 +1,21 @@
+//! Spillway's pure logic, shared by the components and tested natively.
+//!
+//! # Layout
+//!
+//! - [`write`]: the write model (`put`, `merge`, `incr`, `append`, `delete`) and its
+//!   validation against configured [`write::Limits`].
+//! - [`apply`]: applying writes to records: RFC 7396 merge patch, bounded increments,
+//!   preconditions, ETags; [`apply::plan_batch`] for a whole ordered batch.
+//! - [`layout`]: the Redis key layout (prefix, shard hash tags) and write ids.
+//! - [`scripts`]: the Lua scripts (enqueue, lease, read batch, ack) and their replies.
+//! - [`sql`]: the database schema and statements, fencing included.
+//! - [`problem`]: RFC 9457 problem details, the one error shape of the HTTP API.
+//! - [`settings`]: configuration read from Spin variables, with defaults.
+
+pub mod apply;
+pub mod layout;
+pub mod problem;
+pub mod scripts;
+pub mod settings;
+pub mod sql;
+pub mod write;

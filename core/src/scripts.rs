@@ -1,0 +1,163 @@
+//! The Lua scripts. Each runs atomically in Redis and returns a flat reply (Spin's
+//! `execute` flattens nested replies), whose first element says what happened.
+//! Only fixed scripts are ever sent: user input travels as arguments.
+
+/// Enqueue a request's writes in one round trip.
+///
+/// KEYS: `[idempotency, stream_1, bell_1, .., stream_n, bell_n]`.
+/// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, channel, bell_ttl_ms, n,
+/// shard_1..shard_n, writes, (slot, payload)*]` where `slot` is 1-based in the
+/// shard list.
+///
+/// Reply: `ok, id*` | `replay, id*` (same idempotency key and body) | `conflict`
+/// (same key, other body) | `full, shard` (over the depth limit; nothing added).
+/// Each shard whose doorbell flag was not set gets it (with a TTL) and one PUBLISH:
+/// a burst rings once per shard, not once per write.
+pub const ENQUEUE: &str = r#"
+local use_idem = ARGV[1] == '1'
+if use_idem then
+  local prev = redis.call('GET', KEYS[1])
+  if prev then
+    local sep = string.find(prev, '|', 1, true)
+    if string.sub(prev, 1, sep - 1) ~= ARGV[2] then return {'conflict'} end
+    local out = {'replay'}
+    for id in string.gmatch(string.sub(prev, sep + 1), '[^,]+') do out[#out + 1] = id end
+    return out
+  end
+end
+local limit = tonumber(ARGV[4])
+local n = tonumber(ARGV[7])
+local base = 8 + n
+local writes = tonumber(ARGV[base])
+local counts = {}
+for i = 1, writes do
+  local slot = tonumber(ARGV[base + 2 * i - 1])
+  counts[slot] = (counts[slot] or 0) + 1
+end
+for s = 1, n do
+  if redis.call('XLEN', KEYS[2 * s]) + (counts[s] or 0) > limit then return {'full', ARGV[7 + s]} end
+end
+local out = {'ok'}
+for i = 1, writes do
+  local slot = tonumber(ARGV[base + 2 * i - 1])
+  local id = redis.call('XADD', KEYS[2 * slot], '*', 'w', ARGV[base + 2 * i])
+  out[#out + 1] = ARGV[7 + slot] .. '-' .. id
+end
+for s = 1, n do
+  if redis.call('SET', KEYS[2 * s + 1], '1', 'NX', 'PX', ARGV[6]) then
+    redis.call('PUBLISH', ARGV[5], ARGV[7 + s])
+  end
+end
+if use_idem then
+  redis.call('SET', KEYS[1], ARGV[2] .. '|' .. table.concat(out, ',', 2), 'EX', ARGV[3])
+end
+return out
+"#;
+
+/// Take a shard's lease. KEYS: `[lease, fence]`, ARGV: `[token, ttl_ms]`.
+/// Reply: the new fencing token (> 0), or 0 when someone else holds the lease.
+pub const LEASE_ACQUIRE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+"#;
+
+/// Renew a lease we hold (compare-and-pexpire). KEYS: `[lease]`, ARGV: `[token, ttl_ms]`.
+/// Reply: 1 renewed, 0 lost.
+pub const LEASE_RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+/// Release a lease we hold (compare-and-delete). KEYS: `[lease]`, ARGV: `[token]`.
+pub const LEASE_RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Read the next batch of a shard, as the lease holder: first our pending (unacked)
+/// entries, else new ones. Each delivery counts an attempt; an entry past the
+/// attempt limit moves to the dead-letter stream with its last error.
+///
+/// KEYS: `[lease, stream, attempts, dead, dead_index]`.
+/// ARGV: `[token, group, consumer, count, max_attempts, shard]`.
+/// Reply: `lost` | `ok, (entry_id, payload)*`.
+pub const READ_BATCH: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lost'} end
+redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
+local function read(from)
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', tonumber(ARGV[4]), 'STREAMS', KEYS[2], from)
+  if not r then return {} end
+  return r[1][2]
+end
+local entries = read('0')
+if #entries == 0 then entries = read('>') end
+local max = tonumber(ARGV[5])
+local out = {'ok'}
+for _, e in ipairs(entries) do
+  local id = e[1]
+  local fields = e[2]
+  if not fields then
+    redis.call('XACK', KEYS[2], ARGV[2], id)
+  else
+    local payload = fields[2]
+    local n = redis.call('HINCRBY', KEYS[3], id, 1)
+    if n > max then
+      local err = redis.call('HGET', KEYS[3], 'err:' .. id) or 'unknown error'
+      redis.call('XADD', KEYS[4], '*', 'id', ARGV[6] .. '-' .. id, 'w', payload, 'error', err, 'attempts', tostring(n - 1))
+      redis.call('HSET', KEYS[5], id, err)
+      redis.call('XACK', KEYS[2], ARGV[2], id)
+      redis.call('XDEL', KEYS[2], id)
+      redis.call('HDEL', KEYS[3], id, 'err:' .. id)
+    else
+      out[#out + 1] = id
+      out[#out + 1] = payload
+    end
+  end
+end
+return out
+"#;
+
+/// Acknowledge applied entries: XACK, XDEL (so XLEN is the queue depth) and forget
+/// their attempts. KEYS: `[stream, attempts]`, ARGV: `[group, entry_id*]`.
+pub const ACK: &str = r#"
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i], 'err:' .. ARGV[i])
+end
+return #ARGV - 1
+"#;
+
+/// Record why a batch failed, for the dead letter. KEYS: `[attempts]`,
+/// ARGV: `[error, entry_id*]`.
+pub const RECORD_ERROR: &str = r#"
+for i = 2, #ARGV do
+  redis.call('HSET', KEYS[1], 'err:' .. ARGV[i], ARGV[1])
+end
+return #ARGV - 1
+"#;
+
+/// Take many single-flight fill locks at once. KEYS: locks, ARGV: `[token, ttl_ms]`.
+/// Reply: 1 or 0 per key.
+pub const LOCKS_ACQUIRE: &str = r#"
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then out[i] = 1 else out[i] = 0 end
+end
+return out
+"#;
+
+/// Release locks we hold (compare-and-delete each). KEYS: locks, ARGV: `[token]`.
+pub const LOCKS_RELEASE: &str = r#"
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then n = n + redis.call('DEL', KEYS[i]) end
+end
+return n
+"#;

@@ -1,0 +1,98 @@
+//! Configuration from Spin variables (names as declared in `spin.toml`), with the
+//! defaults that make `spin up` work against a local Redis.
+
+use crate::layout::Layout;
+use crate::write::Limits;
+
+/// Everything the components read from variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `redis_address`.
+    pub redis_address: String,
+    /// `key_prefix` and `shard_count`.
+    pub layout: Layout,
+    /// `batch_size`: writes applied per transaction.
+    pub batch_size: usize,
+    /// `lease_ttl_ms`.
+    pub lease_ttl_ms: u64,
+    /// `max_attempts`: deliveries before a write is dead-lettered.
+    pub max_attempts: u32,
+    /// `queue_depth_limit`: entries per shard stream before intake answers 429.
+    pub queue_depth_limit: u64,
+    /// `idempotency_ttl_secs`.
+    pub idempotency_ttl_secs: u64,
+    /// `admin_token`; admin endpoints are disabled when empty.
+    pub admin_token: Option<String>,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+/// A variable that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("variable {name}: {reason}")]
+pub struct SettingsError {
+    /// The variable.
+    pub name: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn num<T: std::str::FromStr>(get: &impl Fn(&str) -> Option<String>, name: &'static str, default: T) -> Result<T, SettingsError> {
+    match get(name) {
+        None => Ok(default),
+        Some(v) if v.trim().is_empty() => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| SettingsError { name, reason: format!("{v:?} is not a valid number") }),
+    }
+}
+
+impl Settings {
+    /// Reads the settings through `get` (a variable lookup; `None` = use the default).
+    pub fn load(get: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let d = Limits::default();
+        let shards: u32 = num(&get, "shard_count", 16)?;
+        if shards == 0 || shards > 1024 {
+            return Err(SettingsError { name: "shard_count", reason: "must be between 1 and 1024".into() });
+        }
+        let prefix = get("key_prefix").unwrap_or_else(|| "spillway:".into());
+        if prefix.is_empty() || prefix.contains(['{', '}', ' ', '*']) {
+            return Err(SettingsError { name: "key_prefix", reason: "must be non-empty without braces, spaces or '*'".into() });
+        }
+        let batch_size = num(&get, "batch_size", 100)?;
+        if batch_size == 0 {
+            return Err(SettingsError { name: "batch_size", reason: "must be at least 1".into() });
+        }
+        Ok(Self {
+            redis_address: get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+            layout: Layout { prefix, shards },
+            batch_size,
+            lease_ttl_ms: num(&get, "lease_ttl_ms", 5000)?,
+            max_attempts: num(&get, "max_attempts", 5)?,
+            queue_depth_limit: num(&get, "queue_depth_limit", 100_000)?,
+            idempotency_ttl_secs: num(&get, "idempotency_ttl_secs", 86_400)?,
+            admin_token: get("admin_token").filter(|t| !t.is_empty()),
+            limits: Limits {
+                max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,
+                max_batch: num(&get, "max_batch", d.max_batch)?,
+                max_key_len: num(&get, "max_key_len", d.max_key_len)?,
+                max_value_bytes: num(&get, "max_value_bytes", d.max_value_bytes)?,
+                max_json_depth: num(&get, "max_json_depth", d.max_json_depth)?,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With nothing set, the documented defaults apply; bad numbers name the variable.
+    #[test]
+    fn defaults_and_errors() {
+        let s = Settings::load(|_| None).unwrap();
+        assert_eq!(s.layout.shards, 16);
+        assert_eq!(s.layout.prefix, "spillway:");
+        assert_eq!(s.admin_token, None);
+        let e = Settings::load(|n| (n == "batch_size").then(|| "many".to_owned())).unwrap_err();
+        assert_eq!(e.name, "batch_size");
+    }
+}

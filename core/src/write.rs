@@ -1,0 +1,291 @@
+//! The write model: what a client asks to change, and the validation that happens
+//! before anything reaches Redis.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::problem::Problem;
+
+/// One write to one record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Write {
+    /// The record key.
+    pub key: String,
+    /// What to do.
+    #[serde(flatten)]
+    pub op: Op,
+    /// Apply only if the record's current version is this (0: the record is absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<u64>,
+}
+
+/// The operation of a write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Replace the whole value.
+    Put {
+        /// The new value.
+        value: Value,
+    },
+    /// RFC 7396 JSON merge patch.
+    Merge {
+        /// The patch.
+        patch: Value,
+    },
+    /// Add `by` to a numeric field, refusing to leave `[min, max]`.
+    Incr {
+        /// Top-level field of the record (an object).
+        field: String,
+        /// The increment (may be negative).
+        #[serde(default = "one")]
+        by: i64,
+        /// Lower bound of the result.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min: Option<i64>,
+        /// Upper bound of the result.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<i64>,
+    },
+    /// Append to an array field.
+    Append {
+        /// Top-level field of the record (an object).
+        field: String,
+        /// The element to append.
+        value: Value,
+        /// Refuse when the array already has this many elements.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_len: Option<usize>,
+    },
+    /// Remove the record.
+    Delete,
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// Limits enforced before any Redis call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Request body size in bytes.
+    pub max_body_bytes: usize,
+    /// Writes in one batch request.
+    pub max_batch: usize,
+    /// Key length in bytes.
+    pub max_key_len: usize,
+    /// Serialized size of a write's value/patch in bytes.
+    pub max_value_bytes: usize,
+    /// Nesting depth of a write's value/patch.
+    pub max_json_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_batch: 100,
+            max_key_len: 256,
+            max_value_bytes: 64 << 10,
+            max_json_depth: 32,
+        }
+    }
+}
+
+/// Nesting depth of a JSON value (a scalar is 0).
+pub fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Whether `c` may appear in a record key: printable ASCII without spaces, plus any
+/// non-ASCII character that is not a control character.
+fn key_char_ok(c: char) -> bool {
+    if c.is_ascii() {
+        c.is_ascii_graphic()
+    } else {
+        !c.is_control()
+    }
+}
+
+impl Write {
+    /// Checks the write against `limits`; `pointer` is the JSON pointer of this write
+    /// in the request (for the error's field).
+    pub fn validate(&self, limits: &Limits, pointer: &str) -> Result<(), Problem> {
+        if self.key.is_empty() {
+            return Err(Problem::invalid("key must not be empty", &format!("{pointer}/key")));
+        }
+        if self.key.len() > limits.max_key_len {
+            return Err(Problem::invalid(
+                &format!("key is {} bytes; the limit is {}", self.key.len(), limits.max_key_len),
+                &format!("{pointer}/key"),
+            ));
+        }
+        if let Some(c) = self.key.chars().find(|c| !key_char_ok(*c)) {
+            return Err(Problem::invalid(
+                &format!("key contains a forbidden character {c:?} (spaces and control characters are not allowed)"),
+                &format!("{pointer}/key"),
+            ));
+        }
+        match &self.op {
+            Op::Incr { field, .. } | Op::Append { field, .. } if field.is_empty() => {
+                return Err(Problem::invalid("field must not be empty", &format!("{pointer}/field")));
+            }
+            Op::Incr { min: Some(lo), max: Some(hi), .. } if lo > hi => {
+                return Err(Problem::invalid("min must not be greater than max", &format!("{pointer}/min")));
+            }
+            _ => {}
+        }
+        let (value, field) = match &self.op {
+            Op::Put { value } | Op::Append { value, .. } => (Some(value), "value"),
+            Op::Merge { patch } => (Some(patch), "patch"),
+            Op::Incr { .. } | Op::Delete => (None, ""),
+        };
+        if let Some(v) = value {
+            let d = depth(v);
+            if d > limits.max_json_depth {
+                return Err(Problem::invalid(
+                    &format!("{field} nests {d} levels deep; the limit is {}", limits.max_json_depth),
+                    &format!("{pointer}/{field}"),
+                ));
+            }
+            let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+            if size > limits.max_value_bytes {
+                return Err(Problem::invalid(
+                    &format!("{field} is {size} bytes; the limit is {}", limits.max_value_bytes),
+                    &format!("{pointer}/{field}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request body: one write, or `{"writes": [...]}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteBatch {
+    /// The writes, in request order.
+    pub writes: Vec<Write>,
+    /// Whether the request used the batch form.
+    pub batch: bool,
+}
+
+/// Parses and validates a request body. Nothing is accepted unless every write is
+/// valid.
+pub fn parse_request(body: &[u8], limits: &Limits) -> Result<WriteBatch, Problem> {
+    if body.len() > limits.max_body_bytes {
+        return Err(Problem::too_large(body.len(), limits.max_body_bytes));
+    }
+    let json: Value = serde_json::from_slice(body).map_err(|e| Problem::malformed(&e.to_string()))?;
+    if depth(&json) > limits.max_json_depth + 3 {
+        return Err(Problem::invalid(&format!("the body nests more than {} levels", limits.max_json_depth + 3), ""));
+    }
+    let (writes, base): (Vec<Value>, &str) = match json {
+        Value::Object(mut o) if o.contains_key("writes") => {
+            if o.len() != 1 {
+                return Err(Problem::invalid("a batch has only the member \"writes\"", ""));
+            }
+            match o.remove("writes") {
+                Some(Value::Array(a)) => (a, "/writes"),
+                _ => return Err(Problem::invalid("writes must be an array", "/writes")),
+            }
+        }
+        v @ Value::Object(_) => (vec![v], ""),
+        _ => return Err(Problem::invalid("the body must be a write object or {\"writes\": [...]}", "")),
+    };
+    if writes.is_empty() {
+        return Err(Problem::invalid("a batch needs at least one write", "/writes"));
+    }
+    if writes.len() > limits.max_batch {
+        return Err(Problem::invalid(
+            &format!("a batch has {} writes; the limit is {}", writes.len(), limits.max_batch),
+            "/writes",
+        ));
+    }
+    let mut out = Vec::with_capacity(writes.len());
+    for (i, w) in writes.into_iter().enumerate() {
+        let pointer = if base.is_empty() { String::new() } else { format!("{base}/{i}") };
+        check_members(&w, &pointer)?;
+        let write: Write = serde_json::from_value(w).map_err(|e| Problem::invalid(&e.to_string(), &pointer))?;
+        write.validate(limits, &pointer)?;
+        out.push(write);
+    }
+    Ok(WriteBatch { writes: out, batch: !base.is_empty() })
+}
+
+/// Members each op takes besides `key`, `op` and `if_version`. (serde cannot deny
+/// unknown fields through `flatten`, so they are checked here, with a pointer.)
+fn op_members(op: &str) -> Option<&'static [&'static str]> {
+    Some(match op {
+        "put" => &["value"],
+        "merge" => &["patch"],
+        "incr" => &["field", "by", "min", "max"],
+        "append" => &["field", "value", "max_len"],
+        "delete" => &[],
+        _ => return None,
+    })
+}
+
+fn check_members(w: &Value, pointer: &str) -> Result<(), Problem> {
+    let Value::Object(o) = w else {
+        return Err(Problem::invalid("a write must be a JSON object", pointer));
+    };
+    let op = match o.get("op") {
+        Some(Value::String(op)) => op.as_str(),
+        Some(_) => return Err(Problem::invalid("op must be a string", &format!("{pointer}/op"))),
+        None => return Err(Problem::invalid("op is required (put, merge, incr, append, delete)", &format!("{pointer}/op"))),
+    };
+    let Some(allowed) = op_members(op) else {
+        return Err(Problem::invalid(&format!("unknown op {op:?} (expected put, merge, incr, append or delete)"), &format!("{pointer}/op")));
+    };
+    if let Some(extra) = o.keys().find(|k| !matches!(k.as_str(), "key" | "op" | "if_version") && !allowed.contains(&k.as_str())) {
+        return Err(Problem::invalid(&format!("unknown member {extra:?} for op {op:?}"), &format!("{pointer}/{extra}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<WriteBatch, Problem> {
+        parse_request(v.to_string().as_bytes(), &Limits::default())
+    }
+
+    /// Every op parses, with defaults applied.
+    #[test]
+    fn parses_every_op() {
+        let b = parse(json!({"writes": [
+            {"key": "a", "op": "put", "value": {"x": 1}},
+            {"key": "a", "op": "merge", "patch": {"x": null}},
+            {"key": "a", "op": "incr", "field": "n"},
+            {"key": "a", "op": "append", "field": "l", "value": 1, "max_len": 3},
+            {"key": "a", "op": "delete", "if_version": 4}
+        ]}))
+        .unwrap();
+        assert_eq!(b.writes.len(), 5);
+        assert!(b.batch);
+        assert_eq!(b.writes[2].op, Op::Incr { field: "n".into(), by: 1, min: None, max: None });
+        assert_eq!(b.writes[4].if_version, Some(4));
+    }
+
+    /// Invalid writes are refused with the field at fault.
+    #[test]
+    fn refuses_with_pointer() {
+        let e = parse(json!({"writes": [{"key": "ok", "op": "delete"}, {"key": "a b", "op": "delete"}]})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("/writes/1/key"));
+        let e = parse(json!({"key": "a", "op": "explode"})).unwrap_err();
+        assert_eq!(e.status, 422);
+        let e = parse(json!({"key": "x".repeat(300), "op": "delete"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("/key"));
+        let e = parse_request(b"{nope", &Limits::default()).unwrap_err();
+        assert_eq!(e.status, 400);
+        let deep = (0..40).fold(json!(1), |v, _| json!([v]));
+        let e = parse(json!({"key": "a", "op": "put", "value": deep})).unwrap_err();
+        assert_eq!(e.status, 422);
+    }
+}

@@ -1,0 +1,115 @@
+//! Support for the Spillway application tests: the repository's own `spin.toml`,
+//! loaded in process with a fresh Redis and database, its Redis trigger running.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use spillway_testhost::{App, AppOptions};
+
+use crate::support::{Redis, fixtures, workspace};
+
+/// The admin token the tests configure.
+pub(crate) const ADMIN: &str = "test-admin-token";
+
+/// Spillway running in process.
+pub(crate) struct Spillway {
+    pub(crate) app: Arc<App>,
+    pub(crate) redis: Redis,
+    pub(crate) state: tempfile::TempDir,
+    trigger: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Drop for Spillway {
+    fn drop(&mut self) {
+        if let Some(t) = self.trigger.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Options for the repository's app against `redis`, state in `state`.
+pub(crate) fn options(redis: &Redis, state: &std::path::Path, vars: &[(&str, &str)]) -> AppOptions {
+    fixtures();
+    let mut o = AppOptions::new(workspace().join("spin.toml"));
+    o.env_variables = false;
+    o.capture_output = true;
+    o.state_dir = Some(state.to_path_buf());
+    o.variables = BTreeMap::from([
+        ("redis_address".to_owned(), redis.url()),
+        ("admin_token".to_owned(), ADMIN.to_owned()),
+    ]);
+    for (k, v) in vars {
+        o.variables.insert((*k).to_owned(), (*v).to_owned());
+    }
+    o
+}
+
+impl Spillway {
+    /// Starts the app with its doorbell subscription (unless `trigger` is false).
+    pub(crate) async fn start(vars: &[(&str, &str)], trigger: bool) -> Self {
+        let redis = Redis::start();
+        let state = tempfile::tempdir().unwrap();
+        let app = Arc::new(App::load(&options(&redis, state.path(), vars)).expect("spillway loads"));
+        let trigger = if trigger {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let t = tokio::spawn(app.clone().run_redis_triggers(move |_| {
+                let _ = tx.send(());
+            }));
+            rx.await.expect("doorbell subscribed");
+            Some(t)
+        } else {
+            None
+        };
+        Self { app, redis, state, trigger }
+    }
+
+    /// Sends a request; returns status, headers and JSON body (Null when empty).
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, Value) {
+        call(&self.app, method, path, body, headers).await
+    }
+
+    /// POSTs writes (one write object or a batch) as JSON.
+    pub(crate) async fn write(&self, body: Value) -> (u16, Value) {
+        let (s, _, v) = self.call("POST", "/v1/writes", Some(body), &[]).await;
+        (s, v)
+    }
+
+    /// Waits (bounded) until write `id` is no longer pending; returns its status.
+    pub(crate) async fn settled(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, _, v) = self.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
+            assert_eq!(s, 200, "{v}");
+            if v["status"] != "pending" {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "write {id} still pending; output:\n{}", self.app.guest_output());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Path of the SQLite database.
+    pub(crate) fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.state.path().join("sqlite_db.db")).unwrap()
+    }
+}
+
+/// Sends a request to `app`.
+pub(crate) async fn call(app: &App, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, Value) {
+    let mut req = http::Request::builder().method(method).uri(format!("http://127.0.0.1:3000{path}")).header("host", "127.0.0.1:3000");
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = body.map_or(Bytes::new(), |b| Bytes::from(b.to_string()));
+    let res = app.handle(req.body(body).unwrap()).await.unwrap();
+    let status = res.status().as_u16();
+    let (parts, body) = res.into_parts();
+    let json = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or_else(|_| json!(String::from_utf8_lossy(&body))) };
+    (status, parts.headers, json)
+}
