@@ -280,7 +280,13 @@ impl WorkerState for HttpWorker {
 
     fn drop(&self, _store: Store<StoreData>, result: wasmtime::Result<()>) {
         if let Err(e) = result {
-            eprintln!("Component {} instance failed: {e:?}", self.component);
+            // wasmtime reports a worker dropped without finishing as "worker
+            // panicked"; when no panic is unwinding, it was cancelled (the runtime
+            // shut down), which is not a failure.
+            let cancelled = !std::thread::panicking() && e.to_string() == "worker panicked";
+            if !cancelled {
+                eprintln!("Component {} instance failed: {e:?}", self.component);
+            }
         }
     }
 }

@@ -91,9 +91,26 @@ impl Spillway {
         }
     }
 
-    /// Path of the SQLite database.
+    /// The SQLite database (the system of record).
     pub(crate) fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.state.path().join("sqlite_db.db")).unwrap()
+        let c = rusqlite::Connection::open(self.state.path().join("sqlite_db.db")).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    }
+
+    /// Waits (bounded) until `n` write outcomes are recorded, without sending any
+    /// traffic to the app.
+    pub(crate) async fn wait_recorded(&self, n: i64) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let count: i64 = self.db().query_row("SELECT count(*) FROM spillway_writes", [], |r| r.get(0)).unwrap_or(0);
+            if count >= n {
+                assert_eq!(count, n, "more outcomes than writes");
+                return;
+            }
+            assert!(Instant::now() < deadline, "only {count} of {n} writes recorded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
