@@ -9,6 +9,10 @@ mod spillway;
 
 /// The `up` command as a separate process: route listing, serving TCP, startup errors.
 mod cli;
+/// Crash safety: processors SIGKILLed mid-run lose and double nothing.
+mod crash;
+/// Fencing: an expired lease holder cannot commit.
+mod fencing;
 /// HTTP trigger: routing, `spin-*` headers, 404, instance reuse and isolation.
 mod http;
 /// `spin:key-value`: the default SQLite store, Redis per runtime config, refusals.

@@ -73,7 +73,7 @@ async fn bounded_incr_never_oversells() {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
             let (status, v) = s.write(json!({"key": "sku-42", "op": "incr", "field": "stock", "by": -1, "min": 0})).await;
-            assert_eq!(status, 202, "{v}");
+            assert_eq!(status, 202, "body: {v}; guest output:\n{}", s.app.guest_output());
             v["id"].as_str().unwrap().to_owned()
         }));
     }
