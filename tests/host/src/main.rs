@@ -14,6 +14,12 @@ struct Cli {
 enum Command {
     /// Run the application, like `spin up`.
     Up(spillway_testhost::up::UpArgs),
+    /// Build the components, like `spin build`.
+    Build {
+        /// The manifest.
+        #[arg(short = 'f', long = "from", default_value = "spin.toml")]
+        from: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -21,6 +27,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => spillway_testhost::up::run(args).await,
+        Command::Build { from } => spillway_testhost::up::build(&from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -38,6 +38,78 @@ pub struct UpArgs {
     /// How long an idle instance is kept (`1s`, `500ms`, or seconds).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub idle_instance_timeout: Duration,
+    /// Run each component's `[component.<id>.build] command` first (`spin up --build`).
+    #[arg(long)]
+    pub build: bool,
+    /// If no Redis answers at this loopback URL, start a `redis-server` there (with
+    /// an append-only file under the state directory) for as long as `up` runs.
+    #[arg(long, value_name = "REDIS_URL")]
+    pub ensure_redis: Option<String>,
+}
+
+/// Runs every component's build command, as `spin build` does.
+pub fn build(manifest_path: &std::path::Path) -> anyhow::Result<()> {
+    let manifest = crate::manifest::Manifest::load(manifest_path)?;
+    let dir = manifest_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    for (id, c) in &manifest.component {
+        let Some(b) = &c.build else { continue };
+        let commands: Vec<String> = match &b.command {
+            toml::Value::String(s) => vec![s.clone()],
+            toml::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            other => bail!("component {id:?}: build command {other} is not a string or a list of strings"),
+        };
+        let workdir = b.workdir.as_ref().map_or_else(|| dir.to_path_buf(), |w| dir.join(w));
+        for cmd in commands {
+            eprintln!("Building component {id} with `{cmd}`");
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .current_dir(&workdir)
+                .status()
+                .with_context(|| format!("component {id:?}: cannot run `{cmd}`"))?;
+            if !status.success() {
+                bail!("component {id:?}: build command `{cmd}` failed ({status})");
+            }
+        }
+    }
+    eprintln!("Finished building all Spin components");
+    Ok(())
+}
+
+/// Starts `redis-server` on `url`'s loopback port unless something answers there.
+async fn ensure_redis(url: &str, state_dir: &std::path::Path) -> anyhow::Result<Option<tokio::process::Child>> {
+    let client = redis::Client::open(url).with_context(|| format!("--ensure-redis {url:?} is not a Redis URL"))?;
+    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+        if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+            eprintln!("Using the Redis server at {url}");
+            return Ok(None);
+        }
+    }
+    let info = client.get_connection_info().addr().to_string();
+    let (host, port) = info.rsplit_once(':').context("--ensure-redis needs host:port")?;
+    if !matches!(host, "127.0.0.1" | "localhost") {
+        bail!("--ensure-redis starts a server on loopback only; {url} is not a loopback address");
+    }
+    let dir = state_dir.join("redis");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let child = tokio::process::Command::new("redis-server")
+        .args(["--port", port, "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start redis-server (install it: apt-get install redis-server)")?;
+    for _ in 0..500 {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+                eprintln!("Started redis-server on {info} (data in {})", dir.display());
+                return Ok(Some(child));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("redis-server did not come up on {info}")
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -83,6 +155,16 @@ impl UpArgs {
 /// fails.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let opts = args.options()?;
+    if args.build {
+        build(&opts.manifest)?;
+    }
+    let state_dir = opts.state_dir.clone().unwrap_or_else(|| {
+        opts.manifest.parent().map_or_else(|| PathBuf::from(".spin"), |d| d.join(".spin"))
+    });
+    let _redis = match &args.ensure_redis {
+        Some(url) => ensure_redis(url, &state_dir).await?,
+        None => None,
+    };
     let app = Arc::new(App::load(&opts)?);
     for notice in app.notices() {
         eprintln!("{notice}");
