@@ -140,3 +140,68 @@ async fn burst_coalesces_doorbells_and_applies_everything() {
     let total: i64 = s.db().query_row("SELECT sum(json_extract(value, '$.n')) FROM spillway_records", [], |r| r.get(0)).unwrap();
     assert_eq!(total, WRITES as i64);
 }
+
+/// A retried request with the same `Idempotency-Key` and body gets the first answer
+/// and enqueues nothing new; the same key with another body is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_key_dedupes_retries() {
+    let s = Spillway::start(&[], false).await;
+    let body = json!({"writes": [{"key": "a", "op": "incr", "field": "n"}, {"key": "b", "op": "incr", "field": "n"}]});
+    let key = [("idempotency-key", "order-1")];
+    let (c1, h1, first) = s.call("POST", "/v1/writes", Some(body.clone()), &key).await;
+    let (c2, h2, second) = s.call("POST", "/v1/writes", Some(body), &key).await;
+    assert_eq!((c1, c2), (202, 202));
+    assert_eq!(first, second);
+    assert!(h1.get("idempotent-replayed").is_none());
+    assert_eq!(h2["idempotent-replayed"], "true");
+    let mut conn = s.redis.conn();
+    let queued: usize = (0..16).map(|i| redis::Commands::xlen::<_, usize>(&mut conn, format!("spillway:{{s{i}}}:stream")).unwrap()).sum();
+    assert_eq!(queued, 2, "the retry enqueued nothing");
+    let other = json!({"key": "a", "op": "delete"});
+    let (c3, _, problem) = s.call("POST", "/v1/writes", Some(other), &key).await;
+    assert_eq!(c3, 422);
+    assert_eq!(problem["type"], "https://spillway.dev/problems/idempotency-key-reused");
+}
+
+/// A write whose batch keeps failing on infrastructure is retried, then moved to the
+/// dead-letter stream with its error, and its status says dead.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_writes_are_dead_lettered() {
+    let s = Spillway::start(&[("max_attempts", "2")], false).await;
+    // A records table whose every insert fails: an infrastructure fault, not a rejection.
+    s.db()
+        .execute_batch(
+            "CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL CHECK (0),
+             version INTEGER NOT NULL, etag TEXT NOT NULL, updated_at INTEGER NOT NULL)",
+        )
+        .unwrap();
+    let (_, v) = s.write(json!({"key": "doomed", "op": "put", "value": 1})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let auth = format!("Bearer {ADMIN}");
+    for attempt in 1..=2 {
+        let (code, _, out) = s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+        assert_eq!(code, 200);
+        assert_eq!(out["errors"].as_array().unwrap().len(), 1, "attempt {attempt}: {out}");
+        let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
+        assert_eq!(st["status"], "pending");
+    }
+    let (_, _, out) = s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    assert_eq!(out["errors"], json!([]), "{out}");
+    let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
+    assert_eq!(st["status"], "dead", "{st}");
+    assert!(st["reason"].as_str().unwrap().contains("CHECK constraint failed"), "{st}");
+    let dead: Vec<redis::Value> = redis::cmd("XRANGE").arg(format!("spillway:{{s{}}}:dead", id.split('-').next().unwrap())).arg("-").arg("+").query(&mut s.redis.conn()).unwrap();
+    assert_eq!(dead.len(), 1);
+}
+
+/// The drain endpoint needs the admin bearer token.
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_requires_the_admin_token() {
+    let s = Spillway::start(&[], false).await;
+    let (code, _, p) = s.call("POST", "/v1/drain", None, &[]).await;
+    assert_eq!((code, p["type"].as_str()), (401, Some("https://spillway.dev/problems/unauthorized")));
+    let (code, _, _) = s.call("POST", "/v1/drain", None, &[("authorization", "Bearer wrong")]).await;
+    assert_eq!(code, 403);
+    let (code, _, _) = s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    assert_eq!(code, 200);
+}
