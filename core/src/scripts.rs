@@ -161,3 +161,33 @@ for i = 1, #KEYS do
 end
 return n
 "#;
+
+/// Replay dead letters of one shard back onto its stream (new write ids), marking
+/// each old id `replayed:<new id>` in the dead index and ringing the doorbell.
+///
+/// KEYS: `[dead, dead_index, stream, bell]`.
+/// ARGV: `[channel, bell_ttl_ms, shard, write_id*]` (no write ids: all of the shard).
+/// Reply: `(old write id, new write id)*`.
+pub const REPLAY: &str = r#"
+local wanted = {}
+local all = #ARGV < 4
+for i = 4, #ARGV do wanted[ARGV[i]] = true end
+local out = {}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  local f = {}
+  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+  if all or wanted[f['id']] then
+    local new = redis.call('XADD', KEYS[3], '*', 'w', f['w'])
+    local new_id = ARGV[3] .. '-' .. new
+    local entry = string.sub(f['id'], string.len(ARGV[3]) + 2)
+    redis.call('HSET', KEYS[2], entry, 'replayed:' .. new_id)
+    redis.call('XDEL', KEYS[1], e[1])
+    out[#out + 1] = f['id']
+    out[#out + 1] = new_id
+  end
+end
+if #out > 0 and redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[2]) then
+  redis.call('PUBLISH', ARGV[1], ARGV[3])
+end
+return out
+"#;

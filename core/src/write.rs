@@ -216,17 +216,23 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<WriteBatch, Problem
     Ok(WriteBatch { writes: out, batch: !base.is_empty() })
 }
 
-/// Members each op takes besides `key`, `op` and `if_version`. (serde cannot deny
-/// unknown fields through `flatten`, so they are checked here, with a pointer.)
-fn op_members(op: &str) -> Option<&'static [&'static str]> {
+/// Members each op takes besides `key`, `op` and `if_version`, and which of them
+/// are required. (serde cannot deny unknown fields through `flatten`, so members are
+/// checked here, with a pointer to the one at fault.)
+fn op_members(op: &str) -> Option<(&'static [&'static str], &'static [&'static str])> {
     Some(match op {
-        "put" => &["value"],
-        "merge" => &["patch"],
-        "incr" => &["field", "by", "min", "max"],
-        "append" => &["field", "value", "max_len"],
-        "delete" => &[],
+        "put" => (&["value"], &["value"]),
+        "merge" => (&["patch"], &["patch"]),
+        "incr" => (&["field", "by", "min", "max"], &["field"]),
+        "append" => (&["field", "value", "max_len"], &["field", "value"]),
+        "delete" => (&[], &[]),
         _ => return None,
     })
+}
+
+/// A JSON pointer token (RFC 6901): `~` as `~0`, `/` as `~1`.
+fn pointer_token(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
 }
 
 fn check_members(w: &Value, pointer: &str) -> Result<(), Problem> {
@@ -238,11 +244,14 @@ fn check_members(w: &Value, pointer: &str) -> Result<(), Problem> {
         Some(_) => return Err(Problem::invalid("op must be a string", &format!("{pointer}/op"))),
         None => return Err(Problem::invalid("op is required (put, merge, incr, append, delete)", &format!("{pointer}/op"))),
     };
-    let Some(allowed) = op_members(op) else {
+    let Some((allowed, required)) = op_members(op) else {
         return Err(Problem::invalid(&format!("unknown op {op:?} (expected put, merge, incr, append or delete)"), &format!("{pointer}/op")));
     };
     if let Some(extra) = o.keys().find(|k| !matches!(k.as_str(), "key" | "op" | "if_version") && !allowed.contains(&k.as_str())) {
-        return Err(Problem::invalid(&format!("unknown member {extra:?} for op {op:?}"), &format!("{pointer}/{extra}")));
+        return Err(Problem::invalid(&format!("unknown member {extra:?} for op {op:?}"), &format!("{pointer}/{}", pointer_token(extra))));
+    }
+    if let Some(missing) = ["key"].iter().chain(required).find(|m| !o.contains_key(**m)) {
+        return Err(Problem::invalid(&format!("{missing} is required for op {op:?}"), &format!("{pointer}/{missing}")));
     }
     Ok(())
 }

@@ -6,27 +6,53 @@ use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_core::sql;
-use spillway_spin::{Redis, bin, int, json, problem, respond, text, token};
+use spillway_spin::{Redis, authorize, bin, int, json, problem, respond, text, token};
 use spin_sdk::key_value::Store;
 use spin_sdk::sqlite::{Connection, Value};
 
+/// The OpenAPI 3.1 document of the whole API (kept in `api/openapi.json`).
+const OPENAPI: &str = include_str!("../../../api/openapi.json");
+
 pub(crate) async fn handle(req: spin_sdk::http::Request) -> http::Response<String> {
-    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
-        return spillway_spin::method_not_allowed("GET, HEAD");
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    if path == "/v1/openapi.json" {
+        if method != http::Method::GET {
+            return spillway_spin::method_not_allowed("GET");
+        }
+        return spillway_spin::respond(200, "application/json", OPENAPI.to_owned(), &[]);
+    }
+    let (allow, route) = if path.starts_with("/v1/records/") {
+        ("GET", Route::Record)
+    } else if path.starts_with("/v1/writes/") {
+        ("GET", Route::Write)
+    } else if path.starts_with("/v1/cache/") {
+        ("PUT, DELETE", Route::Cache)
+    } else {
+        return problem(&Problem::not_found(&format!("no resource at {path}")));
+    };
+    if !allow.split(", ").any(|m| m == method.as_str()) {
+        return spillway_spin::method_not_allowed(allow);
     }
     let settings = match spillway_spin::settings().await {
         Ok(s) => s,
         Err(p) => return problem(&p),
     };
-    let path = req.uri().path().to_owned();
-    let result = if let Some(key) = path.strip_prefix("/v1/records/") {
-        record(&settings, key, req.headers()).await
-    } else if let Some(id) = path.strip_prefix("/v1/writes/") {
-        write_status(&settings, id).await
-    } else {
-        Err(Problem::not_found(&format!("no resource at {path}")))
+    let result = match route {
+        Route::Record => record(&settings, &path["/v1/records/".len()..], req.headers()).await,
+        Route::Write => write_status(&settings, &path["/v1/writes/".len()..]).await,
+        Route::Cache => match authorize(req.headers(), settings.admin_token.as_deref()) {
+            Ok(()) => cache_admin(&settings, &path["/v1/cache/".len()..], method == http::Method::DELETE).await,
+            Err(p) => Err(p),
+        },
     };
     result.unwrap_or_else(|p| problem(&p))
+}
+
+enum Route {
+    Record,
+    Write,
+    Cache,
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -99,6 +125,12 @@ async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Resul
         return Err(Problem::not_found(&format!("no record {key:?}")));
     };
     let etag = format!("\"{}\"", entry["etag"].as_str().unwrap_or_default());
+    if let Some(want) = headers.get("if-match").and_then(|v| v.to_str().ok()) {
+        if !want.split(',').any(|t| t.trim() == etag || t.trim() == "*") {
+            return Err(Problem::new(412, "precondition-failed", "Precondition failed", &format!("the record's ETag is {etag}, not {want}"))
+                .at("/headers/if-match"));
+        }
+    }
     let matches = headers
         .get("if-none-match")
         .and_then(|v| v.to_str().ok())
@@ -162,6 +194,9 @@ async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>,
     let redis = Redis::new(&s.redis_address);
     let dead = redis.execute("HGET", vec![bin(&l.dead_index(id.shard)), bin(&id.entry)]).await?;
     if let Some(err) = dead.first().and_then(text) {
+        if let Some(new_id) = err.strip_prefix("replayed:") {
+            return Ok(json(200, &json!({"id": sid, "status": "replayed", "replayed_as": new_id}), &[]));
+        }
         return Ok(json(200, &json!({"id": sid, "status": "dead", "reason": err}), &[]));
     }
     let pending = redis.execute("XRANGE", vec![bin(&l.stream(id.shard)), bin(&id.entry), bin(&id.entry)]).await?;
@@ -173,4 +208,40 @@ async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>,
         return Box::pin(write_status(s, raw)).await;
     }
     Err(Problem::not_found(&format!("no write {sid}")))
+}
+
+/// `PUT /v1/cache/{key}` refreshes the entry from the database; `DELETE` drops it.
+/// Both under the key's fill lock, like every cache write.
+async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Result<http::Response<String>, Problem> {
+    let key = percent_decode(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
+    if key.is_empty() || key.len() > s.limits.max_key_len {
+        return Err(Problem::invalid(&format!("the key must be 1 to {} bytes", s.limits.max_key_len), "/path/key"));
+    }
+    let store = Store::open_default().await.map_err(kv_err)?;
+    let redis = Redis::new(&s.redis_address);
+    let lock = s.layout.fill_lock(&key);
+    let me = token();
+    for _ in 0..500 {
+        let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), "5000".into()]).await?;
+        if got.first().and_then(int) == Some(1) {
+            let cache_key = s.layout.cache_key(&key);
+            let result = async {
+                if delete {
+                    store.delete(&cache_key).await.map_err(kv_err)?;
+                    return Ok(respond(204, "application/json", String::new(), &[]));
+                }
+                let Some(entry) = from_db(&key).await? else {
+                    store.delete(&cache_key).await.map_err(kv_err)?;
+                    return Err(Problem::not_found(&format!("no record {key:?}")));
+                };
+                store.set(&cache_key, entry.to_string().as_bytes()).await.map_err(kv_err)?;
+                Ok(json(200, &entry, &[]))
+            }
+            .await;
+            redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+            return result;
+        }
+        spillway_spin::wait_ms(2).await;
+    }
+    Err(Problem::unavailable("the record's cache lock stayed busy"))
 }

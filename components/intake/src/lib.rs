@@ -12,5 +12,6 @@ use spin_sdk::http_service;
 
 #[http_service]
 async fn handle(req: Request) -> impl IntoResponse {
-    handlers::handle(req).await
+    let id = spillway_spin::request_id(req.headers());
+    spillway_spin::with_request_id(handlers::handle(req).await, &id)
 }

@@ -1,7 +1,6 @@
 //! Applying one batch in ONE database transaction: fence check, ordered apply,
 //! write ids recorded with the data (the exactly-once effect).
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 
 use spillway_core::apply::{Outcome, Record, plan_batch};
@@ -16,10 +15,6 @@ pub(crate) struct Applied {
     pub(crate) state: BTreeMap<String, Option<Record>>,
     pub(crate) applied: u64,
     pub(crate) rejected: u64,
-}
-
-thread_local! {
-    static SCHEMA_READY: Cell<bool> = const { Cell::new(false) };
 }
 
 fn db_err(e: spin_sdk::sqlite::Error) -> Problem {
@@ -49,11 +44,10 @@ fn integer(v: &Value) -> Option<i64> {
 /// Applies `entries` (stream id, payload) of `shard` holding fencing token `fence`.
 pub(crate) async fn apply_batch(shard: u32, fence: i64, entries: &[(String, String)]) -> Result<Applied, Problem> {
     let conn = Connection::open_default().await.map_err(db_err)?;
-    if !SCHEMA_READY.get() {
-        for stmt in sql::schema_statements() {
-            exec(&conn, stmt, vec![]).await?;
-        }
-        SCHEMA_READY.set(true);
+    // Every batch (three cheap statements): a reused instance must not trust an
+    // earlier check, the database may have been replaced since.
+    for stmt in sql::schema_statements() {
+        exec(&conn, stmt, vec![]).await?;
     }
     exec(&conn, sql::BEGIN, vec![]).await?;
     match apply_in_tx(&conn, shard, fence, entries).await {

@@ -1,9 +1,12 @@
 //! Entry points: the doorbell message and `POST /v1/drain`.
 
 use serde_json::json;
+use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
-use spillway_spin::{authorize, json, problem};
-use spin_sdk::http::Request;
+use spillway_core::scripts;
+use spillway_core::settings::Settings;
+use spillway_spin::{Redis, authorize, bin, json, problem, text};
+use spin_sdk::http::{Request, body::IncomingBodyExt as _};
 
 use crate::drain::{Stats, drain_shard};
 
@@ -16,8 +19,14 @@ pub(crate) async fn on_doorbell(message: &[u8]) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn handle(req: Request) -> http::Response<String> {
-    if req.method() != http::Method::POST {
-        return spillway_spin::method_not_allowed("POST");
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let allow = match path.as_str() {
+        "/v1/drain" | "/v1/dead/replay" => "POST",
+        "/v1/dead" => "GET",
+        _ => return problem(&Problem::not_found(&format!("no resource at {path}"))),
+    };
+    if !allow.split(", ").any(|m| m == req.method().as_str()) {
+        return spillway_spin::method_not_allowed(allow);
     }
     let settings = match spillway_spin::settings().await {
         Ok(s) => s,
@@ -26,29 +35,102 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
     if let Err(p) = authorize(req.headers(), settings.admin_token.as_deref()) {
         return problem(&p);
     }
-    let only: Option<u32> = match req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("shard="))) {
-        None => None,
-        Some(s) => match s.parse() {
-            Ok(n) if n < settings.layout.shards => Some(n),
-            _ => return problem(&Problem::invalid(&format!("shard must be a number below {}", settings.layout.shards), "/query/shard").at("/query/shard")),
-        },
+    let result = match path.as_str() {
+        "/v1/drain" => drain(&settings, req.uri().query()).await,
+        "/v1/dead" => dead_letters(&settings).await,
+        _ => replay(&settings, req).await,
     };
-    let mut stats = Stats::default();
-    let shards: Vec<u32> = match only {
+    result.unwrap_or_else(|p| problem(&p))
+}
+
+fn shard_param(s: &Settings, query: Option<&str>) -> Result<Option<u32>, Problem> {
+    let Some(v) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("shard="))) else {
+        return Ok(None);
+    };
+    match v.parse() {
+        Ok(n) if n < s.layout.shards => Ok(Some(n)),
+        _ => Err(Problem::invalid(&format!("shard must be a number below {}", s.layout.shards), "/query/shard")),
+    }
+}
+
+async fn drain(settings: &Settings, query: Option<&str>) -> Result<http::Response<String>, Problem> {
+    let shards: Vec<u32> = match shard_param(settings, query)? {
         Some(s) => vec![s],
         None => (0..settings.layout.shards).collect(),
     };
+    let mut stats = Stats::default();
     let mut errors = Vec::new();
     for shard in shards {
-        if let Err(p) = drain_shard(&settings, shard, &mut stats).await {
+        if let Err(p) = drain_shard(settings, shard, &mut stats).await {
             errors.push(json!({"shard": shard, "detail": p.detail}));
         }
     }
-    json(200, &json!({
+    Ok(json(200, &json!({
         "applied": stats.applied,
         "rejected": stats.rejected,
         "batches": stats.batches,
         "busy_shards": stats.busy,
         "errors": errors,
-    }), &[])
+    }), &[]))
+}
+
+/// `GET /v1/dead`: every dead letter, oldest first per shard.
+async fn dead_letters(s: &Settings) -> Result<http::Response<String>, Problem> {
+    let redis = Redis::new(&s.redis_address);
+    let mut out = Vec::new();
+    for shard in 0..s.layout.shards {
+        let flat = redis.execute("XRANGE", vec![bin(&s.layout.dead(shard)), bin("-"), bin("+")]).await?;
+        // Flattened entries: id, then field/value pairs (id, w, error, attempts).
+        for entry in flat.chunks(9) {
+            let t: Vec<String> = entry.iter().map(|v| text(v).unwrap_or_default()).collect();
+            if t.len() < 9 {
+                continue;
+            }
+            let write: serde_json::Value = serde_json::from_str(&t[4]).unwrap_or(serde_json::Value::Null);
+            out.push(json!({"id": t[2], "write": write, "error": t[6], "attempts": t[8].parse::<u64>().unwrap_or(0)}));
+        }
+    }
+    Ok(json(200, &json!({"dead": out}), &[]))
+}
+
+/// `POST /v1/dead/replay`: `{"ids": [...]}` (or an empty body: all) back onto the queue.
+async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Problem> {
+    let body = req.into_body().bytes().await.map_err(|e| Problem::malformed(&format!("{e:?}")))?;
+    let ids: Vec<String> = if body.iter().all(u8::is_ascii_whitespace) {
+        Vec::new()
+    } else {
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| Problem::malformed(&e.to_string()))?;
+        match v.get("ids").and_then(|i| i.as_array()) {
+            Some(a) if v.as_object().is_some_and(|o| o.len() == 1) => a
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    id.as_str()
+                        .and_then(WriteId::parse)
+                        .filter(|w| w.shard < s.layout.shards)
+                        .map(|w| w.to_string())
+                        .ok_or_else(|| Problem::invalid("not a write id", &format!("/ids/{i}")))
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(Problem::invalid("expected {\"ids\": [write id, ...]}", "")),
+        }
+    };
+    let redis = Redis::new(&s.redis_address);
+    let l = &s.layout;
+    let mut replayed = Vec::new();
+    for shard in 0..l.shards {
+        let mine: Vec<String> = ids.iter().filter(|id| id.starts_with(&format!("{shard}-"))).cloned().collect();
+        if !ids.is_empty() && mine.is_empty() {
+            continue;
+        }
+        let mut args = vec![l.doorbell_channel(), (s.lease_ttl_ms * 2).to_string(), shard.to_string()];
+        args.extend(mine);
+        let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_index(shard), l.stream(shard), l.bell(shard)], &args).await?;
+        for pair in flat.chunks(2) {
+            if let [old, new] = pair {
+                replayed.push(json!({"id": text(old), "replayed_as": text(new)}));
+            }
+        }
+    }
+    Ok(json(200, &json!({"replayed": replayed}), &[]))
 }

@@ -167,6 +167,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// The request id: the client's `X-Request-Id` when it is 1 to 128 characters of
+/// `A-Z a-z 0-9 . _ -`, else a new random one.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+        .map_or_else(token, str::to_owned)
+}
+
+/// Adds the request id to a response.
+pub fn with_request_id(mut res: http::Response<String>, id: &str) -> http::Response<String> {
+    if let Ok(v) = http::HeaderValue::from_str(id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

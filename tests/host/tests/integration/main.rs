@@ -9,6 +9,8 @@ mod spillway;
 
 /// The `up` command as a separate process: route listing, serving TCP, startup errors.
 mod cli;
+/// The HTTP API: errors, limits, backpressure, auth, key safety, OpenAPI.
+mod api;
 /// Crash safety: processors SIGKILLed mid-run lose and double nothing.
 mod crash;
 /// Fencing: an expired lease holder cannot commit.
