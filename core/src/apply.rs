@@ -114,7 +114,7 @@ pub fn apply(current: Option<&Record>, write: &Write, now_ms: i64) -> Result<Opt
             let Value::Array(items) = arr else {
                 return Err(format!("field {field:?} is not an array"));
             };
-            if let Some(limit) = max_len.filter(|l| items.len() >= *l) {
+            if let Some(limit) = max_len.filter(|l| items.len() as u64 >= *l) {
                 return Err(format!("{field} already has {} elements; the maximum is {limit}", items.len()));
             }
             items.push(value.clone());

@@ -55,7 +55,7 @@ pub enum Op {
         value: Value,
         /// Refuse when the array already has this many elements.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_len: Option<usize>,
+        max_len: Option<u64>,
     },
     /// Remove the record.
     Delete,
@@ -72,7 +72,7 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Writes in one batch request.
     pub max_batch: usize,
-    /// Key length in bytes.
+    /// Key length in characters.
     pub max_key_len: usize,
     /// Serialized size of a write's value/patch in bytes.
     pub max_value_bytes: usize,
@@ -118,9 +118,10 @@ impl Write {
         if self.key.is_empty() {
             return Err(Problem::invalid("key must not be empty", &format!("{pointer}/key")));
         }
-        if self.key.len() > limits.max_key_len {
+        let chars = self.key.chars().count();
+        if chars > limits.max_key_len {
             return Err(Problem::invalid(
-                &format!("key is {} bytes; the limit is {}", self.key.len(), limits.max_key_len),
+                &format!("key is {chars} characters; the limit is {}", limits.max_key_len),
                 &format!("{pointer}/key"),
             ));
         }
@@ -133,9 +134,6 @@ impl Write {
         match &self.op {
             Op::Incr { field, .. } | Op::Append { field, .. } if field.is_empty() => {
                 return Err(Problem::invalid("field must not be empty", &format!("{pointer}/field")));
-            }
-            Op::Incr { min: Some(lo), max: Some(hi), .. } if lo > hi => {
-                return Err(Problem::invalid("min must not be greater than max", &format!("{pointer}/min")));
             }
             _ => {}
         }
@@ -209,6 +207,7 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<WriteBatch, Problem
     for (i, w) in writes.into_iter().enumerate() {
         let pointer = if base.is_empty() { String::new() } else { format!("{base}/{i}") };
         check_members(&w, &pointer)?;
+        let w = integral_numbers(w);
         let write: Write = serde_json::from_value(w).map_err(|e| Problem::invalid(&e.to_string(), &pointer))?;
         write.validate(limits, &pointer)?;
         out.push(write);
@@ -230,6 +229,27 @@ fn op_members(op: &str) -> Option<(&'static [&'static str], &'static [&'static s
     })
 }
 
+/// Members holding integers.
+const INTEGER_MEMBERS: [&str; 5] = ["if_version", "by", "min", "max", "max_len"];
+
+/// Largest magnitude of an integer member (within the 2^53 every JSON parser keeps).
+pub const MAX_INTEGER: i64 = 9_000_000_000_000_000;
+
+/// JSON has one number type: `87.0` is the integer 87 (as JSON Schema's `integer`
+/// says), so integral floats of the integer members are read as integers.
+fn integral_numbers(mut w: Value) -> Value {
+    if let Value::Object(o) = &mut w {
+        for name in INTEGER_MEMBERS {
+            if let Some(Value::Number(n)) = o.get(name) {
+                if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0 && f.abs() <= MAX_INTEGER as f64) {
+                    o.insert(name.to_owned(), Value::from(f as i64));
+                }
+            }
+        }
+    }
+    w
+}
+
 /// A JSON pointer token (RFC 6901): `~` as `~0`, `/` as `~1`.
 fn pointer_token(name: &str) -> String {
     name.replace('~', "~0").replace('/', "~1")
@@ -249,6 +269,21 @@ fn check_members(w: &Value, pointer: &str) -> Result<(), Problem> {
     };
     if let Some(extra) = o.keys().find(|k| !matches!(k.as_str(), "key" | "op" | "if_version") && !allowed.contains(&k.as_str())) {
         return Err(Problem::invalid(&format!("unknown member {extra:?} for op {op:?}"), &format!("{pointer}/{}", pointer_token(extra))));
+    }
+    for name in INTEGER_MEMBERS {
+        if let Some(v) = o.get(name) {
+            let ok = v.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() <= MAX_INTEGER as f64)
+                && (v.is_f64() || v.as_i64().is_some_and(|i| i.abs() <= MAX_INTEGER));
+            if !ok && !v.is_null() {
+                return Err(Problem::invalid(
+                    &format!("{name} must be an integer from -{MAX_INTEGER} to {MAX_INTEGER}"),
+                    &format!("{pointer}/{name}"),
+                ));
+            }
+        }
+    }
+    if let Some((name, _)) = o.iter().find(|(k, v)| v.is_null() && !matches!(k.as_str(), "value" | "patch")) {
+        return Err(Problem::invalid(&format!("{name} must not be null"), &format!("{pointer}/{}", pointer_token(name))));
     }
     if let Some(missing) = ["key"].iter().chain(required).find(|m| !o.contains_key(**m)) {
         return Err(Problem::invalid(&format!("{missing} is required for op {op:?}"), &format!("{pointer}/{missing}")));
@@ -287,6 +322,10 @@ mod tests {
     fn refuses_with_pointer() {
         let e = parse(json!({"writes": [{"key": "ok", "op": "delete"}, {"key": "a b", "op": "delete"}]})).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("/writes/1/key"));
+        let ok = parse(json!({"key": "a", "op": "delete", "if_version": 3.0})).unwrap();
+        assert_eq!(ok.writes[0].if_version, Some(3));
+        let e = parse(json!({"key": "a", "op": "delete", "if_version": null})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("/if_version"));
         let e = parse(json!({"key": "a", "op": "explode"})).unwrap_err();
         assert_eq!(e.status, 422);
         let e = parse(json!({"key": "x".repeat(300), "op": "delete"})).unwrap_err();

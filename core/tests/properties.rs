@@ -59,7 +59,7 @@ fn write_like() -> impl Strategy<Value = Value> {
 }
 
 fn assert_valid(w: &Write) {
-    assert!(!w.key.is_empty() && w.key.len() <= LIMITS.max_key_len, "{w:?}");
+    assert!(!w.key.is_empty() && w.key.chars().count() <= LIMITS.max_key_len, "{w:?}");
     assert!(w.key.chars().all(|c| if c.is_ascii() { c.is_ascii_graphic() } else { !c.is_control() }), "{w:?}");
     let v = match &w.op {
         Op::Put { value } | Op::Append { value, .. } => Some(value),

@@ -111,7 +111,7 @@ async fn cached(store: &Store, cache_key: &str) -> Result<Option<Json>, Problem>
 
 async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Result<http::Response<String>, Problem> {
     let key = percent_decode(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
-    if key.is_empty() || key.len() > s.limits.max_key_len {
+    if key.is_empty() || key.chars().count() > s.limits.max_key_len {
         return Err(Problem::not_found("no such record"));
     }
     let l = &s.layout;
@@ -214,8 +214,8 @@ async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>,
 /// Both under the key's fill lock, like every cache write.
 async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Result<http::Response<String>, Problem> {
     let key = percent_decode(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
-    if key.is_empty() || key.len() > s.limits.max_key_len {
-        return Err(Problem::invalid(&format!("the key must be 1 to {} bytes", s.limits.max_key_len), "/path/key"));
+    if key.is_empty() || key.chars().count() > s.limits.max_key_len {
+        return Err(Problem::invalid(&format!("the key must be 1 to {} characters", s.limits.max_key_len), "/path/key"));
     }
     let store = Store::open_default().await.map_err(kv_err)?;
     let redis = Redis::new(&s.redis_address);

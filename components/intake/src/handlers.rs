@@ -38,8 +38,11 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
         None => None,
         Some(v) => {
             let k = v.to_str().map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII", "").at("/headers/idempotency-key"))?;
-            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
-                return Err(Problem::invalid(&format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"), "/headers/idempotency-key"));
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || !k.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(Problem::invalid(
+                    &format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+                    "/headers/idempotency-key",
+                ));
             }
             Some(k.to_owned())
         }
@@ -109,7 +112,7 @@ async fn enqueue(
             Ok(json(202, &body, &headers))
         }
         "conflict" => Err(Problem::new(
-            422,
+            409,
             "idempotency-key-reused",
             "Idempotency key reused",
             "this Idempotency-Key was used with a different request body",

@@ -159,7 +159,7 @@ async fn idempotency_key_dedupes_retries() {
     assert_eq!(queued, 2, "the retry enqueued nothing");
     let other = json!({"key": "a", "op": "delete"});
     let (c3, _, problem) = s.call("POST", "/v1/writes", Some(other), &key).await;
-    assert_eq!(c3, 422);
+    assert_eq!(c3, 409);
     assert_eq!(problem["type"], "https://spillway.dev/problems/idempotency-key-reused");
 }
 
