@@ -79,3 +79,19 @@ fn unconfigured_label_fails_to_load() {
     let msg = format!("{:#}", App::load(&t.options()).err().expect("load fails"));
     assert!(msg.contains("unknown key_value_stores label \"nowhere\" for component \"probe\""), "{msg}");
 }
+
+/// With runtime config `type = "spin"` and a relative `path`, the store is a SQLite
+/// file beside the runtime config file, as in Spin.
+#[tokio::test(flavor = "multi_thread")]
+async fn spin_store_path_is_relative_to_runtime_config() {
+    let rc = "[key_value_store.local]\ntype = \"spin\"\npath = \"data/kv.db\"\n";
+    let t = TestApp::write(&probe_manifest(r#"key_value_stores = ["local"]"#, ""), &[("rc.toml", rc)]);
+    let mut opts = t.options();
+    opts.runtime_config = Some(t.path("rc.toml"));
+    let app = App::load(&opts).unwrap();
+    let out = probe(&app, "/", json!({"op": "kv", "label": "local", "actions": [["set", "x", "1"]]})).await;
+    assert_eq!(out, json!({"ok": [null]}));
+    let db = rusqlite::Connection::open(t.path("data/kv.db")).unwrap();
+    let store: String = db.query_row("SELECT store FROM spin_key_value WHERE key = 'x'", [], |r| r.get(0)).unwrap();
+    assert_eq!(store, "local");
+}

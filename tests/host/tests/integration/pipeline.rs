@@ -205,3 +205,39 @@ async fn drain_requires_the_admin_token() {
     let (code, _, _) = s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
     assert_eq!(code, 200);
 }
+
+/// A cache miss fills the cache only under the key's single-flight lock: while
+/// another filler holds it, a reader waits, then answers from the database without
+/// filling; once the lock is free, the next miss fills the cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_fill_is_single_flight() {
+    let s = Spillway::start(&[], true).await;
+    let (_, v) = s.write(json!({"key": "hot", "op": "put", "value": {"a": 1}})).await;
+    s.settled(v["id"].as_str().unwrap()).await;
+    let auth = format!("Bearer {ADMIN}");
+    let (code, _, _) = s.call("DELETE", "/v1/cache/hot", None, &[("authorization", &auth)]).await;
+    assert_eq!(code, 204);
+    let kv_path = s.state.path().join("sqlite_key_value.db");
+    let kv = || -> i64 {
+        let db = rusqlite::Connection::open(&kv_path).unwrap();
+        db.query_row("SELECT count(*) FROM spin_key_value WHERE key = 'spillway:rec:hot'", [], |r| r.get(0)).unwrap()
+    };
+    assert_eq!(kv(), 0);
+    let lock = format!("spillway:fill:{}", spillway_core::layout::md5_hex(b"hot"));
+    let mut c = s.redis.conn();
+    let _: () = redis::cmd("SET").arg(&lock).arg("someone-else").arg("PX").arg(60_000).query(&mut c).unwrap();
+    let (code, _, rec) = s.call("GET", "/v1/records/hot", None, &[]).await;
+    assert_eq!((code, rec["value"].clone()), (200, json!({"a": 1})));
+    assert_eq!(kv(), 0, "a reader without the lock does not fill");
+    let _: () = redis::cmd("DEL").arg(&lock).query(&mut c).unwrap();
+    let mut tasks = Vec::new();
+    let s = std::sync::Arc::new(s);
+    for _ in 0..20 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.call("GET", "/v1/records/hot", None, &[]).await.2["version"].clone() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), json!(1));
+    }
+    assert_eq!(kv(), 1, "the lock holder filled the cache");
+}
