@@ -91,7 +91,10 @@ impl KvBackend {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let c = client.get_multiplexed_async_connection().await.map_err(other)?;
+        let c = client
+            .get_multiplexed_async_connection_with_config(&super::redis::connection_config())
+            .await
+            .map_err(other)?;
         *guard = Some(c.clone());
         Ok(c)
     }

@@ -19,6 +19,14 @@ fn other(e: impl std::fmt::Display) -> Error {
     Error::Other(e.to_string())
 }
 
+/// Connection settings as Spin's (redis-rs 0.32 there): no response timeout, which
+/// redis-rs 1.x would otherwise set to 500 ms and fail busy-but-healthy commands.
+pub(crate) fn connection_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_response_timeout(None)
+        .set_connection_timeout(Some(std::time::Duration::from_secs(10)))
+}
+
 fn conn_of<T>(accessor: &Accessor<T, Spin>, c: &Resource<Connection>) -> wasmtime::Result<redis::aio::MultiplexedConnection> {
     accessor.with(|mut access| Ok(access.get().table.get(c)?.0.clone()))
 }
@@ -66,7 +74,7 @@ impl<T> HostConnectionWithStore<T> for Spin {
             Ok(c) => c,
             Err(_) => return Ok(Err(Error::InvalidAddress)),
         };
-        let conn = match client.get_multiplexed_async_connection().await {
+        let conn = match client.get_multiplexed_async_connection_with_config(&connection_config()).await {
             Ok(c) => c,
             Err(e) => return Ok(Err(other(e))),
         };
