@@ -79,11 +79,10 @@ fn object_of(current: Option<&Record>) -> Result<Map<String, Value>, String> {
 /// record is deleted; `Err` is the rejection reason.
 pub fn apply(current: Option<&Record>, write: &Write, now_ms: i64) -> Result<Option<Record>, String> {
     let version = current.map_or(0, |r| r.version);
-    if let Some(expected) = write.if_version {
-        if expected != version {
+    if let Some(expected) = write.if_version
+        && expected != version {
             return Err(format!("precondition failed: the record is at version {version}, not {expected}"));
         }
-    }
     let value = match &write.op {
         Op::Delete => return Ok(None),
         Op::Put { value } => value.clone(),

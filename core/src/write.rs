@@ -240,11 +240,10 @@ pub const MAX_INTEGER: i64 = 9_000_000_000_000_000;
 fn integral_numbers(mut w: Value) -> Value {
     if let Value::Object(o) = &mut w {
         for name in INTEGER_MEMBERS {
-            if let Some(Value::Number(n)) = o.get(name) {
-                if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0 && f.abs() <= MAX_INTEGER as f64) {
+            if let Some(Value::Number(n)) = o.get(name)
+                && let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0 && f.abs() <= MAX_INTEGER as f64) {
                     o.insert(name.to_owned(), Value::from(f as i64));
                 }
-            }
         }
     }
     w

@@ -125,12 +125,11 @@ async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Resul
         return Err(Problem::not_found(&format!("no record {key:?}")));
     };
     let etag = format!("\"{}\"", entry["etag"].as_str().unwrap_or_default());
-    if let Some(want) = headers.get("if-match").and_then(|v| v.to_str().ok()) {
-        if !want.split(',').any(|t| t.trim() == etag || t.trim() == "*") {
+    if let Some(want) = headers.get("if-match").and_then(|v| v.to_str().ok())
+        && !want.split(',').any(|t| t.trim() == etag || t.trim() == "*") {
             return Err(Problem::new(412, "precondition-failed", "Precondition failed", &format!("the record's ETag is {etag}, not {want}"))
                 .at("/headers/if-match"));
         }
-    }
     let matches = headers
         .get("if-none-match")
         .and_then(|v| v.to_str().ok())

@@ -29,11 +29,10 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     if mime != "application/json" {
         return Err(Problem::new(415, "unsupported-media-type", "Unsupported media type", "send the writes as application/json"));
     }
-    if let Some(len) = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
-        if len > limits.max_body_bytes {
+    if let Some(len) = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
+        && len > limits.max_body_bytes {
             return Err(Problem::too_large(len, limits.max_body_bytes));
         }
-    }
     let idem = match req.headers().get("idempotency-key") {
         None => None,
         Some(v) => {

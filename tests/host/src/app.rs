@@ -160,7 +160,7 @@ impl App {
         for (label, cfg) in &kv_configs {
             if used_kv.contains(label) {
                 kv_backends.insert(label.clone(), Arc::new(KvBackend::new(cfg)?));
-                if label == "default" && runtime.key_value_stores.get("default").is_none() {
+                if label == "default" && !runtime.key_value_stores.contains_key("default") {
                     notices.push(format!(
                         "Storing default key-value data to {:?}.",
                         state_dir.join("sqlite_key_value.db")
@@ -194,7 +194,7 @@ impl App {
                 undefined_dbs.join("\n")
             );
         }
-        if used_db.contains(&"default".to_owned()) && runtime.sqlite_databases.get("default").is_none() {
+        if used_db.contains(&"default".to_owned()) && !runtime.sqlite_databases.contains_key("default") {
             notices.push(format!("Storing default SQLite data to {:?}.", state_dir.join("sqlite_db.db")));
         }
 

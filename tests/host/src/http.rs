@@ -397,11 +397,9 @@ impl App {
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(io, service)
                     .await
-                {
-                    if !e.is_incomplete_message() {
+                    && !e.is_incomplete_message() {
                         eprintln!("connection from {client} failed: {e}");
                     }
-                }
             });
         }
     }

@@ -79,12 +79,11 @@ pub fn build(manifest_path: &std::path::Path) -> anyhow::Result<()> {
 /// Starts `redis-server` on `url`'s loopback port unless something answers there.
 async fn ensure_redis(url: &str, state_dir: &std::path::Path) -> anyhow::Result<Option<tokio::process::Child>> {
     let client = redis::Client::open(url).with_context(|| format!("--ensure-redis {url:?} is not a Redis URL"))?;
-    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-        if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+    if let Ok(mut c) = client.get_multiplexed_async_connection().await
+        && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
             eprintln!("Using the Redis server at {url}");
             return Ok(None);
         }
-    }
     let info = client.get_connection_info().addr().to_string();
     let (host, port) = info.rsplit_once(':').context("--ensure-redis needs host:port")?;
     if !matches!(host, "127.0.0.1" | "localhost") {
@@ -101,12 +100,11 @@ async fn ensure_redis(url: &str, state_dir: &std::path::Path) -> anyhow::Result<
         .spawn()
         .context("cannot start redis-server (install it: apt-get install redis-server)")?;
     for _ in 0..500 {
-        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-            if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await
+            && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
                 eprintln!("Started redis-server on {info} (data in {})", dir.display());
                 return Ok(Some(child));
             }
-        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     bail!("redis-server did not come up on {info}")

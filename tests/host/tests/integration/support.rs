@@ -78,11 +78,10 @@ impl Redis {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false; // port taken meanwhile: try another
             }
-            if let Ok(mut c) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+            if let Ok(mut c) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut c).is_ok() {
                     return true;
                 }
-            }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         false
