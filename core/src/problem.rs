@@ -49,9 +49,13 @@ impl Problem {
         Self::new(400, "malformed-json", "Malformed JSON", detail)
     }
 
-    /// 413: the body is over the limit.
-    pub fn too_large(size: usize, limit: usize) -> Self {
-        Self::new(413, "body-too-large", "Request body too large", &format!("the body is {size} bytes; the limit is {limit}"))
+    /// 413: the body is over the limit (`size` when known).
+    pub fn too_large(size: Option<usize>, limit: usize) -> Self {
+        let detail = match size {
+            Some(size) => format!("the body is {size} bytes; the limit is {limit}"),
+            None => format!("the body is over the limit of {limit} bytes"),
+        };
+        Self::new(413, "body-too-large", "Request body too large", &detail)
     }
 
     /// 422: valid JSON that breaks a rule.

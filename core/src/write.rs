@@ -175,7 +175,7 @@ pub struct WriteBatch {
 /// valid.
 pub fn parse_request(body: &[u8], limits: &Limits) -> Result<WriteBatch, Problem> {
     if body.len() > limits.max_body_bytes {
-        return Err(Problem::too_large(body.len(), limits.max_body_bytes));
+        return Err(Problem::too_large(Some(body.len()), limits.max_body_bytes));
     }
     let json: Value = serde_json::from_slice(body).map_err(|e| Problem::malformed(&e.to_string()))?;
     if depth(&json) > limits.max_json_depth + 3 {

@@ -6,7 +6,7 @@ use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_core::write::parse_request;
 use spillway_spin::{Redis, json, problem, text};
-use spin_sdk::http::{Request, body::IncomingBodyExt as _};
+use spin_sdk::http::Request;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -29,10 +29,6 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     if mime != "application/json" {
         return Err(Problem::new(415, "unsupported-media-type", "Unsupported media type", "send the writes as application/json"));
     }
-    if let Some(len) = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
-        && len > limits.max_body_bytes {
-            return Err(Problem::too_large(len, limits.max_body_bytes));
-        }
     let idem = match req.headers().get("idempotency-key") {
         None => None,
         Some(v) => {
@@ -46,7 +42,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
             Some(k.to_owned())
         }
     };
-    let body = req.into_body().bytes().await.map_err(|e| Problem::malformed(&format!("the body could not be read: {e:?}")))?;
+    let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
     let batch = parse_request(&body, &limits)?;
     enqueue(&settings, &batch.writes, idem.as_deref(), &body, !batch.batch).await
 }

@@ -6,7 +6,7 @@ use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::{Redis, authorize, bin, json, problem, text};
-use spin_sdk::http::{Request, body::IncomingBodyExt as _};
+use spin_sdk::http::Request;
 
 use crate::drain::{Stats, drain_shard};
 
@@ -95,7 +95,7 @@ async fn dead_letters(s: &Settings) -> Result<http::Response<String>, Problem> {
 
 /// `POST /v1/dead/replay`: `{"ids": [...]}` (or an empty body: all) back onto the queue.
 async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Problem> {
-    let body = req.into_body().bytes().await.map_err(|e| Problem::malformed(&format!("{e:?}")))?;
+    let body = spillway_spin::read_body(req, s.limits.max_body_bytes).await?;
     let ids: Vec<String> = if body.iter().all(u8::is_ascii_whitespace) {
         Vec::new()
     } else {

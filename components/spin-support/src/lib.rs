@@ -185,6 +185,25 @@ pub fn with_request_id(mut res: http::Response<String>, id: &str) -> http::Respo
     res
 }
 
+/// Reads a request body, refusing (413) as soon as it passes `limit` bytes, whether
+/// or not the client sent `Content-Length`: an oversized body is never buffered.
+pub async fn read_body(req: spin_sdk::http::Request, limit: usize) -> Result<Vec<u8>, Problem> {
+    use http_body_util::BodyExt as _;
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared.filter(|len| *len > limit) {
+        return Err(Problem::too_large(Some(len), limit));
+    }
+    match http_body_util::Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes().to_vec()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Problem::too_large(None, limit)),
+        Err(e) => Err(Problem::malformed(&format!("the body could not be read: {e}"))),
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
