@@ -38,6 +38,25 @@ pub fn encode_key(key: &str) -> String {
     out
 }
 
+/// Reverses [`encode_key`] (and any percent-encoding of a URL path segment): `None`
+/// for a malformed escape or bytes that are not UTF-8.
+pub fn decode_key(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 impl Layout {
     /// The shard of a record key: a stable hash (first 8 bytes of its MD5) modulo
     /// the shard count.
@@ -161,6 +180,9 @@ mod tests {
             assert!(!tail.contains([' ', '*', '{', '}', ':']) && tail.is_ascii(), "{c}");
         }
         assert_ne!(encode_key("a b"), encode_key("a%20b"));
+        assert_eq!(decode_key(&encode_key("x:y é%")).as_deref(), Some("x:y é%"));
+        assert_eq!(decode_key("%zz"), None);
+        assert_eq!(decode_key("%ff"), None);
     }
 
     /// Write ids round-trip and junk is refused.

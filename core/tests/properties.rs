@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use spillway_core::apply::apply;
-use spillway_core::layout::{Layout, encode_key};
+use spillway_core::layout::{Layout, decode_key, encode_key};
 use spillway_core::write::{Limits, Op, Write, depth, parse_request};
 
 const LIMITS: Limits = Limits { max_body_bytes: 4096, max_batch: 4, max_key_len: 12, max_value_bytes: 64, max_json_depth: 3 };
@@ -119,6 +119,7 @@ proptest! {
         let ea = encode_key(&a);
         prop_assert!(ea.bytes().all(|c| c.is_ascii_alphanumeric() || b"-._~%".contains(&c)));
         prop_assert_eq!(ea == encode_key(&b), a == b);
+        prop_assert_eq!(decode_key(&ea), Some(a.clone()));
         let l = Layout { prefix: "spillway:".into(), shards: 7 };
         prop_assert!(l.shard_of(&a) < 7);
     }

@@ -1,7 +1,7 @@
 //! Handlers for records and write status.
 
 use serde_json::{Value as Json, json};
-use spillway_core::layout::WriteId;
+use spillway_core::layout::{WriteId, decode_key};
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
@@ -55,23 +55,6 @@ enum Route {
     Cache,
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 fn db_err(e: spin_sdk::sqlite::Error) -> Problem {
     Problem::unavailable(&format!("database: {e:?}"))
 }
@@ -110,7 +93,7 @@ async fn cached(store: &Store, cache_key: &str) -> Result<Option<Json>, Problem>
 }
 
 async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Result<http::Response<String>, Problem> {
-    let key = percent_decode(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
+    let key = decode_key(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
     if key.is_empty() || key.chars().count() > s.limits.max_key_len {
         return Err(Problem::not_found("no such record"));
     }
@@ -170,23 +153,34 @@ async fn fill(s: &Settings, store: &Store, cache_key: &str, key: &str) -> Result
     from_db(key).await
 }
 
+/// The outcome recorded with the data, if the write has been applied or rejected.
+async fn recorded_status(sid: &str) -> Result<Option<Json>, Problem> {
+    let Some(row) = query(sql::WRITE_STATUS, vec![Value::Text(sid.to_owned())]).await? else {
+        return Ok(None);
+    };
+    let status = match row.first() {
+        Some(Value::Text(t)) => t.clone(),
+        _ => String::new(),
+    };
+    let mut body = json!({"id": sid, "status": status});
+    if let Some(Value::Integer(v)) = row.get(1) {
+        body["version"] = json!(v);
+    }
+    if let Some(Value::Text(r)) = row.get(2) {
+        body["reason"] = json!(r);
+    }
+    if let Some(Value::Text(k)) = row.get(3) {
+        body["key"] = json!(k);
+    }
+    Ok(Some(body))
+}
+
 async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>, Problem> {
     let Some(id) = WriteId::parse(raw).filter(|id| id.shard < s.layout.shards) else {
         return Err(Problem::not_found(&format!("no write {raw:?}")));
     };
     let sid = id.to_string();
-    if let Some(row) = query(sql::WRITE_STATUS, vec![Value::Text(sid.clone())]).await? {
-        let status = match row.first() { Some(Value::Text(t)) => t.clone(), _ => String::new() };
-        let mut body = json!({"id": sid, "status": status});
-        if let Some(Value::Integer(v)) = row.get(1) {
-            body["version"] = json!(v);
-        }
-        if let Some(Value::Text(r)) = row.get(2) {
-            body["reason"] = json!(r);
-        }
-        if let Some(Value::Text(k)) = row.get(3) {
-            body["key"] = json!(k);
-        }
+    if let Some(body) = recorded_status(&sid).await? {
         return Ok(json(200, &body, &[]));
     }
     let l = &s.layout;
@@ -202,17 +196,17 @@ async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>,
     if !pending.is_empty() {
         return Ok(json(200, &json!({"id": sid, "status": "pending"}), &[]));
     }
-    // Applied between our database and Redis reads?
-    if query(sql::WRITE_STATUS, vec![Value::Text(sid.clone())]).await?.is_some() {
-        return Box::pin(write_status(s, raw)).await;
+    // Applied (and acknowledged) between the database read and the Redis reads.
+    match recorded_status(&sid).await? {
+        Some(body) => Ok(json(200, &body, &[])),
+        None => Err(Problem::not_found(&format!("no write {sid}"))),
     }
-    Err(Problem::not_found(&format!("no write {sid}")))
 }
 
 /// `PUT /v1/cache/{key}` refreshes the entry from the database; `DELETE` drops it.
 /// Both under the key's fill lock, like every cache write.
 async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Result<http::Response<String>, Problem> {
-    let key = percent_decode(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
+    let key = decode_key(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
     if key.is_empty() || key.chars().count() > s.limits.max_key_len {
         return Err(Problem::invalid(&format!("the key must be 1 to {} characters", s.limits.max_key_len), "/path/key"));
     }

@@ -75,7 +75,7 @@ async fn enqueue(
     }
     let mut args = vec![
         if idem.is_some() { "1" } else { "0" }.to_owned(),
-        spillway_core::layout::md5_hex(body),
+        idem.map(|_| spillway_core::layout::md5_hex(body)).unwrap_or_default(),
         s.idempotency_ttl_secs.to_string(),
         s.queue_depth_limit.to_string(),
         layout.doorbell_channel(),
