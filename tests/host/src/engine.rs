@@ -44,8 +44,11 @@ pub fn load_component(path: &Path) -> anyhow::Result<Component> {
     let meta = std::fs::metadata(path)
         .with_context(|| format!("component file {} cannot be read", path.display()))?;
     let key = (path.to_path_buf(), meta.modified().ok());
-    let compiled = COMPILED.get_or_init(Default::default);
-    if let Some(c) = compiled.lock().expect("poisoned").get(&key) {
+    // Held while compiling: concurrent loads of the same file (parallel tests) wait
+    // for the one compilation instead of each running Cranelift, which already uses
+    // every core.
+    let mut compiled = COMPILED.get_or_init(Default::default).lock().expect("poisoned");
+    if let Some(c) = compiled.get(&key) {
         return Ok(c.clone());
     }
     let bytes = std::fs::read(path)
@@ -53,6 +56,6 @@ pub fn load_component(path: &Path) -> anyhow::Result<Component> {
     let component = Component::new(engine(), &bytes)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("{} is not a valid Wasm component", path.display()))?;
-    compiled.lock().expect("poisoned").insert(key, component.clone());
+    compiled.insert(key, component.clone());
     Ok(component)
 }
