@@ -1,6 +1,8 @@
 //! `spin:sqlite/sqlite@3.1.0` over rusqlite (bundled SQLite), as Spin's in-process
 //! databases: a new connection per `open` to the label's file, values mapped by
-//! storage class, every SQLite error as `io(<message>)`.
+//! storage class, every SQLite error as `io(<message>)`. Where Spin reports an error
+//! is kept too: the synchronous `execute` at the call, the asynchronous one (what
+//! spin-sdk 7 uses) in the result future beside the row stream.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -82,18 +84,20 @@ fn from_sql(v: rusqlite::types::ValueRef<'_>) -> Value {
     }
 }
 
-/// Runs one statement: columns, the rows produced before any error, and that error.
-fn run(
-    conn: &rusqlite::Connection,
-    sql: &str,
-    params: Vec<Value>,
-) -> Result<(Vec<String>, Vec<RowResult>, Result<(), Error>), Error> {
-    let mut stmt = conn.prepare_cached(sql).map_err(io)?;
+/// Runs one statement: its columns, the rows produced before any error, and that
+/// error. As in Spin, a statement that fails to prepare or bind (a syntax error, `no
+/// such table`) has no columns and reports its error with the rows, not at the call.
+fn run(conn: &rusqlite::Connection, sql: &str, params: Vec<Value>) -> (Vec<String>, Vec<RowResult>, Result<(), Error>) {
+    let mut stmt = match conn.prepare_cached(sql) {
+        Ok(s) => s,
+        Err(e) => return (Vec::new(), Vec::new(), Err(io(e))),
+    };
     let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
     let params: Vec<rusqlite::types::Value> = params.into_iter().map(to_sql).collect();
-    let mut rows = stmt
-        .query(rusqlite::params_from_iter(params.iter()))
-        .map_err(io)?;
+    let mut rows = match stmt.query(rusqlite::params_from_iter(params.iter())) {
+        Ok(r) => r,
+        Err(e) => return (columns, Vec::new(), Err(io(e))),
+    };
     let mut out = Vec::new();
     loop {
         match rows.next() {
@@ -103,11 +107,11 @@ fn run(
                     .collect::<Result<Vec<_>, _>>();
                 match values {
                     Ok(values) => out.push(RowResult { values }),
-                    Err(e) => return Ok((columns, out, Err(io(e)))),
+                    Err(e) => return (columns, out, Err(io(e))),
                 }
             }
-            Ok(None) => return Ok((columns, out, Ok(()))),
-            Err(e) => return Ok((columns, out, Err(io(e)))),
+            Ok(None) => return (columns, out, Ok(())),
+            Err(e) => return (columns, out, Err(io(e))),
         }
     }
 }
@@ -139,9 +143,10 @@ impl HostConnection for SpinView<'_> {
     ) -> wasmtime::Result<Result<QueryResult, Error>> {
         let conn = conn_of(self, &c)?;
         let guard = conn.lock().map_err(|_| wasmtime::format_err!("connection lock poisoned"))?;
+        // The synchronous call reports every error at the call.
         Ok(match run(&guard, &statement, parameters) {
-            Ok((columns, rows, Ok(()))) => Ok(QueryResult { columns, rows }),
-            Ok((_, _, Err(e))) | Err(e) => Err(e),
+            (columns, rows, Ok(())) => Ok(QueryResult { columns, rows }),
+            (_, _, Err(e)) => Err(e),
         })
     }
 
@@ -187,11 +192,9 @@ impl<T> HostConnectionWithStore<T> for Spin {
         statement: String,
         parameters: Vec<Value>,
     ) -> wasmtime::Result<Result<(Vec<String>, StreamReader<RowResult>, FutureReader<Result<(), Error>>), Error>> {
-        let outcome = on_conn(accessor, &c, move |conn| run(conn, &statement, parameters)).await?;
-        let (columns, rows, result) = match outcome {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
-        };
+        // Statement errors travel with the rows (Spin's `execute` answers as soon as
+        // the statement is handed to SQLite); only a dead connection fails the call.
+        let (columns, rows, result) = on_conn(accessor, &c, move |conn| run(conn, &statement, parameters)).await?;
         accessor.with(|mut access| {
             let rows = StreamReader::new(&mut access, rows)?;
             let result = FutureReader::new(&mut access, async move { wasmtime::error::Ok(result) })?;

@@ -27,12 +27,21 @@ async fn statements_and_value_mapping() {
     assert_eq!(n, 7);
 }
 
-/// SQL errors come back as `io(<SQLite's message>)`.
+/// SQL errors come back as `io(<SQLite's message>)`, and, as in Spin, from the row
+/// stream's result rather than from `execute` itself: a statement on a table that
+/// does not exist yet "succeeds" at the call (regression: the cache answered 503 on
+/// a fresh app under Spin because it only expected the error at the call).
 #[tokio::test(flavor = "multi_thread")]
-async fn sql_errors_are_io() {
+async fn sql_errors_are_io_and_arrive_with_the_rows() {
     let t = TestApp::write(&probe_manifest(r#"sqlite_databases = ["default"]"#, ""), &[]);
-    let out = probe(&t.load(), "/", json!({"op": "sqlite", "db": "default", "statements": [{"sql": "SELECT * FROM nope"}]})).await;
-    assert_eq!(out, json!({"err": "io", "detail": "no such table: nope"}));
+    let app = t.load();
+    for sql in ["SELECT * FROM nope", "SELEKT 1", "INSERT INTO t VALUES (1)"] {
+        let out = probe(&app, "/", json!({"op": "sqlite", "db": "default", "statements": [{"sql": sql}]})).await;
+        assert_eq!(out["err"], "io", "{sql}: {out}");
+        assert_eq!(out["detail"]["at"], "rows", "{sql}: {out}");
+    }
+    let out = probe(&app, "/", json!({"op": "sqlite", "db": "default", "statements": [{"sql": "SELECT * FROM nope"}]})).await;
+    assert_eq!(out, json!({"err": "io", "detail": {"detail": "no such table: nope", "at": "rows"}}));
 }
 
 /// A database the component does not list is `access-denied`.
