@@ -1,6 +1,7 @@
-//! `spin:key-value/key-value@3.0.0` over Spin's two backends: its SQLite file (same
-//! table and queries as Spin, so a `.spin/sqlite_key_value.db` is interchangeable)
-//! and Redis (keys stored as given).
+//! `spin:key-value/key-value@3.0.0` and `wasi:keyvalue` (`store`, `batch`) over
+//! Spin's two backends: its SQLite file (same table and queries as Spin, so a
+//! `.spin/sqlite_key_value.db` is interchangeable; a single `set` commits on its own,
+//! `set-many` is one transaction) and Redis (keys stored as given).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -199,6 +200,76 @@ impl KvBackend {
         }
     }
 
+    /// `get-many`: the pairs found, absent keys left out, in no particular order (as
+    /// Spin's SQLite store answers). On Redis, Spin sends the keys to `KEYS` rather
+    /// than `MGET`, which fails for more than one key; this host does the same, so a
+    /// component meets that here rather than in production.
+    async fn get_many(self: Arc<Self>, store: String, keys: Vec<String>) -> Result<Vec<(String, Option<Vec<u8>>)>, Error> {
+        match &*self {
+            Self::Sqlite { .. } => blocking(self.clone(), move |b| {
+                let Self::Sqlite { path, conn } = b else { unreachable!() };
+                Self::with_sqlite(path, conn, |c| {
+                    let marks = (2..keys.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+                    let mut s = c.prepare(&format!("SELECT key, value FROM spin_key_value WHERE store=$1 AND key IN ({marks})"))?;
+                    let params = std::iter::once(&store).chain(keys.iter());
+                    s.query_map(rusqlite::params_from_iter(params), |r| Ok((r.get::<_, String>(0)?, Some(r.get::<_, Vec<u8>>(1)?))))?
+                        .collect()
+                })
+            })
+            .await,
+            Self::Redis { .. } => {
+                let mut conn = self.redis().await?;
+                let r: Result<Vec<(String, Option<Vec<u8>>)>, _> = redis::cmd("KEYS").arg(keys).query_async(&mut conn).await;
+                self.redis_result(r).await
+            }
+        }
+    }
+
+    /// `set-many`: one transaction on SQLite (Spin's store), `MSET` on Redis.
+    async fn set_many(self: Arc<Self>, store: String, pairs: Vec<(String, Vec<u8>)>) -> Result<(), Error> {
+        match &*self {
+            Self::Sqlite { .. } => blocking(self.clone(), move |b| {
+                let Self::Sqlite { path, conn } = b else { unreachable!() };
+                Self::with_sqlite(path, conn, |c| {
+                    let tx = c.unchecked_transaction()?;
+                    for (key, value) in &pairs {
+                        tx.prepare_cached(
+                            "INSERT INTO spin_key_value (store, key, value) VALUES ($1, $2, $3)
+                             ON CONFLICT(store, key) DO UPDATE SET value=$3",
+                        )?
+                        .execute(rusqlite::params![store, key, value])?;
+                    }
+                    tx.commit()
+                })
+            })
+            .await,
+            Self::Redis { .. } => {
+                let r: Result<(), _> = self.redis().await?.mset(&pairs).await;
+                self.redis_result(r).await
+            }
+        }
+    }
+
+    /// `delete-many`: one statement on SQLite, one `DEL` on Redis.
+    async fn delete_many(self: Arc<Self>, store: String, keys: Vec<String>) -> Result<(), Error> {
+        match &*self {
+            Self::Sqlite { .. } => blocking(self.clone(), move |b| {
+                let Self::Sqlite { path, conn } = b else { unreachable!() };
+                Self::with_sqlite(path, conn, |c| {
+                    let marks = (2..keys.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+                    let params = std::iter::once(&store).chain(keys.iter());
+                    c.execute(&format!("DELETE FROM spin_key_value WHERE store=$1 AND key IN ({marks})"), rusqlite::params_from_iter(params))
+                        .map(drop)
+                })
+            })
+            .await,
+            Self::Redis { .. } => {
+                let r: Result<(), _> = self.redis().await?.del(keys).await;
+                self.redis_result(r).await
+            }
+        }
+    }
+
     async fn redis_result<R>(&self, r: Result<R, redis::RedisError>) -> Result<R, Error> {
         match r {
             Ok(v) => Ok(v),
@@ -285,3 +356,100 @@ impl HostStore for SpinView<'_> {
 }
 
 impl Host for SpinView<'_> {}
+
+mod wasi {
+    //! `wasi:keyvalue/store` and `batch` over the same stores, with Spin's error
+    //! mapping (`store-table-full` becomes `other`).
+
+    use wasmtime::component::Resource;
+
+    use super::super::wasi_keyvalue::wasi::keyvalue::{batch, store};
+    use super::{Error as SpinError, Store};
+    use crate::host::SpinView;
+
+    fn to_wasi(e: SpinError) -> store::Error {
+        match e {
+            SpinError::AccessDenied => store::Error::AccessDenied,
+            SpinError::NoSuchStore => store::Error::NoSuchStore,
+            SpinError::StoreTableFull => store::Error::Other("store table full".into()),
+            SpinError::Other(m) => store::Error::Other(m),
+        }
+    }
+
+    type Answer<T> = wasmtime::Result<Result<T, store::Error>>;
+
+    fn bucket(view: &SpinView<'_>, b: &Resource<Store>) -> wasmtime::Result<(String, std::sync::Arc<super::KvBackend>)> {
+        let s = view.table.get(b)?;
+        Ok((s.label.clone(), s.backend.clone()))
+    }
+
+    impl store::Host for SpinView<'_> {
+        async fn open(&mut self, identifier: String) -> Answer<Resource<Store>> {
+            let Some(backend) = self.caps.key_value.get(&identifier).cloned() else {
+                return Ok(Err(store::Error::AccessDenied));
+            };
+            Ok(Ok(self.table.push(Store { label: identifier, backend })?))
+        }
+    }
+
+    impl store::HostBucket for SpinView<'_> {
+        async fn get(&mut self, b: Resource<Store>, key: String) -> Answer<Option<Vec<u8>>> {
+            let (label, backend) = bucket(self, &b)?;
+            Ok(backend.get(label, key).await.map_err(to_wasi))
+        }
+
+        async fn set(&mut self, b: Resource<Store>, key: String, value: Vec<u8>) -> Answer<()> {
+            let (label, backend) = bucket(self, &b)?;
+            Ok(backend.set(label, key, value).await.map_err(to_wasi))
+        }
+
+        async fn delete(&mut self, b: Resource<Store>, key: String) -> Answer<()> {
+            let (label, backend) = bucket(self, &b)?;
+            Ok(backend.delete(label, key).await.map_err(to_wasi))
+        }
+
+        async fn exists(&mut self, b: Resource<Store>, key: String) -> Answer<bool> {
+            let (label, backend) = bucket(self, &b)?;
+            Ok(backend.exists(label, key).await.map_err(to_wasi))
+        }
+
+        async fn list_keys(&mut self, b: Resource<Store>, cursor: Option<String>) -> Answer<store::KeyResponse> {
+            if cursor.is_some() {
+                return Ok(Err(store::Error::Other("list_keys: cursor not supported".into())));
+            }
+            let (label, backend) = bucket(self, &b)?;
+            Ok(backend.keys(label).await.map(|keys| store::KeyResponse { keys, cursor: None }).map_err(to_wasi))
+        }
+
+        async fn drop(&mut self, b: Resource<Store>) -> wasmtime::Result<()> {
+            self.table.delete(b)?;
+            Ok(())
+        }
+    }
+
+    impl batch::Host for SpinView<'_> {
+        async fn get_many(&mut self, b: Resource<Store>, keys: Vec<String>) -> Answer<Vec<(String, Option<Vec<u8>>)>> {
+            let (label, backend) = bucket(self, &b)?;
+            if keys.is_empty() {
+                return Ok(Ok(Vec::new()));
+            }
+            Ok(backend.get_many(label, keys).await.map_err(to_wasi))
+        }
+
+        async fn set_many(&mut self, b: Resource<Store>, pairs: Vec<(String, Vec<u8>)>) -> Answer<()> {
+            let (label, backend) = bucket(self, &b)?;
+            if pairs.is_empty() {
+                return Ok(Ok(()));
+            }
+            Ok(backend.set_many(label, pairs).await.map_err(to_wasi))
+        }
+
+        async fn delete_many(&mut self, b: Resource<Store>, keys: Vec<String>) -> Answer<()> {
+            let (label, backend) = bucket(self, &b)?;
+            if keys.is_empty() {
+                return Ok(Ok(()));
+            }
+            Ok(backend.delete_many(label, keys).await.map_err(to_wasi))
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The Spin host interfaces the components import, each against a real backend.
 //!
-//! Bindings come from the upstream WIT packages vendored under `wit/deps/`. Every
+//! Bindings come from the upstream WIT packages vendored under `wit/deps/`
+//! (`wasi:keyvalue` store and batch beside the `spin:*` packages). Every
 //! interface is implemented on [`Spin`] (the [`HasData`] marker) and reaches the
 //! per-store [`SpinView`]: the resource table shared with WASI, and the calling
 //! component's [`ComponentCaps`] (what it may open).
@@ -46,6 +47,28 @@ wasmtime::component::bindgen!({
     },
 });
 
+/// `wasi:keyvalue@0.2.0-draft2` `store` and `batch`, as Spin provides them over the
+/// same stores (and the same resource table) as `spin:key-value`. `atomics` and
+/// `watch` are not provided: Fermyon Wasm Functions has neither, so Spillway does
+/// not use them, and a component importing them fails to load with the import named.
+pub(crate) mod wasi_keyvalue {
+    wasmtime::component::bindgen!({
+        path: ["../../wit/deps/wasi-keyvalue-2024-10-17"],
+        inline: "
+            package spillway:testhost-keyvalue;
+            world keyvalue {
+                import wasi:keyvalue/store@0.2.0-draft2;
+                import wasi:keyvalue/batch@0.2.0-draft2;
+            }
+        ",
+        world: "keyvalue",
+        imports: { default: async | trappable },
+        with: {
+            "wasi:keyvalue/store.bucket": super::key_value::Store,
+        },
+    });
+}
+
 /// Bindings of the world a Redis-triggered component exports.
 pub(crate) mod trigger {
     wasmtime::component::bindgen!({
@@ -85,5 +108,6 @@ fn view(data: &mut StoreData) -> SpinView<'_> {
 
 /// Adds every Spin interface to `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<StoreData>) -> wasmtime::Result<()> {
-    SpinHost::add_to_linker::<StoreData, Spin>(linker, view)
+    SpinHost::add_to_linker::<StoreData, Spin>(linker, view)?;
+    wasi_keyvalue::Keyvalue::add_to_linker::<StoreData, Spin>(linker, view)
 }
