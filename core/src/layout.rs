@@ -121,6 +121,16 @@ impl Layout {
         format!("{}doorbell", self.prefix)
     }
 
+    /// The shard whose lease or doorbell flag `key` is, if it is one of ours: the
+    /// payload of an expired-key event that means a processor may have died
+    /// holding (or before taking) that shard.
+    pub fn shard_of_expired(&self, key: &str) -> Option<u32> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("{s")?;
+        let (n, name) = rest.split_once("}:")?;
+        let shard: u32 = n.parse().ok().filter(|s| *s < self.shards)?;
+        matches!(name, "lease" | "bell").then_some(shard)
+    }
+
     /// Key-value (cache) key of a record.
     pub fn cache_key(&self, key: &str) -> String {
         format!("{}rec:{}", self.prefix, encode_key(key))
@@ -168,6 +178,17 @@ mod tests {
         assert!(used.iter().all(|s| *s < 16));
         assert_eq!(used.len(), 16);
         assert_eq!(l.stream(7), "spillway:{s7}:stream");
+    }
+
+    /// Expired leases and doorbell flags name their shard; nothing else does.
+    #[test]
+    fn expired_keys_name_their_shard() {
+        let l = Layout { prefix: "spillway:".into(), shards: 16 };
+        assert_eq!(l.shard_of_expired(&l.lease(7)), Some(7));
+        assert_eq!(l.shard_of_expired(&l.bell(15)), Some(15));
+        for other in [l.stream(3), l.fill_lock("k"), l.idempotency("x"), "spillway:{s16}:lease".into(), "other:{s1}:lease".into(), "spillway:{s1x}:bell".into()] {
+            assert_eq!(l.shard_of_expired(&other), None, "{other}");
+        }
     }
 
     /// Encoded keys cannot contain layout characters and never collide.

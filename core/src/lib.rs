@@ -6,6 +6,7 @@
 //!   validation against configured [`write::Limits`].
 //! - [`apply`]: applying writes to records: RFC 7396 merge patch, bounded increments,
 //!   preconditions, ETags; [`apply::plan_batch`] for a whole ordered batch.
+//! - [`hazards`]: the Redis settings Spillway depends on, and what to do about each.
 //! - [`layout`]: the Redis key layout (prefix, shard hash tags) and write ids.
 //! - [`scripts`]: the Lua scripts (enqueue, lease, read batch, ack) and their replies.
 //! - [`sql`]: the database schema and statements, fencing included.
@@ -13,6 +14,7 @@
 //! - [`settings`]: configuration read from Spin variables, with defaults.
 
 pub mod apply;
+pub mod hazards;
 pub mod layout;
 pub mod problem;
 pub mod scripts;

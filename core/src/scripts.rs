@@ -4,15 +4,19 @@
 
 /// Enqueue a request's writes in one round trip.
 ///
-/// KEYS: `[idempotency, stream_1, bell_1, .., stream_n, bell_n]`.
+/// KEYS: `[idempotency, stream_1, bell_1, lease_1, .., stream_n, bell_n, lease_n]`.
 /// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, channel, bell_ttl_ms, n,
 /// shard_1..shard_n, writes, (slot, payload)*]` where `slot` is 1-based in the
 /// shard list.
 ///
 /// Reply: `ok, id*` | `replay, id*` (same idempotency key and body) | `conflict`
 /// (same key, other body) | `full, shard` (over the depth limit; nothing added).
-/// Each shard whose doorbell flag was not set gets it (with a TTL) and one PUBLISH:
-/// a burst rings once per shard, not once per write.
+///
+/// Doorbell: a shard whose flag is not set gets it (valued with the time it was
+/// rung, with a TTL) and one PUBLISH, so a burst rings once per shard, not once per
+/// write. A flag that has been set for more than half its TTL while no processor
+/// holds the shard's lease is a ring that was lost (the processor crashed before
+/// taking the lease, or the app restarted): it is rung again.
 pub const ENQUEUE: &str = r#"
 local use_idem = ARGV[1] == '1'
 if use_idem then
@@ -35,18 +39,28 @@ for i = 1, writes do
   counts[slot] = (counts[slot] or 0) + 1
 end
 for s = 1, n do
-  if redis.call('XLEN', KEYS[2 * s]) + (counts[s] or 0) > limit then return {'full', ARGV[7 + s]} end
+  if redis.call('XLEN', KEYS[3 * s - 1]) + (counts[s] or 0) > limit then return {'full', ARGV[7 + s]} end
 end
 local out = {'ok'}
 for i = 1, writes do
   local slot = tonumber(ARGV[base + 2 * i - 1])
-  local id = redis.call('XADD', KEYS[2 * slot], '*', 'w', ARGV[base + 2 * i])
+  local id = redis.call('XADD', KEYS[3 * slot - 1], '*', 'w', ARGV[base + 2 * i])
   out[#out + 1] = ARGV[7 + slot] .. '-' .. id
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[6])
 for s = 1, n do
-  if redis.call('SET', KEYS[2 * s + 1], '1', 'NX', 'PX', ARGV[6]) then
-    redis.call('PUBLISH', ARGV[5], ARGV[7 + s])
+  local bell = KEYS[3 * s]
+  local ring = redis.call('SET', bell, now, 'NX', 'PX', ttl)
+  if not ring then
+    local at = tonumber(redis.call('GET', bell)) or 0
+    if now - at > ttl / 2 and redis.call('EXISTS', KEYS[3 * s + 1]) == 0 then
+      redis.call('SET', bell, now, 'PX', ttl)
+      ring = true
+    end
   end
+  if ring then redis.call('PUBLISH', ARGV[5], ARGV[7 + s]) end
 end
 if use_idem then
   redis.call('SET', KEYS[1], ARGV[2] .. '|' .. table.concat(out, ',', 2), 'EX', ARGV[3])
@@ -63,15 +77,6 @@ end
 return 0
 "#;
 
-/// Renew a lease we hold (compare-and-pexpire). KEYS: `[lease]`, ARGV: `[token, ttl_ms]`.
-/// Reply: 1 renewed, 0 lost.
-pub const LEASE_RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"#;
-
 /// Release a lease we hold (compare-and-delete). KEYS: `[lease]`, ARGV: `[token]`.
 pub const LEASE_RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -80,15 +85,20 @@ end
 return 0
 "#;
 
-/// Read the next batch of a shard, as the lease holder: first our pending (unacked)
-/// entries, else new ones. Each delivery counts an attempt; an entry past the
-/// attempt limit moves to the dead-letter stream with its last error.
+/// Read the next batch of a shard, as the lease holder, renewing the lease: first
+/// our pending (unacked) entries, else new ones. Each delivery counts an attempt; an
+/// entry past the attempt limit moves to the dead-letter stream with its last error.
 ///
 /// KEYS: `[lease, stream, attempts, dead, dead_index]`.
-/// ARGV: `[token, group, consumer, count, max_attempts, shard]`.
-/// Reply: `lost` | `ok, (entry_id, payload)*`.
+/// ARGV: `[token, group, consumer, count, max_attempts, shard, lease_ttl_ms,
+/// retention_ms]`.
+/// Reply: `lost` | `ok, prune_before_ms, (entry_id, payload)*`, where
+/// `prune_before_ms` is the earlier of "now minus the retention" and the stream time
+/// of the oldest entry still in the stream (see `sql::PRUNE_WRITES`), both on Redis's
+/// clock, the clock of the entry ids.
 pub const READ_BATCH: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lost'} end
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
 local function read(from)
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', tonumber(ARGV[4]), 'STREAMS', KEYS[2], from)
@@ -98,7 +108,9 @@ end
 local entries = read('0')
 if #entries == 0 then entries = read('>') end
 local max = tonumber(ARGV[5])
-local out = {'ok'}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {'ok', 0}
 for _, e in ipairs(entries) do
   local id = e[1]
   local fields = e[2]
@@ -120,6 +132,13 @@ for _, e in ipairs(entries) do
     end
   end
 end
+local horizon = now - tonumber(ARGV[8])
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+if first then
+  local oldest = tonumber(string.match(first[1], '^(%d+)'))
+  if oldest < horizon then horizon = oldest end
+end
+out[2] = horizon
 return out
 "#;
 

@@ -21,6 +21,9 @@ pub struct Settings {
     pub queue_depth_limit: u64,
     /// `idempotency_ttl_secs`.
     pub idempotency_ttl_secs: u64,
+    /// `status_retention_secs`: how long a write's outcome stays queryable after the
+    /// write was accepted (outcomes are pruned by the processor after that).
+    pub status_retention_secs: u64,
     /// `admin_token`; admin endpoints are disabled when empty.
     pub admin_token: Option<String>,
     /// Request limits.
@@ -58,8 +61,8 @@ impl Settings {
             return Err(SettingsError { name: "key_prefix", reason: "must be non-empty without braces, spaces or '*'".into() });
         }
         let batch_size = num(&get, "batch_size", 100)?;
-        if batch_size == 0 {
-            return Err(SettingsError { name: "batch_size", reason: "must be at least 1".into() });
+        if batch_size == 0 || batch_size > 10_000 {
+            return Err(SettingsError { name: "batch_size", reason: "must be between 1 and 10000".into() });
         }
         Ok(Self {
             redis_address: get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
@@ -69,6 +72,7 @@ impl Settings {
             max_attempts: num(&get, "max_attempts", 5)?,
             queue_depth_limit: num(&get, "queue_depth_limit", 100_000)?,
             idempotency_ttl_secs: num(&get, "idempotency_ttl_secs", 86_400)?,
+            status_retention_secs: num(&get, "status_retention_secs", 604_800)?,
             admin_token: get("admin_token").filter(|t| !t.is_empty()),
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,

@@ -8,7 +8,7 @@ use spillway_core::settings::Settings;
 use spillway_core::sql;
 use spillway_spin::{Redis, authorize, bin, int, json, problem, respond, text, token};
 use spin_sdk::key_value::Store;
-use spin_sdk::sqlite::{Connection, Value};
+use spillway_spin::db::{Db, SqlValue as Value};
 
 /// The OpenAPI 3.1 document of the whole API (kept in `api/openapi.json`).
 const OPENAPI: &str = include_str!("../../../api/openapi.json");
@@ -55,23 +55,13 @@ enum Route {
     Cache,
 }
 
-fn db_err(e: spin_sdk::sqlite::Error) -> Problem {
-    Problem::unavailable(&format!("database: {e:?}"))
-}
-
 fn kv_err(e: spin_sdk::key_value::Error) -> Problem {
     Problem::unavailable(&format!("key-value store: {e:?}"))
 }
 
+/// The first row of `stmt`; none when nothing has been applied yet (no tables).
 async fn query(stmt: &str, params: Vec<Value>) -> Result<Option<Vec<Value>>, Problem> {
-    let conn = Connection::open_default().await.map_err(db_err)?;
-    let r = match conn.execute(stmt, params).await {
-        Ok(r) => r,
-        // Nothing applied yet: the processor creates the tables.
-        Err(spin_sdk::sqlite::Error::Io(m)) if m.contains("no such table") => return Ok(None),
-        Err(e) => return Err(db_err(e)),
-    };
-    Ok(r.collect().await.map_err(db_err)?.into_iter().next().map(|r| r.values))
+    Db::open().await?.first_row(stmt, params).await
 }
 
 /// The record from the database, as the cache stores it.
@@ -180,11 +170,23 @@ async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>,
         return Err(Problem::not_found(&format!("no write {raw:?}")));
     };
     let sid = id.to_string();
-    if let Some(body) = recorded_status(&sid).await? {
-        return Ok(json(200, &body, &[]));
-    }
     let l = &s.layout;
     let redis = Redis::new(&s.redis_address);
+    let pending = || json(200, &json!({"id": sid, "status": "pending"}), &[]);
+    let in_stream = async || -> Result<bool, Problem> {
+        let r = redis.execute("XRANGE", vec![bin(&l.stream(id.shard)), bin(&id.entry), bin(&id.entry)]).await?;
+        Ok(!r.is_empty())
+    };
+    if let Some(body) = recorded_status(&sid).await? {
+        // Read-your-writes: an applied write is reported once its entry has left
+        // the stream, because the processor acknowledges a batch only after it has
+        // refreshed the cache. Until then (a moment, or until a crashed processor's
+        // batch is redelivered) it is still pending for readers.
+        if body["status"] == "applied" && in_stream().await? {
+            return Ok(pending());
+        }
+        return Ok(json(200, &body, &[]));
+    }
     let dead = redis.execute("HGET", vec![bin(&l.dead_index(id.shard)), bin(&id.entry)]).await?;
     if let Some(err) = dead.first().and_then(text) {
         if let Some(new_id) = err.strip_prefix("replayed:") {
@@ -192,14 +194,15 @@ async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>,
         }
         return Ok(json(200, &json!({"id": sid, "status": "dead", "reason": err}), &[]));
     }
-    let pending = redis.execute("XRANGE", vec![bin(&l.stream(id.shard)), bin(&id.entry), bin(&id.entry)]).await?;
-    if !pending.is_empty() {
-        return Ok(json(200, &json!({"id": sid, "status": "pending"}), &[]));
+    if in_stream().await? {
+        return Ok(pending());
     }
     // Applied (and acknowledged) between the database read and the Redis reads.
     match recorded_status(&sid).await? {
         Some(body) => Ok(json(200, &body, &[])),
-        None => Err(Problem::not_found(&format!("no write {sid}"))),
+        None => Err(Problem::not_found(&format!(
+            "no write {sid} (outcomes are kept for status_retention_secs after a write is accepted)"
+        ))),
     }
 }
 

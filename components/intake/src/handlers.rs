@@ -72,6 +72,7 @@ async fn enqueue(
     for s in &shards {
         keys.push(layout.stream(*s));
         keys.push(layout.bell(*s));
+        keys.push(layout.lease(*s));
     }
     let mut args = vec![
         if idem.is_some() { "1" } else { "0" }.to_owned(),
@@ -88,7 +89,11 @@ async fn enqueue(
         args.push(slot.to_string());
         args.push(serde_json::to_string(w).map_err(|e| Problem::invalid(&e.to_string(), ""))?);
     }
-    let reply = Redis::new(&s.redis_address).eval(scripts::ENQUEUE, &keys, &args).await?;
+    let redis = Redis::new(&s.redis_address);
+    // Once per instance: expiry events back on after a Redis restart, so a crashed
+    // processor's shards are resumed (see spillway_core::hazards).
+    spillway_spin::hazards::check(&redis).await;
+    let reply = redis.eval(scripts::ENQUEUE, &keys, &args).await?;
     let status = reply.first().and_then(text).unwrap_or_default();
     let ids: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
     match status.as_str() {

@@ -1,13 +1,18 @@
-//! Applying one batch in ONE database transaction: fence check, ordered apply,
-//! write ids recorded with the data (the exactly-once effect).
+//! Applying one batch in ONE database transaction of a handful of statements: fence
+//! check, ordered apply, write ids recorded with the data (the exactly-once effect),
+//! and outcomes past their retention pruned.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use spillway_core::apply::{Outcome, Record, plan_batch};
+use spillway_core::apply::{Outcome, Record, canonical, plan_batch};
 use spillway_core::problem::Problem;
 use spillway_core::sql;
 use spillway_core::write::Write;
-use spin_sdk::sqlite::{Connection, Value};
+use spillway_spin::db::{Db, SqlValue as Value, integer, text};
+
+/// Outcomes pruned per batch at most: pruning keeps up with a full write rate
+/// without ever making one transaction long.
+const PRUNE_PER_BATCH: i64 = 1_000;
 
 /// What a committed batch did.
 pub(crate) struct Applied {
@@ -17,76 +22,70 @@ pub(crate) struct Applied {
     pub(crate) rejected: u64,
 }
 
-fn db_err(e: spin_sdk::sqlite::Error) -> Problem {
-    Problem::unavailable(&format!("database: {e:?}"))
+/// One batch read from a shard's stream.
+pub(crate) struct Batch<'a> {
+    pub(crate) shard: u32,
+    /// The lease's fencing token.
+    pub(crate) fence: i64,
+    /// `(stream entry id, payload)` in stream order.
+    pub(crate) entries: &'a [(String, String)],
+    /// Outcomes of this shard from before this stream time can be forgotten.
+    pub(crate) prune_before_ms: i64,
 }
 
-async fn exec(conn: &Connection, stmt: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, Problem> {
-    let r = conn.execute(stmt, params).await.map_err(db_err)?;
-    let rows = r.collect().await.map_err(db_err)?;
-    Ok(rows.into_iter().map(|r| r.values).collect())
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::Text(t) => Some(t.clone()),
-        _ => None,
-    }
-}
-
-fn integer(v: &Value) -> Option<i64> {
-    match v {
-        Value::Integer(i) => Some(*i),
-        _ => None,
-    }
-}
-
-/// Applies `entries` (stream id, payload) of `shard` holding fencing token `fence`.
-pub(crate) async fn apply_batch(shard: u32, fence: i64, entries: &[(String, String)]) -> Result<Applied, Problem> {
-    let conn = Connection::open_default().await.map_err(db_err)?;
-    // Every batch (three cheap statements): a reused instance must not trust an
-    // earlier check, the database may have been replaced since.
-    for stmt in sql::schema_statements() {
-        exec(&conn, stmt, vec![]).await?;
-    }
-    exec(&conn, sql::BEGIN, vec![]).await?;
-    match apply_in_tx(&conn, shard, fence, entries).await {
+/// Applies `batch` in one transaction.
+pub(crate) async fn apply_batch(db: &Db, batch: &Batch<'_>) -> Result<Applied, Problem> {
+    db.query(sql::BEGIN, vec![]).await?;
+    match apply_in_tx(db, batch).await {
         Ok(a) => {
-            exec(&conn, sql::COMMIT, vec![]).await?;
+            db.query(sql::COMMIT, vec![]).await?;
             Ok(a)
         }
         Err(p) => {
-            let _ = exec(&conn, sql::ROLLBACK, vec![]).await;
+            let _ = db.query(sql::ROLLBACK, vec![]).await;
             Err(p)
         }
     }
 }
 
-async fn apply_in_tx(conn: &Connection, shard: u32, fence: i64, entries: &[(String, String)]) -> Result<Applied, Problem> {
-    exec(conn, sql::FENCE_ADVANCE, vec![Value::Integer(i64::from(shard)), Value::Integer(fence)]).await?;
-    let current = exec(conn, sql::FENCE_CHECK, vec![Value::Integer(i64::from(shard))]).await?;
-    let current = current.first().and_then(|r| r.first()).and_then(integer);
-    if current != Some(fence) {
+fn entry_ms(entry: &str) -> i64 {
+    entry.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
+}
+
+async fn apply_in_tx(db: &Db, b: &Batch<'_>) -> Result<Applied, Problem> {
+    let shard = i64::from(b.shard);
+    let fenced = db.query(sql::FENCE, vec![Value::Integer(shard), Value::Integer(b.fence)]).await?;
+    let current = fenced.first().and_then(|r| r.first()).and_then(integer);
+    if current != Some(b.fence) {
         return Err(Problem::new(409, "fenced", "Lease lost", &format!(
-            "fencing token {fence} is stale (shard {shard} is at {current:?}); nothing was committed"
+            "fencing token {} is stale for shard {}: a newer lease holder has written; nothing was committed",
+            b.fence, b.shard
         )));
     }
-    let mut writes = Vec::with_capacity(entries.len());
+    let mut writes = Vec::with_capacity(b.entries.len());
     let mut unreadable = Vec::new();
-    for (entry, payload) in entries {
-        let id = format!("{shard}-{entry}");
+    let mut entry_of = std::collections::HashMap::new();
+    for (entry, payload) in b.entries {
+        let id = format!("{}-{entry}", b.shard);
+        entry_of.insert(id.clone(), entry_ms(entry));
         match serde_json::from_str::<Write>(payload) {
             Ok(w) => writes.push((id, w)),
             Err(e) => unreadable.push((id, e.to_string())),
         }
     }
-    let ids: Vec<Value> = writes.iter().map(|(id, _)| Value::Text(id.clone())).chain(unreadable.iter().map(|(id, _)| Value::Text(id.clone()))).collect();
-    let already: HashSet<String> = exec(conn, &sql::applied_ids(ids.len()), ids).await?.iter().filter_map(|r| r.first().and_then(text)).collect();
-    let keys: Vec<String> = writes.iter().map(|(_, w)| w.key.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let ids: Vec<&String> = writes.iter().map(|(id, _)| id).chain(unreadable.iter().map(|(id, _)| id)).collect();
+    let mut already = HashSet::new();
+    for range in sql::chunks(ids.len(), 1) {
+        let params = ids[range.clone()].iter().map(|id| Value::Text((*id).clone())).collect();
+        for row in db.query(&sql::applied_ids(range.len()), params).await? {
+            already.extend(row.first().and_then(text));
+        }
+    }
+    let keys: Vec<String> = writes.iter().map(|(_, w)| w.key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut existing = BTreeMap::new();
-    if !keys.is_empty() {
-        let rows = exec(conn, &sql::records(keys.len()), keys.iter().map(|k| Value::Text(k.clone())).collect()).await?;
-        for r in rows {
+    for range in sql::chunks(keys.len(), 1) {
+        let params = keys[range.clone()].iter().map(|k| Value::Text(k.clone())).collect();
+        for r in db.query(&sql::records(range.len()), params).await? {
             let (Some(key), Some(value), Some(version), Some(etag), Some(updated_at)) =
                 (r.first().and_then(text), r.get(1).and_then(text), r.get(2).and_then(integer), r.get(3).and_then(text), r.get(4).and_then(integer))
             else {
@@ -98,43 +97,63 @@ async fn apply_in_tx(conn: &Connection, shard: u32, fence: i64, entries: &[(Stri
     }
     let now = spillway_spin::now_ms();
     let plan = plan_batch(existing.clone(), &writes, &already, now);
-    for (key, rec) in &plan.records {
-        match rec {
-            Some(r) => {
-                let value = String::from_utf8(spillway_core::apply::canonical(&r.value)).unwrap_or_default();
-                exec(conn, sql::UPSERT_RECORD, vec![
-                    Value::Text(key.clone()), Value::Text(value), Value::Integer(r.version as i64),
-                    Value::Text(r.etag.clone()), Value::Integer(r.updated_at),
-                ]).await?;
-            }
-            None => {
-                exec(conn, sql::DELETE_RECORD, vec![Value::Text(key.clone())]).await?;
-            }
+
+    let upserts: Vec<(&String, &Record)> = plan.records.iter().filter_map(|(k, r)| r.as_ref().map(|r| (k, r))).collect();
+    for range in sql::chunks(upserts.len(), 5) {
+        let mut params = Vec::with_capacity(range.len() * 5);
+        for (key, r) in &upserts[range.clone()] {
+            params.extend([
+                Value::Text((*key).clone()),
+                Value::Text(String::from_utf8(canonical(&r.value)).unwrap_or_default()),
+                Value::Integer(r.version as i64),
+                Value::Text(r.etag.clone()),
+                Value::Integer(r.updated_at),
+            ]);
         }
+        db.query(&sql::upsert_records(range.len()), params).await?;
     }
+    let deletes: Vec<&String> = plan.records.iter().filter(|(_, r)| r.is_none()).map(|(k, _)| k).collect();
+    for range in sql::chunks(deletes.len(), 1) {
+        let params = deletes[range.clone()].iter().map(|k| Value::Text((*k).clone())).collect();
+        db.query(&sql::delete_records(range.len()), params).await?;
+    }
+
     let (mut applied, mut rejected) = (0, 0);
+    let mut outcomes: Vec<[Value; sql::WRITE_COLUMNS]> = Vec::with_capacity(b.entries.len());
+    let mut row = |id: &String, key: String, status: &str, version: Value, reason: Value| {
+        outcomes.push([
+            Value::Text(id.clone()),
+            Value::Text(key),
+            Value::Text(status.to_owned()),
+            version,
+            reason,
+            Value::Integer(now),
+            Value::Integer(shard),
+            Value::Integer(entry_of.get(id).copied().unwrap_or(0)),
+        ]);
+    };
     for (id, key, outcome) in &plan.outcomes {
-        let (status, version, reason) = match outcome {
+        match outcome {
             Outcome::Applied { version } => {
                 applied += 1;
-                ("applied", Value::Integer(*version as i64), Value::Null)
+                row(id, key.clone(), "applied", Value::Integer(*version as i64), Value::Null);
             }
             Outcome::Rejected { reason } => {
                 rejected += 1;
-                ("rejected", Value::Null, Value::Text(reason.clone()))
+                row(id, key.clone(), "rejected", Value::Null, Value::Text(reason.clone()));
             }
-        };
-        exec(conn, sql::INSERT_WRITE, vec![
-            Value::Text(id.clone()), Value::Text(key.clone()), Value::Text(status.into()), version, reason, Value::Integer(now),
-        ]).await?;
+        }
     }
     for (id, err) in unreadable.iter().filter(|(id, _)| !already.contains(id)) {
         rejected += 1;
-        exec(conn, sql::INSERT_WRITE, vec![
-            Value::Text(id.clone()), Value::Text(String::new()), Value::Text("rejected".into()), Value::Null,
-            Value::Text(format!("unreadable write: {err}")), Value::Integer(now),
-        ]).await?;
+        row(id, String::new(), "rejected", Value::Null, Value::Text(format!("unreadable write: {err}")));
     }
+    for range in sql::chunks(outcomes.len(), sql::WRITE_COLUMNS) {
+        let params = outcomes[range.clone()].iter().flat_map(|r| r.iter().cloned()).collect();
+        db.query(&sql::insert_writes(range.len()), params).await?;
+    }
+    db.query(sql::PRUNE_WRITES, vec![Value::Integer(shard), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)]).await?;
+
     let mut state: BTreeMap<String, Option<Record>> = keys.iter().map(|k| (k.clone(), existing.get(k).cloned())).collect();
     state.extend(plan.records);
     Ok(Applied { state, applied, rejected })

@@ -5,17 +5,34 @@ use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
+use spillway_spin::db::Db;
 use spillway_spin::{Redis, authorize, bin, json, problem, text};
 use spin_sdk::http::Request;
 
 use crate::drain::{Stats, drain_shard};
 
-pub(crate) async fn on_doorbell(message: &[u8]) -> anyhow::Result<()> {
+/// A message on either subscribed channel: the doorbell (a shard number) or Redis's
+/// expired-key events (a key name). An expired lease or doorbell flag means a
+/// processor died holding, or before taking, that shard: resume it. Other expired
+/// keys (idempotency records, other applications' keys) are ignored at once.
+pub(crate) async fn on_message(message: &[u8]) -> anyhow::Result<()> {
     let settings = spillway_spin::settings().await.map_err(|p| anyhow::anyhow!(p.detail))?;
-    let shard: u32 = std::str::from_utf8(message)?.trim().parse()?;
-    anyhow::ensure!(shard < settings.layout.shards, "doorbell for shard {shard}, but there are {}", settings.layout.shards);
+    let text = std::str::from_utf8(message)?.trim();
+    let shard = match text.parse::<u32>() {
+        Ok(shard) => {
+            anyhow::ensure!(shard < settings.layout.shards, "doorbell for shard {shard}, but there are {}", settings.layout.shards);
+            shard
+        }
+        Err(_) => match settings.layout.shard_of_expired(text) {
+            Some(shard) => shard,
+            None => return Ok(()),
+        },
+    };
+    let redis = Redis::new(&settings.redis_address);
+    spillway_spin::hazards::check_and_log(&redis, &settings.layout.prefix).await;
+    let db = Db::open_with_schema().await.map_err(|p| anyhow::anyhow!(p.detail))?;
     let mut stats = Stats::default();
-    drain_shard(&settings, shard, &mut stats).await.map_err(|p| anyhow::anyhow!("shard {shard}: {}", p.detail))
+    drain_shard(&settings, &db, shard, &mut stats).await.map_err(|p| anyhow::anyhow!("shard {shard}: {}", p.detail))
 }
 
 pub(crate) async fn handle(req: Request) -> http::Response<String> {
@@ -58,10 +75,13 @@ async fn drain(settings: &Settings, query: Option<&str>) -> Result<http::Respons
         Some(s) => vec![s],
         None => (0..settings.layout.shards).collect(),
     };
+    let redis = Redis::new(&settings.redis_address);
+    let warnings = spillway_spin::hazards::check_and_log(&redis, &settings.layout.prefix).await;
+    let db = Db::open_with_schema().await?;
     let mut stats = Stats::default();
     let mut errors = Vec::new();
     for shard in shards {
-        if let Err(p) = drain_shard(settings, shard, &mut stats).await {
+        if let Err(p) = drain_shard(settings, &db, shard, &mut stats).await {
             errors.push(json!({"shard": shard, "detail": p.detail}));
         }
     }
@@ -71,6 +91,7 @@ async fn drain(settings: &Settings, query: Option<&str>) -> Result<http::Respons
         "batches": stats.batches,
         "busy_shards": stats.busy,
         "errors": errors,
+        "warnings": warnings,
     }), &[]))
 }
 

@@ -1,8 +1,9 @@
 //! Spillway processor: applies queued writes.
 //!
-//! Triggered by the doorbell (Redis trigger; the message is a shard number) and by
-//! `POST /v1/drain` (admin token; for platforms without the Redis trigger, called by
-//! cron). Either way it takes the shard's lease, reads batches through the consumer
+//! Triggered by the doorbell (Redis trigger; the message is a shard number), by
+//! Redis's expired-key events (an expired shard lease or doorbell flag: a processor
+//! died; the shard is resumed with no further traffic) and by `POST /v1/drain`
+//! (admin token; for platforms without the Redis trigger, called by cron). Either way it takes the shard's lease, reads batches through the consumer
 //! group, applies each in ONE database transaction (fenced, ordered, deduplicated by
 //! write id), refreshes the cache, acknowledges, and releases the lease.
 
@@ -23,7 +24,8 @@ async fn handle(req: Request) -> impl IntoResponse {
     spillway_spin::with_request_id(handlers::handle(req).await, &id)
 }
 
+/// Both Redis-trigger channels: the doorbell and Redis's expired-key events.
 #[redis_subscriber]
-async fn on_doorbell(message: Bytes) -> anyhow::Result<()> {
-    handlers::on_doorbell(&message).await
+async fn on_message(message: Bytes) -> anyhow::Result<()> {
+    handlers::on_message(&message).await
 }

@@ -2,8 +2,20 @@
 //! `spillway-core`): settings read from Spin variables, one Redis connection kept per
 //! instance, Lua script calls with flat replies, and HTTP responses that always carry
 //! `Content-Length`.
+//!
+//! # Layout
+//!
+//! - this file: settings, Redis (connection, scripts by SHA), HTTP helpers.
+//! - [`db`]: the database (Spin SQLite), errors checked where Spin reports them.
+//! - [`kv`]: the key-value store through `wasi:keyvalue` batch calls.
+//! - [`hazards`]: Redis settings Spillway depends on, checked and reported.
+
+pub mod db;
+pub mod hazards;
+pub mod kv;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use spillway_core::problem::Problem;
@@ -15,7 +27,7 @@ use spin_sdk::variables;
 const VARIABLES: &[&str] = &[
     "redis_address", "key_prefix", "shard_count", "batch_size", "lease_ttl_ms", "max_attempts",
     "queue_depth_limit", "idempotency_ttl_secs", "admin_token", "max_body_bytes", "max_batch",
-    "max_key_len", "max_value_bytes", "max_json_depth",
+    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs",
 ];
 
 thread_local! {
@@ -47,6 +59,8 @@ async fn load_settings() -> Result<Settings, Problem> {
 
 thread_local! {
     static REDIS: RefCell<Option<(String, Rc<Connection>)>> = const { RefCell::new(None) };
+    /// SHA1 of each script loaded into Redis, keyed by the script constant's address.
+    static SHAS: RefCell<HashMap<usize, String>> = RefCell::new(HashMap::new());
 }
 
 /// A value of a flat reply as text (status or binary).
@@ -100,14 +114,35 @@ impl Redis {
         }
     }
 
-    /// Runs a Lua script with `keys` and `args`.
-    pub async fn eval(&self, script: &str, keys: &[String], args: &[String]) -> Result<Vec<RedisResult>, Problem> {
-        let mut params = Vec::with_capacity(2 + keys.len() + args.len());
-        params.push(bin(script));
-        params.push(RedisParameter::Int64(keys.len() as i64));
-        params.extend(keys.iter().map(|k| bin(k)));
-        params.extend(args.iter().map(|a| bin(a)));
-        self.execute("EVAL", params).await
+    /// Runs one of the fixed Lua scripts with `keys` and `args`, by its SHA1
+    /// (`EVALSHA`): the script text travels once per instance (`SCRIPT LOAD`), and
+    /// again only if Redis has forgotten it (restart, `SCRIPT FLUSH`).
+    pub async fn eval(&self, script: &'static str, keys: &[String], args: &[String]) -> Result<Vec<RedisResult>, Problem> {
+        let slot = script.as_ptr() as usize;
+        let mut reloaded = false;
+        loop {
+            let sha = match SHAS.with_borrow(|m| m.get(&slot).cloned()) {
+                Some(sha) => sha,
+                None => {
+                    let reply = self.execute("SCRIPT", vec![bin("LOAD"), bin(script)]).await?;
+                    let sha = reply.first().and_then(text).ok_or_else(|| Problem::unavailable("SCRIPT LOAD gave no SHA1"))?;
+                    SHAS.with_borrow_mut(|m| m.insert(slot, sha.clone()));
+                    sha
+                }
+            };
+            let mut params = Vec::with_capacity(2 + keys.len() + args.len());
+            params.push(bin(&sha));
+            params.push(RedisParameter::Int64(keys.len() as i64));
+            params.extend(keys.iter().map(|k| bin(k)));
+            params.extend(args.iter().map(|a| bin(a)));
+            match self.execute("EVALSHA", params).await {
+                Err(p) if !reloaded && p.detail.contains("NOSCRIPT") => {
+                    SHAS.with_borrow_mut(|m| m.remove(&slot));
+                    reloaded = true;
+                }
+                other => return other,
+            }
+        }
     }
 }
 

@@ -8,18 +8,17 @@ use crate::support::Redis;
 
 fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) -> bool {
     let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
-    tx.execute(sql::FENCE_ADVANCE, (shard, token)).unwrap();
-    let current: i64 = tx.query_row(sql::FENCE_CHECK, [shard], |r| r.get(0)).unwrap();
-    if current != token {
+    let advanced: Option<i64> = tx.query_row(sql::FENCE, (shard, token), |r| r.get(0)).ok();
+    if advanced != Some(token) {
         return false; // dropped: rolled back
     }
-    tx.execute(sql::UPSERT_RECORD, ("k", value, token, "e", 0)).unwrap();
+    tx.execute(&sql::upsert_records(1), ("k", value, token, "e", 0)).unwrap();
     tx.commit().unwrap();
     true
 }
 
 /// A lease holder whose lease expired cannot commit: the new holder has a newer
-/// fencing token, the old one can neither renew nor read, and the database refuses
+/// fencing token, the old one can neither renew (reading renews) nor read, and the database refuses
 /// its transaction (the real scripts against a real Redis, the real SQL against SQLite).
 #[test]
 fn expired_lease_holder_cannot_commit() {
@@ -40,14 +39,15 @@ fn expired_lease_holder_cannot_commit() {
     let b = acquire(&mut c, "holder-b", 5000);
     assert_eq!(b, 2, "fencing tokens only grow");
 
-    let renewed: i64 = Script::new(scripts::LEASE_RENEW).key(l.lease(3)).arg("holder-a").arg(5000).invoke(&mut c).unwrap();
-    assert_eq!(renewed, 0, "an expired holder cannot renew");
+    let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
     let read: Vec<String> = Script::new(scripts::READ_BATCH)
         .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_index(3))
-        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3)
+        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3).arg(60_000).arg(1000)
         .invoke(&mut c)
         .unwrap();
     assert_eq!(read, vec!["lost"]);
+    let ttl_after: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
+    assert!(ttl_after <= ttl_before && ttl_after <= 5000, "an expired holder's read does not renew the new holder's lease");
     let released: i64 = Script::new(scripts::LEASE_RELEASE).key(l.lease(3)).arg("holder-a").invoke(&mut c).unwrap();
     assert_eq!(released, 0, "an expired holder cannot release the new holder's lease");
 

@@ -1,0 +1,97 @@
+//! The database (Spin SQLite), the one place that talks to `spin:sqlite`.
+//!
+//! Spin's asynchronous `execute` answers as soon as SQLite has the statement: a
+//! statement error (`no such table`, a constraint) arrives with the rows, not at the
+//! call. [`Db::query`] checks both places, so callers see one `Result`.
+
+use spillway_core::problem::Problem;
+use spillway_core::sql;
+use spin_sdk::sqlite::{Connection, Value};
+
+pub use spin_sdk::sqlite::Value as SqlValue;
+
+/// An open connection to the `default` database.
+pub struct Db(Connection);
+
+/// A database failure: the message SQLite gave, wherever Spin reported it.
+fn db_err(e: spin_sdk::sqlite::Error) -> Problem {
+    Problem::unavailable(&format!("database: {e:?}"))
+}
+
+/// Whether `p` says a table does not exist (nothing was ever applied).
+pub fn is_missing_table(p: &Problem) -> bool {
+    p.detail.contains("no such table")
+}
+
+impl Db {
+    /// Opens the `default` database.
+    pub async fn open() -> Result<Self, Problem> {
+        Connection::open_default().await.map(Self).map_err(db_err)
+    }
+
+    /// Opens the `default` database and creates (or migrates) Spillway's tables,
+    /// idempotently: concurrent processors may all run this at once.
+    pub async fn open_with_schema() -> Result<Self, Problem> {
+        let db = Self::open().await?;
+        for stmt in sql::schema_statements() {
+            db.query(stmt, Vec::new()).await?;
+        }
+        if !db.has_v2_columns().await? {
+            db.query(sql::BEGIN, Vec::new()).await?;
+            let migrated = async {
+                // Re-checked under the write lock: another processor may have won.
+                if !db.has_v2_columns().await? {
+                    for stmt in sql::MIGRATE_V2 {
+                        db.query(stmt, Vec::new()).await?;
+                    }
+                }
+                db.query(sql::COMMIT, Vec::new()).await
+            }
+            .await;
+            if let Err(p) = migrated {
+                let _ = db.query(sql::ROLLBACK, Vec::new()).await;
+                return Err(p);
+            }
+        }
+        db.query(sql::PRUNE_INDEX, Vec::new()).await?;
+        Ok(db)
+    }
+
+    async fn has_v2_columns(&self) -> Result<bool, Problem> {
+        let rows = self.query(sql::HAS_V2_COLUMNS, Vec::new()).await?;
+        Ok(rows.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0) > 0)
+    }
+
+    /// Runs one statement and returns its rows' values.
+    pub async fn query(&self, stmt: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, Problem> {
+        let r = self.0.execute(stmt, params).await.map_err(db_err)?;
+        let rows = r.collect().await.map_err(db_err)?;
+        Ok(rows.into_iter().map(|r| r.values).collect())
+    }
+
+    /// The first row of a query, if any; a missing table reads as no row (the
+    /// processor creates the tables on its first batch).
+    pub async fn first_row(&self, stmt: &str, params: Vec<Value>) -> Result<Option<Vec<Value>>, Problem> {
+        match self.query(stmt, params).await {
+            Ok(rows) => Ok(rows.into_iter().next()),
+            Err(p) if is_missing_table(&p) => Ok(None),
+            Err(p) => Err(p),
+        }
+    }
+}
+
+/// A text value.
+pub fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::Text(t) => Some(t.clone()),
+        _ => None,
+    }
+}
+
+/// An integer value.
+pub fn integer(v: &Value) -> Option<i64> {
+    match v {
+        Value::Integer(i) => Some(*i),
+        _ => None,
+    }
+}

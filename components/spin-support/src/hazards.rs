@@ -1,0 +1,60 @@
+//! The Redis settings Spillway depends on (see `spillway_core::hazards`): read once
+//! per instance, expiry events turned on where Redis allows, the rest reported.
+
+use std::cell::RefCell;
+
+use spillway_core::hazards;
+
+use crate::{Redis, bin, text};
+
+thread_local! {
+    static CHECKED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// The hazards found (empty when Redis is set up as Spillway needs), checked on the
+/// first call in this instance; turns expiry events on when they are off.
+pub async fn check(redis: &Redis) -> Vec<String> {
+    if let Some(w) = CHECKED.with_borrow(Clone::clone) {
+        return w;
+    }
+    let warnings = inspect(redis).await;
+    CHECKED.with_borrow_mut(|c| *c = Some(warnings.clone()));
+    warnings
+}
+
+/// Like [`check`], and logs each hazard on stderr (where Spin collects component
+/// logs) at most once an hour across all instances.
+pub async fn check_and_log(redis: &Redis, prefix: &str) -> Vec<String> {
+    let warnings = check(redis).await;
+    for w in &warnings {
+        let key = format!("{prefix}hazard:{}", spillway_core::layout::md5_hex(w.as_bytes()));
+        let fresh = redis
+            .execute("SET", vec![bin(&key), bin("1"), bin("NX"), bin("EX"), bin("3600")])
+            .await
+            .is_ok_and(|r| !matches!(r.first(), None | Some(spin_sdk::redis::RedisResult::Nil)));
+        if fresh {
+            eprintln!("spillway: warning: {w}");
+        }
+    }
+    warnings
+}
+
+async fn inspect(redis: &Redis) -> Vec<String> {
+    let names = ["notify-keyspace-events", "maxmemory-policy", "appendonly"];
+    let mut args = vec![bin("GET")];
+    args.extend(names.iter().map(|n| bin(n)));
+    let reply = match redis.execute("CONFIG", args).await {
+        Ok(r) => r,
+        Err(p) => return vec![hazards::config_unreadable(&p.detail)],
+    };
+    let values: Vec<String> = reply.iter().map(|v| text(v).unwrap_or_default()).collect();
+    let get = |name: &str| values.chunks(2).find(|p| p[0] == name).and_then(|p| p.get(1).cloned()).unwrap_or_default();
+    let mut warnings = Vec::new();
+    if let Some(flags) = hazards::with_expiry_events(&get(names[0]))
+        && let Err(p) = redis.execute("CONFIG", vec![bin("SET"), bin(names[0]), bin(&flags)]).await
+    {
+        warnings.push(hazards::expiry_events_refused(&p.detail));
+    }
+    warnings.extend(hazards::assess(&get(names[1]), &get(names[2])));
+    warnings
+}

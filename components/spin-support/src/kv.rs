@@ -1,0 +1,63 @@
+//! The key-value store `default` through `wasi:keyvalue` (`store` and `batch`), the
+//! one place that owns that API. Spin implements it over the same stores as
+//! `spin:key-value`; spin-sdk 7 ships its WIT but no Rust API, so the bindings are
+//! generated here with `wit-bindgen` from the WIT vendored in `wit/deps/`.
+//!
+//! Why batch calls: Spin's default store is a SQLite file in autocommit mode, where
+//! every single `set` is its own transaction and disk sync; `set-many` and
+//! `delete-many` are one transaction each. (`atomics` is left out: Fermyon Wasm
+//! Functions does not provide it.)
+
+use spillway_core::problem::Problem;
+
+mod bindings {
+    wit_bindgen::generate!({
+        inline: "
+            package spillway:kv;
+            world kv {
+                import wasi:keyvalue/store@0.2.0-draft2;
+                import wasi:keyvalue/batch@0.2.0-draft2;
+            }
+        ",
+        path: ["../../wit/deps/wasi-keyvalue-2024-10-17"],
+        world: "kv",
+        generate_all,
+    });
+}
+
+use bindings::wasi::keyvalue::{batch, store};
+
+/// The `default` store.
+pub struct Kv(store::Bucket);
+
+fn kv_err(e: store::Error) -> Problem {
+    let detail = match e {
+        store::Error::NoSuchStore => "no such store".to_owned(),
+        store::Error::AccessDenied => "access denied".to_owned(),
+        store::Error::Other(m) => m,
+    };
+    Problem::unavailable(&format!("key-value store: {detail}"))
+}
+
+impl Kv {
+    /// Opens the store labelled `default`.
+    pub fn open_default() -> Result<Self, Problem> {
+        store::open("default").map(Self).map_err(kv_err)
+    }
+
+    /// Sets many values in one call (one transaction on Spin's SQLite store).
+    pub fn set_many(&self, pairs: Vec<(String, Vec<u8>)>) -> Result<(), Problem> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        batch::set_many(&self.0, &pairs).map_err(kv_err)
+    }
+
+    /// Deletes many values in one call.
+    pub fn delete_many(&self, keys: Vec<String>) -> Result<(), Problem> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        batch::delete_many(&self.0, &keys).map_err(kv_err)
+    }
+}
