@@ -86,6 +86,13 @@ impl Layout {
         self.shard_key(shard, "fence")
     }
 
+    /// The shard's watch: set by the lease holder with three times the lease TTL and
+    /// deleted on release, so a holder that dies leaves a second, later expiry event
+    /// (for an app restart that missed the lease's own).
+    pub fn watch(&self, shard: u32) -> String {
+        self.shard_key(shard, "watch")
+    }
+
     /// The shard's doorbell flag (coalesces wake-ups).
     pub fn bell(&self, shard: u32) -> String {
         self.shard_key(shard, "bell")
@@ -121,14 +128,14 @@ impl Layout {
         format!("{}doorbell", self.prefix)
     }
 
-    /// The shard whose lease or doorbell flag `key` is, if it is one of ours: the
-    /// payload of an expired-key event that means a processor may have died
+    /// The shard whose lease, watch or doorbell flag `key` is, if it is one of ours:
+    /// the payload of an expired-key event that means a processor may have died
     /// holding (or before taking) that shard.
     pub fn shard_of_expired(&self, key: &str) -> Option<u32> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix("{s")?;
         let (n, name) = rest.split_once("}:")?;
         let shard: u32 = n.parse().ok().filter(|s| *s < self.shards)?;
-        matches!(name, "lease" | "bell").then_some(shard)
+        matches!(name, "lease" | "watch" | "bell").then_some(shard)
     }
 
     /// Key-value (cache) key of a record.
@@ -186,6 +193,7 @@ mod tests {
         let l = Layout { prefix: "spillway:".into(), shards: 16 };
         assert_eq!(l.shard_of_expired(&l.lease(7)), Some(7));
         assert_eq!(l.shard_of_expired(&l.bell(15)), Some(15));
+        assert_eq!(l.shard_of_expired(&l.watch(0)), Some(0));
         for other in [l.stream(3), l.fill_lock("k"), l.idempotency("x"), "spillway:{s16}:lease".into(), "other:{s1}:lease".into(), "spillway:{s1x}:bell".into()] {
             assert_eq!(l.shard_of_expired(&other), None, "{other}");
         }

@@ -38,6 +38,11 @@ impl Problem {
         }
     }
 
+    /// The code: the last segment of the `type`.
+    pub fn code(&self) -> &str {
+        self.kind.strip_prefix(TYPE_BASE).unwrap_or(&self.kind)
+    }
+
     /// Sets the field at fault.
     pub fn at(mut self, field: &str) -> Self {
         self.field = (!field.is_empty()).then(|| field.to_owned());

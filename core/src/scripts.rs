@@ -77,19 +77,29 @@ end
 return 0
 "#;
 
-/// Release a lease we hold (compare-and-delete). KEYS: `[lease]`, ARGV: `[token]`.
+/// Release a lease we hold (compare-and-delete). Its watch is deleted too, or, after
+/// a failed batch, kept to expire in `retry_ms`: that expiry event is the retry, so a
+/// shard whose batch failed is tried again with no further traffic.
+/// KEYS: `[lease, watch]`, ARGV: `[token, retry_ms]` (0: no retry). Reply: 1
+/// released, 0 not ours.
 pub const LEASE_RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  else
+    redis.call('DEL', KEYS[2])
+  end
   return redis.call('DEL', KEYS[1])
 end
 return 0
 "#;
 
-/// Read the next batch of a shard, as the lease holder, renewing the lease: first
-/// our pending (unacked) entries, else new ones. Each delivery counts an attempt; an
-/// entry past the attempt limit moves to the dead-letter stream with its last error.
+/// Read the next batch of a shard, as the lease holder, renewing the lease (and
+/// setting the shard's watch to three lease TTLs): first our pending (unacked)
+/// entries, else new ones. Each delivery counts an attempt; an entry past the
+/// attempt limit moves to the dead-letter stream with its last error.
 ///
-/// KEYS: `[lease, stream, attempts, dead, dead_index]`.
+/// KEYS: `[lease, stream, attempts, dead, dead_index, watch]`.
 /// ARGV: `[token, group, consumer, count, max_attempts, shard, lease_ttl_ms,
 /// retention_ms]`.
 /// Reply: `lost` | `ok, prune_before_ms, (entry_id, payload)*`, where
@@ -99,6 +109,7 @@ return 0
 pub const READ_BATCH: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lost'} end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('SET', KEYS[6], ARGV[1], 'PX', 3 * tonumber(ARGV[7]))
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
 local function read(from)
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', tonumber(ARGV[4]), 'STREAMS', KEYS[2], from)
@@ -139,6 +150,19 @@ if first then
   if oldest < horizon then horizon = oldest end
 end
 out[2] = horizon
+return out
+"#;
+
+/// Shards with queued writes and no lease holder: work a processor may claim.
+/// KEYS: `[stream_1, lease_1, .., stream_n, lease_n]`, ARGV: `[shard_1..shard_n]`.
+/// Reply: the shard numbers (from ARGV) that have work and no holder.
+pub const CLAIMABLE: &str = r#"
+local out = {}
+for i = 1, #ARGV do
+  if redis.call('EXISTS', KEYS[2 * i]) == 0 and redis.call('XLEN', KEYS[2 * i - 1]) > 0 then
+    out[#out + 1] = ARGV[i]
+  end
+end
 return out
 "#;
 

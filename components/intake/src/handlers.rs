@@ -80,7 +80,7 @@ async fn enqueue(
         s.idempotency_ttl_secs.to_string(),
         s.queue_depth_limit.to_string(),
         layout.doorbell_channel(),
-        (s.lease_ttl_ms * 2).to_string(),
+        s.lease_ttl_ms.to_string(),
         shards.len().to_string(),
     ];
     args.extend(shards.iter().map(u32::to_string));

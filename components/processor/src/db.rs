@@ -1,6 +1,6 @@
-//! Applying one batch in ONE database transaction of a handful of statements: fence
-//! check, ordered apply, write ids recorded with the data (the exactly-once effect),
-//! and outcomes past their retention pruned.
+//! Applying a round of batches (one per shard) in ONE database transaction of a
+//! handful of statements: fence checks, ordered apply, write ids recorded with the
+//! data (the exactly-once effect), and outcomes past their retention pruned.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -10,33 +10,68 @@ use spillway_core::sql;
 use spillway_core::write::Write;
 use spillway_spin::db::{Db, SqlValue as Value, integer, text};
 
-/// Outcomes pruned per batch at most: pruning keeps up with a full write rate
+/// Outcomes pruned per batch (per shard and round) at most: pruning keeps up with a full write rate
 /// without ever making one transaction long.
 const PRUNE_PER_BATCH: i64 = 1_000;
 
-/// What a committed batch did.
+/// What a committed round did.
+#[derive(Default)]
 pub(crate) struct Applied {
-    /// Final state of every key the batch names (for the cache).
+    /// Final state of every key the round's batches name (for the cache).
     pub(crate) state: BTreeMap<String, Option<Record>>,
     pub(crate) applied: u64,
     pub(crate) rejected: u64,
+    /// Shards whose batch was refused because a newer lease holder has written
+    /// (their entries are that holder's now).
+    pub(crate) fenced: Vec<u32>,
+}
+
+impl Applied {
+    fn merge(&mut self, other: Self) {
+        self.state.extend(other.state);
+        self.applied += other.applied;
+        self.rejected += other.rejected;
+        self.fenced.extend(other.fenced);
+    }
 }
 
 /// One batch read from a shard's stream.
-pub(crate) struct Batch<'a> {
+pub(crate) struct Batch {
     pub(crate) shard: u32,
     /// The lease's fencing token.
     pub(crate) fence: i64,
     /// `(stream entry id, payload)` in stream order.
-    pub(crate) entries: &'a [(String, String)],
+    pub(crate) entries: Vec<(String, String)>,
     /// Outcomes of this shard from before this stream time can be forgotten.
     pub(crate) prune_before_ms: i64,
 }
 
-/// Applies `batch` in one transaction.
-pub(crate) async fn apply_batch(db: &Db, batch: &Batch<'_>) -> Result<Applied, Problem> {
+/// Applies the batches of several shards in ONE transaction (one commit, one disk
+/// sync, for all of them: shards own disjoint keys, so their batches are
+/// independent). If that transaction fails, each batch is tried in a transaction of
+/// its own, so a batch that cannot be applied fails alone. Returns what committed
+/// and the shards whose batch failed.
+pub(crate) async fn apply_round(db: &Db, batches: &[Batch]) -> (Applied, Vec<(u32, Problem)>) {
+    match in_transaction(db, batches).await {
+        Ok(a) => (a, Vec::new()),
+        Err(p) if batches.len() == 1 => (Applied::default(), vec![(batches[0].shard, p)]),
+        Err(_) => {
+            let mut applied = Applied::default();
+            let mut failed = Vec::new();
+            for b in batches {
+                match in_transaction(db, std::slice::from_ref(b)).await {
+                    Ok(a) => applied.merge(a),
+                    Err(p) => failed.push((b.shard, p)),
+                }
+            }
+            (applied, failed)
+        }
+    }
+}
+
+async fn in_transaction(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     db.query(sql::BEGIN, vec![]).await?;
-    match apply_in_tx(db, batch).await {
+    match apply_in_tx(db, batches).await {
         Ok(a) => {
             db.query(sql::COMMIT, vec![]).await?;
             Ok(a)
@@ -52,25 +87,24 @@ fn entry_ms(entry: &str) -> i64 {
     entry.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
 }
 
-async fn apply_in_tx(db: &Db, b: &Batch<'_>) -> Result<Applied, Problem> {
-    let shard = i64::from(b.shard);
-    let fenced = db.query(sql::FENCE, vec![Value::Integer(shard), Value::Integer(b.fence)]).await?;
-    let current = fenced.first().and_then(|r| r.first()).and_then(integer);
-    if current != Some(b.fence) {
-        return Err(Problem::new(409, "fenced", "Lease lost", &format!(
-            "fencing token {} is stale for shard {}: a newer lease holder has written; nothing was committed",
-            b.fence, b.shard
-        )));
-    }
-    let mut writes = Vec::with_capacity(b.entries.len());
+async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
+    let mut fenced = Vec::new();
+    let mut writes = Vec::new();
     let mut unreadable = Vec::new();
     let mut entry_of = std::collections::HashMap::new();
-    for (entry, payload) in b.entries {
-        let id = format!("{}-{entry}", b.shard);
-        entry_of.insert(id.clone(), entry_ms(entry));
-        match serde_json::from_str::<Write>(payload) {
-            Ok(w) => writes.push((id, w)),
-            Err(e) => unreadable.push((id, e.to_string())),
+    for b in batches {
+        let rows = db.query(sql::FENCE, vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.fence)]).await?;
+        if rows.first().and_then(|r| r.first()).and_then(integer) != Some(b.fence) {
+            fenced.push(b.shard);
+            continue;
+        }
+        for (entry, payload) in &b.entries {
+            let id = format!("{}-{entry}", b.shard);
+            entry_of.insert(id.clone(), (i64::from(b.shard), entry_ms(entry)));
+            match serde_json::from_str::<Write>(payload) {
+                Ok(w) => writes.push((id, w)),
+                Err(e) => unreadable.push((id, e.to_string())),
+            }
         }
     }
     let ids: Vec<&String> = writes.iter().map(|(id, _)| id).chain(unreadable.iter().map(|(id, _)| id)).collect();
@@ -119,7 +153,7 @@ async fn apply_in_tx(db: &Db, b: &Batch<'_>) -> Result<Applied, Problem> {
     }
 
     let (mut applied, mut rejected) = (0, 0);
-    let mut outcomes: Vec<[Value; sql::WRITE_COLUMNS]> = Vec::with_capacity(b.entries.len());
+    let mut outcomes: Vec<[Value; sql::WRITE_COLUMNS]> = Vec::with_capacity(writes.len() + unreadable.len());
     let mut row = |id: &String, key: String, status: &str, version: Value, reason: Value| {
         outcomes.push([
             Value::Text(id.clone()),
@@ -128,8 +162,8 @@ async fn apply_in_tx(db: &Db, b: &Batch<'_>) -> Result<Applied, Problem> {
             version,
             reason,
             Value::Integer(now),
-            Value::Integer(shard),
-            Value::Integer(entry_of.get(id).copied().unwrap_or(0)),
+            Value::Integer(entry_of.get(id).map_or(0, |e| e.0)),
+            Value::Integer(entry_of.get(id).map_or(0, |e| e.1)),
         ]);
     };
     for (id, key, outcome) in &plan.outcomes {
@@ -152,9 +186,12 @@ async fn apply_in_tx(db: &Db, b: &Batch<'_>) -> Result<Applied, Problem> {
         let params = outcomes[range.clone()].iter().flat_map(|r| r.iter().cloned()).collect();
         db.query(&sql::insert_writes(range.len()), params).await?;
     }
-    db.query(sql::PRUNE_WRITES, vec![Value::Integer(shard), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)]).await?;
+    for b in batches.iter().filter(|b| !fenced.contains(&b.shard)) {
+        let params = vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)];
+        db.query(sql::PRUNE_WRITES, params).await?;
+    }
 
     let mut state: BTreeMap<String, Option<Record>> = keys.iter().map(|k| (k.clone(), existing.get(k).cloned())).collect();
     state.extend(plan.records);
-    Ok(Applied { state, applied, rejected })
+    Ok(Applied { state, applied, rejected, fenced })
 }

@@ -1,6 +1,6 @@
-//! Draining one shard: the lease (lock) protocol, batch reads through the consumer
-//! group, apply, cache refresh, acknowledgement, and the no-lost-wake-up handshake
-//! with the doorbell flag.
+//! Draining shards in rounds: the lease (lock) protocol, batch reads through the
+//! consumer group, one transaction per round, cache refresh, acknowledgement, and
+//! the no-lost-wake-up handshake with the doorbell flag.
 //!
 //! Read-your-writes rests on the order of the last three steps: the cache is
 //! refreshed (under each key's fill lock) before the batch's entries are
@@ -8,7 +8,7 @@
 //! the stream (see the cache component). So whoever has seen `applied` with version
 //! v reads v or newer from the cache.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use spillway_core::apply::Record;
 use spillway_core::layout::{CONSUMER, GROUP};
@@ -21,8 +21,13 @@ use spillway_spin::{Redis, int, text, token};
 
 use crate::db::{self, Batch};
 
-/// Fill-lock TTL: how long a reader's cache fill, or our refresh, may take at most.
-const FILL_LOCK_TTL_MS: &str = "5000";
+/// TTL of a reader's fill lock (the cache component's): how long a cache fill may
+/// take at most. Our own refresh locks live as long as the lease, so a processor
+/// killed mid-refresh leaves nothing that outlasts its lease.
+const READER_FILL_LOCK_TTL_MS: u64 = 5000;
+
+/// How often a drain looks for more shards with work while it runs.
+const RESCAN_MS: u64 = 100;
 
 /// What a drain did.
 #[derive(Debug, Default)]
@@ -33,92 +38,221 @@ pub(crate) struct Stats {
     pub(crate) busy: Vec<u32>,
 }
 
-/// Drains `shard` until its stream is empty, unless another processor holds its
-/// lease (then that one is responsible, see below).
-pub(crate) async fn drain_shard(s: &Settings, db: &Db, shard: u32, stats: &mut Stats) -> Result<(), Problem> {
+/// Which shards one invocation drains.
+pub(crate) enum Scope {
+    /// Only this shard (`POST /v1/drain?shard=n`).
+    Only(u32),
+    /// This shard, if any, and every shard with queued writes and no lease holder,
+    /// looked up again every [`RESCAN_MS`] while the drain runs.
+    Claimable(Option<u32>),
+}
+
+/// A shard whose lease this drain holds.
+struct Held {
+    shard: u32,
+    token: String,
+    fence: i64,
+    /// The doorbell flag was cleared after an empty read (see [`drain`]).
+    cleared: bool,
+}
+
+/// What one read of a held shard gave.
+enum Read {
+    /// The lease was lost: the new holder carries on.
+    Lost,
+    /// A batch (possibly empty).
+    Batch(Batch),
+}
+
+/// Drains shards in rounds. Spin hands a Redis trigger's messages to the component
+/// one at a time, so one invocation answering only its own shard would leave the
+/// others waiting behind it; instead each round reads one batch from every shard
+/// held (concurrently), applies them all in ONE database transaction (one disk sync
+/// for all), refreshes the cache once for all, and acknowledges each. Shards join
+/// as their leases are won and leave when empty.
+///
+/// The doorbell handshake, per shard: on an empty read the flag is cleared and the
+/// shard read once more (a write added before the clear is seen; one added after
+/// rings again); on a second empty read the lease is released, and if the flag is
+/// set again by then (a ring that found the lease held) the shard is taken again.
+///
+/// Returns the failures, per shard (`None`: finding the shards with work failed).
+pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats) -> Vec<(Option<u32>, Problem)> {
     let redis = Redis::new(&s.redis_address);
     let l = &s.layout;
+    let (mut wanted, rescan) = match scope {
+        Scope::Only(shard) => (vec![shard], false),
+        Scope::Claimable(first) => (first.into_iter().collect::<Vec<_>>(), true),
+    };
+    let explicit: Vec<u32> = wanted.clone();
+    let mut held: Vec<Held> = Vec::new();
+    let mut failures = Vec::new();
+    // A shard that failed is not taken again in this invocation: its watch retries
+    // it after a lease TTL, and its attempts are not burnt in a tight loop.
+    let mut failed: HashSet<u32> = HashSet::new();
+    let mut scanned_at = 0;
     loop {
-        let me = token();
-        let acquired = redis
-            .eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[me.clone(), s.lease_ttl_ms.to_string()])
-            .await?;
-        let fence = acquired.first().and_then(int).unwrap_or(0);
-        if fence <= 0 {
-            stats.busy.push(shard);
-            return Ok(());
+        if rescan && (held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
+            scanned_at = spillway_spin::monotonic_ms();
+            match claimable(s, &redis).await {
+                Ok(found) => wanted.extend(found),
+                Err(p) if held.is_empty() && wanted.is_empty() => failures.push((None, p)),
+                Err(_) => {}
+            }
         }
-        let result = drain_held(s, db, &redis, shard, &me, fence, stats).await;
-        redis.eval(scripts::LEASE_RELEASE, &[l.lease(shard)], &[me]).await?;
-        result?;
-        // A doorbell rung after we cleared the flag found the lease held and left the
-        // flag set: it is ours to answer now that the lease is free.
-        let rung = redis.execute("EXISTS", vec![spillway_spin::bin(&l.bell(shard))]).await?;
-        if rung.first().and_then(int).unwrap_or(0) == 0 {
-            return Ok(());
+        for shard in std::mem::take(&mut wanted) {
+            if failed.contains(&shard) || held.iter().any(|h| h.shard == shard) {
+                continue;
+            }
+            match acquire(s, &redis, shard).await {
+                Ok(Some(h)) => held.push(h),
+                Ok(None) if explicit.contains(&shard) => stats.busy.push(shard),
+                Ok(None) => {}
+                Err(p) => failures.push((Some(shard), p)),
+            }
         }
+        if held.is_empty() {
+            return failures;
+        }
+
+        let reads = futures::future::join_all(held.iter().map(|h| read_batch(s, &redis, h))).await;
+        let mut batches = Vec::new();
+        let mut keep = Vec::new();
+        for (mut h, read) in held.drain(..).zip(reads) {
+            match read {
+                Err(p) => {
+                    release(s, &redis, &h, true).await;
+                    failed.insert(h.shard);
+                    failures.push((Some(h.shard), p));
+                }
+                Ok(Read::Lost) => {}
+                Ok(Read::Batch(b)) if b.entries.is_empty() => {
+                    if !h.cleared {
+                        if let Err(p) = redis.execute("DEL", vec![spillway_spin::bin(&l.bell(h.shard))]).await {
+                            failures.push((Some(h.shard), p));
+                        }
+                        h.cleared = true;
+                        keep.push(h);
+                    } else {
+                        release(s, &redis, &h, false).await;
+                        let rung = redis.execute("EXISTS", vec![spillway_spin::bin(&l.bell(h.shard))]).await;
+                        if rung.ok().and_then(|r| r.first().and_then(int)).unwrap_or(0) > 0 {
+                            wanted.push(h.shard);
+                        }
+                    }
+                }
+                Ok(Read::Batch(b)) => {
+                    h.cleared = false;
+                    batches.push(b);
+                    keep.push(h);
+                }
+            }
+        }
+        held = keep;
+        if batches.is_empty() {
+            continue;
+        }
+
+        let (applied, errors) = db::apply_round(db, &batches).await;
+        for (shard, p) in errors {
+            let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
+            let mut args = vec![p.detail.clone()];
+            args.extend(ids);
+            let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(shard)], &args).await;
+            drop_held(s, &redis, &mut held, shard, true).await;
+            failed.insert(shard);
+            failures.push((Some(shard), p));
+        }
+        // Fenced: a newer holder has written; these entries are its now.
+        held.retain(|h| !applied.fenced.contains(&h.shard));
+        let done: Vec<&Batch> = batches.iter().filter(|b| held.iter().any(|h| h.shard == b.shard)).collect();
+        if let Err(p) = refresh_cache(s, &redis, &applied.state).await {
+            // Committed, not acknowledged: redelivered later, found applied, and
+            // refreshed then.
+            for b in &done {
+                drop_held(s, &redis, &mut held, b.shard, true).await;
+                failed.insert(b.shard);
+                failures.push((Some(b.shard), p.clone()));
+            }
+            continue;
+        }
+        let acks = done.iter().map(|b| {
+            let mut args = vec![GROUP.to_owned()];
+            args.extend(b.entries.iter().map(|(id, _)| id.clone()));
+            let redis = &redis;
+            async move { redis.eval(scripts::ACK, &[l.stream(b.shard), l.attempts(b.shard)], &args).await }
+        });
+        for r in futures::future::join_all(acks).await {
+            if let Err(p) = r {
+                failures.push((None, p));
+            }
+        }
+        stats.applied += applied.applied;
+        stats.rejected += applied.rejected;
+        stats.batches += done.len() as u64;
     }
 }
 
-async fn drain_held(s: &Settings, db: &Db, redis: &Redis, shard: u32, me: &str, fence: i64, stats: &mut Stats) -> Result<(), Problem> {
+/// Shards with queued writes and no lease holder.
+async fn claimable(s: &Settings, redis: &Redis) -> Result<Vec<u32>, Problem> {
     let l = &s.layout;
-    let mut cleared = false;
-    let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
-    loop {
-        let reply = redis
-            .eval(
-                scripts::READ_BATCH,
-                &[l.lease(shard), l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_index(shard)],
-                &[
-                    me.to_owned(),
-                    GROUP.into(),
-                    CONSUMER.into(),
-                    s.batch_size.to_string(),
-                    s.max_attempts.to_string(),
-                    shard.to_string(),
-                    s.lease_ttl_ms.to_string(),
-                    retention_ms.clone(),
-                ],
-            )
-            .await?;
-        if reply.first().and_then(text).as_deref() != Some("ok") {
-            return Ok(()); // lease lost: whoever holds it now carries on
-        }
-        let prune_before_ms = reply.get(1).and_then(int).unwrap_or(0);
-        let entries: Vec<(String, String)> = reply[2..]
-            .chunks(2)
-            .filter_map(|c| Some((text(c.first()?)?, text(c.get(1)?)?)))
-            .collect();
-        if entries.is_empty() {
-            if cleared {
-                return Ok(());
-            }
-            // Clear the doorbell flag, then look once more: a write added before the
-            // clear is seen now; one added after it rings the bell again.
-            redis.execute("DEL", vec![spillway_spin::bin(&l.bell(shard))]).await?;
-            cleared = true;
-            continue;
-        }
-        cleared = false;
-        let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-        let batch = Batch { shard, fence, entries: &entries, prune_before_ms };
-        let applied = match db::apply_batch(db, &batch).await {
-            Ok(a) => a,
-            Err(p) => {
-                let mut args = vec![p.detail.clone()];
-                args.extend(ids.iter().cloned());
-                redis.eval(scripts::RECORD_ERROR, &[l.attempts(shard)], &args).await?;
-                return Err(p);
-            }
-        };
-        refresh_cache(s, redis, &applied.state).await?;
-        let mut args = vec![GROUP.to_owned()];
-        args.extend(ids);
-        redis.eval(scripts::ACK, &[l.stream(shard), l.attempts(shard)], &args).await?;
-        stats.applied += applied.applied;
-        stats.rejected += applied.rejected;
-        stats.batches += 1;
+    let keys: Vec<String> = (0..l.shards).flat_map(|n| [l.stream(n), l.lease(n)]).collect();
+    let args: Vec<String> = (0..l.shards).map(|n| n.to_string()).collect();
+    let reply = redis.eval(scripts::CLAIMABLE, &keys, &args).await?;
+    Ok(reply.iter().filter_map(int).filter_map(|n| u32::try_from(n).ok()).collect())
+}
+
+/// Takes the shard's lease, unless another processor holds it.
+async fn acquire(s: &Settings, redis: &Redis, shard: u32) -> Result<Option<Held>, Problem> {
+    let l = &s.layout;
+    let token = token();
+    let acquired = redis.eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
+    let fence = acquired.first().and_then(int).unwrap_or(0);
+    Ok((fence > 0).then_some(Held { shard, token, fence, cleared: false }))
+}
+
+/// Releases a lease. After a failure (`retry`) the shard's watch stays, to expire
+/// one lease TTL from now: that expiry is the retry, whatever else happens.
+async fn release(s: &Settings, redis: &Redis, h: &Held, retry: bool) {
+    let l = &s.layout;
+    let retry_ms = if retry { s.lease_ttl_ms } else { 0 };
+    // A failed release leaves the lease to expire, which resumes the shard too.
+    let _ = redis.eval(scripts::LEASE_RELEASE, &[l.lease(h.shard), l.watch(h.shard)], &[h.token.clone(), retry_ms.to_string()]).await;
+}
+
+async fn drop_held(s: &Settings, redis: &Redis, held: &mut Vec<Held>, shard: u32, retry: bool) {
+    if let Some(i) = held.iter().position(|h| h.shard == shard) {
+        let h = held.remove(i);
+        release(s, redis, &h, retry).await;
     }
+}
+
+/// The next batch of a held shard (renewing its lease).
+async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Problem> {
+    let l = &s.layout;
+    let shard = h.shard;
+    let reply = redis
+        .eval(
+            scripts::READ_BATCH,
+            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_index(shard), l.watch(shard)],
+            &[
+                h.token.clone(),
+                GROUP.into(),
+                CONSUMER.into(),
+                s.batch_size.to_string(),
+                s.max_attempts.to_string(),
+                shard.to_string(),
+                s.lease_ttl_ms.to_string(),
+                s.status_retention_secs.saturating_mul(1000).to_string(),
+            ],
+        )
+        .await?;
+    if reply.first().and_then(text).as_deref() != Some("ok") {
+        return Ok(Read::Lost);
+    }
+    let prune_before_ms = reply.get(1).and_then(int).unwrap_or(0);
+    let entries = reply[2..].chunks(2).filter_map(|c| Some((text(c.first()?)?, text(c.get(1)?)?))).collect();
+    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, prune_before_ms }))
 }
 
 /// Writes the records' new state to the cache under each key's single-flight fill
@@ -130,12 +264,18 @@ async fn refresh_cache(s: &Settings, redis: &Redis, state: &BTreeMap<String, Opt
     let kv = Kv::open_default()?;
     let me = token();
     let mut pending: Vec<&String> = state.keys().collect();
-    for _ in 0..400 {
+    // Wait out a lock's whole TTL: a holder that died (a reader, or a processor
+    // killed mid-refresh) leaves its locks until they expire.
+    let give_up = spillway_spin::monotonic_ms() + READER_FILL_LOCK_TTL_MS.max(s.lease_ttl_ms) + 500;
+    loop {
         if pending.is_empty() {
             return Ok(());
         }
+        if spillway_spin::monotonic_ms() > give_up {
+            return Err(Problem::unavailable("cache fill locks stayed busy; the batch will be retried"));
+        }
         let locks: Vec<String> = pending.iter().map(|k| l.fill_lock(k)).collect();
-        let got = redis.eval(scripts::LOCKS_ACQUIRE, &locks, &[me.clone(), FILL_LOCK_TTL_MS.into()]).await?;
+        let got = redis.eval(scripts::LOCKS_ACQUIRE, &locks, &[me.clone(), s.lease_ttl_ms.to_string()]).await?;
         let mut held = Vec::new();
         let mut sets = Vec::new();
         let mut deletes = Vec::new();
@@ -165,7 +305,6 @@ async fn refresh_cache(s: &Settings, redis: &Redis, state: &BTreeMap<String, Opt
             spillway_spin::wait_ms(5).await;
         }
     }
-    Err(Problem::unavailable("cache fill locks stayed busy; the batch will be retried"))
 }
 
 /// The cache's JSON for a record (what `GET /v1/records/{key}` answers).

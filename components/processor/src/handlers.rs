@@ -9,7 +9,7 @@ use spillway_spin::db::Db;
 use spillway_spin::{Redis, authorize, bin, json, problem, text};
 use spin_sdk::http::Request;
 
-use crate::drain::{Stats, drain_shard};
+use crate::drain::{self, Scope, Stats};
 
 /// A message on either subscribed channel: the doorbell (a shard number) or Redis's
 /// expired-key events (a key name). An expired lease or doorbell flag means a
@@ -32,7 +32,14 @@ pub(crate) async fn on_message(message: &[u8]) -> anyhow::Result<()> {
     spillway_spin::hazards::check_and_log(&redis, &settings.layout.prefix).await;
     let db = Db::open_with_schema().await.map_err(|p| anyhow::anyhow!(p.detail))?;
     let mut stats = Stats::default();
-    drain_shard(&settings, &db, shard, &mut stats).await.map_err(|p| anyhow::anyhow!("shard {shard}: {}", p.detail))
+    let failures = drain::drain(&settings, &db, Scope::Claimable(Some(shard)), &mut stats).await;
+    match failures.first() {
+        None => Ok(()),
+        Some(_) => {
+            let all: Vec<String> = failures.iter().map(|(shard, p)| format!("shard {}: {}", shard.map_or("?".into(), |s| s.to_string()), p.detail)).collect();
+            anyhow::bail!("{}", all.join("; "))
+        }
+    }
 }
 
 pub(crate) async fn handle(req: Request) -> http::Response<String> {
@@ -53,7 +60,7 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
         return problem(&p);
     }
     let result = match path.as_str() {
-        "/v1/drain" => drain(&settings, req.uri().query()).await,
+        "/v1/drain" => drain_endpoint(&settings, req.uri().query()).await,
         "/v1/dead" => dead_letters(&settings).await,
         _ => replay(&settings, req).await,
     };
@@ -70,21 +77,20 @@ fn shard_param(s: &Settings, query: Option<&str>) -> Result<Option<u32>, Problem
     }
 }
 
-async fn drain(settings: &Settings, query: Option<&str>) -> Result<http::Response<String>, Problem> {
-    let shards: Vec<u32> = match shard_param(settings, query)? {
-        Some(s) => vec![s],
-        None => (0..settings.layout.shards).collect(),
+async fn drain_endpoint(settings: &Settings, query: Option<&str>) -> Result<http::Response<String>, Problem> {
+    let scope = match shard_param(settings, query)? {
+        Some(s) => Scope::Only(s),
+        None => Scope::Claimable(None),
     };
     let redis = Redis::new(&settings.redis_address);
     let warnings = spillway_spin::hazards::check_and_log(&redis, &settings.layout.prefix).await;
     let db = Db::open_with_schema().await?;
     let mut stats = Stats::default();
-    let mut errors = Vec::new();
-    for shard in shards {
-        if let Err(p) = drain_shard(settings, &db, shard, &mut stats).await {
-            errors.push(json!({"shard": shard, "detail": p.detail}));
-        }
-    }
+    let errors: Vec<_> = drain::drain(settings, &db, scope, &mut stats)
+        .await
+        .into_iter()
+        .map(|(shard, p)| json!({"shard": shard, "detail": p.detail}))
+        .collect();
     Ok(json(200, &json!({
         "applied": stats.applied,
         "rejected": stats.rejected,
@@ -144,7 +150,7 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
         if !ids.is_empty() && mine.is_empty() {
             continue;
         }
-        let mut args = vec![l.doorbell_channel(), (s.lease_ttl_ms * 2).to_string(), shard.to_string()];
+        let mut args = vec![l.doorbell_channel(), s.lease_ttl_ms.to_string(), shard.to_string()];
         args.extend(mine);
         let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_index(shard), l.stream(shard), l.bell(shard)], &args).await?;
         for pair in flat.chunks(2) {

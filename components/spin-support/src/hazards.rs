@@ -22,6 +22,11 @@ pub async fn check(redis: &Redis) -> Vec<String> {
     warnings
 }
 
+/// Forgets the check (the connection failed: Redis may have restarted).
+pub fn forget() {
+    CHECKED.with_borrow_mut(|c| *c = None);
+}
+
 /// Like [`check`], and logs each hazard on stderr (where Spin collects component
 /// logs) at most once an hour across all instances.
 pub async fn check_and_log(redis: &Redis, prefix: &str) -> Vec<String> {

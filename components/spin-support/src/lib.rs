@@ -108,7 +108,10 @@ impl Redis {
         match conn.execute(command, args).await {
             Ok(r) => Ok(r),
             Err(e) => {
+                // The next connection may reach a restarted Redis, which has
+                // forgotten settings made at run time: check them again.
                 REDIS.with_borrow_mut(|r| *r = None);
+                hazards::forget();
                 Err(unavailable(&e))
             }
         }
@@ -260,6 +263,11 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Milliseconds on the WASI monotonic clock (for deadlines).
+pub fn monotonic_ms() -> u64 {
+    spin_sdk::wasip3::clocks::monotonic_clock::now() / 1_000_000
 }
 
 /// Waits `ms` milliseconds (WASI monotonic clock).

@@ -186,7 +186,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = http => r,
-        r = redis => r,
+        // As Spin: when the Redis trigger's connection drops the trigger ends, and
+        // `spin up` ends with it (run it under a supervisor).
+        r = redis => {
+            println!("A trigger exited unexpectedly. Terminating.");
+            r.and(Err(anyhow::anyhow!("the Redis trigger ended")))
+        }
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     }

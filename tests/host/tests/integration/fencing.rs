@@ -41,14 +41,14 @@ fn expired_lease_holder_cannot_commit() {
 
     let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
     let read: Vec<String> = Script::new(scripts::READ_BATCH)
-        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_index(3))
+        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_index(3)).key(l.watch(3))
         .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3).arg(60_000).arg(1000)
         .invoke(&mut c)
         .unwrap();
     assert_eq!(read, vec!["lost"]);
     let ttl_after: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
     assert!(ttl_after <= ttl_before && ttl_after <= 5000, "an expired holder's read does not renew the new holder's lease");
-    let released: i64 = Script::new(scripts::LEASE_RELEASE).key(l.lease(3)).arg("holder-a").invoke(&mut c).unwrap();
+    let released: i64 = Script::new(scripts::LEASE_RELEASE).key(l.lease(3)).key(l.watch(3)).arg("holder-a").arg(0).invoke(&mut c).unwrap();
     assert_eq!(released, 0, "an expired holder cannot release the new holder's lease");
 
     let dir = tempfile::tempdir().unwrap();

@@ -6,6 +6,8 @@
 mod support;
 /// Support for Spillway's own app: the repository's spin.toml in process.
 mod spillway;
+/// Support for Spillway as separate processes (crash tests).
+mod processes;
 
 /// The `up` command as a separate process: route listing, serving TCP, startup errors.
 mod cli;
@@ -21,6 +23,9 @@ mod http;
 mod key_value;
 /// Spillway's pipeline: intake -> queue -> locked apply -> cached read.
 mod pipeline;
+/// Self-healing: lost wake-ups and crashed processors recover with no traffic;
+/// fresh start; bounded state; Redis hazards reported.
+mod selfheal;
 /// `spin:redis`: commands, reply flattening, `allowed_outbound_hosts`.
 mod redis_outbound;
 /// The Redis trigger: delivery in order, failures do not stop it.

@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use crate::spillway::{ADMIN, Spillway};
+use crate::spillway::{ADMIN, Spillway, burst};
 
 /// A write accepted with 202 is applied and then readable, and its status says
 /// applied with the resulting version.
@@ -117,21 +117,7 @@ async fn burst_coalesces_doorbells_and_applies_everything() {
         }
     });
     const WRITES: usize = 50_000;
-    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
-    let mut tasks = Vec::new();
-    for r in 0..WRITES / 100 {
-        let s = s.clone();
-        let permit = sem.clone().acquire_owned().await.unwrap();
-        tasks.push(tokio::spawn(async move {
-            let writes: Vec<_> = (0..100).map(|i| json!({"key": format!("k{}", (r * 100 + i) % 1000), "op": "incr", "field": "n"})).collect();
-            let (status, v) = s.write(json!({"writes": writes})).await;
-            drop(permit);
-            assert_eq!(status, 202, "{v}");
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    burst(&s, WRITES, 1000).await;
     s.wait_recorded(WRITES as i64).await;
     let rings = rings.load(std::sync::atomic::Ordering::SeqCst);
     listener.abort();

@@ -48,22 +48,30 @@ pub(crate) fn options(redis: &Redis, state: &std::path::Path, vars: &[(&str, &st
 }
 
 impl Spillway {
-    /// Starts the app with its doorbell subscription (unless `trigger` is false).
+    /// Starts the app with its Redis-trigger subscriptions (unless `trigger` is
+    /// false) against a Redis of its own.
     pub(crate) async fn start(vars: &[(&str, &str)], trigger: bool) -> Self {
-        let redis = Redis::start();
+        Self::start_on(Redis::start(), vars, trigger).await
+    }
+
+    /// Like [`Spillway::start`], against `redis`.
+    pub(crate) async fn start_on(redis: Redis, vars: &[(&str, &str)], trigger: bool) -> Self {
         let state = tempfile::tempdir().unwrap();
         let app = Arc::new(App::load(&options(&redis, state.path(), vars)).expect("spillway loads"));
-        let trigger = if trigger {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let t = tokio::spawn(app.clone().run_redis_triggers(move |_| {
-                let _ = tx.send(());
-            }));
-            rx.await.expect("doorbell subscribed");
-            Some(t)
-        } else {
-            None
-        };
-        Self { app, redis, state, trigger }
+        let mut s = Self { app, redis, state, trigger: None };
+        if trigger {
+            s.start_trigger().await;
+        }
+        s
+    }
+
+    /// Subscribes the Redis triggers (the doorbell and expired-key events) now.
+    pub(crate) async fn start_trigger(&mut self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.trigger = Some(tokio::spawn(self.app.clone().run_redis_triggers(move |_| {
+            let _ = tx.send(());
+        })));
+        rx.await.expect("Redis triggers subscribed");
     }
 
     /// Sends a request; returns status, headers and JSON body (Null when empty).
@@ -129,4 +137,32 @@ pub(crate) async fn call(app: &App, method: &str, path: &str, body: Option<Value
     let (parts, body) = res.into_parts();
     let json = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or_else(|_| json!(String::from_utf8_lossy(&body))) };
     (status, parts.headers, json)
+}
+
+/// A batch request of `n` increments of field `n`, write `i` to key `k{i % keys}`,
+/// for `i` from `from`.
+pub(crate) fn batch_of_incr(from: usize, n: usize, keys: usize) -> Value {
+    json!({"writes": (from..from + n).map(|i| json!({"key": format!("k{}", i % keys), "op": "incr", "field": "n"})).collect::<Vec<_>>()})
+}
+
+/// Posts `writes` increments over `keys` keys as requests of 100, 16 at a time;
+/// returns the 202 bodies in request order.
+pub(crate) async fn burst(s: &Arc<Spillway>, writes: usize, keys: usize) -> Vec<Value> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for r in 0..writes / 100 {
+        let s = s.clone();
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let (status, v) = s.write(batch_of_incr(r * 100, 100, keys)).await;
+            drop(permit);
+            assert_eq!(status, 202, "{v}");
+            v
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }

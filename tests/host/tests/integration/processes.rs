@@ -1,0 +1,120 @@
+//! Spillway as separate `spillway-host up` processes (what a crash test kills), the
+//! manifests they run, and a minimal keep-alive HTTP client to talk to them.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader as TokioBufReader};
+use tokio::net::TcpStream;
+
+use crate::spillway::ADMIN;
+use crate::support::{free_port, workspace};
+
+/// One `spillway-host up` process, killed on drop.
+pub(crate) struct Host {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Host {
+    /// SIGKILL, as a crash.
+    pub(crate) fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// The two manifests of a split deployment, written into `dir`: `processor.toml` (the
+/// repository's spin.toml: every trigger) and `front.toml` (HTTP only: intake and
+/// reads, no Redis triggers, so it never processes).
+pub(crate) fn manifests(dir: &Path) -> (PathBuf, PathBuf) {
+    let ws = workspace();
+    let full = std::fs::read_to_string(ws.join("spin.toml"))
+        .unwrap()
+        .replace("source = \"target/", &format!("source = \"{}/target/", ws.display()));
+    let mut front = String::new();
+    for block in full.split("\n\n") {
+        if !block.contains("[[trigger.redis]]") {
+            front.push_str(block);
+            front.push_str("\n\n");
+        }
+    }
+    let (processor, front_path) = (dir.join("processor.toml"), dir.join("front.toml"));
+    std::fs::write(&processor, &full).unwrap();
+    std::fs::write(&front_path, front).unwrap();
+    (front_path, processor)
+}
+
+/// Starts `spillway-host up` on `manifest` with state in `state` and the variables
+/// `vars` (plus Redis and the admin token), and waits until it serves (and, with
+/// `wait_for_channels`, until its Redis triggers are subscribed).
+pub(crate) fn spawn(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool) -> Host {
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spillway-host"));
+    cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"])
+        .arg(manifest)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--variable", &format!("redis_address={redis_url}")])
+        .args(["--variable", &format!("admin_token={ADMIN}")]);
+    for (k, v) in vars {
+        cmd.args(["--variable", &format!("{k}={v}")]);
+    }
+    let mut child = cmd
+        .env("SPILLWAY_HOST_CACHE_DIR", workspace().join("target/wasmtime-cache"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let ready = if wait_for_channels { line.starts_with('\t') && line.contains("expired") } else { line.starts_with("  ") };
+        if ready {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Host { child, port }
+}
+
+/// A minimal keep-alive HTTP/1.1 client: our responses always carry Content-Length.
+pub(crate) struct Conn {
+    stream: TokioBufReader<TcpStream>,
+}
+
+impl Conn {
+    pub(crate) async fn open(port: u16) -> Self {
+        Self { stream: TokioBufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap()) }
+    }
+
+    /// Sends a request with a JSON body; `headers` are complete `name: value\r\n` lines.
+    pub(crate) async fn request(&mut self, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+        let req = format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}\r\n{body}", body.len());
+        self.stream.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut status_line = String::new();
+        self.stream.read_line(&mut status_line).await.unwrap();
+        let status: u16 = status_line.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).await.unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}

@@ -1,0 +1,178 @@
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::processes::{Conn, manifests, spawn};
+use crate::spillway::{ADMIN, Spillway, batch_of_incr, burst};
+use crate::support::{Redis, fixtures};
+
+/// Writes applied so far, read from the database (never through the app, which
+/// would be traffic).
+fn total_applied(db: &rusqlite::Connection) -> i64 {
+    db.query_row("SELECT coalesce(sum(json_extract(value, '$.n')), 0) FROM spillway_records", [], |r| r.get(0)).unwrap_or(0)
+}
+
+/// Waits (bounded) until the counters in `db` add up to `n`; returns how long it took.
+async fn wait_total(db: &rusqlite::Connection, n: i64, bound: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let total = total_applied(db);
+        assert!(total <= n, "{total} increments applied for {n} accepted: something was applied twice");
+        if total == n {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < bound, "only {total} of {n} writes applied after {bound:?}, with no further traffic");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes accepted while no processor listens lose their doorbell (pub/sub is at
+/// most once) and leave the flags set; once a processor subscribes, the flags'
+/// expiry events resume every shard and everything is applied, with no request
+/// sent after the writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_doorbells_are_answered_without_traffic() {
+    let ttl = 500;
+    let mut s = Spillway::start(&[("lease_ttl_ms", "500")], false).await;
+    for r in 0..10 {
+        let (code, v) = s.write(batch_of_incr(r * 100, 100, 100)).await;
+        assert_eq!(code, 202, "{v}");
+    }
+    let rung: usize = (0..16).map(|i| redis::cmd("EXISTS").arg(format!("spillway:{{s{i}}}:bell")).query::<usize>(&mut s.redis.conn()).unwrap()).sum();
+    assert!(rung > 0, "the doorbell flags are set, their rings lost");
+    s.start_trigger().await;
+    let took = wait_total(&s.db(), 1000, Duration::from_secs(30)).await;
+    let bound = Duration::from_millis(ttl + 2000);
+    eprintln!("lost doorbells: all applied {took:?} after the processor subscribed (flag TTL {ttl}ms)");
+    assert!(took <= bound, "applied after {took:?}, more than the flag TTL + 2 s");
+}
+
+/// The processor process is SIGKILLed while it holds a shard's lease during a
+/// load and restarted (as a supervisor would); no request is sent after the load.
+/// Every shard left with queued writes is resumed within the lease TTL + 2 s of the
+/// crash (by the expiry of the dead holder's lease and of the doorbell flags whose
+/// rings died with it; by the shard's watch if the restart missed those), and every
+/// accepted write is applied exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_processor_is_resumed_without_traffic() {
+    fixtures();
+    const CLIENTS: usize = 8;
+    const WRITES: usize = CLIENTS * 40 * 100;
+    let ttl = Duration::from_millis(2000);
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (front_toml, processor_toml) = manifests(dir.path());
+    let vars = [("lease_ttl_ms", "2000"), ("batch_size", "50")];
+    let front = spawn(&front_toml, &state, &redis.url(), &vars, false);
+    let mut processor = spawn(&processor_toml, &state, &redis.url(), &vars, true);
+
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let port = front.port;
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::open(port).await;
+            for r in 0..WRITES / CLIENTS / 100 {
+                let body = batch_of_incr((c * 1000 + r) * 100, 100, 1000).to_string();
+                let (status, reply) = conn.request("POST", "/v1/writes", "", &body).await;
+                assert_eq!(status, 202, "{reply}");
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    // Kill it while it holds a lease, mid-drain.
+    let mut c = redis.conn();
+    let xlen = |c: &mut redis::Connection, shard: usize| -> usize { redis::cmd("XLEN").arg(format!("spillway:{{s{shard}}}:stream")).query(c).unwrap() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let holding = loop {
+        let leases: Vec<String> = redis::cmd("KEYS").arg("spillway:{s*}:lease").query(&mut c).unwrap();
+        if !leases.is_empty() {
+            break leases;
+        }
+        assert!(Instant::now() < deadline, "the processor never took a lease");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    processor.kill();
+    let killed = Instant::now();
+    let mut left: Vec<(usize, usize)> = (0..16).map(|s| (s, xlen(&mut c, s))).filter(|(_, n)| *n > 0).collect();
+    let queued: usize = left.iter().map(|(_, n)| n).sum();
+    eprintln!("SIGKILL while holding {holding:?}: {queued} writes queued in {} shards", left.len());
+    assert!(queued > 0, "killed with work left");
+    processor = spawn(&processor_toml, &state, &redis.url(), &vars, true);
+    let restarted = killed.elapsed();
+
+    // Resumed: each shard's queue has moved since the crash.
+    while !left.is_empty() {
+        assert!(killed.elapsed() < Duration::from_secs(60), "shards {left:?} never resumed, with no further traffic");
+        left.retain(|(s, n)| xlen(&mut c, *s) >= *n);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resumed = killed.elapsed();
+    let db = rusqlite::Connection::open(state.join("sqlite_db.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let took = wait_total(&db, WRITES as i64, Duration::from_secs(120)).await + resumed;
+    eprintln!("killed processor: restarted after {restarted:?}, every shard resumed after {resumed:?}, all applied after {took:?} (lease TTL {ttl:?})");
+    let bound = if restarted < ttl { ttl + Duration::from_secs(2) } else { 3 * ttl + Duration::from_secs(2) };
+    assert!(resumed <= bound, "resumed {resumed:?} after the crash; bound {bound:?}");
+    let outcomes: i64 = db.query_row("SELECT count(*) FROM spillway_writes WHERE status = 'applied'", [], |r| r.get(0)).unwrap();
+    assert_eq!(outcomes, WRITES as i64, "one outcome per accepted write");
+    drop(processor);
+}
+
+/// A fresh app, before anything was ever applied (no tables yet), answers 404 for
+/// a record and `pending` for a queued write, as it must on Spin, where the missing
+/// table is reported with the rows rather than at the call.
+#[tokio::test(flavor = "multi_thread")]
+async fn fresh_app_answers_404_and_pending() {
+    let s = Spillway::start(&[], false).await;
+    let (code, _, p) = s.call("GET", "/v1/records/never-written", None, &[]).await;
+    assert_eq!((code, p["type"].as_str()), (404, Some("https://spillway.dev/problems/not-found")), "{p}");
+    let (code, v) = s.write(json!({"key": "k", "op": "put", "value": 1})).await;
+    assert_eq!(code, 202, "{v}");
+    let (code, _, st) = s.call("GET", &format!("/v1/writes/{}", v["id"].as_str().unwrap()), None, &[]).await;
+    assert_eq!((code, st["status"].as_str()), (200, Some("pending")), "{st}");
+    let (code, _, _) = s.call("GET", "/v1/writes/3-1-0", None, &[]).await;
+    assert_eq!(code, 404);
+    let tables: i64 = s.db().query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0)).unwrap_or(0);
+    assert_eq!(tables, 0, "nothing was applied, no tables were made");
+}
+
+/// With a 1 s retention, 100,000 writes leave a bounded number of outcome rows:
+/// the processor prunes outcomes older than the retention (and older than every
+/// entry still queued) as it goes, while the newest outcomes stay queryable.
+#[tokio::test(flavor = "multi_thread")]
+async fn outcomes_are_pruned_after_the_retention() {
+    const WRITES: usize = 100_000;
+    let s = std::sync::Arc::new(Spillway::start(&[("status_retention_secs", "1")], true).await);
+    let accepted = burst(&s, WRITES, 1000).await;
+    let last = accepted.last().unwrap()["writes"][99]["id"].as_str().unwrap().to_owned();
+    wait_total(&s.db(), WRITES as i64, Duration::from_secs(120)).await;
+    let rows: i64 = s.db().query_row("SELECT count(*) FROM spillway_writes", [], |r| r.get(0)).unwrap();
+    eprintln!("retention 1 s: {rows} outcome rows left of {WRITES} writes");
+    assert!(rows < (WRITES as i64) * 3 / 4, "{rows} outcome rows for {WRITES} writes");
+    let st = s.settled(&last).await;
+    assert_eq!(st["status"], "applied", "the newest outcomes are kept: {st}");
+}
+
+/// Redis settings that would lose or strand writes are reported (in the drain reply
+/// and once on the processor's stderr), and expired-key events are turned on.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_hazards_are_reported_and_expiry_events_turned_on() {
+    let redis = Redis::start();
+    let mut c = redis.conn();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("allkeys-lru").query(&mut c).unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("").query(&mut c).unwrap();
+    let s = Spillway::start_on(redis, &[], false).await;
+    let (code, _, out) = s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    assert_eq!(code, 200, "{out}");
+    let warnings: Vec<String> = serde_json::from_value(out["warnings"].clone()).unwrap();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("maxmemory-policy is allkeys-lru"), "{warnings:?}");
+    assert!(warnings[1].contains("appendonly is off"), "{warnings:?}");
+    let flags: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query(&mut s.redis.conn()).unwrap();
+    assert!(flags[1].contains('E') && flags[1].contains('x'), "{flags:?}");
+    let logged = s.app.guest_output();
+    assert_eq!(logged.matches("spillway: warning: Redis maxmemory-policy").count(), 1, "{logged}");
+}
