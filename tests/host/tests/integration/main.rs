@@ -26,6 +26,8 @@ mod pipeline;
 /// Self-healing: lost wake-ups and crashed processors recover with no traffic;
 /// fresh start; bounded state; Redis hazards reported.
 mod selfheal;
+/// Reads users can trust: read-your-writes on both cache backends.
+mod reads;
 /// `spin:redis`: commands, reply flattening, `allowed_outbound_hosts`.
 mod redis_outbound;
 /// The Redis trigger: delivery in order, failures do not stop it.

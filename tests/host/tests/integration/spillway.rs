@@ -56,8 +56,24 @@ impl Spillway {
 
     /// Like [`Spillway::start`], against `redis`.
     pub(crate) async fn start_on(redis: Redis, vars: &[(&str, &str)], trigger: bool) -> Self {
+        Self::start_with(redis, vars, trigger, false).await
+    }
+
+    /// Like [`Spillway::start`], with the key-value store (the record cache) on the
+    /// same Redis, as `runtime-config.toml` puts it.
+    pub(crate) async fn start_kv_on_redis(vars: &[(&str, &str)], trigger: bool) -> Self {
+        Self::start_with(Redis::start(), vars, trigger, true).await
+    }
+
+    async fn start_with(redis: Redis, vars: &[(&str, &str)], trigger: bool, kv_on_redis: bool) -> Self {
         let state = tempfile::tempdir().unwrap();
-        let app = Arc::new(App::load(&options(&redis, state.path(), vars)).expect("spillway loads"));
+        let mut opts = options(&redis, state.path(), vars);
+        if kv_on_redis {
+            let rc = state.path().join("runtime-config.toml");
+            std::fs::write(&rc, format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n", redis.url())).unwrap();
+            opts.runtime_config = Some(rc);
+        }
+        let app = Arc::new(App::load(&opts).expect("spillway loads"));
         let mut s = Self { app, redis, state, trigger: None };
         if trigger {
             s.start_trigger().await;
