@@ -138,3 +138,26 @@ source = "{{subscriber}}"
     let e = fails(&t, &[]);
     assert!(e.contains(&format!("Redis trigger failed to connect to redis://127.0.0.1:{port}")), "{e}");
 }
+
+/// As Spin: when the Redis trigger's connection drops (Redis stops), the trigger
+/// ends and `up` exits with "A trigger exited unexpectedly. Terminating." rather
+/// than serving HTTP without its trigger (run it under a supervisor).
+#[test]
+fn up_exits_when_the_trigger_loses_redis() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, processor) = crate::processes::manifests(dir.path());
+    let mut host = crate::processes::spawn(&processor, &dir.path().join("state"), &redis.url(), &[], true);
+    drop(redis); // SIGKILL
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = host.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "up kept running without its trigger");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success(), "up exits with an error status when its trigger ends");
+    let printed = host.stdout.lock().unwrap().join("\n");
+    assert!(printed.contains("A trigger exited unexpectedly. Terminating."), "{printed}");
+}

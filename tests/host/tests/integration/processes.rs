@@ -4,6 +4,7 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader as TokioBufReader};
 use tokio::net::TcpStream;
@@ -15,6 +16,8 @@ use crate::support::{free_port, workspace};
 pub(crate) struct Host {
     pub(crate) child: Child,
     pub(crate) port: u16,
+    /// What it printed on stdout after it was ready.
+    pub(crate) stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Host {
@@ -81,8 +84,14 @@ pub(crate) fn spawn(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&st
             break;
         }
     }
-    std::thread::spawn(move || for _ in lines {});
-    Host { child, port }
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let sink = stdout.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Host { child, port, stdout }
 }
 
 /// A minimal keep-alive HTTP/1.1 client: our responses always carry Content-Length.
