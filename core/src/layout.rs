@@ -108,9 +108,16 @@ impl Layout {
         self.shard_key(shard, "dead")
     }
 
-    /// Index of dead writes: write stream id -> error.
-    pub fn dead_index(&self, shard: u32) -> String {
-        self.shard_key(shard, "dead-index")
+    /// Prefix of the per-write status keys of dead writes: `<prefix><entry id>` holds
+    /// the error (or `replayed:<new id>`), with the status retention as TTL, so
+    /// the index of dead writes stays bounded.
+    pub fn dead_status_prefix(&self, shard: u32) -> String {
+        self.shard_key(shard, "dead:")
+    }
+
+    /// The status key of one dead write (see [`Layout::dead_status_prefix`]).
+    pub fn dead_status(&self, shard: u32, entry: &str) -> String {
+        format!("{}{entry}", self.dead_status_prefix(shard))
     }
 
     /// Idempotency record of a client's `Idempotency-Key`.

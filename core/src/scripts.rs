@@ -99,7 +99,8 @@ return 0
 /// entries, else new ones. Each delivery counts an attempt; an entry past the
 /// attempt limit moves to the dead-letter stream with its last error.
 ///
-/// KEYS: `[lease, stream, attempts, dead, dead_index, watch]`.
+/// KEYS: `[lease, stream, attempts, dead, dead_status_prefix, watch]`; a dead write's
+/// status key is the prefix plus its entry id (same hash tag, so the same slot).
 /// ARGV: `[token, group, consumer, count, max_attempts, shard, lease_ttl_ms,
 /// retention_ms]`.
 /// Reply: `lost` | `ok, prune_before_ms, (entry_id, payload)*`, where
@@ -133,7 +134,7 @@ for _, e in ipairs(entries) do
     if n > max then
       local err = redis.call('HGET', KEYS[3], 'err:' .. id) or 'unknown error'
       redis.call('XADD', KEYS[4], '*', 'id', ARGV[6] .. '-' .. id, 'w', payload, 'error', err, 'attempts', tostring(n - 1))
-      redis.call('HSET', KEYS[5], id, err)
+      redis.call('SET', KEYS[5] .. id, err, 'PX', ARGV[8])
       redis.call('XACK', KEYS[2], ARGV[2], id)
       redis.call('XDEL', KEYS[2], id)
       redis.call('HDEL', KEYS[3], id, 'err:' .. id)
@@ -206,15 +207,17 @@ return n
 "#;
 
 /// Replay dead letters of one shard back onto its stream (new write ids), marking
-/// each old id `replayed:<new id>` in the dead index and ringing the doorbell.
+/// each old id's status `replayed:<new id>` (for the status retention) and ringing
+/// the doorbell.
 ///
-/// KEYS: `[dead, dead_index, stream, bell]`.
-/// ARGV: `[channel, bell_ttl_ms, shard, write_id*]` (no write ids: all of the shard).
+/// KEYS: `[dead, dead_status_prefix, stream, bell]`.
+/// ARGV: `[channel, bell_ttl_ms, shard, retention_ms, write_id*]` (no write ids: all
+/// of the shard).
 /// Reply: `(old write id, new write id)*`.
 pub const REPLAY: &str = r#"
 local wanted = {}
-local all = #ARGV < 4
-for i = 4, #ARGV do wanted[ARGV[i]] = true end
+local all = #ARGV < 5
+for i = 5, #ARGV do wanted[ARGV[i]] = true end
 local out = {}
 for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
   local f = {}
@@ -223,13 +226,15 @@ for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
     local new = redis.call('XADD', KEYS[3], '*', 'w', f['w'])
     local new_id = ARGV[3] .. '-' .. new
     local entry = string.sub(f['id'], string.len(ARGV[3]) + 2)
-    redis.call('HSET', KEYS[2], entry, 'replayed:' .. new_id)
+    redis.call('SET', KEYS[2] .. entry, 'replayed:' .. new_id, 'PX', ARGV[4])
     redis.call('XDEL', KEYS[1], e[1])
     out[#out + 1] = f['id']
     out[#out + 1] = new_id
   end
 end
-if #out > 0 and redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[2]) then
+if #out > 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'PX', ARGV[2])
   redis.call('PUBLISH', ARGV[1], ARGV[3])
 end
 return out

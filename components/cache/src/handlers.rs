@@ -187,7 +187,7 @@ async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>,
         }
         return Ok(json(200, &body, &[]));
     }
-    let dead = redis.execute("HGET", vec![bin(&l.dead_index(id.shard)), bin(&id.entry)]).await?;
+    let dead = redis.execute("GET", vec![bin(&l.dead_status(id.shard, &id.entry))]).await?;
     if let Some(err) = dead.first().and_then(text) {
         if let Some(new_id) = err.strip_prefix("replayed:") {
             return Ok(json(200, &json!({"id": sid, "status": "replayed", "replayed_as": new_id}), &[]));

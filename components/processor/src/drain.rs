@@ -234,7 +234,7 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
     let reply = redis
         .eval(
             scripts::READ_BATCH,
-            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_index(shard), l.watch(shard)],
+            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_status_prefix(shard), l.watch(shard)],
             &[
                 h.token.clone(),
                 GROUP.into(),

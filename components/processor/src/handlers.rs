@@ -150,9 +150,10 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
         if !ids.is_empty() && mine.is_empty() {
             continue;
         }
-        let mut args = vec![l.doorbell_channel(), s.lease_ttl_ms.to_string(), shard.to_string()];
+        let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
+        let mut args = vec![l.doorbell_channel(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
         args.extend(mine);
-        let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_index(shard), l.stream(shard), l.bell(shard)], &args).await?;
+        let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard)], &args).await?;
         for pair in flat.chunks(2) {
             if let [old, new] = pair {
                 replayed.push(json!({"id": text(old), "replayed_as": text(new)}));

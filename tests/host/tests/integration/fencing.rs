@@ -41,7 +41,7 @@ fn expired_lease_holder_cannot_commit() {
 
     let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
     let read: Vec<String> = Script::new(scripts::READ_BATCH)
-        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_index(3)).key(l.watch(3))
+        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_status_prefix(3)).key(l.watch(3))
         .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3).arg(60_000).arg(1000)
         .invoke(&mut c)
         .unwrap();

@@ -176,8 +176,13 @@ async fn failing_writes_are_dead_lettered() {
     let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
     assert_eq!(st["status"], "dead", "{st}");
     assert!(st["reason"].as_str().unwrap().contains("CHECK constraint failed"), "{st}");
-    let dead: Vec<redis::Value> = redis::cmd("XRANGE").arg(format!("spillway:{{s{}}}:dead", id.split('-').next().unwrap())).arg("-").arg("+").query(&mut s.redis.conn()).unwrap();
+    let (shard, entry) = id.split_once('-').unwrap();
+    let dead: Vec<redis::Value> = redis::cmd("XRANGE").arg(format!("spillway:{{s{shard}}}:dead")).arg("-").arg("+").query(&mut s.redis.conn()).unwrap();
     assert_eq!(dead.len(), 1);
+    let ttl: i64 = redis::cmd("PTTL").arg(format!("spillway:{{s{shard}}}:dead:{entry}")).query(&mut s.redis.conn()).unwrap();
+    assert!(ttl > 0, "a dead write's status is kept for the status retention, not forever");
+    let attempts: i64 = redis::cmd("EXISTS").arg(format!("spillway:{{s{shard}}}:attempts")).query(&mut s.redis.conn()).unwrap();
+    assert_eq!(attempts, 0, "its attempt counter is gone");
 }
 
 /// The drain endpoint needs the admin bearer token.

@@ -106,24 +106,29 @@ impl Conn {
 
     /// Sends a request with a JSON body; `headers` are complete `name: value\r\n` lines.
     pub(crate) async fn request(&mut self, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+        self.try_request(method, path, headers, body).await.unwrap()
+    }
+
+    /// [`Conn::request`], with I/O errors returned.
+    pub(crate) async fn try_request(&mut self, method: &str, path: &str, headers: &str, body: &str) -> std::io::Result<(u16, String)> {
         let req = format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}\r\n{body}", body.len());
-        self.stream.get_mut().write_all(req.as_bytes()).await.unwrap();
+        self.stream.get_mut().write_all(req.as_bytes()).await?;
         let mut status_line = String::new();
-        self.stream.read_line(&mut status_line).await.unwrap();
+        self.stream.read_line(&mut status_line).await?;
         let status: u16 = status_line.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
         let mut len = 0;
         loop {
             let mut line = String::new();
-            self.stream.read_line(&mut line).await.unwrap();
+            self.stream.read_line(&mut line).await?;
             if line == "\r\n" || line.is_empty() {
                 break;
             }
             if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap();
+                len = v.trim().parse().unwrap_or(0);
             }
         }
         let mut body = vec![0; len];
-        self.stream.read_exact(&mut body).await.unwrap();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        self.stream.read_exact(&mut body).await?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }

@@ -4,7 +4,7 @@ use serde_json::json;
 
 use crate::processes::{Conn, manifests, spawn};
 use crate::spillway::{ADMIN, Spillway, batch_of_incr, burst};
-use crate::support::{Redis, fixtures};
+use crate::support::{AOF_ALWAYS, Redis, fixtures};
 
 /// Writes applied so far, read from the database (never through the app, which
 /// would be traffic).
@@ -154,6 +154,18 @@ async fn outcomes_are_pruned_after_the_retention() {
     assert!(rows < (WRITES as i64) * 3 / 4, "{rows} outcome rows for {WRITES} writes");
     let st = s.settled(&last).await;
     assert_eq!(st["status"], "applied", "the newest outcomes are kept: {st}");
+    // Redis holds nothing that grows with the number of writes: every key without a
+    // TTL is a shard's stream (empty now), fencing counter or dead-letter stream.
+    let mut c = s.redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut c).unwrap();
+        let lasting = k.ends_with(":stream") || k.ends_with(":fence") || k.ends_with(":dead");
+        assert!(ttl > 0 || lasting, "{k} has no TTL");
+    }
+    let queued: usize = keys.iter().filter(|k| k.ends_with(":stream")).map(|k| redis::cmd("XLEN").arg(k).query::<usize>(&mut c).unwrap()).sum();
+    assert_eq!(queued, 0);
+    assert!(keys.len() <= 16 * 6 + 4, "{} keys left: {keys:?}", keys.len());
 }
 
 /// Redis settings that would lose or strand writes are reported (in the drain reply
@@ -175,4 +187,92 @@ async fn redis_hazards_are_reported_and_expiry_events_turned_on() {
     assert!(flags[1].contains('E') && flags[1].contains('x'), "{flags:?}");
     let logged = s.app.guest_output();
     assert_eq!(logged.matches("spillway: warning: Redis maxmemory-policy").count(), 1, "{logged}");
+}
+
+/// Redis is SIGKILLed during a load of single writes and restarted with its AOF
+/// (`appendfsync always`); the processor, whose Redis trigger ends with the
+/// connection, is restarted as a supervisor would. Clients retry each write with its
+/// `Idempotency-Key` until they get 202. Every write acknowledged with 202 is
+/// applied exactly once, with no drain call.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restart_loses_and_doubles_nothing() {
+    fixtures();
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 400;
+    const KEYS: usize = 50;
+    let mut redis = Redis::start_with(AOF_ALWAYS);
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (front_toml, processor_toml) = manifests(dir.path());
+    let vars = [("lease_ttl_ms", "1000")];
+    let front = spawn(&front_toml, &state, &url, &vars, false);
+
+    // The supervisor: start the processor again whenever it has exited.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let restarts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let supervisor = {
+        let (stop, restarts, state, url) = (stop.clone(), restarts.clone(), state.clone(), url.clone());
+        std::thread::spawn(move || {
+            let mut p = spawn(&processor_toml, &state, &url, &vars, true);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if p.child.try_wait().unwrap().is_some() {
+                    std::thread::sleep(Duration::from_millis(100));
+                    p = spawn(&processor_toml, &state, &url, &vars, true);
+                    restarts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (port, sent) = (front.port, sent.clone());
+        clients.push(tokio::spawn(async move {
+            let mut accepted = vec![0i64; KEYS];
+            let mut conn = Conn::open(port).await;
+            for i in 0..PER_CLIENT {
+                let key = (c * 31 + i) % KEYS;
+                let body = format!(r#"{{"key":"k{key}","op":"incr","field":"n"}}"#);
+                let header = format!("idempotency-key: w-{c}-{i}\r\n");
+                loop {
+                    match conn.try_request("POST", "/v1/writes", &header, &body).await {
+                        Ok((202, _)) => break,
+                        Ok((503, _)) => {}
+                        Ok((status, reply)) => panic!("{status}: {reply}"),
+                        Err(_) => conn = Conn::open(port).await,
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                accepted[key] += 1;
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            accepted
+        }));
+    }
+    while sent.load(std::sync::atomic::Ordering::SeqCst) < CLIENTS * PER_CLIENT / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    redis.kill();
+    eprintln!("SIGKILL redis at {} accepted", sent.load(std::sync::atomic::Ordering::SeqCst));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+    let mut expected = vec![0i64; KEYS];
+    for c in clients {
+        for (k, n) in c.await.unwrap().into_iter().enumerate() {
+            expected[k] += n;
+        }
+    }
+    let db = rusqlite::Connection::open(state.join("sqlite_db.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    wait_total(&db, (CLIENTS * PER_CLIENT) as i64, Duration::from_secs(60)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    supervisor.join().unwrap();
+    assert!(restarts.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the processor exited with its trigger and was restarted");
+    for (k, n) in expected.iter().enumerate() {
+        let v: i64 = db.query_row("SELECT json_extract(value, '$.n') FROM spillway_records WHERE key = ?1", [format!("k{k}")], |r| r.get(0)).unwrap();
+        assert_eq!(v, *n, "k{k}");
+    }
 }

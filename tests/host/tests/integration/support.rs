@@ -47,29 +47,57 @@ pub(crate) struct Redis {
     child: Child,
     /// Its port.
     pub(crate) port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    persistence: &'static [&'static str],
 }
+
+/// No persistence: the tests' default.
+const NO_PERSISTENCE: &[&str] = &["--save", "", "--appendonly", "no"];
+/// AOF with a sync per write: nothing acknowledged is lost when Redis is killed.
+pub(crate) const AOF_ALWAYS: &[&str] = &["--save", "", "--appendonly", "yes", "--appendfsync", "always"];
 
 impl Redis {
     /// Starts a server and waits until it answers.
     pub(crate) fn start() -> Self {
+        Self::start_with(NO_PERSISTENCE)
+    }
+
+    /// Starts a server with these persistence options.
+    pub(crate) fn start_with(persistence: &'static [&'static str]) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let dir = tempfile::tempdir().expect("tempdir");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server is installed (see .ci/run)");
-            let mut server = Self { child, port, _dir: dir };
+            let child = Self::spawn(port, dir.path(), persistence);
+            let mut server = Self { child, port, dir, persistence };
             if server.wait_ready() {
                 return server;
             }
         }
         panic!("redis-server did not start");
+    }
+
+    fn spawn(port: u16, dir: &Path, persistence: &[&str]) -> Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(persistence)
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (see .ci/run)")
+    }
+
+    /// SIGKILLs the server.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data directory (AOF reloaded).
+    pub(crate) fn restart(&mut self) {
+        self.child = Self::spawn(self.port, self.dir.path(), self.persistence);
+        assert!(self.wait_ready(), "redis-server did not come back");
     }
 
     fn wait_ready(&mut self) -> bool {
