@@ -1,0 +1,455 @@
+//! Spillway's benchmark: every figure next to a baseline measured in the same run,
+//! reported as a ratio (the machines are shared and noisy; ratios travel).
+//!
+//! Baselines: the floor (a hello-world spin-sdk 7 component on the same host), the
+//! Redis ceiling (intake's enqueue script run natively), the naive design (each
+//! write straight into SQLite with a read-modify-write, no queue) and the peer
+//! (BullMQ from the npm registry doing the same job on the same Redis, when `node`
+//! and `npm` are there). Spillway: single-write intake, warm reads, batch intake,
+//! and end to end (accepted -> applied) over 1,000 keys, 1 key and 100,000 keys.
+//!
+//! By default everything runs here: a `redis-server` of its own and the embedded
+//! host (`spillway-host up`) serving the repository's `spin.toml`; with `--url` and
+//! `--redis` the Spillway scenarios go to a running app instead (e.g. `spin up`).
+//! Writes `RESULTS.md` and `results.png` into `--out`.
+//!
+//! # Layout
+//!
+//! - [`load`]: HTTP and Redis load generators with HDR histograms.
+//! - [`report`]: the table, `RESULTS.md` and the chart.
+//! - this file: arguments, the processes under test, the scenarios.
+
+mod load;
+mod report;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use spillway_core::layout::Layout;
+use spillway_core::scripts;
+
+use crate::load::request;
+use crate::report::Row;
+
+/// Spillway's benchmark (see the crate docs).
+#[derive(Parser)]
+struct Args {
+    /// Seconds per timed scenario.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Concurrent HTTP clients of the timed scenarios.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Writes per end-to-end scenario.
+    #[arg(long, default_value_t = 100_000)]
+    writes: usize,
+    /// A seconds-long run that checks the benchmark works (CI): 1 s scenarios,
+    /// 2,000 writes, no BullMQ. Its figures mean nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Base URL of a running Spillway (e.g. `http://127.0.0.1:3000` of `spin up`)
+    /// instead of the embedded host; needs `--redis`.
+    #[arg(long, requires = "redis")]
+    url: Option<String>,
+    /// The Redis that Spillway at `--url` uses (queue depths are read there; BullMQ
+    /// and the Redis ceiling run there too).
+    #[arg(long)]
+    redis: Option<String>,
+    /// Leave BullMQ out.
+    #[arg(long)]
+    no_bullmq: bool,
+    /// Where `RESULTS.md` and `results.png` go.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+    /// TrueType font for the chart's text.
+    #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+    font: PathBuf,
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("the workspace exists")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the components, the fixtures and the host.
+fn build() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(&cargo).current_dir(workspace()).args(["build", "--release", "--target", "wasm32-wasip2"]).args([
+        "-p", "intake", "-p", "processor", "-p", "cache", "-p", "fixture-hello", "-p", "fixture-naive",
+    ]))?;
+    run(Command::new(&cargo).current_dir(workspace()).args(["build", "-p", "spillway-testhost"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from);
+    Ok(target)
+}
+
+fn redis_server(dir: &Path) -> anyhow::Result<(Proc, String)> {
+    let port = free_port()?;
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("redis-server is needed (apt-get install redis-server)")?;
+    let url = format!("redis://127.0.0.1:{port}");
+    let client = redis::Client::open(url.as_str())?;
+    for _ in 0..500 {
+        if let Ok(mut c) = client.get_connection()
+            && redis::cmd("PING").query::<String>(&mut c).is_ok()
+        {
+            return Ok((Proc(child), url));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("redis-server did not start")
+}
+
+/// `spillway-host up` on `manifest`; returns it and its address once it serves.
+fn host(target: &Path, manifest: &Path, state: &Path, vars: &[(&str, &str)]) -> anyhow::Result<(Proc, String)> {
+    let port = free_port()?;
+    let mut cmd = Command::new(target.join("debug/spillway-host"));
+    cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"]).arg(manifest).arg("--state-dir").arg(state);
+    for (k, v) in vars {
+        cmd.args(["--variable", &format!("{k}={v}")]);
+    }
+    let mut child = cmd
+        .env("SPILLWAY_HOST_CACHE_DIR", target.join("wasmtime-cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let waits_for_channels = std::fs::read_to_string(manifest)?.contains("[[trigger.redis]]");
+    let mut ready = false;
+    for line in lines.map_while(Result::ok) {
+        if (waits_for_channels && line.starts_with('\t')) || (!waits_for_channels && line.starts_with("  ")) {
+            ready = true;
+            break;
+        }
+    }
+    if !ready {
+        bail!("the host did not start on {}", manifest.display());
+    }
+    Ok((Proc(child), format!("127.0.0.1:{port}")))
+}
+
+/// Resident memory of a process, MiB: now (`VmRSS`) or its peak (`VmHWM`).
+fn rss_mib(pid: Option<u32>, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Writes still queued in Spillway's streams.
+fn queued(redis: &mut redis::Connection, layout: &Layout) -> anyhow::Result<u64> {
+    let mut n = 0;
+    for s in 0..layout.shards {
+        n += redis::cmd("XLEN").arg(layout.stream(s)).query::<u64>(redis)?;
+    }
+    Ok(n)
+}
+
+/// Seconds until the queue is empty (every accepted write applied and acknowledged).
+async fn until_drained(redis: &mut redis::Connection, layout: &Layout, bound: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while queued(redis, layout)? > 0 {
+        if start.elapsed() > bound {
+            bail!("{} writes still queued after {bound:?}", queued(redis, layout)?);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(start.elapsed())
+}
+
+fn incr(key: &str) -> String {
+    format!(r#"{{"key":"{key}","op":"incr","field":"n"}}"#)
+}
+
+fn batch(from: usize, keys: usize) -> String {
+    let writes: Vec<String> = (from..from + 100).map(|i| incr(&format!("k{}", i % keys))).collect();
+    format!(r#"{{"writes":[{}]}}"#, writes.join(","))
+}
+
+/// End to end: `writes` increments over `keys` keys posted as batches of 100 by 16
+/// clients, timed from the first request until the queue is empty.
+async fn end_to_end(addr: &str, redis: &mut redis::Connection, layout: &Layout, writes: usize, keys: usize) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    load::http_count(addr, 16, writes / 100, move |i| request("POST", "/v1/writes", &batch(i * 100, keys))).await?;
+    until_drained(redis, layout, Duration::from_secs(600)).await?;
+    Ok(writes as f64 / start.elapsed().as_secs_f64())
+}
+
+/// BullMQ doing the same job on the same Redis: writes/s, or why it did not run.
+fn bullmq(redis_url: &str, writes: usize, keys: usize) -> Result<f64, String> {
+    let dir = workspace().join("bench/bullmq");
+    if Command::new("node").arg("--version").output().is_err() {
+        return Err("node is not installed".into());
+    }
+    if !dir.join("node_modules/bullmq").exists() {
+        let ok = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("npm: {e}"))?;
+        if !ok.success() {
+            return Err("npm ci failed (no registry?)".into());
+        }
+    }
+    let out = Command::new("node")
+        .args(["peer.mjs", redis_url, &writes.to_string(), &keys.to_string()])
+        .current_dir(&dir)
+        .output()
+        .map_err(|e| format!("node: {e}"))?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|_| format!("BullMQ peer failed: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if v["checked"].as_u64().is_some_and(|c| c != writes as u64) {
+        return Err(format!("BullMQ applied {} of {writes}", v["checked"]));
+    }
+    Ok(writes as f64 / (v["elapsed_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.seconds = 1;
+        args.writes = 2_000;
+        args.no_bullmq = true;
+    }
+    let duration = Duration::from_secs(args.seconds);
+    let work = std::env::temp_dir().join(format!("spillway-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let target = build()?;
+    let mut procs = Vec::new();
+    let redis_url = match &args.redis {
+        Some(url) => url.clone(),
+        None => {
+            let (p, url) = redis_server(&work)?;
+            procs.push(p);
+            url
+        }
+    };
+
+    // The baselines' host: hello-world (the floor) and the naive design.
+    let baseline = work.join("baseline.toml");
+    let wasm = target.join("wasm32-wasip2/release");
+    std::fs::write(
+        &baseline,
+        format!(
+            "spin_manifest_version = 2\n[application]\nname = \"baselines\"\n\n[[trigger.http]]\nroute = \"/hello\"\ncomponent = \"hello\"\n\n\
+             [[trigger.http]]\nroute = \"/naive\"\ncomponent = \"naive\"\n\n[component.hello]\nsource = \"{}\"\n\n\
+             [component.naive]\nsource = \"{}\"\nsqlite_databases = [\"default\"]\n",
+            wasm.join("fixture_hello.wasm").display(),
+            wasm.join("fixture_naive.wasm").display()
+        ),
+    )?;
+    let (base_proc, base_addr) = host(&target, &baseline, &work.join("baseline-state"), &[])?;
+    procs.push(base_proc);
+
+    // Spillway, with the queue limit out of the way of the batch-intake flood.
+    let (spillway_addr, spillway_pid) = match &args.url {
+        Some(url) => (url.trim_start_matches("http://").trim_end_matches('/').to_owned(), None),
+        None => {
+            let vars = [("redis_address", redis_url.as_str()), ("admin_token", "bench"), ("queue_depth_limit", "100000000")];
+            let (p, addr) = host(&target, &workspace().join("spin.toml"), &work.join("spillway-state"), &vars)?;
+            let pid = p.0.id();
+            procs.push(p);
+            (addr, Some(pid))
+        }
+    };
+    let layout = Layout { prefix: "spillway:".into(), shards: 16 };
+    let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
+
+    let steps = 11;
+    let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
+    let step = |msg: &str| {
+        bar.set_message(msg.to_owned());
+        bar.inc(1);
+    };
+    let mut rows = Vec::new();
+    let clients = args.clients;
+
+    step("floor: hello-world");
+    let floor = load::http(&base_addr, clients, duration, 1, |_, _| request("GET", "/hello", "")).await?;
+    let floor_p99 = floor.ms(0.99);
+    rows.push(Row::from("floor: hello-world component", "req/s", &floor));
+
+    step("Redis ceiling");
+    let ceiling_layout = Layout { prefix: "bench:ceiling:".into(), shards: 16 };
+    let ceiling = load::redis_script(&redis_url, clients, duration, scripts::ENQUEUE, move |c, n| {
+        let shard = ((c as u64 + n) % 16) as u32;
+        let l = &ceiling_layout;
+        let keys = vec![l.idempotency(""), l.stream(shard), l.bell(shard), l.lease(shard)];
+        let args = ["0", "", "60", "100000000", "bench:ceiling:doorbell", "5000", "1", &shard.to_string(), "1", "1", &incr("k")];
+        (keys, args.iter().map(|a| (*a).to_owned()).collect())
+    })
+    .await?;
+    let _: () = redis::cmd("EVAL").arg("for _, k in ipairs(redis.call('KEYS', 'bench:ceiling:*')) do redis.call('DEL', k) end").arg(0).query(&mut redis)?;
+    rows.push(Row::from("Redis ceiling: intake's script, native", "writes/s", &ceiling));
+
+    step("naive design");
+    let naive = load::http(&base_addr, clients, duration, 1, |c, n| {
+        request("POST", "/naive", &format!(r#"{{"key":"k{}","by":1}}"#, (c as u64 * 7919 + n) % 1000))
+    })
+    .await?;
+    let naive_rate = naive.rate();
+    rows.push(Row::from("naive design: read-modify-write per request", "writes/s", &naive).note("applied when answered"));
+
+    step("single-write intake");
+    let single = load::http(&spillway_addr, clients, duration, 1, |c, n| {
+        request("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)))
+    })
+    .await?;
+    let drained = until_drained(&mut redis, &layout, Duration::from_secs(600)).await?;
+    rows.push(
+        Row::from("Spillway single-write intake", "req/s", &single)
+            .against("floor", floor.rate())
+            .rss(rss_mib(spillway_pid, "VmRSS"))
+            .note(format!("target >= 0.6x; p99 {:.1}x the floor's", single.ms(0.99) / floor_p99)),
+    );
+    rows.push(Row {
+        scenario: format!("queue empty after {}s of single-write load", args.seconds),
+        value: drained.as_secs_f64(),
+        unit: "s later",
+        latency: None,
+        baseline: None,
+        peak_rss_mib: rss_mib(spillway_pid, "VmRSS"),
+        note: "target <= 2 s".into(),
+    });
+
+    step("warm reads");
+    let reads = load::http(&spillway_addr, clients, duration, 1, |_, _| request("GET", "/v1/records/k1", "")).await?;
+    rows.push(
+        Row::from("Spillway warm reads (one record)", "req/s", &reads)
+            .against("floor", floor.rate())
+            .rss(rss_mib(spillway_pid, "VmRSS"))
+            .note(format!("target >= 0.6x; p99 {:.1}x the floor's", reads.ms(0.99) / floor_p99)),
+    );
+
+    step("batch intake");
+    let batch_time = duration.min(Duration::from_secs(3));
+    let batches = load::http(&spillway_addr, clients, batch_time, 100, |c, n| request("POST", "/v1/writes", &batch((c * 1_000_000) + n as usize * 100, 1000))).await?;
+    rows.push(Row::from("Spillway batch intake (100 writes per request)", "writes/s", &batches).rss(rss_mib(spillway_pid, "VmRSS")).note("target >= 100k writes/s"));
+    let backlog = queued(&mut redis, &layout)?;
+    let drain_time = until_drained(&mut redis, &layout, Duration::from_secs(900)).await?;
+    rows.push(Row {
+        scenario: format!("drain the {backlog}-write backlog batch intake left"),
+        value: backlog as f64 / drain_time.as_secs_f64().max(1e-9),
+        unit: "writes/s",
+        latency: None,
+        baseline: None,
+        peak_rss_mib: rss_mib(spillway_pid, "VmRSS"),
+        note: "applied with no further traffic".into(),
+    });
+
+    step("BullMQ peer");
+    let peer = if args.no_bullmq { Err("left out (--no-bullmq or --smoke)".to_owned()) } else { bullmq(&redis_url, args.writes, 1000) };
+    match &peer {
+        Ok(rate) => rows.push(Row {
+            scenario: format!("BullMQ 6.7 end to end, {} writes / 1,000 keys", args.writes),
+            value: *rate,
+            unit: "writes/s",
+            latency: None,
+            baseline: None,
+            peak_rss_mib: None,
+            note: "bulk 100, concurrency 64, HINCRBY".into(),
+        }),
+        Err(why) => eprintln!("BullMQ peer not measured: {why}"),
+    }
+    let peer_rate = peer.as_ref().ok().copied();
+
+    for (keys, label) in [(1000, "1,000 keys"), (1, "1 hot key"), (args.writes, "all distinct keys")] {
+        step(&format!("end to end, {label}"));
+        let rate = end_to_end(&spillway_addr, &mut redis, &layout, args.writes, keys).await?;
+        let mut row = Row {
+            scenario: format!("Spillway end to end, {} writes / {label}", args.writes),
+            value: rate,
+            unit: "writes/s",
+            latency: None,
+            baseline: None,
+            peak_rss_mib: rss_mib(spillway_pid, "VmRSS"),
+            note: String::new(),
+        };
+        row = match peer_rate {
+            Some(p) => row.against("BullMQ, 1,000 keys", p).note("target >= 3x BullMQ"),
+            None => row.against("naive design", naive_rate),
+        };
+        rows.push(row);
+    }
+    bar.finish_and_clear();
+
+    let peak = rss_mib(spillway_pid, "VmHWM");
+    let table = report::markdown(&rows);
+    println!("{table}");
+    if let Some(p) = peak {
+        println!("Spillway host peak RSS over the whole run: {p:.0} MiB");
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let mut md = format!(
+        "# Spillway benchmark results\n\nWritten by `cargo run -p spillway-bench{}` ({}). Machine: {}. Every ratio compares \
+         two figures measured in this run; absolute figures depend on the machine and its load.\n\n\
+         Setup: {} clients for {} s per timed scenario; end to end = {} writes posted as batches of 100 by 16 clients, \
+         timed until every write is applied and acknowledged (queue empty). {}; Redis {}.\n\n",
+        if args.smoke { " -- --smoke" } else { "" },
+        if args.smoke { "smoke run: the figures mean nothing" } else { "full run" },
+        machine(),
+        clients,
+        args.seconds,
+        args.writes,
+        match &args.url {
+            Some(u) => format!("Spillway at {u}"),
+            None => "Spillway on the embedded host (`spillway-host up`, the repository's spin.toml, SQLite database and SQLite key-value cache)".into(),
+        },
+        redis_url
+    );
+    md.push_str(&table);
+    if let Some(p) = peak {
+        md.push_str(&format!("\nHost peak RSS over the whole run (VmHWM): {p:.0} MiB.\n"));
+    }
+    if let Err(why) = &peer {
+        md.push_str(&format!("\nBullMQ peer not measured: {why}; end-to-end rows compare with the naive design.\n"));
+    }
+    std::fs::write(args.out.join("RESULTS.md"), md)?;
+    if let Err(e) = report::chart(&rows, &args.out.join("results.png"), &args.font) {
+        eprintln!("no chart: {e:#}");
+    }
+    println!("wrote {}", args.out.join("RESULTS.md").display());
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
