@@ -78,8 +78,52 @@ async fn from_db(key: &str) -> Result<Option<Json>, Problem> {
     Ok(Some(json!({"key": key, "value": value, "version": version, "etag": etag, "updated_at": updated_at})))
 }
 
-async fn cached(store: &Store, cache_key: &str) -> Result<Option<Json>, Problem> {
-    Ok(store.get(cache_key).await.map_err(kv_err)?.and_then(|b| serde_json::from_slice(&b).ok()))
+/// A cache entry: the record's JSON as `GET /v1/records/{key}` answers it, and its
+/// ETag (read out of it without building the whole document).
+struct Entry {
+    body: String,
+    etag: String,
+}
+
+impl Entry {
+    fn parse(bytes: Vec<u8>) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Tag<'a> {
+            #[serde(borrow)]
+            etag: std::borrow::Cow<'a, str>,
+        }
+        let body = String::from_utf8(bytes).ok()?;
+        let etag = serde_json::from_str::<Tag<'_>>(&body).ok()?.etag.into_owned();
+        Some(Self { body, etag })
+    }
+
+    fn from_json(v: &Json) -> Self {
+        Self { body: v.to_string(), etag: v["etag"].as_str().unwrap_or_default().to_owned() }
+    }
+}
+
+thread_local! {
+    /// The store, opened once per instance (a reused instance serves many reads).
+    static STORE: std::cell::RefCell<Option<std::rc::Rc<Store>>> = const { std::cell::RefCell::new(None) };
+}
+
+async fn store() -> Result<std::rc::Rc<Store>, Problem> {
+    if let Some(s) = STORE.with_borrow(Clone::clone) {
+        return Ok(s);
+    }
+    let s = std::rc::Rc::new(Store::open_default().await.map_err(kv_err)?);
+    STORE.with_borrow_mut(|c| *c = Some(s.clone()));
+    Ok(s)
+}
+
+async fn cached(store: &Store, cache_key: &str) -> Result<Option<Entry>, Problem> {
+    match store.get(cache_key).await {
+        Ok(v) => Ok(v.and_then(Entry::parse)),
+        Err(e) => {
+            STORE.with_borrow_mut(|c| *c = None);
+            Err(kv_err(e))
+        }
+    }
 }
 
 async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Result<http::Response<String>, Problem> {
@@ -88,16 +132,16 @@ async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Resul
         return Err(Problem::not_found("no such record"));
     }
     let l = &s.layout;
-    let store = Store::open_default().await.map_err(kv_err)?;
+    let store = store().await?;
     let cache_key = l.cache_key(&key);
     let mut entry = cached(&store, &cache_key).await?;
     if entry.is_none() {
-        entry = fill(s, &store, &cache_key, &key).await?;
+        entry = fill(s, &store, &cache_key, &key).await?.as_ref().map(Entry::from_json);
     }
     let Some(entry) = entry else {
         return Err(Problem::not_found(&format!("no record {key:?}")));
     };
-    let etag = format!("\"{}\"", entry["etag"].as_str().unwrap_or_default());
+    let etag = format!("\"{}\"", entry.etag);
     if let Some(want) = headers.get("if-match").and_then(|v| v.to_str().ok())
         && !want.split(',').any(|t| t.trim() == etag || t.trim() == "*") {
             return Err(Problem::new(412, "precondition-failed", "Precondition failed", &format!("the record's ETag is {etag}, not {want}"))
@@ -110,7 +154,7 @@ async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Resul
     if matches {
         return Ok(respond(304, "application/json", String::new(), &[("etag", etag)]));
     }
-    Ok(json(200, &entry, &[("etag", etag), ("cache-control", "no-cache".into())]))
+    Ok(respond(200, "application/json", entry.body, &[("etag", etag), ("cache-control", "no-cache".into())]))
 }
 
 /// Cache miss: one filler per key reads the database and fills the cache under the
@@ -136,7 +180,7 @@ async fn fill(s: &Settings, store: &Store, cache_key: &str, key: &str) -> Result
             return result;
         }
         spillway_spin::wait_ms(2).await;
-        if let Some(e) = cached(store, cache_key).await? {
+        if let Some(e) = store.get(cache_key).await.map_err(kv_err)?.and_then(|b| serde_json::from_slice(&b).ok()) {
             return Ok(Some(e));
         }
     }
@@ -213,7 +257,7 @@ async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Result<http::
     if key.is_empty() || key.chars().count() > s.limits.max_key_len {
         return Err(Problem::invalid(&format!("the key must be 1 to {} characters", s.limits.max_key_len), "/path/key"));
     }
-    let store = Store::open_default().await.map_err(kv_err)?;
+    let store = store().await?;
     let redis = Redis::new(&s.redis_address);
     let lock = s.layout.fill_lock(&key);
     let me = token();
