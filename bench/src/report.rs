@@ -24,8 +24,13 @@ pub(crate) struct Row {
 }
 
 impl Row {
-    /// A throughput row from a load run.
+    /// A throughput row from a load run (successful requests only; failed ones
+    /// are named in the note).
     pub(crate) fn from(scenario: &str, unit: &'static str, m: &Measured) -> Self {
+        let note = match &m.failed {
+            (0, _) => String::new(),
+            (n, first) => format!("{n} requests failed, first: {}", first.as_deref().unwrap_or("?").replace('|', "/")),
+        };
         Self {
             scenario: scenario.to_owned(),
             value: m.rate(),
@@ -33,7 +38,7 @@ impl Row {
             latency: Some([m.ms(0.5), m.ms(0.99), m.ms(0.999)]),
             baseline: None,
             peak_rss_mib: None,
-            note: String::new(),
+            note,
         }
     }
 
@@ -43,8 +48,10 @@ impl Row {
         self
     }
 
+    /// Adds to the note.
     pub(crate) fn note(mut self, note: impl Into<String>) -> Self {
-        self.note = note.into();
+        let note = note.into();
+        self.note = if self.note.is_empty() { note } else { format!("{note}; {}", self.note) };
         self
     }
 

@@ -1,7 +1,7 @@
 //! Applying writes to records: the built-in operations, preconditions and ETags.
 //! A write whose operation fails is *rejected* with a reason; it is never retried.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -67,33 +67,59 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-fn object_of(current: Option<&Record>) -> Result<Map<String, Value>, String> {
-    match current.map(|r| &r.value) {
-        None => Ok(Map::new()),
-        Some(Value::Object(o)) => Ok(o.clone()),
-        Some(_) => Err("the record is not a JSON object".into()),
-    }
-}
-
 /// Applies one write to the current record (`None`: absent). `Ok(None)` means the
 /// record is deleted; `Err` is the rejection reason.
 pub fn apply(current: Option<&Record>, write: &Write, now_ms: i64) -> Result<Option<Record>, String> {
-    let version = current.map_or(0, |r| r.version);
+    let mut record = current.cloned();
+    apply_in_place(&mut record, write, now_ms)?;
+    if let Some(r) = &mut record {
+        r.etag = etag(&r.value);
+    }
+    Ok(record)
+}
+
+/// An object member of the record to change, checked before anything changes.
+fn object_mut(record: &mut Option<Record>) -> Result<&mut Map<String, Value>, String> {
+    if record.as_ref().is_some_and(|r| !r.value.is_object()) {
+        return Err("the record is not a JSON object".into());
+    }
+    let r = record.get_or_insert_with(|| Record { value: Value::Object(Map::new()), version: 0, etag: String::new(), updated_at: 0 });
+    match &mut r.value {
+        Value::Object(o) => Ok(o),
+        _ => unreachable!("checked above"),
+    }
+}
+
+/// Applies one write to `record` where it lies, leaving it untouched when the
+/// write is rejected (every check comes before any change). Returns the record's
+/// new version. The ETag is left to the caller ([`plan_batch`] computes it once per
+/// key and batch, not once per write).
+fn apply_in_place(record: &mut Option<Record>, write: &Write, now_ms: i64) -> Result<u64, String> {
+    let version = record.as_ref().map_or(0, |r| r.version);
     if let Some(expected) = write.if_version
-        && expected != version {
-            return Err(format!("precondition failed: the record is at version {version}, not {expected}"));
+        && expected != version
+    {
+        return Err(format!("precondition failed: the record is at version {version}, not {expected}"));
+    }
+    match &write.op {
+        Op::Delete => {
+            *record = None;
+            return Ok(version + 1);
         }
-    let value = match &write.op {
-        Op::Delete => return Ok(None),
-        Op::Put { value } => value.clone(),
+        Op::Put { value } => {
+            *record = Some(Record { value: value.clone(), version, etag: String::new(), updated_at: now_ms });
+        }
         Op::Merge { patch } => {
-            let mut v = current.map_or(Value::Null, |r| r.value.clone());
-            merge_patch(&mut v, patch);
-            v
+            let r = record.get_or_insert_with(|| Record { value: Value::Null, version, etag: String::new(), updated_at: now_ms });
+            merge_patch(&mut r.value, patch);
         }
         Op::Incr { field, by, min, max } => {
-            let mut obj = object_of(current)?;
-            let now = match obj.get(field) {
+            let current = match record.as_ref().map(|r| &r.value) {
+                Some(Value::Object(o)) => o.get(field),
+                Some(_) => return Err("the record is not a JSON object".into()),
+                None => None,
+            };
+            let now = match current {
                 None | Some(Value::Null) => 0,
                 Some(v) => v.as_i64().ok_or_else(|| format!("field {field:?} is not an integer"))?,
             };
@@ -104,23 +130,32 @@ pub fn apply(current: Option<&Record>, write: &Write, now_ms: i64) -> Result<Opt
             if let Some(hi) = max.filter(|hi| next > *hi) {
                 return Err(format!("{field} would become {next}, above the maximum {hi}"));
             }
-            obj.insert(field.clone(), Value::from(next));
-            Value::Object(obj)
+            object_mut(record)?.insert(field.clone(), Value::from(next));
         }
         Op::Append { field, value, max_len } => {
-            let mut obj = object_of(current)?;
-            let arr = obj.entry(field.clone()).or_insert_with(|| Value::Array(Vec::new()));
-            let Value::Array(items) = arr else {
-                return Err(format!("field {field:?} is not an array"));
+            let len = match record.as_ref().map(|r| &r.value) {
+                Some(Value::Object(o)) => match o.get(field) {
+                    None => 0,
+                    Some(Value::Array(items)) => items.len(),
+                    Some(_) => return Err(format!("field {field:?} is not an array")),
+                },
+                Some(_) => return Err("the record is not a JSON object".into()),
+                None => 0,
             };
-            if let Some(limit) = max_len.filter(|l| items.len() as u64 >= *l) {
-                return Err(format!("{field} already has {} elements; the maximum is {limit}", items.len()));
+            if let Some(limit) = max_len.filter(|l| len as u64 >= *l) {
+                return Err(format!("{field} already has {len} elements; the maximum is {limit}"));
             }
-            items.push(value.clone());
-            Value::Object(obj)
+            let obj = object_mut(record)?;
+            match obj.entry(field.clone()).or_insert_with(|| Value::Array(Vec::new())) {
+                Value::Array(items) => items.push(value.clone()),
+                _ => unreachable!("checked above"),
+            }
         }
-    };
-    Ok(Some(Record { etag: etag(&value), value, version: version + 1, updated_at: now_ms }))
+    }
+    let r = record.as_mut().expect("every branch above leaves a record");
+    r.version = version + 1;
+    r.updated_at = now_ms;
+    Ok(version + 1)
 }
 
 /// The effect of a batch: final state of every touched key, and an outcome per write
@@ -142,24 +177,29 @@ pub fn plan_batch(
     now_ms: i64,
 ) -> Plan {
     let mut state: BTreeMap<String, Option<Record>> = existing.into_iter().map(|(k, r)| (k, Some(r))).collect();
+    let mut touched = BTreeSet::new();
     let mut plan = Plan::default();
     let mut seen = HashSet::new();
     for (id, w) in writes {
         if already.contains(id) || !seen.insert(id.clone()) {
             continue;
         }
-        let current = state.get(&w.key).cloned().flatten();
-        let previous_version = current.as_ref().map_or(0, |r| r.version);
-        let outcome = match apply(current.as_ref(), w, now_ms) {
-            Ok(next) => {
-                let version = next.as_ref().map_or(previous_version + 1, |r| r.version);
-                state.insert(w.key.clone(), next.clone());
-                plan.records.insert(w.key.clone(), next);
+        let record = state.entry(w.key.clone()).or_insert(None);
+        let outcome = match apply_in_place(record, w, now_ms) {
+            Ok(version) => {
+                touched.insert(w.key.clone());
                 Outcome::Applied { version }
             }
             Err(reason) => Outcome::Rejected { reason },
         };
         plan.outcomes.push((id.clone(), w.key.clone(), outcome));
+    }
+    for key in touched {
+        let mut record = state.remove(&key).flatten();
+        if let Some(r) = &mut record {
+            r.etag = etag(&r.value);
+        }
+        plan.records.insert(key, record);
     }
     plan
 }

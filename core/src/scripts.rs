@@ -95,14 +95,17 @@ return 0
 "#;
 
 /// Read the next batch of a shard, as the lease holder, renewing the lease (and
-/// setting the shard's watch to three lease TTLs): first our pending (unacked)
-/// entries, else new ones. Each delivery counts an attempt; an entry past the
-/// attempt limit moves to the dead-letter stream with its last error.
+/// setting the shard's watch to three lease TTLs): on the first read of a lease
+/// tenure (`resume` = 1), the pending (delivered, unacknowledged) entries a previous
+/// holder left, if any; otherwise new ones (later in a tenure the pending entries
+/// are the holder's own batches in flight). Each delivery counts an attempt (a first delivery is
+/// attempt 1 without a write; redeliveries are counted in the attempts hash); an
+/// entry past the attempt limit moves to the dead-letter stream with its last error.
 ///
 /// KEYS: `[lease, stream, attempts, dead, dead_status_prefix, watch]`; a dead write's
 /// status key is the prefix plus its entry id (same hash tag, so the same slot).
 /// ARGV: `[token, group, consumer, count, max_attempts, shard, lease_ttl_ms,
-/// retention_ms]`.
+/// retention_ms, resume]`.
 /// Reply: `lost` | `ok, prune_before_ms, (entry_id, payload)*`, where
 /// `prune_before_ms` is the earlier of "now minus the retention" and the stream time
 /// of the oldest entry still in the stream (see `sql::PRUNE_WRITES`), both on Redis's
@@ -117,8 +120,10 @@ local function read(from)
   if not r then return {} end
   return r[1][2]
 end
-local entries = read('0')
-if #entries == 0 then entries = read('>') end
+local entries = {}
+if ARGV[9] == '1' then entries = read('0') end
+local redelivered = #entries > 0
+if not redelivered then entries = read('>') end
 local max = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -130,7 +135,8 @@ for _, e in ipairs(entries) do
     redis.call('XACK', KEYS[2], ARGV[2], id)
   else
     local payload = fields[2]
-    local n = redis.call('HINCRBY', KEYS[3], id, 1)
+    local n = 1
+    if redelivered then n = redis.call('HINCRBY', KEYS[3], id, 1) + 1 end
     if n > max then
       local err = redis.call('HGET', KEYS[3], 'err:' .. id) or 'unknown error'
       redis.call('XADD', KEYS[4], '*', 'id', ARGV[6] .. '-' .. id, 'w', payload, 'error', err, 'attempts', tostring(n - 1))
@@ -168,14 +174,21 @@ return out
 "#;
 
 /// Acknowledge applied entries: XACK, XDEL (so XLEN is the queue depth) and forget
-/// their attempts. KEYS: `[stream, attempts]`, ARGV: `[group, entry_id*]`.
+/// their attempts, many ids per command. KEYS: `[stream, attempts]`,
+/// ARGV: `[group, entry_id*]`.
 pub const ACK: &str = r#"
-for i = 2, #ARGV do
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  redis.call('XDEL', KEYS[1], ARGV[i])
-  redis.call('HDEL', KEYS[2], ARGV[i], 'err:' .. ARGV[i])
+local n = #ARGV
+for i = 2, n, 1000 do
+  local j = math.min(i + 999, n)
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, j))
+  redis.call('XDEL', KEYS[1], unpack(ARGV, i, j))
 end
-return #ARGV - 1
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  for i = 2, n do
+    redis.call('HDEL', KEYS[2], ARGV[i], 'err:' .. ARGV[i])
+  end
+end
+return n - 1
 "#;
 
 /// Record why a batch failed, for the dead letter. KEYS: `[attempts]`,

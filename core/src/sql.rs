@@ -3,10 +3,13 @@
 //! A batch is applied in ONE transaction of a handful of statements, whatever its
 //! size: the fence is advanced and checked in one statement (a holder whose lease
 //! expired has a lower fencing token and is refused), the batch's records are read in
-//! one query, written back in one multi-row upsert (and one delete), and every write
-//! id is recorded in one multi-row insert, so a redelivered write changes nothing.
-//! Statements over many rows are split into [`chunks`] that stay under the engines'
-//! bound-parameter limits.
+//! one query, written back in one upsert (and one delete), and every write id is
+//! recorded in one insert, so a redelivered write changes nothing.
+//!
+//! Statements over many rows take ONE parameter: a JSON array that SQLite unpacks
+//! itself (`json_each`), rather than thousands of bound values, each of which
+//! would cross the Wasm boundary and the host on its own. Rows are arrays, their
+//! columns in the order each statement names.
 
 /// Creates the tables if needed (schema version 2: write outcomes carry their shard
 /// and stream time, so they can be pruned safely, see [`PRUNE_WRITES`]).
@@ -45,6 +48,13 @@ pub const MIGRATE_V2: [&str; 3] = [
 /// The index pruning walks (after the columns exist).
 pub const PRUNE_INDEX: &str = "CREATE INDEX IF NOT EXISTS spillway_writes_by_entry ON spillway_writes (shard, entry_ms)";
 
+/// Puts the database in write-ahead-log mode (a property of the file, kept once
+/// set): a commit is one append and one sync of the log rather than the rollback
+/// journal's several, and readers (cache misses, status reads) are not blocked by
+/// the processor's transaction. `synchronous` stays `FULL`: a commit is on disk
+/// before the batch is acknowledged. Engines without it ignore or refuse it.
+pub const WAL: &str = "PRAGMA journal_mode=WAL";
+
 /// Starts the batch transaction (taking the write lock at once).
 pub const BEGIN: &str = "BEGIN IMMEDIATE";
 /// Commits it.
@@ -59,55 +69,37 @@ pub const FENCE: &str = "INSERT INTO spillway_fences (shard, token) VALUES (?1, 
   ON CONFLICT(shard) DO UPDATE SET token = excluded.token WHERE excluded.token >= spillway_fences.token
   RETURNING token";
 
-/// At most this many bound parameters per statement (SQLite allows 32,766 since
-/// 3.32, PostgreSQL 65,535).
-pub const MAX_PARAMS: usize = 16_000;
+/// Write ids already recorded, among the JSON array of ids `?1`.
+pub const APPLIED_IDS: &str = "SELECT id FROM spillway_writes WHERE id IN (SELECT value FROM json_each(?1))";
 
-/// Splits `n` rows of `columns` parameters each into ranges that fit [`MAX_PARAMS`].
-pub fn chunks(n: usize, columns: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let per = (MAX_PARAMS / columns.max(1)).max(1);
-    (0..n).step_by(per).map(move |start| start..(start + per).min(n))
-}
-
-/// Write ids already recorded, among `?1..?n`.
-pub fn applied_ids(n: usize) -> String {
-    format!("SELECT id FROM spillway_writes WHERE id IN ({})", placeholders(1, n))
-}
-
-/// Current records of keys `?1..?n`: `key, value, version, etag, updated_at`.
-pub fn records(n: usize) -> String {
-    format!("SELECT key, value, version, etag, updated_at FROM spillway_records WHERE key IN ({})", placeholders(1, n))
-}
+/// Current records of the JSON array of keys `?1`: `key, value, version, etag,
+/// updated_at`.
+pub const RECORDS: &str =
+    "SELECT key, value, version, etag, updated_at FROM spillway_records WHERE key IN (SELECT value FROM json_each(?1))";
 
 /// One record by key.
 pub const RECORD: &str = "SELECT key, value, version, etag, updated_at FROM spillway_records WHERE key = ?1";
 
-/// Upserts `n` records: params `(key, value, version, etag, updated_at)` per row.
-pub fn upsert_records(n: usize) -> String {
-    format!(
-        "INSERT INTO spillway_records (key, value, version, etag, updated_at) VALUES {}
+/// Upserts records from the JSON array `?1` of rows `[key, value (canonical JSON
+/// text), version, etag, updated_at]`. (`WHERE true` lets SQLite tell the upsert
+/// clause from a join.)
+pub const UPSERT_RECORDS: &str = "INSERT INTO spillway_records (key, value, version, etag, updated_at)
+  SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
+         json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]')
+  FROM json_each(?1) AS j WHERE true
   ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version,
-  etag = excluded.etag, updated_at = excluded.updated_at",
-        rows(n, 5)
-    )
-}
+  etag = excluded.etag, updated_at = excluded.updated_at";
 
-/// Deletes records with keys `?1..?n`.
-pub fn delete_records(n: usize) -> String {
-    format!("DELETE FROM spillway_records WHERE key IN ({})", placeholders(1, n))
-}
+/// Deletes the records with the keys in the JSON array `?1`.
+pub const DELETE_RECORDS: &str = "DELETE FROM spillway_records WHERE key IN (SELECT value FROM json_each(?1))";
 
-/// Columns of one [`insert_writes`] row.
-pub const WRITE_COLUMNS: usize = 8;
-
-/// Records `n` write outcomes: params `(id, key, status, version, reason, applied_at,
-/// shard, entry_ms)` per row.
-pub fn insert_writes(n: usize) -> String {
-    format!(
-        "INSERT INTO spillway_writes (id, key, status, version, reason, applied_at, shard, entry_ms) VALUES {}",
-        rows(n, WRITE_COLUMNS)
-    )
-}
+/// Records write outcomes from the JSON array `?1` of rows `[id, key, status,
+/// version, reason, applied_at, shard, entry_ms]` (JSON null for none).
+pub const INSERT_WRITES: &str = "INSERT INTO spillway_writes (id, key, status, version, reason, applied_at, shard, entry_ms)
+  SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
+         json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]'),
+         json_extract(j.value, '$[6]'), json_extract(j.value, '$[7]')
+  FROM json_each(?1) AS j";
 
 /// Forgets up to `?3` outcomes of shard `?1` whose stream time is before `?2`.
 ///
@@ -122,36 +114,37 @@ pub const PRUNE_WRITES: &str = "DELETE FROM spillway_writes WHERE id IN (
 /// A write's outcome by id: `status, version, reason, key`.
 pub const WRITE_STATUS: &str = "SELECT status, version, reason, key FROM spillway_writes WHERE id = ?1";
 
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
-}
-
-/// `(?1, .., ?c), (?c+1, ..), ..` for `n` rows of `c` columns.
-fn rows(n: usize, c: usize) -> String {
-    (0..n).map(|r| format!("({})", placeholders(r * c + 1, c))).collect::<Vec<_>>().join(", ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Placeholder lists are numbered from 1, row by row.
+    /// The batch statements take their rows as one JSON array, and SQLite reads
+    /// every column (text, integer, null) back out of it as it was.
     #[test]
-    fn placeholders_number_from_one() {
-        assert_eq!(applied_ids(3), "SELECT id FROM spillway_writes WHERE id IN (?1, ?2, ?3)");
-        assert!(upsert_records(2).contains("VALUES (?1, ?2, ?3, ?4, ?5), (?6, ?7, ?8, ?9, ?10)"));
-        assert_eq!(schema_statements().count(), 3);
-    }
-
-    /// Chunks cover every row once and never exceed the parameter bound.
-    #[test]
-    fn chunks_cover_rows_within_the_bound() {
-        let c: Vec<_> = chunks(5_000, WRITE_COLUMNS).collect();
-        assert_eq!(c.first().map(|r| r.start), Some(0));
-        assert_eq!(c.last().map(|r| r.end), Some(5_000));
-        assert!(c.windows(2).all(|w| w[0].end == w[1].start));
-        assert!(c.iter().all(|r| r.len() * WRITE_COLUMNS <= MAX_PARAMS));
-        assert_eq!(chunks(0, 5).count(), 0);
+    fn json_rows_round_trip() {
+        let db = rusqlite::Connection::open_in_memory().unwrap();
+        for stmt in schema_statements() {
+            db.execute(stmt, []).unwrap();
+        }
+        let rows = r#"[["a","{\"n\":1}",1,"e1",10],["b","[1,\"x\"]",2,"e2",20]]"#;
+        assert_eq!(db.execute(UPSERT_RECORDS, [rows]).unwrap(), 2);
+        let again = r#"[["a","{\"n\":2}",2,"e3",11]]"#;
+        db.execute(UPSERT_RECORDS, [again]).unwrap();
+        let mut q = db.prepare(RECORDS).unwrap();
+        let got: Vec<(String, String, i64)> = q
+            .query_map([r#"["a","b","zz"]"#], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, vec![("a".into(), r#"{"n":2}"#.into(), 2), ("b".into(), r#"[1,"x"]"#.into(), 2)]);
+        let outcomes = r#"[["3-5-0","a","applied",2,null,11,3,5],["3-5-1","","rejected",null,"bad",11,3,5]]"#;
+        assert_eq!(db.execute(INSERT_WRITES, [outcomes]).unwrap(), 2);
+        let (version, reason): (Option<i64>, Option<String>) =
+            db.query_row("SELECT version, reason FROM spillway_writes WHERE id = '3-5-1'", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        assert_eq!((version, reason.as_deref()), (None, Some("bad")));
+        let ids: Vec<String> = db.prepare(APPLIED_IDS).unwrap().query_map([r#"["3-5-0","3-9-9"]"#], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        assert_eq!(ids, vec!["3-5-0"]);
+        assert_eq!(db.execute(DELETE_RECORDS, [r#"["b"]"#]).unwrap(), 1);
     }
 
     /// The v1 -> v2 migration reads shard and stream time out of the write id.

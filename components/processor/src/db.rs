@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use spillway_core::apply::{Outcome, Record, canonical, plan_batch};
 use spillway_core::problem::Problem;
 use spillway_core::sql;
+use serde_json::{Value as Json, json};
 use spillway_core::write::Write;
 use spillway_spin::db::{Db, SqlValue as Value, integer, text};
 
@@ -83,6 +84,11 @@ async fn in_transaction(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> 
     }
 }
 
+/// The one parameter of a batch statement: its rows as a JSON array.
+fn json_param<T: serde::Serialize>(rows: &[T]) -> Value {
+    Value::Text(serde_json::to_string(rows).unwrap_or_else(|_| "[]".into()))
+}
+
 fn entry_ms(entry: &str) -> i64 {
     entry.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
 }
@@ -109,17 +115,15 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     }
     let ids: Vec<&String> = writes.iter().map(|(id, _)| id).chain(unreadable.iter().map(|(id, _)| id)).collect();
     let mut already = HashSet::new();
-    for range in sql::chunks(ids.len(), 1) {
-        let params = ids[range.clone()].iter().map(|id| Value::Text((*id).clone())).collect();
-        for row in db.query(&sql::applied_ids(range.len()), params).await? {
+    if !ids.is_empty() {
+        for row in db.query(sql::APPLIED_IDS, vec![json_param(&ids)]).await? {
             already.extend(row.first().and_then(text));
         }
     }
     let keys: Vec<String> = writes.iter().map(|(_, w)| w.key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut existing = BTreeMap::new();
-    for range in sql::chunks(keys.len(), 1) {
-        let params = keys[range.clone()].iter().map(|k| Value::Text(k.clone())).collect();
-        for r in db.query(&sql::records(range.len()), params).await? {
+    if !keys.is_empty() {
+        for r in db.query(sql::RECORDS, vec![json_param(&keys)]).await? {
             let (Some(key), Some(value), Some(version), Some(etag), Some(updated_at)) =
                 (r.first().and_then(text), r.get(1).and_then(text), r.get(2).and_then(integer), r.get(3).and_then(text), r.get(4).and_then(integer))
             else {
@@ -132,59 +136,47 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     let now = spillway_spin::now_ms();
     let plan = plan_batch(existing.clone(), &writes, &already, now);
 
-    let upserts: Vec<(&String, &Record)> = plan.records.iter().filter_map(|(k, r)| r.as_ref().map(|r| (k, r))).collect();
-    for range in sql::chunks(upserts.len(), 5) {
-        let mut params = Vec::with_capacity(range.len() * 5);
-        for (key, r) in &upserts[range.clone()] {
-            params.extend([
-                Value::Text((*key).clone()),
-                Value::Text(String::from_utf8(canonical(&r.value)).unwrap_or_default()),
-                Value::Integer(r.version as i64),
-                Value::Text(r.etag.clone()),
-                Value::Integer(r.updated_at),
-            ]);
-        }
-        db.query(&sql::upsert_records(range.len()), params).await?;
+    let upserts: Vec<Json> = plan
+        .records
+        .iter()
+        .filter_map(|(k, r)| {
+            let r = r.as_ref()?;
+            let value = String::from_utf8(canonical(&r.value)).unwrap_or_default();
+            Some(json!([k, value, r.version, r.etag, r.updated_at]))
+        })
+        .collect();
+    if !upserts.is_empty() {
+        db.query(sql::UPSERT_RECORDS, vec![json_param(&upserts)]).await?;
     }
     let deletes: Vec<&String> = plan.records.iter().filter(|(_, r)| r.is_none()).map(|(k, _)| k).collect();
-    for range in sql::chunks(deletes.len(), 1) {
-        let params = deletes[range.clone()].iter().map(|k| Value::Text((*k).clone())).collect();
-        db.query(&sql::delete_records(range.len()), params).await?;
+    if !deletes.is_empty() {
+        db.query(sql::DELETE_RECORDS, vec![json_param(&deletes)]).await?;
     }
 
     let (mut applied, mut rejected) = (0, 0);
-    let mut outcomes: Vec<[Value; sql::WRITE_COLUMNS]> = Vec::with_capacity(writes.len() + unreadable.len());
-    let mut row = |id: &String, key: String, status: &str, version: Value, reason: Value| {
-        outcomes.push([
-            Value::Text(id.clone()),
-            Value::Text(key),
-            Value::Text(status.to_owned()),
-            version,
-            reason,
-            Value::Integer(now),
-            Value::Integer(entry_of.get(id).map_or(0, |e| e.0)),
-            Value::Integer(entry_of.get(id).map_or(0, |e| e.1)),
-        ]);
+    let mut outcomes: Vec<Json> = Vec::with_capacity(writes.len() + unreadable.len());
+    let mut row = |id: &String, key: &str, status: &str, version: Option<u64>, reason: Option<&str>| {
+        let (shard, ms) = entry_of.get(id).copied().unwrap_or((0, 0));
+        outcomes.push(json!([id, key, status, version, reason, now, shard, ms]));
     };
     for (id, key, outcome) in &plan.outcomes {
         match outcome {
             Outcome::Applied { version } => {
                 applied += 1;
-                row(id, key.clone(), "applied", Value::Integer(*version as i64), Value::Null);
+                row(id, key, "applied", Some(*version), None);
             }
             Outcome::Rejected { reason } => {
                 rejected += 1;
-                row(id, key.clone(), "rejected", Value::Null, Value::Text(reason.clone()));
+                row(id, key, "rejected", None, Some(reason));
             }
         }
     }
     for (id, err) in unreadable.iter().filter(|(id, _)| !already.contains(id)) {
         rejected += 1;
-        row(id, String::new(), "rejected", Value::Null, Value::Text(format!("unreadable write: {err}")));
+        row(id, "", "rejected", None, Some(&format!("unreadable write: {err}")));
     }
-    for range in sql::chunks(outcomes.len(), sql::WRITE_COLUMNS) {
-        let params = outcomes[range.clone()].iter().flat_map(|r| r.iter().cloned()).collect();
-        db.query(&sql::insert_writes(range.len()), params).await?;
+    if !outcomes.is_empty() {
+        db.query(sql::INSERT_WRITES, vec![json_param(&outcomes)]).await?;
     }
     for b in batches.iter().filter(|b| !fenced.contains(&b.shard)) {
         let params = vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)];

@@ -8,7 +8,7 @@
 //! the stream (see the cache component). So whoever has seen `applied` with version
 //! v reads v or newer from the cache.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use spillway_core::apply::Record;
 use spillway_core::layout::{CONSUMER, GROUP};
@@ -48,12 +48,17 @@ pub(crate) enum Scope {
 }
 
 /// A shard whose lease this drain holds.
+#[derive(Clone)]
 struct Held {
     shard: u32,
     token: String,
     fence: i64,
     /// The doorbell flag was cleared after an empty read (see [`drain`]).
     cleared: bool,
+    /// The shard has been read in this tenure: its pending (delivered, not
+    /// acknowledged) entries are then our own batches in flight, not a dead
+    /// holder's to take over, so reads take only new entries.
+    resumed: bool,
 }
 
 /// What one read of a held shard gave.
@@ -69,7 +74,8 @@ enum Read {
 /// others waiting behind it; instead each round reads one batch from every shard
 /// held (concurrently), applies them all in ONE database transaction (one disk sync
 /// for all), refreshes the cache once for all, and acknowledges each. Shards join
-/// as their leases are won and leave when empty.
+/// as their leases are won and leave when empty. While a round is applied, the next
+/// batch of each shard that filled its batch is already being read.
 ///
 /// The doorbell handshake, per shard: on an empty read the flag is cleared and the
 /// shard read once more (a write added before the clear is seen; one added after
@@ -91,6 +97,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
     // it after a lease TTL, and its attempts are not burnt in a tight loop.
     let mut failed: HashSet<u32> = HashSet::new();
     let mut scanned_at = 0;
+    let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     loop {
         if rescan && (held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
             scanned_at = spillway_spin::monotonic_ms();
@@ -115,11 +122,14 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
             return failures;
         }
 
-        let reads = futures::future::join_all(held.iter().map(|h| read_batch(s, &redis, h))).await;
+        let fresh: Vec<Held> = held.iter().filter(|h| !prefetched.contains_key(&h.shard)).cloned().collect();
+        let mut reads: HashMap<u32, Result<Read, Problem>> = fresh.iter().map(|h| h.shard).zip(futures::future::join_all(fresh.iter().map(|h| read_batch(s, &redis, h))).await).collect();
+        reads.extend(prefetched.drain());
         let mut batches = Vec::new();
         let mut keep = Vec::new();
-        for (mut h, read) in held.drain(..).zip(reads) {
-            match read {
+        for mut h in held.drain(..) {
+            h.resumed = true;
+            match reads.remove(&h.shard).unwrap_or(Ok(Read::Lost)) {
                 Err(p) => {
                     release(s, &redis, &h, true).await;
                     failed.insert(h.shard);
@@ -152,45 +162,68 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
         if batches.is_empty() {
             continue;
         }
-
-        let (applied, errors) = db::apply_round(db, &batches).await;
-        for (shard, p) in errors {
-            let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
-            let mut args = vec![p.detail.clone()];
-            args.extend(ids);
-            let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(shard)], &args).await;
-            drop_held(s, &redis, &mut held, shard, true).await;
-            failed.insert(shard);
-            failures.push((Some(shard), p));
-        }
-        // Fenced: a newer holder has written; these entries are its now.
-        held.retain(|h| !applied.fenced.contains(&h.shard));
-        let done: Vec<&Batch> = batches.iter().filter(|b| held.iter().any(|h| h.shard == b.shard)).collect();
-        if let Err(p) = refresh_cache(s, &redis, &applied.state).await {
-            // Committed, not acknowledged: redelivered later, found applied, and
-            // refreshed then.
-            for b in &done {
-                drop_held(s, &redis, &mut held, b.shard, true).await;
-                failed.insert(b.shard);
-                failures.push((Some(b.shard), p.clone()));
-            }
-            continue;
-        }
-        let acks = done.iter().map(|b| {
-            let mut args = vec![GROUP.to_owned()];
-            args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-            let redis = &redis;
-            async move { redis.eval(scripts::ACK, &[l.stream(b.shard), l.attempts(b.shard)], &args).await }
-        });
-        for r in futures::future::join_all(acks).await {
-            if let Err(p) = r {
-                failures.push((None, p));
-            }
-        }
-        stats.applied += applied.applied;
-        stats.rejected += applied.rejected;
-        stats.batches += done.len() as u64;
+        // Shards that filled their batch most likely have more: read their next
+        // batch while this round is applied.
+        let ahead: Vec<Held> = held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size)).cloned().collect();
+        let round = finish_round(s, db, &redis, &batches, &mut held, &mut failed, &mut failures, stats);
+        let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, &redis, h)));
+        let ((), next) = futures::future::join(round, next).await;
+        // A shard that left in this round (failed, fenced) leaves its read-ahead in
+        // the stream's pending list, for the next holder.
+        prefetched = ahead.iter().map(|h| h.shard).zip(next).filter(|(shard, _)| held.iter().any(|h| h.shard == *shard)).collect();
     }
+}
+
+/// Applies a round's batches in one transaction, refreshes the cache and
+/// acknowledges; shards whose batch failed (or was fenced) leave `held`.
+#[allow(clippy::too_many_arguments, reason = "the drain's state, borrowed for one round")]
+async fn finish_round(
+    s: &Settings,
+    db: &Db,
+    redis: &Redis,
+    batches: &[Batch],
+    held: &mut Vec<Held>,
+    failed: &mut HashSet<u32>,
+    failures: &mut Vec<(Option<u32>, Problem)>,
+    stats: &mut Stats,
+) {
+    let l = &s.layout;
+    let (applied, errors) = db::apply_round(db, batches).await;
+    for (shard, p) in errors {
+        let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
+        let mut args = vec![p.detail.clone()];
+        args.extend(ids);
+        let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(shard)], &args).await;
+        drop_held(s, redis, held, shard, true).await;
+        failed.insert(shard);
+        failures.push((Some(shard), p));
+    }
+    // Fenced: a newer holder has written; these entries are its now.
+    held.retain(|h| !applied.fenced.contains(&h.shard));
+    let done: Vec<&Batch> = batches.iter().filter(|b| held.iter().any(|h| h.shard == b.shard)).collect();
+    if let Err(p) = refresh_cache(s, redis, &applied.state).await {
+        // Committed, not acknowledged: redelivered later, found applied, and
+        // refreshed then.
+        for b in &done {
+            drop_held(s, redis, held, b.shard, true).await;
+            failed.insert(b.shard);
+            failures.push((Some(b.shard), p.clone()));
+        }
+        return;
+    }
+    let acks = done.iter().map(|b| {
+        let mut args = vec![GROUP.to_owned()];
+        args.extend(b.entries.iter().map(|(id, _)| id.clone()));
+        async move { redis.eval(scripts::ACK, &[l.stream(b.shard), l.attempts(b.shard)], &args).await }
+    });
+    for r in futures::future::join_all(acks).await {
+        if let Err(p) = r {
+            failures.push((None, p));
+        }
+    }
+    stats.applied += applied.applied;
+    stats.rejected += applied.rejected;
+    stats.batches += done.len() as u64;
 }
 
 /// Shards with queued writes and no lease holder.
@@ -208,7 +241,7 @@ async fn acquire(s: &Settings, redis: &Redis, shard: u32) -> Result<Option<Held>
     let token = token();
     let acquired = redis.eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
     let fence = acquired.first().and_then(int).unwrap_or(0);
-    Ok((fence > 0).then_some(Held { shard, token, fence, cleared: false }))
+    Ok((fence > 0).then_some(Held { shard, token, fence, cleared: false, resumed: false }))
 }
 
 /// Releases a lease. After a failure (`retry`) the shard's watch stays, to expire
@@ -244,6 +277,7 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
                 shard.to_string(),
                 s.lease_ttl_ms.to_string(),
                 s.status_retention_secs.saturating_mul(1000).to_string(),
+                if h.resumed { "0" } else { "1" }.into(),
             ],
         )
         .await?;

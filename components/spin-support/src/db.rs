@@ -33,6 +33,8 @@ impl Db {
     /// idempotently: concurrent processors may all run this at once.
     pub async fn open_with_schema() -> Result<Self, Problem> {
         let db = Self::open().await?;
+        // Best effort: a database that cannot switch (e.g. a remote one) still works.
+        let _ = db.query(sql::WAL, Vec::new()).await;
         for stmt in sql::schema_statements() {
             db.query(stmt, Vec::new()).await?;
         }

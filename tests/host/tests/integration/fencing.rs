@@ -12,7 +12,8 @@ fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) ->
     if advanced != Some(token) {
         return false; // dropped: rolled back
     }
-    tx.execute(&sql::upsert_records(1), ("k", value, token, "e", 0)).unwrap();
+    let row = serde_json::json!([["k", value, token, "e", 0]]).to_string();
+    tx.execute(sql::UPSERT_RECORDS, [row]).unwrap();
     tx.commit().unwrap();
     true
 }
@@ -42,7 +43,7 @@ fn expired_lease_holder_cannot_commit() {
     let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
     let read: Vec<String> = Script::new(scripts::READ_BATCH)
         .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_status_prefix(3)).key(l.watch(3))
-        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3).arg(60_000).arg(1000)
+        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3).arg(60_000).arg(1000).arg(1)
         .invoke(&mut c)
         .unwrap();
     assert_eq!(read, vec!["lost"]);
