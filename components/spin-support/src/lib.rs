@@ -221,14 +221,28 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
+thread_local! {
+    /// This instance's random id prefix and its request counter.
+    static REQUEST_IDS: RefCell<Option<(String, u64)>> = const { RefCell::new(None) };
+}
+
 /// The request id: the client's `X-Request-Id` when it is 1 to 128 characters of
-/// `A-Z a-z 0-9 . _ -`, else a new random one.
+/// `A-Z a-z 0-9 . _ -`, else a new one: 24 random hex digits drawn once per
+/// instance and a counter, so a reused instance makes one call for randomness, not
+/// one per request.
 pub fn request_id(headers: &http::HeaderMap) -> String {
-    headers
+    if let Some(id) = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
-        .map_or_else(token, str::to_owned)
+    {
+        return id.to_owned();
+    }
+    REQUEST_IDS.with_borrow_mut(|ids| {
+        let (prefix, n) = ids.get_or_insert_with(|| (token()[..24].to_owned(), 0));
+        *n += 1;
+        format!("{prefix}{:08x}", *n)
+    })
 }
 
 /// Adds the request id to a response.
