@@ -121,9 +121,9 @@ pub(crate) fn chart(rows: &[Row], path: &Path, font: &Path) -> anyhow::Result<()
         })
         .label_style(("sans-serif", 16))
         .draw()?;
+    // One colour: what is good differs per row (the notes give each target).
     chart.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
-        let color = if *v >= 1.0 { RGBColor(46, 125, 50) } else { RGBColor(198, 40, 40) };
-        Rectangle::new([(0.0, SegmentValue::Exact(i)), (*v, SegmentValue::Exact(i + 1))], color.mix(0.8).filled())
+        Rectangle::new([(0.0, SegmentValue::Exact(i)), (*v, SegmentValue::Exact(i + 1))], RGBColor(70, 110, 160).mix(0.85).filled())
     }))?;
     chart.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
         Text::new(format!("{v:.2}x"), (*v + top * 0.01, SegmentValue::CenterOf(i)), ("sans-serif", 16))
