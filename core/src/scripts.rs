@@ -95,10 +95,12 @@ return 0
 "#;
 
 /// Read the next batch of a shard, as the lease holder, renewing the lease (and
-/// setting the shard's watch to three lease TTLs): on the first read of a lease
-/// tenure (`resume` = 1), the pending (delivered, unacknowledged) entries a previous
-/// holder left, if any; otherwise new ones (later in a tenure the pending entries
-/// are the holder's own batches in flight). Each delivery counts an attempt (a first delivery is
+/// setting the shard's watch to three lease TTLs). A tenure starts by resuming: it
+/// reads the pending (delivered, unacknowledged) entries a previous holder left,
+/// in order, from the cursor `resume` (`0` at first, then the last pending id read),
+/// until none are left; only then new entries (`>`). Later in a tenure the pending
+/// entries are the holder's own batches in flight, so it reads only new ones
+/// (`resume` empty). Each delivery counts an attempt (a first delivery is
 /// attempt 1 without a write; redeliveries are counted in the attempts hash); an
 /// entry past the attempt limit moves to the dead-letter stream with its last error.
 ///
@@ -106,7 +108,10 @@ return 0
 /// status key is the prefix plus its entry id (same hash tag, so the same slot).
 /// ARGV: `[token, group, consumer, count, max_attempts, shard, lease_ttl_ms,
 /// retention_ms, resume]`.
-/// Reply: `lost` | `ok, prune_before_ms, (entry_id, payload)*`, where
+/// Reply: `lost` | `ok, prune_before_ms, cursor, (entry_id, payload)*`, where
+/// `cursor` is the last pending id read (resume from there next time; the batch may
+/// even be empty if every entry was dead-lettered) or empty once the pending
+/// entries are exhausted and the batch holds new entries, and
 /// `prune_before_ms` is the earlier of "now minus the retention" and the stream time
 /// of the oldest entry still in the stream (see `sql::PRUNE_WRITES`), both on Redis's
 /// clock, the clock of the entry ids.
@@ -121,13 +126,14 @@ local function read(from)
   return r[1][2]
 end
 local entries = {}
-if ARGV[9] == '1' then entries = read('0') end
+if ARGV[9] ~= '' then entries = read(ARGV[9]) end
 local redelivered = #entries > 0
-if not redelivered then entries = read('>') end
+local cursor = ''
+if redelivered then cursor = entries[#entries][1] else entries = read('>') end
 local max = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {'ok', 0}
+local out = {'ok', 0, cursor}
 for _, e in ipairs(entries) do
   local id = e[1]
   local fields = e[2]
@@ -206,6 +212,30 @@ pub const LOCKS_ACQUIRE: &str = r#"
 local out = {}
 for i = 1, #KEYS do
   if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then out[i] = 1 else out[i] = 0 end
+end
+return out
+"#;
+
+/// The processor's refresh locks: take each key's fill lock only while the lease of
+/// the key's shard is still ours, in one atomic step, so a holder whose lease
+/// expired cannot write an older value into the cache after the new holder has
+/// written a newer one (whoever holds a fill lock writes before the next may).
+/// KEYS: `[lease_1..lease_m, lock_1..lock_n]`; ARGV: `[m, lock_token, ttl_ms,
+/// lease_token_1..lease_token_m, lease_index_1..lease_index_n]` (1-based).
+/// Reply per lock: 1 taken, 0 busy, 2 its shard's lease is lost.
+pub const LOCKS_ACQUIRE_LEASED: &str = r#"
+local m = tonumber(ARGV[1])
+local ours = {}
+for i = 1, m do ours[i] = redis.call('GET', KEYS[i]) == ARGV[3 + i] end
+local out = {}
+for j = m + 1, #KEYS do
+  if not ours[tonumber(ARGV[3 + j])] then
+    out[#out + 1] = 2
+  elseif redis.call('SET', KEYS[j], ARGV[2], 'NX', 'PX', ARGV[3]) then
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
 return out
 "#;

@@ -64,15 +64,23 @@ impl Settings {
         if batch_size == 0 || batch_size > 10_000 {
             return Err(SettingsError { name: "batch_size", reason: "must be between 1 and 10000".into() });
         }
+        let status_retention_secs = num(&get, "status_retention_secs", 604_800)?;
+        if status_retention_secs == 0 {
+            return Err(SettingsError { name: "status_retention_secs", reason: "must be at least 1".into() });
+        }
+        let lease_ttl_ms = num(&get, "lease_ttl_ms", 5000)?;
+        if lease_ttl_ms == 0 {
+            return Err(SettingsError { name: "lease_ttl_ms", reason: "must be at least 1".into() });
+        }
         Ok(Self {
             redis_address: get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
             layout: Layout { prefix, shards },
             batch_size,
-            lease_ttl_ms: num(&get, "lease_ttl_ms", 5000)?,
+            lease_ttl_ms,
             max_attempts: num(&get, "max_attempts", 5)?,
             queue_depth_limit: num(&get, "queue_depth_limit", 100_000)?,
             idempotency_ttl_secs: num(&get, "idempotency_ttl_secs", 86_400)?,
-            status_retention_secs: num(&get, "status_retention_secs", 604_800)?,
+            status_retention_secs,
             admin_token: get("admin_token").filter(|t| !t.is_empty()),
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,
@@ -98,5 +106,8 @@ mod tests {
         assert_eq!(s.admin_token, None);
         let e = Settings::load(|n| (n == "batch_size").then(|| "many".to_owned())).unwrap_err();
         assert_eq!(e.name, "batch_size");
+        // Zero would make Redis refuse `SET .. PX 0` halfway through a script.
+        let e = Settings::load(|n| (n == "status_retention_secs").then(|| "0".to_owned())).unwrap_err();
+        assert_eq!(e.name, "status_retention_secs");
     }
 }

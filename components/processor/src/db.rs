@@ -73,10 +73,15 @@ pub(crate) async fn apply_round(db: &Db, batches: &[Batch]) -> (Applied, Vec<(u3
 async fn in_transaction(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     db.query(sql::BEGIN, vec![]).await?;
     match apply_in_tx(db, batches).await {
-        Ok(a) => {
-            db.query(sql::COMMIT, vec![]).await?;
-            Ok(a)
-        }
+        Ok(a) => match db.query(sql::COMMIT, vec![]).await {
+            Ok(_) => Ok(a),
+            Err(p) => {
+                // A failed COMMIT leaves the transaction open; the connection serves
+                // the rest of the drain.
+                let _ = db.query(sql::ROLLBACK, vec![]).await;
+                Err(p)
+            }
+        },
         Err(p) => {
             let _ = db.query(sql::ROLLBACK, vec![]).await;
             Err(p)

@@ -55,18 +55,18 @@ struct Held {
     fence: i64,
     /// The doorbell flag was cleared after an empty read (see [`drain`]).
     cleared: bool,
-    /// The shard has been read in this tenure: its pending (delivered, not
-    /// acknowledged) entries are then our own batches in flight, not a dead
-    /// holder's to take over, so reads take only new entries.
-    resumed: bool,
+    /// While resuming (`Some`), the pending entries a previous holder left are read
+    /// from this id on, in order; once they are exhausted (`None`), the pending
+    /// entries are our own batches in flight and reads take only new entries.
+    resume: Option<String>,
 }
 
 /// What one read of a held shard gave.
 enum Read {
     /// The lease was lost: the new holder carries on.
     Lost,
-    /// A batch (possibly empty).
-    Batch(Batch),
+    /// A batch (possibly empty), and where resuming goes on (see [`Held`]).
+    Batch(Batch, Option<String>),
 }
 
 /// Drains shards in rounds. Spin hands a Redis trigger's messages to the component
@@ -128,7 +128,6 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
         let mut batches = Vec::new();
         let mut keep = Vec::new();
         for mut h in held.drain(..) {
-            h.resumed = true;
             match reads.remove(&h.shard).unwrap_or(Ok(Read::Lost)) {
                 Err(p) => {
                     release(s, &redis, &h, true).await;
@@ -136,7 +135,13 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
                     failures.push((Some(h.shard), p));
                 }
                 Ok(Read::Lost) => {}
-                Ok(Read::Batch(b)) if b.entries.is_empty() => {
+                // Still resuming (every entry of this pending batch was dead-lettered).
+                Ok(Read::Batch(b, Some(cursor))) if b.entries.is_empty() => {
+                    h.resume = Some(cursor);
+                    keep.push(h);
+                }
+                Ok(Read::Batch(b, None)) if b.entries.is_empty() => {
+                    h.resume = None;
                     if !h.cleared {
                         if let Err(p) = redis.execute("DEL", vec![spillway_spin::bin(&l.bell(h.shard))]).await {
                             failures.push((Some(h.shard), p));
@@ -151,8 +156,9 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
                         }
                     }
                 }
-                Ok(Read::Batch(b)) => {
+                Ok(Read::Batch(b, resume)) => {
                     h.cleared = false;
+                    h.resume = resume;
                     batches.push(b);
                     keep.push(h);
                 }
@@ -162,9 +168,14 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
         if batches.is_empty() {
             continue;
         }
-        // Shards that filled their batch most likely have more: read their next
-        // batch while this round is applied.
-        let ahead: Vec<Held> = held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size)).cloned().collect();
+        // Shards that filled their batch of new entries most likely have more: read
+        // their next batch while this round is applied (not while resuming: the
+        // pending entries must all come first, in order).
+        let ahead: Vec<Held> = held
+            .iter()
+            .filter(|h| h.resume.is_none() && batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size))
+            .cloned()
+            .collect();
         let round = finish_round(s, db, &redis, &batches, &mut held, &mut failed, &mut failures, stats);
         let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, &redis, h)));
         let ((), next) = futures::future::join(round, next).await;
@@ -200,25 +211,40 @@ async fn finish_round(
     }
     // Fenced: a newer holder has written; these entries are its now.
     held.retain(|h| !applied.fenced.contains(&h.shard));
-    let done: Vec<&Batch> = batches.iter().filter(|b| held.iter().any(|h| h.shard == b.shard)).collect();
-    if let Err(p) = refresh_cache(s, redis, &applied.state).await {
-        // Committed, not acknowledged: redelivered later, found applied, and
-        // refreshed then.
-        for b in &done {
-            drop_held(s, redis, held, b.shard, true).await;
-            failed.insert(b.shard);
-            failures.push((Some(b.shard), p.clone()));
+    let owners: Vec<&Held> = held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard)).collect();
+    let refreshed = refresh_cache(s, redis, &applied.state, &owners).await;
+    let done: Vec<&Batch> = batches.iter().filter(|b| owners.iter().any(|h| h.shard == b.shard)).collect();
+    let lost = match refreshed {
+        Ok(lost) => lost,
+        Err(p) => {
+            // Committed, not acknowledged: redelivered later, found applied, and
+            // refreshed then.
+            for b in &done {
+                let mut args = vec![p.detail.clone()];
+                args.extend(b.entries.iter().map(|(id, _)| id.clone()));
+                let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(b.shard)], &args).await;
+                drop_held(s, redis, held, b.shard, true).await;
+                failed.insert(b.shard);
+                failures.push((Some(b.shard), p.clone()));
+            }
+            return;
         }
-        return;
-    }
+    };
+    // Lease lost during the refresh: the new holder redelivers and refreshes.
+    held.retain(|h| !lost.contains(&h.shard));
+    let done: Vec<&Batch> = done.into_iter().filter(|b| !lost.contains(&b.shard)).collect();
     let acks = done.iter().map(|b| {
         let mut args = vec![GROUP.to_owned()];
         args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-        async move { redis.eval(scripts::ACK, &[l.stream(b.shard), l.attempts(b.shard)], &args).await }
+        async move { (b.shard, redis.eval(scripts::ACK, &[l.stream(b.shard), l.attempts(b.shard)], &args).await) }
     });
-    for r in futures::future::join_all(acks).await {
+    for (shard, r) in futures::future::join_all(acks).await {
         if let Err(p) = r {
-            failures.push((None, p));
+            // Applied but still pending: this tenure reads only new entries, so
+            // let the watch's retry start a tenure that resumes them.
+            drop_held(s, redis, held, shard, true).await;
+            failed.insert(shard);
+            failures.push((Some(shard), p));
         }
     }
     stats.applied += applied.applied;
@@ -241,7 +267,7 @@ async fn acquire(s: &Settings, redis: &Redis, shard: u32) -> Result<Option<Held>
     let token = token();
     let acquired = redis.eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
     let fence = acquired.first().and_then(int).unwrap_or(0);
-    Ok((fence > 0).then_some(Held { shard, token, fence, cleared: false, resumed: false }))
+    Ok((fence > 0).then_some(Held { shard, token, fence, cleared: false, resume: Some("0".into()) }))
 }
 
 /// Releases a lease. After a failure (`retry`) the shard's watch stays, to expire
@@ -277,7 +303,7 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
                 shard.to_string(),
                 s.lease_ttl_ms.to_string(),
                 s.status_retention_secs.saturating_mul(1000).to_string(),
-                if h.resumed { "0" } else { "1" }.into(),
+                h.resume.clone().unwrap_or_default(),
             ],
         )
         .await?;
@@ -285,39 +311,67 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
         return Ok(Read::Lost);
     }
     let prune_before_ms = reply.get(1).and_then(int).unwrap_or(0);
-    let entries = reply[2..].chunks(2).filter_map(|c| Some((text(c.first()?)?, text(c.get(1)?)?))).collect();
-    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, prune_before_ms }))
+    let resume = reply.get(2).and_then(text).filter(|c| !c.is_empty());
+    let entries = reply.get(3..).unwrap_or_default().chunks(2).filter_map(|c| Some((text(c.first()?)?, text(c.get(1)?)?))).collect();
+    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, prune_before_ms }, resume))
 }
 
 /// Writes the records' new state to the cache under each key's single-flight fill
-/// lock, so a concurrent cache fill cannot put an older value back afterwards: all
-/// the locks in one script call, the values in one `set-many` (one transaction on
-/// Spin's SQLite store) and the deletions in one `delete-many`.
-async fn refresh_cache(s: &Settings, redis: &Redis, state: &BTreeMap<String, Option<Record>>) -> Result<(), Problem> {
+/// lock, so a concurrent cache fill cannot put an older value back afterwards: the
+/// locks in one script call (taken only while the key's shard lease is still ours,
+/// so a holder that lost its lease cannot write after the new one), the values in
+/// one `set-many` (one transaction on Spin's SQLite store) and the deletions in one
+/// `delete-many`. Returns the shards whose lease was lost: their keys were not
+/// written, and their batches must not be acknowledged (the new holder refreshes).
+async fn refresh_cache(
+    s: &Settings,
+    redis: &Redis,
+    state: &BTreeMap<String, Option<Record>>,
+    owners: &[&Held],
+) -> Result<HashSet<u32>, Problem> {
     let l = &s.layout;
     let kv = Kv::open_default()?;
     let me = token();
+    let mut lost = HashSet::new();
     let mut pending: Vec<&String> = state.keys().collect();
     // Wait out a lock's whole TTL: a holder that died (a reader, or a processor
     // killed mid-refresh) leaves its locks until they expire.
     let give_up = spillway_spin::monotonic_ms() + READER_FILL_LOCK_TTL_MS.max(s.lease_ttl_ms) + 500;
+    let mut keys: Vec<String> = owners.iter().map(|h| l.lease(h.shard)).collect();
+    let mut head = vec![owners.len().to_string(), me.clone(), s.lease_ttl_ms.to_string()];
+    head.extend(owners.iter().map(|h| h.token.clone()));
     loop {
         if pending.is_empty() {
-            return Ok(());
+            return Ok(lost);
         }
         if spillway_spin::monotonic_ms() > give_up {
             return Err(Problem::unavailable("cache fill locks stayed busy; the batch will be retried"));
         }
         let locks: Vec<String> = pending.iter().map(|k| l.fill_lock(k)).collect();
-        let got = redis.eval(scripts::LOCKS_ACQUIRE, &locks, &[me.clone(), s.lease_ttl_ms.to_string()]).await?;
+        keys.truncate(owners.len());
+        keys.extend(locks.iter().cloned());
+        let mut args = head.clone();
+        for key in &pending {
+            let shard = l.shard_of(key);
+            let owner = owners.iter().position(|h| h.shard == shard).map_or(0, |i| i + 1);
+            args.push(owner.to_string());
+        }
+        let got = redis.eval(scripts::LOCKS_ACQUIRE_LEASED, &keys, &args).await?;
         let mut held = Vec::new();
         let mut sets = Vec::new();
         let mut deletes = Vec::new();
         let mut waiting = Vec::new();
         for (i, key) in pending.iter().enumerate() {
-            if got.get(i).and_then(int) != Some(1) {
-                waiting.push(*key);
-                continue;
+            match got.get(i).and_then(int) {
+                Some(1) => {}
+                Some(2) => {
+                    lost.insert(l.shard_of(key));
+                    continue;
+                }
+                _ => {
+                    waiting.push(*key);
+                    continue;
+                }
             }
             held.push(locks[i].clone());
             match &state[*key] {
@@ -334,7 +388,7 @@ async fn refresh_cache(s: &Settings, redis: &Redis, state: &BTreeMap<String, Opt
             redis.eval(scripts::LOCKS_RELEASE, &held, &[me.clone()]).await?;
         }
         written?;
-        pending = waiting;
+        pending = waiting.into_iter().filter(|k| !lost.contains(&l.shard_of(k))).collect();
         if !pending.is_empty() {
             spillway_spin::wait_ms(5).await;
         }

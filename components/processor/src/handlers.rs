@@ -5,7 +5,8 @@ use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
-use spillway_spin::db::Db;
+use spillway_core::sql;
+use spillway_spin::db::{Db, SqlValue};
 use spillway_spin::{Redis, authorize, bin, json, problem, text};
 use spin_sdk::http::Request;
 
@@ -144,15 +145,44 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
     };
     let redis = Redis::new(&s.redis_address);
     let l = &s.layout;
+    let db = Db::open().await?;
     let mut replayed = Vec::new();
+    let mut already = Vec::new();
     for shard in 0..l.shards {
         let mine: Vec<String> = ids.iter().filter(|id| id.starts_with(&format!("{shard}-"))).cloned().collect();
         if !ids.is_empty() && mine.is_empty() {
             continue;
         }
+        // A dead letter whose write the database has applied (it committed, then
+        // its acknowledgement kept failing) must not be applied again: it is taken
+        // off the dead-letter stream instead, and reported.
+        let dead: Vec<(String, String)> = dead_entries(&redis, l, shard)
+            .await?
+            .into_iter()
+            .filter(|(_, id)| ids.is_empty() || mine.contains(id))
+            .collect();
+        if dead.is_empty() {
+            continue;
+        }
+        let ids_json = serde_json::to_string(&dead.iter().map(|(_, id)| id).collect::<Vec<_>>()).unwrap_or_default();
+        let applied: std::collections::HashSet<String> = match db.query(sql::APPLIED_IDS, vec![SqlValue::Text(ids_json)]).await {
+            Ok(rows) => rows.iter().filter_map(|r| r.first().and_then(spillway_spin::db::text)).collect(),
+            Err(p) if spillway_spin::db::is_missing_table(&p) => Default::default(),
+            Err(p) => return Err(p),
+        };
+        let (done, todo): (Vec<_>, Vec<_>) = dead.into_iter().partition(|(_, id)| applied.contains(id));
+        if !done.is_empty() {
+            let mut args = vec![bin(&l.dead(shard))];
+            args.extend(done.iter().map(|(entry, _)| bin(entry)));
+            redis.execute("XDEL", args).await?;
+            already.extend(done.into_iter().map(|(_, id)| id));
+        }
+        if todo.is_empty() {
+            continue;
+        }
         let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
         let mut args = vec![l.doorbell_channel(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
-        args.extend(mine);
+        args.extend(todo.into_iter().map(|(_, id)| id));
         let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard)], &args).await?;
         for pair in flat.chunks(2) {
             if let [old, new] = pair {
@@ -160,5 +190,16 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
             }
         }
     }
-    Ok(json(200, &json!({"replayed": replayed}), &[]))
+    Ok(json(200, &json!({"replayed": replayed, "already_applied": already}), &[]))
+}
+
+/// A shard's dead letters: `(dead-letter entry id, write id)`, oldest first.
+async fn dead_entries(redis: &Redis, l: &spillway_core::layout::Layout, shard: u32) -> Result<Vec<(String, String)>, Problem> {
+    let flat = redis.execute("XRANGE", vec![bin(&l.dead(shard)), bin("-"), bin("+")]).await?;
+    // Flattened entries: entry id, then field/value pairs (id, w, error, attempts).
+    Ok(flat
+        .chunks(9)
+        .filter(|e| e.len() == 9)
+        .filter_map(|e| Some((text(&e[0])?, text(&e[2])?)))
+        .collect())
 }

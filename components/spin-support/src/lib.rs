@@ -104,15 +104,24 @@ impl Redis {
 
     /// Runs one command; a failure drops the kept connection and is a 503.
     pub async fn execute(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
+        self.execute_or_noscript(command, args).await.map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
+    }
+
+    /// Like [`Redis::execute`], except that a `NOSCRIPT` refusal (Redis has
+    /// forgotten a script) is `Err(None)` and keeps the connection: it is an answer,
+    /// not a failure of the connection.
+    async fn execute_or_noscript(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Option<Problem>> {
         let conn = self.conn().await?;
         match conn.execute(command, args).await {
             Ok(r) => Ok(r),
+            // redis-rs words it `NoScript` (1.x) or `NoScriptError` (0.32, Spin's).
+            Err(spin_sdk::redis::Error::Other(m)) if m.to_ascii_lowercase().contains("noscript") => Err(None),
             Err(e) => {
                 // The next connection may reach a restarted Redis, which has
                 // forgotten settings made at run time: check them again.
                 REDIS.with_borrow_mut(|r| *r = None);
                 hazards::forget();
-                Err(unavailable(&e))
+                Err(Some(unavailable(&e)))
             }
         }
     }
@@ -138,12 +147,14 @@ impl Redis {
             params.push(RedisParameter::Int64(keys.len() as i64));
             params.extend(keys.iter().map(|k| bin(k)));
             params.extend(args.iter().map(|a| bin(a)));
-            match self.execute("EVALSHA", params).await {
-                Err(p) if !reloaded && p.detail.contains("NOSCRIPT") => {
+            match self.execute_or_noscript("EVALSHA", params).await {
+                Ok(r) => return Ok(r),
+                Err(None) if !reloaded => {
                     SHAS.with_borrow_mut(|m| m.remove(&slot));
                     reloaded = true;
                 }
-                other => return other,
+                Err(None) => return Err(Problem::unavailable("Redis keeps forgetting Spillway's scripts (NOSCRIPT)")),
+                Err(Some(p)) => return Err(p),
             }
         }
     }

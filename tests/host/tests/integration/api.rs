@@ -204,3 +204,46 @@ async fn dead_letters_list_and_replay() {
     let (_, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
     assert_eq!(dead["dead"], json!([]));
 }
+
+/// A dead letter whose write the database already applied (it committed, then its
+/// acknowledgement kept failing) is not applied again by a replay: it is reported
+/// as already applied and taken off the dead-letter list.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_skips_dead_letters_already_applied() {
+    let s = Spillway::start(&[("max_attempts", "1")], false).await;
+    s.db().execute_batch("CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL CHECK (0), version INTEGER NOT NULL, etag TEXT NOT NULL, updated_at INTEGER NOT NULL)").unwrap();
+    let (_, v) = s.write(json!({"key": "k", "op": "incr", "field": "n"})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let auth = format!("Bearer {ADMIN}");
+    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    let (_, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
+    assert_eq!(dead["dead"][0]["id"], id, "{dead}");
+    // The database has it (as if the commit went through and only the ack failed).
+    s.db().execute_batch("DROP TABLE spillway_records").unwrap();
+    s.db()
+        .execute("INSERT INTO spillway_writes (id, key, status, version, applied_at) VALUES (?1, 'k', 'applied', 1, 0)", [&id])
+        .unwrap();
+    let (code, _, out) = s.call("POST", "/v1/dead/replay", None, &[("authorization", &auth)]).await;
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out, json!({"replayed": [], "already_applied": [id]}));
+    let (_, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
+    assert_eq!(dead["dead"], json!([]));
+    let queued: usize = (0..16).map(|i| redis::cmd("XLEN").arg(format!("spillway:{{s{i}}}:stream")).query::<usize>(&mut s.redis.conn()).unwrap()).sum();
+    assert_eq!(queued, 0, "nothing was put back on the queue");
+}
+
+/// Scripts go by SHA1; when Redis forgets them (`SCRIPT FLUSH`, a restart) the next
+/// request loads them again and succeeds. Regression: the `NOSCRIPT` answer was not
+/// recognized in the client's wording, so warm instances answered 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn forgotten_scripts_are_loaded_again() {
+    let s = Spillway::start(&[], false).await;
+    let (code, v) = s.write(json!({"key": "a", "op": "put", "value": 1})).await;
+    assert_eq!(code, 202, "{v}");
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut s.redis.conn()).unwrap();
+    for _ in 0..3 {
+        let (code, v) = s.write(json!({"key": "a", "op": "put", "value": 2})).await;
+        assert_eq!(code, 202, "{v}");
+    }
+}

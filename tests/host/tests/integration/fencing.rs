@@ -43,7 +43,7 @@ fn expired_lease_holder_cannot_commit() {
     let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
     let read: Vec<String> = Script::new(scripts::READ_BATCH)
         .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_status_prefix(3)).key(l.watch(3))
-        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3).arg(60_000).arg(1000).arg(1)
+        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3).arg(60_000).arg(1000).arg("0")
         .invoke(&mut c)
         .unwrap();
     assert_eq!(read, vec!["lost"]);
@@ -59,4 +59,40 @@ fn expired_lease_holder_cannot_commit() {
     assert!(!commit(&mut db, 3, a, "\"from a\""), "the stale holder's commit is refused");
     let value: String = db.query_row("SELECT value FROM spillway_records WHERE key = 'k'", [], |r| r.get(0)).unwrap();
     assert_eq!(value, "\"from b\"");
+}
+
+/// A new lease holder resumes every entry a previous holder left pending, in stream
+/// order, before any new entry, even when that holder had read ahead (two batches
+/// pending). Regression: the first read took one pending batch and then went on with
+/// new entries, applying later writes before the second pending batch.
+#[test]
+fn resume_reads_every_pending_entry_in_order() {
+    let redis = Redis::start();
+    let mut c = redis.conn();
+    let l = Layout { prefix: "spillway:".into(), shards: 16 };
+    let ids: Vec<String> = (0..6).map(|i| redis::cmd("XADD").arg(l.stream(3)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
+    let read = |c: &mut redis::Connection, token: &str, resume: &str| -> (String, Vec<String>) {
+        let reply: Vec<String> = Script::new(scripts::READ_BATCH)
+            .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_status_prefix(3)).key(l.watch(3))
+            .arg(token).arg(GROUP).arg(CONSUMER).arg(2).arg(5).arg(3).arg(60_000).arg(1000).arg(resume)
+            .invoke(c)
+            .unwrap();
+        assert_eq!(reply[0], "ok");
+        (reply[2].clone(), reply[3..].chunks(2).map(|e| e[0].clone()).collect())
+    };
+    let acquire = |c: &mut redis::Connection, token: &str| -> i64 {
+        Script::new(scripts::LEASE_ACQUIRE).key(l.lease(3)).key(l.fence(3)).arg(token).arg(60_000).invoke(c).unwrap()
+    };
+    // Holder A: a first batch, then a read-ahead, then it dies (nothing acknowledged).
+    assert!(acquire(&mut c, "a") > 0);
+    assert_eq!(read(&mut c, "a", "0"), (String::new(), ids[0..2].to_vec()));
+    assert_eq!(read(&mut c, "a", ""), (String::new(), ids[2..4].to_vec()));
+    let _: () = redis::cmd("DEL").arg(l.lease(3)).query(&mut c).unwrap();
+    // Holder B resumes: both pending batches, in order, then the new entries.
+    assert!(acquire(&mut c, "b") > 0);
+    let (cursor, first) = read(&mut c, "b", "0");
+    assert_eq!((cursor.as_str(), first), (ids[1].as_str(), ids[0..2].to_vec()));
+    let (cursor, second) = read(&mut c, "b", &cursor);
+    assert_eq!((cursor.as_str(), second), (ids[3].as_str(), ids[2..4].to_vec()));
+    assert_eq!(read(&mut c, "b", &cursor), (String::new(), ids[4..6].to_vec()));
 }
