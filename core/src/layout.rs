@@ -93,6 +93,13 @@ impl Layout {
         self.shard_key(shard, "watch")
     }
 
+    /// The shard's outcome notices: a short capped stream the processor adds to
+    /// whenever writes leave `pending` (acknowledged, dead-lettered), which waiting
+    /// status reads block on instead of polling.
+    pub fn done(&self, shard: u32) -> String {
+        self.shard_key(shard, "done")
+    }
+
     /// The shard's doorbell flag (coalesces wake-ups).
     pub fn bell(&self, shard: u32) -> String {
         self.shard_key(shard, "bell")

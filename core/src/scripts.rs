@@ -104,8 +104,9 @@ return 0
 /// attempt 1 without a write; redeliveries are counted in the attempts hash); an
 /// entry past the attempt limit moves to the dead-letter stream with its last error.
 ///
-/// KEYS: `[lease, stream, attempts, dead, dead_status_prefix, watch]`; a dead write's
-/// status key is the prefix plus its entry id (same hash tag, so the same slot).
+/// KEYS: `[lease, stream, attempts, dead, dead_status_prefix, watch, done]`; a dead
+/// write's status key is the prefix plus its entry id (same hash tag, so the same
+/// slot); a dead-lettering adds a notice to `done` (see [`ACK`]).
 /// ARGV: `[token, group, consumer, count, max_attempts, shard, lease_ttl_ms,
 /// retention_ms, resume]`.
 /// Reply: `lost` | `ok, prune_before_ms, cursor, (entry_id, payload)*`, where
@@ -147,6 +148,7 @@ for _, e in ipairs(entries) do
       local err = redis.call('HGET', KEYS[3], 'err:' .. id) or 'unknown error'
       redis.call('XADD', KEYS[4], '*', 'id', ARGV[6] .. '-' .. id, 'w', payload, 'error', err, 'attempts', tostring(n - 1))
       redis.call('SET', KEYS[5] .. id, err, 'PX', ARGV[8])
+      redis.call('XADD', KEYS[7], 'MAXLEN', '~', 100, '*', 'dead', id)
       redis.call('XACK', KEYS[2], ARGV[2], id)
       redis.call('XDEL', KEYS[2], id)
       redis.call('HDEL', KEYS[3], id, 'err:' .. id)
@@ -179,11 +181,13 @@ end
 return out
 "#;
 
-/// Acknowledge applied entries: XACK, XDEL (so XLEN is the queue depth) and forget
-/// their attempts, many ids per command. KEYS: `[stream, attempts]`,
-/// ARGV: `[group, entry_id*]`.
+/// Acknowledge applied entries: XACK, XDEL (so XLEN is the queue depth), forget
+/// their attempts (many ids per command), and add one notice to the shard's capped
+/// `done` stream for status reads waiting on these writes.
+/// KEYS: `[stream, attempts, done]`, ARGV: `[group, entry_id*]`.
 pub const ACK: &str = r#"
 local n = #ARGV
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'n', n - 1)
 for i = 2, n, 1000 do
   local j = math.min(i + 999, n)
   redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, j))

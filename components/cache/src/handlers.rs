@@ -40,7 +40,7 @@ pub(crate) async fn handle(req: spin_sdk::http::Request) -> http::Response<Strin
     };
     let result = match route {
         Route::Record => record(&settings, &path["/v1/records/".len()..], req.headers()).await,
-        Route::Write => write_status(&settings, &path["/v1/writes/".len()..]).await,
+        Route::Write => write_status(&settings, &path["/v1/writes/".len()..], req.uri().query()).await,
         Route::Cache => match authorize(req.headers(), settings.admin_token.as_deref()) {
             Ok(()) => cache_admin(&settings, &path["/v1/cache/".len()..], method == http::Method::DELETE).await,
             Err(p) => Err(p),
@@ -209,14 +209,62 @@ async fn recorded_status(sid: &str) -> Result<Option<Json>, Problem> {
     Ok(Some(body))
 }
 
-async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>, Problem> {
+/// Longest `?wait=` in seconds: well inside a hosted platform's 30 s request limit.
+const MAX_WAIT_SECS: f64 = 25.0;
+
+/// `?wait=<seconds>` (0 to 25, decimals allowed) in milliseconds, if given.
+fn wait_param(query: Option<&str>) -> Result<Option<u64>, Problem> {
+    let Some(v) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait="))) else {
+        return Ok(None);
+    };
+    match v.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..=MAX_WAIT_SECS).contains(&secs) && !v.starts_with('+') => Ok(Some((secs * 1000.0) as u64)),
+        _ => Err(Problem::invalid(&format!("wait must be a number of seconds from 0 to {MAX_WAIT_SECS}"), "/query/wait")),
+    }
+}
+
+/// `GET /v1/writes/{id}[?wait=s]`: the write's status; with `wait`, held until the
+/// write leaves `pending` or the time is up. Waiting costs no polling: the
+/// processor adds a notice to the shard's `done` stream whenever writes leave
+/// `pending`, and the wait blocks on it (`XREAD BLOCK`, on a connection of its own
+/// so other requests of this instance are not held up), checking again on each.
+async fn write_status(s: &Settings, raw: &str, query: Option<&str>) -> Result<http::Response<String>, Problem> {
+    let wait = wait_param(query)?;
     let Some(id) = WriteId::parse(raw).filter(|id| id.shard < s.layout.shards) else {
         return Err(Problem::not_found(&format!("no write {raw:?}")));
     };
+    let Some(wait_ms) = wait else {
+        return Ok(json(200, &status_once(s, &id).await?, &[]));
+    };
+    let redis = Redis::new(&s.redis_address);
+    let done = s.layout.done(id.shard);
+    let deadline = spillway_spin::monotonic_ms() + wait_ms;
+    // The newest notice before looking: anything after it may concern this write.
+    let newest = redis.execute("XREVRANGE", vec![bin(&done), bin("+"), bin("-"), bin("COUNT"), bin("1")]).await?;
+    let mut last = newest.first().and_then(text).unwrap_or_else(|| "0-0".into());
+    loop {
+        let body = status_once(s, &id).await?;
+        let now = spillway_spin::monotonic_ms();
+        if body["status"] != "pending" || now >= deadline {
+            return Ok(json(200, &body, &[]));
+        }
+        let block = (deadline - now).max(1).to_string();
+        let reply = redis
+            .execute_alone("XREAD", vec![bin("BLOCK"), bin(&block), bin("STREAMS"), bin(&done), bin(&last)])
+            .await?;
+        // Flattened: the stream's name, then (entry id, field, value) per notice.
+        if let Some(newest) = reply.get(1..).unwrap_or_default().chunks(3).filter_map(|c| c.first().and_then(text)).last() {
+            last = newest;
+        }
+    }
+}
+
+/// A write's status now.
+async fn status_once(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
     let sid = id.to_string();
     let l = &s.layout;
     let redis = Redis::new(&s.redis_address);
-    let pending = || json(200, &json!({"id": sid, "status": "pending"}), &[]);
+    let pending = || json!({"id": sid, "status": "pending"});
     let in_stream = async || -> Result<bool, Problem> {
         let r = redis.execute("XRANGE", vec![bin(&l.stream(id.shard)), bin(&id.entry), bin(&id.entry)]).await?;
         Ok(!r.is_empty())
@@ -229,21 +277,21 @@ async fn write_status(s: &Settings, raw: &str) -> Result<http::Response<String>,
         if body["status"] == "applied" && in_stream().await? {
             return Ok(pending());
         }
-        return Ok(json(200, &body, &[]));
+        return Ok(body);
     }
     let dead = redis.execute("GET", vec![bin(&l.dead_status(id.shard, &id.entry))]).await?;
     if let Some(err) = dead.first().and_then(text) {
         if let Some(new_id) = err.strip_prefix("replayed:") {
-            return Ok(json(200, &json!({"id": sid, "status": "replayed", "replayed_as": new_id}), &[]));
+            return Ok(json!({"id": sid, "status": "replayed", "replayed_as": new_id}));
         }
-        return Ok(json(200, &json!({"id": sid, "status": "dead", "reason": err}), &[]));
+        return Ok(json!({"id": sid, "status": "dead", "reason": err}));
     }
     if in_stream().await? {
         return Ok(pending());
     }
     // Applied (and acknowledged) between the database read and the Redis reads.
     match recorded_status(&sid).await? {
-        Some(body) => Ok(json(200, &body, &[])),
+        Some(body) => Ok(body),
         None => Err(Problem::not_found(&format!(
             "no write {sid} (outcomes are kept for status_retention_secs after a write is accepted)"
         ))),

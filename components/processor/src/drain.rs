@@ -236,7 +236,7 @@ async fn finish_round(
     let acks = done.iter().map(|b| {
         let mut args = vec![GROUP.to_owned()];
         args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-        async move { (b.shard, redis.eval(scripts::ACK, &[l.stream(b.shard), l.attempts(b.shard)], &args).await) }
+        async move { (b.shard, redis.eval(scripts::ACK, &[l.stream(b.shard), l.attempts(b.shard), l.done(b.shard)], &args).await) }
     });
     for (shard, r) in futures::future::join_all(acks).await {
         if let Err(p) = r {
@@ -293,7 +293,7 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
     let reply = redis
         .eval(
             scripts::READ_BATCH,
-            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_status_prefix(shard), l.watch(shard)],
+            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_status_prefix(shard), l.watch(shard), l.done(shard)],
             &[
                 h.token.clone(),
                 GROUP.into(),

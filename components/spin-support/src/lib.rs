@@ -107,6 +107,14 @@ impl Redis {
         self.execute_or_noscript(command, args).await.map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
     }
 
+    /// Runs one command on a connection of its own, opened for it and closed after:
+    /// for blocking commands (`XREAD BLOCK`), which would hold up every other
+    /// request sharing the instance's connection.
+    pub async fn execute_alone(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
+        let conn = Connection::open(&self.address).await.map_err(|e| unavailable(&e))?;
+        conn.execute(command, args).await.map_err(|e| unavailable(&e))
+    }
+
     /// Like [`Redis::execute`], except that a `NOSCRIPT` refusal (Redis has
     /// forgotten a script) is `Err(None)` and keeps the connection: it is an answer,
     /// not a failure of the connection.

@@ -78,3 +78,45 @@ async fn read_your_writes_sqlite_cache() {
 async fn read_your_writes_redis_cache() {
     read_your_writes(Spillway::start_kv_on_redis(&[], true).await).await;
 }
+
+/// `GET /v1/writes/{id}?wait=s` holds the request until the write leaves `pending`:
+/// it answers `applied` once a drain applies it, `rejected` likewise, and `pending`
+/// when the time runs out; a bad `wait` is a 422 naming the parameter.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_a_write_instead_of_polling() {
+    let s = Arc::new(Spillway::start(&[], false).await);
+    let auth = format!("Bearer {ADMIN}");
+    let (_, v) = s.write(json!({"key": "w", "op": "put", "value": {"n": 1}})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    // Nothing drains: the wait runs out and says pending.
+    let started = std::time::Instant::now();
+    let (code, _, st) = s.call("GET", &format!("/v1/writes/{id}?wait=0.3"), None, &[]).await;
+    assert_eq!((code, st["status"].as_str()), (200, Some("pending")), "{st}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300), "it waited the time given");
+    // A waiter is answered when the write is applied.
+    let waiter = {
+        let (s, id) = (s.clone(), id.clone());
+        tokio::spawn(async move { s.call("GET", &format!("/v1/writes/{id}?wait=20"), None, &[]).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "the waiter is held while the write is pending");
+    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    let (code, _, st) = waiter.await.unwrap();
+    assert_eq!((code, st.clone()), (200, json!({"id": id, "status": "applied", "version": 1, "key": "w"})), "{st}");
+    // Rejected likewise.
+    let (_, v) = s.write(json!({"key": "w", "op": "incr", "field": "n", "by": -5, "min": 0})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let waiter = {
+        let (s, id) = (s.clone(), id.clone());
+        tokio::spawn(async move { s.call("GET", &format!("/v1/writes/{id}?wait=20"), None, &[]).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    let (_, _, st) = waiter.await.unwrap();
+    assert_eq!(st["status"], "rejected", "{st}");
+    assert!(st["reason"].as_str().unwrap().contains("below the minimum 0"), "{st}");
+    for bad in ["abc", "-1", "26", "NaN", "inf", ""] {
+        let (code, _, p) = s.call("GET", &format!("/v1/writes/{id}?wait={bad}"), None, &[]).await;
+        assert_eq!((code, p["field"].as_str()), (422, Some("/query/wait")), "wait={bad}: {p}");
+    }
+}
