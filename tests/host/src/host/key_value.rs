@@ -100,6 +100,16 @@ impl KvBackend {
         Ok(c)
     }
 
+    /// What Spin does when a store is opened: its Redis store connects then (and
+    /// keeps the connection), so an unreachable Redis fails the `open`, not a later
+    /// call. The SQLite store opens its file on first use.
+    async fn after_open(&self) -> Result<(), Error> {
+        match self {
+            Self::Sqlite { .. } => Ok(()),
+            Self::Redis { .. } => self.redis().await.map(drop),
+        }
+    }
+
     /// Forget a failed Redis connection so the next call reconnects.
     async fn reset(&self) {
         if let Self::Redis { conn, .. } = self {
@@ -302,13 +312,13 @@ fn store_of<T>(accessor: &Accessor<T, Spin>, store: &Resource<Store>) -> wasmtim
 
 impl<T> HostStoreWithStore<T> for Spin {
     async fn open(accessor: &Accessor<T, Self>, label: String) -> wasmtime::Result<Result<Resource<Store>, Error>> {
-        accessor.with(|mut access| {
-            let view = access.get();
-            let Some(backend) = view.caps.key_value.get(&label).cloned() else {
-                return Ok(Err(Error::AccessDenied));
-            };
-            Ok(Ok(view.table.push(Store { label, backend })?))
-        })
+        let Some(backend) = accessor.with(|mut access| access.get().caps.key_value.get(&label).cloned()) else {
+            return Ok(Err(Error::AccessDenied));
+        };
+        if let Err(e) = backend.after_open().await {
+            return Ok(Err(e));
+        }
+        accessor.with(|mut access| Ok(Ok(access.get().table.push(Store { label, backend })?)))
     }
 
     async fn get(accessor: &Accessor<T, Self>, store: Resource<Store>, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, Error>> {
@@ -388,6 +398,9 @@ mod wasi {
             let Some(backend) = self.caps.key_value.get(&identifier).cloned() else {
                 return Ok(Err(store::Error::AccessDenied));
             };
+            if let Err(e) = backend.after_open().await {
+                return Ok(Err(to_wasi(e)));
+            }
             Ok(Ok(self.table.push(Store { label: identifier, backend })?))
         }
     }

@@ -60,7 +60,8 @@ async fn redis_store_per_runtime_config() {
     assert_eq!(stored, "v1");
 }
 
-/// A Redis store that cannot be reached fails the operation with `other`, not a trap.
+/// A Redis store that cannot be reached fails with `other`, not a trap, and (as in
+/// Spin, whose Redis store connects when it is opened) already at `open`.
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_redis_store_is_other_error() {
     let rc = format!("[key_value_store.cache]\ntype = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\n", free_port());
@@ -70,6 +71,8 @@ async fn unreachable_redis_store_is_other_error() {
     let app = App::load(&opts).unwrap();
     let out = probe(&app, "/", json!({"op": "kv", "label": "cache", "actions": [["get", "k"]]})).await;
     assert_eq!(out["err"], "other", "{out}");
+    let out = probe(&app, "/", json!({"op": "kv", "label": "cache", "actions": []})).await;
+    assert_eq!(out["err"], "other", "the open itself fails: {out}");
 }
 
 /// A listed label with no configured store stops the app at load, as in Spin.
