@@ -10,6 +10,10 @@ pub const GROUP: &str = "spillway";
 /// Consumer name; only the lease holder reads a shard, so one name serves all.
 pub const CONSUMER: &str = "processor";
 
+/// TTL of a reader's single-flight fill lock: how long a cache fill (one database
+/// read and one key-value write) may take at most.
+pub const FILL_LOCK_TTL_MS: u64 = 5000;
+
 /// Prefix and shard count: everything needed to name a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {

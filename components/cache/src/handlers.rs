@@ -1,7 +1,7 @@
 //! Handlers for records and write status.
 
 use serde_json::{Value as Json, json};
-use spillway_core::layout::{WriteId, decode_key};
+use spillway_core::layout::{FILL_LOCK_TTL_MS, WriteId, decode_key};
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
@@ -166,7 +166,7 @@ async fn fill(s: &Settings, store: &Store, cache_key: &str, key: &str) -> Result
     let lock = s.layout.fill_lock(key);
     let me = token();
     for _ in 0..100 {
-        let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), "5000".into()]).await?;
+        let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
         if got.first().and_then(int) == Some(1) {
             let result = async {
                 let entry = from_db(key).await?;
@@ -253,7 +253,7 @@ async fn write_status(s: &Settings, raw: &str, query: Option<&str>) -> Result<ht
             .execute_alone("XREAD", vec![bin("BLOCK"), bin(&block), bin("STREAMS"), bin(&done), bin(&last)])
             .await?;
         // Flattened: the stream's name, then (entry id, field, value) per notice.
-        if let Some(newest) = reply.get(1..).unwrap_or_default().chunks(3).filter_map(|c| c.first().and_then(text)).last() {
+        if let Some(newest) = reply.get(1..).unwrap_or_default().chunks(3).rev().find_map(|c| c.first().and_then(text)) {
             last = newest;
         }
     }
@@ -310,7 +310,7 @@ async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Result<http::
     let lock = s.layout.fill_lock(&key);
     let me = token();
     for _ in 0..500 {
-        let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), "5000".into()]).await?;
+        let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
         if got.first().and_then(int) == Some(1) {
             let cache_key = s.layout.cache_key(&key);
             let result = async {

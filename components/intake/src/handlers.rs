@@ -92,7 +92,7 @@ async fn enqueue(
     let redis = Redis::new(&s.redis_address);
     // Once per instance: expiry events back on after a Redis restart, so a crashed
     // processor's shards are resumed (see spillway_core::hazards).
-    spillway_spin::hazards::check(&redis).await;
+    spillway_spin::hazards::ensure(&redis).await;
     let reply = redis.eval(scripts::ENQUEUE, &keys, &args).await?;
     let status = reply.first().and_then(text).unwrap_or_default();
     let ids: Vec<String> = reply.iter().skip(1).filter_map(text).collect();

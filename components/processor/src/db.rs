@@ -18,7 +18,8 @@ const PRUNE_PER_BATCH: i64 = 1_000;
 /// What a committed round did.
 #[derive(Default)]
 pub(crate) struct Applied {
-    /// Final state of every key the round's batches name (for the cache).
+    /// New state of every key a write of the round changed (for the cache; a key
+    /// whose writes were all rejected or already applied is unchanged).
     pub(crate) state: BTreeMap<String, Option<Record>>,
     pub(crate) applied: u64,
     pub(crate) rejected: u64,
@@ -139,7 +140,7 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
         }
     }
     let now = spillway_spin::now_ms();
-    let plan = plan_batch(existing.clone(), &writes, &already, now);
+    let plan = plan_batch(existing, &writes, &already, now);
 
     let upserts: Vec<Json> = plan
         .records
@@ -188,7 +189,5 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
         db.query(sql::PRUNE_WRITES, params).await?;
     }
 
-    let mut state: BTreeMap<String, Option<Record>> = keys.iter().map(|k| (k.clone(), existing.get(k).cloned())).collect();
-    state.extend(plan.records);
-    Ok(Applied { state, applied, rejected, fenced })
+    Ok(Applied { state: plan.records, applied, rejected, fenced })
 }

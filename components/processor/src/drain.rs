@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use spillway_core::apply::Record;
-use spillway_core::layout::{CONSUMER, GROUP};
+use spillway_core::layout::{CONSUMER, FILL_LOCK_TTL_MS, GROUP};
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
@@ -20,11 +20,6 @@ use spillway_spin::kv::Kv;
 use spillway_spin::{Redis, int, text, token};
 
 use crate::db::{self, Batch};
-
-/// TTL of a reader's fill lock (the cache component's): how long a cache fill may
-/// take at most. Our own refresh locks live as long as the lease, so a processor
-/// killed mid-refresh leaves nothing that outlasts its lease.
-const READER_FILL_LOCK_TTL_MS: u64 = 5000;
 
 /// How often a drain looks for more shards with work while it runs.
 const RESCAN_MS: u64 = 100;
@@ -335,8 +330,9 @@ async fn refresh_cache(
     let mut lost = HashSet::new();
     let mut pending: Vec<&String> = state.keys().collect();
     // Wait out a lock's whole TTL: a holder that died (a reader, or a processor
-    // killed mid-refresh) leaves its locks until they expire.
-    let give_up = spillway_spin::monotonic_ms() + READER_FILL_LOCK_TTL_MS.max(s.lease_ttl_ms) + 500;
+    // killed mid-refresh) leaves its locks until they expire. Our own refresh locks
+    // live as long as the lease, so a dead processor's do not outlast its lease.
+    let give_up = spillway_spin::monotonic_ms() + FILL_LOCK_TTL_MS.max(s.lease_ttl_ms) + 500;
     let mut keys: Vec<String> = owners.iter().map(|h| l.lease(h.shard)).collect();
     let mut head = vec![owners.len().to_string(), me.clone(), s.lease_ttl_ms.to_string()];
     head.extend(owners.iter().map(|h| h.token.clone()));
@@ -385,7 +381,7 @@ async fn refresh_cache(
         }
         .await;
         if !held.is_empty() {
-            redis.eval(scripts::LOCKS_RELEASE, &held, &[me.clone()]).await?;
+            redis.eval(scripts::LOCKS_RELEASE, &held, std::slice::from_ref(&me)).await?;
         }
         written?;
         pending = waiting.into_iter().filter(|k| !lost.contains(&l.shard_of(k))).collect();

@@ -22,6 +22,15 @@ pub async fn check(redis: &Redis) -> Vec<String> {
     warnings
 }
 
+/// Runs [`check`] once per instance, for a caller that only needs its effect
+/// (expiry events turned on): after the first call it costs nothing, not even a
+/// copy of the warnings (intake's hot path).
+pub async fn ensure(redis: &Redis) {
+    if CHECKED.with_borrow(|c| c.is_none()) {
+        check(redis).await;
+    }
+}
+
 /// Forgets the check (the connection failed: Redis may have restarted).
 pub fn forget() {
     CHECKED.with_borrow_mut(|c| *c = None);

@@ -14,6 +14,9 @@ use super::spin::key_value::key_value::{Error, Host, HostStore, HostStoreWithSto
 use super::{Spin, SpinView};
 use crate::runtime_config::KeyValueConfig;
 
+/// Keys and their values, as `get-many` answers.
+type Pairs = Vec<(String, Option<Vec<u8>>)>;
+
 /// An open store: the resource behind `store`.
 #[allow(unreachable_pub, reason = "bindgen re-exports resource types publicly")]
 pub struct Store {
@@ -214,7 +217,7 @@ impl KvBackend {
     /// Spin's SQLite store answers). On Redis, Spin sends the keys to `KEYS` rather
     /// than `MGET`, which fails for more than one key; this host does the same, so a
     /// component meets that here rather than in production.
-    async fn get_many(self: Arc<Self>, store: String, keys: Vec<String>) -> Result<Vec<(String, Option<Vec<u8>>)>, Error> {
+    async fn get_many(self: Arc<Self>, store: String, keys: Vec<String>) -> Result<Pairs, Error> {
         match &*self {
             Self::Sqlite { .. } => blocking(self.clone(), move |b| {
                 let Self::Sqlite { path, conn } = b else { unreachable!() };
@@ -229,7 +232,7 @@ impl KvBackend {
             .await,
             Self::Redis { .. } => {
                 let mut conn = self.redis().await?;
-                let r: Result<Vec<(String, Option<Vec<u8>>)>, _> = redis::cmd("KEYS").arg(keys).query_async(&mut conn).await;
+                let r: Result<Pairs, _> = redis::cmd("KEYS").arg(keys).query_async(&mut conn).await;
                 self.redis_result(r).await
             }
         }
