@@ -40,6 +40,10 @@ pub enum Outcome {
     Applied {
         /// Version after this write.
         version: u64,
+        /// The record's value after this write (`None`: the write deleted it): one
+        /// entry of the key's change feed. Not part of the outcome's JSON.
+        #[serde(skip)]
+        value: Option<Value>,
     },
     /// Refused by its operation or precondition.
     Rejected {
@@ -71,7 +75,7 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 /// record is deleted; `Err` is the rejection reason.
 pub fn apply(current: Option<&Record>, write: &Write, now_ms: i64) -> Result<Option<Record>, String> {
     let mut record = current.cloned();
-    apply_in_place(&mut record, write, now_ms)?;
+    apply_in_place(&mut record, 0, write, now_ms)?;
     if let Some(r) = &mut record {
         r.etag = etag(&r.value);
     }
@@ -91,11 +95,13 @@ fn object_mut(record: &mut Option<Record>) -> Result<&mut Map<String, Value>, St
 }
 
 /// Applies one write to `record` where it lies, leaving it untouched when the
-/// write is rejected (every check comes before any change). Returns the record's
-/// new version. The ETag is left to the caller ([`plan_batch`] computes it once per
-/// key and batch, not once per write).
-fn apply_in_place(record: &mut Option<Record>, write: &Write, now_ms: i64) -> Result<u64, String> {
-    let version = record.as_ref().map_or(0, |r| r.version);
+/// write is rejected (every check comes before any change). `absent_version` is the
+/// version of an absent record: the version its deletion reached (0 if it never
+/// existed), so versions keep growing through a delete and a re-create. Returns
+/// the record's new version. The ETag is left to the caller ([`plan_batch`]
+/// computes it once per key and batch, not once per write).
+fn apply_in_place(record: &mut Option<Record>, absent_version: u64, write: &Write, now_ms: i64) -> Result<u64, String> {
+    let version = record.as_ref().map_or(absent_version, |r| r.version);
     if let Some(expected) = write.if_version
         && expected != version
     {
@@ -158,46 +164,67 @@ fn apply_in_place(record: &mut Option<Record>, write: &Write, now_ms: i64) -> Re
     Ok(version + 1)
 }
 
-/// The effect of a batch: final state of every touched key, and an outcome per write
-/// not applied before.
+/// The effect of a batch: final state of every touched key (changed by the batch,
+/// or by an earlier delivery of one of its writes), and an outcome per write not
+/// applied before.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
-    /// Final record per touched key (`None`: deleted).
+    /// Final record per touched key (`None`: deleted), for the database and the
+    /// cache.
     pub records: BTreeMap<String, Option<Record>>,
+    /// The version a deleted key's deletion reached, for each key of `records`
+    /// that is `None` (kept as a tombstone so versions never go back).
+    pub deleted: BTreeMap<String, u64>,
     /// `(write id, key, outcome)` in batch order, skipping writes applied before.
     pub outcomes: Vec<(String, String, Outcome)>,
 }
 
-/// Applies `writes` in order to `existing` records, skipping ids in `already`
-/// (applied by an earlier delivery): the exactly-once effect.
+/// Applies `writes` in order to the stored state of their keys, skipping ids in
+/// `already` (applied by an earlier delivery): the exactly-once effect.
+/// `existing` holds the records there are; `tombstones` the version of each
+/// deleted key, so that a re-created key carries on from it.
 pub fn plan_batch(
     existing: BTreeMap<String, Record>,
+    tombstones: &BTreeMap<String, u64>,
     writes: &[(String, Write)],
     already: &HashSet<String>,
     now_ms: i64,
 ) -> Plan {
-    let mut state: BTreeMap<String, Option<Record>> = existing.into_iter().map(|(k, r)| (k, Some(r))).collect();
+    let mut state: BTreeMap<String, (Option<Record>, u64)> = existing.into_iter().map(|(k, r)| (k, (Some(r), 0))).collect();
     let mut touched = BTreeSet::new();
     let mut plan = Plan::default();
     let mut seen = HashSet::new();
     for (id, w) in writes {
-        if already.contains(id) || !seen.insert(id.clone()) {
+        if !seen.insert(id.clone()) {
             continue;
         }
-        let record = state.entry(w.key.clone()).or_insert(None);
-        let outcome = match apply_in_place(record, w, now_ms) {
+        let (record, absent_version) =
+            state.entry(w.key.clone()).or_insert_with(|| (None, tombstones.get(&w.key).copied().unwrap_or(0)));
+        if already.contains(id) {
+            // Applied by an earlier delivery whose processor may have died before
+            // refreshing the cache: the key's current state is written again.
+            touched.insert(w.key.clone());
+            continue;
+        }
+        let outcome = match apply_in_place(record, *absent_version, w, now_ms) {
             Ok(version) => {
                 touched.insert(w.key.clone());
-                Outcome::Applied { version }
+                if record.is_none() {
+                    *absent_version = version;
+                }
+                Outcome::Applied { version, value: record.as_ref().map(|r| r.value.clone()) }
             }
             Err(reason) => Outcome::Rejected { reason },
         };
         plan.outcomes.push((id.clone(), w.key.clone(), outcome));
     }
     for key in touched {
-        let mut record = state.remove(&key).flatten();
-        if let Some(r) = &mut record {
-            r.etag = etag(&r.value);
+        let Some((mut record, absent_version)) = state.remove(&key) else { continue };
+        match &mut record {
+            Some(r) => r.etag = etag(&r.value),
+            None => {
+                plan.deleted.insert(key.clone(), absent_version);
+            }
         }
         plan.records.insert(key, record);
     }
@@ -261,9 +288,44 @@ mod tests {
         let inc = w(json!({"key": "k", "op": "incr", "field": "n"}));
         let writes = vec![("a".into(), inc.clone()), ("b".into(), inc.clone()), ("b".into(), inc.clone()), ("c".into(), inc)];
         let already: HashSet<String> = ["a".to_owned()].into();
-        let plan = plan_batch(BTreeMap::new(), &writes, &already, 0);
+        let plan = plan_batch(BTreeMap::new(), &BTreeMap::new(), &writes, &already, 0);
         assert_eq!(plan.outcomes.len(), 2);
+        // A redelivered batch whose writes were all applied still refreshes its keys.
+        let existing = BTreeMap::from([("k".to_owned(), plan.records["k"].clone().unwrap())]);
+        let redelivered = plan_batch(existing, &BTreeMap::new(), &writes[..1], &already, 9);
+        assert!(redelivered.outcomes.is_empty());
+        assert_eq!(redelivered.records["k"].as_ref().unwrap().version, 2);
         assert_eq!(plan.records["k"].as_ref().unwrap().value, json!({"n": 2}));
-        assert_eq!(plan.outcomes[1].2, Outcome::Applied { version: 2 });
+        assert_eq!(plan.outcomes[1].2, Outcome::Applied { version: 2, value: Some(json!({"n": 2})) });
+    }
+
+    /// Versions keep growing through a delete and a re-create, within a batch and
+    /// across batches (from the tombstone), and every applied write carries the
+    /// value it produced.
+    #[test]
+    fn versions_survive_deletion() {
+        let put = |n: i64| w(json!({"key": "k", "op": "put", "value": {"n": n}}));
+        let del = w(json!({"key": "k", "op": "delete"}));
+        let writes = vec![("a".into(), put(1)), ("b".into(), del.clone()), ("c".into(), put(2)), ("d".into(), del)];
+        let plan = plan_batch(BTreeMap::new(), &BTreeMap::new(), &writes, &HashSet::new(), 0);
+        let versions: Vec<_> = plan
+            .outcomes
+            .iter()
+            .map(|(_, _, o)| match o {
+                Outcome::Applied { version, value } => (*version, value.clone()),
+                Outcome::Rejected { reason } => panic!("{reason}"),
+            })
+            .collect();
+        assert_eq!(versions, vec![(1, Some(json!({"n": 1}))), (2, None), (3, Some(json!({"n": 2}))), (4, None)]);
+        assert_eq!(plan.records["k"], None);
+        assert_eq!(plan.deleted["k"], 4);
+
+        let tombstones = BTreeMap::from([("k".to_owned(), 4)]);
+        let plan = plan_batch(BTreeMap::new(), &tombstones, &[("e".into(), put(3))], &HashSet::new(), 0);
+        assert_eq!(plan.records["k"].as_ref().unwrap().version, 5);
+        assert!(plan.deleted.is_empty());
+        let guarded = w(json!({"key": "k", "op": "put", "value": 1, "if_version": 4}));
+        let plan = plan_batch(BTreeMap::new(), &tombstones, &[("f".into(), guarded)], &HashSet::new(), 0);
+        assert_eq!(plan.outcomes[0].2, Outcome::Applied { version: 5, value: Some(json!(1)) });
     }
 }

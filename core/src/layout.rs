@@ -14,6 +14,10 @@ pub const CONSUMER: &str = "processor";
 /// read and one key-value write) may take at most.
 pub const FILL_LOCK_TTL_MS: u64 = 5000;
 
+/// How long a key found absent is remembered (its negative cache entry), at most:
+/// its creation drops the entry sooner.
+pub const ABSENT_TTL_MS: u64 = 60_000;
+
 /// Prefix and shard count: everything needed to name a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -136,7 +140,8 @@ impl Layout {
         format!("{}idem:{}", self.prefix, md5_hex(client_key.as_bytes()))
     }
 
-    /// Single-flight lock of a record's cache fill.
+    /// Single-flight lock of a record's cache fill; between fills it may hold the
+    /// key's negative cache entry (see `scripts::FILL_BEGIN`).
     pub fn fill_lock(&self, key: &str) -> String {
         format!("{}fill:{}", self.prefix, md5_hex(key.as_bytes()))
     }

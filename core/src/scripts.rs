@@ -210,14 +210,51 @@ end
 return #ARGV - 1
 "#;
 
-/// Take many single-flight fill locks at once. KEYS: locks, ARGV: `[token, ttl_ms]`.
+/// What a key's fill lock holds between fills when the database had no record:
+/// the negative cache entry (see [`FILL_BEGIN`]). Lock tokens are hex, so never this.
+pub const ABSENT: &str = "absent";
+
+/// Take many single-flight fill locks at once (a negative cache entry counts as
+/// free, and taking the lock drops it). KEYS: locks, ARGV: `[token, ttl_ms]`.
 /// Reply: 1 or 0 per key.
 pub const LOCKS_ACQUIRE: &str = r#"
 local out = {}
 for i = 1, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then out[i] = 1 else out[i] = 0 end
+  local v = redis.call('GET', KEYS[i])
+  if v == false or v == 'absent' then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
 return out
+"#;
+
+/// A reader's cache miss: 2 if the key is known absent (its fill lock holds the
+/// negative entry [`ABSENT`]), else 1 if the fill lock was taken, 0 if another
+/// filler holds it. KEYS: `[lock]`, ARGV: `[token, ttl_ms]`.
+///
+/// Negative caching: a filler that finds no record replaces its lock with
+/// [`ABSENT`] for a while ([`FILL_ABSENT`]), so a flood of reads of a missing key
+/// stops at Redis. Every writer of the cache takes the key's fill lock first
+/// ([`LOCKS_ACQUIRE_LEASED`], [`LOCKS_ACQUIRE`]), which drops the entry; so when
+/// the processor creates the key, the entry is gone before the write is
+/// acknowledged, and the creation is visible at once.
+pub const FILL_BEGIN: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v == 'absent' then return 2 end
+if v then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
+/// A filler that found no record: its lock becomes the negative entry, if still
+/// its own. KEYS: `[lock]`, ARGV: `[token, ttl_ms]`. Reply 1 if set.
+pub const FILL_ABSENT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], 'absent', 'PX', ARGV[2])
+return 1
 "#;
 
 /// The processor's refresh locks: take each key's fill lock only while the lease of
@@ -226,7 +263,8 @@ return out
 /// written a newer one (whoever holds a fill lock writes before the next may).
 /// KEYS: `[lease_1..lease_m, lock_1..lock_n]`; ARGV: `[m, lock_token, ttl_ms,
 /// lease_token_1..lease_token_m, lease_index_1..lease_index_n]` (1-based).
-/// Reply per lock: 1 taken, 0 busy, 2 its shard's lease is lost.
+/// Reply per lock: 1 taken, 0 busy, 2 its shard's lease is lost. A negative cache
+/// entry counts as free (see [`FILL_BEGIN`]).
 pub const LOCKS_ACQUIRE_LEASED: &str = r#"
 local m = tonumber(ARGV[1])
 local ours = {}
@@ -235,10 +273,14 @@ local out = {}
 for j = m + 1, #KEYS do
   if not ours[tonumber(ARGV[3 + j])] then
     out[#out + 1] = 2
-  elseif redis.call('SET', KEYS[j], ARGV[2], 'NX', 'PX', ARGV[3]) then
-    out[#out + 1] = 1
   else
-    out[#out + 1] = 0
+    local v = redis.call('GET', KEYS[j])
+    if v == false or v == 'absent' then
+      redis.call('SET', KEYS[j], ARGV[2], 'PX', ARGV[3])
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
   end
 end
 return out

@@ -24,6 +24,9 @@ pub struct Settings {
     /// `status_retention_secs`: how long a write's outcome stays queryable after the
     /// write was accepted (outcomes are pruned by the processor after that).
     pub status_retention_secs: u64,
+    /// `change_feed_secs`: how long one change-feed response streams before it
+    /// ends (the client reconnects with `Last-Event-ID`).
+    pub change_feed_secs: u64,
     /// `admin_token`; admin endpoints are disabled when empty.
     pub admin_token: Option<String>,
     /// Request limits.
@@ -72,6 +75,10 @@ impl Settings {
         if lease_ttl_ms == 0 {
             return Err(SettingsError { name: "lease_ttl_ms", reason: "must be at least 1".into() });
         }
+        let change_feed_secs = num(&get, "change_feed_secs", 25)?;
+        if change_feed_secs == 0 {
+            return Err(SettingsError { name: "change_feed_secs", reason: "must be at least 1".into() });
+        }
         Ok(Self {
             redis_address: get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
             layout: Layout { prefix, shards },
@@ -81,6 +88,7 @@ impl Settings {
             queue_depth_limit: num(&get, "queue_depth_limit", 100_000)?,
             idempotency_ttl_secs: num(&get, "idempotency_ttl_secs", 86_400)?,
             status_retention_secs,
+            change_feed_secs,
             admin_token: get("admin_token").filter(|t| !t.is_empty()),
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,

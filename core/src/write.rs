@@ -111,26 +111,30 @@ fn key_char_ok(c: char) -> bool {
     }
 }
 
+/// Checks a record key: 1 to `max_key_len` characters, none of them a space or a
+/// control character; `field` is the JSON pointer the error names.
+pub fn check_key(key: &str, limits: &Limits, field: &str) -> Result<(), Problem> {
+    if key.is_empty() {
+        return Err(Problem::invalid("key must not be empty", field));
+    }
+    let chars = key.chars().count();
+    if chars > limits.max_key_len {
+        return Err(Problem::invalid(&format!("key is {chars} characters; the limit is {}", limits.max_key_len), field));
+    }
+    if let Some(c) = key.chars().find(|c| !key_char_ok(*c)) {
+        return Err(Problem::invalid(
+            &format!("key contains a forbidden character {c:?} (spaces and control characters are not allowed)"),
+            field,
+        ));
+    }
+    Ok(())
+}
+
 impl Write {
     /// Checks the write against `limits`; `pointer` is the JSON pointer of this write
     /// in the request (for the error's field).
     pub fn validate(&self, limits: &Limits, pointer: &str) -> Result<(), Problem> {
-        if self.key.is_empty() {
-            return Err(Problem::invalid("key must not be empty", &format!("{pointer}/key")));
-        }
-        let chars = self.key.chars().count();
-        if chars > limits.max_key_len {
-            return Err(Problem::invalid(
-                &format!("key is {chars} characters; the limit is {}", limits.max_key_len),
-                &format!("{pointer}/key"),
-            ));
-        }
-        if let Some(c) = self.key.chars().find(|c| !key_char_ok(*c)) {
-            return Err(Problem::invalid(
-                &format!("key contains a forbidden character {c:?} (spaces and control characters are not allowed)"),
-                &format!("{pointer}/key"),
-            ));
-        }
+        check_key(&self.key, limits, &format!("{pointer}/key"))?;
         match &self.op {
             Op::Incr { field, .. } | Op::Append { field, .. } if field.is_empty() => {
                 return Err(Problem::invalid("field must not be empty", &format!("{pointer}/field")));

@@ -128,58 +128,62 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     }
     let keys: Vec<String> = writes.iter().map(|(_, w)| w.key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut existing = BTreeMap::new();
+    let mut tombstones = BTreeMap::new();
     if !keys.is_empty() {
         for r in db.query(sql::RECORDS, vec![json_param(&keys)]).await? {
-            let (Some(key), Some(value), Some(version), Some(etag), Some(updated_at)) =
-                (r.first().and_then(text), r.get(1).and_then(text), r.get(2).and_then(integer), r.get(3).and_then(text), r.get(4).and_then(integer))
+            let (Some(key), Some(value), Some(version), Some(etag), Some(updated_at), deleted) =
+                (r.first().and_then(text), r.get(1).and_then(text), r.get(2).and_then(integer), r.get(3).and_then(text), r.get(4).and_then(integer), r.get(5).and_then(integer))
             else {
                 continue;
             };
+            if deleted == Some(1) {
+                tombstones.insert(key, version as u64);
+                continue;
+            }
             let value = serde_json::from_str(&value).map_err(|e| Problem::unavailable(&format!("stored record {key:?} is not JSON: {e}")))?;
             existing.insert(key, Record { value, version: version as u64, etag, updated_at });
         }
     }
     let now = spillway_spin::now_ms();
-    let plan = plan_batch(existing, &writes, &already, now);
+    let plan = plan_batch(existing, &tombstones, &writes, &already, now);
 
+    // Live records and tombstones (a deleted key keeps the version it reached).
     let upserts: Vec<Json> = plan
         .records
         .iter()
-        .filter_map(|(k, r)| {
-            let r = r.as_ref()?;
-            let value = String::from_utf8(canonical(&r.value)).unwrap_or_default();
-            Some(json!([k, value, r.version, r.etag, r.updated_at]))
+        .map(|(k, r)| match r {
+            Some(r) => json!([k, String::from_utf8(canonical(&r.value)).unwrap_or_default(), r.version, r.etag, r.updated_at, 0]),
+            None => json!([k, "null", plan.deleted.get(k).copied().unwrap_or(0), "", now, 1]),
         })
         .collect();
     if !upserts.is_empty() {
         db.query(sql::UPSERT_RECORDS, vec![json_param(&upserts)]).await?;
     }
-    let deletes: Vec<&String> = plan.records.iter().filter(|(_, r)| r.is_none()).map(|(k, _)| k).collect();
-    if !deletes.is_empty() {
-        db.query(sql::DELETE_RECORDS, vec![json_param(&deletes)]).await?;
-    }
 
     let (mut applied, mut rejected) = (0, 0);
     let mut outcomes: Vec<Json> = Vec::with_capacity(writes.len() + unreadable.len());
-    let mut row = |id: &String, key: &str, status: &str, version: Option<u64>, reason: Option<&str>| {
+    let mut row = |id: &String, key: &str, status: &str, version: Option<u64>, reason: Option<&str>, value: Option<String>| {
         let (shard, ms) = entry_of.get(id).copied().unwrap_or((0, 0));
-        outcomes.push(json!([id, key, status, version, reason, now, shard, ms]));
+        outcomes.push(json!([id, key, status, version, reason, now, shard, ms, value]));
     };
     for (id, key, outcome) in &plan.outcomes {
         match outcome {
-            Outcome::Applied { version } => {
+            Outcome::Applied { version, value } => {
                 applied += 1;
-                row(id, key, "applied", Some(*version), None);
+                // The change feed's entry: the value this write produced.
+                let value = value.as_ref().map(|v| String::from_utf8(canonical(v)).unwrap_or_default());
+                let reason = value.is_none().then_some("deleted");
+                row(id, key, "applied", Some(*version), reason, value);
             }
             Outcome::Rejected { reason } => {
                 rejected += 1;
-                row(id, key, "rejected", None, Some(reason));
+                row(id, key, "rejected", None, Some(reason), None);
             }
         }
     }
     for (id, err) in unreadable.iter().filter(|(id, _)| !already.contains(id)) {
         rejected += 1;
-        row(id, "", "rejected", None, Some(&format!("unreadable write: {err}")));
+        row(id, "", "rejected", None, Some(&format!("unreadable write: {err}")), None);
     }
     if !outcomes.is_empty() {
         db.query(sql::INSERT_WRITES, vec![json_param(&outcomes)]).await?;

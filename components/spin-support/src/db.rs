@@ -38,30 +38,41 @@ impl Db {
         for stmt in sql::schema_statements() {
             db.query(stmt, Vec::new()).await?;
         }
-        if !db.has_v2_columns().await? {
-            db.query(sql::BEGIN, Vec::new()).await?;
-            let migrated = async {
-                // Re-checked under the write lock: another processor may have won.
-                if !db.has_v2_columns().await? {
-                    for stmt in sql::MIGRATE_V2 {
-                        db.query(stmt, Vec::new()).await?;
-                    }
-                }
-                db.query(sql::COMMIT, Vec::new()).await
-            }
-            .await;
-            if let Err(p) = migrated {
-                let _ = db.query(sql::ROLLBACK, Vec::new()).await;
-                return Err(p);
-            }
+        db.migrate(sql::HAS_V2_COLUMNS, &sql::MIGRATE_V2).await?;
+        for (done, step) in sql::MIGRATE_V3 {
+            db.migrate(done, &[step]).await?;
         }
-        db.query(sql::PRUNE_INDEX, Vec::new()).await?;
+        for stmt in sql::INDEXES {
+            db.query(stmt, Vec::new()).await?;
+        }
         Ok(db)
     }
 
-    async fn has_v2_columns(&self) -> Result<bool, Problem> {
-        let rows = self.query(sql::HAS_V2_COLUMNS, Vec::new()).await?;
-        Ok(rows.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0) > 0)
+    /// Runs `steps` in one transaction unless `done` (a count query) says they
+    /// have run; checked again under the write lock, as another processor may win.
+    async fn migrate(&self, done: &str, steps: &[&str]) -> Result<(), Problem> {
+        let has = async || -> Result<bool, Problem> {
+            let rows = self.query(done, Vec::new()).await?;
+            Ok(rows.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0) > 0)
+        };
+        if has().await? {
+            return Ok(());
+        }
+        self.query(sql::BEGIN, Vec::new()).await?;
+        let migrated = async {
+            if !has().await? {
+                for stmt in steps {
+                    self.query(stmt, Vec::new()).await?;
+                }
+            }
+            self.query(sql::COMMIT, Vec::new()).await
+        }
+        .await;
+        if let Err(p) = migrated {
+            let _ = self.query(sql::ROLLBACK, Vec::new()).await;
+            return Err(p);
+        }
+        Ok(())
     }
 
     /// Runs one statement and returns its rows' values.

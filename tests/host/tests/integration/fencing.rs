@@ -12,7 +12,7 @@ fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) ->
     if advanced != Some(token) {
         return false; // dropped: rolled back
     }
-    let row = serde_json::json!([["k", value, token, "e", 0]]).to_string();
+    let row = serde_json::json!([["k", value, token, "e", 0, 0]]).to_string();
     tx.execute(sql::UPSERT_RECORDS, [row]).unwrap();
     tx.commit().unwrap();
     true
