@@ -1,19 +1,40 @@
 //! Handlers for records and write status.
 
 use serde_json::{Value as Json, json};
-use spillway_core::layout::{FILL_LOCK_TTL_MS, WriteId, decode_key};
+use spillway_core::layout::{ABSENT_TTL_MS, FILL_LOCK_TTL_MS, WriteId, decode_key};
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_core::sql;
-use spillway_spin::{Redis, authorize, bin, int, json, problem, respond, text, token};
-use spin_sdk::key_value::Store;
 use spillway_spin::db::{Db, SqlValue as Value};
+use spillway_spin::{Redis, authorize, int, json, problem, respond, status, token};
+use spin_sdk::http::BoxBody;
+use spin_sdk::key_value::Store;
+
+use crate::{changes, records};
 
 /// The OpenAPI 3.1 document of the whole API (kept in `api/openapi.json`).
 const OPENAPI: &str = include_str!("../../../api/openapi.json");
 
-pub(crate) async fn handle(req: spin_sdk::http::Request) -> http::Response<String> {
+pub(crate) async fn handle(req: spin_sdk::http::Request) -> http::Response<BoxBody> {
+    let path = req.uri().path().to_owned();
+    if req.method() == http::Method::GET
+        && let Some(raw_key) = path.strip_prefix("/v1/records/").and_then(|p| p.strip_suffix("/changes"))
+    {
+        return match changes::feed(raw_key, req.headers()).await {
+            Ok(r) => r,
+            Err(p) => full(problem(&p)),
+        };
+    }
+    full(handle_full(req).await)
+}
+
+/// A response whose body is all there.
+fn full(r: http::Response<String>) -> http::Response<BoxBody> {
+    r.map(spin_sdk::http::box_body)
+}
+
+async fn handle_full(req: spin_sdk::http::Request) -> http::Response<String> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     if path == "/v1/openapi.json" {
@@ -22,7 +43,9 @@ pub(crate) async fn handle(req: spin_sdk::http::Request) -> http::Response<Strin
         }
         return spillway_spin::respond(200, "application/json", OPENAPI.to_owned(), &[]);
     }
-    let (allow, route) = if path.starts_with("/v1/records/") {
+    let (allow, route) = if path == "/v1/records:get" {
+        ("POST", Route::Records)
+    } else if path.starts_with("/v1/records/") {
         ("GET", Route::Record)
     } else if path.starts_with("/v1/writes/") {
         ("GET", Route::Write)
@@ -38,9 +61,11 @@ pub(crate) async fn handle(req: spin_sdk::http::Request) -> http::Response<Strin
         Ok(s) => s,
         Err(p) => return problem(&p),
     };
+    let query = req.uri().query().map(str::to_owned);
     let result = match route {
-        Route::Record => record(&settings, &path["/v1/records/".len()..], req.headers()).await,
-        Route::Write => write_status(&settings, &path["/v1/writes/".len()..], req.uri().query()).await,
+        Route::Record => record(&settings, &path["/v1/records/".len()..], query.as_deref(), req.headers()).await,
+        Route::Records => records::get_many(&settings, req, query.as_deref()).await,
+        Route::Write => write_status(&settings, &path["/v1/writes/".len()..], query.as_deref()).await,
         Route::Cache => match authorize(req.headers(), settings.admin_token.as_deref()) {
             Ok(()) => cache_admin(&settings, &path["/v1/cache/".len()..], method == http::Method::DELETE).await,
             Err(p) => Err(p),
@@ -51,42 +76,81 @@ pub(crate) async fn handle(req: spin_sdk::http::Request) -> http::Response<Strin
 
 enum Route {
     Record,
+    Records,
     Write,
     Cache,
 }
 
-fn kv_err(e: spin_sdk::key_value::Error) -> Problem {
+pub(crate) fn kv_err(e: spin_sdk::key_value::Error) -> Problem {
     Problem::unavailable(&format!("key-value store: {e:?}"))
 }
 
-/// The first row of `stmt`; none when nothing has been applied yet (no tables).
-async fn query(stmt: &str, params: Vec<Value>) -> Result<Option<Vec<Value>>, Problem> {
-    Db::open().await?.first_row(stmt, params).await
+/// A key's state in the database.
+pub(crate) enum Stored {
+    /// The record, as the cache stores it.
+    Live(Json),
+    /// Deleted at this version (its tombstone).
+    Deleted(i64),
+    /// Never written (or written before tombstones were kept).
+    Never,
+}
+
+impl Stored {
+    /// The record's version, or the version its deletion reached.
+    fn version(&self) -> i64 {
+        match self {
+            Stored::Live(r) => r["version"].as_i64().unwrap_or(0),
+            Stored::Deleted(v) => *v,
+            Stored::Never => 0,
+        }
+    }
+
+    /// A row of `sql::RECORD` / `sql::RECORDS`.
+    pub(crate) fn from_row(row: &[Value]) -> Result<(String, Self), Problem> {
+        let (Some(Value::Text(key)), Some(Value::Text(value)), Some(Value::Integer(version)), Some(Value::Text(etag)), Some(Value::Integer(updated_at))) =
+            (row.first(), row.get(1), row.get(2), row.get(3), row.get(4))
+        else {
+            return Err(Problem::unavailable("database row has an unexpected shape"));
+        };
+        if matches!(row.get(5), Some(Value::Integer(1))) {
+            return Ok((key.clone(), Stored::Deleted(*version)));
+        }
+        let value: Json = serde_json::from_str(value).map_err(|e| Problem::unavailable(&e.to_string()))?;
+        Ok((key.clone(), Stored::Live(json!({"key": key, "value": value, "version": version, "etag": etag, "updated_at": updated_at}))))
+    }
+}
+
+/// A key's state from the database.
+pub(crate) async fn stored(key: &str) -> Result<Stored, Problem> {
+    match Db::open().await?.first_row(sql::RECORD, vec![Value::Text(key.to_owned())]).await? {
+        Some(row) => Ok(Stored::from_row(&row)?.1),
+        None => Ok(Stored::Never),
+    }
+}
+
+/// The version a key is at in the database (a deletion's included; 0 if never
+/// written).
+pub(crate) async fn stored_version(key: &str) -> Result<i64, Problem> {
+    Ok(stored(key).await?.version())
 }
 
 /// The record from the database, as the cache stores it.
 async fn from_db(key: &str) -> Result<Option<Json>, Problem> {
-    let Some(row) = query(sql::RECORD, vec![Value::Text(key.to_owned())]).await? else {
-        return Ok(None);
-    };
-    let (Some(Value::Text(value)), Some(Value::Integer(version)), Some(Value::Text(etag)), Some(Value::Integer(updated_at))) =
-        (row.get(1), row.get(2), row.get(3), row.get(4))
-    else {
-        return Err(Problem::unavailable("database row has an unexpected shape"));
-    };
-    let value: Json = serde_json::from_str(value).map_err(|e| Problem::unavailable(&e.to_string()))?;
-    Ok(Some(json!({"key": key, "value": value, "version": version, "etag": etag, "updated_at": updated_at})))
+    match stored(key).await? {
+        Stored::Live(r) => Ok(Some(r)),
+        _ => Ok(None),
+    }
 }
 
 /// A cache entry: the record's JSON as `GET /v1/records/{key}` answers it, and its
 /// ETag (read out of it without building the whole document).
-struct Entry {
-    body: String,
+pub(crate) struct Entry {
+    pub(crate) body: String,
     etag: String,
 }
 
 impl Entry {
-    fn parse(bytes: Vec<u8>) -> Option<Self> {
+    pub(crate) fn parse(bytes: Vec<u8>) -> Option<Self> {
         #[derive(serde::Deserialize)]
         struct Tag<'a> {
             #[serde(borrow)]
@@ -97,8 +161,17 @@ impl Entry {
         Some(Self { body, etag })
     }
 
-    fn from_json(v: &Json) -> Self {
+    pub(crate) fn from_json(v: &Json) -> Self {
         Self { body: v.to_string(), etag: v["etag"].as_str().unwrap_or_default().to_owned() }
+    }
+
+    /// The record's version (parsed out of the entry).
+    fn version(&self) -> i64 {
+        #[derive(serde::Deserialize)]
+        struct V {
+            version: i64,
+        }
+        serde_json::from_str::<V>(&self.body).map_or(0, |v| v.version)
     }
 }
 
@@ -126,18 +199,68 @@ async fn cached(store: &Store, cache_key: &str) -> Result<Option<Entry>, Problem
     }
 }
 
-async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Result<http::Response<String>, Problem> {
+/// The record key in a path (percent-decoded), or why not.
+pub(crate) fn path_key(s: &Settings, raw_key: &str) -> Result<String, Problem> {
     let key = decode_key(raw_key).ok_or_else(|| Problem::invalid("the key is not valid percent-encoded UTF-8", "/path/key"))?;
     if key.is_empty() || key.chars().count() > s.limits.max_key_len {
         return Err(Problem::not_found("no such record"));
     }
-    let l = &s.layout;
-    let store = store().await?;
-    let cache_key = l.cache_key(&key);
-    let mut entry = cached(&store, &cache_key).await?;
-    if entry.is_none() {
-        entry = fill(s, &store, &cache_key, &key).await?.as_ref().map(Entry::from_json);
-    }
+    Ok(key)
+}
+
+/// How a read may be answered.
+enum Consistency {
+    /// From the cache (read-your-writes holds: see [`spillway_spin::status`]).
+    Cached,
+    /// `?consistent=true`: from the database.
+    Database,
+    /// `?min_version=v`: version v or newer (from the database only, with
+    /// `consistent=true`), waiting up to the deadline (monotonic ms) for it to be
+    /// applied.
+    AtLeast { min: i64, deadline: u64, consistent: bool },
+}
+
+/// How long `?min_version` waits by default for its version, in milliseconds.
+const MIN_VERSION_WAIT_MS: u64 = 5_000;
+
+/// `consistent`, `min_version` and `wait` (which only `min_version` uses), checked.
+fn consistency(query: Option<&str>) -> Result<Consistency, Problem> {
+    only_params(query, &["consistent", "min_version", "wait"])?;
+    let consistent = match query_param(query, "consistent") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(Problem::invalid("consistent must be true or false", "/query/consistent")),
+    };
+    let min_version = match query_param(query, "min_version") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0 && !v.starts_with('+'))
+                .ok_or_else(|| Problem::invalid("min_version must be a whole number from 0", "/query/min_version"))?,
+        ),
+    };
+    let wait = match query_param(query, "wait") {
+        None => None,
+        Some(v) => Some(status::wait_secs(v).ok_or_else(|| bad_wait("/query/wait"))?),
+    };
+    Ok(match (consistent, min_version) {
+        (_, Some(min)) => {
+            Consistency::AtLeast { min, deadline: spillway_spin::monotonic_ms() + wait.unwrap_or(MIN_VERSION_WAIT_MS), consistent }
+        }
+        (true, None) => Consistency::Database,
+        (false, None) => Consistency::Cached,
+    })
+}
+
+async fn record(s: &Settings, raw_key: &str, query: Option<&str>, headers: &http::HeaderMap) -> Result<http::Response<String>, Problem> {
+    let consistency = consistency(query)?;
+    let key = path_key(s, raw_key)?;
+    let entry = match consistency {
+        Consistency::Cached => cached_or_filled(s, &key).await?,
+        Consistency::Database => from_db(&key).await?.as_ref().map(Entry::from_json),
+        Consistency::AtLeast { min, deadline, consistent } => at_least(s, &key, min, deadline, consistent).await?,
+    };
     let Some(entry) = entry else {
         return Err(Problem::not_found(&format!("no record {key:?}")));
     };
@@ -157,27 +280,78 @@ async fn record(s: &Settings, raw_key: &str, headers: &http::HeaderMap) -> Resul
     Ok(respond(200, "application/json", entry.body, &[("etag", etag), ("cache-control", "no-cache".into())]))
 }
 
+/// The record through the cache: a hit, or a miss filled from the database.
+pub(crate) async fn cached_or_filled(s: &Settings, key: &str) -> Result<Option<Entry>, Problem> {
+    let store = store().await?;
+    let cache_key = s.layout.cache_key(key);
+    if let Some(entry) = cached(&store, &cache_key).await? {
+        return Ok(Some(entry));
+    }
+    Ok(fill(s, &store, &cache_key, key).await?.as_ref().map(Entry::from_json))
+}
+
+/// `?min_version=v`: the cache if it has v or newer (unless `consistent`), else the
+/// database; if the
+/// database is behind too, the write is still being applied: wait for the shard's
+/// notices and look again, until the deadline (then 412).
+async fn at_least(s: &Settings, key: &str, min: i64, deadline: u64, consistent: bool) -> Result<Option<Entry>, Problem> {
+    if !consistent
+        && let Some(entry) = cached(&*store().await?, &s.layout.cache_key(key)).await?.filter(|e| e.version() >= min)
+    {
+        return Ok(Some(entry));
+    }
+    let mut notices = status::Notices::follow(s, s.layout.shard_of(key)).await?;
+    loop {
+        let now = stored(key).await?;
+        if now.version() >= min {
+            return Ok(match now {
+                Stored::Live(r) => Some(Entry::from_json(&r)),
+                _ => None,
+            });
+        }
+        if !notices.next(deadline).await? {
+            return Err(Problem::new(
+                412,
+                "min-version-not-reached",
+                "Version not reached",
+                &format!("the record {key:?} is at version {}, not yet {min}; retry later or wait longer (wait, up to {} s)", now.version(), status::MAX_WAIT_SECS),
+            )
+            .at("/query/min_version"));
+        }
+    }
+}
+
 /// Cache miss: one filler per key reads the database and fills the cache under the
 /// single-flight lock (the same lock the processor takes to refresh, so an older
 /// value cannot overwrite a newer one); others wait for it, then fall back to the
-/// database without filling.
+/// database without filling. A key found absent is remembered for a while (the
+/// negative entry, see `scripts::FILL_BEGIN`), until it is created.
 async fn fill(s: &Settings, store: &Store, cache_key: &str, key: &str) -> Result<Option<Json>, Problem> {
     let redis = Redis::new(&s.redis_address);
     let lock = s.layout.fill_lock(key);
     let me = token();
     for _ in 0..100 {
-        let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
-        if got.first().and_then(int) == Some(1) {
-            let result = async {
-                let entry = from_db(key).await?;
-                if let Some(e) = &entry {
-                    store.set(cache_key, e.to_string().as_bytes()).await.map_err(kv_err)?;
-                }
-                Ok(entry)
+        let got = redis.eval(scripts::FILL_BEGIN, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
+        match got.first().and_then(int) {
+            Some(2) => return Ok(None),
+            Some(1) => {
+                let entry = match from_db(key).await {
+                    Ok(e) => e,
+                    Err(p) => {
+                        redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+                        return Err(p);
+                    }
+                };
+                let Some(e) = entry else {
+                    redis.eval(scripts::FILL_ABSENT, std::slice::from_ref(&lock), &[me, ABSENT_TTL_MS.to_string()]).await?;
+                    return Ok(None);
+                };
+                let written = store.set(cache_key, e.to_string().as_bytes()).await.map_err(kv_err);
+                redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+                written?;
+                return Ok(Some(e));
             }
-            .await;
-            redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
-            return result;
+            _ => {}
         }
         spillway_spin::wait_ms(2).await;
         if let Some(e) = store.get(cache_key).await.map_err(kv_err)?.and_then(|b| serde_json::from_slice(&b).ok()) {
@@ -187,115 +361,49 @@ async fn fill(s: &Settings, store: &Store, cache_key: &str, key: &str) -> Result
     from_db(key).await
 }
 
-/// The outcome recorded with the data, if the write has been applied or rejected.
-async fn recorded_status(sid: &str) -> Result<Option<Json>, Problem> {
-    let Some(row) = query(sql::WRITE_STATUS, vec![Value::Text(sid.to_owned())]).await? else {
-        return Ok(None);
-    };
-    let status = match row.first() {
-        Some(Value::Text(t)) => t.clone(),
-        _ => String::new(),
-    };
-    let mut body = json!({"id": sid, "status": status});
-    if let Some(Value::Integer(v)) = row.get(1) {
-        body["version"] = json!(v);
-    }
-    if let Some(Value::Text(r)) = row.get(2) {
-        body["reason"] = json!(r);
-    }
-    if let Some(Value::Text(k)) = row.get(3) {
-        body["key"] = json!(k);
-    }
-    Ok(Some(body))
-}
-
-/// Longest `?wait=` in seconds: well inside a hosted platform's 30 s request limit.
-const MAX_WAIT_SECS: f64 = 25.0;
-
-/// `?wait=<seconds>` (0 to 25, decimals allowed) in milliseconds, if given.
-fn wait_param(query: Option<&str>) -> Result<Option<u64>, Problem> {
-    let Some(v) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait="))) else {
-        return Ok(None);
-    };
-    match v.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && (0.0..=MAX_WAIT_SECS).contains(&secs) && !v.starts_with('+') => Ok(Some((secs * 1000.0) as u64)),
-        _ => Err(Problem::invalid(&format!("wait must be a number of seconds from 0 to {MAX_WAIT_SECS}"), "/query/wait")),
-    }
-}
-
 /// `GET /v1/writes/{id}[?wait=s]`: the write's status; with `wait`, held until the
-/// write leaves `pending` or the time is up. Waiting costs no polling: the
-/// processor adds a notice to the shard's `done` stream whenever writes leave
-/// `pending`, and the wait blocks on it (`XREAD BLOCK`, on a connection of its own
-/// so other requests of this instance are not held up), checking again on each.
+/// write leaves `pending` or the time is up (see [`spillway_spin::status`]).
 async fn write_status(s: &Settings, raw: &str, query: Option<&str>) -> Result<http::Response<String>, Problem> {
-    let wait = wait_param(query)?;
+    only_params(query, &["wait"])?;
+    let wait = match query_param(query, "wait") {
+        None => None,
+        Some(v) => Some(status::wait_secs(v).ok_or_else(|| bad_wait("/query/wait"))?),
+    };
     let Some(id) = WriteId::parse(raw).filter(|id| id.shard < s.layout.shards) else {
         return Err(Problem::not_found(&format!("no write {raw:?}")));
     };
-    let Some(wait_ms) = wait else {
-        return Ok(json(200, &status_once(s, &id).await?, &[]));
+    let body = match wait {
+        None => status::status(s, &id).await?,
+        Some(ms) => status::wait_for(s, &id, spillway_spin::monotonic_ms() + ms).await?,
     };
-    let redis = Redis::new(&s.redis_address);
-    let done = s.layout.done(id.shard);
-    let deadline = spillway_spin::monotonic_ms() + wait_ms;
-    // The newest notice before looking: anything after it may concern this write.
-    let newest = redis.execute("XREVRANGE", vec![bin(&done), bin("+"), bin("-"), bin("COUNT"), bin("1")]).await?;
-    let mut last = newest.first().and_then(text).unwrap_or_else(|| "0-0".into());
-    loop {
-        let body = status_once(s, &id).await?;
-        let now = spillway_spin::monotonic_ms();
-        if body["status"] != "pending" || now >= deadline {
-            return Ok(json(200, &body, &[]));
-        }
-        let block = (deadline - now).max(1).to_string();
-        let reply = redis
-            .execute_alone("XREAD", vec![bin("BLOCK"), bin(&block), bin("STREAMS"), bin(&done), bin(&last)])
-            .await?;
-        // Flattened: the stream's name, then (entry id, field, value) per notice.
-        if let Some(newest) = reply.get(1..).unwrap_or_default().chunks(3).rev().find_map(|c| c.first().and_then(text)) {
-            last = newest;
-        }
-    }
+    Ok(json(200, &body, &[]))
 }
 
-/// A write's status now.
-async fn status_once(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
-    let sid = id.to_string();
-    let l = &s.layout;
-    let redis = Redis::new(&s.redis_address);
-    let pending = || json!({"id": sid, "status": "pending"});
-    let in_stream = async || -> Result<bool, Problem> {
-        let r = redis.execute("XRANGE", vec![bin(&l.stream(id.shard)), bin(&id.entry), bin(&id.entry)]).await?;
-        Ok(!r.is_empty())
-    };
-    if let Some(body) = recorded_status(&sid).await? {
-        // Read-your-writes: an applied write is reported once its entry has left
-        // the stream, because the processor acknowledges a batch only after it has
-        // refreshed the cache. Until then (a moment, or until a crashed processor's
-        // batch is redelivered) it is still pending for readers.
-        if body["status"] == "applied" && in_stream().await? {
-            return Ok(pending());
+fn bad_wait(field: &str) -> Problem {
+    Problem::invalid(&format!("wait must be a number of seconds from 0 to {}", status::MAX_WAIT_SECS), field)
+}
+
+/// Refuses query parameters other than `known` (each at most once): a misspelt
+/// `min_version` must not silently become a plain read.
+pub(crate) fn only_params(query: Option<&str>, known: &[&str]) -> Result<(), Problem> {
+    let mut seen = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        if !known.contains(&name) {
+            let shown = decode_key(name).unwrap_or_else(|| name.to_owned());
+            return Err(Problem::invalid(&format!("unknown query parameter {shown:?}; known: {}", known.join(", ")), &format!("/query/{name}")));
         }
-        return Ok(body);
-    }
-    let dead = redis.execute("GET", vec![bin(&l.dead_status(id.shard, &id.entry))]).await?;
-    if let Some(err) = dead.first().and_then(text) {
-        if let Some(new_id) = err.strip_prefix("replayed:") {
-            return Ok(json!({"id": sid, "status": "replayed", "replayed_as": new_id}));
+        if seen.contains(&name) {
+            return Err(Problem::invalid(&format!("query parameter {name} is given twice"), &format!("/query/{name}")));
         }
-        return Ok(json!({"id": sid, "status": "dead", "reason": err}));
+        seen.push(name);
     }
-    if in_stream().await? {
-        return Ok(pending());
-    }
-    // Applied (and acknowledged) between the database read and the Redis reads.
-    match recorded_status(&sid).await? {
-        Some(body) => Ok(body),
-        None => Err(Problem::not_found(&format!(
-            "no write {sid} (outcomes are kept for status_retention_secs after a write is accepted)"
-        ))),
-    }
+    Ok(())
+}
+
+/// The value of query parameter `name`, if given (first occurrence).
+pub(crate) fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
 /// `PUT /v1/cache/{key}` refreshes the entry from the database; `DELETE` drops it.

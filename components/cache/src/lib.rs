@@ -4,8 +4,12 @@
 //! on a miss, filling the cache under a single-flight lock so a hot miss reaches the
 //! database once; the ETag is the MD5 of the value and `If-None-Match` answers 304.
 //! `GET /v1/writes/{id}` tells a write's status: pending, applied, rejected or dead.
+//! `POST /v1/records:get` reads many records at once; `GET /v1/records/{key}/changes`
+//! streams a key's versions as Server-Sent Events.
 
+mod changes;
 mod handlers;
+mod records;
 
 use spin_sdk::http::{IntoResponse, Request};
 use spin_sdk::http_service;

@@ -1,11 +1,12 @@
 //! Request handling for `POST /v1/writes`.
 
 use serde_json::json;
+use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_core::write::parse_request;
-use spillway_spin::{Redis, json, problem, text};
+use spillway_spin::{Redis, json, problem, status, text};
 use spin_sdk::http::Request;
 
 /// Longest accepted `Idempotency-Key`.
@@ -42,9 +43,81 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
             Some(k.to_owned())
         }
     };
+    let wait = prefer_wait(req.headers());
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
     let batch = parse_request(&body, &limits)?;
-    enqueue(&settings, &batch.writes, idem.as_deref(), &body, !batch.batch).await
+    let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
+    let accepted = enqueue(&settings, &batch.writes, idem.as_deref(), &body).await?;
+    match deadline {
+        Some(deadline) => outcome(&settings, accepted, !batch.batch, deadline, wait.unwrap_or(0)).await,
+        None => Ok(accepted.response(!batch.batch)),
+    }
+}
+
+/// `Prefer: wait=<seconds>` (RFC 7240), in milliseconds, at most
+/// [`status::MAX_WAIT_SECS`]. As the RFC asks, a preference the server cannot
+/// read is ignored, not an error; a longer wait is cut to the bound.
+fn prefer_wait(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|pref| {
+            let (name, value) = pref.split(';').next()?.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("wait") {
+                return None;
+            }
+            let secs: f64 = value.trim().trim_matches('"').parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0)?;
+            Some((secs.min(status::MAX_WAIT_SECS) * 1000.0) as u64)
+        })
+}
+
+/// `POST /v1/writes` with `Prefer: wait`: 200 with every write's outcome if they
+/// all leave `pending` before the deadline, else 202 as without the preference.
+async fn outcome(s: &Settings, accepted: Accepted, single: bool, deadline: u64, wait_ms: u64) -> Result<http::Response<String>, Problem> {
+    let mut outcomes = Vec::with_capacity(accepted.ids.len());
+    for id in &accepted.ids {
+        let parsed = WriteId::parse(id).ok_or_else(|| Problem::unavailable(&format!("the enqueue script gave an unreadable id {id:?}")))?;
+        let mut body = status::wait_for(s, &parsed, deadline).await?;
+        if body["status"] == "pending" {
+            return Ok(accepted.response(single));
+        }
+        body["status_url"] = json!(format!("/v1/writes/{id}"));
+        outcomes.push(body);
+    }
+    let mut headers = vec![("preference-applied", format!("wait={}", wait_ms.div_ceil(1000)))];
+    if accepted.replayed {
+        headers.push(("idempotent-replayed", "true".to_owned()));
+    }
+    let body = if single { outcomes.swap_remove(0) } else { json!({ "writes": outcomes }) };
+    Ok(json(200, &body, &headers))
+}
+
+/// Writes the enqueue script queued (or had queued, for a replayed
+/// `Idempotency-Key`).
+struct Accepted {
+    ids: Vec<String>,
+    replayed: bool,
+}
+
+impl Accepted {
+    /// `202 Accepted` with each write's id and status URL.
+    fn response(self, single: bool) -> http::Response<String> {
+        let Accepted { ids, replayed } = self;
+        let mut headers = Vec::new();
+        if replayed {
+            headers.push(("idempotent-replayed", "true".to_owned()));
+        }
+        let entry = |id: &String| json!({"id": id, "status_url": format!("/v1/writes/{id}")});
+        let body = if single {
+            headers.push(("location", format!("/v1/writes/{}", ids[0])));
+            entry(&ids[0])
+        } else {
+            json!({"writes": ids.iter().map(entry).collect::<Vec<_>>()})
+        };
+        json(202, &body, &headers)
+    }
 }
 
 async fn enqueue(
@@ -52,8 +125,7 @@ async fn enqueue(
     writes: &[spillway_core::write::Write],
     idem: Option<&str>,
     body: &[u8],
-    single: bool,
-) -> Result<http::Response<String>, Problem> {
+) -> Result<Accepted, Problem> {
     let layout = &s.layout;
     let mut shards: Vec<u32> = Vec::new();
     let mut slots = Vec::with_capacity(writes.len());
@@ -97,20 +169,7 @@ async fn enqueue(
     let status = reply.first().and_then(text).unwrap_or_default();
     let ids: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
     match status.as_str() {
-        "ok" | "replay" => {
-            let mut headers = Vec::new();
-            if status == "replay" {
-                headers.push(("idempotent-replayed", "true".to_owned()));
-            }
-            let entry = |id: &String| json!({"id": id, "status_url": format!("/v1/writes/{id}")});
-            let body = if single {
-                headers.push(("location", format!("/v1/writes/{}", ids[0])));
-                entry(&ids[0])
-            } else {
-                json!({"writes": ids.iter().map(entry).collect::<Vec<_>>()})
-            };
-            Ok(json(202, &body, &headers))
-        }
+        "ok" | "replay" if !ids.is_empty() => Ok(Accepted { ids, replayed: status == "replay" }),
         "conflict" => Err(Problem::new(
             409,
             "idempotency-key-reused",

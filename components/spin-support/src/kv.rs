@@ -45,6 +45,22 @@ impl Kv {
         store::open("default").map(Self).map_err(kv_err)
     }
 
+    /// Gets many values in one call, in the order of `keys` (`None`: absent).
+    /// Spin's Redis-backed store fails `get-many` (it lists keys with `KEYS`); the
+    /// values are then read one by one.
+    pub fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, Problem> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        match batch::get_many(&self.0, keys) {
+            Ok(pairs) => {
+                let mut found: std::collections::HashMap<String, Option<Vec<u8>>> = pairs.into_iter().collect();
+                Ok(keys.iter().map(|k| found.remove(k).flatten()).collect())
+            }
+            Err(_) => keys.iter().map(|k| self.0.get(k).map_err(kv_err)).collect(),
+        }
+    }
+
     /// Sets many values in one call (one transaction on Spin's SQLite store).
     pub fn set_many(&self, pairs: Vec<(String, Vec<u8>)>) -> Result<(), Problem> {
         if pairs.is_empty() {

@@ -9,10 +9,12 @@
 //! - [`db`]: the database (Spin SQLite), errors checked where Spin reports them.
 //! - [`kv`]: the key-value store through `wasi:keyvalue` batch calls.
 //! - [`hazards`]: Redis settings Spillway depends on, checked and reported.
+//! - [`status`]: write status, and waiting for outcomes without polling.
 
 pub mod db;
 pub mod hazards;
 pub mod kv;
+pub mod status;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -27,7 +29,7 @@ use spin_sdk::variables;
 const VARIABLES: &[&str] = &[
     "redis_address", "key_prefix", "shard_count", "batch_size", "lease_ttl_ms", "max_attempts",
     "queue_depth_limit", "idempotency_ttl_secs", "admin_token", "max_body_bytes", "max_batch",
-    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs",
+    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs", "change_feed_secs",
 ];
 
 thread_local! {
@@ -107,14 +109,6 @@ impl Redis {
         self.execute_or_noscript(command, args).await.map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
     }
 
-    /// Runs one command on a connection of its own, opened for it and closed after:
-    /// for blocking commands (`XREAD BLOCK`), which would hold up every other
-    /// request sharing the instance's connection.
-    pub async fn execute_alone(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
-        let conn = Connection::open(&self.address).await.map_err(|e| unavailable(&e))?;
-        conn.execute(command, args).await.map_err(|e| unavailable(&e))
-    }
-
     /// Like [`Redis::execute`], except that a `NOSCRIPT` refusal (Redis has
     /// forgotten a script) is `Err(None)` and keeps the connection: it is an answer,
     /// not a failure of the connection.
@@ -173,7 +167,7 @@ pub fn bin(s: &str) -> RedisParameter {
     RedisParameter::Binary(s.as_bytes().to_vec())
 }
 
-fn unavailable(e: &spin_sdk::redis::Error) -> Problem {
+pub(crate) fn unavailable(e: &spin_sdk::redis::Error) -> Problem {
     Problem::unavailable(&format!("Redis is unreachable or failed: {e:?}"))
 }
 
@@ -265,7 +259,7 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 }
 
 /// Adds the request id to a response.
-pub fn with_request_id(mut res: http::Response<String>, id: &str) -> http::Response<String> {
+pub fn with_request_id<B>(mut res: http::Response<B>, id: &str) -> http::Response<B> {
     if let Ok(v) = http::HeaderValue::from_str(id) {
         res.headers_mut().insert("x-request-id", v);
     }

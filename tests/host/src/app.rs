@@ -121,6 +121,8 @@ pub struct App {
     pub(crate) subscriptions: Vec<Subscription>,
     pub(crate) notices: Vec<String>,
     output: Option<Arc<Mutex<Vec<u8>>>>,
+    /// The app's SQLite databases by label.
+    sqlite: HashMap<String, Arc<SqliteDb>>,
 }
 
 impl App {
@@ -300,7 +302,14 @@ impl App {
             subscriptions,
             notices,
             output,
+            sqlite: dbs,
         })
+    }
+
+    /// Statements the components have executed on database `label` so far (0 for
+    /// an unknown label): what tests count database reads with.
+    pub fn sqlite_statements(&self, label: &str) -> u64 {
+        self.sqlite.get(label).map_or(0, |db| db.executed())
     }
 
     /// The guest output (stdout and stderr) captured so far, when

@@ -5,6 +5,7 @@
 //! spin-sdk 7 uses) in the result future beside the row stream.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use wasmtime::component::{Accessor, FutureReader, Resource, StreamReader};
@@ -19,11 +20,14 @@ use super::{Spin, SpinView};
 pub(crate) struct SqliteDb {
     path: Option<PathBuf>,
     memory: Mutex<Option<Arc<Mutex<rusqlite::Connection>>>>,
+    /// Statements executed so far (tests count database reads with it).
+    executed: Arc<AtomicU64>,
 }
 
-/// An open connection: the resource behind `connection`.
+/// An open connection: the resource behind `connection`, and its database's count
+/// of executed statements.
 #[allow(unreachable_pub, reason = "bindgen re-exports resource types publicly")]
-pub struct Connection(Arc<Mutex<rusqlite::Connection>>);
+pub struct Connection(Arc<Mutex<rusqlite::Connection>>, Arc<AtomicU64>);
 
 fn io(e: impl std::fmt::Display) -> Error {
     Error::Io(e.to_string())
@@ -34,7 +38,13 @@ impl SqliteDb {
         Self {
             path,
             memory: Mutex::new(None),
+            executed: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Statements executed on this database since the app was loaded.
+    pub(crate) fn executed(&self) -> u64 {
+        self.executed.load(Ordering::Relaxed)
     }
 
     fn connect(&self) -> Result<Arc<Mutex<rusqlite::Connection>>, Error> {
@@ -121,13 +131,20 @@ fn open(view: &mut SpinView<'_>, label: &str) -> wasmtime::Result<Result<Resourc
         return Ok(Err(Error::AccessDenied));
     };
     match db.connect() {
-        Ok(c) => Ok(Ok(view.table.push(Connection(c))?)),
+        Ok(c) => Ok(Ok(view.table.push(Connection(c, db.executed.clone()))?)),
         Err(e) => Ok(Err(e)),
     }
 }
 
 fn conn_of(view: &mut SpinView<'_>, c: &Resource<Connection>) -> wasmtime::Result<Arc<Mutex<rusqlite::Connection>>> {
     Ok(view.table.get(c)?.0.clone())
+}
+
+/// The connection, counting one statement executed on its database.
+fn conn_executing(view: &mut SpinView<'_>, c: &Resource<Connection>) -> wasmtime::Result<Arc<Mutex<rusqlite::Connection>>> {
+    let conn = view.table.get(c)?;
+    conn.1.fetch_add(1, Ordering::Relaxed);
+    Ok(conn.0.clone())
 }
 
 impl HostConnection for SpinView<'_> {
@@ -141,7 +158,7 @@ impl HostConnection for SpinView<'_> {
         statement: String,
         parameters: Vec<Value>,
     ) -> wasmtime::Result<Result<QueryResult, Error>> {
-        let conn = conn_of(self, &c)?;
+        let conn = conn_executing(self, &c)?;
         let guard = conn.lock().map_err(|_| wasmtime::format_err!("connection lock poisoned"))?;
         // The synchronous call reports every error at the call.
         Ok(match run(&guard, &statement, parameters) {
@@ -171,9 +188,10 @@ impl HostConnection for SpinView<'_> {
 async fn on_conn<T, R: Send + 'static>(
     accessor: &Accessor<T, Spin>,
     c: &Resource<Connection>,
+    executing: bool,
     f: impl FnOnce(&rusqlite::Connection) -> R + Send + 'static,
 ) -> wasmtime::Result<R> {
-    let conn = accessor.with(|mut access| conn_of(&mut access.get(), c))?;
+    let conn = accessor.with(|mut access| if executing { conn_executing(&mut access.get(), c) } else { conn_of(&mut access.get(), c) })?;
     tokio::task::spawn_blocking(move || {
         let guard = conn.lock().map_err(|_| wasmtime::format_err!("connection lock poisoned"))?;
         Ok(f(&guard))
@@ -194,7 +212,7 @@ impl<T> HostConnectionWithStore<T> for Spin {
     ) -> wasmtime::Result<Result<(Vec<String>, StreamReader<RowResult>, FutureReader<Result<(), Error>>), Error>> {
         // Statement errors travel with the rows (Spin's `execute` answers as soon as
         // the statement is handed to SQLite); only a dead connection fails the call.
-        let (columns, rows, result) = on_conn(accessor, &c, move |conn| run(conn, &statement, parameters)).await?;
+        let (columns, rows, result) = on_conn(accessor, &c, true, move |conn| run(conn, &statement, parameters)).await?;
         accessor.with(|mut access| {
             let rows = StreamReader::new(&mut access, rows)?;
             let result = FutureReader::new(&mut access, async move { wasmtime::error::Ok(result) })?;
@@ -203,11 +221,11 @@ impl<T> HostConnectionWithStore<T> for Spin {
     }
 
     async fn last_insert_rowid_async(accessor: &Accessor<T, Self>, c: Resource<Connection>) -> wasmtime::Result<i64> {
-        on_conn(accessor, &c, |conn| conn.last_insert_rowid()).await
+        on_conn(accessor, &c, false, |conn| conn.last_insert_rowid()).await
     }
 
     async fn changes_async(accessor: &Accessor<T, Self>, c: Resource<Connection>) -> wasmtime::Result<u64> {
-        on_conn(accessor, &c, |conn| conn.changes()).await
+        on_conn(accessor, &c, false, |conn| conn.changes()).await
     }
 }
 

@@ -26,8 +26,11 @@ mod pipeline;
 /// Self-healing: lost wake-ups and crashed processors recover with no traffic;
 /// fresh start; bounded state; Redis hazards reported.
 mod selfheal;
-/// Reads users can trust: read-your-writes on both cache backends.
+/// Reads users can trust: read-your-writes on both cache backends, waiting for
+/// outcomes, consistent and conditional reads.
 mod reads;
+/// Many records at once, negative caching, change feeds (SSE).
+mod feeds;
 /// `spin:redis`: commands, reply flattening, `allowed_outbound_hosts`.
 mod redis_outbound;
 /// The Redis trigger: delivery in order, failures do not stop it.

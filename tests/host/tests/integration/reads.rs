@@ -120,3 +120,117 @@ async fn waiting_for_a_write_instead_of_polling() {
         assert_eq!((code, p["field"].as_str()), (422, Some("/query/wait")), "wait={bad}: {p}");
     }
 }
+
+/// `POST /v1/writes` with `Prefer: wait=<s>` answers 200 with the outcomes when the
+/// writes are applied in time (single and batch, applied and rejected), and 202
+/// as without the preference when they are not; an unreadable preference is
+/// ignored, as RFC 7240 asks.
+#[tokio::test(flavor = "multi_thread")]
+async fn prefer_wait_answers_with_the_outcome() {
+    let s = Arc::new(Spillway::start(&[], false).await);
+    let drain_soon = |s: Arc<Spillway>| {
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await
+        })
+    };
+    let drain = drain_soon(s.clone());
+    let (code, headers, v) = s.call("POST", "/v1/writes", Some(json!({"key": "p", "op": "put", "value": {"n": 5}})), &[("prefer", "wait=20")]).await;
+    drain.await.unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!((v["status"].as_str(), v["version"].as_i64(), v["key"].as_str()), (Some("applied"), Some(1), Some("p")), "{v}");
+    assert_eq!(v["status_url"], format!("/v1/writes/{}", v["id"].as_str().unwrap()));
+    assert_eq!(headers["preference-applied"], "wait=20");
+
+    let drain = drain_soon(s.clone());
+    let batch = json!({"writes": [
+        {"key": "p", "op": "incr", "field": "n", "by": 1},
+        {"key": "p", "op": "incr", "field": "n", "by": -100, "min": 0},
+        {"key": "q", "op": "put", "value": 1},
+    ]});
+    let (code, _, v) = s.call("POST", "/v1/writes", Some(batch), &[("prefer", "respond-async, wait=20")]).await;
+    drain.await.unwrap();
+    assert_eq!(code, 200, "{v}");
+    let got: Vec<(&str, Option<i64>)> = v["writes"].as_array().unwrap().iter().map(|w| (w["status"].as_str().unwrap(), w["version"].as_i64())).collect();
+    assert_eq!(got, vec![("applied", Some(2)), ("rejected", None), ("applied", Some(1))], "{v}");
+    assert!(v["writes"][1]["reason"].as_str().unwrap().contains("below the minimum"), "{v}");
+
+    // Nobody applies it: 202 once the wait is over.
+    let started = std::time::Instant::now();
+    let (code, headers, v) = s.call("POST", "/v1/writes", Some(json!({"key": "p", "op": "delete"})), &[("prefer", "wait=0.3")]).await;
+    assert_eq!(code, 202, "{v}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300), "it waited the time given");
+    assert!(headers.contains_key("location") && v.get("status").is_none(), "the usual 202: {v}");
+    // An unreadable preference: no wait at all.
+    let started = std::time::Instant::now();
+    let (code, _, _) = s.call("POST", "/v1/writes", Some(json!({"key": "p", "op": "delete"})), &[("prefer", "wait=soon")]).await;
+    assert_eq!(code, 202);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// `?consistent=true` reads the database, not the cache; `?min_version=v` answers
+/// v or newer, waiting for it to be applied, else 412; versions keep growing
+/// through a delete and a re-create; bad parameters are 422 with their field.
+#[tokio::test(flavor = "multi_thread")]
+async fn consistent_and_min_version_reads() {
+    let s = Arc::new(Spillway::start(&[], false).await);
+    let auth = format!("Bearer {ADMIN}");
+    let auth = [("authorization", auth.as_str())];
+    let drain = || s.call("POST", "/v1/drain", None, &auth);
+    s.write(json!({"key": "c", "op": "put", "value": {"n": 1}})).await;
+    drain().await;
+    let (_, _, cached) = s.call("GET", "/v1/records/c", None, &[]).await;
+    assert_eq!(cached["version"], 1);
+    // The database changes behind the cache (as an operator's edit would).
+    s.db().execute("UPDATE spillway_records SET value = '{\"n\":99}' WHERE key = 'c'", []).unwrap();
+    let (_, _, v) = s.call("GET", "/v1/records/c", None, &[]).await;
+    assert_eq!(v["value"]["n"], 1, "the default read is the cache's");
+    let (code, _, v) = s.call("GET", "/v1/records/c?consistent=true", None, &[]).await;
+    assert_eq!((code, v["value"]["n"].as_i64()), (200, Some(99)), "{v}");
+
+    // Version 2 is accepted, not applied: min_version=2 runs out of time...
+    s.write(json!({"key": "c", "op": "incr", "field": "n"})).await;
+    let started = std::time::Instant::now();
+    let (code, _, p) = s.call("GET", "/v1/records/c?min_version=2&wait=0.3", None, &[]).await;
+    assert_eq!((code, p["field"].as_str()), (412, Some("/query/min_version")), "{p}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    // ...or is answered as soon as it is applied.
+    let reader = {
+        let s = s.clone();
+        tokio::spawn(async move { s.call("GET", "/v1/records/c?min_version=2&wait=20", None, &[]).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!reader.is_finished(), "the read waits for version 2");
+    drain().await;
+    let (code, _, v) = reader.await.unwrap();
+    assert_eq!((code, v["version"].as_i64(), v["value"]["n"].as_i64()), (200, Some(2), Some(100)), "{v}");
+    let (code, _, v) = s.call("GET", "/v1/records/c?min_version=1", None, &[]).await;
+    assert_eq!((code, v["version"].as_i64()), (200, Some(2)), "an older minimum is met at once");
+    let (code, _, v) = s.call("GET", "/v1/records/c?min_version=2&consistent=true", None, &[]).await;
+    assert_eq!((code, v["version"].as_i64()), (200, Some(2)), "{v}");
+
+    // Deleted at version 3: min_version=3 is met by the deletion (404); a
+    // re-created key carries on at version 4.
+    s.write(json!({"key": "c", "op": "delete"})).await;
+    drain().await;
+    let (code, _, _) = s.call("GET", "/v1/records/c?min_version=3&wait=0", None, &[]).await;
+    assert_eq!(code, 404);
+    s.write(json!({"key": "c", "op": "put", "value": "again"})).await;
+    drain().await;
+    let (_, _, v) = s.call("GET", "/v1/records/c", None, &[]).await;
+    assert_eq!((v["version"].as_i64(), v["value"].as_str()), (Some(4), Some("again")), "{v}");
+
+    for (query, field) in [
+        ("consistent=yes", "/query/consistent"),
+        ("min_version=-1", "/query/min_version"),
+        ("min_version=x", "/query/min_version"),
+        ("min_version=", "/query/min_version"),
+        ("min_version=1&wait=30", "/query/wait"),
+        ("wait=-1", "/query/wait"),
+        ("mni_version=1", "/query/mni_version"),
+        ("min_version=1&min_version=2", "/query/min_version"),
+    ] {
+        let (code, _, p) = s.call("GET", &format!("/v1/records/c?{query}"), None, &[]).await;
+        assert_eq!((code, p["field"].as_str()), (422, Some(field)), "{query}: {p}");
+    }
+}

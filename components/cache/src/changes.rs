@@ -1,0 +1,156 @@
+//! `GET /v1/records/{key}/changes`: the key's change feed as Server-Sent Events.
+//!
+//! Every applied version is one event, in order: `id:` is the version, `data:` the
+//! record it produced (`{"key", "version", "value" | "deleted": true, "updated_at",
+//! "write_id"}`). Without `Last-Event-ID` the feed opens with the current record
+//! (read as `GET /v1/records/{key}` reads it); with it, it carries on after that
+//! version, so an `EventSource` that reconnects misses nothing. Versions come from
+//! the write outcomes (kept `status_retention_secs`).
+//!
+//! A version is sent only once its write is acknowledged (its entry has left the
+//! shard's stream): by then the cache has it, so a client that reads the record
+//! after an event gets that version or newer. Between events the feed blocks on
+//! the shard's notices (no polling); a response streams for `change_feed_secs`
+//! (hosted platforms end requests after 30 s) and then ends with `retry:`, and
+//! the client reconnects.
+
+use futures::SinkExt as _;
+use serde_json::{Value as Json, json};
+use spillway_core::layout::WriteId;
+use spillway_core::problem::Problem;
+use spillway_core::settings::Settings;
+use spillway_core::sql;
+use spillway_spin::db::{Db, SqlValue as Value, integer, is_missing_table, text};
+use spillway_spin::status::Notices;
+use spillway_spin::{Redis, bin};
+use spin_sdk::http::BoxBody;
+
+use crate::handlers::{cached_or_filled, path_key};
+
+/// Versions read per query.
+const PAGE: i64 = 100;
+/// A comment line at least this often keeps proxies from closing an idle stream.
+const KEEP_ALIVE_MS: u64 = 15_000;
+/// What the client waits before reconnecting (`retry:`), in milliseconds.
+const RETRY_MS: u64 = 1_000;
+
+/// Starts the feed: checks the request, then streams from a task of its own.
+pub(crate) async fn feed(raw_key: &str, headers: &http::HeaderMap) -> Result<http::Response<BoxBody>, Problem> {
+    let s = spillway_spin::settings().await?;
+    let key = path_key(&s, raw_key)?;
+    let after = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|v| *v >= 0)
+                .ok_or_else(|| Problem::invalid("Last-Event-ID must be a version (a whole number from 0)", "/headers/last-event-id"))?,
+        ),
+    };
+    // Follow the notices from before the first read, so nothing falls in between.
+    let notices = Notices::follow(&s, s.layout.shard_of(&key)).await?;
+    let (mut tx, body) = spin_sdk::http::body::stream::<String>();
+    spin_sdk::wasip3::spawn(async move {
+        let deadline = spillway_spin::monotonic_ms() + s.change_feed_secs.saturating_mul(1000);
+        if let Err(p) = stream(&s, &key, after, notices, deadline, &mut tx).await {
+            // The status line has gone: the error travels as an event of its own.
+            let _ = tx.send(format!("event: error\ndata: {}\n\n", p.body())).await;
+        }
+    });
+    http::Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(spin_sdk::http::box_body(body))
+        .map_err(|e| Problem::unavailable(&e.to_string()))
+}
+
+/// One event.
+fn event(version: i64, data: &Json) -> String {
+    format!("id: {version}\ndata: {data}\n\n")
+}
+
+/// Stream time `(ms, seq)` of an entry id `<ms>-<seq>`.
+fn entry_time(entry: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = entry.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+async fn stream(
+    s: &Settings,
+    key: &str,
+    after: Option<i64>,
+    mut notices: Notices,
+    deadline: u64,
+    tx: &mut futures::channel::mpsc::Sender<String>,
+) -> Result<(), Problem> {
+    let send = async |tx: &mut futures::channel::mpsc::Sender<String>, text: String| tx.send(text).await.is_ok();
+    if !send(tx, format!("retry: {RETRY_MS}\n\n")).await {
+        return Ok(());
+    }
+    let mut last = match after {
+        Some(v) => v,
+        None => match cached_or_filled(s, key).await? {
+            Some(entry) => {
+                let record: Json = serde_json::from_str(&entry.body).map_err(|e| Problem::unavailable(&e.to_string()))?;
+                let version = record["version"].as_i64().unwrap_or(0);
+                if !send(tx, event(version, &record)).await {
+                    return Ok(());
+                }
+                version
+            }
+            None => crate::handlers::stored_version(key).await?,
+        },
+    };
+    let shard = s.layout.shard_of(key);
+    let stream_key = s.layout.stream(shard);
+    let redis = Redis::new(&s.redis_address);
+    let db = Db::open().await?;
+    loop {
+        let rows = match db.query(sql::CHANGES, vec![Value::Text(key.to_owned()), Value::Integer(last), Value::Integer(PAGE)]).await {
+            Ok(rows) => rows,
+            Err(p) if is_missing_table(&p) => Vec::new(),
+            Err(p) => return Err(p),
+        };
+        // Entries older than the stream's oldest have been acknowledged.
+        let oldest = if rows.is_empty() {
+            None
+        } else {
+            let r = redis.execute("XRANGE", vec![bin(&stream_key), bin("-"), bin("+"), bin("COUNT"), bin("1")]).await?;
+            r.first().and_then(spillway_spin::text).and_then(|e| entry_time(&e))
+        };
+        let mut sent = 0;
+        for row in &rows {
+            let (Some(version), Some(id)) = (row.first().and_then(integer), row.get(3).and_then(text)) else { continue };
+            let acked = match (oldest, WriteId::parse(&id).and_then(|w| entry_time(&w.entry))) {
+                (Some(oldest), Some(t)) => t < oldest,
+                (None, _) => true,
+                (Some(_), None) => false,
+            };
+            if !acked {
+                break;
+            }
+            let mut data = json!({"key": key, "version": version, "write_id": id, "updated_at": row.get(4).and_then(integer)});
+            match row.get(1).and_then(text) {
+                Some(v) => data["value"] = serde_json::from_str(&v).unwrap_or(Json::Null),
+                None => data["deleted"] = json!(true),
+            }
+            if !send(tx, event(version, &data)).await {
+                return Ok(());
+            }
+            last = version;
+            sent += 1;
+        }
+        if sent == PAGE {
+            continue;
+        }
+        let now = spillway_spin::monotonic_ms();
+        if now >= deadline {
+            return Ok(());
+        }
+        if !notices.next(deadline.min(now + KEEP_ALIVE_MS)).await? && !send(tx, ": keep-alive\n\n".to_owned()).await {
+            return Ok(());
+        }
+    }
+}
