@@ -201,9 +201,12 @@ pub fn plan_batch(
         let (record, absent_version) =
             state.entry(w.key.clone()).or_insert_with(|| (None, tombstones.get(&w.key).copied().unwrap_or(0)));
         if already.contains(id) {
-            // Applied by an earlier delivery whose processor may have died before
-            // refreshing the cache: the key's current state is written again.
-            touched.insert(w.key.clone());
+            // Recorded by an earlier delivery whose processor may have died before
+            // refreshing the cache: the key's current state is written again (if
+            // any write ever applied to it: a record or a tombstone).
+            if record.is_some() || *absent_version > 0 {
+                touched.insert(w.key.clone());
+            }
             continue;
         }
         let outcome = match apply_in_place(record, *absent_version, w, now_ms) {

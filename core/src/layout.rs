@@ -182,9 +182,12 @@ impl WriteId {
         let (shard, entry) = s.split_once('-')?;
         let shard: u32 = shard.parse().ok()?;
         let (ms, seq) = entry.split_once('-')?;
-        if ms.is_empty() || seq.is_empty() || !ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit()) || ms.len() > 20 || seq.len() > 20 {
+        if ms.is_empty() || seq.is_empty() || !ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit()) {
             return None;
         }
+        // Redis stream ids are two 64-bit numbers; anything larger is no write.
+        ms.parse::<u64>().ok()?;
+        seq.parse::<u64>().ok()?;
         Some(Self { shard, entry: entry.to_owned() })
     }
 }

@@ -101,25 +101,25 @@ return 0
 /// until none are left; only then new entries (`>`). Later in a tenure the pending
 /// entries are the holder's own batches in flight, so it reads only new ones
 /// (`resume` empty). Each delivery counts an attempt (a first delivery is
-/// attempt 1 without a write; redeliveries are counted in the attempts hash); an
-/// entry past the attempt limit moves to the dead-letter stream with its last error.
+/// attempt 1 without a write; redeliveries are counted in the attempts hash). An
+/// entry past the attempt limit is flagged, not dropped: only the processor can
+/// tell (from the database) whether an earlier delivery committed it, and a
+/// committed write must be acknowledged, not dead-lettered (see [`DEAD_LETTER`]).
 ///
-/// KEYS: `[lease, stream, attempts, dead, dead_status_prefix, watch, done]`; a dead
-/// write's status key is the prefix plus its entry id (same hash tag, so the same
-/// slot); a dead-lettering adds a notice to `done` (see [`ACK`]).
-/// ARGV: `[token, group, consumer, count, max_attempts, shard, lease_ttl_ms,
+/// KEYS: `[lease, stream, attempts, watch]`.
+/// ARGV: `[token, group, consumer, count, max_attempts, lease_ttl_ms,
 /// retention_ms, resume]`.
-/// Reply: `lost` | `ok, prune_before_ms, cursor, (entry_id, payload)*`, where
-/// `cursor` is the last pending id read (resume from there next time; the batch may
-/// even be empty if every entry was dead-lettered) or empty once the pending
+/// Reply: `lost` | `ok, prune_before_ms, cursor, (entry_id, payload, over)*`, where
+/// `over` is 1 for an entry past the attempt limit, else 0; `cursor` is the last
+/// pending id read (resume from there next time) or empty once the pending
 /// entries are exhausted and the batch holds new entries, and
 /// `prune_before_ms` is the earlier of "now minus the retention" and the stream time
 /// of the oldest entry still in the stream (see `sql::PRUNE_WRITES`), both on Redis's
 /// clock, the clock of the entry ids.
 pub const READ_BATCH: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lost'} end
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('SET', KEYS[6], ARGV[1], 'PX', 3 * tonumber(ARGV[7]))
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('SET', KEYS[4], ARGV[1], 'PX', 3 * tonumber(ARGV[6]))
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
 local function read(from)
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', tonumber(ARGV[4]), 'STREAMS', KEYS[2], from)
@@ -127,7 +127,7 @@ local function read(from)
   return r[1][2]
 end
 local entries = {}
-if ARGV[9] ~= '' then entries = read(ARGV[9]) end
+if ARGV[8] ~= '' then entries = read(ARGV[8]) end
 local redelivered = #entries > 0
 local cursor = ''
 if redelivered then cursor = entries[#entries][1] else entries = read('>') end
@@ -141,24 +141,14 @@ for _, e in ipairs(entries) do
   if not fields then
     redis.call('XACK', KEYS[2], ARGV[2], id)
   else
-    local payload = fields[2]
     local n = 1
     if redelivered then n = redis.call('HINCRBY', KEYS[3], id, 1) + 1 end
-    if n > max then
-      local err = redis.call('HGET', KEYS[3], 'err:' .. id) or 'unknown error'
-      redis.call('XADD', KEYS[4], '*', 'id', ARGV[6] .. '-' .. id, 'w', payload, 'error', err, 'attempts', tostring(n - 1))
-      redis.call('SET', KEYS[5] .. id, err, 'PX', ARGV[8])
-      redis.call('XADD', KEYS[7], 'MAXLEN', '~', 100, '*', 'dead', id)
-      redis.call('XACK', KEYS[2], ARGV[2], id)
-      redis.call('XDEL', KEYS[2], id)
-      redis.call('HDEL', KEYS[3], id, 'err:' .. id)
-    else
-      out[#out + 1] = id
-      out[#out + 1] = payload
-    end
+    out[#out + 1] = id
+    out[#out + 1] = fields[2]
+    if n > max then out[#out + 1] = 1 else out[#out + 1] = 0 end
   end
 end
-local horizon = now - tonumber(ARGV[8])
+local horizon = now - tonumber(ARGV[7])
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
 if first then
   local oldest = tonumber(string.match(first[1], '^(%d+)'))
@@ -166,6 +156,28 @@ if first then
 end
 out[2] = horizon
 return out
+"#;
+
+/// Move entries past their attempt limit that the database does not have to the
+/// dead-letter stream with their last error: the entry leaves the shard's stream,
+/// its status key says `dead` (for the status retention), and a notice goes to
+/// `done` for waiting status reads.
+///
+/// KEYS: `[stream, attempts, dead, dead_status_prefix, done]`.
+/// ARGV: `[group, shard, retention_ms, (entry_id, payload)*]`.
+pub const DEAD_LETTER: &str = r#"
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local err = redis.call('HGET', KEYS[2], 'err:' .. id) or 'unknown error'
+  local n = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+  redis.call('XADD', KEYS[3], '*', 'id', ARGV[2] .. '-' .. id, 'w', ARGV[i + 1], 'error', err, 'attempts', tostring(n))
+  redis.call('SET', KEYS[4] .. id, err, 'PX', ARGV[3])
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100, '*', 'dead', id)
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id, 'err:' .. id)
+end
+return (#ARGV - 3) / 2
 "#;
 
 /// Shards with queued writes and no lease holder: work a processor may claim.
@@ -261,6 +273,9 @@ return 1
 /// the key's shard is still ours, in one atomic step, so a holder whose lease
 /// expired cannot write an older value into the cache after the new holder has
 /// written a newer one (whoever holds a fill lock writes before the next may).
+/// Each lease still ours is renewed (ARGV's TTL is the lease TTL): a refresh that
+/// waits out a busy lock does not lose its shard meanwhile, and its wait, not the
+/// lease, decides when it gives up.
 /// KEYS: `[lease_1..lease_m, lock_1..lock_n]`; ARGV: `[m, lock_token, ttl_ms,
 /// lease_token_1..lease_token_m, lease_index_1..lease_index_n]` (1-based).
 /// Reply per lock: 1 taken, 0 busy, 2 its shard's lease is lost. A negative cache
@@ -268,7 +283,10 @@ return 1
 pub const LOCKS_ACQUIRE_LEASED: &str = r#"
 local m = tonumber(ARGV[1])
 local ours = {}
-for i = 1, m do ours[i] = redis.call('GET', KEYS[i]) == ARGV[3 + i] end
+for i = 1, m do
+  ours[i] = redis.call('GET', KEYS[i]) == ARGV[3 + i]
+  if ours[i] then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
 local out = {}
 for j = m + 1, #KEYS do
   if not ours[tonumber(ARGV[3 + j])] then

@@ -13,21 +13,27 @@
 
 /// Creates the tables if needed (schema version 3).
 ///
-/// - Version 2: write outcomes carry their shard and stream time, so they can be
-///   pruned safely (see [`PRUNE_WRITES`]).
+/// - Version 2: write outcomes carry their shard and stream time.
 /// - Version 3: a deleted record stays as a tombstone (`deleted = 1`) holding the
 ///   version its deletion reached, so versions never go back when a key is
 ///   re-created; and an applied write's outcome keeps the value it produced
 ///   (`value`, canonical JSON; a deletion has `reason = 'deleted'` and no value):
-///   the key's change feed, kept as long as the outcomes.
+///   the key's change feed, kept as long as the outcomes. The feed needs a key's
+///   versions in order without an index by key (one would cost a random B-tree
+///   insert per write, about a third of a round's database time): each applied
+///   outcome names the key's previous applied write (`prev`) and the record its
+///   latest (`head`), a chain [`CHANGES`] walks back. Both tables are
+///   `WITHOUT ROWID`, clustered by their primary key, and outcomes are pruned by
+///   walking it (see [`PRUNE_WRITES`]): no secondary index at all.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS spillway_records (
   key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL,
-  etag TEXT NOT NULL, updated_at INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0);
+  etag TEXT NOT NULL, updated_at INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
+  head TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spillway_writes (
   id TEXT PRIMARY KEY, key TEXT NOT NULL, status TEXT NOT NULL,
   version INTEGER, reason TEXT, applied_at INTEGER NOT NULL,
-  shard INTEGER, entry_ms INTEGER, value TEXT);
+  shard INTEGER, entry_ms INTEGER, value TEXT, prev TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spillway_fences (
   shard INTEGER PRIMARY KEY, token INTEGER NOT NULL);
 ";
@@ -52,26 +58,43 @@ pub const MIGRATE_V2: [&str; 3] = [
        entry_ms = CAST(substr(substr(id, instr(id, '-') + 1), 1, instr(substr(id, instr(id, '-') + 1), '-') - 1) AS INTEGER)",
 ];
 
-/// Version 3's steps: each a check (a count, 0 while the step is due) and the
-/// change, applied one by one, as either table may be older than the other.
-/// Outcomes applied before it have no value and are left out of change feeds.
-pub const MIGRATE_V3: [(&str, &str); 2] = [
+/// Version 3's steps, one per table (either may be older than the other): a
+/// check (a count, 0 while the step is due) and the statements, run in one
+/// transaction. Each table is rebuilt as `WITHOUT ROWID` with the new column
+/// (its old indexes go with it). Outcomes applied before it have no value and are
+/// left out of change feeds; records deleted before it have no tombstone.
+pub const MIGRATE_V3: [(&str, &[&str]); 2] = [
     (
         "SELECT count(*) FROM pragma_table_info('spillway_writes') WHERE name = 'value'",
-        "ALTER TABLE spillway_writes ADD COLUMN value TEXT",
+        &[
+            "CREATE TABLE spillway_writes_v3 (
+               id TEXT PRIMARY KEY, key TEXT NOT NULL, status TEXT NOT NULL,
+               version INTEGER, reason TEXT, applied_at INTEGER NOT NULL,
+               shard INTEGER, entry_ms INTEGER, value TEXT, prev TEXT) WITHOUT ROWID",
+            "INSERT INTO spillway_writes_v3 (id, key, status, version, reason, applied_at, shard, entry_ms)
+               SELECT id, key, status, version, reason, applied_at, shard, entry_ms FROM spillway_writes",
+            "DROP TABLE spillway_writes",
+            "ALTER TABLE spillway_writes_v3 RENAME TO spillway_writes",
+        ],
     ),
     (
         "SELECT count(*) FROM pragma_table_info('spillway_records') WHERE name = 'deleted'",
-        "ALTER TABLE spillway_records ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+        &[
+            "CREATE TABLE spillway_records_v3 (
+               key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL,
+               etag TEXT NOT NULL, updated_at INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
+               head TEXT) WITHOUT ROWID",
+            "INSERT INTO spillway_records_v3 (key, value, version, etag, updated_at)
+               SELECT key, value, version, etag, updated_at FROM spillway_records",
+            "DROP TABLE spillway_records",
+            "ALTER TABLE spillway_records_v3 RENAME TO spillway_records",
+        ],
     ),
 ];
 
-/// The indexes (after the columns exist): the one pruning walks, and a key's
-/// applied versions in order (the change feed).
-pub const INDEXES: [&str; 2] = [
-    "CREATE INDEX IF NOT EXISTS spillway_writes_by_entry ON spillway_writes (shard, entry_ms)",
-    "CREATE INDEX IF NOT EXISTS spillway_writes_by_key ON spillway_writes (key, version) WHERE status = 'applied'",
-];
+/// Indexes after version 3: none; version 2's pruning index is dropped where it
+/// is left.
+pub const INDEXES: [&str; 1] = ["DROP INDEX IF EXISTS spillway_writes_by_entry"];
 
 /// Puts the database in write-ahead-log mode (a property of the file, kept once
 /// set): a commit is one append and one sync of the log rather than the rollback
@@ -98,42 +121,58 @@ pub const FENCE: &str = "INSERT INTO spillway_fences (shard, token) VALUES (?1, 
 pub const APPLIED_IDS: &str = "SELECT id FROM spillway_writes WHERE id IN (SELECT value FROM json_each(?1))";
 
 /// Stored state of the JSON array of keys `?1`, tombstones included: `key, value,
-/// version, etag, updated_at, deleted` (a tombstone's value is `null`).
-pub const RECORDS: &str = "SELECT key, value, version, etag, updated_at, deleted FROM spillway_records
+/// version, etag, updated_at, deleted, head` (a tombstone's value is `null`;
+/// `head` is the id of the key's latest applied write).
+pub const RECORDS: &str = "SELECT key, value, version, etag, updated_at, deleted, head FROM spillway_records
   WHERE key IN (SELECT value FROM json_each(?1))";
 
 /// One key's stored state (same columns as [`RECORDS`]; a tombstone says the key
 /// was deleted at that version).
-pub const RECORD: &str = "SELECT key, value, version, etag, updated_at, deleted FROM spillway_records WHERE key = ?1";
+pub const RECORD: &str = "SELECT key, value, version, etag, updated_at, deleted, head FROM spillway_records WHERE key = ?1";
 
 /// Upserts records from the JSON array `?1` of rows `[key, value (canonical JSON
-/// text), version, etag, updated_at, deleted (0 or 1)]`. (`WHERE true` lets
+/// text), version, etag, updated_at, deleted (0 or 1), head]`. (`WHERE true` lets
 /// SQLite tell the upsert clause from a join.)
-pub const UPSERT_RECORDS: &str = "INSERT INTO spillway_records (key, value, version, etag, updated_at, deleted)
-  SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
-         json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')
-  FROM json_each(?1) AS j WHERE true
-  ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version,
-  etag = excluded.etag, updated_at = excluded.updated_at, deleted = excluded.deleted";
-
-/// Records write outcomes from the JSON array `?1` of rows `[id, key, status,
-/// version, reason, applied_at, shard, entry_ms, value]` (JSON null for none;
-/// `value` is the canonical JSON text an applied write produced).
-pub const INSERT_WRITES: &str = "INSERT INTO spillway_writes (id, key, status, version, reason, applied_at, shard, entry_ms, value)
+pub const UPSERT_RECORDS: &str = "INSERT INTO spillway_records (key, value, version, etag, updated_at, deleted, head)
   SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
          json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]'),
-         json_extract(j.value, '$[6]'), json_extract(j.value, '$[7]'), json_extract(j.value, '$[8]')
+         json_extract(j.value, '$[6]')
+  FROM json_each(?1) AS j WHERE true
+  ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version,
+  etag = excluded.etag, updated_at = excluded.updated_at, deleted = excluded.deleted, head = excluded.head";
+
+/// Records write outcomes from the JSON array `?1` of rows `[id, key, status,
+/// version, reason, applied_at, shard, entry_ms, value, prev]` (JSON null for
+/// none; `value` is the canonical JSON text an applied write produced, `prev` the
+/// id of the key's applied write before it).
+pub const INSERT_WRITES: &str = "INSERT INTO spillway_writes (id, key, status, version, reason, applied_at, shard, entry_ms, value, prev)
+  SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
+         json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]'),
+         json_extract(j.value, '$[6]'), json_extract(j.value, '$[7]'), json_extract(j.value, '$[8]'),
+         json_extract(j.value, '$[9]')
   FROM json_each(?1) AS j";
 
-/// Up to `?3` applied versions of key `?1` after version `?2`, in order (the change
-/// feed): `version, value, reason, id, applied_at`. A deletion has reason
-/// `deleted` and no value; outcomes from before schema version 3 (no value) are
-/// left out.
-pub const CHANGES: &str = "SELECT version, value, reason, id, applied_at FROM spillway_writes
-  WHERE key = ?1 AND status = 'applied' AND version > ?2 AND (value IS NOT NULL OR reason = 'deleted')
-  ORDER BY version LIMIT ?3";
+/// The applied versions of key `?1` after version `?2`, in order (the change
+/// feed): `version, value, reason, id, applied_at`, found by walking the key's
+/// chain back from its record's `head`, at most `?3` steps (a client further
+/// behind gets the newest `?3`). A deletion has reason `deleted` and no value. The
+/// walk stops where the chain does: at version `?2 + 1`, or where outcomes were
+/// pruned or predate the chain, so a first version above `?2 + 1` means the ones
+/// between are gone.
+pub const CHANGES: &str = "WITH RECURSIVE chain(id, version, value, reason, applied_at, prev, steps) AS (
+    SELECT w.id, w.version, w.value, w.reason, w.applied_at, w.prev, 1
+    FROM spillway_records AS r JOIN spillway_writes AS w ON w.id = r.head
+    WHERE r.key = ?1 AND w.version > ?2
+  UNION ALL
+    SELECT w.id, w.version, w.value, w.reason, w.applied_at, w.prev, c.steps + 1
+    FROM chain AS c JOIN spillway_writes AS w ON w.id = c.prev
+    WHERE c.version > ?2 + 1 AND w.version > ?2 AND c.steps < ?3)
+  SELECT version, value, reason, id, applied_at FROM chain ORDER BY version";
 
-/// Forgets up to `?3` outcomes of shard `?1` whose stream time is before `?2`.
+/// Forgets up to `?3` outcomes of shard `?1` whose stream time is before `?2`
+/// (milliseconds), walking the primary key: a write id is `<shard>-<ms>-<seq>`
+/// with 13-digit milliseconds (until the year 2286), so one shard's ids are one
+/// key range, in stream order, and `'<shard>-<ms>'` bounds it.
 ///
 /// Safe for exactly-once as long as `?2` is at most the stream time of the shard's
 /// oldest entry still in its stream: a write can be delivered (again) only while its
@@ -141,7 +180,7 @@ pub const CHANGES: &str = "SELECT version, value, reason, id, applied_at FROM sp
 /// replayed dead letter gets a new id. So an outcome older than every entry still
 /// in the stream belongs to a write that can never come back.
 pub const PRUNE_WRITES: &str = "DELETE FROM spillway_writes WHERE id IN (
-  SELECT id FROM spillway_writes WHERE shard = ?1 AND entry_ms < ?2 LIMIT ?3)";
+  SELECT id FROM spillway_writes WHERE id > ?1 || '-' AND id < ?1 || '-' || ?2 ORDER BY id LIMIT ?3)";
 
 /// A write's outcome by id: `status, version, reason, key`.
 pub const WRITE_STATUS: &str = "SELECT status, version, reason, key FROM spillway_writes WHERE id = ?1";
@@ -158,9 +197,9 @@ mod tests {
         for stmt in schema_statements() {
             db.execute(stmt, []).unwrap();
         }
-        let rows = r#"[["a","{\"n\":1}",1,"e1",10,0],["b","[1,\"x\"]",2,"e2",20,0]]"#;
+        let rows = r#"[["a","{\"n\":1}",1,"e1",10,0,"3-4-0"],["b","[1,\"x\"]",2,"e2",20,0,null]]"#;
         assert_eq!(db.execute(UPSERT_RECORDS, [rows]).unwrap(), 2);
-        let again = r#"[["a","{\"n\":2}",2,"e3",11,0]]"#;
+        let again = r#"[["a","{\"n\":2}",2,"e3",11,0,"3-5-0"]]"#;
         db.execute(UPSERT_RECORDS, [again]).unwrap();
         let mut q = db.prepare(RECORDS).unwrap();
         let got: Vec<(String, String, i64)> = q
@@ -169,16 +208,23 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         assert_eq!(got, vec![("a".into(), r#"{"n":2}"#.into(), 2), ("b".into(), r#"[1,"x"]"#.into(), 2)]);
-        let outcomes = r#"[["3-5-0","a","applied",2,null,11,3,5,"{\"n\":2}"],["3-5-1","","rejected",null,"bad",11,3,5,null]]"#;
-        assert_eq!(db.execute(INSERT_WRITES, [outcomes]).unwrap(), 2);
+        let outcomes = r#"[["3-4-0","a","applied",1,null,10,3,4,"{\"n\":1}",null],["3-5-0","a","applied",2,null,11,3,5,"{\"n\":2}","3-4-0"],
+                          ["3-5-1","","rejected",null,"bad",11,3,5,null,null]]"#;
+        assert_eq!(db.execute(INSERT_WRITES, [outcomes]).unwrap(), 3);
         let (version, reason): (Option<i64>, Option<String>) =
             db.query_row("SELECT version, reason FROM spillway_writes WHERE id = '3-5-1'", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
         assert_eq!((version, reason.as_deref()), (None, Some("bad")));
         let ids: Vec<String> = db.prepare(APPLIED_IDS).unwrap().query_map([r#"["3-5-0","3-9-9"]"#], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
         assert_eq!(ids, vec!["3-5-0"]);
-        let changes: Vec<(i64, Option<String>)> =
-            db.prepare(CHANGES).unwrap().query_map(rusqlite::params!["a", 1, 10], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
-        assert_eq!(changes, vec![(2, Some(r#"{"n":2}"#.to_owned()))]);
+        // The chain: after version 0 both versions, after 1 only the second, a cap
+        // of one step gives the newest.
+        let changes = |after: i64, steps: i64| -> Vec<(i64, Option<String>)> {
+            db.prepare(CHANGES).unwrap().query_map(rusqlite::params!["a", after, steps], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+        };
+        assert_eq!(changes(0, 100), vec![(1, Some(r#"{"n":1}"#.to_owned())), (2, Some(r#"{"n":2}"#.to_owned()))]);
+        assert_eq!(changes(1, 100), vec![(2, Some(r#"{"n":2}"#.to_owned()))]);
+        assert_eq!(changes(0, 1).len(), 1);
+        assert!(changes(2, 100).is_empty());
     }
 
     /// The v1 -> v2 migration reads shard and stream time out of the write id; v3
@@ -191,7 +237,9 @@ mod tests {
              etag TEXT NOT NULL, updated_at INTEGER NOT NULL);
              CREATE TABLE spillway_writes (id TEXT PRIMARY KEY, key TEXT NOT NULL, status TEXT NOT NULL,
              version INTEGER, reason TEXT, applied_at INTEGER NOT NULL);
-             INSERT INTO spillway_writes VALUES ('12-1795472253739-4', 'k', 'applied', 1, NULL, 0);",
+             INSERT INTO spillway_records VALUES ('k', '{}', 1, 'e', 0);
+             INSERT INTO spillway_writes VALUES ('12-1795472253739-4', 'k', 'applied', 1, NULL, 0),
+               ('12-1795472253740-0', 'k', 'applied', 2, NULL, 0), ('1-1795472253739-0', 'j', 'applied', 1, NULL, 0);",
         )
         .unwrap();
         let before: i64 = db.query_row(HAS_V2_COLUMNS, [], |r| r.get(0)).unwrap();
@@ -199,14 +247,24 @@ mod tests {
         for s in MIGRATE_V2 {
             db.execute(s, []).unwrap();
         }
-        let (shard, ms): (i64, i64) = db.query_row("SELECT shard, entry_ms FROM spillway_writes", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        let (shard, ms): (i64, i64) =
+            db.query_row("SELECT shard, entry_ms FROM spillway_writes WHERE id = '12-1795472253739-4'", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
         assert_eq!((shard, ms), (12, 1_795_472_253_739));
-        for (_, s) in MIGRATE_V3 {
-            db.execute(s, []).unwrap();
+        for (_, steps) in MIGRATE_V3 {
+            for s in steps {
+                db.execute(s, []).unwrap();
+            }
         }
         for s in INDEXES {
             db.execute(s, []).unwrap();
         }
+        // The rows came along, into clustered tables (no rowid any more).
+        let (rows, deleted): (i64, i64) = db.query_row("SELECT count(*), sum(deleted) FROM spillway_records", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        assert_eq!((rows, deleted), (1, 0));
+        assert!(db.prepare("SELECT rowid FROM spillway_writes").is_err());
+        // Pruning takes shard 12's ids before the bound, not shard 1's, not the bound's own.
         assert_eq!(db.execute(PRUNE_WRITES, rusqlite::params![12, 1_795_472_253_740_i64, 10]).unwrap(), 1);
+        let left: Vec<String> = db.prepare("SELECT id FROM spillway_writes ORDER BY id").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        assert_eq!(left, vec!["1-1795472253739-0", "12-1795472253740-0"]);
     }
 }

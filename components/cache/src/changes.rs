@@ -5,7 +5,9 @@
 //! "write_id"}`). Without `Last-Event-ID` the feed opens with the current record
 //! (read as `GET /v1/records/{key}` reads it); with it, it carries on after that
 //! version, so an `EventSource` that reconnects misses nothing. Versions come from
-//! the write outcomes (kept `status_retention_secs`).
+//! the write outcomes (kept `status_retention_secs`); versions the log no longer
+//! has are stood in for by the current record (or its deletion), so a client that
+//! was away too long still ends up at the current version.
 //!
 //! A version is sent only once its write is acknowledged (its entry has left the
 //! shard's stream): by then the cache has it, so a client that reads the record
@@ -20,15 +22,16 @@ use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::settings::Settings;
 use spillway_core::sql;
-use spillway_spin::db::{Db, SqlValue as Value, integer, is_missing_table, text};
+use spillway_spin::db::{Db, SqlValue as Value, integer, text};
 use spillway_spin::status::Notices;
 use spillway_spin::{Redis, bin};
 use spin_sdk::http::BoxBody;
 
-use crate::handlers::{cached_or_filled, path_key};
+use crate::handlers::{Stored, cached_or_filled, path_key, stored};
 
-/// Versions read per query.
-const PAGE: i64 = 100;
+/// Versions read per query at most (steps back along the key's chain): a client
+/// further behind catches up with the current record.
+const PAGE: i64 = 10_000;
 /// A comment line at least this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE_MS: u64 = 15_000;
 /// What the client waits before reconnecting (`retry:`), in milliseconds.
@@ -52,7 +55,7 @@ pub(crate) async fn feed(raw_key: &str, headers: &http::HeaderMap) -> Result<htt
     let notices = Notices::follow(&s, s.layout.shard_of(&key)).await?;
     let (mut tx, body) = spin_sdk::http::body::stream::<String>();
     spin_sdk::wasip3::spawn(async move {
-        let deadline = spillway_spin::monotonic_ms() + s.change_feed_secs.saturating_mul(1000);
+        let deadline = spillway_spin::monotonic_ms().saturating_add(s.change_feed_secs.saturating_mul(1000));
         if let Err(p) = stream(&s, &key, after, notices, deadline, &mut tx).await {
             // The status line has gone: the error travels as an event of its own.
             let _ = tx.send(format!("event: error\ndata: {}\n\n", p.body())).await;
@@ -64,6 +67,19 @@ pub(crate) async fn feed(raw_key: &str, headers: &http::HeaderMap) -> Result<htt
         .header("cache-control", "no-cache")
         .body(spin_sdk::http::box_body(body))
         .map_err(|e| Problem::unavailable(&e.to_string()))
+}
+
+/// The record as a read shows it now (cache first, so it is acknowledged), as an
+/// event's `(version, data)`; a deleted key's tombstone as `deleted`.
+async fn snapshot(s: &Settings, key: &str) -> Result<Option<(i64, Json)>, Problem> {
+    if let Some(entry) = cached_or_filled(s, key).await? {
+        let record: Json = serde_json::from_str(&entry.body).map_err(|e| Problem::unavailable(&e.to_string()))?;
+        return Ok(Some((record["version"].as_i64().unwrap_or(0), record)));
+    }
+    Ok(match stored(key).await? {
+        Stored::Deleted(v) => Some((v, json!({"key": key, "version": v, "deleted": true}))),
+        _ => None,
+    })
 }
 
 /// One event.
@@ -91,28 +107,53 @@ async fn stream(
     }
     let mut last = match after {
         Some(v) => v,
-        None => match cached_or_filled(s, key).await? {
-            Some(entry) => {
-                let record: Json = serde_json::from_str(&entry.body).map_err(|e| Problem::unavailable(&e.to_string()))?;
-                let version = record["version"].as_i64().unwrap_or(0);
-                if !send(tx, event(version, &record)).await {
+        None => match snapshot(s, key).await? {
+            Some((version, data)) => {
+                if !send(tx, event(version, &data)).await {
                     return Ok(());
                 }
                 version
             }
-            None => crate::handlers::stored_version(key).await?,
+            // No record the cache can show: start from its deletion, or before a
+            // creation not yet acknowledged (its event comes from the log).
+            None => match stored(key).await? {
+                Stored::Live(r) => r["version"].as_i64().unwrap_or(1) - 1,
+                other => other.version(),
+            },
         },
     };
     let shard = s.layout.shard_of(key);
     let stream_key = s.layout.stream(shard);
     let redis = Redis::new(&s.redis_address);
     let db = Db::open().await?;
+    let mut first_look = after.is_some();
     loop {
-        let rows = match db.query(sql::CHANGES, vec![Value::Text(key.to_owned()), Value::Integer(last), Value::Integer(PAGE)]).await {
-            Ok(rows) => rows,
-            Err(p) if is_missing_table(&p) => Vec::new(),
-            Err(p) => return Err(p),
+        let rows = db.read(sql::CHANGES, vec![Value::Text(key.to_owned()), Value::Integer(last), Value::Integer(PAGE)]).await?;
+        // Versions after `last` that the log no longer has (pruned after the
+        // retention, or from before it existed): the current record stands in for
+        // them, if it is newer; else the feed carries on with what is kept.
+        let first = rows.first().and_then(|r| r.first()).and_then(integer);
+        let gap = match first {
+            Some(first) => first > last + 1,
+            None => first_look && stored(key).await?.version() > last,
         };
+        first_look = false;
+        if gap {
+            match snapshot(s, key).await? {
+                Some((version, data)) if version > last => {
+                    if !send(tx, event(version, &data)).await {
+                        return Ok(());
+                    }
+                    last = version;
+                    continue;
+                }
+                _ => {
+                    if let Some(first) = first {
+                        last = first - 1;
+                    }
+                }
+            }
+        }
         // Entries older than the stream's oldest have been acknowledged.
         let oldest = if rows.is_empty() {
             None
@@ -142,7 +183,8 @@ async fn stream(
             last = version;
             sent += 1;
         }
-        if sent == PAGE {
+        if sent > 0 && sent == rows.len() {
+            // All sent: look again at once (more may have been acknowledged).
             continue;
         }
         let now = spillway_spin::monotonic_ms();

@@ -97,7 +97,7 @@ pub(crate) enum Stored {
 
 impl Stored {
     /// The record's version, or the version its deletion reached.
-    fn version(&self) -> i64 {
+    pub(crate) fn version(&self) -> i64 {
         match self {
             Stored::Live(r) => r["version"].as_i64().unwrap_or(0),
             Stored::Deleted(v) => *v,
@@ -126,12 +126,6 @@ pub(crate) async fn stored(key: &str) -> Result<Stored, Problem> {
         Some(row) => Ok(Stored::from_row(&row)?.1),
         None => Ok(Stored::Never),
     }
-}
-
-/// The version a key is at in the database (a deletion's included; 0 if never
-/// written).
-pub(crate) async fn stored_version(key: &str) -> Result<i64, Problem> {
-    Ok(stored(key).await?.version())
 }
 
 /// The record from the database, as the cache stores it.
@@ -246,7 +240,7 @@ fn consistency(query: Option<&str>) -> Result<Consistency, Problem> {
     };
     Ok(match (consistent, min_version) {
         (_, Some(min)) => {
-            Consistency::AtLeast { min, deadline: spillway_spin::monotonic_ms() + wait.unwrap_or(MIN_VERSION_WAIT_MS), consistent }
+            Consistency::AtLeast { min, deadline: spillway_spin::monotonic_ms().saturating_add(wait.unwrap_or(MIN_VERSION_WAIT_MS)), consistent }
         }
         (true, None) => Consistency::Database,
         (false, None) => Consistency::Cached,
@@ -388,7 +382,9 @@ fn bad_wait(field: &str) -> Problem {
 pub(crate) fn only_params(query: Option<&str>, known: &[&str]) -> Result<(), Problem> {
     let mut seen = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        let Some((name, _)) = pair.split_once('=') else {
+            return Err(Problem::invalid(&format!("query parameter {pair:?} needs a value ({pair}=...)"), &format!("/query/{pair}")));
+        };
         if !known.contains(&name) {
             let shown = decode_key(name).unwrap_or_else(|| name.to_owned());
             return Err(Problem::invalid(&format!("unknown query parameter {shown:?}; known: {}", known.join(", ")), &format!("/query/{name}")));

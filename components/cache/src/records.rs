@@ -13,7 +13,7 @@ use spillway_core::problem::Problem;
 use spillway_core::settings::Settings;
 use spillway_core::sql;
 use spillway_core::write::check_key;
-use spillway_spin::db::{Db, SqlValue as Value, is_missing_table};
+use spillway_spin::db::{Db, SqlValue as Value};
 use spillway_spin::kv::Kv;
 
 use crate::handlers::{Entry, Stored, only_params, query_param};
@@ -78,11 +78,7 @@ pub(crate) async fn get_many(s: &Settings, req: spin_sdk::http::Request, query: 
     let misses: Vec<&String> = keys.iter().filter(|k| !found.contains_key(k.as_str())).collect();
     if !misses.is_empty() {
         let param = Value::Text(serde_json::to_string(&misses).unwrap_or_else(|_| "[]".into()));
-        let rows = match Db::open().await?.query(sql::RECORDS, vec![param]).await {
-            Ok(rows) => rows,
-            Err(p) if is_missing_table(&p) => Vec::new(),
-            Err(p) => return Err(p),
-        };
+        let rows = Db::open().await?.read(sql::RECORDS, vec![param]).await?;
         for row in rows {
             if let (key, Stored::Live(record)) = Stored::from_row(&row)?
                 && let Some(k) = misses.iter().find(|m| ***m == key)

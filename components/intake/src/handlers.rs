@@ -74,15 +74,20 @@ fn prefer_wait(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 /// `POST /v1/writes` with `Prefer: wait`: 200 with every write's outcome if they
-/// all leave `pending` before the deadline, else 202 as without the preference.
+/// all leave `pending` before the deadline, else (or if the wait fails) 202 as
+/// without the preference.
 async fn outcome(s: &Settings, accepted: Accepted, single: bool, deadline: u64, wait_ms: u64) -> Result<http::Response<String>, Problem> {
     let mut outcomes = Vec::with_capacity(accepted.ids.len());
     for id in &accepted.ids {
-        let parsed = WriteId::parse(id).ok_or_else(|| Problem::unavailable(&format!("the enqueue script gave an unreadable id {id:?}")))?;
-        let mut body = status::wait_for(s, &parsed, deadline).await?;
-        if body["status"] == "pending" {
+        // The writes are queued: whatever goes wrong while waiting, the answer is
+        // the 202 they earned (an error here would invite a retry that doubles them).
+        let waited = match WriteId::parse(id) {
+            Some(parsed) => status::wait_for(s, &parsed, deadline).await.ok(),
+            None => None,
+        };
+        let Some(mut body) = waited.filter(|b| b["status"] != "pending") else {
             return Ok(accepted.response(single));
-        }
+        };
         body["status_url"] = json!(format!("/v1/writes/{id}"));
         outcomes.push(body);
     }

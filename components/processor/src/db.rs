@@ -2,7 +2,7 @@
 //! handful of statements: fence checks, ordered apply, write ids recorded with the
 //! data (the exactly-once effect), and outcomes past their retention pruned.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use spillway_core::apply::{Outcome, Record, canonical, plan_batch};
 use spillway_core::problem::Problem;
@@ -18,9 +18,12 @@ const PRUNE_PER_BATCH: i64 = 1_000;
 /// What a committed round did.
 #[derive(Default)]
 pub(crate) struct Applied {
-    /// New state of every key a write of the round changed (for the cache; a key
-    /// whose writes were all rejected or already applied is unchanged).
+    /// New state of every key a write of the round changed, or an earlier
+    /// delivery of one of its writes did (for the cache).
     pub(crate) state: BTreeMap<String, Option<Record>>,
+    /// Entries past their attempt limit that the database does not have, per
+    /// shard: `(entry id, payload)`, to be dead-lettered (they were left out).
+    pub(crate) dead: Vec<(u32, String, String)>,
     pub(crate) applied: u64,
     pub(crate) rejected: u64,
     /// Shards whose batch was refused because a newer lease holder has written
@@ -31,6 +34,7 @@ pub(crate) struct Applied {
 impl Applied {
     fn merge(&mut self, other: Self) {
         self.state.extend(other.state);
+        self.dead.extend(other.dead);
         self.applied += other.applied;
         self.rejected += other.rejected;
         self.fenced.extend(other.fenced);
@@ -44,6 +48,10 @@ pub(crate) struct Batch {
     pub(crate) fence: i64,
     /// `(stream entry id, payload)` in stream order.
     pub(crate) entries: Vec<(String, String)>,
+    /// Entries past their attempt limit (see `scripts::READ_BATCH`): applied only
+    /// if an earlier delivery committed them (then refreshed and acknowledged),
+    /// else dead-lettered.
+    pub(crate) over: HashSet<String>,
     /// Outcomes of this shard from before this stream time can be forgotten.
     pub(crate) prune_before_ms: i64,
 }
@@ -104,6 +112,7 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     let mut writes = Vec::new();
     let mut unreadable = Vec::new();
     let mut entry_of = std::collections::HashMap::new();
+    let mut over = Vec::new();
     for b in batches {
         let rows = db.query(sql::FENCE, vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.fence)]).await?;
         if rows.first().and_then(|r| r.first()).and_then(integer) != Some(b.fence) {
@@ -113,6 +122,9 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
         for (entry, payload) in &b.entries {
             let id = format!("{}-{entry}", b.shard);
             entry_of.insert(id.clone(), (i64::from(b.shard), entry_ms(entry)));
+            if b.over.contains(entry) {
+                over.push((b.shard, entry.clone(), payload.clone(), id.clone()));
+            }
             match serde_json::from_str::<Write>(payload) {
                 Ok(w) => writes.push((id, w)),
                 Err(e) => unreadable.push((id, e.to_string())),
@@ -126,9 +138,19 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
             already.extend(row.first().and_then(text));
         }
     }
+    // Past the attempt limit and not in the database: left out, to be
+    // dead-lettered after the commit. (Had an earlier delivery committed it, it is
+    // in `already`: acknowledged as applied, its key refreshed.)
+    let dead: Vec<(u32, String, String)> =
+        over.into_iter().filter(|(_, _, _, id)| !already.contains(id)).map(|(shard, entry, payload, _)| (shard, entry, payload)).collect();
+    let doomed: HashSet<String> = dead.iter().map(|(shard, entry, _)| format!("{shard}-{entry}")).collect();
+    writes.retain(|(id, _)| !doomed.contains(id));
+    unreadable.retain(|(id, _)| !doomed.contains(id));
     let keys: Vec<String> = writes.iter().map(|(_, w)| w.key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut existing = BTreeMap::new();
     let mut tombstones = BTreeMap::new();
+    // Each key's latest applied write: the head of its change chain.
+    let mut heads: HashMap<String, Option<String>> = HashMap::new();
     if !keys.is_empty() {
         for r in db.query(sql::RECORDS, vec![json_param(&keys)]).await? {
             let (Some(key), Some(value), Some(version), Some(etag), Some(updated_at), deleted) =
@@ -136,6 +158,7 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
             else {
                 continue;
             };
+            heads.insert(key.clone(), r.get(6).and_then(text));
             if deleted == Some(1) {
                 tombstones.insert(key, version as u64);
                 continue;
@@ -147,43 +170,49 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     let now = spillway_spin::now_ms();
     let plan = plan_batch(existing, &tombstones, &writes, &already, now);
 
-    // Live records and tombstones (a deleted key keeps the version it reached).
-    let upserts: Vec<Json> = plan
-        .records
-        .iter()
-        .map(|(k, r)| match r {
-            Some(r) => json!([k, String::from_utf8(canonical(&r.value)).unwrap_or_default(), r.version, r.etag, r.updated_at, 0]),
-            None => json!([k, "null", plan.deleted.get(k).copied().unwrap_or(0), "", now, 1]),
-        })
-        .collect();
-    if !upserts.is_empty() {
-        db.query(sql::UPSERT_RECORDS, vec![json_param(&upserts)]).await?;
-    }
-
     let (mut applied, mut rejected) = (0, 0);
     let mut outcomes: Vec<Json> = Vec::with_capacity(writes.len() + unreadable.len());
-    let mut row = |id: &String, key: &str, status: &str, version: Option<u64>, reason: Option<&str>, value: Option<String>| {
+    let mut row = |id: &String, key: &str, status: &str, version: Option<u64>, reason: Option<&str>, value: Option<String>, prev: Option<String>| {
         let (shard, ms) = entry_of.get(id).copied().unwrap_or((0, 0));
-        outcomes.push(json!([id, key, status, version, reason, now, shard, ms, value]));
+        outcomes.push(json!([id, key, status, version, reason, now, shard, ms, value, prev]));
     };
     for (id, key, outcome) in &plan.outcomes {
         match outcome {
             Outcome::Applied { version, value } => {
                 applied += 1;
-                // The change feed's entry: the value this write produced.
+                // The change feed's entry: the value this write produced, linked to
+                // the key's applied write before it.
                 let value = value.as_ref().map(|v| String::from_utf8(canonical(v)).unwrap_or_default());
                 let reason = value.is_none().then_some("deleted");
-                row(id, key, "applied", Some(*version), reason, value);
+                let prev = heads.insert(key.clone(), Some(id.clone())).flatten();
+                row(id, key, "applied", Some(*version), reason, value, prev);
             }
             Outcome::Rejected { reason } => {
                 rejected += 1;
-                row(id, key, "rejected", None, Some(reason), None);
+                row(id, key, "rejected", None, Some(reason), None, None);
             }
         }
     }
+
+    // Live records and tombstones (a deleted key keeps the version it reached),
+    // each with the head of its change chain.
+    let upserts: Vec<Json> = plan
+        .records
+        .iter()
+        .map(|(k, r)| {
+            let head = heads.get(k).cloned().flatten();
+            match r {
+                Some(r) => json!([k, String::from_utf8(canonical(&r.value)).unwrap_or_default(), r.version, r.etag, r.updated_at, 0, head]),
+                None => json!([k, "null", plan.deleted.get(k).copied().unwrap_or(0), "", now, 1, head]),
+            }
+        })
+        .collect();
+    if !upserts.is_empty() {
+        db.query(sql::UPSERT_RECORDS, vec![json_param(&upserts)]).await?;
+    }
     for (id, err) in unreadable.iter().filter(|(id, _)| !already.contains(id)) {
         rejected += 1;
-        row(id, "", "rejected", None, Some(&format!("unreadable write: {err}")), None);
+        row(id, "", "rejected", None, Some(&format!("unreadable write: {err}")), None, None);
     }
     if !outcomes.is_empty() {
         db.query(sql::INSERT_WRITES, vec![json_param(&outcomes)]).await?;
@@ -193,5 +222,5 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
         db.query(sql::PRUNE_WRITES, params).await?;
     }
 
-    Ok(Applied { state: plan.records, applied, rejected, fenced })
+    Ok(Applied { state: plan.records, dead, applied, rejected, fenced })
 }

@@ -130,7 +130,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
                     failures.push((Some(h.shard), p));
                 }
                 Ok(Read::Lost) => {}
-                // Still resuming (every entry of this pending batch was dead-lettered).
+                // Still resuming (every entry of this pending batch had gone).
                 Ok(Read::Batch(b, Some(cursor))) if b.entries.is_empty() => {
                     h.resume = Some(cursor);
                     keep.push(h);
@@ -228,6 +228,30 @@ async fn finish_round(
     // Lease lost during the refresh: the new holder redelivers and refreshes.
     held.retain(|h| !lost.contains(&h.shard));
     let done: Vec<&Batch> = done.into_iter().filter(|b| !lost.contains(&b.shard)).collect();
+    // Writes past their attempt limit that the database does not have: out of the
+    // stream to the dead letters (before the batch's acknowledgement, which would
+    // forget their errors).
+    let mut undead = HashSet::new();
+    for b in &done {
+        let mut args = vec![GROUP.to_owned(), b.shard.to_string(), s.status_retention_secs.saturating_mul(1000).to_string()];
+        for (_, entry, payload) in applied.dead.iter().filter(|(shard, _, _)| *shard == b.shard) {
+            args.push(entry.clone());
+            args.push(payload.clone());
+        }
+        if args.len() > 3 {
+            let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard)];
+            if let Err(p) = redis.eval(scripts::DEAD_LETTER, &keys, &args).await {
+                // Not acknowledged either (that would drop them): redelivered later.
+                undead.insert(b.shard);
+                failures.push((Some(b.shard), p));
+            }
+        }
+    }
+    for shard in &undead {
+        drop_held(s, redis, held, *shard, true).await;
+        failed.insert(*shard);
+    }
+    let done: Vec<&Batch> = done.into_iter().filter(|b| !undead.contains(&b.shard)).collect();
     let acks = done.iter().map(|b| {
         let mut args = vec![GROUP.to_owned()];
         args.extend(b.entries.iter().map(|(id, _)| id.clone()));
@@ -288,14 +312,13 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
     let reply = redis
         .eval(
             scripts::READ_BATCH,
-            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_status_prefix(shard), l.watch(shard), l.done(shard)],
+            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard)],
             &[
                 h.token.clone(),
                 GROUP.into(),
                 CONSUMER.into(),
                 s.batch_size.to_string(),
                 s.max_attempts.to_string(),
-                shard.to_string(),
                 s.lease_ttl_ms.to_string(),
                 s.status_retention_secs.saturating_mul(1000).to_string(),
                 h.resume.clone().unwrap_or_default(),
@@ -307,14 +330,23 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
     }
     let prune_before_ms = reply.get(1).and_then(int).unwrap_or(0);
     let resume = reply.get(2).and_then(text).filter(|c| !c.is_empty());
-    let entries = reply.get(3..).unwrap_or_default().chunks(2).filter_map(|c| Some((text(c.first()?)?, text(c.get(1)?)?))).collect();
-    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, prune_before_ms }, resume))
+    let mut entries = Vec::new();
+    let mut over = HashSet::new();
+    for c in reply.get(3..).unwrap_or_default().chunks(3) {
+        let (Some(id), Some(payload)) = (c.first().and_then(text), c.get(1).and_then(text)) else { continue };
+        if c.get(2).and_then(int) == Some(1) {
+            over.insert(id.clone());
+        }
+        entries.push((id, payload));
+    }
+    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, over, prune_before_ms }, resume))
 }
 
 /// Writes the records' new state to the cache under each key's single-flight fill
 /// lock, so a concurrent cache fill cannot put an older value back afterwards: the
 /// locks in one script call (taken only while the key's shard lease is still ours,
-/// so a holder that lost its lease cannot write after the new one), the values in
+/// so a holder that lost its lease cannot write after the new one, and renewing
+/// the leases while it waits for busy locks), the values in
 /// one `set-many` (one transaction on Spin's SQLite store) and the deletions in one
 /// `delete-many`. Returns the shards whose lease was lost: their keys were not
 /// written, and their batches must not be acknowledged (the new holder refreshes).

@@ -39,8 +39,8 @@ impl Db {
             db.query(stmt, Vec::new()).await?;
         }
         db.migrate(sql::HAS_V2_COLUMNS, &sql::MIGRATE_V2).await?;
-        for (done, step) in sql::MIGRATE_V3 {
-            db.migrate(done, &[step]).await?;
+        for (done, steps) in sql::MIGRATE_V3 {
+            db.migrate(done, steps).await?;
         }
         for stmt in sql::INDEXES {
             db.query(stmt, Vec::new()).await?;
@@ -82,14 +82,25 @@ impl Db {
         Ok(rows.into_iter().map(|r| r.values).collect())
     }
 
-    /// The first row of a query, if any; a missing table reads as no row (the
-    /// processor creates the tables on its first batch).
-    pub async fn first_row(&self, stmt: &str, params: Vec<Value>) -> Result<Option<Vec<Value>>, Problem> {
-        match self.query(stmt, params).await {
-            Ok(rows) => Ok(rows.into_iter().next()),
-            Err(p) if is_missing_table(&p) => Ok(None),
+    /// The rows of a read. A missing table reads as no rows (the processor
+    /// creates the tables on its first batch); a missing column means the tables
+    /// are older than this code (an upgrade no processor has run yet): they are
+    /// migrated here (idempotent) and the read runs again.
+    pub async fn read(&self, stmt: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, Problem> {
+        match self.query(stmt, params.clone()).await {
+            Ok(rows) => Ok(rows),
+            Err(p) if is_missing_table(&p) => Ok(Vec::new()),
+            Err(p) if p.detail.contains("no such column") => {
+                Self::open_with_schema().await?;
+                self.query(stmt, params).await
+            }
             Err(p) => Err(p),
         }
+    }
+
+    /// The first row of a read (see [`Db::read`]), if any.
+    pub async fn first_row(&self, stmt: &str, params: Vec<Value>) -> Result<Option<Vec<Value>>, Problem> {
+        Ok(self.read(stmt, params).await?.into_iter().next())
     }
 }
 

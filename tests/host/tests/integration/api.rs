@@ -1,6 +1,6 @@
 use serde_json::{Value, json};
 
-use crate::spillway::{ADMIN, Spillway};
+use crate::spillway::{ADMIN, FAILING_RECORDS, Spillway};
 
 const TYPE: &str = "https://spillway.dev/problems/";
 
@@ -181,7 +181,7 @@ async fn openapi_document_is_served() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_list_and_replay() {
     let s = Spillway::start(&[("max_attempts", "1")], false).await;
-    s.db().execute_batch("CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL CHECK (0), version INTEGER NOT NULL, etag TEXT NOT NULL, updated_at INTEGER NOT NULL)").unwrap();
+    s.db().execute_batch(FAILING_RECORDS).unwrap();
     let (_, v) = s.write(json!({"key": "k", "op": "put", "value": 1})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     let auth = format!("Bearer {ADMIN}");
@@ -211,7 +211,7 @@ async fn dead_letters_list_and_replay() {
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_skips_dead_letters_already_applied() {
     let s = Spillway::start(&[("max_attempts", "1")], false).await;
-    s.db().execute_batch("CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL CHECK (0), version INTEGER NOT NULL, etag TEXT NOT NULL, updated_at INTEGER NOT NULL)").unwrap();
+    s.db().execute_batch(FAILING_RECORDS).unwrap();
     let (_, v) = s.write(json!({"key": "k", "op": "incr", "field": "n"})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     let auth = format!("Bearer {ADMIN}");

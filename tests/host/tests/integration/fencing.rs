@@ -12,7 +12,7 @@ fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) ->
     if advanced != Some(token) {
         return false; // dropped: rolled back
     }
-    let row = serde_json::json!([["k", value, token, "e", 0, 0]]).to_string();
+    let row = serde_json::json!([["k", value, token, "e", 0, 0, null]]).to_string();
     tx.execute(sql::UPSERT_RECORDS, [row]).unwrap();
     tx.commit().unwrap();
     true
@@ -42,8 +42,8 @@ fn expired_lease_holder_cannot_commit() {
 
     let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
     let read: Vec<String> = Script::new(scripts::READ_BATCH)
-        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_status_prefix(3)).key(l.watch(3)).key(l.done(3))
-        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(3).arg(60_000).arg(1000).arg("0")
+        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3))
+        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(60_000).arg(1000).arg("0")
         .invoke(&mut c)
         .unwrap();
     assert_eq!(read, vec!["lost"]);
@@ -73,12 +73,12 @@ fn resume_reads_every_pending_entry_in_order() {
     let ids: Vec<String> = (0..6).map(|i| redis::cmd("XADD").arg(l.stream(3)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
     let read = |c: &mut redis::Connection, token: &str, resume: &str| -> (String, Vec<String>) {
         let reply: Vec<String> = Script::new(scripts::READ_BATCH)
-            .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.dead(3)).key(l.dead_status_prefix(3)).key(l.watch(3)).key(l.done(3))
-            .arg(token).arg(GROUP).arg(CONSUMER).arg(2).arg(5).arg(3).arg(60_000).arg(1000).arg(resume)
+            .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3))
+            .arg(token).arg(GROUP).arg(CONSUMER).arg(2).arg(5).arg(60_000).arg(1000).arg(resume)
             .invoke(c)
             .unwrap();
         assert_eq!(reply[0], "ok");
-        (reply[2].clone(), reply[3..].chunks(2).map(|e| e[0].clone()).collect())
+        (reply[2].clone(), reply[3..].chunks(3).map(|e| e[0].clone()).collect())
     };
     let acquire = |c: &mut redis::Connection, token: &str| -> i64 {
         Script::new(scripts::LEASE_ACQUIRE).key(l.lease(3)).key(l.fence(3)).arg(token).arg(60_000).invoke(c).unwrap()

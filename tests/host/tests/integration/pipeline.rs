@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use crate::spillway::{ADMIN, Spillway, burst};
+use crate::spillway::{ADMIN, FAILING_RECORDS, Spillway, burst};
 
 /// A write accepted with 202 is applied and then readable, and its status says
 /// applied with the resulting version.
@@ -149,18 +149,48 @@ async fn idempotency_key_dedupes_retries() {
     assert_eq!(problem["type"], "https://spillway.dev/problems/idempotency-key-reused");
 }
 
+/// A write that was committed but whose acknowledgement kept failing (here: its
+/// cache refresh, its key's fill lock held by someone else) is not dead-lettered
+/// when it runs out of attempts: the database has it, so it is acknowledged as
+/// applied and its key refreshed, and reads see it (read-your-writes).
+#[tokio::test(flavor = "multi_thread")]
+async fn committed_writes_are_not_dead_lettered() {
+    let s = Spillway::start(&[("max_attempts", "2")], false).await;
+    let auth = format!("Bearer {ADMIN}");
+    let auth = [("authorization", auth.as_str())];
+    let drain = || s.call("POST", "/v1/drain", None, &auth);
+    s.write(json!({"key": "held", "op": "put", "value": 1})).await;
+    drain().await;
+    let (_, _, v) = s.call("GET", "/v1/records/held", None, &[]).await;
+    assert_eq!(v["version"], 1);
+    let lock = spillway_core::layout::Layout { prefix: "spillway:".into(), shards: 16 }.fill_lock("held");
+    let _: () = redis::cmd("SET").arg(&lock).arg("someone-else").query(&mut s.redis.conn()).unwrap();
+    let (_, v) = s.write(json!({"key": "held", "op": "put", "value": 2})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    for attempt in 1..=2 {
+        let (_, _, out) = tokio::time::timeout(std::time::Duration::from_secs(60), drain()).await.expect("the drain gives up on a busy lock");
+        assert_eq!(out["errors"].as_array().unwrap().len(), 1, "attempt {attempt}: {out}");
+    }
+    let committed: i64 = s.db().query_row("SELECT count(*) FROM spillway_writes WHERE id = ?1", [&id], |r| r.get(0)).unwrap();
+    assert_eq!(committed, 1, "the write committed on its first delivery");
+    let _: () = redis::cmd("DEL").arg(&lock).query(&mut s.redis.conn()).unwrap();
+    let (_, _, out) = drain().await;
+    assert_eq!(out["errors"], json!([]), "{out}");
+    let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
+    assert_eq!((st["status"].as_str(), st["version"].as_i64()), (Some("applied"), Some(2)), "{st}");
+    let (_, _, v) = s.call("GET", "/v1/records/held", None, &[]).await;
+    assert_eq!(v["version"], 2, "the cache was refreshed: {v}");
+    let (shard, _) = id.split_once('-').unwrap();
+    let dead: i64 = redis::cmd("XLEN").arg(format!("spillway:{{s{shard}}}:dead")).query(&mut s.redis.conn()).unwrap();
+    assert_eq!(dead, 0, "nothing was dead-lettered");
+}
+
 /// A write whose batch keeps failing on infrastructure is retried, then moved to the
 /// dead-letter stream with its error, and its status says dead.
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_writes_are_dead_lettered() {
     let s = Spillway::start(&[("max_attempts", "2")], false).await;
-    // A records table whose every insert fails: an infrastructure fault, not a rejection.
-    s.db()
-        .execute_batch(
-            "CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL CHECK (0),
-             version INTEGER NOT NULL, etag TEXT NOT NULL, updated_at INTEGER NOT NULL)",
-        )
-        .unwrap();
+    s.db().execute_batch(FAILING_RECORDS).unwrap();
     let (_, v) = s.write(json!({"key": "doomed", "op": "put", "value": 1})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     let auth = format!("Bearer {ADMIN}");

@@ -234,3 +234,34 @@ async fn consistent_and_min_version_reads() {
         assert_eq!((code, p["field"].as_str()), (422, Some(field)), "{query}: {p}");
     }
 }
+
+/// A database written by the previous schema is read correctly before any
+/// processor has run: the first read that needs the new columns migrates it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_database_is_migrated_by_its_first_read() {
+    let s = Spillway::start(&[], false).await;
+    s.db()
+        .execute_batch(
+            "CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL,
+               etag TEXT NOT NULL, updated_at INTEGER NOT NULL);
+             CREATE TABLE spillway_writes (id TEXT PRIMARY KEY, key TEXT NOT NULL, status TEXT NOT NULL,
+               version INTEGER, reason TEXT, applied_at INTEGER NOT NULL, shard INTEGER, entry_ms INTEGER);
+             CREATE INDEX spillway_writes_by_entry ON spillway_writes (shard, entry_ms);
+             INSERT INTO spillway_records VALUES ('old', '{\"n\":7}', 3, 'e', 1);",
+        )
+        .unwrap();
+    let (code, _, v) = s.call("GET", "/v1/records/old?consistent=true", None, &[]).await;
+    assert_eq!((code, v["version"].as_i64(), v["value"]["n"].as_i64()), (200, Some(3), Some(7)), "{v}");
+    let (_, _, v) = s.call("POST", "/v1/records:get", Some(json!({"keys": ["old", "new"]})), &[]).await;
+    assert_eq!((v["records"][0]["version"].as_i64(), v["absent"].clone()), (Some(3), json!(["new"])), "{v}");
+    let columns: i64 = s
+        .db()
+        .query_row("SELECT count(*) FROM pragma_table_info('spillway_writes') WHERE name = 'value'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(columns, 1, "migrated");
+    // And the processor carries on from there.
+    s.write(json!({"key": "old", "op": "incr", "field": "n"})).await;
+    s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    let (_, _, v) = s.call("GET", "/v1/records/old", None, &[]).await;
+    assert_eq!((v["version"].as_i64(), v["value"]["n"].as_i64()), (Some(4), Some(8)), "{v}");
+}

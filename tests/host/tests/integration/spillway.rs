@@ -11,6 +11,12 @@ use spillway_testhost::{App, AppOptions};
 
 use crate::support::{Redis, fixtures, workspace};
 
+/// A records table (current schema) whose every insert fails: an infrastructure
+/// fault, not a rejection. Created before the app's first batch, it is kept.
+pub(crate) const FAILING_RECORDS: &str = "CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL CHECK (0),
+  version INTEGER NOT NULL, etag TEXT NOT NULL, updated_at INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
+  head TEXT) WITHOUT ROWID";
+
 /// The admin token the tests configure.
 pub(crate) const ADMIN: &str = "test-admin-token";
 
