@@ -63,7 +63,7 @@ impl Settings {
         if prefix.is_empty() || prefix.contains(['{', '}', ' ', '*']) {
             return Err(SettingsError { name: "key_prefix", reason: "must be non-empty without braces, spaces or '*'".into() });
         }
-        let batch_size = num(&get, "batch_size", 100)?;
+        let batch_size = num(&get, "batch_size", 1000)?;
         if batch_size == 0 || batch_size > 10_000 {
             return Err(SettingsError { name: "batch_size", reason: "must be between 1 and 10000".into() });
         }
