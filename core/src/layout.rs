@@ -108,6 +108,17 @@ impl Layout {
         self.shard_key(shard, "done")
     }
 
+    /// The shard's stats: counters per outcome, and per 10-second bucket for
+    /// throughput (see `scripts`).
+    pub fn stats(&self, shard: u32) -> String {
+        self.shard_key(shard, "stats")
+    }
+
+    /// Cache hits and misses, counted by the cache instances (one hash).
+    pub fn cache_stats(&self) -> String {
+        format!("{}cache-stats", self.prefix)
+    }
+
     /// The shard's doorbell flag (coalesces wake-ups).
     pub fn bell(&self, shard: u32) -> String {
         self.shard_key(shard, "bell")

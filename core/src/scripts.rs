@@ -1,10 +1,36 @@
 //! The Lua scripts. Each runs atomically in Redis and returns a flat reply (Spin's
 //! `execute` flattens nested replies), whose first element says what happened.
 //! Only fixed scripts are ever sent: user input travels as arguments.
+//!
+//! Scripts that change what happened to writes also count it, in the shard's
+//! stats hash (see `Layout::stats`): totals per outcome, and accepted / applied
+//! per 10-second bucket (`<field>@<bucket>`, the last minute kept) for throughput.
+
+/// The Lua counting helper the scripts share: `count(stats_key, field, n, windowed)`.
+macro_rules! count_lua {
+    () => {
+        r#"
+local function count(key, field, n, windowed)
+  if n <= 0 then return end
+  redis.call('HINCRBY', key, field, n)
+  if not windowed then return end
+  local t = redis.call('TIME')
+  local b = math.floor(tonumber(t[1]) / 10)
+  redis.call('HINCRBY', key, field .. '@' .. b, n)
+  if redis.call('HLEN', key) > 32 then
+    for _, f in ipairs(redis.call('HKEYS', key)) do
+      local at = string.match(f, '@(%d+)$')
+      if at and tonumber(at) < b - 6 then redis.call('HDEL', key, f) end
+    end
+  end
+end
+"#
+    };
+}
 
 /// Enqueue a request's writes in one round trip.
 ///
-/// KEYS: `[idempotency, stream_1, bell_1, lease_1, .., stream_n, bell_n, lease_n]`.
+/// KEYS: `[idempotency, (stream, bell, lease, stats)*]`, one group per shard.
 /// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, channel, bell_ttl_ms, n,
 /// shard_1..shard_n, writes, (slot, payload)*]` where `slot` is 1-based in the
 /// shard list.
@@ -17,7 +43,7 @@
 /// write. A flag that has been set for more than half its TTL while no processor
 /// holds the shard's lease is a ring that was lost (the processor crashed before
 /// taking the lease, or the app restarted): it is rung again.
-pub const ENQUEUE: &str = r#"
+pub const ENQUEUE: &str = concat!(count_lua!(), r#"
 local use_idem = ARGV[1] == '1'
 if use_idem then
   local prev = redis.call('GET', KEYS[1])
@@ -39,23 +65,24 @@ for i = 1, writes do
   counts[slot] = (counts[slot] or 0) + 1
 end
 for s = 1, n do
-  if redis.call('XLEN', KEYS[3 * s - 1]) + (counts[s] or 0) > limit then return {'full', ARGV[7 + s]} end
+  if redis.call('XLEN', KEYS[4 * s - 2]) + (counts[s] or 0) > limit then return {'full', ARGV[7 + s]} end
 end
 local out = {'ok'}
 for i = 1, writes do
   local slot = tonumber(ARGV[base + 2 * i - 1])
-  local id = redis.call('XADD', KEYS[3 * slot - 1], '*', 'w', ARGV[base + 2 * i])
+  local id = redis.call('XADD', KEYS[4 * slot - 2], '*', 'w', ARGV[base + 2 * i])
   out[#out + 1] = ARGV[7 + slot] .. '-' .. id
 end
+for s = 1, n do count(KEYS[4 * s + 1], 'accepted', counts[s] or 0, true) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[6])
 for s = 1, n do
-  local bell = KEYS[3 * s]
+  local bell = KEYS[4 * s - 1]
   local ring = redis.call('SET', bell, now, 'NX', 'PX', ttl)
   if not ring then
     local at = tonumber(redis.call('GET', bell)) or 0
-    if now - at > ttl / 2 and redis.call('EXISTS', KEYS[3 * s + 1]) == 0 then
+    if now - at > ttl / 2 and redis.call('EXISTS', KEYS[4 * s]) == 0 then
       redis.call('SET', bell, now, 'PX', ttl)
       ring = true
     end
@@ -66,7 +93,7 @@ if use_idem then
   redis.call('SET', KEYS[1], ARGV[2] .. '|' .. table.concat(out, ',', 2), 'EX', ARGV[3])
 end
 return out
-"#;
+"#);
 
 /// Take a shard's lease. KEYS: `[lease, fence]`, ARGV: `[token, ttl_ms]`.
 /// Reply: the new fencing token (> 0), or 0 when someone else holds the lease.
@@ -163,9 +190,9 @@ return out
 /// its status key says `dead` (for the status retention), and a notice goes to
 /// `done` for waiting status reads.
 ///
-/// KEYS: `[stream, attempts, dead, dead_status_prefix, done]`.
+/// KEYS: `[stream, attempts, dead, dead_status_prefix, done, stats]`.
 /// ARGV: `[group, shard, retention_ms, (entry_id, payload)*]`.
-pub const DEAD_LETTER: &str = r#"
+pub const DEAD_LETTER: &str = concat!(count_lua!(), r#"
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local err = redis.call('HGET', KEYS[2], 'err:' .. id) or 'unknown error'
@@ -177,8 +204,9 @@ for i = 4, #ARGV, 2 do
   redis.call('XDEL', KEYS[1], id)
   redis.call('HDEL', KEYS[2], id, 'err:' .. id)
 end
+count(KEYS[6], 'dead', (#ARGV - 3) / 2, false)
 return (#ARGV - 3) / 2
-"#;
+"#);
 
 /// Shards with queued writes and no lease holder: work a processor may claim.
 /// KEYS: `[stream_1, lease_1, .., stream_n, lease_n]`, ARGV: `[shard_1..shard_n]`.
@@ -196,31 +224,36 @@ return out
 /// Acknowledge applied entries: XACK, XDEL (so XLEN is the queue depth), forget
 /// their attempts (many ids per command), and add one notice to the shard's capped
 /// `done` stream for status reads waiting on these writes.
-/// KEYS: `[stream, attempts, done]`, ARGV: `[group, entry_id*]`.
-pub const ACK: &str = r#"
+/// Counts the batch's new outcomes (`applied`, `rejected`) in the shard's stats.
+/// KEYS: `[stream, attempts, done, stats]`, ARGV: `[group, applied, rejected,
+/// entry_id*]`.
+pub const ACK: &str = concat!(count_lua!(), r#"
 local n = #ARGV
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'n', n - 1)
-for i = 2, n, 1000 do
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'n', n - 3)
+for i = 4, n, 1000 do
   local j = math.min(i + 999, n)
   redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, j))
   redis.call('XDEL', KEYS[1], unpack(ARGV, i, j))
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  for i = 2, n do
+  for i = 4, n do
     redis.call('HDEL', KEYS[2], ARGV[i], 'err:' .. ARGV[i])
   end
 end
-return n - 1
-"#;
+count(KEYS[4], 'applied', tonumber(ARGV[2]), true)
+count(KEYS[4], 'rejected', tonumber(ARGV[3]), false)
+return n - 3
+"#);
 
-/// Record why a batch failed, for the dead letter. KEYS: `[attempts]`,
-/// ARGV: `[error, entry_id*]`.
-pub const RECORD_ERROR: &str = r#"
+/// Record why a batch failed, for the dead letter, and count the deliveries to
+/// retry. KEYS: `[attempts, stats]`, ARGV: `[error, entry_id*]`.
+pub const RECORD_ERROR: &str = concat!(count_lua!(), r#"
 for i = 2, #ARGV do
   redis.call('HSET', KEYS[1], 'err:' .. ARGV[i], ARGV[1])
 end
+count(KEYS[2], 'retried', #ARGV - 1, false)
 return #ARGV - 1
-"#;
+"#);
 
 /// What a key's fill lock holds between fills when the database had no record:
 /// the negative cache entry (see [`FILL_BEGIN`]). Lock tokens are hex, so never this.
@@ -317,11 +350,11 @@ return n
 /// each old id's status `replayed:<new id>` (for the status retention) and ringing
 /// the doorbell.
 ///
-/// KEYS: `[dead, dead_status_prefix, stream, bell]`.
+/// KEYS: `[dead, dead_status_prefix, stream, bell, stats]`.
 /// ARGV: `[channel, bell_ttl_ms, shard, retention_ms, write_id*]` (no write ids: all
 /// of the shard).
 /// Reply: `(old write id, new write id)*`.
-pub const REPLAY: &str = r#"
+pub const REPLAY: &str = concat!(count_lua!(), r#"
 local wanted = {}
 local all = #ARGV < 5
 for i = 5, #ARGV do wanted[ARGV[i]] = true end
@@ -339,10 +372,57 @@ for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
     out[#out + 1] = new_id
   end
 end
+count(KEYS[5], 'replayed', #out / 2, false)
 if #out > 0 then
   local t = redis.call('TIME')
   redis.call('SET', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'PX', ARGV[2])
   redis.call('PUBLISH', ARGV[1], ARGV[3])
 end
+return out
+"#);
+
+/// Purge dead letters of one shard (the given write ids, or all): they leave the
+/// dead-letter stream and their status says `purged` (for the status retention).
+/// KEYS: `[dead, dead_status_prefix, stats]`.
+/// ARGV: `[shard, retention_ms, write_id*]` (no write ids: all of the shard).
+/// Reply: the purged write ids.
+pub const PURGE: &str = concat!(count_lua!(), r#"
+local wanted = {}
+local all = #ARGV < 3
+for i = 3, #ARGV do wanted[ARGV[i]] = true end
+local out = {}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  local f = {}
+  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+  if all or wanted[f['id']] then
+    local entry = string.sub(f['id'], string.len(ARGV[1]) + 2)
+    redis.call('SET', KEYS[2] .. entry, 'purged', 'PX', ARGV[2])
+    redis.call('XDEL', KEYS[1], e[1])
+    out[#out + 1] = f['id']
+  end
+end
+count(KEYS[3], 'purged', #out, false)
+return out
+"#);
+
+/// One shard's figures for the stats. KEYS: `[stream, lease, dead, stats]`,
+/// ARGV: `[group]`. Reply: `depth, unacknowledged, oldest entry id (or ''),
+/// dead letters, lease holder (or ''), lease ms left, now ms, (field, value)*` of
+/// the stats hash.
+pub const SHARD_STATS: &str = r#"
+local depth = redis.call('XLEN', KEYS[1])
+local unacked = 0
+if depth > 0 then
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
+  if ok then unacked = p[1] end
+end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+local oldest = ''
+if first then oldest = first[1] end
+local holder = redis.call('GET', KEYS[2]) or ''
+local t = redis.call('TIME')
+local out = {depth, unacked, oldest, redis.call('XLEN', KEYS[3]), holder, redis.call('PTTL', KEYS[2]),
+  tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for _, v in ipairs(redis.call('HGETALL', KEYS[4])) do out[#out + 1] = v end
 return out
 "#;

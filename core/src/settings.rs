@@ -27,6 +27,8 @@ pub struct Settings {
     /// `change_feed_secs`: how long one change-feed response streams before it
     /// ends (the client reconnects with `Last-Event-ID`).
     pub change_feed_secs: u64,
+    /// `stats_public`: `/v1/stats` and `/metrics` answer without the admin token.
+    pub stats_public: bool,
     /// `admin_token`; admin endpoints are disabled when empty.
     pub admin_token: Option<String>,
     /// Request limits.
@@ -75,6 +77,11 @@ impl Settings {
         if lease_ttl_ms == 0 {
             return Err(SettingsError { name: "lease_ttl_ms", reason: "must be at least 1".into() });
         }
+        let stats_public = match get("stats_public").as_deref().map(str::trim) {
+            None | Some("" | "false") => false,
+            Some("true") => true,
+            Some(v) => return Err(SettingsError { name: "stats_public", reason: format!("{v:?} is not true or false") }),
+        };
         let change_feed_secs = num(&get, "change_feed_secs", 25)?;
         if change_feed_secs == 0 {
             return Err(SettingsError { name: "change_feed_secs", reason: "must be at least 1".into() });
@@ -89,6 +96,7 @@ impl Settings {
             idempotency_ttl_secs: num(&get, "idempotency_ttl_secs", 86_400)?,
             status_retention_secs,
             change_feed_secs,
+            stats_public,
             admin_token: get("admin_token").filter(|t| !t.is_empty()),
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,

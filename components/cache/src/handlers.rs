@@ -279,9 +279,45 @@ pub(crate) async fn cached_or_filled(s: &Settings, key: &str) -> Result<Option<E
     let store = store().await?;
     let cache_key = s.layout.cache_key(key);
     if let Some(entry) = cached(&store, &cache_key).await? {
+        count_read(s, true).await;
         return Ok(Some(entry));
     }
+    count_read(s, false).await;
     Ok(fill(s, &store, &cache_key, key).await?.as_ref().map(Entry::from_json))
+}
+
+thread_local! {
+    /// This instance's cache hits and misses not yet added to Redis, and when they
+    /// last were (monotonic ms; none yet).
+    static READS: std::cell::Cell<(u64, u64, Option<u64>)> = const { std::cell::Cell::new((0, 0, None)) };
+}
+
+/// Counts a read for the stats. The counts go to Redis with an instance's first
+/// read and then at most once a second (a warm read makes no Redis call of its
+/// own), so they are approximate: an instance that retires takes up to its last
+/// second of counts with it.
+async fn count_read(s: &Settings, hit: bool) {
+    let (mut hits, mut misses, last) = READS.get();
+    if hit {
+        hits += 1;
+    } else {
+        misses += 1;
+    }
+    let now = spillway_spin::monotonic_ms();
+    if last.is_some_and(|last| now < last + 1000) {
+        READS.set((hits, misses, last));
+        return;
+    }
+    READS.set((0, 0, Some(now)));
+    let redis = Redis::new(&s.redis_address);
+    let key = s.layout.cache_stats();
+    for (field, n) in [("hits", hits), ("misses", misses)] {
+        if n > 0 && redis.execute("HINCRBY", vec![spillway_spin::bin(&key), spillway_spin::bin(field), spillway_spin::bin(&n.to_string())]).await.is_err() {
+            // Kept for the next flush.
+            let (h, m, t) = READS.get();
+            READS.set(if field == "hits" { (h + n, m, t) } else { (h, m + n, t) });
+        }
+    }
 }
 
 /// `?min_version=v`: the cache if it has v or newer (unless `consistent`), else the

@@ -150,6 +150,7 @@ async fn enqueue(
         keys.push(layout.stream(*s));
         keys.push(layout.bell(*s));
         keys.push(layout.lease(*s));
+        keys.push(layout.stats(*s));
     }
     let mut args = vec![
         if idem.is_some() { "1" } else { "0" }.to_owned(),

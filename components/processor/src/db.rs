@@ -26,6 +26,8 @@ pub(crate) struct Applied {
     pub(crate) dead: Vec<(u32, String, String)>,
     pub(crate) applied: u64,
     pub(crate) rejected: u64,
+    /// New outcomes per shard: `(applied, rejected)` (for the shard's stats).
+    pub(crate) per_shard: HashMap<u32, (u64, u64)>,
     /// Shards whose batch was refused because a newer lease holder has written
     /// (their entries are that holder's now).
     pub(crate) fenced: Vec<u32>,
@@ -37,6 +39,11 @@ impl Applied {
         self.dead.extend(other.dead);
         self.applied += other.applied;
         self.rejected += other.rejected;
+        for (shard, (a, r)) in other.per_shard {
+            let e = self.per_shard.entry(shard).or_default();
+            e.0 += a;
+            e.1 += r;
+        }
         self.fenced.extend(other.fenced);
     }
 }
@@ -54,6 +61,8 @@ pub(crate) struct Batch {
     pub(crate) over: HashSet<String>,
     /// Outcomes of this shard from before this stream time can be forgotten.
     pub(crate) prune_before_ms: i64,
+    /// How long reading it from Redis took (for the batch's log line).
+    pub(crate) read_ms: u64,
 }
 
 /// Applies the batches of several shards in ONE transaction (one commit, one disk
@@ -172,8 +181,15 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
 
     let (mut applied, mut rejected) = (0, 0);
     let mut outcomes: Vec<Json> = Vec::with_capacity(writes.len() + unreadable.len());
+    let mut per_shard: HashMap<u32, (u64, u64)> = HashMap::new();
     let mut row = |id: &String, key: &str, status: &str, version: Option<u64>, reason: Option<&str>, value: Option<String>, prev: Option<String>| {
         let (shard, ms) = entry_of.get(id).copied().unwrap_or((0, 0));
+        let counts = per_shard.entry(shard as u32).or_default();
+        if status == "applied" {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
         outcomes.push(json!([id, key, status, version, reason, now, shard, ms, value, prev]));
     };
     for (id, key, outcome) in &plan.outcomes {
@@ -222,5 +238,5 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
         db.query(sql::PRUNE_WRITES, params).await?;
     }
 
-    Ok(Applied { state: plan.records, dead, applied, rejected, fenced })
+    Ok(Applied { state: plan.records, dead, applied, rejected, per_shard, fenced })
 }

@@ -194,12 +194,19 @@ async fn finish_round(
     stats: &mut Stats,
 ) {
     let l = &s.layout;
+    let started = spillway_spin::monotonic_ms();
     let (applied, errors) = db::apply_round(db, batches).await;
+    let apply_ms = spillway_spin::monotonic_ms() - started;
+    for (shard, p) in &errors {
+        if let Some(b) = batches.iter().find(|b| b.shard == *shard) {
+            log_failure(b, "apply", &p.detail);
+        }
+    }
     for (shard, p) in errors {
         let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
         let mut args = vec![p.detail.clone()];
         args.extend(ids);
-        let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(shard)], &args).await;
+        let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await;
         drop_held(s, redis, held, shard, true).await;
         failed.insert(shard);
         failures.push((Some(shard), p));
@@ -207,7 +214,9 @@ async fn finish_round(
     // Fenced: a newer holder has written; these entries are its now.
     held.retain(|h| !applied.fenced.contains(&h.shard));
     let owners: Vec<&Held> = held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard)).collect();
+    let refresh_started = spillway_spin::monotonic_ms();
     let refreshed = refresh_cache(s, redis, &applied.state, &owners).await;
+    let cache_ms = spillway_spin::monotonic_ms() - refresh_started;
     let done: Vec<&Batch> = batches.iter().filter(|b| owners.iter().any(|h| h.shard == b.shard)).collect();
     let lost = match refreshed {
         Ok(lost) => lost,
@@ -215,9 +224,10 @@ async fn finish_round(
             // Committed, not acknowledged: redelivered later, found applied, and
             // refreshed then.
             for b in &done {
+                log_failure(b, "cache", &p.detail);
                 let mut args = vec![p.detail.clone()];
                 args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-                let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(b.shard)], &args).await;
+                let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(b.shard), l.stats(b.shard)], &args).await;
                 drop_held(s, redis, held, b.shard, true).await;
                 failed.insert(b.shard);
                 failures.push((Some(b.shard), p.clone()));
@@ -239,8 +249,9 @@ async fn finish_round(
             args.push(payload.clone());
         }
         if args.len() > 3 {
-            let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard)];
+            let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard), l.stats(b.shard)];
             if let Err(p) = redis.eval(scripts::DEAD_LETTER, &keys, &args).await {
+                log_failure(b, "dead-letter", &p.detail);
                 // Not acknowledged either (that would drop them): redelivered later.
                 undead.insert(b.shard);
                 failures.push((Some(b.shard), p));
@@ -253,11 +264,25 @@ async fn finish_round(
     }
     let done: Vec<&Batch> = done.into_iter().filter(|b| !undead.contains(&b.shard)).collect();
     let acks = done.iter().map(|b| {
-        let mut args = vec![GROUP.to_owned()];
+        let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
+        let mut args = vec![GROUP.to_owned(), new_applied.to_string(), new_rejected.to_string()];
         args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-        async move { (b.shard, redis.eval(scripts::ACK, &[l.stream(b.shard), l.attempts(b.shard), l.done(b.shard)], &args).await) }
+        let keys = [l.stream(b.shard), l.attempts(b.shard), l.done(b.shard), l.stats(b.shard)];
+        async move {
+            let started = spillway_spin::monotonic_ms();
+            let r = redis.eval(scripts::ACK, &keys, &args).await;
+            (b, r, spillway_spin::monotonic_ms() - started)
+        }
     });
-    for (shard, r) in futures::future::join_all(acks).await {
+    for (b, r, ack_ms) in futures::future::join_all(acks).await {
+        let shard = b.shard;
+        match &r {
+            Ok(_) => {
+                let (new_applied, new_rejected) = applied.per_shard.get(&shard).copied().unwrap_or_default();
+                log_batch(b, new_applied, new_rejected, [b.read_ms, apply_ms, cache_ms, ack_ms]);
+            }
+            Err(p) => log_failure(b, "ack", &p.detail),
+        }
         if let Err(p) = r {
             // Applied but still pending: this tenure reads only new entries, so
             // let the watch's retry start a tenure that resumes them.
@@ -269,6 +294,32 @@ async fn finish_round(
     stats.applied += applied.applied;
     stats.rejected += applied.rejected;
     stats.batches += done.len() as u64;
+}
+
+/// One JSON line on stderr (where Spin collects a component's logs) per applied
+/// batch: shard, fencing token, writes, new outcomes, first and last write id, and
+/// how long each step took (the apply and cache steps are the round's, shared by
+/// the shards in it).
+fn log_batch(b: &Batch, applied: u64, rejected: u64, [read_ms, apply_ms, cache_ms, ack_ms]: [u64; 4]) {
+    let line = serde_json::json!({
+        "event": "batch", "shard": b.shard, "fence": b.fence, "writes": b.entries.len(),
+        "applied": applied, "rejected": rejected,
+        "first": b.entries.first().map(|(id, _)| format!("{}-{id}", b.shard)),
+        "last": b.entries.last().map(|(id, _)| format!("{}-{id}", b.shard)),
+        "ms": {"read": read_ms, "apply": apply_ms, "cache": cache_ms, "ack": ack_ms},
+    });
+    eprintln!("{line}");
+}
+
+/// One JSON line on stderr per failed batch: which step failed and why.
+fn log_failure(b: &Batch, step: &str, error: &str) {
+    let line = serde_json::json!({
+        "event": "batch_failed", "shard": b.shard, "fence": b.fence, "writes": b.entries.len(), "step": step,
+        "first": b.entries.first().map(|(id, _)| format!("{}-{id}", b.shard)),
+        "last": b.entries.last().map(|(id, _)| format!("{}-{id}", b.shard)),
+        "error": error,
+    });
+    eprintln!("{line}");
 }
 
 /// Shards with queued writes and no lease holder.
@@ -308,6 +359,7 @@ async fn drop_held(s: &Settings, redis: &Redis, held: &mut Vec<Held>, shard: u32
 /// The next batch of a held shard (renewing its lease).
 async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Problem> {
     let l = &s.layout;
+    let started = spillway_spin::monotonic_ms();
     let shard = h.shard;
     let reply = redis
         .eval(
@@ -339,7 +391,8 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
         }
         entries.push((id, payload));
     }
-    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, over, prune_before_ms }, resume))
+    let read_ms = spillway_spin::monotonic_ms() - started;
+    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, over, prune_before_ms, read_ms }, resume))
 }
 
 /// Writes the records' new state to the cache under each key's single-flight fill

@@ -1,4 +1,5 @@
-//! Entry points: the doorbell message and `POST /v1/drain`.
+//! Entry points: the doorbell message, `POST /v1/drain`, the dead letters, and
+//! the operator's views (`/v1/stats`, `/metrics`, in [`ops`]).
 
 use serde_json::json;
 use spillway_core::layout::WriteId;
@@ -11,6 +12,7 @@ use spillway_spin::{Redis, authorize, bin, json, problem, text};
 use spin_sdk::http::Request;
 
 use crate::drain::{self, Scope, Stats};
+use crate::ops;
 
 /// A message on either subscribed channel: the doorbell (a shard number) or Redis's
 /// expired-key events (a key name). An expired lease or doorbell flag means a
@@ -46,8 +48,8 @@ pub(crate) async fn on_message(message: &[u8]) -> anyhow::Result<()> {
 pub(crate) async fn handle(req: Request) -> http::Response<String> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let allow = match path.as_str() {
-        "/v1/drain" | "/v1/dead/replay" => "POST",
-        "/v1/dead" => "GET",
+        "/v1/drain" | "/v1/dead/replay" | "/v1/dead/purge" => "POST",
+        "/v1/dead" | "/v1/stats" | "/metrics" => "GET",
         _ => return problem(&Problem::not_found(&format!("no resource at {path}"))),
     };
     if !allow.split(", ").any(|m| m == req.method().as_str()) {
@@ -57,12 +59,20 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
         Ok(s) => s,
         Err(p) => return problem(&p),
     };
-    if let Err(p) = authorize(req.headers(), settings.admin_token.as_deref()) {
+    // Stats and metrics are admin endpoints unless `stats_public` opens them.
+    let public = settings.stats_public && matches!(path.as_str(), "/v1/stats" | "/metrics");
+    if !public && let Err(p) = authorize(req.headers(), settings.admin_token.as_deref()) {
         return problem(&p);
     }
     let result = match path.as_str() {
         "/v1/drain" => drain_endpoint(&settings, req.uri().query()).await,
         "/v1/dead" => dead_letters(&settings).await,
+        "/v1/stats" => ops::stats(&settings).await,
+        "/metrics" => ops::metrics(&settings).await,
+        "/v1/dead/purge" => match spillway_spin::read_body(req, settings.limits.max_body_bytes).await {
+            Ok(body) => ops::purge(&settings, &body).await,
+            Err(p) => Err(p),
+        },
         _ => replay(&settings, req).await,
     };
     result.unwrap_or_else(|p| problem(&p))
@@ -183,7 +193,7 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
         let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
         let mut args = vec![l.doorbell_channel(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
         args.extend(todo.into_iter().map(|(_, id)| id));
-        let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard)], &args).await?;
+        let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], &args).await?;
         for pair in flat.chunks(2) {
             if let [old, new] = pair {
                 replayed.push(json!({"id": text(old), "replayed_as": text(new)}));

@@ -13,6 +13,7 @@
 mod db;
 mod drain;
 mod handlers;
+mod ops;
 
 use bytes::Bytes;
 use spin_sdk::http::{IntoResponse, Request};

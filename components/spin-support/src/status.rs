@@ -125,6 +125,9 @@ pub async fn status(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
         if let Some(new_id) = err.strip_prefix("replayed:") {
             return Ok(json!({"id": sid, "status": "replayed", "replayed_as": new_id}));
         }
+        if err == "purged" {
+            return Ok(json!({"id": sid, "status": "purged"}));
+        }
         return Ok(json!({"id": sid, "status": "dead", "reason": err}));
     }
     if in_stream().await? {

@@ -31,6 +31,8 @@ mod selfheal;
 mod reads;
 /// Many records at once, negative caching, change feeds (SSE).
 mod feeds;
+/// Stats, metrics, dead-letter purge, JSON log lines.
+mod ops;
 /// `spin:redis`: commands, reply flattening, `allowed_outbound_hosts`.
 mod redis_outbound;
 /// The Redis trigger: delivery in order, failures do not stop it.

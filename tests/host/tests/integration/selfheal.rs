@@ -155,7 +155,7 @@ async fn outcomes_are_pruned_after_the_retention() {
     let st = s.settled(&last).await;
     assert_eq!(st["status"], "applied", "the newest outcomes are kept: {st}");
     // Redis holds nothing that grows with the number of writes: once the queue is
-    // empty, every key without a TTL is a shard's stream (empty), fencing counter,
+    // empty, every key without a TTL is a shard's stream (empty), fencing counter, stats hash,
     // dead-letter stream or capped notice stream; the rest (leases, watches, fill
     // locks, ...) expire.
     let mut c = s.redis.conn();
@@ -173,11 +173,18 @@ async fn outcomes_are_pruned_after_the_retention() {
     for k in &keys {
         let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut c).unwrap();
         if ttl == -1 {
-            assert!(k.ends_with(":stream") || k.ends_with(":fence") || k.ends_with(":dead") || k.ends_with(":done"), "{k} has no TTL");
+            assert!(
+                [":stream", ":fence", ":dead", ":done", ":stats", "cache-stats"].iter().any(|end| k.ends_with(end)),
+                "{k} has no TTL"
+            );
+            if k.ends_with(":stats") {
+                let fields: usize = redis::cmd("HLEN").arg(k).query(&mut c).unwrap();
+                assert!(fields <= 40, "{k}: the counters keep only the last minute's buckets ({fields} fields)");
+            }
             lasting += 1;
         }
     }
-    assert!(lasting <= 16 * 4, "{lasting} keys without a TTL");
+    assert!(lasting <= 16 * 5 + 1, "{lasting} keys without a TTL");
     let notices: usize = (0..16).map(|i| redis::cmd("XLEN").arg(format!("spillway:{{s{i}}}:done")).query::<usize>(&mut c).unwrap()).max().unwrap_or(0);
     assert!(notices < 1000, "the outcome notices are capped ({notices})");
 }

@@ -1,0 +1,161 @@
+//! Seeing and running it: stats, Prometheus metrics, dead-letter purge, and the
+//! processor's JSON log lines, after a workload whose counts are known.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::spillway::{ADMIN, FAILING_RECORDS, Spillway};
+
+/// A metric's value summed over its samples (every shard).
+fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// After a known workload (28 accepted: 21 applied, 5 rejected, 3 dead after 3
+/// failed deliveries, of which 1 replayed and 1 purged) the stats and the metrics
+/// carry exactly those numbers; the metrics text is read by a Prometheus parser;
+/// the processor logged one JSON line per batch and per failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_and_metrics_carry_the_workload() {
+    let s = Spillway::start(&[("max_attempts", "1")], false).await;
+    let auth = format!("Bearer {ADMIN}");
+    let admin = [("authorization", auth.as_str())];
+    // Three writes that cannot be applied (the database refuses every record):
+    // one failed delivery each, then dead letters.
+    s.db().execute_batch(FAILING_RECORDS).unwrap();
+    let mut doomed = Vec::new();
+    for i in 0..3 {
+        let (_, v) = s.write(json!({"key": format!("doomed{i}"), "op": "put", "value": i})).await;
+        doomed.push(v["id"].as_str().unwrap().to_owned());
+    }
+    s.call("POST", "/v1/drain", None, &admin).await;
+    s.call("POST", "/v1/drain", None, &admin).await;
+    s.db().execute_batch("DROP TABLE spillway_records").unwrap();
+    // 20 increments and 5 decrements past their minimum.
+    for i in 0..20 {
+        s.write(json!({"key": format!("k{}", i % 4), "op": "incr", "field": "n"})).await;
+    }
+    for _ in 0..5 {
+        s.write(json!({"key": "k0", "op": "incr", "field": "n", "by": -100, "min": 0})).await;
+    }
+    let (_, _, out) = s.call("POST", "/v1/drain", None, &admin).await;
+    assert_eq!((out["applied"].as_u64(), out["rejected"].as_u64()), (Some(20), Some(5)), "{out}");
+    // One dead letter replayed (and applied), one purged.
+    let (code, _, out) = s.call("POST", "/v1/dead/replay", Some(json!({"ids": [doomed[0]]})), &admin).await;
+    assert_eq!(code, 200, "{out}");
+    s.call("POST", "/v1/drain", None, &admin).await;
+    let (code, _, out) = s.call("POST", "/v1/dead/purge", Some(json!({"ids": [doomed[1]]})), &admin).await;
+    assert_eq!((code, out.clone()), (200, json!({"purged": [doomed[1]]})));
+    let (_, _, st) = s.call("GET", &format!("/v1/writes/{}", doomed[1]), None, &[]).await;
+    assert_eq!(st["status"], "purged", "{st}");
+
+    let (code, _, stats) = s.call("GET", "/v1/stats", None, &admin).await;
+    assert_eq!(code, 200, "{stats}");
+    let t = &stats["totals"];
+    let got: Vec<u64> = ["accepted", "applied", "rejected", "dead", "retried", "replayed", "purged", "depth", "dead_letters"]
+        .iter()
+        .map(|k| t[*k].as_u64().unwrap_or(u64::MAX))
+        .collect();
+    assert_eq!(got, vec![28, 21, 5, 3, 3, 1, 1, 0, 1], "{t}");
+    let shards = stats["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 16);
+    assert_eq!(shards.iter().map(|sh| sh["applied"].as_u64().unwrap()).sum::<u64>(), 21, "the shards add up");
+    let tp = &stats["throughput"];
+    assert_eq!((tp["accepted_per_sec"].as_f64(), tp["applied_per_sec"].as_f64()), (Some(28.0 / 60.0), Some(21.0 / 60.0)), "{tp}");
+
+    let res = s.app.handle(
+        http::Request::get("http://127.0.0.1:3000/metrics").header("authorization", &auth).body(bytes::Bytes::new()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    let text = String::from_utf8(res.body().to_vec()).unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let sums: HashMap<&str, f64> = [
+        "spillway_writes_accepted_total",
+        "spillway_writes_applied_total",
+        "spillway_writes_rejected_total",
+        "spillway_writes_dead_total",
+        "spillway_writes_retried_total",
+        "spillway_writes_replayed_total",
+        "spillway_writes_purged_total",
+        "spillway_queue_depth",
+        "spillway_dead_letters",
+    ]
+    .into_iter()
+    .map(|m| (m, metric_sum(&scrape, m)))
+    .collect();
+    assert_eq!(
+        sums,
+        HashMap::from([
+            ("spillway_writes_accepted_total", 28.0),
+            ("spillway_writes_applied_total", 21.0),
+            ("spillway_writes_rejected_total", 5.0),
+            ("spillway_writes_dead_total", 3.0),
+            ("spillway_writes_retried_total", 3.0),
+            ("spillway_writes_replayed_total", 1.0),
+            ("spillway_writes_purged_total", 1.0),
+            ("spillway_queue_depth", 0.0),
+            ("spillway_dead_letters", 1.0),
+        ]),
+        "{text}"
+    );
+    assert_eq!(scrape.samples.iter().filter(|x| x.metric == "spillway_queue_depth").count(), 16, "one per shard");
+    assert!(scrape.samples.iter().any(|x| x.labels.get("shard") == Some("15")), "a shard label");
+
+    // One JSON line per applied batch and per failure.
+    let lines: Vec<Value> = s.app.guest_output().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v.get("event").is_some()).collect();
+    let applied: u64 = lines.iter().filter(|l| l["event"] == "batch").map(|l| l["applied"].as_u64().unwrap()).sum();
+    assert_eq!(applied, 21, "{lines:?}");
+    let batch = lines.iter().find(|l| l["event"] == "batch").unwrap();
+    for field in ["shard", "fence", "writes", "first", "last"] {
+        assert!(!batch[field].is_null(), "{field} in {batch}");
+    }
+    assert!(["read", "apply", "cache", "ack"].iter().all(|k| batch["ms"][*k].is_u64()), "{batch}");
+    let failed: Vec<&Value> = lines.iter().filter(|l| l["event"] == "batch_failed").collect();
+    assert!(failed.iter().any(|l| l["step"] == "apply" && l["error"].as_str().unwrap().contains("CHECK")), "{failed:?}");
+}
+
+/// Stats and metrics need the admin token unless `stats_public` is true; cache
+/// hits and misses are counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_access_and_cache_counts() {
+    let s = Spillway::start(&[], false).await;
+    for path in ["/v1/stats", "/metrics"] {
+        let (code, _, p) = s.call("GET", path, None, &[]).await;
+        assert_eq!(code, 401, "{path}: {p}");
+    }
+    let open = Spillway::start(&[("stats_public", "true")], false).await;
+    let (_, v) = open.write(json!({"key": "c", "op": "put", "value": 1})).await;
+    open.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    assert_eq!(open.settled(v["id"].as_str().unwrap()).await["status"], "applied");
+    // A miss, then hits: an instance's first read is counted at once, the rest
+    // within a second (while the instance lives).
+    open.call("GET", "/v1/records/nope", None, &[]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        open.call("GET", "/v1/records/c", None, &[]).await;
+        let (code, _, stats) = open.call("GET", "/v1/stats", None, &[]).await;
+        assert_eq!(code, 200, "public: {stats}");
+        if stats["cache"]["hits"].as_u64().unwrap() >= 1 {
+            break stats;
+        }
+        assert!(std::time::Instant::now() < deadline, "hits never counted: {stats}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(stats["cache"]["misses"].as_u64().unwrap() >= 1, "{stats}");
+    let (code, _, p) = open.call("POST", "/v1/dead/purge", None, &[]).await;
+    assert_eq!(code, 401, "purging still needs the token: {p}");
+    let (code, _, p) = s.call("POST", "/v1/dead/purge", Some(json!({"shard": 99})), &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    assert_eq!((code, p["field"].as_str()), (422, Some("/shard")), "{p}");
+}
