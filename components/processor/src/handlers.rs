@@ -49,11 +49,14 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let allow = match path.as_str() {
         "/v1/drain" | "/v1/dead/replay" | "/v1/dead/purge" => "POST",
-        "/v1/dead" | "/v1/stats" | "/metrics" => "GET",
+        "/v1/dead" | "/v1/stats" | "/metrics" | "/dashboard" => "GET",
         _ => return problem(&Problem::not_found(&format!("no resource at {path}"))),
     };
     if !allow.split(", ").any(|m| m == req.method().as_str()) {
         return spillway_spin::method_not_allowed(allow);
+    }
+    if path == "/dashboard" {
+        return ops::dashboard();
     }
     let settings = match spillway_spin::settings().await {
         Ok(s) => s,

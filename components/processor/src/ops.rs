@@ -1,5 +1,5 @@
 //! Seeing and running it: `GET /v1/stats` (JSON), `GET /metrics` (Prometheus /
-//! OpenMetrics text) and `POST /v1/dead/purge`.
+//! OpenMetrics text), the `GET /dashboard` page and `POST /v1/dead/purge`.
 //!
 //! Every figure comes from Redis: per shard, one script call reads the queue
 //! (depth, delivered but unacknowledged, oldest entry), the dead letters, the lease
@@ -202,6 +202,18 @@ pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Prob
     let mut out = String::new();
     encode(&mut out, &registry).map_err(|e| Problem::unavailable(&format!("metrics encoding: {e}")))?;
     Ok(respond(200, "application/openmetrics-text; version=1.0.0; charset=utf-8", out, &[("cache-control", "no-store".into())]))
+}
+
+/// The dashboard page: charts drawn by its own script from `/v1/stats`, polled
+/// every second; nothing is loaded from anywhere else (the CSP forbids it). The page
+/// holds no data, so it is served without the token; the stats it reads need it
+/// (given as `#token=...`, which the browser does not send) unless `stats_public`.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// `GET /dashboard`.
+pub(crate) fn dashboard() -> http::Response<String> {
+    let csp = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'";
+    respond(200, "text/html; charset=utf-8", DASHBOARD.to_owned(), &[("content-security-policy", csp.into()), ("cache-control", "no-cache".into())])
 }
 
 /// `POST /v1/dead/purge`: `{"ids": [...]}`, `{"shard": n}`, or an empty body

@@ -159,3 +159,56 @@ async fn stats_access_and_cache_counts() {
     let (code, _, p) = s.call("POST", "/v1/dead/purge", Some(json!({"shard": 99})), &[("authorization", &format!("Bearer {ADMIN}"))]).await;
     assert_eq!((code, p["field"].as_str()), (422, Some("/shard")), "{p}");
 }
+
+/// The dashboard in a real browser (headless Chromium, `tests/browser/dashboard.sh`)
+/// during a load run: its charts are drawn from `/v1/stats` with non-zero data;
+/// the screenshot is left in `target/dashboard.png`. The page loads nothing from
+/// elsewhere (its CSP forbids it).
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_shows_live_charts() {
+    let s = std::sync::Arc::new(Spillway::start(&[], true).await);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(s.app.clone().serve(listener));
+    let (code, headers, _) = s.call("GET", "/dashboard", None, &[]).await;
+    assert_eq!(code, 200);
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"), "{csp}");
+
+    // Load while the browser watches: batches of increments, without pause.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (s, stop) = (s.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                s.write(crate::spillway::batch_of_incr(i, 100, 50)).await;
+                i += 100;
+            }
+        })
+    };
+    let shot = crate::support::workspace().join("target/dashboard.png");
+    let script = crate::support::workspace().join("tests/browser/dashboard.sh");
+    let url = format!("http://{addr}/dashboard#token={ADMIN}");
+    let out = tokio::process::Command::new("bash").arg(&script).arg(&url).arg(&shot).output().await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap();
+    server.abort();
+    assert!(out.status.success(), "the browser script failed: {}", String::from_utf8_lossy(&out.stderr));
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Each chart's <svg> carries how many points it drew and their largest value.
+    let attr = |id: &str, name: &str| -> f64 {
+        let start = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no chart {id} in:\n{dom}"));
+        let tag = &dom[start..start + dom[start..].find('>').unwrap()];
+        let at = tag.find(&format!("{name}=\"")).unwrap_or_else(|| panic!("no {name} in {tag}")) + name.len() + 2;
+        tag[at..at + tag[at..].find('"').unwrap()].parse().unwrap()
+    };
+    for chart in ["depth", "throughput", "lag"] {
+        assert!(attr(chart, "data-points") >= 2.0, "{chart} drew {} points", attr(chart, "data-points"));
+    }
+    assert!(attr("throughput", "data-max") > 0.0, "the throughput chart shows traffic");
+    assert!(dom.contains("<polyline"), "lines are drawn");
+    assert!(!dom.contains("class=\"error\""), "the page reports no error:\n{dom}");
+    let png = std::fs::read(&shot).expect("the screenshot is left behind");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot ({} bytes)", png.len());
+}
