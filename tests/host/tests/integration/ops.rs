@@ -212,3 +212,47 @@ async fn dashboard_shows_live_charts() {
     let png = std::fs::read(&shot).expect("the screenshot is left behind");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot ({} bytes)", png.len());
 }
+
+/// Dead letters: a replay puts a key's writes back in the order they were first
+/// accepted, whatever order the ids are given in; purge takes one, a shard's, or all.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_replay_in_order_and_purge() {
+    let s = Spillway::start(&[("max_attempts", "1")], false).await;
+    let auth = format!("Bearer {ADMIN}");
+    let admin = [("authorization", auth.as_str())];
+    s.db().execute_batch(FAILING_RECORDS).unwrap();
+    let mut ids = Vec::new();
+    for item in ["a", "b", "c"] {
+        let (_, v) = s.write(json!({"key": "list", "op": "append", "field": "l", "value": item})).await;
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    // Two more dead letters elsewhere, for the purges.
+    let mut others = Vec::new();
+    for k in ["x", "y"] {
+        let (_, v) = s.write(json!({"key": k, "op": "put", "value": 1})).await;
+        others.push(v["id"].as_str().unwrap().to_owned());
+    }
+    s.call("POST", "/v1/drain", None, &admin).await;
+    s.call("POST", "/v1/drain", None, &admin).await;
+    let (_, _, dead) = s.call("GET", "/v1/dead", None, &admin).await;
+    assert_eq!(dead["dead"].as_array().unwrap().len(), 5, "{dead}");
+    s.db().execute_batch("DROP TABLE spillway_records").unwrap();
+
+    let reversed: Vec<&String> = ids.iter().rev().collect();
+    let (code, _, out) = s.call("POST", "/v1/dead/replay", Some(json!({"ids": reversed})), &admin).await;
+    assert_eq!(code, 200, "{out}");
+    s.call("POST", "/v1/drain", None, &admin).await;
+    let (_, _, v) = s.call("GET", "/v1/records/list", None, &[]).await;
+    assert_eq!(v["value"]["l"], json!(["a", "b", "c"]), "replayed in the order first accepted: {v}");
+
+    let shard: u32 = others[0].split('-').next().unwrap().parse().unwrap();
+    let (_, _, out) = s.call("POST", "/v1/dead/purge", Some(json!({"shard": shard})), &admin).await;
+    assert!(out["purged"].as_array().unwrap().contains(&json!(others[0])), "{out}");
+    let (_, _, out) = s.call("POST", "/v1/dead/purge", None, &admin).await;
+    let (_, _, dead) = s.call("GET", "/v1/dead", None, &admin).await;
+    assert_eq!(dead["dead"], json!([]), "purged all: {out}");
+    for id in &others {
+        let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
+        assert_eq!(st["status"], "purged", "{st}");
+    }
+}
