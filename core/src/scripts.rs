@@ -426,3 +426,10 @@ local out = {depth, unacked, oldest, redis.call('XLEN', KEYS[3]), holder, redis.
 for _, v in ipairs(redis.call('HGETALL', KEYS[4])) do out[#out + 1] = v end
 return out
 "#;
+
+/// Add a cache instance's counts: KEYS `[cache_stats]`, ARGV `[hits, misses]`.
+pub const CACHE_COUNT: &str = r#"
+if tonumber(ARGV[1]) > 0 then redis.call('HINCRBY', KEYS[1], 'hits', ARGV[1]) end
+if tonumber(ARGV[2]) > 0 then redis.call('HINCRBY', KEYS[1], 'misses', ARGV[2]) end
+return 1
+"#;

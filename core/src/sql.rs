@@ -117,8 +117,9 @@ pub const FENCE: &str = "INSERT INTO spillway_fences (shard, token) VALUES (?1, 
   ON CONFLICT(shard) DO UPDATE SET token = excluded.token WHERE excluded.token >= spillway_fences.token
   RETURNING token";
 
-/// Write ids already recorded, among the JSON array of ids `?1`.
-pub const APPLIED_IDS: &str = "SELECT id FROM spillway_writes WHERE id IN (SELECT value FROM json_each(?1))";
+/// Write ids already recorded, among the JSON array of ids `?1`, with their
+/// status: `id, status`.
+pub const APPLIED_IDS: &str = "SELECT id, status FROM spillway_writes WHERE id IN (SELECT value FROM json_each(?1))";
 
 /// Stored state of the JSON array of keys `?1`, tombstones included: `key, value,
 /// version, etag, updated_at, deleted, head` (a tombstone's value is `null`;

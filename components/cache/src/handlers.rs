@@ -292,10 +292,10 @@ thread_local! {
     static READS: std::cell::Cell<(u64, u64, Option<u64>)> = const { std::cell::Cell::new((0, 0, None)) };
 }
 
-/// Counts a read for the stats. The counts go to Redis with an instance's first
-/// read and then at most once a second (a warm read makes no Redis call of its
-/// own), so they are approximate: an instance that retires takes up to its last
-/// second of counts with it.
+/// Counts a read for the stats (a miss includes a key known to be absent). The
+/// counts go to Redis with an instance's first read and then at most once a
+/// second, from a task of their own, so no read waits for it; they are
+/// approximate: an instance that retires takes up to its last second of counts.
 async fn count_read(s: &Settings, hit: bool) {
     let (mut hits, mut misses, last) = READS.get();
     if hit {
@@ -309,15 +309,15 @@ async fn count_read(s: &Settings, hit: bool) {
         return;
     }
     READS.set((0, 0, Some(now)));
-    let redis = Redis::new(&s.redis_address);
-    let key = s.layout.cache_stats();
-    for (field, n) in [("hits", hits), ("misses", misses)] {
-        if n > 0 && redis.execute("HINCRBY", vec![spillway_spin::bin(&key), spillway_spin::bin(field), spillway_spin::bin(&n.to_string())]).await.is_err() {
+    let (address, key) = (s.redis_address.clone(), s.layout.cache_stats());
+    spin_sdk::wasip3::spawn(async move {
+        let counted = Redis::new(&address).eval(scripts::CACHE_COUNT, &[key], &[hits.to_string(), misses.to_string()]).await;
+        if counted.is_err() {
             // Kept for the next flush.
             let (h, m, t) = READS.get();
-            READS.set(if field == "hits" { (h + n, m, t) } else { (h, m + n, t) });
+            READS.set((h + hits, m + misses, t));
         }
-    }
+    });
 }
 
 /// `?min_version=v`: the cache if it has v or newer (unless `consistent`), else the

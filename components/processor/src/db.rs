@@ -26,7 +26,8 @@ pub(crate) struct Applied {
     pub(crate) dead: Vec<(u32, String, String)>,
     pub(crate) applied: u64,
     pub(crate) rejected: u64,
-    /// New outcomes per shard: `(applied, rejected)` (for the shard's stats).
+    /// Outcomes per shard, `(applied, rejected)`, to count when the shard's batch
+    /// is acknowledged: this delivery's, and those an earlier delivery recorded.
     pub(crate) per_shard: HashMap<u32, (u64, u64)>,
     /// Shards whose batch was refused because a newer lease holder has written
     /// (their entries are that holder's now).
@@ -142,9 +143,21 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     }
     let ids: Vec<&String> = writes.iter().map(|(id, _)| id).chain(unreadable.iter().map(|(id, _)| id)).collect();
     let mut already = HashSet::new();
+    // Outcomes an earlier delivery recorded, by status: counted when this batch is
+    // acknowledged (that delivery's acknowledgement did not happen, or the entries
+    // would not be here), so each write is counted once.
+    let mut recorded: HashMap<u32, (u64, u64)> = HashMap::new();
     if !ids.is_empty() {
         for row in db.query(sql::APPLIED_IDS, vec![json_param(&ids)]).await? {
-            already.extend(row.first().and_then(text));
+            let Some(id) = row.first().and_then(text) else { continue };
+            let shard = entry_of.get(&id).map_or(0, |(shard, _)| *shard as u32);
+            let counts = recorded.entry(shard).or_default();
+            if row.get(1).and_then(text).as_deref() == Some("applied") {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
+            already.insert(id);
         }
     }
     // Past the attempt limit and not in the database: left out, to be
@@ -181,7 +194,7 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
 
     let (mut applied, mut rejected) = (0, 0);
     let mut outcomes: Vec<Json> = Vec::with_capacity(writes.len() + unreadable.len());
-    let mut per_shard: HashMap<u32, (u64, u64)> = HashMap::new();
+    let mut per_shard = recorded;
     let mut row = |id: &String, key: &str, status: &str, version: Option<u64>, reason: Option<&str>, value: Option<String>, prev: Option<String>| {
         let (shard, ms) = entry_of.get(id).copied().unwrap_or((0, 0));
         let counts = per_shard.entry(shard as u32).or_default();

@@ -24,8 +24,8 @@ use spillway_spin::{Redis, bin, int, json, respond, text};
 
 /// The outcome counters, in the order they are reported.
 const COUNTERS: [&str; 7] = ["accepted", "applied", "rejected", "dead", "retried", "replayed", "purged"];
-/// The throughput window: six 10-second buckets.
-const WINDOW_SECS: u64 = 60;
+/// The throughput window: the current 10-second bucket and the five before it.
+const WINDOW_BUCKETS: u64 = 6;
 
 /// One shard's figures.
 struct Shard {
@@ -38,8 +38,10 @@ struct Shard {
     holder: Option<String>,
     lease_ms_left: Option<i64>,
     counters: HashMap<String, u64>,
-    /// Accepted and applied over the last minute.
+    /// Accepted and applied over the window.
     window: HashMap<String, u64>,
+    /// Seconds the window covers (50 to 60: its newest bucket is under way).
+    window_secs: f64,
 }
 
 struct Snapshot {
@@ -71,8 +73,7 @@ async fn shard(s: &Settings, redis: &Redis, shard: u32) -> Result<Shard, Problem
                 counters.insert(field, v);
             }
             Some((name, bucket)) => {
-                // The current bucket and the five before it: the last minute.
-                if bucket.parse::<u64>().is_ok_and(|b| b + WINDOW_SECS / 10 > bucket_now) {
+                if bucket.parse::<u64>().is_ok_and(|b| b + WINDOW_BUCKETS > bucket_now) {
                     *window.entry(name.to_owned()).or_default() += v;
                 }
             }
@@ -88,6 +89,7 @@ async fn shard(s: &Settings, redis: &Redis, shard: u32) -> Result<Shard, Problem
         holder,
         counters,
         window,
+        window_secs: ((WINDOW_BUCKETS - 1) * 10_000 + now_ms % 10_000) as f64 / 1000.0,
     })
 }
 
@@ -110,6 +112,7 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
     let mut totals: serde_json::Map<String, Json> = COUNTERS.iter().map(|c| ((*c).to_owned(), json!(0))).collect();
     let (mut depth, mut unacked, mut dead_letters, mut oldest) = (0, 0, 0, None::<u64>);
     let (mut accepted_window, mut applied_window) = (0, 0);
+    let window_secs = snap.shards.first().map_or(60.0, |sh| sh.window_secs);
     let shards: Vec<Json> = snap
         .shards
         .iter()
@@ -144,9 +147,9 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
         "shards": shards,
         "totals": totals,
         "throughput": {
-            "window_secs": WINDOW_SECS,
-            "accepted_per_sec": accepted_window as f64 / WINDOW_SECS as f64,
-            "applied_per_sec": applied_window as f64 / WINDOW_SECS as f64,
+            "window_secs": window_secs,
+            "accepted_per_sec": accepted_window as f64 / window_secs,
+            "applied_per_sec": applied_window as f64 / window_secs,
         },
         "cache": {"hits": snap.cache_hits, "misses": snap.cache_misses},
         "hazards": snap.hazards,
@@ -212,20 +215,28 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// `GET /dashboard`.
 pub(crate) fn dashboard() -> http::Response<String> {
-    let csp = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'";
+    let csp = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
     respond(200, "text/html; charset=utf-8", DASHBOARD.to_owned(), &[("content-security-policy", csp.into()), ("cache-control", "no-cache".into())])
 }
 
-/// `POST /v1/dead/purge`: `{"ids": [...]}`, `{"shard": n}`, or an empty body
-/// (all): the dead letters are dropped and their writes' status says `purged`.
+/// `POST /v1/dead/purge`: `{"ids": [...]}`, `{"shard": n}` or `{"all": true}`
+/// (said explicitly: a purge cannot be undone): the dead letters are dropped and
+/// their writes' status says `purged`.
 pub(crate) async fn purge(s: &Settings, body: &[u8]) -> Result<http::Response<String>, Problem> {
     let l = &s.layout;
-    let (ids, only): (Vec<WriteId>, Option<u32>) = if body.iter().all(u8::is_ascii_whitespace) {
-        (Vec::new(), None)
-    } else {
+    const EXPECTED: &str = "say what to purge: {\"ids\": [...]}, {\"shard\": n} or {\"all\": true}";
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Problem::invalid(EXPECTED, ""));
+    }
+    let (ids, only): (Vec<WriteId>, Option<u32>) = {
         let v: Json = serde_json::from_slice(body).map_err(|e| Problem::malformed(&e.to_string()))?;
-        let obj = v.as_object().filter(|o| o.len() == 1).ok_or_else(|| Problem::invalid("expected {\"ids\": [...]} or {\"shard\": n}", ""))?;
-        if let Some(list) = obj.get("ids") {
+        let obj = v.as_object().filter(|o| o.len() == 1).ok_or_else(|| Problem::invalid(EXPECTED, ""))?;
+        if let Some(all) = obj.get("all") {
+            if all != &Json::Bool(true) {
+                return Err(Problem::invalid("all must be true", "/all"));
+            }
+            (Vec::new(), None)
+        } else if let Some(list) = obj.get("ids") {
             let list = list.as_array().ok_or_else(|| Problem::invalid("ids must be an array of write ids", "/ids"))?;
             let ids = list
                 .iter()
@@ -249,7 +260,7 @@ pub(crate) async fn purge(s: &Settings, body: &[u8]) -> Result<http::Response<St
             })?;
             (Vec::new(), Some(shard as u32))
         } else {
-            return Err(Problem::invalid("expected {\"ids\": [...]} or {\"shard\": n}", ""));
+            return Err(Problem::invalid(EXPECTED, ""));
         }
     };
     let redis = Redis::new(&s.redis_address);

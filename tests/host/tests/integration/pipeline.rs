@@ -183,6 +183,8 @@ async fn committed_writes_are_not_dead_lettered() {
     let (shard, _) = id.split_once('-').unwrap();
     let dead: i64 = redis::cmd("XLEN").arg(format!("spillway:{{s{shard}}}:dead")).query(&mut s.redis.conn()).unwrap();
     assert_eq!(dead, 0, "nothing was dead-lettered");
+    let (_, _, stats) = s.call("GET", "/v1/stats", None, &auth).await;
+    assert_eq!((stats["totals"]["applied"].as_u64(), stats["totals"]["dead"].as_u64()), (Some(2), Some(0)), "counted once, when acknowledged: {stats}");
 }
 
 /// A write whose batch keeps failing on infrastructure is retried, then moved to the
