@@ -96,3 +96,32 @@ fn resume_reads_every_pending_entry_in_order() {
     assert_eq!((cursor.as_str(), second), (ids[3].as_str(), ids[2..4].to_vec()));
     assert_eq!(read(&mut c, "b", &cursor), (String::new(), ids[4..6].to_vec()));
 }
+
+/// The scripts' counters: an acknowledgement counts its outcomes in the shard's
+/// stats hash, in total and in the current 10-second bucket, and drops buckets
+/// older than a minute once the hash grows, so it stays bounded.
+#[test]
+fn stats_counters_keep_only_the_last_minute() {
+    let redis = Redis::start();
+    let mut c = redis.conn();
+    let l = Layout { prefix: "spillway:".into(), shards: 16 };
+    let stats = l.stats(3);
+    let now_s: u64 = redis::cmd("TIME").query::<(u64, u64)>(&mut c).unwrap().0;
+    let bucket = now_s / 10;
+    for old in 1..=40u64 {
+        let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 100 - old)).arg(1).query(&mut c).unwrap();
+    }
+    let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 2)).arg(5).query(&mut c).unwrap();
+    let acked: i64 = Script::new(scripts::ACK)
+        .key(l.stream(3)).key(l.attempts(3)).key(l.done(3)).key(&stats)
+        .arg(GROUP).arg(7).arg(2)
+        .invoke(&mut c)
+        .unwrap();
+    assert_eq!(acked, 0, "no entries to acknowledge");
+    let fields: std::collections::HashMap<String, i64> = redis::cmd("HGETALL").arg(&stats).query(&mut c).unwrap();
+    let now_field = format!("applied@{bucket}");
+    assert_eq!((fields.get("applied"), fields.get("rejected")), (Some(&7), Some(&2)));
+    assert!(fields.get(&now_field) == Some(&7) || fields.get(&format!("applied@{}", bucket + 1)) == Some(&7), "{fields:?}");
+    assert_eq!(fields.get(&format!("applied@{}", bucket - 2)), Some(&5), "a bucket inside the minute stays");
+    assert!(fields.len() <= 6, "buckets older than a minute are gone: {fields:?}");
+}
