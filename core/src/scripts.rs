@@ -95,6 +95,27 @@ end
 return out
 "#);
 
+/// The Lua helper replay and purge share: `matching_dead(dead_key, first)` walks
+/// the shard's dead-letter stream in order and returns `{entry id, fields}` of the
+/// entries whose write id is among `ARGV[first..]` (all of them if none is given).
+macro_rules! dead_lua {
+    () => {
+        r#"
+local function matching_dead(key, first)
+  local wanted, all = {}, #ARGV < first
+  for i = first, #ARGV do wanted[ARGV[i]] = true end
+  local found = {}
+  for _, e in ipairs(redis.call('XRANGE', key, '-', '+')) do
+    local f = {}
+    for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+    if all or wanted[f['id']] then found[#found + 1] = {e[1], f} end
+  end
+  return found
+end
+"#
+    };
+}
+
 /// Take a shard's lease. KEYS: `[lease, fence]`, ARGV: `[token, ttl_ms]`.
 /// Reply: the new fencing token (> 0), or 0 when someone else holds the lease.
 pub const LEASE_ACQUIRE: &str = r#"
@@ -354,23 +375,17 @@ return n
 /// ARGV: `[channel, bell_ttl_ms, shard, retention_ms, write_id*]` (no write ids: all
 /// of the shard).
 /// Reply: `(old write id, new write id)*`.
-pub const REPLAY: &str = concat!(count_lua!(), r#"
-local wanted = {}
-local all = #ARGV < 5
-for i = 5, #ARGV do wanted[ARGV[i]] = true end
+pub const REPLAY: &str = concat!(count_lua!(), dead_lua!(), r#"
 local out = {}
-for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
-  local f = {}
-  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
-  if all or wanted[f['id']] then
-    local new = redis.call('XADD', KEYS[3], '*', 'w', f['w'])
-    local new_id = ARGV[3] .. '-' .. new
-    local entry = string.sub(f['id'], string.len(ARGV[3]) + 2)
-    redis.call('SET', KEYS[2] .. entry, 'replayed:' .. new_id, 'PX', ARGV[4])
-    redis.call('XDEL', KEYS[1], e[1])
-    out[#out + 1] = f['id']
-    out[#out + 1] = new_id
-  end
+for _, d in ipairs(matching_dead(KEYS[1], 5)) do
+  local f = d[2]
+  local new = redis.call('XADD', KEYS[3], '*', 'w', f['w'])
+  local new_id = ARGV[3] .. '-' .. new
+  local entry = string.sub(f['id'], string.len(ARGV[3]) + 2)
+  redis.call('SET', KEYS[2] .. entry, 'replayed:' .. new_id, 'PX', ARGV[4])
+  redis.call('XDEL', KEYS[1], d[1])
+  out[#out + 1] = f['id']
+  out[#out + 1] = new_id
 end
 count(KEYS[5], 'replayed', #out / 2, false)
 if #out > 0 then
@@ -386,20 +401,13 @@ return out
 /// KEYS: `[dead, dead_status_prefix, stats]`.
 /// ARGV: `[shard, retention_ms, write_id*]` (no write ids: all of the shard).
 /// Reply: the purged write ids.
-pub const PURGE: &str = concat!(count_lua!(), r#"
-local wanted = {}
-local all = #ARGV < 3
-for i = 3, #ARGV do wanted[ARGV[i]] = true end
+pub const PURGE: &str = concat!(count_lua!(), dead_lua!(), r#"
 local out = {}
-for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
-  local f = {}
-  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
-  if all or wanted[f['id']] then
-    local entry = string.sub(f['id'], string.len(ARGV[1]) + 2)
-    redis.call('SET', KEYS[2] .. entry, 'purged', 'PX', ARGV[2])
-    redis.call('XDEL', KEYS[1], e[1])
-    out[#out + 1] = f['id']
-  end
+for _, d in ipairs(matching_dead(KEYS[1], 3)) do
+  local id = d[2]['id']
+  redis.call('SET', KEYS[2] .. string.sub(id, string.len(ARGV[1]) + 2), 'purged', 'PX', ARGV[2])
+  redis.call('XDEL', KEYS[1], d[1])
+  out[#out + 1] = id
 end
 count(KEYS[3], 'purged', #out, false)
 return out

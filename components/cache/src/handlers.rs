@@ -220,11 +220,7 @@ const MIN_VERSION_WAIT_MS: u64 = 5_000;
 /// `consistent`, `min_version` and `wait` (which only `min_version` uses), checked.
 fn consistency(query: Option<&str>) -> Result<Consistency, Problem> {
     only_params(query, &["consistent", "min_version", "wait"])?;
-    let consistent = match query_param(query, "consistent") {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => return Err(Problem::invalid("consistent must be true or false", "/query/consistent")),
-    };
+    let consistent = consistent_param(query)?;
     let min_version = match query_param(query, "min_version") {
         None => None,
         Some(v) => Some(
@@ -360,7 +356,10 @@ async fn fill(s: &Settings, store: &Store, cache_key: &str, key: &str) -> Result
     let redis = Redis::new(&s.redis_address);
     let lock = s.layout.fill_lock(key);
     let me = token();
-    for _ in 0..100 {
+    // Wait up to a second for another filler (it normally takes milliseconds),
+    // then read the database without filling.
+    let give_up = spillway_spin::monotonic_ms() + 1000;
+    while spillway_spin::monotonic_ms() < give_up {
         let got = redis.eval(scripts::FILL_BEGIN, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
         match got.first().and_then(int) {
             Some(2) => return Ok(None),
@@ -431,6 +430,15 @@ pub(crate) fn only_params(query: Option<&str>, known: &[&str]) -> Result<(), Pro
         seen.push(name);
     }
     Ok(())
+}
+
+/// `?consistent=true|false` (false when absent).
+pub(crate) fn consistent_param(query: Option<&str>) -> Result<bool, Problem> {
+    match query_param(query, "consistent") {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(Problem::invalid("consistent must be true or false", "/query/consistent")),
+    }
 }
 
 /// The value of query parameter `name`, if given (first occurrence).

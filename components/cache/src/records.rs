@@ -16,7 +16,7 @@ use spillway_core::write::check_key;
 use spillway_spin::db::{Db, SqlValue as Value};
 use spillway_spin::kv::Kv;
 
-use crate::handlers::{Entry, Stored, only_params, query_param};
+use crate::handlers::{Entry, Stored, consistent_param, only_params};
 
 /// The request body: `{"keys": [...]}`.
 fn parse_keys(s: &Settings, body: &[u8]) -> Result<Vec<String>, Problem> {
@@ -53,11 +53,7 @@ fn parse_keys(s: &Settings, body: &[u8]) -> Result<Vec<String>, Problem> {
 /// the database.
 pub(crate) async fn get_many(s: &Settings, req: spin_sdk::http::Request, query: Option<&str>) -> Result<http::Response<String>, Problem> {
     only_params(query, &["consistent"])?;
-    let consistent = match query_param(query, "consistent") {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => return Err(Problem::invalid("consistent must be true or false", "/query/consistent")),
-    };
+    let consistent = consistent_param(query)?;
     let mime = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     if !mime.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
         return Err(Problem::new(415, "unsupported-media-type", "Unsupported media type", "send the keys as application/json"));
