@@ -31,6 +31,9 @@ pub struct Settings {
     pub stats_public: bool,
     /// `admin_token`; admin endpoints are disabled when empty.
     pub admin_token: Option<String>,
+    /// `database`: `sqlite` (Spin's `default` database) or a PostgreSQL URL
+    /// (`postgres://user:password@host:port/name`; a secret).
+    pub database: String,
     /// Request limits.
     pub limits: Limits,
 }
@@ -86,7 +89,13 @@ impl Settings {
         if change_feed_secs == 0 {
             return Err(SettingsError { name: "change_feed_secs", reason: "must be at least 1".into() });
         }
+        let database = get("database").map(|d| d.trim().to_owned()).filter(|d| !d.is_empty()).unwrap_or_else(|| "sqlite".into());
+        if crate::sql::dialect_for(&database).is_none() {
+            // The value may hold a password: it is not repeated.
+            return Err(SettingsError { name: "database", reason: "must be sqlite or a postgres:// URL".into() });
+        }
         Ok(Self {
+            database,
             redis_address: get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
             layout: Layout { prefix, shards },
             batch_size,
@@ -125,5 +134,11 @@ mod tests {
         // Zero would make Redis refuse `SET .. PX 0` halfway through a script.
         let e = Settings::load(|n| (n == "status_retention_secs").then(|| "0".to_owned())).unwrap_err();
         assert_eq!(e.name, "status_retention_secs");
+        assert_eq!(s.database, "sqlite");
+        let e = Settings::load(|n| (n == "database").then(|| "mysql://root:hunter2@db/app".to_owned())).unwrap_err();
+        assert_eq!(e.name, "database");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let pg = Settings::load(|n| (n == "database").then(|| "postgres://app@db:5432/app".to_owned())).unwrap();
+        assert_eq!(pg.database, "postgres://app@db:5432/app");
     }
 }

@@ -21,7 +21,6 @@ use serde_json::{Value as Json, json};
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::settings::Settings;
-use spillway_core::sql;
 use spillway_spin::db::{Db, SqlValue as Value, integer, text};
 use spillway_spin::status::Notices;
 use spillway_spin::{Redis, bin};
@@ -128,7 +127,7 @@ async fn stream(
     let db = Db::open().await?;
     let mut first_look = after.is_some();
     loop {
-        let rows = db.read(sql::CHANGES, vec![Value::Text(key.to_owned()), Value::Integer(last), Value::Integer(PAGE)]).await?;
+        let rows = db.read(db.sql().changes, vec![Value::Text(key.to_owned()), Value::Integer(last), Value::Integer(PAGE)]).await?;
         // Versions after `last` that the log no longer has (pruned after the
         // retention, or from before it existed): the current record stands in for
         // them, if it is newer; else the feed carries on with what is kept.

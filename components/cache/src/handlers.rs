@@ -5,7 +5,6 @@ use spillway_core::layout::{ABSENT_TTL_MS, FILL_LOCK_TTL_MS, WriteId, decode_key
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
-use spillway_core::sql;
 use spillway_spin::db::{Db, SqlValue as Value};
 use spillway_spin::{Redis, authorize, int, json, problem, respond, status, token};
 use spin_sdk::http::BoxBody;
@@ -105,7 +104,7 @@ impl Stored {
         }
     }
 
-    /// A row of `sql::RECORD` / `sql::RECORDS`.
+    /// A row of the `record` / `records` statements.
     pub(crate) fn from_row(row: &[Value]) -> Result<(String, Self), Problem> {
         let (Some(Value::Text(key)), Some(Value::Text(value)), Some(Value::Integer(version)), Some(Value::Text(etag)), Some(Value::Integer(updated_at))) =
             (row.first(), row.get(1), row.get(2), row.get(3), row.get(4))
@@ -122,7 +121,8 @@ impl Stored {
 
 /// A key's state from the database.
 pub(crate) async fn stored(key: &str) -> Result<Stored, Problem> {
-    match Db::open().await?.first_row(sql::RECORD, vec![Value::Text(key.to_owned())]).await? {
+    let db = Db::open().await?;
+    match db.first_row(db.sql().record, vec![Value::Text(key.to_owned())]).await? {
         Some(row) => Ok(Stored::from_row(&row)?.1),
         None => Ok(Stored::Never),
     }

@@ -11,7 +11,6 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{Value as Json, json};
 use spillway_core::problem::Problem;
 use spillway_core::settings::Settings;
-use spillway_core::sql;
 use spillway_core::write::check_key;
 use spillway_spin::db::{Db, SqlValue as Value};
 use spillway_spin::kv::Kv;
@@ -74,7 +73,8 @@ pub(crate) async fn get_many(s: &Settings, req: spin_sdk::http::Request, query: 
     let misses: Vec<&String> = keys.iter().filter(|k| !found.contains_key(k.as_str())).collect();
     if !misses.is_empty() {
         let param = Value::Text(serde_json::to_string(&misses).unwrap_or_else(|_| "[]".into()));
-        let rows = Db::open().await?.read(sql::RECORDS, vec![param]).await?;
+        let db = Db::open().await?;
+        let rows = db.read(db.sql().records, vec![param]).await?;
         for row in rows {
             if let (key, Stored::Live(record)) = Stored::from_row(&row)?
                 && let Some(k) = misses.iter().find(|m| ***m == key)

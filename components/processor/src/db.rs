@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use spillway_core::apply::{Outcome, Record, canonical, plan_batch};
 use spillway_core::problem::Problem;
-use spillway_core::sql;
 use serde_json::{Value as Json, json};
 use spillway_core::write::Write;
 use spillway_spin::db::{Db, SqlValue as Value, integer, text};
@@ -90,19 +89,19 @@ pub(crate) async fn apply_round(db: &Db, batches: &[Batch]) -> (Applied, Vec<(u3
 }
 
 async fn in_transaction(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
-    db.query(sql::BEGIN, vec![]).await?;
+    db.query(db.sql().begin, vec![]).await?;
     match apply_in_tx(db, batches).await {
-        Ok(a) => match db.query(sql::COMMIT, vec![]).await {
+        Ok(a) => match db.query(db.sql().commit, vec![]).await {
             Ok(_) => Ok(a),
             Err(p) => {
                 // A failed COMMIT leaves the transaction open; the connection serves
                 // the rest of the drain.
-                let _ = db.query(sql::ROLLBACK, vec![]).await;
+                let _ = db.query(db.sql().rollback, vec![]).await;
                 Err(p)
             }
         },
         Err(p) => {
-            let _ = db.query(sql::ROLLBACK, vec![]).await;
+            let _ = db.query(db.sql().rollback, vec![]).await;
             Err(p)
         }
     }
@@ -124,7 +123,7 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     let mut entry_of = std::collections::HashMap::new();
     let mut over = Vec::new();
     for b in batches {
-        let rows = db.query(sql::FENCE, vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.fence)]).await?;
+        let rows = db.query(db.sql().fence, vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.fence)]).await?;
         if rows.first().and_then(|r| r.first()).and_then(integer) != Some(b.fence) {
             fenced.push(b.shard);
             continue;
@@ -148,7 +147,7 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     // would not be here), so each write is counted once.
     let mut recorded: HashMap<u32, (u64, u64)> = HashMap::new();
     if !ids.is_empty() {
-        for row in db.query(sql::APPLIED_IDS, vec![json_param(&ids)]).await? {
+        for row in db.query(db.sql().applied_ids, vec![json_param(&ids)]).await? {
             let Some(id) = row.first().and_then(text) else { continue };
             let shard = entry_of.get(&id).map_or(0, |(shard, _)| *shard as u32);
             let counts = recorded.entry(shard).or_default();
@@ -174,7 +173,7 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     // Each key's latest applied write: the head of its change chain.
     let mut heads: HashMap<String, Option<String>> = HashMap::new();
     if !keys.is_empty() {
-        for r in db.query(sql::RECORDS, vec![json_param(&keys)]).await? {
+        for r in db.query(db.sql().records, vec![json_param(&keys)]).await? {
             let (Some(key), Some(value), Some(version), Some(etag), Some(updated_at), deleted) =
                 (r.first().and_then(text), r.get(1).and_then(text), r.get(2).and_then(integer), r.get(3).and_then(text), r.get(4).and_then(integer), r.get(5).and_then(integer))
             else {
@@ -237,18 +236,18 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
         })
         .collect();
     if !upserts.is_empty() {
-        db.query(sql::UPSERT_RECORDS, vec![json_param(&upserts)]).await?;
+        db.query(db.sql().upsert_records, vec![json_param(&upserts)]).await?;
     }
     for (id, err) in unreadable.iter().filter(|(id, _)| !already.contains(id)) {
         rejected += 1;
         row(id, "", "rejected", None, Some(&format!("unreadable write: {err}")), None, None);
     }
     if !outcomes.is_empty() {
-        db.query(sql::INSERT_WRITES, vec![json_param(&outcomes)]).await?;
+        db.query(db.sql().insert_writes, vec![json_param(&outcomes)]).await?;
     }
     for b in batches.iter().filter(|b| !fenced.contains(&b.shard)) {
         let params = vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)];
-        db.query(sql::PRUNE_WRITES, params).await?;
+        db.query(db.sql().prune_writes, params).await?;
     }
 
     Ok(Applied { state: plan.records, dead, applied, rejected, per_shard, fenced })

@@ -6,7 +6,6 @@ use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
-use spillway_core::sql;
 use spillway_spin::db::{Db, SqlValue};
 use spillway_spin::{Redis, authorize, bin, json, problem, text};
 use spin_sdk::http::Request;
@@ -178,7 +177,7 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
             continue;
         }
         let ids_json = serde_json::to_string(&dead.iter().map(|(_, id)| id).collect::<Vec<_>>()).unwrap_or_default();
-        let applied: std::collections::HashSet<String> = match db.query(sql::APPLIED_IDS, vec![SqlValue::Text(ids_json)]).await {
+        let applied: std::collections::HashSet<String> = match db.query(db.sql().applied_ids, vec![SqlValue::Text(ids_json)]).await {
             Ok(rows) => rows.iter().filter_map(|r| r.first().and_then(spillway_spin::db::text)).collect(),
             Err(p) if spillway_spin::db::is_missing_table(&p) => Default::default(),
             Err(p) => return Err(p),

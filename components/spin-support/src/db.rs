@@ -1,96 +1,161 @@
-//! The database (Spin SQLite), the one place that talks to `spin:sqlite`.
+//! The database, the one place that talks to `spin:sqlite` or `spin:postgres`.
 //!
-//! Spin's asynchronous `execute` answers as soon as SQLite has the statement: a
-//! statement error (`no such table`, a constraint) arrives with the rows, not at the
-//! call. [`Db::query`] checks both places, so callers see one `Result`.
+//! The `database` variable picks the engine: `sqlite` (Spin's `default`
+//! database) or a PostgreSQL URL. Callers name statements of the engine's
+//! [`Dialect`] ([`Db::sql`]) and pass [`SqlValue`]s; rows come back as
+//! [`SqlValue`]s whatever the engine, so the code above is written once.
+//!
+//! Spin's asynchronous `execute` (SQLite) answers as soon as SQLite has the
+//! statement: a statement error (`no such table`, a constraint) arrives with the
+//! rows, not at the call. [`Db::query`] checks both places, so callers see one
+//! `Result`.
 
 use spillway_core::problem::Problem;
-use spillway_core::sql;
-use spin_sdk::sqlite::{Connection, Value};
+use spillway_core::sql::{Dialect, Step, dialect_for};
+use spin_sdk::{pg, sqlite};
 
-pub use spin_sdk::sqlite::Value as SqlValue;
+/// A parameter or column value: the types Spillway's schema uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlValue {
+    /// SQL `NULL`.
+    Null,
+    /// A 64-bit integer.
+    Integer(i64),
+    /// Text.
+    Text(String),
+}
 
-/// An open connection to the `default` database.
-pub struct Db(Connection);
+enum Conn {
+    Sqlite(sqlite::Connection),
+    Postgres(pg::Connection),
+}
 
-/// A database failure: the message SQLite gave, wherever Spin reported it.
-fn db_err(e: spin_sdk::sqlite::Error) -> Problem {
+/// An open connection and its engine's statements.
+pub struct Db {
+    conn: Conn,
+    sql: &'static Dialect,
+}
+
+/// A database failure: the message the engine gave, wherever Spin reported it
+/// (PostgreSQL's with its SQLSTATE code in brackets).
+fn sqlite_err(e: sqlite::Error) -> Problem {
     Problem::unavailable(&format!("database: {e:?}"))
+}
+
+fn pg_err(e: pg::Error) -> Problem {
+    let detail = match &e {
+        pg::Error::PgError(pg::PgError::QueryFailed(pg::QueryError::DbError(d))) => format!("{} [{}]", d.message, d.code),
+        pg::Error::PgError(pg::PgError::QueryFailed(pg::QueryError::Text(t))) => t.clone(),
+        pg::Error::PgError(pg::PgError::ConnectionFailed(t)) => format!("connection failed: {t}"),
+        other => other.to_string(),
+    };
+    Problem::unavailable(&format!("database: {detail}"))
 }
 
 /// Whether `p` says a table does not exist (nothing was ever applied).
 pub fn is_missing_table(p: &Problem) -> bool {
-    p.detail.contains("no such table")
+    p.detail.contains("no such table") || p.detail.contains("[42P01]")
+}
+
+/// Whether `p` says a column does not exist (tables older than this code).
+fn is_missing_column(p: &Problem) -> bool {
+    p.detail.contains("no such column") || p.detail.contains("[42703]")
 }
 
 impl Db {
-    /// Opens the `default` database.
+    /// Opens the configured database.
     pub async fn open() -> Result<Self, Problem> {
-        Connection::open_default().await.map(Self).map_err(db_err)
+        let settings = crate::settings().await?;
+        let sql = dialect_for(&settings.database).ok_or_else(|| Problem::unavailable("database: unknown engine"))?;
+        let conn = if sql.name == "postgres" {
+            Conn::Postgres(pg::Connection::open(settings.database.as_str()).await.map_err(pg_err)?)
+        } else {
+            Conn::Sqlite(sqlite::Connection::open_default().await.map_err(sqlite_err)?)
+        };
+        Ok(Self { conn, sql })
     }
 
-    /// Opens the `default` database and creates (or migrates) Spillway's tables,
+    /// The engine's statements.
+    pub fn sql(&self) -> &'static Dialect {
+        self.sql
+    }
+
+    /// Opens the database and creates (or migrates) Spillway's tables,
     /// idempotently: concurrent processors may all run this at once.
     pub async fn open_with_schema() -> Result<Self, Problem> {
         let db = Self::open().await?;
-        // Best effort: a database that cannot switch (e.g. a remote one) still works.
-        let _ = db.query(sql::WAL, Vec::new()).await;
-        for stmt in sql::schema_statements() {
-            db.query(stmt, Vec::new()).await?;
+        // Best effort: a database that cannot switch still works.
+        for stmt in db.sql.tune {
+            let _ = db.query(stmt, Vec::new()).await;
         }
-        db.migrate(sql::HAS_V2_COLUMNS, &sql::MIGRATE_V2).await?;
-        for (done, steps) in sql::MIGRATE_V3 {
-            db.migrate(done, steps).await?;
-        }
-        for stmt in sql::INDEXES {
-            db.query(stmt, Vec::new()).await?;
+        for step in db.sql.schema {
+            db.migrate(step).await?;
         }
         Ok(db)
     }
 
-    /// Runs `steps` in one transaction unless `done` (a count query) says they
-    /// have run; checked again under the write lock, as another processor may win.
-    async fn migrate(&self, done: &str, steps: &[&str]) -> Result<(), Problem> {
+    /// Runs a schema step in one transaction unless its check says it has run;
+    /// checked again under the write (or schema) lock, as another processor may
+    /// win.
+    async fn migrate(&self, step: &Step) -> Result<(), Problem> {
         let has = async || -> Result<bool, Problem> {
-            let rows = self.query(done, Vec::new()).await?;
+            let rows = self.query(step.done, Vec::new()).await?;
             Ok(rows.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0) > 0)
         };
         if has().await? {
             return Ok(());
         }
-        self.query(sql::BEGIN, Vec::new()).await?;
+        self.query(self.sql.begin, Vec::new()).await?;
         let migrated = async {
+            if let Some(lock) = self.sql.schema_lock {
+                self.query(lock, Vec::new()).await?;
+            }
             if !has().await? {
-                for stmt in steps {
+                for stmt in step.statements {
                     self.query(stmt, Vec::new()).await?;
                 }
             }
-            self.query(sql::COMMIT, Vec::new()).await
+            self.query(self.sql.commit, Vec::new()).await
         }
         .await;
         if let Err(p) = migrated {
-            let _ = self.query(sql::ROLLBACK, Vec::new()).await;
+            let _ = self.query(self.sql.rollback, Vec::new()).await;
             return Err(p);
         }
         Ok(())
     }
 
     /// Runs one statement and returns its rows' values.
-    pub async fn query(&self, stmt: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, Problem> {
-        let r = self.0.execute(stmt, params).await.map_err(db_err)?;
-        let rows = r.collect().await.map_err(db_err)?;
-        Ok(rows.into_iter().map(|r| r.values).collect())
+    pub async fn query(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Vec<Vec<SqlValue>>, Problem> {
+        match &self.conn {
+            Conn::Sqlite(c) => {
+                let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();
+                let r = c.execute(stmt, params).await.map_err(sqlite_err)?;
+                let rows = r.collect().await.map_err(sqlite_err)?;
+                Ok(rows.into_iter().map(|r| r.values.into_iter().map(from_sqlite).collect()).collect())
+            }
+            Conn::Postgres(c) => {
+                let params = params.into_iter().map(to_pg).collect::<Vec<_>>();
+                let mut r = c.query(stmt, params).await.map_err(pg_err)?;
+                let mut rows = Vec::new();
+                while let Some(row) = r.rows().next().await {
+                    rows.push(row.into_iter().map(from_pg).collect());
+                }
+                r.result().await.map_err(pg_err)?;
+                Ok(rows)
+            }
+        }
     }
 
     /// The rows of a read. A missing table reads as no rows (the processor
     /// creates the tables on its first batch); a missing column means the tables
     /// are older than this code (an upgrade no processor has run yet): they are
     /// migrated here (idempotent) and the read runs again.
-    pub async fn read(&self, stmt: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, Problem> {
+    pub async fn read(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Vec<Vec<SqlValue>>, Problem> {
         match self.query(stmt, params.clone()).await {
             Ok(rows) => Ok(rows),
             Err(p) if is_missing_table(&p) => Ok(Vec::new()),
-            Err(p) if p.detail.contains("no such column") => {
+            Err(p) if is_missing_column(&p) => {
                 Self::open_with_schema().await?;
                 self.query(stmt, params).await
             }
@@ -99,23 +164,57 @@ impl Db {
     }
 
     /// The first row of a read (see [`Db::read`]), if any.
-    pub async fn first_row(&self, stmt: &str, params: Vec<Value>) -> Result<Option<Vec<Value>>, Problem> {
+    pub async fn first_row(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Option<Vec<SqlValue>>, Problem> {
         Ok(self.read(stmt, params).await?.into_iter().next())
     }
 }
 
-/// A text value.
-pub fn text(v: &Value) -> Option<String> {
+fn to_sqlite(v: SqlValue) -> sqlite::Value {
     match v {
-        Value::Text(t) => Some(t.clone()),
+        SqlValue::Null => sqlite::Value::Null,
+        SqlValue::Integer(i) => sqlite::Value::Integer(i),
+        SqlValue::Text(t) => sqlite::Value::Text(t),
+    }
+}
+
+fn from_sqlite(v: sqlite::Value) -> SqlValue {
+    match v {
+        sqlite::Value::Integer(i) => SqlValue::Integer(i),
+        sqlite::Value::Text(t) => SqlValue::Text(t),
+        _ => SqlValue::Null,
+    }
+}
+
+fn to_pg(v: SqlValue) -> pg::ParameterValue {
+    match v {
+        SqlValue::Null => pg::ParameterValue::DbNull,
+        SqlValue::Integer(i) => pg::ParameterValue::Int64(i),
+        SqlValue::Text(t) => pg::ParameterValue::Str(t),
+    }
+}
+
+fn from_pg(v: pg::DbValue) -> SqlValue {
+    match v {
+        pg::DbValue::Int64(i) => SqlValue::Integer(i),
+        pg::DbValue::Int32(i) => SqlValue::Integer(i64::from(i)),
+        pg::DbValue::Int16(i) => SqlValue::Integer(i64::from(i)),
+        pg::DbValue::Str(t) => SqlValue::Text(t),
+        _ => SqlValue::Null,
+    }
+}
+
+/// A text value.
+pub fn text(v: &SqlValue) -> Option<String> {
+    match v {
+        SqlValue::Text(t) => Some(t.clone()),
         _ => None,
     }
 }
 
 /// An integer value.
-pub fn integer(v: &Value) -> Option<i64> {
+pub fn integer(v: &SqlValue) -> Option<i64> {
     match v {
-        Value::Integer(i) => Some(*i),
+        SqlValue::Integer(i) => Some(*i),
         _ => None,
     }
 }

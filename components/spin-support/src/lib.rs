@@ -6,7 +6,7 @@
 //! # Layout
 //!
 //! - this file: settings, Redis (connection, scripts by SHA), HTTP helpers.
-//! - [`db`]: the database (Spin SQLite), errors checked where Spin reports them.
+//! - [`db`]: the database (SQLite or PostgreSQL), errors checked where Spin reports them.
 //! - [`kv`]: the key-value store through `wasi:keyvalue` batch calls.
 //! - [`hazards`]: Redis settings Spillway depends on, checked and reported.
 //! - [`status`]: write status, and waiting for outcomes without polling.
@@ -29,7 +29,7 @@ use spin_sdk::variables;
 const VARIABLES: &[&str] = &[
     "redis_address", "key_prefix", "shard_count", "batch_size", "lease_ttl_ms", "max_attempts",
     "queue_depth_limit", "idempotency_ttl_secs", "admin_token", "max_body_bytes", "max_batch",
-    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs", "change_feed_secs", "stats_public",
+    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs", "change_feed_secs", "stats_public", "database",
 ];
 
 thread_local! {

@@ -12,7 +12,6 @@ use serde_json::{Value as Json, json};
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::settings::Settings;
-use spillway_core::sql;
 use spin_sdk::redis::Connection;
 
 use crate::db::{Db, SqlValue as Value};
@@ -80,7 +79,8 @@ impl Notices {
 
 /// The outcome recorded with the data, if the write has been applied or rejected.
 async fn recorded(sid: &str) -> Result<Option<Json>, Problem> {
-    let Some(row) = Db::open().await?.first_row(sql::WRITE_STATUS, vec![Value::Text(sid.to_owned())]).await? else {
+    let db = Db::open().await?;
+    let Some(row) = db.first_row(db.sql().write_status, vec![Value::Text(sid.to_owned())]).await? else {
         return Ok(None);
     };
     let status = match row.first() {

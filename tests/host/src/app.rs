@@ -11,6 +11,7 @@ use wasmtime::component::{Component, Linker};
 
 use crate::engine::{engine, load_component};
 use crate::host::key_value::KvBackend;
+use crate::host::postgres::PgPools;
 use crate::host::sqlite::SqliteDb;
 use crate::http::{HttpComponent, Router};
 use crate::manifest::Manifest;
@@ -97,6 +98,8 @@ pub(crate) struct ComponentCaps {
     pub(crate) key_value: HashMap<String, Arc<KvBackend>>,
     /// SQLite databases it may open.
     pub(crate) sqlite: HashMap<String, Arc<SqliteDb>>,
+    /// PostgreSQL connection pools (the app's, shared by its components).
+    pub(crate) postgres: Arc<PgPools>,
     /// Network destinations it may reach.
     pub(crate) allowed_hosts: AllowedHosts,
     /// WASI environment.
@@ -202,6 +205,7 @@ impl App {
 
         let output = opts.capture_output.then(|| Arc::new(Mutex::new(Vec::new())));
         let mut components = BTreeMap::new();
+        let pg_pools = Arc::new(PgPools::default());
         for (id, c) in &manifest.component {
             let ctx = || format!("component {id:?}");
             let variables = c
@@ -226,6 +230,7 @@ impl App {
                 variables,
                 key_value: c.key_value_stores.iter().map(|l| (l.clone(), kv_backends[l].clone())).collect(),
                 sqlite: c.sqlite_databases.iter().map(|l| (l.clone(), dbs[l].clone())).collect(),
+                postgres: pg_pools.clone(),
                 allowed_hosts,
                 environment: c.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 output: output.clone(),

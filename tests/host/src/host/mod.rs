@@ -7,6 +7,7 @@
 //! component's [`ComponentCaps`] (what it may open).
 
 pub(crate) mod key_value;
+pub(crate) mod postgres;
 pub(crate) mod redis;
 pub(crate) mod sqlite;
 pub(crate) mod variables;
@@ -23,6 +24,7 @@ wasmtime::component::bindgen!({
         "../../wit/deps/spin-redis@3.0.0",
         "../../wit/deps/spin-key-value@3.0.0",
         "../../wit/deps/spin-sqlite@3.1.0",
+        "../../wit/deps/spin-postgres@4.2.0",
         "../../wit/deps/spin-variables@3.0.0",
     ],
     inline: "
@@ -32,6 +34,7 @@ wasmtime::component::bindgen!({
             import spin:redis/redis@3.0.0;
             import spin:key-value/key-value@3.0.0;
             import spin:sqlite/sqlite@3.1.0;
+            import spin:postgres/postgres@4.2.0;
             import spin:variables/variables@3.0.0;
         }
     ",
@@ -44,6 +47,8 @@ wasmtime::component::bindgen!({
         "spin:redis/redis.connection": redis::Connection,
         "spin:key-value/key-value.store": key_value::Store,
         "spin:sqlite/sqlite.connection": sqlite::Connection,
+        "spin:postgres/postgres.connection": postgres::Connection,
+        "spin:postgres/postgres.connection-builder": postgres::Builder,
     },
 });
 

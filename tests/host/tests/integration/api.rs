@@ -1,6 +1,6 @@
 use serde_json::{Value, json};
 
-use crate::spillway::{ADMIN, FAILING_RECORDS, Spillway};
+use crate::spillway::{ADMIN, Engine, Spillway, on_both_engines};
 
 const TYPE: &str = "https://spillway.dev/problems/";
 
@@ -13,12 +13,12 @@ fn redis_state(s: &Spillway) -> (Vec<String>, usize) {
     (keys, queued)
 }
 
-fn records_in_db(s: &Spillway) -> i64 {
-    s.db().query_row("SELECT count(*) FROM spillway_records", [], |r| r.get(0)).unwrap_or(0)
+async fn records_in_db(s: &Spillway) -> i64 {
+    s.store.int("SELECT count(*) FROM spillway_records").await.unwrap_or(0)
 }
 
 async fn refused(s: &Spillway, body: &str, content_type: &str, status: u16, code: &str, field: Option<&str>) -> Value {
-    let before = (redis_state(s), records_in_db(s));
+    let before = (redis_state(s), records_in_db(s).await);
     let req = http::Request::post("http://127.0.0.1:3000/v1/writes")
         .header("content-type", content_type)
         .body(bytes::Bytes::from(body.to_owned()))
@@ -32,15 +32,14 @@ async fn refused(s: &Spillway, body: &str, content_type: &str, status: u16, code
     assert_eq!(p["status"], status);
     assert!(p["title"].is_string() && p["detail"].is_string(), "{p}");
     assert_eq!(p["field"].as_str(), field, "{p}");
-    assert_eq!((redis_state(s), records_in_db(s)), before, "a refused request changed nothing");
+    assert_eq!((redis_state(s), records_in_db(s).await), before, "a refused request changed nothing");
     p
 }
 
 /// Bad writes get the right status, stable type and field, and change nothing in
 /// Redis or the database.
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_writes_are_refused_and_change_nothing() {
-    let s = Spillway::start(&[("max_body_bytes", "2000"), ("max_batch", "3"), ("max_key_len", "16"), ("max_value_bytes", "100"), ("max_json_depth", "4")], false).await;
+async fn bad_writes_are_refused_and_change_nothing(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[("max_body_bytes", "2000"), ("max_batch", "3"), ("max_key_len", "16"), ("max_value_bytes", "100"), ("max_json_depth", "4")], false).await;
     let (code, _) = s.write(json!({"key": "seed", "op": "put", "value": 1})).await;
     assert_eq!(code, 202);
     let j = "application/json";
@@ -66,9 +65,8 @@ async fn bad_writes_are_refused_and_change_nothing() {
 
 /// Unknown routes and records are problem+json 404s; a wrong method is 405 with Allow;
 /// every response carries a request id (the client's, when valid).
-#[tokio::test(flavor = "multi_thread")]
-async fn routes_methods_and_request_ids() {
-    let s = Spillway::start(&[], false).await;
+async fn routes_methods_and_request_ids(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[], false).await;
     let (code, h, p) = s.call("GET", "/v2/nothing", None, &[("x-request-id", "trace-42")]).await;
     assert_eq!((code, p["type"].as_str()), (404, Some("https://spillway.dev/problems/not-found")));
     assert_eq!(h["x-request-id"], "trace-42");
@@ -87,9 +85,8 @@ async fn routes_methods_and_request_ids() {
 /// Over the queue-depth limit, with the processor stopped, intake answers 429 with
 /// Retry-After and enqueues nothing; once the processor runs, every write accepted
 /// before is applied.
-#[tokio::test(flavor = "multi_thread")]
-async fn backpressure_then_recovery() {
-    let s = Spillway::start(&[("queue_depth_limit", "3"), ("shard_count", "1")], false).await;
+async fn backpressure_then_recovery(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[("queue_depth_limit", "3"), ("shard_count", "1")], false).await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let (code, v) = s.write(json!({"key": format!("k{i}"), "op": "put", "value": i})).await;
@@ -112,9 +109,8 @@ async fn backpressure_then_recovery() {
 }
 
 /// With Redis unreachable, intake answers 503 with Retry-After.
-#[tokio::test(flavor = "multi_thread")]
-async fn redis_down_is_503() {
-    let mut s = Spillway::start(&[], false).await;
+async fn redis_down_is_503(engine: Engine) {
+    let mut s = Spillway::start_engine(engine, &[], false).await;
     s.redis = crate::support::Redis::start(); // the app's Redis is dropped (stopped)
     let (code, h, p) = s.call("POST", "/v1/writes", Some(json!({"key": "a", "op": "delete"})), &[]).await;
     assert_eq!((code, p["type"].as_str()), (503, Some("https://spillway.dev/problems/unavailable")), "{p}");
@@ -124,9 +120,8 @@ async fn redis_down_is_503() {
 }
 
 /// Admin endpoints are disabled, not open, when no token is configured.
-#[tokio::test(flavor = "multi_thread")]
-async fn admin_disabled_without_token() {
-    let s = Spillway::start(&[("admin_token", "")], false).await;
+async fn admin_disabled_without_token(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[("admin_token", "")], false).await;
     for (method, path) in [("POST", "/v1/drain"), ("GET", "/v1/dead"), ("POST", "/v1/dead/replay"), ("DELETE", "/v1/cache/a"), ("PUT", "/v1/cache/a")] {
         let (code, _, p) = s.call(method, path, None, &[("authorization", "Bearer ")]).await;
         assert_eq!((code, p["type"].as_str()), (403, Some("https://spillway.dev/problems/forbidden")), "{method} {path}");
@@ -135,9 +130,8 @@ async fn admin_disabled_without_token() {
 
 /// Hostile keys stay inside the key prefix and never collide, and each reads back
 /// as written; If-Match mismatches are 412; admin cache refresh and invalidate work.
-#[tokio::test(flavor = "multi_thread")]
-async fn hostile_keys_stay_in_the_layout() {
-    let s = Spillway::start(&[], false).await;
+async fn hostile_keys_stay_in_the_layout(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[], false).await;
     let keys = ["*", "{s1}:stream", "x:y", "é", "%2A", "spillway:{s0}:lease", "}{"];
     for (i, k) in keys.iter().enumerate() {
         let (code, v) = s.write(json!({"key": k, "op": "put", "value": i})).await;
@@ -167,9 +161,8 @@ async fn hostile_keys_stay_in_the_layout() {
 }
 
 /// The served OpenAPI document is the one kept in the repository.
-#[tokio::test(flavor = "multi_thread")]
-async fn openapi_document_is_served() {
-    let s = Spillway::start(&[], false).await;
+async fn openapi_document_is_served(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[], false).await;
     let (code, _, doc) = s.call("GET", "/v1/openapi.json", None, &[]).await;
     assert_eq!(code, 200);
     let kept: Value = serde_json::from_str(&std::fs::read_to_string(crate::support::workspace().join("api/openapi.json")).unwrap()).unwrap();
@@ -178,10 +171,9 @@ async fn openapi_document_is_served() {
 }
 
 /// Dead letters are listed and replayed onto the queue, then applied.
-#[tokio::test(flavor = "multi_thread")]
-async fn dead_letters_list_and_replay() {
-    let s = Spillway::start(&[("max_attempts", "1")], false).await;
-    s.db().execute_batch(FAILING_RECORDS).unwrap();
+async fn dead_letters_list_and_replay(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[("max_attempts", "1")], false).await;
+    s.store.fail_records().await;
     let (_, v) = s.write(json!({"key": "k", "op": "put", "value": 1})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     let auth = format!("Bearer {ADMIN}");
@@ -192,7 +184,7 @@ async fn dead_letters_list_and_replay() {
     assert_eq!(dead["dead"][0]["id"], id, "{dead}");
     assert_eq!(dead["dead"][0]["write"], json!({"key": "k", "op": "put", "value": 1}));
     // Repair the database, then replay.
-    s.db().execute_batch("DROP TABLE spillway_records").unwrap();
+    s.store.exec("DROP TABLE spillway_records").await;
     let (code, _, out) = s.call("POST", "/v1/dead/replay", Some(json!({"ids": [id]})), &[("authorization", &auth)]).await;
     assert_eq!(code, 200, "{out}");
     let new_id = out["replayed"][0]["replayed_as"].as_str().unwrap().to_owned();
@@ -208,10 +200,9 @@ async fn dead_letters_list_and_replay() {
 /// A dead letter whose write the database already applied (it committed, then its
 /// acknowledgement kept failing) is not applied again by a replay: it is reported
 /// as already applied and taken off the dead-letter list.
-#[tokio::test(flavor = "multi_thread")]
-async fn replay_skips_dead_letters_already_applied() {
-    let s = Spillway::start(&[("max_attempts", "1")], false).await;
-    s.db().execute_batch(FAILING_RECORDS).unwrap();
+async fn replay_skips_dead_letters_already_applied(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[("max_attempts", "1")], false).await;
+    s.store.fail_records().await;
     let (_, v) = s.write(json!({"key": "k", "op": "incr", "field": "n"})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     let auth = format!("Bearer {ADMIN}");
@@ -220,10 +211,8 @@ async fn replay_skips_dead_letters_already_applied() {
     let (_, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
     assert_eq!(dead["dead"][0]["id"], id, "{dead}");
     // The database has it (as if the commit went through and only the ack failed).
-    s.db().execute_batch("DROP TABLE spillway_records").unwrap();
-    s.db()
-        .execute("INSERT INTO spillway_writes (id, key, status, version, applied_at) VALUES (?1, 'k', 'applied', 1, 0)", [&id])
-        .unwrap();
+    s.store.exec("DROP TABLE spillway_records").await;
+    s.store.exec(&format!("INSERT INTO spillway_writes (id, key, status, version, applied_at) VALUES ('{id}', 'k', 'applied', 1, 0)")).await;
     let (code, _, out) = s.call("POST", "/v1/dead/replay", None, &[("authorization", &auth)]).await;
     assert_eq!(code, 200, "{out}");
     assert_eq!(out, json!({"replayed": [], "already_applied": [id]}));
@@ -236,9 +225,8 @@ async fn replay_skips_dead_letters_already_applied() {
 /// Scripts go by SHA1; when Redis forgets them (`SCRIPT FLUSH`, a restart) the next
 /// request loads them again and succeeds. Regression: the `NOSCRIPT` answer was not
 /// recognized in the client's wording, so warm instances answered 503.
-#[tokio::test(flavor = "multi_thread")]
-async fn forgotten_scripts_are_loaded_again() {
-    let s = Spillway::start(&[], false).await;
+async fn forgotten_scripts_are_loaded_again(engine: Engine) {
+    let s = Spillway::start_engine(engine, &[], false).await;
     let (code, v) = s.write(json!({"key": "a", "op": "put", "value": 1})).await;
     assert_eq!(code, 202, "{v}");
     let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut s.redis.conn()).unwrap();
@@ -247,3 +235,16 @@ async fn forgotten_scripts_are_loaded_again() {
         assert_eq!(code, 202, "{v}");
     }
 }
+
+on_both_engines!(
+    bad_writes_are_refused_and_change_nothing,
+    routes_methods_and_request_ids,
+    backpressure_then_recovery,
+    redis_down_is_503,
+    admin_disabled_without_token,
+    hostile_keys_stay_in_the_layout,
+    openapi_document_is_served,
+    dead_letters_list_and_replay,
+    replay_skips_dead_letters_already_applied,
+    forgotten_scripts_are_loaded_again,
+);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use redis::Commands as _;
 
 use crate::processes::{Conn, manifests, spawn};
-use crate::spillway::ADMIN;
+use crate::spillway::{ADMIN, Engine, Store, on_both_engines};
 use crate::support::{Redis, fixtures};
 
 const KEYS: usize = 100;
@@ -18,14 +18,18 @@ const CLIENTS: usize = 32;
 /// number of increments accepted for it. Nothing lost, nothing doubled, also while
 /// write outcomes are pruned after a 1 s retention (a redelivered batch still finds
 /// its outcomes: only outcomes older than everything still in the stream go).
-#[tokio::test(flavor = "multi_thread")]
-async fn increments_survive_processor_crashes() {
+/// On both engines: SQLite applies one transaction at a time, PostgreSQL runs
+/// the two processors' transactions at once.
+async fn increments_survive_processor_crashes(engine: Engine) {
     fixtures();
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (front_toml, processor_toml) = manifests(dir.path());
-    let vars = [("lease_ttl_ms", "1000"), ("status_retention_secs", "1")];
+    std::fs::create_dir_all(&state).unwrap();
+    let (store, db_vars) = Store::new(engine, &state);
+    let mut vars = vec![("lease_ttl_ms", "1000"), ("status_retention_secs", "1")];
+    vars.extend(db_vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
 
     // The front serves intake and reads; only the two others process doorbells.
     let front = spawn(&front_toml, &state, &redis.url(), &vars, false);
@@ -61,9 +65,7 @@ async fn increments_survive_processor_crashes() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         processors[n].kill();
-        let applied: i64 = rusqlite::Connection::open(state.join("sqlite_db.db"))
-            .and_then(|db| db.query_row("SELECT count(*) FROM spillway_writes", [], |r| r.get(0)))
-            .unwrap_or(0);
+        let applied = store.int("SELECT count(*) FROM spillway_writes").await.unwrap_or(0);
         eprintln!("SIGKILL processor {n} at {} accepted, {applied} applied", accepted_total.load(Ordering::SeqCst));
         kills += 1;
         processors[n] = spawn(&processor_toml, &state, &redis.url(), &vars, true);
@@ -100,15 +102,13 @@ async fn increments_survive_processor_crashes() {
         .collect();
     assert_eq!(dead, 0, "nothing dead-lettered: {first_dead:?}");
 
-    let db = rusqlite::Connection::open(state.join("sqlite_db.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(10)).unwrap();
-    let outcomes: i64 = db.query_row("SELECT count(*) FROM spillway_writes WHERE status = 'applied'", [], |r| r.get(0)).unwrap();
+    let outcomes = store.int("SELECT count(*) FROM spillway_writes WHERE status = 'applied'").await.unwrap();
     assert!(outcomes < WRITES as i64, "outcomes past their retention were pruned ({outcomes} left)");
     for (key, n) in expected {
-        let value: String = db
-            .query_row("SELECT value FROM spillway_records WHERE key = ?1", [format!("counter-{key}")], |r| r.get(0))
-            .unwrap();
+        let value = store.text(&format!("SELECT value FROM spillway_records WHERE key = 'counter-{key}'")).await.unwrap();
         let v: serde_json::Value = serde_json::from_str(&value).unwrap();
         assert_eq!(v["n"].as_u64(), Some(n), "counter-{key}");
     }
 }
+
+on_both_engines!(increments_survive_processor_crashes);

@@ -2,8 +2,11 @@ use std::time::{Duration, Instant};
 
 use redis::Script;
 use spillway_core::layout::{CONSUMER, GROUP, Layout};
-use spillway_core::{scripts, sql};
+use spillway_core::scripts;
+use spillway_core::sql::postgres::DIALECT as PG;
+use spillway_core::sql::sqlite as sql;
 
+use crate::pg::PgDb;
 use crate::support::Redis;
 
 fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) -> bool {
@@ -18,11 +21,36 @@ fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) ->
     true
 }
 
+/// [`commit`] in PostgreSQL, with the app's statements.
+async fn commit_pg(db: &tokio_postgres::Client, shard: i64, token: i64, value: &str) -> bool {
+    db.batch_execute(PG.begin).await.unwrap();
+    let advanced: Option<i64> = db.query(PG.fence, &[&shard, &token]).await.unwrap().first().map(|r| r.get(0));
+    if advanced != Some(token) {
+        db.batch_execute(PG.rollback).await.unwrap();
+        return false;
+    }
+    let row = serde_json::json!([["k", value, token, "e", 0, 0, null]]).to_string();
+    db.execute(PG.upsert_records, &[&row]).await.unwrap();
+    db.batch_execute(PG.commit).await.unwrap();
+    true
+}
+
+/// The app's schema in a fresh PostgreSQL database; a client to it.
+async fn pg_schema() -> (PgDb, tokio_postgres::Client) {
+    let db = PgDb::create();
+    let c = db.client().await;
+    for stmt in spillway_core::sql::postgres::SCHEMA {
+        c.batch_execute(stmt).await.unwrap();
+    }
+    (db, c)
+}
+
 /// A lease holder whose lease expired cannot commit: the new holder has a newer
 /// fencing token, the old one can neither renew (reading renews) nor read, and the database refuses
-/// its transaction (the real scripts against a real Redis, the real SQL against SQLite).
-#[test]
-fn expired_lease_holder_cannot_commit() {
+/// its transaction (the real scripts against a real Redis, the real SQL against
+/// SQLite and PostgreSQL).
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_lease_holder_cannot_commit() {
     let redis = Redis::start();
     let mut c = redis.conn();
     let l = Layout { prefix: "spillway:".into(), shards: 16 };
@@ -54,11 +82,72 @@ fn expired_lease_holder_cannot_commit() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut db = rusqlite::Connection::open(dir.path().join("db.sqlite")).unwrap();
-    db.execute_batch(sql::SCHEMA).unwrap();
+    for stmt in sql::SCHEMA_STATEMENTS {
+        db.execute(stmt, []).unwrap();
+    }
     assert!(commit(&mut db, 3, b, "\"from b\""));
     assert!(!commit(&mut db, 3, a, "\"from a\""), "the stale holder's commit is refused");
     let value: String = db.query_row("SELECT value FROM spillway_records WHERE key = 'k'", [], |r| r.get(0)).unwrap();
     assert_eq!(value, "\"from b\"");
+
+    let (_pg, c) = pg_schema().await;
+    assert!(commit_pg(&c, 3, b, "\"from b\"").await);
+    assert!(!commit_pg(&c, 3, a, "\"from a\"").await, "the stale holder's commit is refused");
+    let value: String = c.query_one("SELECT value FROM spillway_records WHERE key = 'k'", &[]).await.unwrap().get(0);
+    assert_eq!(value, "\"from b\"");
+}
+
+/// PostgreSQL runs transactions at once (SQLite one at a time): when a stale
+/// holder and the new one overlap, the fence row's lock orders them. A stale
+/// holder that fences after the new one waits for it and is then refused; one
+/// that fenced first commits before the new holder goes on, and the new holder
+/// reads what it wrote.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_fence_orders_overlapping_holders() {
+    let (db, new) = pg_schema().await;
+    let stale = db.client().await;
+    // The new holder (token 2) fences first; the stale one (token 1) waits.
+    new.batch_execute(PG.begin).await.unwrap();
+    assert_eq!(new.query(PG.fence, &[&3_i64, &2_i64]).await.unwrap().len(), 1);
+    stale.batch_execute(PG.begin).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let rows = stale.query(PG.fence, &[&3_i64, &1_i64]).await.unwrap();
+        stale.batch_execute(PG.rollback).await.unwrap();
+        rows.len()
+    });
+    let row = serde_json::json!([["k", "\"from new\"", 2, "e", 0, 0, null]]).to_string();
+    new.execute(PG.upsert_records, &[&row]).await.unwrap();
+    // The stale holder is blocked on the fence row's lock (seen by the server).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = new.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'", &[]).await.unwrap();
+        if row.get::<_, i64>(0) == 1 {
+            break;
+        }
+        assert!(!waiting.is_finished() && Instant::now() < deadline, "the stale holder does not wait on the fence row");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    new.batch_execute(PG.commit).await.unwrap();
+    assert_eq!(waiting.await.unwrap(), 0, "then it is refused");
+
+    // The other order: the stale holder (token 3) fenced first and commits; the
+    // newer one (token 4) waits, then sees its record.
+    let (db, first) = pg_schema().await;
+    let second = db.client().await;
+    first.batch_execute(PG.begin).await.unwrap();
+    assert_eq!(first.query(PG.fence, &[&3_i64, &3_i64]).await.unwrap().len(), 1);
+    second.batch_execute(PG.begin).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let fenced = second.query(PG.fence, &[&3_i64, &4_i64]).await.unwrap().len();
+        let keys = serde_json::json!(["k"]).to_string();
+        let seen: Option<String> = second.query(PG.records, &[&keys]).await.unwrap().first().map(|r| r.get(1));
+        second.batch_execute(PG.commit).await.unwrap();
+        (fenced, seen)
+    });
+    let row = serde_json::json!([["k", "\"from first\"", 1, "e", 0, 0, null]]).to_string();
+    first.execute(PG.upsert_records, &[&row]).await.unwrap();
+    first.batch_execute(PG.commit).await.unwrap();
+    assert_eq!(waiting.await.unwrap(), (1, Some("\"from first\"".to_owned())));
 }
 
 /// A new lease holder resumes every entry a previous holder left pending, in stream

@@ -4,6 +4,8 @@
 
 /// Test support: redis-server, fixtures, temporary apps.
 mod support;
+/// A real PostgreSQL server, a database per test.
+mod pg;
 /// Support for Spillway's own app: the repository's spin.toml in process.
 mod spillway;
 /// Support for Spillway as separate processes (crash tests).

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use spillway_testhost::{App, AppOptions};
 
+use crate::pg::PgDb;
 use crate::support::{Redis, fixtures, workspace};
 
 /// A records table (current schema) whose every insert fails: an infrastructure
@@ -16,6 +17,126 @@ use crate::support::{Redis, fixtures, workspace};
 pub(crate) const FAILING_RECORDS: &str = "CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL CHECK (0),
   version INTEGER NOT NULL, etag TEXT NOT NULL, updated_at INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
   head TEXT) WITHOUT ROWID";
+
+/// [`FAILING_RECORDS`] in PostgreSQL.
+const FAILING_RECORDS_PG: &str = "CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL CHECK (false),
+  version BIGINT NOT NULL, etag TEXT NOT NULL, updated_at BIGINT NOT NULL, deleted BIGINT NOT NULL DEFAULT 0,
+  head TEXT COLLATE \"C\")";
+
+/// The system of record a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Engine {
+    /// Spin's `default` SQLite database (a file in the state directory).
+    Sqlite,
+    /// A PostgreSQL database of its own on the tests' server.
+    Postgres,
+}
+
+/// Runs each named test body (an `async fn(Engine)`) once per engine, as
+/// `<name>::sqlite` and `<name>::postgres`.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread")]
+                async fn sqlite() {
+                    super::$name(crate::spillway::Engine::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread")]
+                async fn postgres() {
+                    super::$name(crate::spillway::Engine::Postgres).await
+                }
+            }
+        )*
+    };
+}
+pub(crate) use on_both_engines;
+
+/// The database as the tests read it, behind the app's back: the SQLite file in
+/// the state directory or the test's PostgreSQL database. Statements are plain
+/// SQL both engines read the same way (literals, no parameters).
+pub(crate) enum Store {
+    Sqlite(std::path::PathBuf),
+    Postgres(PgDb),
+}
+
+impl Store {
+    /// The store for `engine`, and the variables that point the app at it.
+    pub(crate) fn new(engine: Engine, state: &std::path::Path) -> (Self, Vec<(String, String)>) {
+        match engine {
+            Engine::Sqlite => (Self::Sqlite(state.join("sqlite_db.db")), Vec::new()),
+            Engine::Postgres => {
+                let db = PgDb::create();
+                let vars = vec![("database".to_owned(), db.url.clone()), ("database_host".to_owned(), db.host.clone())];
+                (Self::Postgres(db), vars)
+            }
+        }
+    }
+
+    /// The first column of the first row as an integer (`None` for no row, NULL,
+    /// or a missing table).
+    pub(crate) async fn int(&self, sql: &str) -> Option<i64> {
+        self.text(sql).await.and_then(|t| t.parse().ok())
+    }
+
+    /// The first column of the first row as text (`None` for no row, NULL, or a
+    /// missing table).
+    pub(crate) async fn text(&self, sql: &str) -> Option<String> {
+        match self {
+            Self::Sqlite(path) => {
+                let db = rusqlite::Connection::open(path).ok()?;
+                db.busy_timeout(Duration::from_secs(10)).ok()?;
+                db.query_row(sql, [], |r| {
+                    Ok(match r.get_ref(0)? {
+                        rusqlite::types::ValueRef::Integer(i) => Some(i.to_string()),
+                        rusqlite::types::ValueRef::Real(f) => Some(f.to_string()),
+                        rusqlite::types::ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+                        _ => None,
+                    })
+                })
+                .ok()
+                .flatten()
+            }
+            Self::Postgres(db) => {
+                let rows = db.client().await.simple_query(sql).await.ok()?;
+                rows.into_iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
+                    _ => None,
+                })?
+            }
+        }
+    }
+
+    /// Runs statements (panics on an error).
+    pub(crate) async fn exec(&self, sql: &str) {
+        match self {
+            Self::Sqlite(path) => {
+                let db = rusqlite::Connection::open(path).unwrap();
+                db.busy_timeout(Duration::from_secs(10)).unwrap();
+                db.execute_batch(sql).unwrap();
+            }
+            Self::Postgres(db) => db.client().await.batch_execute(sql).await.unwrap(),
+        }
+    }
+
+    /// Creates a records table every insert into fails ([`FAILING_RECORDS`]).
+    pub(crate) async fn fail_records(&self) {
+        self.exec(match self {
+            Self::Sqlite(_) => FAILING_RECORDS,
+            Self::Postgres(_) => FAILING_RECORDS_PG,
+        })
+        .await;
+    }
+
+    /// The sum of field `n` over all records.
+    pub(crate) async fn sum_of_n(&self) -> i64 {
+        let sql = match self {
+            Self::Sqlite(_) => "SELECT sum(json_extract(value, '$.n')) FROM spillway_records",
+            Self::Postgres(_) => "SELECT sum((value::jsonb->>'n')::bigint) FROM spillway_records",
+        };
+        self.int(sql).await.unwrap_or(0)
+    }
+}
 
 /// The admin token the tests configure.
 pub(crate) const ADMIN: &str = "test-admin-token";
@@ -25,6 +146,8 @@ pub(crate) struct Spillway {
     pub(crate) app: Arc<App>,
     pub(crate) redis: Redis,
     pub(crate) state: tempfile::TempDir,
+    /// The system of record.
+    pub(crate) store: Store,
     trigger: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -71,16 +194,27 @@ impl Spillway {
         Self::start_with(Redis::start(), vars, trigger, true).await
     }
 
+    /// Like [`Spillway::start`], with `engine` as the system of record.
+    pub(crate) async fn start_engine(engine: Engine, vars: &[(&str, &str)], trigger: bool) -> Self {
+        Self::start_full(Redis::start(), engine, vars, trigger, false).await
+    }
+
     async fn start_with(redis: Redis, vars: &[(&str, &str)], trigger: bool, kv_on_redis: bool) -> Self {
+        Self::start_full(redis, Engine::Sqlite, vars, trigger, kv_on_redis).await
+    }
+
+    async fn start_full(redis: Redis, engine: Engine, vars: &[(&str, &str)], trigger: bool, kv_on_redis: bool) -> Self {
         let state = tempfile::tempdir().unwrap();
+        let (store, db_vars) = Store::new(engine, state.path());
         let mut opts = options(&redis, state.path(), vars);
+        opts.variables.extend(db_vars);
         if kv_on_redis {
             let rc = state.path().join("runtime-config.toml");
             std::fs::write(&rc, format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n", redis.url())).unwrap();
             opts.runtime_config = Some(rc);
         }
         let app = Arc::new(App::load(&opts).expect("spillway loads"));
-        let mut s = Self { app, redis, state, trigger: None };
+        let mut s = Self { app, redis, state, store, trigger: None };
         if trigger {
             s.start_trigger().await;
         }
@@ -133,7 +267,7 @@ impl Spillway {
     pub(crate) async fn wait_recorded(&self, n: i64) {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            let count: i64 = self.db().query_row("SELECT count(*) FROM spillway_writes", [], |r| r.get(0)).unwrap_or(0);
+            let count = self.store.int("SELECT count(*) FROM spillway_writes").await.unwrap_or(0);
             if count >= n {
                 assert_eq!(count, n, "more outcomes than writes");
                 return;

@@ -1,47 +1,21 @@
-//! The database schema and statements (SQLite and PostgreSQL-compatible SQL).
-//!
-//! A batch is applied in ONE transaction of a handful of statements, whatever its
-//! size: the fence is advanced and checked in one statement (a holder whose lease
-//! expired has a lower fencing token and is refused), the batch's records are read in
-//! one query, written back in one upsert (and one delete), and every write id is
-//! recorded in one insert, so a redelivered write changes nothing.
-//!
-//! Statements over many rows take ONE parameter: a JSON array that SQLite unpacks
-//! itself (`json_each`), rather than thousands of bound values, each of which
-//! would cross the Wasm boundary and the host on its own. Rows are arrays, their
-//! columns in the order each statement names.
+//! The statements in SQLite's dialect (Spin's `spin:sqlite`): what each one does,
+//! its parameters and columns are documented on [`super::Dialect`]. Rows passed as
+//! one JSON array are unpacked by `json_each`.
 
-/// Creates the tables if needed (schema version 3).
-///
-/// - Version 2: write outcomes carry their shard and stream time.
-/// - Version 3: a deleted record stays as a tombstone (`deleted = 1`) holding the
-///   version its deletion reached, so versions never go back when a key is
-///   re-created; and an applied write's outcome keeps the value it produced
-///   (`value`, canonical JSON; a deletion has `reason = 'deleted'` and no value):
-///   the key's change feed, kept as long as the outcomes. The feed needs a key's
-///   versions in order without an index by key (one would cost a random B-tree
-///   insert per write, about a third of a round's database time): each applied
-///   outcome names the key's previous applied write (`prev`) and the record its
-///   latest (`head`), a chain [`CHANGES`] walks back. Both tables are
-///   `WITHOUT ROWID`, clustered by their primary key, and outcomes are pruned by
-///   walking it (see [`PRUNE_WRITES`]): no secondary index at all.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS spillway_records (
+/// Creates the tables if needed (schema version 3, see [`super::Dialect::schema`]).
+/// Both tables are `WITHOUT ROWID`, clustered by their primary key.
+pub const SCHEMA_STATEMENTS: [&str; 3] = [
+    "CREATE TABLE IF NOT EXISTS spillway_records (
   key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL,
   etag TEXT NOT NULL, updated_at INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
-  head TEXT) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS spillway_writes (
+  head TEXT) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS spillway_writes (
   id TEXT PRIMARY KEY, key TEXT NOT NULL, status TEXT NOT NULL,
   version INTEGER, reason TEXT, applied_at INTEGER NOT NULL,
-  shard INTEGER, entry_ms INTEGER, value TEXT, prev TEXT) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS spillway_fences (
-  shard INTEGER PRIMARY KEY, token INTEGER NOT NULL);
-";
-
-/// The schema as single statements (for APIs that run one statement per call).
-pub fn schema_statements() -> impl Iterator<Item = &'static str> {
-    SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty())
-}
+  shard INTEGER, entry_ms INTEGER, value TEXT, prev TEXT) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS spillway_fences (
+  shard INTEGER PRIMARY KEY, token INTEGER NOT NULL)",
+];
 
 /// Whether `spillway_writes` already has the version-2 columns (SQLite): one row with
 /// a count, 0 for a database made by version 1.
@@ -95,6 +69,9 @@ pub const MIGRATE_V3: [(&str, &[&str]); 2] = [
 /// Indexes after version 3: none; version 2's pruning index is dropped where it
 /// is left.
 pub const INDEXES: [&str; 1] = ["DROP INDEX IF EXISTS spillway_writes_by_entry"];
+
+/// Whether version 2's pruning index is gone (a row when it is).
+pub const NO_OLD_INDEX: &str = "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'spillway_writes_by_entry')";
 
 /// Puts the database in write-ahead-log mode (a property of the file, kept once
 /// set): a commit is one append and one sync of the log rather than the rollback
@@ -186,6 +163,37 @@ pub const PRUNE_WRITES: &str = "DELETE FROM spillway_writes WHERE id IN (
 /// A write's outcome by id: `status, version, reason, key`.
 pub const WRITE_STATUS: &str = "SELECT status, version, reason, key FROM spillway_writes WHERE id = ?1";
 
+/// Whether the three tables exist (a row only when all do).
+pub const HAS_TABLES: &str = "SELECT count(*) FROM sqlite_master WHERE type = 'table'
+  AND name IN ('spillway_records', 'spillway_writes', 'spillway_fences') HAVING count(*) = 3";
+
+/// SQLite's statements: the tables, then the migrations of databases made by
+/// earlier versions.
+pub const DIALECT: super::Dialect = super::Dialect {
+    name: "sqlite",
+    tune: &[WAL],
+    schema: &[
+        super::Step { done: HAS_TABLES, statements: &SCHEMA_STATEMENTS },
+        super::Step { done: HAS_V2_COLUMNS, statements: &MIGRATE_V2 },
+        super::Step { done: MIGRATE_V3[0].0, statements: MIGRATE_V3[0].1 },
+        super::Step { done: MIGRATE_V3[1].0, statements: MIGRATE_V3[1].1 },
+        super::Step { done: NO_OLD_INDEX, statements: &INDEXES },
+    ],
+    schema_lock: None,
+    begin: BEGIN,
+    commit: COMMIT,
+    rollback: ROLLBACK,
+    fence: FENCE,
+    applied_ids: APPLIED_IDS,
+    records: RECORDS,
+    record: RECORD,
+    upsert_records: UPSERT_RECORDS,
+    insert_writes: INSERT_WRITES,
+    changes: CHANGES,
+    prune_writes: PRUNE_WRITES,
+    write_status: WRITE_STATUS,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,7 +203,7 @@ mod tests {
     #[test]
     fn json_rows_round_trip() {
         let db = rusqlite::Connection::open_in_memory().unwrap();
-        for stmt in schema_statements() {
+        for stmt in SCHEMA_STATEMENTS {
             db.execute(stmt, []).unwrap();
         }
         let rows = r#"[["a","{\"n\":1}",1,"e1",10,0,"3-4-0"],["b","[1,\"x\"]",2,"e2",20,0,null]]"#;
