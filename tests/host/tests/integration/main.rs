@@ -17,6 +17,8 @@ mod cli;
 mod api;
 /// Crash safety: processors SIGKILLed mid-run lose and double nothing.
 mod crash;
+/// Deployment manifests: SpinKube's SpinApp wires every variable, holds no secret.
+mod deploy;
 /// Fencing: an expired lease holder cannot commit.
 mod fencing;
 /// HTTP trigger: routing, `spin-*` headers, 404, instance reuse and isolation.

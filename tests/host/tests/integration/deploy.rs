@@ -1,0 +1,104 @@
+//! The deployment manifests under `deploy/` agree with `spin.toml`: what they set
+//! exists, what a cluster needs is set, and no secret is written in a file.
+
+use std::collections::BTreeMap;
+
+use serde_yaml::Value as Yaml;
+
+use crate::support::workspace;
+
+/// `spin.toml`'s `[variables]`: name -> whether it is a secret.
+fn app_variables() -> BTreeMap<String, bool> {
+    let manifest: toml::Table = std::fs::read_to_string(workspace().join("spin.toml")).unwrap().parse().unwrap();
+    manifest["variables"]
+        .as_table()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.get("secret").and_then(toml::Value::as_bool).unwrap_or(false)))
+        .collect()
+}
+
+/// Every YAML document of a file.
+fn documents(path: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(workspace().join(path)).unwrap();
+    serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect()
+}
+
+/// `name: <secret>/<key>` of a `valueFrom.secretKeyRef`, if the item has one.
+fn secret_ref(item: &Yaml) -> Option<String> {
+    let r = item.get("valueFrom")?.get("secretKeyRef")?;
+    Some(format!("{}/{}", r.get("name")?.as_str()?, r.get("key")?.as_str()?))
+}
+
+/// Whether `text` looks like a URL with a password in it (`scheme://user:pass@`).
+fn has_credentials(text: &str) -> bool {
+    text.split("://").skip(1).any(|rest| rest.split(['/', ' ', '"', '\'']).next().is_some_and(|auth| auth.contains('@') && auth.split('@').next().is_some_and(|u| u.contains(':') && !u.contains('<'))))
+}
+
+/// The SpinApp runs several replicas of the app with every variable a cluster
+/// needs: the secrets (admin token, database URL, Redis URL, which may carry a
+/// password) from a Kubernetes Secret, the database host (for
+/// `allowed_outbound_hosts`) as a value; the record cache on the shared Redis
+/// through runtime config. Every variable it names exists in `spin.toml`, and no
+/// secret is in the file.
+#[test]
+fn spinkube_app_wires_every_variable_and_holds_no_secret() {
+    let docs = documents("deploy/spinkube/spillway.yaml");
+    let apps: Vec<&Yaml> = docs.iter().filter(|d| d.get("kind").and_then(Yaml::as_str) == Some("SpinApp")).collect();
+    assert_eq!(apps.len(), 1, "one SpinApp");
+    let app = apps[0];
+    assert_eq!(app["apiVersion"].as_str(), Some("core.spinkube.dev/v1alpha1"));
+    let spec = &app["spec"];
+    assert_eq!(spec["executor"].as_str(), Some("containerd-shim-spin"));
+    assert!(spec["image"].as_str().is_some_and(|i| !i.is_empty()));
+    assert!(spec["replicas"].as_u64().is_some_and(|n| n >= 2), "several replicas");
+
+    let declared = app_variables();
+    let mut wired = BTreeMap::new();
+    for v in spec["variables"].as_sequence().unwrap() {
+        let name = v["name"].as_str().unwrap().to_owned();
+        assert!(declared.contains_key(&name), "{name} is not a variable of spin.toml");
+        let from_secret = secret_ref(v);
+        assert!(from_secret.is_some() != v.get("value").is_some(), "{name}: a value or a secret reference, not both");
+        wired.insert(name, from_secret.is_some());
+    }
+    for (name, secret) in &declared {
+        if *secret {
+            assert_eq!(wired.get(name), Some(&true), "secret variable {name} comes from a Kubernetes Secret");
+        }
+    }
+    for name in ["redis_address", "database", "database_host"] {
+        assert!(wired.contains_key(name), "{name} is set: its default points at localhost");
+    }
+
+    let stores = spec["runtimeConfig"]["keyValueStores"].as_sequence().unwrap();
+    let default = stores.iter().find(|s| s["name"].as_str() == Some("default")).expect("the default store is configured");
+    assert_eq!(default["type"].as_str(), Some("redis"), "the cache is shared by the replicas");
+    let url = default["options"].as_sequence().unwrap().iter().find(|o| o["name"].as_str() == Some("url")).expect("a url option");
+    assert!(secret_ref(url).is_some(), "the Redis URL comes from the Secret");
+
+    // No Secret object with data, no URL with a password, in any deployment file.
+    for entry in std::fs::read_dir(workspace().join("deploy/spinkube")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!has_credentials(&text), "{} holds a URL with a password", path.display());
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            for d in documents(&format!("deploy/spinkube/{}", path.file_name().unwrap().to_string_lossy())) {
+                if d.get("kind").and_then(Yaml::as_str) == Some("Secret") {
+                    assert!(d.get("data").is_none() && d.get("stringData").is_none(), "{} has a Secret with data", path.display());
+                }
+            }
+        }
+    }
+}
+
+/// The credential check itself: a password in a URL is found, a placeholder or a
+/// user without a password is not.
+#[test]
+fn credentials_in_urls_are_recognised() {
+    assert!(has_credentials("url: redis://:hunter2@redis:6379"));
+    assert!(has_credentials("postgres://app:s3cret@db:5432/app"));
+    assert!(!has_credentials("postgres://app@db:5432/app"));
+    assert!(!has_credentials("postgres://spillway:<password>@postgres:5432/spillway"));
+    assert!(!has_credentials("value: \"postgres://postgres:5432\""));
+}
