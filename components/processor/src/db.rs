@@ -90,7 +90,13 @@ pub(crate) async fn apply_round(db: &Db, batches: &[Batch]) -> (Applied, Vec<(u3
 
 async fn in_transaction(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     db.query(db.sql().begin, vec![]).await?;
-    match apply_in_tx(db, batches).await {
+    let applied = async {
+        for stmt in db.sql().in_transaction {
+            db.query(stmt, vec![]).await?;
+        }
+        apply_in_tx(db, batches).await
+    };
+    match applied.await {
         Ok(a) => match db.query(db.sql().commit, vec![]).await {
             Ok(_) => Ok(a),
             Err(p) => {
@@ -122,7 +128,11 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     let mut unreadable = Vec::new();
     let mut entry_of = std::collections::HashMap::new();
     let mut over = Vec::new();
-    for b in batches {
+    // Fence rows are locked in shard order, so two processors whose rounds share
+    // shards (a stale holder and the new one) cannot wait on each other in a cycle.
+    let mut in_order: Vec<&Batch> = batches.iter().collect();
+    in_order.sort_by_key(|b| b.shard);
+    for b in in_order {
         let rows = db.query(db.sql().fence, vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.fence)]).await?;
         if rows.first().and_then(|r| r.first()).and_then(integer) != Some(b.fence) {
             fenced.push(b.shard);

@@ -72,7 +72,11 @@ impl Db {
         } else {
             Conn::Sqlite(sqlite::Connection::open_default().await.map_err(sqlite_err)?)
         };
-        Ok(Self { conn, sql })
+        let db = Self { conn, sql };
+        for stmt in sql.on_open {
+            db.query(stmt, Vec::new()).await?;
+        }
+        Ok(db)
     }
 
     /// The engine's statements.

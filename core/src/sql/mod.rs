@@ -61,6 +61,15 @@ pub struct Dialect {
     /// Starts a transaction (taking the write lock at once where the engine has
     /// one).
     pub begin: &'static str,
+    /// Run right after `begin` in a batch transaction: PostgreSQL's bound on
+    /// waiting for a row lock (a holder that never commits must not stall the
+    /// shard's next holder for ever).
+    pub in_transaction: &'static [&'static str],
+    /// Run when a connection is opened: ends a transaction a previous user of a
+    /// pooled connection left open (Spin's PostgreSQL pool hands a client back as
+    /// it was; an instance that died mid-transaction would leave its locks, and
+    /// its uncommitted rows, to the next user).
+    pub on_open: &'static [&'static str],
     /// Commits it.
     pub commit: &'static str,
     /// Abandons it.

@@ -45,6 +45,9 @@ pub const DIALECT: Dialect = Dialect {
     schema: &[Step { done: HAS_TABLES, statements: &SCHEMA }],
     schema_lock: Some(SCHEMA_LOCK),
     begin: "BEGIN",
+    in_transaction: &["SET LOCAL lock_timeout = '10s'"],
+    // Outside a transaction this is a no-op (with a warning).
+    on_open: &["ROLLBACK"],
     commit: "COMMIT",
     rollback: "ROLLBACK",
     // Under READ COMMITTED, a second holder's upsert waits on the first's row

@@ -181,6 +181,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     ],
     schema_lock: None,
     begin: BEGIN,
+    in_transaction: &[],
+    on_open: &[],
     commit: COMMIT,
     rollback: ROLLBACK,
     fence: FENCE,

@@ -69,6 +69,10 @@ fn allowed(view: &SpinView<'_>, address: &str) -> Result<(), Error> {
     let config: tokio_postgres::Config = address.parse().map_err(|e: tokio_postgres::Error| Error::ConnectionFailed(e.to_string()))?;
     let ports = config.get_ports();
     for (i, host) in config.get_hosts().iter().enumerate() {
+        #[cfg(unix)]
+        if let tokio_postgres::config::Host::Unix(_) = host {
+            return Err(Error::ConnectionFailed("Unix sockets are not supported".into()));
+        }
         if let tokio_postgres::config::Host::Tcp(h) = host {
             let port = ports.get(i).or(if ports.len() == 1 { ports.first() } else { None });
             let url = format!("{h}{}", port.map(|p| format!(":{p}")).unwrap_or_default());

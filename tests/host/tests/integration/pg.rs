@@ -1,6 +1,6 @@
 //! A real PostgreSQL server for the tests: one cluster per test binary
 //! (`initdb` in a temporary directory, `postgres` on a free loopback port), and a
-//! fresh database per test. The server dies with the test binary (parent-death
+//! fresh database per test (ICU en-US collation). The server dies with the test binary (parent-death
 //! signal through `setpriv`); directories left by earlier binaries are removed.
 //! As root, both run as the `postgres` user (PostgreSQL refuses root).
 
@@ -99,6 +99,8 @@ fn cluster() -> &'static Cluster {
         // the spawning thread, and a test's thread ends with the test.
         let (tx, rx) = std::sync::mpsc::channel();
         let (server_bin, server_dir, server_as_pg) = (bin.join("postgres"), dir.clone(), as_pg);
+        let log = dir.join("server.log");
+        let server_log = std::fs::File::create(&log).expect("server log");
         std::thread::spawn(move || {
             let child = Command::new("setpriv")
                 .arg("--pdeathsig")
@@ -114,7 +116,7 @@ fn cluster() -> &'static Cluster {
                 .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
                 .args(["-c", "max_connections=400", "-c", "shared_buffers=64MB"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(server_log)
                 .spawn();
             let _ = tx.send(child.map(|c| c.id()));
             loop {
@@ -129,7 +131,7 @@ fn cluster() -> &'static Cluster {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        panic!("postgres did not start on port {port}");
+        panic!("postgres did not start on port {port}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     })
 }
 
@@ -155,7 +157,10 @@ impl PgDb {
         static N: AtomicU32 = AtomicU32::new(0);
         let c = cluster();
         let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        c.psql("postgres", &format!("CREATE DATABASE {name}")).expect("create database");
+        // A linguistic collation (ICU's en-US), as a production database may
+        // have: the app's statements must not depend on the cluster's C locale.
+        c.psql("postgres", &format!("CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'"))
+            .expect("create database");
         Self { url: format!("postgres://postgres@127.0.0.1:{}/{name}", c.port), host: format!("postgres://127.0.0.1:{}", c.port) }
     }
 
