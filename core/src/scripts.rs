@@ -35,8 +35,10 @@ end
 /// shard_1..shard_n, writes, (slot, payload)*]` where `slot` is 1-based in the
 /// shard list.
 ///
-/// Reply: `ok, id*` | `replay, id*` (same idempotency key and body) | `conflict`
-/// (same key, other body) | `full, shard` (over the depth limit; nothing added).
+/// Reply: `ok, id*[, rang, shard*]` (`rang`: the shards whose doorbell this
+/// request rang, for a wake over HTTP where no Redis trigger listens) | `replay,
+/// id*` (same idempotency key and body) | `conflict` (same key, other body) |
+/// `full, shard` (over the depth limit; nothing added).
 ///
 /// Doorbell: a shard whose flag is not set gets it (valued with the time it was
 /// rung, with a TTL) and one PUBLISH, so a burst rings once per shard, not once per
@@ -77,6 +79,7 @@ for s = 1, n do count(KEYS[4 * s + 1], 'accepted', counts[s] or 0, true) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[6])
+local rang = {}
 for s = 1, n do
   local bell = KEYS[4 * s - 1]
   local ring = redis.call('SET', bell, now, 'NX', 'PX', ttl)
@@ -87,10 +90,17 @@ for s = 1, n do
       ring = true
     end
   end
-  if ring then redis.call('PUBLISH', ARGV[5], ARGV[7 + s]) end
+  if ring then
+    redis.call('PUBLISH', ARGV[5], ARGV[7 + s])
+    rang[#rang + 1] = ARGV[7 + s]
+  end
 end
 if use_idem then
   redis.call('SET', KEYS[1], ARGV[2] .. '|' .. table.concat(out, ',', 2), 'EX', ARGV[3])
+end
+if #rang > 0 then
+  out[#out + 1] = 'rang'
+  for _, s in ipairs(rang) do out[#out + 1] = s end
 end
 return out
 "#);

@@ -34,6 +34,14 @@ pub struct Settings {
     /// `database`: `sqlite` (Spin's `default` database) or a PostgreSQL URL
     /// (`postgres://user:password@host:port/name`; a secret).
     pub database: String,
+    /// `wake_url`: where a processor is woken over HTTP (`POST <url>?shard=n`),
+    /// for platforms without the Redis trigger; `None` rings the doorbell channel
+    /// only. E.g. `http://processor.spin.internal/v1/wake` (service chaining).
+    pub wake_url: Option<String>,
+    /// `drain_budget_secs`: how long one processor invocation drains before it
+    /// hands the rest to a fresh one (rings again); 0 = until the queue is empty.
+    /// Hosted platforms end a request at 30 s.
+    pub drain_budget_secs: u64,
     /// Request limits.
     pub limits: Limits,
 }
@@ -94,7 +102,13 @@ impl Settings {
             // The value may hold a password: it is not repeated.
             return Err(SettingsError { name: "database", reason: "must be sqlite or a postgres:// URL".into() });
         }
+        let wake_url = get("wake_url").map(|u| u.trim().to_owned()).filter(|u| !u.is_empty());
+        if wake_url.as_deref().is_some_and(|u| !(u.starts_with("http://") || u.starts_with("https://")) || u.contains('?')) {
+            return Err(SettingsError { name: "wake_url", reason: "must be an http:// or https:// URL without a query".into() });
+        }
         Ok(Self {
+            wake_url,
+            drain_budget_secs: num(&get, "drain_budget_secs", 0)?,
             database,
             redis_address: get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
             layout: Layout { prefix, shards },
@@ -138,6 +152,9 @@ mod tests {
         let e = Settings::load(|n| (n == "database").then(|| "mysql://root:hunter2@db/app".to_owned())).unwrap_err();
         assert_eq!(e.name, "database");
         assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert_eq!((s.wake_url.as_deref(), s.drain_budget_secs), (None, 0));
+        let e = Settings::load(|n| (n == "wake_url").then(|| "processor.spin.internal/v1/wake".to_owned())).unwrap_err();
+        assert_eq!(e.name, "wake_url");
         let pg = Settings::load(|n| (n == "database").then(|| "postgres://app@db:5432/app".to_owned())).unwrap();
         assert_eq!(pg.database, "postgres://app@db:5432/app");
     }

@@ -173,7 +173,18 @@ async fn enqueue(
     spillway_spin::hazards::ensure(&redis).await;
     let reply = redis.eval(scripts::ENQUEUE, &keys, &args).await?;
     let status = reply.first().and_then(text).unwrap_or_default();
-    let ids: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
+    let mut ids: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
+    // The shards this request rang (after `rang`): where no Redis trigger
+    // listens, a processor is woken over HTTP, after the answer (the writes are
+    // durable already). One wake is enough: the woken drain also claims every
+    // other shard with queued writes and no holder.
+    if let Some(at) = ids.iter().position(|v| v == "rang") {
+        let first: Option<u32> = ids.split_off(at).get(1).and_then(|v| v.parse().ok());
+        if let (Some(shard), Some(_)) = (first, &s.wake_url) {
+            let s = s.clone();
+            spin_sdk::wasip3::spawn(async move { spillway_spin::wake(&s, shard).await });
+        }
+    }
     match status.as_str() {
         "ok" | "replay" if !ids.is_empty() => Ok(Accepted { ids, replayed: status == "replay" }),
         "conflict" => Err(Problem::new(

@@ -31,6 +31,9 @@ pub(crate) struct Stats {
     pub(crate) rejected: u64,
     pub(crate) batches: u64,
     pub(crate) busy: Vec<u32>,
+    /// Shards left with work when the drain's time budget ran out, handed to a
+    /// fresh invocation (rung again).
+    pub(crate) handed_on: Vec<u32>,
 }
 
 /// Which shards one invocation drains.
@@ -93,7 +96,20 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
     let mut failed: HashSet<u32> = HashSet::new();
     let mut scanned_at = 0;
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
+    let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
     loop {
+        if deadline.is_some_and(|d| spillway_spin::monotonic_ms() >= d) && !held.is_empty() {
+            // Out of time (a hosted platform ends a request at 30 s): release the
+            // shards and ring again, so a fresh invocation carries on. Entries
+            // read ahead stay pending: the next holder resumes them first.
+            for h in held.drain(..) {
+                release(s, &redis, &h, false).await;
+                stats.handed_on.push(h.shard);
+            }
+            eprintln!("{}", serde_json::json!({"event": "handed_on", "shards": stats.handed_on, "budget_secs": s.drain_budget_secs}));
+            ring_again(s, &redis, &stats.handed_on).await;
+            return failures;
+        }
         if rescan && (held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
             scanned_at = spillway_spin::monotonic_ms();
             match claimable(s, &redis).await {
@@ -342,6 +358,20 @@ async fn acquire(s: &Settings, redis: &Redis, shard: u32) -> Result<Option<Held>
 
 /// Releases a lease. After a failure (`retry`) the shard's watch stays, to expire
 /// one lease TTL from now: that expiry is the retry, whatever else happens.
+/// Rings `shards` again: over HTTP where a wake URL is set (no Redis trigger),
+/// else on the doorbell channel.
+async fn ring_again(s: &Settings, redis: &Redis, shards: &[u32]) {
+    if s.wake_url.is_some() {
+        if let Some(first) = shards.first() {
+            spillway_spin::wake(s, *first).await;
+        }
+        return;
+    }
+    for shard in shards {
+        let _ = redis.execute("PUBLISH", vec![spillway_spin::bin(&s.layout.doorbell_channel()), spillway_spin::bin(&shard.to_string())]).await;
+    }
+}
+
 async fn release(s: &Settings, redis: &Redis, h: &Held, retry: bool) {
     let l = &s.layout;
     let retry_ms = if retry { s.lease_ttl_ms } else { 0 };

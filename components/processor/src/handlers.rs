@@ -30,11 +30,17 @@ pub(crate) async fn on_message(message: &[u8]) -> anyhow::Result<()> {
             None => return Ok(()),
         },
     };
+    drain_claimable(&settings, Some(shard)).await
+}
+
+/// Drains `shard` (if any) and every shard with queued writes and no holder: a
+/// doorbell, an expired lease or flag, or a wake.
+async fn drain_claimable(settings: &Settings, shard: Option<u32>) -> anyhow::Result<()> {
     let redis = Redis::new(&settings.redis_address);
     spillway_spin::hazards::check_and_log(&redis, &settings.layout.prefix).await;
     let db = Db::open_with_schema().await.map_err(|p| anyhow::anyhow!(p.detail))?;
     let mut stats = Stats::default();
-    let failures = drain::drain(&settings, &db, Scope::Claimable(Some(shard)), &mut stats).await;
+    let failures = drain::drain(settings, &db, Scope::Claimable(shard), &mut stats).await;
     match failures.first() {
         None => Ok(()),
         Some(_) => {
@@ -49,6 +55,8 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
     let allow = match path.as_str() {
         "/v1/drain" | "/v1/dead/replay" | "/v1/dead/purge" => "POST",
         "/v1/dead" | "/v1/stats" | "/metrics" | "/dashboard" => "GET",
+        // GET too: a platform's cron sends a bare GET.
+        "/v1/wake" => "GET, POST",
         _ => return problem(&Problem::not_found(&format!("no resource at {path}"))),
     };
     if !allow.split(", ").any(|m| m == req.method().as_str()) {
@@ -61,6 +69,9 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
         Ok(s) => s,
         Err(p) => return problem(&p),
     };
+    if path == "/v1/wake" {
+        return wake(settings, req.uri().query()).unwrap_or_else(|p| problem(&p));
+    }
     // Stats and metrics are admin endpoints unless `stats_public` opens them.
     let public = settings.stats_public && matches!(path.as_str(), "/v1/stats" | "/metrics");
     if !public && let Err(p) = authorize(req.headers(), settings.admin_token.as_deref()) {
@@ -109,9 +120,25 @@ async fn drain_endpoint(settings: &Settings, query: Option<&str>) -> Result<http
         "rejected": stats.rejected,
         "batches": stats.batches,
         "busy_shards": stats.busy,
+        "handed_on": stats.handed_on,
         "errors": errors,
         "warnings": warnings,
     }), &[]))
+}
+
+/// `POST /v1/wake[?shard=n]`: the doorbell over HTTP, for platforms without the
+/// Redis trigger (intake calls it by service chaining; a cron calls it as the
+/// safety net). No token: it only applies writes already accepted, and a shard
+/// another invocation holds is left to it. Answers `202` at once and drains
+/// after answering, within `drain_budget_secs`.
+fn wake(settings: Settings, query: Option<&str>) -> Result<http::Response<String>, Problem> {
+    let shard = shard_param(&settings, query)?;
+    spin_sdk::wasip3::spawn(async move {
+        if let Err(e) = drain_claimable(&settings, shard).await {
+            eprintln!("wake: {e}");
+        }
+    });
+    Ok(json(202, &json!({"woken": true, "shard": shard}), &[]))
 }
 
 /// `GET /v1/dead`: every dead letter, oldest first per shard.

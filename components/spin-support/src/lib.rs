@@ -29,11 +29,25 @@ use spin_sdk::variables;
 const VARIABLES: &[&str] = &[
     "redis_address", "key_prefix", "shard_count", "batch_size", "lease_ttl_ms", "max_attempts",
     "queue_depth_limit", "idempotency_ttl_secs", "admin_token", "max_body_bytes", "max_batch",
-    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs", "change_feed_secs", "stats_public", "database",
+    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs", "change_feed_secs", "stats_public", "database", "wake_url", "drain_budget_secs",
 ];
 
 thread_local! {
     static SETTINGS: RefCell<Option<Settings>> = const { RefCell::new(None) };
+}
+
+/// Wakes a processor for `shard` where there is no Redis trigger: `POST
+/// <wake_url>?shard=n` (service chaining on one app). The processor answers at
+/// once and drains after answering. Best effort: a wake that fails leaves the
+/// shard's doorbell flag set, and the next write after half its TTL rings again
+/// (see `scripts::ENQUEUE`); a cron on the same endpoint is the safety net.
+pub async fn wake(s: &Settings, shard: u32) {
+    let Some(url) = &s.wake_url else { return };
+    match spin_sdk::http::post(format!("{url}?shard={shard}"), "").await {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => eprintln!("wake {url}: status {}", r.status()),
+        Err(e) => eprintln!("wake {url}: {e}"),
+    }
 }
 
 /// Reads [`Settings`] from the component's Spin variables, once per instance: a

@@ -13,7 +13,7 @@ use crate::engine::{engine, load_component};
 use crate::host::key_value::KvBackend;
 use crate::host::postgres::PgPools;
 use crate::host::sqlite::SqliteDb;
-use crate::http::{HttpComponent, Router};
+use crate::http::{ChainTargets, HttpComponent, Router};
 use crate::manifest::Manifest;
 use crate::outbound::AllowedHosts;
 use crate::redis_trigger::Subscription;
@@ -100,6 +100,8 @@ pub(crate) struct ComponentCaps {
     pub(crate) sqlite: HashMap<String, Arc<SqliteDb>>,
     /// PostgreSQL connection pools (the app's, shared by its components).
     pub(crate) postgres: Arc<PgPools>,
+    /// The app's HTTP components, for service chaining.
+    pub(crate) chain: Arc<ChainTargets>,
     /// Network destinations it may reach.
     pub(crate) allowed_hosts: AllowedHosts,
     /// WASI environment.
@@ -120,7 +122,7 @@ pub struct App {
     pub name: String,
     pub(crate) components: BTreeMap<String, Arc<LoadedComponent>>,
     pub(crate) router: Router,
-    pub(crate) http: HashMap<String, HttpComponent>,
+    pub(crate) http: Arc<HashMap<String, HttpComponent>>,
     pub(crate) subscriptions: Vec<Subscription>,
     pub(crate) notices: Vec<String>,
     output: Option<Arc<Mutex<Vec<u8>>>>,
@@ -206,6 +208,7 @@ impl App {
         let output = opts.capture_output.then(|| Arc::new(Mutex::new(Vec::new())));
         let mut components = BTreeMap::new();
         let pg_pools = Arc::new(PgPools::default());
+        let chain = Arc::new(ChainTargets::default());
         for (id, c) in &manifest.component {
             let ctx = || format!("component {id:?}");
             let variables = c
@@ -231,6 +234,7 @@ impl App {
                 key_value: c.key_value_stores.iter().map(|l| (l.clone(), kv_backends[l].clone())).collect(),
                 sqlite: c.sqlite_databases.iter().map(|l| (l.clone(), dbs[l].clone())).collect(),
                 postgres: pg_pools.clone(),
+                chain: chain.clone(),
                 allowed_hosts,
                 environment: c.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 output: output.clone(),
@@ -267,7 +271,13 @@ impl App {
                 .with_context(|| format!("[[trigger.http]] names component {id:?}, which is not defined"))?;
             let route = match &t.route {
                 toml::Value::String(r) => r.clone(),
-                toml::Value::Table(p) if p.get("private") == Some(&toml::Value::Boolean(true)) => continue,
+                // A private endpoint has no route: only service chaining reaches it.
+                toml::Value::Table(p) if p.get("private") == Some(&toml::Value::Boolean(true)) => {
+                    if !http.contains_key(&id) {
+                        http.insert(id.clone(), HttpComponent::new(loaded.clone(), linker.clone(), opts.reuse).with_context(|| format!("component {id:?} cannot serve HTTP"))?);
+                    }
+                    continue;
+                }
                 other => bail!("route must be a string pattern or '{{ private = true }}': {id:?} has {other}"),
             };
             router.add(&route, &id)?;
@@ -275,6 +285,9 @@ impl App {
                 http.insert(id.clone(), HttpComponent::new(loaded.clone(), linker.clone(), opts.reuse).with_context(|| format!("component {id:?} cannot serve HTTP"))?);
             }
         }
+
+        let http = Arc::new(http);
+        chain.set(&http);
 
         let redis_global = manifest.redis_global()?;
         let mut subscriptions = Vec::new();

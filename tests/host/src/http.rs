@@ -2,10 +2,11 @@
 //! reused as Spin 4 reuses them, a hyper server on a TCP address (Nagle left on, as
 //! Spin leaves it) and an in-process call for tests.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -207,6 +208,65 @@ pub(crate) struct HttpComponent {
 }
 
 impl HttpComponent {
+    /// Runs the request (routed, `spin-*` headers set) on an instance; a failed
+    /// handler is an empty 500 (the error is logged).
+    async fn call(&self, req: http::Request<WasiBody>) -> http::Response<WasiBody> {
+        match self.handler.handle((), req).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("Error processing request: {e:?}");
+                empty(http::StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        }
+    }
+}
+
+/// The domain of service chaining: `http://<component>.spin.internal/...` is
+/// served by that component of the same app, in process.
+const CHAINING_SUFFIX: &str = ".spin.internal";
+
+/// The app's HTTP components as service chaining reaches them (set once the app
+/// is built; weak, as the components' own state points here).
+#[derive(Default)]
+pub(crate) struct ChainTargets(OnceLock<Weak<HashMap<String, HttpComponent>>>);
+
+impl ChainTargets {
+    pub(crate) fn set(&self, components: &Arc<HashMap<String, HttpComponent>>) {
+        let _ = self.0.set(Arc::downgrade(components));
+    }
+
+    /// The component a request addresses by service chaining, if it does.
+    pub(crate) fn target(uri: &http::Uri) -> Option<String> {
+        let host = uri.host()?;
+        host.strip_suffix(CHAINING_SUFFIX).filter(|id| !id.is_empty() && !id.contains('.')).map(str::to_owned)
+    }
+
+    /// Serves `req` with component `id`, as Spin's service chaining does: the
+    /// whole path is the wildcard's (a synthetic `/...` route), the chaining
+    /// `Host` header is dropped, and the client address is `0.0.0.0:0`. `None`
+    /// when the app has no HTTP component `id`.
+    pub(crate) fn send(&self, id: &str, req: http::Request<WasiBody>) -> Option<impl Future<Output = http::Response<WasiBody>> + Send + use<>> {
+        let components = self.0.get()?.upgrade()?;
+        if !components.contains_key(id) {
+            return None;
+        }
+        let id = id.to_owned();
+        Some(async move {
+            let (mut parts, body) = req.into_parts();
+            parts.headers.remove(http::header::HOST);
+            parts.headers.remove(http::header::CONNECTION);
+            let route = Route::parse("/...", &id).expect("a valid route");
+            let client = SocketAddr::from(([0, 0, 0, 0], 0));
+            if let Err(e) = add_spin_headers(&mut parts.headers, &route, &[], &parts.uri, client) {
+                eprintln!("Error processing request: {e:?}");
+                return empty(http::StatusCode::BAD_REQUEST);
+            }
+            components[&id].call(http::Request::from_parts(parts, body)).await
+        })
+    }
+}
+
+impl HttpComponent {
     pub(crate) fn new(loaded: Arc<LoadedComponent>, linker: Arc<Linker<StoreData>>, reuse: InstanceReuse) -> anyhow::Result<Self> {
         let pre = linker
             .instantiate_pre(&loaded.component)
@@ -351,13 +411,7 @@ impl App {
         let Some(component) = self.http.get(&route.component) else {
             return empty(http::StatusCode::NOT_FOUND);
         };
-        match component.handler.handle((), http::Request::from_parts(parts, body)).await {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("Error processing request: {e:?}");
-                empty(http::StatusCode::INTERNAL_SERVER_ERROR)
-            }
-        }
+        component.call(http::Request::from_parts(parts, body)).await
     }
 
     /// Sends one request through the app in process (no socket) and collects the

@@ -11,6 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::app::ComponentCaps;
+use crate::http::ChainTargets;
 
 /// The data of one wasmtime store: WASI, WASI HTTP and the Spin capabilities of the
 /// component it runs.
@@ -19,7 +20,7 @@ pub struct StoreData {
     pub(crate) wasi: WasiCtx,
     pub(crate) http: WasiHttpCtx,
     pub(crate) caps: Arc<ComponentCaps>,
-    hooks: NoOutboundHttp,
+    hooks: OutboundHttp,
 }
 
 impl StoreData {
@@ -35,8 +36,8 @@ impl StoreData {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
+            hooks: OutboundHttp { caps: caps.clone() },
             caps,
-            hooks: NoOutboundHttp,
         }
     }
 }
@@ -125,14 +126,20 @@ impl tokio::io::AsyncWrite for GuestOutput {
     }
 }
 
-/// Outbound HTTP hooks: Spillway's components make no outbound HTTP requests, so every
-/// request is denied (as Spin denies a host missing from `allowed_outbound_hosts`).
-struct NoOutboundHttp;
+/// Outbound HTTP hooks: only Spin's service chaining
+/// (`http://<component>.spin.internal`, allowed by `allowed_outbound_hosts`, as
+/// `http://<component>.spin.internal` or `http://*.spin.internal`) is served, by
+/// the app's own component in process; every other request is denied (this host
+/// makes no network requests; Spin denies a host missing from
+/// `allowed_outbound_hosts` the same way).
+struct OutboundHttp {
+    caps: Arc<ComponentCaps>,
+}
 
-impl wasmtime_wasi_http::WasiHttpHooks for NoOutboundHttp {
+impl wasmtime_wasi_http::WasiHttpHooks for OutboundHttp {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
         _options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
@@ -146,6 +153,23 @@ impl wasmtime_wasi_http::WasiHttpHooks for NoOutboundHttp {
                 >,
             > + Send,
     > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        let chained = ChainTargets::target(request.uri()).and_then(|id| {
+            let allowed = request.uri().scheme_str() == Some("http") && self.caps.allowed_hosts.allows_url(&format!("http://{id}.spin.internal"), "http");
+            if !allowed {
+                eprintln!(
+                    "Warning: A component ({}) tried to make an HTTP request to disallowed destination 'http://{id}.spin.internal'.",
+                    self.caps.id
+                );
+                return None;
+            }
+            self.caps.chain.send(&id, request)
+        });
+        match chained {
+            Some(response) => Box::new(async move {
+                let done: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send> = Box::new(async { Ok(()) });
+                Ok((response.await, done))
+            }),
+            None => Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) }),
+        }
     }
 }

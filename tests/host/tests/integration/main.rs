@@ -21,6 +21,8 @@ mod crash;
 mod deploy;
 /// Fencing: an expired lease holder cannot commit.
 mod fencing;
+/// The HTTP-only deployment: wake-ups over service chaining, drains within a budget.
+mod http_only;
 /// HTTP trigger: routing, `spin-*` headers, 404, instance reuse and isolation.
 mod http;
 /// `spin:key-value`: the default SQLite store, Redis per runtime config, refusals.

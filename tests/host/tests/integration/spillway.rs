@@ -199,6 +199,19 @@ impl Spillway {
         Self::start_full(Redis::start(), engine, vars, trigger, false).await
     }
 
+    /// The HTTP-only manifest (`deploy/http-only/spin.toml`: no Redis trigger, no
+    /// SQLite) on PostgreSQL, against a Redis of its own.
+    pub(crate) async fn start_http_only(vars: &[(&str, &str)]) -> Self {
+        let redis = Redis::start();
+        let state = tempfile::tempdir().unwrap();
+        let (store, db_vars) = Store::new(Engine::Postgres, state.path());
+        let mut opts = options(&redis, state.path(), vars);
+        opts.manifest = workspace().join("deploy/http-only/spin.toml");
+        opts.variables.extend(db_vars);
+        let app = Arc::new(App::load(&opts).expect("the HTTP-only manifest loads"));
+        Self { app, redis, state, store, trigger: None }
+    }
+
     async fn start_with(redis: Redis, vars: &[(&str, &str)], trigger: bool, kv_on_redis: bool) -> Self {
         Self::start_full(redis, Engine::Sqlite, vars, trigger, kv_on_redis).await
     }
