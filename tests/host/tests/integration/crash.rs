@@ -7,7 +7,7 @@ use redis::Commands as _;
 
 use crate::processes::{Conn, manifests, spawn};
 use crate::spillway::{ADMIN, Engine, Store, on_both_engines};
-use crate::support::{Redis, fixtures};
+use crate::support::{Redis, fixtures, workspace};
 
 const KEYS: usize = 100;
 const WRITES: usize = 20_000;
@@ -21,22 +21,65 @@ const CLIENTS: usize = 32;
 /// On both engines: SQLite applies one transaction at a time, PostgreSQL runs
 /// the two processors' transactions at once.
 async fn increments_survive_processor_crashes(engine: Engine) {
+    crash_run(Some(engine)).await;
+}
+
+/// The same on the HTTP-only deployment (`deploy/http-only/spin.toml`, on
+/// PostgreSQL): no Redis trigger anywhere. The front's intake wakes its own
+/// processor over service chaining; the two other processes are woken by a
+/// cron-like `GET /v1/wake` every 50 ms, drain beside it, and are SIGKILLed
+/// mid-drain. Drains also hand on at a 1 s budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn increments_survive_processor_crashes_http_only() {
+    crash_run(None).await;
+}
+
+/// `engine`: the repository's manifest (Redis trigger) on that engine; `None`:
+/// the HTTP-only manifest.
+async fn crash_run(engine: Option<Engine>) {
     fixtures();
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (front_toml, processor_toml) = manifests(dir.path());
+    let (front_toml, processor_toml, triggers) = match engine {
+        Some(_) => {
+            let (front, processor) = manifests(dir.path());
+            (front, processor, true)
+        }
+        None => {
+            let http_only = workspace().join("deploy/http-only/spin.toml");
+            (http_only.clone(), http_only, false)
+        }
+    };
     std::fs::create_dir_all(&state).unwrap();
-    let (store, db_vars) = Store::new(engine, &state);
+    let (store, db_vars) = Store::new(engine.unwrap_or(Engine::Postgres), &state);
     let mut vars = vec![("lease_ttl_ms", "1000"), ("status_retention_secs", "1")];
+    if engine.is_none() {
+        vars.push(("drain_budget_secs", "1"));
+    }
     vars.extend(db_vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
 
-    // The front serves intake and reads; only the two others process doorbells.
+    // The front serves intake and reads (and, HTTP-only, the drains its own
+    // intake wakes); the two others are the processors that get killed.
     let front = spawn(&front_toml, &state, &redis.url(), &vars, false);
     let mut processors = [
-        spawn(&processor_toml, &state, &redis.url(), &vars, true),
-        spawn(&processor_toml, &state, &redis.url(), &vars, true),
+        spawn(&processor_toml, &state, &redis.url(), &vars, triggers),
+        spawn(&processor_toml, &state, &redis.url(), &vars, triggers),
     ];
+    // HTTP-only: the cron, on whichever processes are up.
+    let ports = Arc::new(std::sync::Mutex::new(processors.iter().map(|p| p.port).collect::<Vec<_>>()));
+    let cron = (!triggers).then(|| {
+        let ports = ports.clone();
+        tokio::spawn(async move {
+            loop {
+                let now: Vec<u16> = ports.lock().unwrap().clone();
+                for port in now {
+                    wake(port).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    });
 
     let accepted_total = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
@@ -68,7 +111,8 @@ async fn increments_survive_processor_crashes(engine: Engine) {
         let applied = store.int("SELECT count(*) FROM spillway_writes").await.unwrap_or(0);
         eprintln!("SIGKILL processor {n} at {} accepted, {applied} applied", accepted_total.load(Ordering::SeqCst));
         kills += 1;
-        processors[n] = spawn(&processor_toml, &state, &redis.url(), &vars, true);
+        processors[n] = spawn(&processor_toml, &state, &redis.url(), &vars, triggers);
+        ports.lock().unwrap()[n] = processors[n].port;
     }
     assert_eq!(kills, 2);
 
@@ -108,6 +152,21 @@ async fn increments_survive_processor_crashes(engine: Engine) {
         let value = store.text(&format!("SELECT value FROM spillway_records WHERE key = 'counter-{key}'")).await.unwrap();
         let v: serde_json::Value = serde_json::from_str(&value).unwrap();
         assert_eq!(v["n"].as_u64(), Some(n), "counter-{key}");
+    }
+    if let Some(cron) = cron {
+        cron.abort();
+    }
+}
+
+/// `GET /v1/wake` on `port`, as a cron sends it; a process that is down is
+/// skipped.
+async fn wake(port: u16) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
+    let request = format!("GET /v1/wake HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_ok() {
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply).await;
     }
 }
 
