@@ -314,8 +314,8 @@ async fn main() -> anyhow::Result<()> {
     let ceiling = load::redis_script(&redis_url, clients, duration, scripts::ENQUEUE, move |c, n| {
         let shard = ((c as u64 + n) % 16) as u32;
         let l = &ceiling_layout;
-        let keys = vec![l.idempotency(""), l.stream(shard), l.bell(shard), l.lease(shard), l.stats(shard)];
-        let args = ["0", "", "60", "100000000", "bench:ceiling:doorbell", "5000", "1", &shard.to_string(), "1", "1", &incr("k")];
+        let keys = vec![l.idempotency(shard, ""), l.stream(shard), l.bell(shard), l.lease(shard), l.stats(shard)];
+        let args = ["0", "", "60", "100000000", "5000", "1", &shard.to_string(), "1", "1", &incr("k")];
         (keys, args.iter().map(|a| (*a).to_owned()).collect())
     })
     .await?;

@@ -146,15 +146,19 @@ impl Layout {
         format!("{}{entry}", self.dead_status_prefix(shard))
     }
 
-    /// Idempotency record of a client's `Idempotency-Key`.
-    pub fn idempotency(&self, client_key: &str) -> String {
-        format!("{}idem:{}", self.prefix, md5_hex(client_key.as_bytes()))
+    /// Idempotency record of a client's `Idempotency-Key` for the part of its
+    /// request that goes to `shard` (each shard's part is enqueued, and replayed,
+    /// on its own: see `scripts::ENQUEUE`).
+    pub fn idempotency(&self, shard: u32, client_key: &str) -> String {
+        self.shard_key(shard, &format!("idem:{}", md5_hex(client_key.as_bytes())))
     }
 
     /// Single-flight lock of a record's cache fill; between fills it may hold the
-    /// key's negative cache entry (see `scripts::FILL_BEGIN`).
+    /// key's negative cache entry (see `scripts::FILL_BEGIN`). In the key's shard
+    /// (hash tag), so the processor's refresh of a shard's keys and that shard's
+    /// lease are one hash slot.
     pub fn fill_lock(&self, key: &str) -> String {
-        format!("{}fill:{}", self.prefix, md5_hex(key.as_bytes()))
+        self.shard_key(self.shard_of(key), &format!("fill:{}", md5_hex(key.as_bytes())))
     }
 
     /// Pub/sub channel of the doorbell.
@@ -231,7 +235,7 @@ mod tests {
         assert_eq!(l.shard_of_expired(&l.lease(7)), Some(7));
         assert_eq!(l.shard_of_expired(&l.bell(15)), Some(15));
         assert_eq!(l.shard_of_expired(&l.watch(0)), Some(0));
-        for other in [l.stream(3), l.fill_lock("k"), l.idempotency("x"), "spillway:{s16}:lease".into(), "other:{s1}:lease".into(), "spillway:{s1x}:bell".into()] {
+        for other in [l.stream(3), l.fill_lock("k"), l.idempotency(3, "x"), "spillway:{s16}:lease".into(), "other:{s1}:lease".into(), "spillway:{s1x}:bell".into()] {
             assert_eq!(l.shard_of_expired(&other), None, "{other}");
         }
     }

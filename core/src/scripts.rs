@@ -28,20 +28,23 @@ end
     };
 }
 
-/// Enqueue a request's writes in one round trip.
+/// Enqueue a request's writes on one Redis server in one round trip, all or
+/// nothing: the writes of every shard of the request that lives on that server
+/// (of one shard, with `redis_cluster`, so that the script touches one hash slot).
 ///
-/// KEYS: `[idempotency, (stream, bell, lease, stats)*]`, one group per shard.
-/// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, channel, bell_ttl_ms, n,
+/// KEYS: `[idempotency, (stream, bell, lease, stats)*]`, one group per shard; the
+/// idempotency key is in the first shard's slot.
+/// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, n,
 /// shard_1..shard_n, writes, (slot, payload)*]` where `slot` is 1-based in the
 /// shard list.
 ///
-/// Reply: `ok, id*[, rang, shard*]` (`rang`: the shards whose doorbell this
-/// request rang, for a wake over HTTP where no Redis trigger listens) | `replay,
+/// Reply: `ok, id*[, rang, shard*]` (`rang`: the shards whose doorbell this call
+/// rang; the caller rings them, on the doorbell channel or over HTTP) | `replay,
 /// id*` (same idempotency key and body) | `conflict` (same key, other body) |
 /// `full, shard` (over the depth limit; nothing added).
 ///
 /// Doorbell: a shard whose flag is not set gets it (valued with the time it was
-/// rung, with a TTL) and one PUBLISH, so a burst rings once per shard, not once per
+/// rung, with a TTL) and is rung, so a burst rings once per shard, not once per
 /// write. A flag that has been set for more than half its TTL while no processor
 /// holds the shard's lease is a ring that was lost (the processor crashed before
 /// taking the lease, or the app restarted): it is rung again.
@@ -58,8 +61,8 @@ if use_idem then
   end
 end
 local limit = tonumber(ARGV[4])
-local n = tonumber(ARGV[7])
-local base = 8 + n
+local n = tonumber(ARGV[6])
+local base = 7 + n
 local writes = tonumber(ARGV[base])
 local counts = {}
 for i = 1, writes do
@@ -67,18 +70,21 @@ for i = 1, writes do
   counts[slot] = (counts[slot] or 0) + 1
 end
 for s = 1, n do
-  if redis.call('XLEN', KEYS[4 * s - 2]) + (counts[s] or 0) > limit then return {'full', ARGV[7 + s]} end
+  if redis.call('XLEN', KEYS[4 * s - 2]) + (counts[s] or 0) > limit then return {'full', ARGV[6 + s]} end
 end
 local out = {'ok'}
 for i = 1, writes do
   local slot = tonumber(ARGV[base + 2 * i - 1])
   local id = redis.call('XADD', KEYS[4 * slot - 2], '*', 'w', ARGV[base + 2 * i])
-  out[#out + 1] = ARGV[7 + slot] .. '-' .. id
+  out[#out + 1] = ARGV[6 + slot] .. '-' .. id
 end
 for s = 1, n do count(KEYS[4 * s + 1], 'accepted', counts[s] or 0, true) end
+if use_idem then
+  redis.call('SET', KEYS[1], ARGV[2] .. '|' .. table.concat(out, ',', 2), 'EX', ARGV[3])
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[5])
 local rang = {}
 for s = 1, n do
   local bell = KEYS[4 * s - 1]
@@ -90,13 +96,7 @@ for s = 1, n do
       ring = true
     end
   end
-  if ring then
-    redis.call('PUBLISH', ARGV[5], ARGV[7 + s])
-    rang[#rang + 1] = ARGV[7 + s]
-  end
-end
-if use_idem then
-  redis.call('SET', KEYS[1], ARGV[2] .. '|' .. table.concat(out, ',', 2), 'EX', ARGV[3])
+  if ring then rang[#rang + 1] = ARGV[6 + s] end
 end
 if #rang > 0 then
   out[#out + 1] = 'rang'
@@ -239,9 +239,9 @@ count(KEYS[6], 'dead', (#ARGV - 3) / 2, false)
 return (#ARGV - 3) / 2
 "#);
 
-/// Shards with queued writes and no lease holder: work a processor may claim.
-/// KEYS: `[stream_1, lease_1, .., stream_n, lease_n]`, ARGV: `[shard_1..shard_n]`.
-/// Reply: the shard numbers (from ARGV) that have work and no holder.
+/// Whether a shard has queued writes and no lease holder: work a processor may
+/// claim. KEYS: `[stream, lease]`, ARGV: `[shard]` (one shard per call, one hash
+/// slot). Reply: the shard number if so, else nothing.
 pub const CLAIMABLE: &str = r#"
 local out = {}
 for i = 1, #ARGV do
@@ -341,7 +341,8 @@ return 1
 /// waits out a busy lock does not lose its shard meanwhile, and its wait, not the
 /// lease, decides when it gives up.
 /// KEYS: `[lease_1..lease_m, lock_1..lock_n]`; ARGV: `[m, lock_token, ttl_ms,
-/// lease_token_1..lease_token_m, lease_index_1..lease_index_n]` (1-based).
+/// lease_token_1..lease_token_m, lease_index_1..lease_index_n]` (1-based). The
+/// processor calls it per shard (m = 1), so its keys are one hash slot.
 /// Reply per lock: 1 taken, 0 busy, 2 its shard's lease is lost. A negative cache
 /// entry counts as free (see [`FILL_BEGIN`]).
 pub const LOCKS_ACQUIRE_LEASED: &str = r#"
@@ -378,11 +379,11 @@ return n
 "#;
 
 /// Replay dead letters of one shard back onto its stream (new write ids), marking
-/// each old id's status `replayed:<new id>` (for the status retention) and ringing
-/// the doorbell.
+/// each old id's status `replayed:<new id>` (for the status retention) and setting
+/// the doorbell flag (the caller rings it).
 ///
 /// KEYS: `[dead, dead_status_prefix, stream, bell, stats]`.
-/// ARGV: `[channel, bell_ttl_ms, shard, retention_ms, write_id*]` (no write ids: all
+/// ARGV: `[unused, bell_ttl_ms, shard, retention_ms, write_id*]` (no write ids: all
 /// of the shard).
 /// Reply: `(old write id, new write id)*`.
 pub const REPLAY: &str = concat!(count_lua!(), dead_lua!(), r#"
@@ -401,7 +402,6 @@ count(KEYS[5], 'replayed', #out / 2, false)
 if #out > 0 then
   local t = redis.call('TIME')
   redis.call('SET', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'PX', ARGV[2])
-  redis.call('PUBLISH', ARGV[1], ARGV[3])
 end
 return out
 "#);

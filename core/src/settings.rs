@@ -7,8 +7,16 @@ use crate::write::Limits;
 /// Everything the components read from variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// `redis_address`.
+    /// `redis_address`: the queue's Redis, and the one the doorbell and the
+    /// operators' figures use when the shards are spread over several.
     pub redis_address: String,
+    /// `shard_redis_addresses`: the servers the shards are spread over (shard `n`
+    /// on server `n % len`); empty: every shard on `redis_address`.
+    pub shard_redis_addresses: Vec<String>,
+    /// `redis_cluster`: every script call touches one shard's keys (one hash
+    /// slot), for a Redis Cluster; else a call may cover every shard of one
+    /// server (a request's writes enqueued in one round trip).
+    pub redis_cluster: bool,
     /// `key_prefix` and `shard_count`.
     pub layout: Layout,
     /// `batch_size`: writes applied per transaction.
@@ -44,6 +52,44 @@ pub struct Settings {
     pub drain_budget_secs: u64,
     /// Request limits.
     pub limits: Limits,
+}
+
+impl Settings {
+    /// The Redis server holding `shard`'s keys (stream, lease, flags, locks,
+    /// statuses): shards are dealt round-robin over `shard_redis_addresses`.
+    pub fn redis_for(&self, shard: u32) -> &str {
+        match self.shard_redis_addresses.len() {
+            0 => &self.redis_address,
+            n => &self.shard_redis_addresses[shard as usize % n],
+        }
+    }
+
+    /// `shards` grouped for script calls: by server, in order of first appearance
+    /// (one group per shard with `redis_cluster`, so that no call spans hash
+    /// slots).
+    pub fn slot_groups<'a>(&'a self, shards: &[u32]) -> Vec<(&'a str, Vec<u32>)> {
+        let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
+        for &shard in shards {
+            let address = self.redis_for(shard);
+            match groups.iter_mut().find(|(a, _)| !self.redis_cluster && *a == address) {
+                Some((_, g)) => g.push(shard),
+                None => groups.push((address, vec![shard])),
+            }
+        }
+        groups
+    }
+
+    /// Every server shards are on, each once, in order.
+    pub fn redis_servers(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for shard in 0..self.layout.shards {
+            let a = self.redis_for(shard);
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out
+    }
 }
 
 /// A variable that does not parse.
@@ -106,7 +152,19 @@ impl Settings {
         if wake_url.as_deref().is_some_and(|u| !(u.starts_with("http://") || u.starts_with("https://")) || u.contains('?')) {
             return Err(SettingsError { name: "wake_url", reason: "must be an http:// or https:// URL without a query".into() });
         }
+        let shard_redis_addresses: Vec<String> =
+            get("shard_redis_addresses").unwrap_or_default().split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect();
+        if shard_redis_addresses.len() > shards as usize {
+            return Err(SettingsError { name: "shard_redis_addresses", reason: format!("more servers than the {shards} shards") });
+        }
+        let redis_cluster = match get("redis_cluster").as_deref().map(str::trim) {
+            None | Some("" | "false") => false,
+            Some("true") => true,
+            Some(v) => return Err(SettingsError { name: "redis_cluster", reason: format!("{v:?} is not true or false") }),
+        };
         Ok(Self {
+            shard_redis_addresses,
+            redis_cluster,
             wake_url,
             drain_budget_secs: num(&get, "drain_budget_secs", 0)?,
             database,
@@ -153,6 +211,14 @@ mod tests {
         assert_eq!(e.name, "database");
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert_eq!((s.wake_url.as_deref(), s.drain_budget_secs), (None, 0));
+        assert_eq!((s.redis_for(7), s.redis_servers()), ("redis://127.0.0.1:6379", vec!["redis://127.0.0.1:6379"]));
+        let two = Settings::load(|n| (n == "shard_redis_addresses").then(|| "redis://a:6379, redis://b:6379".to_owned())).unwrap();
+        assert_eq!((two.redis_for(0), two.redis_for(1), two.redis_for(14)), ("redis://a:6379", "redis://b:6379", "redis://a:6379"));
+        assert_eq!(two.redis_servers(), vec!["redis://a:6379", "redis://b:6379"]);
+        assert_eq!(two.slot_groups(&[3, 0, 1, 2]), vec![("redis://b:6379", vec![3, 1]), ("redis://a:6379", vec![0, 2])]);
+        assert_eq!(s.slot_groups(&[3, 0]), vec![("redis://127.0.0.1:6379", vec![3, 0])]);
+        let cluster = Settings::load(|n| (n == "redis_cluster").then(|| "true".to_owned())).unwrap();
+        assert_eq!(cluster.slot_groups(&[3, 0]), vec![("redis://127.0.0.1:6379", vec![3]), ("redis://127.0.0.1:6379", vec![0])]);
         let e = Settings::load(|n| (n == "wake_url").then(|| "processor.spin.internal/v1/wake".to_owned())).unwrap_err();
         assert_eq!(e.name, "wake_url");
         let pg = Settings::load(|n| (n == "database").then(|| "postgres://app@db:5432/app".to_owned())).unwrap();

@@ -123,7 +123,7 @@ async fn stream(
     };
     let shard = s.layout.shard_of(key);
     let stream_key = s.layout.stream(shard);
-    let redis = Redis::new(&s.redis_address);
+    let redis = Redis::for_shard(s, shard);
     let db = Db::open().await?;
     let mut first_look = after.is_some();
     loop {

@@ -353,7 +353,7 @@ async fn at_least(s: &Settings, key: &str, min: i64, deadline: u64, consistent: 
 /// database without filling. A key found absent is remembered for a while (the
 /// negative entry, see `scripts::FILL_BEGIN`), until it is created.
 async fn fill(s: &Settings, store: &Store, cache_key: &str, key: &str) -> Result<Option<Json>, Problem> {
-    let redis = Redis::new(&s.redis_address);
+    let redis = Redis::for_shard(s, s.layout.shard_of(key));
     let lock = s.layout.fill_lock(key);
     let me = token();
     // Wait up to a second for another filler (it normally takes milliseconds),
@@ -454,7 +454,7 @@ async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Result<http::
         return Err(Problem::invalid(&format!("the key must be 1 to {} characters", s.limits.max_key_len), "/path/key"));
     }
     let store = store().await?;
-    let redis = Redis::new(&s.redis_address);
+    let redis = Redis::for_shard(s, s.layout.shard_of(&key));
     let lock = s.layout.fill_lock(&key);
     let me = token();
     for _ in 0..500 {

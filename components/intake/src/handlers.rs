@@ -125,6 +125,13 @@ impl Accepted {
     }
 }
 
+/// Enqueues `writes`: one `ENQUEUE` call per group of shards that share a
+/// Redis server (per shard with `redis_cluster`), all groups at once. One server
+/// (the default) is one call, all or nothing. With several, each group is all or
+/// nothing on its own: a refusal (full, conflict) or a failure answers for the
+/// whole request while other groups may have been accepted, and a retry with the
+/// same `Idempotency-Key` completes the request without doubling a write (each
+/// group keeps its own idempotency record; see `scripts::ENQUEUE`).
 async fn enqueue(
     s: &Settings,
     writes: &[spillway_core::write::Write],
@@ -132,72 +139,113 @@ async fn enqueue(
     body: &[u8],
 ) -> Result<Accepted, Problem> {
     let layout = &s.layout;
+    let shard_of: Vec<u32> = writes.iter().map(|w| layout.shard_of(&w.key)).collect();
     let mut shards: Vec<u32> = Vec::new();
-    let mut slots = Vec::with_capacity(writes.len());
-    for w in writes {
-        let shard = layout.shard_of(&w.key);
-        let slot = match shards.iter().position(|s| *s == shard) {
-            Some(i) => i,
-            None => {
-                shards.push(shard);
-                shards.len() - 1
-            }
-        };
-        slots.push(slot + 1);
+    for shard in &shard_of {
+        if !shards.contains(shard) {
+            shards.push(*shard);
+        }
     }
-    let mut keys = vec![layout.idempotency(idem.unwrap_or(""))];
-    for s in &shards {
-        keys.push(layout.stream(*s));
-        keys.push(layout.bell(*s));
-        keys.push(layout.lease(*s));
-        keys.push(layout.stats(*s));
+    let groups = s.slot_groups(&shards);
+    let body_md5 = idem.map(|_| spillway_core::layout::md5_hex(body)).unwrap_or_default();
+    let calls = groups.iter().map(|(address, group)| {
+        let (keys, args) = enqueue_call(s, group, writes, &shard_of, idem, &body_md5);
+        async move {
+            let redis = Redis::new(address);
+            // Once per instance and server: expiry events back on after a Redis
+            // restart, so a crashed processor's shards are resumed (see
+            // spillway_core::hazards).
+            spillway_spin::hazards::ensure(&redis).await;
+            redis.eval(scripts::ENQUEUE, &keys, &args).await
+        }
+    });
+    let replies = futures::future::join_all(calls).await;
+    // Ids back in request order: each group's ids are its writes' in order.
+    let mut ids: Vec<Option<String>> = vec![None; writes.len()];
+    let mut replayed = true;
+    let mut rang: Vec<u32> = Vec::new();
+    for ((_, group), reply) in groups.iter().zip(replies) {
+        let reply = reply?;
+        let status = reply.first().and_then(text).unwrap_or_default();
+        let mut values: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
+        if let Some(at) = values.iter().position(|v| v == "rang") {
+            rang.extend(values.split_off(at).iter().skip(1).filter_map(|v| v.parse::<u32>().ok()));
+        }
+        match status.as_str() {
+            "ok" | "replay" => {
+                replayed &= status == "replay";
+                let mine = (0..writes.len()).filter(|i| group.contains(&shard_of[*i]));
+                let mut given = values.into_iter();
+                for i in mine {
+                    ids[i] = given.next();
+                }
+            }
+            "conflict" => {
+                return Err(Problem::new(
+                    409,
+                    "idempotency-key-reused",
+                    "Idempotency key reused",
+                    "this Idempotency-Key was used with a different request body",
+                )
+                .at("/headers/idempotency-key"));
+            }
+            "full" => {
+                return Err(Problem::queue_full(
+                    &format!("shard {} is over its queue depth limit of {}; retry later", values.first().map_or("?", |v| v), s.queue_depth_limit),
+                    1,
+                ));
+            }
+            other => return Err(Problem::unavailable(&format!("unexpected reply from the enqueue script: {other:?}"))),
+        }
+    }
+    let ids: Vec<String> = ids.into_iter().collect::<Option<_>>().ok_or_else(|| Problem::unavailable("the enqueue script gave too few ids"))?;
+    // Ring what these writes rang: the doorbell channel (the processor's Redis
+    // trigger), or over HTTP where there is none (after the answer: the writes
+    // are durable already; one wake is enough, as the woken drain also claims
+    // every other shard with queued writes and no holder).
+    if !rang.is_empty() {
+        if s.wake_url.is_some() {
+            let (s, shard) = (s.clone(), rang[0]);
+            spin_sdk::wasip3::spawn(async move { spillway_spin::wake(&s, shard).await });
+        } else {
+            spillway_spin::ring(s, &rang).await;
+        }
+    }
+    Ok(Accepted { ids, replayed })
+}
+
+/// The keys and arguments of one `ENQUEUE` call: the writes of `group`'s shards.
+fn enqueue_call(
+    s: &Settings,
+    group: &[u32],
+    writes: &[spillway_core::write::Write],
+    shard_of: &[u32],
+    idem: Option<&str>,
+    body_md5: &str,
+) -> (Vec<String>, Vec<String>) {
+    let layout = &s.layout;
+    let mut keys = vec![layout.idempotency(group[0], idem.unwrap_or(""))];
+    for shard in group {
+        keys.push(layout.stream(*shard));
+        keys.push(layout.bell(*shard));
+        keys.push(layout.lease(*shard));
+        keys.push(layout.stats(*shard));
     }
     let mut args = vec![
         if idem.is_some() { "1" } else { "0" }.to_owned(),
-        idem.map(|_| spillway_core::layout::md5_hex(body)).unwrap_or_default(),
+        body_md5.to_owned(),
         s.idempotency_ttl_secs.to_string(),
         s.queue_depth_limit.to_string(),
-        layout.doorbell_channel(),
         s.lease_ttl_ms.to_string(),
-        shards.len().to_string(),
+        group.len().to_string(),
     ];
-    args.extend(shards.iter().map(u32::to_string));
-    args.push(writes.len().to_string());
-    for (w, slot) in writes.iter().zip(&slots) {
+    args.extend(group.iter().map(u32::to_string));
+    let mine: Vec<usize> = (0..writes.len()).filter(|i| group.contains(&shard_of[*i])).collect();
+    args.push(mine.len().to_string());
+    for i in mine {
+        let slot = group.iter().position(|g| *g == shard_of[i]).unwrap_or(0) + 1;
         args.push(slot.to_string());
-        args.push(serde_json::to_string(w).map_err(|e| Problem::invalid(&e.to_string(), ""))?);
+        args.push(serde_json::to_string(&writes[i]).unwrap_or_default());
     }
-    let redis = Redis::new(&s.redis_address);
-    // Once per instance: expiry events back on after a Redis restart, so a crashed
-    // processor's shards are resumed (see spillway_core::hazards).
-    spillway_spin::hazards::ensure(&redis).await;
-    let reply = redis.eval(scripts::ENQUEUE, &keys, &args).await?;
-    let status = reply.first().and_then(text).unwrap_or_default();
-    let mut ids: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
-    // The shards this request rang (after `rang`): where no Redis trigger
-    // listens, a processor is woken over HTTP, after the answer (the writes are
-    // durable already). One wake is enough: the woken drain also claims every
-    // other shard with queued writes and no holder.
-    if let Some(at) = ids.iter().position(|v| v == "rang") {
-        let first: Option<u32> = ids.split_off(at).get(1).and_then(|v| v.parse().ok());
-        if let (Some(shard), Some(_)) = (first, &s.wake_url) {
-            let s = s.clone();
-            spin_sdk::wasip3::spawn(async move { spillway_spin::wake(&s, shard).await });
-        }
-    }
-    match status.as_str() {
-        "ok" | "replay" if !ids.is_empty() => Ok(Accepted { ids, replayed: status == "replay" }),
-        "conflict" => Err(Problem::new(
-            409,
-            "idempotency-key-reused",
-            "Idempotency key reused",
-            "this Idempotency-Key was used with a different request body",
-        )
-        .at("/headers/idempotency-key")),
-        "full" => Err(Problem::queue_full(
-            &format!("shard {} is over its queue depth limit of {}; retry later", ids.first().map_or("?", |s| s), s.queue_depth_limit),
-            1,
-        )),
-        other => Err(Problem::unavailable(&format!("unexpected reply from the enqueue script: {other:?}"))),
-    }
+    (keys, args)
 }

@@ -82,7 +82,6 @@ enum Read {
 ///
 /// Returns the failures, per shard (`None`: finding the shards with work failed).
 pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats) -> Vec<(Option<u32>, Problem)> {
-    let redis = Redis::new(&s.redis_address);
     let l = &s.layout;
     let (mut wanted, rescan) = match scope {
         Scope::Only(shard) => (vec![shard], false),
@@ -103,16 +102,16 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
             // shards and ring again, so a fresh invocation carries on. Entries
             // read ahead stay pending: the next holder resumes them first.
             for h in held.drain(..) {
-                release(s, &redis, &h, false).await;
+                release(s, &h, false).await;
                 stats.handed_on.push(h.shard);
             }
             eprintln!("{}", serde_json::json!({"event": "handed_on", "shards": stats.handed_on, "budget_secs": s.drain_budget_secs}));
-            ring_again(s, &redis, &stats.handed_on).await;
+            ring_again(s, &stats.handed_on).await;
             return failures;
         }
         if rescan && (held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
             scanned_at = spillway_spin::monotonic_ms();
-            match claimable(s, &redis).await {
+            match claimable(s).await {
                 Ok(found) => wanted.extend(found),
                 Err(p) if held.is_empty() && wanted.is_empty() => failures.push((None, p)),
                 Err(_) => {}
@@ -122,7 +121,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
             if failed.contains(&shard) || held.iter().any(|h| h.shard == shard) {
                 continue;
             }
-            match acquire(s, &redis, shard).await {
+            match acquire(s, shard).await {
                 Ok(Some(h)) => held.push(h),
                 Ok(None) if explicit.contains(&shard) => stats.busy.push(shard),
                 Ok(None) => {}
@@ -134,14 +133,14 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
         }
 
         let fresh: Vec<Held> = held.iter().filter(|h| !prefetched.contains_key(&h.shard)).cloned().collect();
-        let mut reads: HashMap<u32, Result<Read, Problem>> = fresh.iter().map(|h| h.shard).zip(futures::future::join_all(fresh.iter().map(|h| read_batch(s, &redis, h))).await).collect();
+        let mut reads: HashMap<u32, Result<Read, Problem>> = fresh.iter().map(|h| h.shard).zip(futures::future::join_all(fresh.iter().map(|h| read_batch(s, h))).await).collect();
         reads.extend(prefetched.drain());
         let mut batches = Vec::new();
         let mut keep = Vec::new();
         for mut h in held.drain(..) {
             match reads.remove(&h.shard).unwrap_or(Ok(Read::Lost)) {
                 Err(p) => {
-                    release(s, &redis, &h, true).await;
+                    release(s, &h, true).await;
                     failed.insert(h.shard);
                     failures.push((Some(h.shard), p));
                 }
@@ -154,14 +153,14 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
                 Ok(Read::Batch(b, None)) if b.entries.is_empty() => {
                     h.resume = None;
                     if !h.cleared {
-                        if let Err(p) = redis.execute("DEL", vec![spillway_spin::bin(&l.bell(h.shard))]).await {
+                        if let Err(p) = Redis::for_shard(s, h.shard).execute("DEL", vec![spillway_spin::bin(&l.bell(h.shard))]).await {
                             failures.push((Some(h.shard), p));
                         }
                         h.cleared = true;
                         keep.push(h);
                     } else {
-                        release(s, &redis, &h, false).await;
-                        let rung = redis.execute("EXISTS", vec![spillway_spin::bin(&l.bell(h.shard))]).await;
+                        release(s, &h, false).await;
+                        let rung = Redis::for_shard(s, h.shard).execute("EXISTS", vec![spillway_spin::bin(&l.bell(h.shard))]).await;
                         if rung.ok().and_then(|r| r.first().and_then(int)).unwrap_or(0) > 0 {
                             wanted.push(h.shard);
                         }
@@ -187,8 +186,8 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
             .filter(|h| h.resume.is_none() && batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size))
             .cloned()
             .collect();
-        let round = finish_round(s, db, &redis, &batches, &mut held, &mut failed, &mut failures, stats);
-        let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, &redis, h)));
+        let round = finish_round(s, db, &batches, &mut held, &mut failed, &mut failures, stats);
+        let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, h)));
         let ((), next) = futures::future::join(round, next).await;
         // A shard that left in this round (failed, fenced) leaves its read-ahead in
         // the stream's pending list, for the next holder.
@@ -202,7 +201,6 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
 async fn finish_round(
     s: &Settings,
     db: &Db,
-    redis: &Redis,
     batches: &[Batch],
     held: &mut Vec<Held>,
     failed: &mut HashSet<u32>,
@@ -222,8 +220,8 @@ async fn finish_round(
         let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
         let mut args = vec![p.detail.clone()];
         args.extend(ids);
-        let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await;
-        drop_held(s, redis, held, shard, true).await;
+        let _ = Redis::for_shard(s, shard).eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await;
+        drop_held(s, held, shard, true).await;
         failed.insert(shard);
         failures.push((Some(shard), p));
     }
@@ -231,7 +229,7 @@ async fn finish_round(
     held.retain(|h| !applied.fenced.contains(&h.shard));
     let owners: Vec<&Held> = held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard)).collect();
     let refresh_started = spillway_spin::monotonic_ms();
-    let refreshed = refresh_cache(s, redis, &applied.state, &owners).await;
+    let refreshed = refresh_cache(s, &applied.state, &owners).await;
     let cache_ms = spillway_spin::monotonic_ms() - refresh_started;
     let done: Vec<&Batch> = batches.iter().filter(|b| owners.iter().any(|h| h.shard == b.shard)).collect();
     let lost = match refreshed {
@@ -243,8 +241,8 @@ async fn finish_round(
                 log_failure(b, "cache", &p.detail);
                 let mut args = vec![p.detail.clone()];
                 args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-                let _ = redis.eval(scripts::RECORD_ERROR, &[l.attempts(b.shard), l.stats(b.shard)], &args).await;
-                drop_held(s, redis, held, b.shard, true).await;
+                let _ = Redis::for_shard(s, b.shard).eval(scripts::RECORD_ERROR, &[l.attempts(b.shard), l.stats(b.shard)], &args).await;
+                drop_held(s, held, b.shard, true).await;
                 failed.insert(b.shard);
                 failures.push((Some(b.shard), p.clone()));
             }
@@ -266,7 +264,7 @@ async fn finish_round(
         }
         if args.len() > 3 {
             let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard), l.stats(b.shard)];
-            if let Err(p) = redis.eval(scripts::DEAD_LETTER, &keys, &args).await {
+            if let Err(p) = Redis::for_shard(s, b.shard).eval(scripts::DEAD_LETTER, &keys, &args).await {
                 log_failure(b, "dead-letter", &p.detail);
                 // Not acknowledged either (that would drop them): redelivered later.
                 undead.insert(b.shard);
@@ -275,7 +273,7 @@ async fn finish_round(
         }
     }
     for shard in &undead {
-        drop_held(s, redis, held, *shard, true).await;
+        drop_held(s, held, *shard, true).await;
         failed.insert(*shard);
     }
     let done: Vec<&Batch> = done.into_iter().filter(|b| !undead.contains(&b.shard)).collect();
@@ -286,7 +284,7 @@ async fn finish_round(
         let keys = [l.stream(b.shard), l.attempts(b.shard), l.done(b.shard), l.stats(b.shard)];
         async move {
             let started = spillway_spin::monotonic_ms();
-            let r = redis.eval(scripts::ACK, &keys, &args).await;
+            let r = Redis::for_shard(s, b.shard).eval(scripts::ACK, &keys, &args).await;
             (b, r, spillway_spin::monotonic_ms() - started)
         }
     });
@@ -302,7 +300,7 @@ async fn finish_round(
         if let Err(p) = r {
             // Applied but still pending: this tenure reads only new entries, so
             // let the watch's retry start a tenure that resumes them.
-            drop_held(s, redis, held, shard, true).await;
+            drop_held(s, held, shard, true).await;
             failed.insert(shard);
             failures.push((Some(shard), p));
         }
@@ -338,60 +336,66 @@ fn log_failure(b: &Batch, step: &str, error: &str) {
     eprintln!("{line}");
 }
 
-/// Shards with queued writes and no lease holder.
-async fn claimable(s: &Settings, redis: &Redis) -> Result<Vec<u32>, Problem> {
+/// Shards with queued writes and no lease holder: one call per server (per
+/// shard with `redis_cluster`), all at once.
+async fn claimable(s: &Settings) -> Result<Vec<u32>, Problem> {
     let l = &s.layout;
-    let keys: Vec<String> = (0..l.shards).flat_map(|n| [l.stream(n), l.lease(n)]).collect();
-    let args: Vec<String> = (0..l.shards).map(|n| n.to_string()).collect();
-    let reply = redis.eval(scripts::CLAIMABLE, &keys, &args).await?;
-    Ok(reply.iter().filter_map(int).filter_map(|n| u32::try_from(n).ok()).collect())
+    let all: Vec<u32> = (0..l.shards).collect();
+    let calls = s.slot_groups(&all).into_iter().map(|(address, group)| async move {
+        let keys: Vec<String> = group.iter().flat_map(|n| [l.stream(*n), l.lease(*n)]).collect();
+        let args: Vec<String> = group.iter().map(u32::to_string).collect();
+        Redis::new(address).eval(scripts::CLAIMABLE, &keys, &args).await
+    });
+    let mut out = Vec::new();
+    for reply in futures::future::join_all(calls).await {
+        out.extend(reply?.iter().filter_map(int).filter_map(|n| u32::try_from(n).ok()));
+    }
+    Ok(out)
 }
 
 /// Takes the shard's lease, unless another processor holds it.
-async fn acquire(s: &Settings, redis: &Redis, shard: u32) -> Result<Option<Held>, Problem> {
+async fn acquire(s: &Settings, shard: u32) -> Result<Option<Held>, Problem> {
     let l = &s.layout;
     let token = token();
-    let acquired = redis.eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
+    let acquired = Redis::for_shard(s, shard).eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
     let fence = acquired.first().and_then(int).unwrap_or(0);
     Ok((fence > 0).then_some(Held { shard, token, fence, cleared: false, resume: Some("0".into()) }))
 }
 
-/// Releases a lease. After a failure (`retry`) the shard's watch stays, to expire
-/// one lease TTL from now: that expiry is the retry, whatever else happens.
 /// Rings `shards` again: over HTTP where a wake URL is set (no Redis trigger),
 /// else on the doorbell channel.
-async fn ring_again(s: &Settings, redis: &Redis, shards: &[u32]) {
+async fn ring_again(s: &Settings, shards: &[u32]) {
     if s.wake_url.is_some() {
         if let Some(first) = shards.first() {
             spillway_spin::wake(s, *first).await;
         }
         return;
     }
-    for shard in shards {
-        let _ = redis.execute("PUBLISH", vec![spillway_spin::bin(&s.layout.doorbell_channel()), spillway_spin::bin(&shard.to_string())]).await;
-    }
+    spillway_spin::ring(s, shards).await;
 }
 
-async fn release(s: &Settings, redis: &Redis, h: &Held, retry: bool) {
+/// Releases a lease. After a failure (`retry`) the shard's watch stays, to expire
+/// one lease TTL from now: that expiry is the retry, whatever else happens.
+async fn release(s: &Settings, h: &Held, retry: bool) {
     let l = &s.layout;
     let retry_ms = if retry { s.lease_ttl_ms } else { 0 };
     // A failed release leaves the lease to expire, which resumes the shard too.
-    let _ = redis.eval(scripts::LEASE_RELEASE, &[l.lease(h.shard), l.watch(h.shard)], &[h.token.clone(), retry_ms.to_string()]).await;
+    let _ = Redis::for_shard(s, h.shard).eval(scripts::LEASE_RELEASE, &[l.lease(h.shard), l.watch(h.shard)], &[h.token.clone(), retry_ms.to_string()]).await;
 }
 
-async fn drop_held(s: &Settings, redis: &Redis, held: &mut Vec<Held>, shard: u32, retry: bool) {
+async fn drop_held(s: &Settings, held: &mut Vec<Held>, shard: u32, retry: bool) {
     if let Some(i) = held.iter().position(|h| h.shard == shard) {
         let h = held.remove(i);
-        release(s, redis, &h, retry).await;
+        release(s, &h, retry).await;
     }
 }
 
 /// The next batch of a held shard (renewing its lease).
-async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Problem> {
+async fn read_batch(s: &Settings, h: &Held) -> Result<Read, Problem> {
     let l = &s.layout;
     let started = spillway_spin::monotonic_ms();
     let shard = h.shard;
-    let reply = redis
+    let reply = Redis::for_shard(s, shard)
         .eval(
             scripts::READ_BATCH,
             &[l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard)],
@@ -435,7 +439,6 @@ async fn read_batch(s: &Settings, redis: &Redis, h: &Held) -> Result<Read, Probl
 /// written, and their batches must not be acknowledged (the new holder refreshes).
 async fn refresh_cache(
     s: &Settings,
-    redis: &Redis,
     state: &BTreeMap<String, Option<Record>>,
     owners: &[&Held],
 ) -> Result<HashSet<u32>, Problem> {
@@ -448,46 +451,75 @@ async fn refresh_cache(
     // killed mid-refresh) leaves its locks until they expire. Our own refresh locks
     // live as long as the lease, so a dead processor's do not outlast its lease.
     let give_up = spillway_spin::monotonic_ms() + FILL_LOCK_TTL_MS.max(s.lease_ttl_ms) + 500;
-    let mut keys: Vec<String> = owners.iter().map(|h| l.lease(h.shard)).collect();
-    let mut head = vec![owners.len().to_string(), me.clone(), s.lease_ttl_ms.to_string()];
-    head.extend(owners.iter().map(|h| h.token.clone()));
+    let owned: Vec<u32> = owners.iter().map(|h| h.shard).collect();
+    // One call per server (per shard with `redis_cluster`): its shards' leases and
+    // the fill locks of their keys (a fill lock is in its key's shard).
+    let groups = s.slot_groups(&owned);
     loop {
+        // A key of a shard this drain does not hold (any more) is the holder's.
+        for key in &pending {
+            let shard = l.shard_of(key);
+            if !owned.contains(&shard) {
+                lost.insert(shard);
+            }
+        }
+        pending.retain(|k| owned.contains(&l.shard_of(k)));
         if pending.is_empty() {
             return Ok(lost);
         }
         if spillway_spin::monotonic_ms() > give_up {
             return Err(Problem::unavailable("cache fill locks stayed busy; the batch will be retried"));
         }
-        let locks: Vec<String> = pending.iter().map(|k| l.fill_lock(k)).collect();
-        keys.truncate(owners.len());
-        keys.extend(locks.iter().cloned());
-        let mut args = head.clone();
-        for key in &pending {
-            let shard = l.shard_of(key);
-            let owner = owners.iter().position(|h| h.shard == shard).map_or(0, |i| i + 1);
-            args.push(owner.to_string());
-        }
-        let got = redis.eval(scripts::LOCKS_ACQUIRE_LEASED, &keys, &args).await?;
-        let mut held = Vec::new();
+        let calls: Vec<LockCall<'_>> = groups
+            .iter()
+            .filter_map(|(address, group)| {
+                let mine: Vec<&String> = pending.iter().copied().filter(|k| group.contains(&l.shard_of(k))).collect();
+                if mine.is_empty() {
+                    return None;
+                }
+                let leases: Vec<&&Held> = owners.iter().filter(|h| group.contains(&h.shard)).collect();
+                let mut keys: Vec<String> = leases.iter().map(|h| l.lease(h.shard)).collect();
+                keys.extend(mine.iter().map(|k| l.fill_lock(k)));
+                let mut args = vec![leases.len().to_string(), me.clone(), s.lease_ttl_ms.to_string()];
+                args.extend(leases.iter().map(|h| h.token.clone()));
+                for key in &mine {
+                    let shard = l.shard_of(key);
+                    args.push(leases.iter().position(|h| h.shard == shard).map_or(0, |i| i + 1).to_string());
+                }
+                Some((*address, mine, keys, args))
+            })
+            .collect();
+        let replies = futures::future::join_all(calls.iter().map(|(address, _, keys, args)| async move {
+            Redis::new(address).eval(scripts::LOCKS_ACQUIRE_LEASED, keys, args).await
+        }))
+        .await;
+        let mut held: Vec<(&str, Vec<String>)> = Vec::new();
         let mut sets = Vec::new();
         let mut deletes = Vec::new();
         let mut waiting = Vec::new();
-        for (i, key) in pending.iter().enumerate() {
-            match got.get(i).and_then(int) {
-                Some(1) => {}
-                Some(2) => {
-                    lost.insert(l.shard_of(key));
-                    continue;
+        for ((address, mine, _, _), got) in calls.iter().zip(replies) {
+            let got = got?;
+            let mut taken = Vec::new();
+            for (i, key) in mine.iter().enumerate() {
+                match got.get(i).and_then(int) {
+                    Some(1) => {}
+                    Some(2) => {
+                        lost.insert(l.shard_of(key));
+                        continue;
+                    }
+                    _ => {
+                        waiting.push(*key);
+                        continue;
+                    }
                 }
-                _ => {
-                    waiting.push(*key);
-                    continue;
+                taken.push(l.fill_lock(key));
+                match &state[*key] {
+                    Some(r) => sets.push((l.cache_key(key), cache_entry(key, r).into_bytes())),
+                    None => deletes.push(l.cache_key(key)),
                 }
             }
-            held.push(locks[i].clone());
-            match &state[*key] {
-                Some(r) => sets.push((l.cache_key(key), cache_entry(key, r).into_bytes())),
-                None => deletes.push(l.cache_key(key)),
+            if !taken.is_empty() {
+                held.push((address, taken));
             }
         }
         let written = async {
@@ -495,8 +527,12 @@ async fn refresh_cache(
             kv.delete_many(deletes)
         }
         .await;
-        if !held.is_empty() {
-            redis.eval(scripts::LOCKS_RELEASE, &held, std::slice::from_ref(&me)).await?;
+        let released = futures::future::join_all(
+            held.iter().map(|(address, locks)| async { Redis::new(address).eval(scripts::LOCKS_RELEASE, locks, std::slice::from_ref(&me)).await }),
+        )
+        .await;
+        for r in released {
+            r?;
         }
         written?;
         pending = waiting.into_iter().filter(|k| !lost.contains(&l.shard_of(k))).collect();
@@ -505,6 +541,10 @@ async fn refresh_cache(
         }
     }
 }
+
+/// One `LOCKS_ACQUIRE_LEASED` call of a refresh: the server, its keys (in the
+/// order of the locks), and the script's keys and arguments.
+type LockCall<'a> = (&'a str, Vec<&'a String>, Vec<String>, Vec<String>);
 
 /// The cache's JSON for a record (what `GET /v1/records/{key}` answers).
 fn cache_entry(key: &str, r: &Record) -> String {

@@ -36,8 +36,7 @@ pub(crate) async fn on_message(message: &[u8]) -> anyhow::Result<()> {
 /// Drains `shard` (if any) and every shard with queued writes and no holder: a
 /// doorbell, an expired lease or flag, or a wake.
 async fn drain_claimable(settings: &Settings, shard: Option<u32>) -> anyhow::Result<()> {
-    let redis = Redis::new(&settings.redis_address);
-    spillway_spin::hazards::check_and_log(&redis, &settings.layout.prefix).await;
+    spillway_spin::hazards::check_all(settings).await;
     let db = Db::open_with_schema().await.map_err(|p| anyhow::anyhow!(p.detail))?;
     let mut stats = Stats::default();
     let failures = drain::drain(settings, &db, Scope::Claimable(shard), &mut stats).await;
@@ -106,8 +105,7 @@ async fn drain_endpoint(settings: &Settings, query: Option<&str>) -> Result<http
         Some(s) => Scope::Only(s),
         None => Scope::Claimable(None),
     };
-    let redis = Redis::new(&settings.redis_address);
-    let warnings = spillway_spin::hazards::check_and_log(&redis, &settings.layout.prefix).await;
+    let warnings = spillway_spin::hazards::check_all(settings).await;
     let db = Db::open_with_schema().await?;
     let mut stats = Stats::default();
     let errors: Vec<_> = drain::drain(settings, &db, scope, &mut stats)
@@ -143,10 +141,9 @@ fn wake(settings: Settings, query: Option<&str>) -> Result<http::Response<String
 
 /// `GET /v1/dead`: every dead letter, oldest first per shard.
 async fn dead_letters(s: &Settings) -> Result<http::Response<String>, Problem> {
-    let redis = Redis::new(&s.redis_address);
     let mut out = Vec::new();
     for shard in 0..s.layout.shards {
-        let flat = redis.execute("XRANGE", vec![bin(&s.layout.dead(shard)), bin("-"), bin("+")]).await?;
+        let flat = Redis::for_shard(s, shard).execute("XRANGE", vec![bin(&s.layout.dead(shard)), bin("-"), bin("+")]).await?;
         // Flattened entries: id, then field/value pairs (id, w, error, attempts).
         for entry in flat.chunks(9) {
             let t: Vec<String> = entry.iter().map(|v| text(v).unwrap_or_default()).collect();
@@ -182,12 +179,13 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
             _ => return Err(Problem::invalid("expected {\"ids\": [write id, ...]}", "")),
         }
     };
-    let redis = Redis::new(&s.redis_address);
     let l = &s.layout;
     let db = Db::open().await?;
     let mut replayed = Vec::new();
     let mut already = Vec::new();
+    let mut rang = Vec::new();
     for shard in 0..l.shards {
+        let redis = Redis::for_shard(s, shard);
         let mine: Vec<String> = ids.iter().filter(|id| id.starts_with(&format!("{shard}-"))).cloned().collect();
         if !ids.is_empty() && mine.is_empty() {
             continue;
@@ -220,13 +218,23 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
             continue;
         }
         let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
-        let mut args = vec![l.doorbell_channel(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
+        let mut args = vec![String::new(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
         args.extend(todo.into_iter().map(|(_, id)| id));
         let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], &args).await?;
+        if !flat.is_empty() {
+            rang.push(shard);
+        }
         for pair in flat.chunks(2) {
             if let [old, new] = pair {
                 replayed.push(json!({"id": text(old), "replayed_as": text(new)}));
             }
+        }
+    }
+    // The replayed shards' doorbells (their flags were set by the script).
+    if !rang.is_empty() {
+        match s.wake_url {
+            Some(_) => spillway_spin::wake(s, rang[0]).await,
+            None => spillway_spin::ring(s, &rang).await,
         }
     }
     Ok(json(200, &json!({"replayed": replayed, "already_applied": already}), &[]))

@@ -51,9 +51,9 @@ struct Snapshot {
     hazards: Vec<String>,
 }
 
-async fn shard(s: &Settings, redis: &Redis, shard: u32) -> Result<Shard, Problem> {
+async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
     let l = &s.layout;
-    let r = redis.eval(scripts::SHARD_STATS, &[l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], &[GROUP.to_owned()]).await?;
+    let r = Redis::for_shard(s, shard).eval(scripts::SHARD_STATS, &[l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], &[GROUP.to_owned()]).await?;
     let n = |i: usize| r.get(i).and_then(int).unwrap_or(0).max(0) as u64;
     let now_ms = n(6);
     let oldest_age_ms = r
@@ -95,9 +95,16 @@ async fn shard(s: &Settings, redis: &Redis, shard: u32) -> Result<Shard, Problem
 
 async fn snapshot(s: &Settings) -> Result<Snapshot, Problem> {
     let redis = Redis::new(&s.redis_address);
-    let shards = futures::future::join_all((0..s.layout.shards).map(|n| shard(s, &redis, n))).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let shards = futures::future::join_all((0..s.layout.shards).map(|n| shard(s, n))).await.into_iter().collect::<Result<Vec<_>, _>>()?;
     let cache = redis.execute("HMGET", vec![bin(&s.layout.cache_stats()), bin("hits"), bin("misses")]).await?;
-    let hazards = spillway_spin::hazards::check(&redis).await;
+    let mut hazards: Vec<String> = Vec::new();
+    for address in s.redis_servers() {
+        for h in spillway_spin::hazards::check(&Redis::new(address)).await {
+            if !hazards.contains(&h) {
+                hazards.push(h);
+            }
+        }
+    }
     Ok(Snapshot {
         shards,
         cache_hits: cache.first().and_then(int).unwrap_or(0).max(0) as u64,
@@ -263,7 +270,6 @@ pub(crate) async fn purge(s: &Settings, body: &[u8]) -> Result<http::Response<St
             return Err(Problem::invalid(EXPECTED, ""));
         }
     };
-    let redis = Redis::new(&s.redis_address);
     let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
     let mut purged = Vec::new();
     for shard in 0..l.shards {
@@ -273,7 +279,7 @@ pub(crate) async fn purge(s: &Settings, body: &[u8]) -> Result<http::Response<St
         }
         let mut args = vec![shard.to_string(), retention_ms.clone()];
         args.extend(mine);
-        let out = redis.eval(scripts::PURGE, &[l.dead(shard), l.dead_status_prefix(shard), l.stats(shard)], &args).await?;
+        let out = Redis::for_shard(s, shard).eval(scripts::PURGE, &[l.dead(shard), l.dead_status_prefix(shard), l.stats(shard)], &args).await?;
         purged.extend(out.iter().filter_map(text));
     }
     Ok(json(200, &json!({"purged": purged}), &[]))

@@ -1,24 +1,26 @@
 //! The Redis settings Spillway depends on (see `spillway_core::hazards`): read once
-//! per instance, expiry events turned on where Redis allows, the rest reported.
+//! per instance and server, expiry events turned on where Redis allows, the rest
+//! reported.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use spillway_core::hazards;
 
 use crate::{Redis, bin, text};
 
 thread_local! {
-    static CHECKED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    static CHECKED: RefCell<HashMap<String, Vec<String>>> = RefCell::new(HashMap::new());
 }
 
 /// The hazards found (empty when Redis is set up as Spillway needs), checked on the
 /// first call in this instance; turns expiry events on when they are off.
 pub async fn check(redis: &Redis) -> Vec<String> {
-    if let Some(w) = CHECKED.with_borrow(Clone::clone) {
+    if let Some(w) = CHECKED.with_borrow(|c| c.get(redis.address()).cloned()) {
         return w;
     }
     let warnings = inspect(redis).await;
-    CHECKED.with_borrow_mut(|c| *c = Some(warnings.clone()));
+    CHECKED.with_borrow_mut(|c| c.insert(redis.address().to_owned(), warnings.clone()));
     warnings
 }
 
@@ -26,14 +28,29 @@ pub async fn check(redis: &Redis) -> Vec<String> {
 /// (expiry events turned on): after the first call it costs nothing, not even a
 /// copy of the warnings (intake's hot path).
 pub async fn ensure(redis: &Redis) {
-    if CHECKED.with_borrow(|c| c.is_none()) {
+    if CHECKED.with_borrow(|c| !c.contains_key(redis.address())) {
         check(redis).await;
     }
 }
 
-/// Forgets the check (the connection failed: Redis may have restarted).
-pub fn forget() {
-    CHECKED.with_borrow_mut(|c| *c = None);
+/// Forgets the check of the server at `address` (the connection failed: Redis
+/// may have restarted).
+pub fn forget(address: &str) {
+    CHECKED.with_borrow_mut(|c| c.remove(address));
+}
+
+/// [`check_and_log`] on every server the shards are on; the warnings of all, each
+/// once.
+pub async fn check_all(s: &spillway_core::settings::Settings) -> Vec<String> {
+    let mut all: Vec<String> = Vec::new();
+    for address in s.redis_servers() {
+        for w in check_and_log(&Redis::new(address), &s.layout.prefix).await {
+            if !all.contains(&w) {
+                all.push(w);
+            }
+        }
+    }
+    all
 }
 
 /// Like [`check`], and logs each hazard on stderr (where Spin collects component

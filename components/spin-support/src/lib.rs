@@ -29,11 +29,23 @@ use spin_sdk::variables;
 const VARIABLES: &[&str] = &[
     "redis_address", "key_prefix", "shard_count", "batch_size", "lease_ttl_ms", "max_attempts",
     "queue_depth_limit", "idempotency_ttl_secs", "admin_token", "max_body_bytes", "max_batch",
-    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs", "change_feed_secs", "stats_public", "database", "wake_url", "drain_budget_secs",
+    "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs", "change_feed_secs", "stats_public", "database", "wake_url", "drain_budget_secs", "shard_redis_addresses", "redis_cluster",
 ];
 
 thread_local! {
     static SETTINGS: RefCell<Option<Settings>> = const { RefCell::new(None) };
+}
+
+/// Rings the doorbell of `shards` on the doorbell channel, on `redis_address`
+/// (where the processor's Redis trigger listens, whichever server holds the
+/// shards). Best effort, as [`wake`].
+pub async fn ring(s: &Settings, shards: &[u32]) {
+    let redis = Redis::new(&s.redis_address);
+    for shard in shards {
+        if let Err(p) = redis.execute("PUBLISH", vec![bin(&s.layout.doorbell_channel()), bin(&shard.to_string())]).await {
+            eprintln!("doorbell: {}", p.detail);
+        }
+    }
 }
 
 /// Wakes a processor for `shard` where there is no Redis trigger: `POST
@@ -74,7 +86,8 @@ async fn load_settings() -> Result<Settings, Problem> {
 }
 
 thread_local! {
-    static REDIS: RefCell<Option<(String, Rc<Connection>)>> = const { RefCell::new(None) };
+    /// One connection per Redis server (by address), kept for the instance.
+    static REDIS: RefCell<HashMap<String, Rc<Connection>>> = RefCell::new(HashMap::new());
     /// SHA1 of each script loaded into Redis, keyed by the script constant's address.
     static SHAS: RefCell<HashMap<usize, String>> = RefCell::new(HashMap::new());
 }
@@ -109,12 +122,22 @@ impl Redis {
         Self { address: address.to_owned() }
     }
 
+    /// The server that holds `shard`'s keys (see `Settings::redis_for`).
+    pub fn for_shard(s: &Settings, shard: u32) -> Self {
+        Self::new(s.redis_for(shard))
+    }
+
+    /// Its address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     async fn conn(&self) -> Result<Rc<Connection>, Problem> {
-        if let Some(c) = REDIS.with_borrow(|r| r.as_ref().filter(|(a, _)| *a == self.address).map(|(_, c)| c.clone())) {
+        if let Some(c) = REDIS.with_borrow(|r| r.get(&self.address).cloned()) {
             return Ok(c);
         }
         let c = Rc::new(Connection::open(&self.address).await.map_err(|e| unavailable(&e))?);
-        REDIS.with_borrow_mut(|r| *r = Some((self.address.clone(), c.clone())));
+        REDIS.with_borrow_mut(|r| r.insert(self.address.clone(), c.clone()));
         Ok(c)
     }
 
@@ -135,8 +158,8 @@ impl Redis {
             Err(e) => {
                 // The next connection may reach a restarted Redis, which has
                 // forgotten settings made at run time: check them again.
-                REDIS.with_borrow_mut(|r| *r = None);
-                hazards::forget();
+                REDIS.with_borrow_mut(|r| r.remove(&self.address));
+                hazards::forget(&self.address);
                 Err(Some(unavailable(&e)))
             }
         }

@@ -43,10 +43,10 @@ impl Notices {
     /// Starts following shard `shard`'s notices.
     pub async fn follow(s: &Settings, shard: u32) -> Result<Self, Problem> {
         let stream = s.layout.done(shard);
-        let redis = Redis::new(&s.redis_address);
+        let redis = Redis::for_shard(s, shard);
         let newest = redis.execute("XREVRANGE", vec![bin(&stream), bin("+"), bin("-"), bin("COUNT"), bin("1")]).await?;
         let last = newest.first().and_then(text).unwrap_or_else(|| "0-0".into());
-        Ok(Self { conn: None, address: s.redis_address.clone(), stream, last })
+        Ok(Self { conn: None, address: s.redis_for(shard).to_owned(), stream, last })
     }
 
     /// Blocks until a new notice or until `deadline_ms` (monotonic); true if a
@@ -104,7 +104,7 @@ async fn recorded(sid: &str) -> Result<Option<Json>, Problem> {
 pub async fn status(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
     let sid = id.to_string();
     let l = &s.layout;
-    let redis = Redis::new(&s.redis_address);
+    let redis = Redis::for_shard(s, id.shard);
     let pending = || json!({"id": sid, "status": "pending"});
     let in_stream = async || -> Result<bool, Problem> {
         let r = redis.execute("XRANGE", vec![bin(&l.stream(id.shard)), bin(&id.entry), bin(&id.entry)]).await?;

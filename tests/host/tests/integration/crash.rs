@@ -21,7 +21,7 @@ const CLIENTS: usize = 32;
 /// On both engines: SQLite applies one transaction at a time, PostgreSQL runs
 /// the two processors' transactions at once.
 async fn increments_survive_processor_crashes(engine: Engine) {
-    crash_run(Some(engine)).await;
+    crash_run(Setup::Trigger(engine)).await;
 }
 
 /// The same on the HTTP-only deployment (`deploy/http-only/spin.toml`, on
@@ -31,17 +31,41 @@ async fn increments_survive_processor_crashes(engine: Engine) {
 /// mid-drain. Drains also hand on at a 1 s budget.
 #[tokio::test(flavor = "multi_thread")]
 async fn increments_survive_processor_crashes_http_only() {
-    crash_run(None).await;
+    crash_run(Setup::HttpOnly).await;
 }
 
-/// `engine`: the repository's manifest (Redis trigger) on that engine; `None`:
-/// the HTTP-only manifest.
-async fn crash_run(engine: Option<Engine>) {
+/// The same with the shards spread over two Redis servers, each a Redis Cluster
+/// node (which refuses any script or command whose keys span hash slots), with
+/// `redis_cluster` on: per-key order, exactly-once and the crash recovery hold
+/// when each shard lives on its own server, and no call touches two slots.
+#[tokio::test(flavor = "multi_thread")]
+async fn increments_survive_processor_crashes_on_two_redis_cluster_nodes() {
+    crash_run(Setup::TwoServers).await;
+}
+
+/// What a crash run runs on.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    /// The repository's manifest (Redis trigger) on this engine, one Redis.
+    Trigger(Engine),
+    /// The HTTP-only manifest on PostgreSQL.
+    HttpOnly,
+    /// The repository's manifest on SQLite, the shards on two Redis Cluster
+    /// nodes.
+    TwoServers,
+}
+
+async fn crash_run(setup: Setup) {
     fixtures();
-    let redis = Redis::start();
+    let (engine, http_only) = match setup {
+        Setup::Trigger(engine) => (Some(engine), false),
+        Setup::HttpOnly => (None, true),
+        Setup::TwoServers => (Some(Engine::Sqlite), false),
+    };
+    let (redis, second) = if setup == Setup::TwoServers { (Redis::start_cluster_node(), Some(Redis::start_cluster_node())) } else { (Redis::start(), None) };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (front_toml, processor_toml, triggers) = match engine {
+    let (front_toml, processor_toml, triggers) = match engine.filter(|_| !http_only) {
         Some(_) => {
             let (front, processor) = manifests(dir.path());
             (front, processor, true)
@@ -54,8 +78,12 @@ async fn crash_run(engine: Option<Engine>) {
     std::fs::create_dir_all(&state).unwrap();
     let (store, db_vars) = Store::new(engine.unwrap_or(Engine::Postgres), &state);
     let mut vars = vec![("lease_ttl_ms", "1000"), ("status_retention_secs", "1")];
-    if engine.is_none() {
+    if http_only {
         vars.push(("drain_budget_secs", "1"));
+    }
+    let servers = second.as_ref().map(|two| format!("{},{}", redis.url(), two.url()));
+    if let Some(servers) = &servers {
+        vars.extend([("shard_redis_addresses", servers.as_str()), ("shard_redis_hosts", "redis://127.0.0.1:*"), ("redis_cluster", "true")]);
     }
     vars.extend(db_vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
 
@@ -125,12 +153,14 @@ async fn crash_run(engine: Option<Engine>) {
     assert_eq!(expected.values().sum::<u64>(), WRITES as u64);
 
     // The safety net (cron's drain) picks up whatever a killed holder left behind,
-    // once its lease has expired.
-    let mut conn = redis.conn();
+    // once its lease has expired. Shard n is on server n % 2 with two servers.
+    let mut conns = vec![redis.conn()];
+    conns.extend(second.as_ref().map(Redis::conn));
+    let n = conns.len();
     let mut admin = Conn::open(front.port).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let queued: usize = (0..16).map(|s| conn.xlen::<_, usize>(format!("spillway:{{s{s}}}:stream")).unwrap()).sum();
+        let queued: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(format!("spillway:{{s{s}}}:stream")).unwrap()).sum();
         if queued == 0 {
             break;
         }
@@ -139,11 +169,18 @@ async fn crash_run(engine: Option<Engine>) {
         assert_eq!(status, 200, "{body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let dead: usize = (0..16).map(|s| conn.xlen::<_, usize>(format!("spillway:{{s{s}}}:dead")).unwrap()).sum();
+    let dead: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(format!("spillway:{{s{s}}}:dead")).unwrap()).sum();
     let first_dead: Vec<redis::Value> = (0..16)
-        .flat_map(|s| redis::cmd("XRANGE").arg(format!("spillway:{{s{s}}}:dead")).arg("-").arg("+").arg("COUNT").arg(1).query::<Vec<redis::Value>>(&mut conn).unwrap())
+        .flat_map(|s| redis::cmd("XRANGE").arg(format!("spillway:{{s{s}}}:dead")).arg("-").arg("+").arg("COUNT").arg(1).query::<Vec<redis::Value>>(&mut conns[s % n]).unwrap())
         .take(1)
         .collect();
+    if let Some(two) = &second {
+        // Each server holds its own shards' streams, and only those.
+        let mut c = two.conn();
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg("spillway:{s*}:stream").query(&mut c).unwrap();
+        keys.sort();
+        assert_eq!(keys, (0..16).filter(|s| s % 2 == 1).map(|s| format!("spillway:{{s{s}}}:stream")).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
+    }
     assert_eq!(dead, 0, "nothing dead-lettered: {first_dead:?}");
 
     let outcomes = store.int("SELECT count(*) FROM spillway_writes WHERE status = 'applied'").await.unwrap();

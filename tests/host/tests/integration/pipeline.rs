@@ -49,6 +49,10 @@ async fn appends_land_in_acceptance_order(engine: Engine) {
         accepted.push(t.await.unwrap());
     }
     s.wait_recorded(200).await;
+    // Settled (acknowledged): the cache has the last batch's result.
+    for (id, _) in &accepted {
+        s.settled(id).await;
+    }
     accepted.sort_by_key(|(id, _)| entry_order(id));
     let expected: Vec<i32> = accepted.iter().map(|(_, i)| *i).collect();
     let (code, _, rec) = s.call("GET", "/v1/records/log", None, &[]).await;
@@ -79,12 +83,12 @@ async fn bounded_incr_never_oversells(engine: Engine) {
         ids.push(t.await.unwrap());
     }
     s.wait_recorded(1001).await;
-    let (_, _, rec) = s.call("GET", "/v1/records/sku-42", None, &[]).await;
-    assert_eq!(rec["value"], json!({"stock": 0}));
     let mut applied = 0;
     let mut rejected = 0;
     for id in &ids {
-        let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
+        // Settled: acknowledged, so the cache has the batch's result (a record
+        // read before that, once the database has committed, may be older).
+        let st = s.settled(id).await;
         match st["status"].as_str().unwrap() {
             "applied" => applied += 1,
             "rejected" => {
@@ -95,6 +99,8 @@ async fn bounded_incr_never_oversells(engine: Engine) {
         }
     }
     assert_eq!((applied, rejected), (100, 900));
+    let (_, _, rec) = s.call("GET", "/v1/records/sku-42", None, &[]).await;
+    assert_eq!(rec["value"], json!({"stock": 0}));
 }
 
 /// A burst of 50,000 writes rings the doorbell far fewer times than there are
@@ -238,7 +244,7 @@ async fn cache_fill_is_single_flight(engine: Engine) {
         db.query_row("SELECT count(*) FROM spin_key_value WHERE key = 'spillway:rec:hot'", [], |r| r.get(0)).unwrap()
     };
     assert_eq!(kv(), 0);
-    let lock = format!("spillway:fill:{}", spillway_core::layout::md5_hex(b"hot"));
+    let lock = spillway_core::layout::Layout { prefix: "spillway:".into(), shards: 16 }.fill_lock("hot");
     let mut c = s.redis.conn();
     let _: () = redis::cmd("SET").arg(&lock).arg("someone-else").arg("PX").arg(60_000).query(&mut c).unwrap();
     let (code, _, rec) = s.call("GET", "/v1/records/hot", None, &[]).await;

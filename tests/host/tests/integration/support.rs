@@ -55,11 +55,31 @@ pub(crate) struct Redis {
 const NO_PERSISTENCE: &[&str] = &["--save", "", "--appendonly", "no"];
 /// AOF with a sync per write: nothing acknowledged is lost when Redis is killed.
 pub(crate) const AOF_ALWAYS: &[&str] = &["--save", "", "--appendonly", "yes", "--appendfsync", "always"];
+/// Cluster mode (no persistence): a one-node Redis Cluster once it owns every
+/// slot ([`Redis::start_cluster_node`]). It refuses, as any cluster does, a
+/// command or script whose keys are in different hash slots (`CROSSSLOT`).
+const CLUSTER_NODE: &[&str] = &["--save", "", "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
 
 impl Redis {
     /// Starts a server and waits until it answers.
     pub(crate) fn start() -> Self {
         Self::start_with(NO_PERSISTENCE)
+    }
+
+    /// Starts a one-node Redis Cluster holding all 16,384 slots (so no key is
+    /// redirected), and waits until the cluster is up.
+    pub(crate) fn start_cluster_node() -> Self {
+        let server = Self::start_with(CLUSTER_NODE);
+        let mut c = server.conn();
+        let _: () = redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(16383).query(&mut c).expect("CLUSTER ADDSLOTSRANGE");
+        for _ in 0..500 {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).expect("CLUSTER INFO");
+            if info.contains("cluster_state:ok") {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the one-node cluster did not come up");
     }
 
     /// Starts a server with these persistence options.
