@@ -114,9 +114,10 @@ impl Layout {
         self.shard_key(shard, "stats")
     }
 
-    /// Cache hits and misses, counted by the cache instances (one hash).
+    /// Cache hits and misses, counted by the cache instances (one hash, in shard
+    /// 0's slot and on its server).
     pub fn cache_stats(&self) -> String {
-        format!("{}cache-stats", self.prefix)
+        self.shard_key(0, "cache-stats")
     }
 
     /// The shard's doorbell flag (coalesces wake-ups).

@@ -79,6 +79,25 @@ impl Settings {
         groups
     }
 
+    /// Where a request's idempotency record lives for the group of `shard`: in
+    /// the slot of the first shard on the same server, so one key is one record
+    /// per server whatever shards the body touches (a reused key with another
+    /// body is refused); with `redis_cluster`, in `shard`'s own slot (a reused
+    /// key is then refused only on the shards the first body touched).
+    pub fn idempotency_shard(&self, shard: u32) -> u32 {
+        if self.redis_cluster {
+            return shard;
+        }
+        let address = self.redis_for(shard);
+        (0..self.layout.shards).find(|n| self.redis_for(*n) == address).unwrap_or(shard)
+    }
+
+    /// The shard whose slot holds a server's own bookkeeping keys (hazard
+    /// notes): its first shard, so that a cluster node owns them.
+    pub fn first_shard_on(&self, address: &str) -> u32 {
+        (0..self.layout.shards).find(|n| self.redis_for(*n) == address).unwrap_or(0)
+    }
+
     /// Every server shards are on, each once, in order.
     pub fn redis_servers(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
@@ -217,7 +236,9 @@ mod tests {
         assert_eq!(two.redis_servers(), vec!["redis://a:6379", "redis://b:6379"]);
         assert_eq!(two.slot_groups(&[3, 0, 1, 2]), vec![("redis://b:6379", vec![3, 1]), ("redis://a:6379", vec![0, 2])]);
         assert_eq!(s.slot_groups(&[3, 0]), vec![("redis://127.0.0.1:6379", vec![3, 0])]);
+        assert_eq!((two.idempotency_shard(7), two.idempotency_shard(6), s.idempotency_shard(9)), (1, 0, 0));
         let cluster = Settings::load(|n| (n == "redis_cluster").then(|| "true".to_owned())).unwrap();
+        assert_eq!(cluster.idempotency_shard(9), 9);
         assert_eq!(cluster.slot_groups(&[3, 0]), vec![("redis://127.0.0.1:6379", vec![3]), ("redis://127.0.0.1:6379", vec![0])]);
         let e = Settings::load(|n| (n == "wake_url").then(|| "processor.spin.internal/v1/wake".to_owned())).unwrap_err();
         assert_eq!(e.name, "wake_url");

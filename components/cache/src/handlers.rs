@@ -305,7 +305,7 @@ async fn count_read(s: &Settings, hit: bool) {
         return;
     }
     READS.set((0, 0, Some(now)));
-    let (address, key) = (s.redis_address.clone(), s.layout.cache_stats());
+    let (address, key) = (s.redis_for(0).to_owned(), s.layout.cache_stats());
     spin_sdk::wasip3::spawn(async move {
         let counted = Redis::new(&address).eval(scripts::CACHE_COUNT, &[key], &[hits.to_string(), misses.to_string()]).await;
         if counted.is_err() {

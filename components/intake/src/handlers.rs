@@ -160,16 +160,27 @@ async fn enqueue(
         }
     });
     let replies = futures::future::join_all(calls).await;
+    // Ring what was rung first, whatever else the replies say: a group accepted
+    // beside one refused has its flag set, and no one else will ring it.
+    let rang: Vec<u32> = replies
+        .iter()
+        .flatten()
+        .flat_map(|reply| {
+            let values: Vec<String> = reply.iter().filter_map(text).collect();
+            let at = values.iter().position(|v| v == "rang").map_or(values.len(), |i| i + 1);
+            values[at..].iter().filter_map(|v| v.parse::<u32>().ok()).collect::<Vec<_>>()
+        })
+        .collect();
+    ring(s, rang);
     // Ids back in request order: each group's ids are its writes' in order.
     let mut ids: Vec<Option<String>> = vec![None; writes.len()];
     let mut replayed = true;
-    let mut rang: Vec<u32> = Vec::new();
     for ((_, group), reply) in groups.iter().zip(replies) {
         let reply = reply?;
         let status = reply.first().and_then(text).unwrap_or_default();
         let mut values: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
         if let Some(at) = values.iter().position(|v| v == "rang") {
-            rang.extend(values.split_off(at).iter().skip(1).filter_map(|v| v.parse::<u32>().ok()));
+            values.truncate(at);
         }
         match status.as_str() {
             "ok" | "replay" => {
@@ -199,19 +210,26 @@ async fn enqueue(
         }
     }
     let ids: Vec<String> = ids.into_iter().collect::<Option<_>>().ok_or_else(|| Problem::unavailable("the enqueue script gave too few ids"))?;
-    // Ring what these writes rang: the doorbell channel (the processor's Redis
-    // trigger), or over HTTP where there is none (after the answer: the writes
-    // are durable already; one wake is enough, as the woken drain also claims
-    // every other shard with queued writes and no holder).
-    if !rang.is_empty() {
-        if s.wake_url.is_some() {
-            let (s, shard) = (s.clone(), rang[0]);
-            spin_sdk::wasip3::spawn(async move { spillway_spin::wake(&s, shard).await });
-        } else {
-            spillway_spin::ring(s, &rang).await;
-        }
-    }
     Ok(Accepted { ids, replayed })
+}
+
+/// Rings `shards` after the answer (the writes are durable already; a ring lost
+/// with a dying instance leaves the shard's flag to expire, which resumes it):
+/// on the doorbell channel (the processor's Redis trigger), or over HTTP where
+/// there is none (one wake is enough: the woken drain also claims every other
+/// shard with queued writes and no holder).
+fn ring(s: &Settings, shards: Vec<u32>) {
+    if shards.is_empty() {
+        return;
+    }
+    let s = s.clone();
+    spin_sdk::wasip3::spawn(async move {
+        if s.wake_url.is_some() {
+            spillway_spin::wake(&s, shards[0]).await;
+        } else {
+            spillway_spin::ring(&s, &shards).await;
+        }
+    });
 }
 
 /// The keys and arguments of one `ENQUEUE` call: the writes of `group`'s shards.
@@ -224,7 +242,7 @@ fn enqueue_call(
     body_md5: &str,
 ) -> (Vec<String>, Vec<String>) {
     let layout = &s.layout;
-    let mut keys = vec![layout.idempotency(group[0], idem.unwrap_or(""))];
+    let mut keys = vec![layout.idempotency(s.idempotency_shard(group[0]), idem.unwrap_or(""))];
     for shard in group {
         keys.push(layout.stream(*shard));
         keys.push(layout.bell(*shard));

@@ -101,8 +101,10 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
             // Out of time (a hosted platform ends a request at 30 s): release the
             // shards and ring again, so a fresh invocation carries on. Entries
             // read ahead stay pending: the next holder resumes them first.
+            // Released with a retry: should the ring below be lost, the shard's
+            // watch expires one lease TTL from now and resumes it.
             for h in held.drain(..) {
-                release(s, &h, false).await;
+                release(s, &h, true).await;
                 stats.handed_on.push(h.shard);
             }
             eprintln!("{}", serde_json::json!({"event": "handed_on", "shards": stats.handed_on, "budget_secs": s.drain_budget_secs}));
@@ -338,7 +340,7 @@ fn log_failure(b: &Batch, step: &str, error: &str) {
 
 /// Shards with queued writes and no lease holder: one call per server (per
 /// shard with `redis_cluster`), all at once.
-async fn claimable(s: &Settings) -> Result<Vec<u32>, Problem> {
+pub(crate) async fn claimable(s: &Settings) -> Result<Vec<u32>, Problem> {
     let l = &s.layout;
     let all: Vec<u32> = (0..l.shards).collect();
     let calls = s.slot_groups(&all).into_iter().map(|(address, group)| async move {

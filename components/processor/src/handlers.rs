@@ -69,7 +69,7 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
         Err(p) => return problem(&p),
     };
     if path == "/v1/wake" {
-        return wake(settings, req.uri().query()).unwrap_or_else(|p| problem(&p));
+        return wake(settings, req.uri().query(), req.method()).await.unwrap_or_else(|p| problem(&p));
     }
     // Stats and metrics are admin endpoints unless `stats_public` opens them.
     let public = settings.stats_public && matches!(path.as_str(), "/v1/stats" | "/metrics");
@@ -124,19 +124,36 @@ async fn drain_endpoint(settings: &Settings, query: Option<&str>) -> Result<http
     }), &[]))
 }
 
-/// `POST /v1/wake[?shard=n]`: the doorbell over HTTP, for platforms without the
-/// Redis trigger (intake calls it by service chaining; a cron calls it as the
-/// safety net). No token: it only applies writes already accepted, and a shard
-/// another invocation holds is left to it. Answers `202` at once and drains
-/// after answering, within `drain_budget_secs`.
-fn wake(settings: Settings, query: Option<&str>) -> Result<http::Response<String>, Problem> {
+/// `POST /v1/wake[?shard=n]` (and `GET`): the doorbell over HTTP, for platforms
+/// without the Redis trigger. No token: it only applies writes already
+/// accepted, a shard another invocation holds is left to it, and with no shard
+/// to claim it costs one Redis call per server (no database connection).
+///
+/// - `POST` (intake, by service chaining): answers `202` at once and drains
+///   after answering, within `drain_budget_secs`.
+/// - `GET` (a platform's cron, the safety net): drains first, within the
+///   budget, then answers `200`, so the drain does not depend on work after a
+///   response.
+async fn wake(settings: Settings, query: Option<&str>, method: &http::Method) -> Result<http::Response<String>, Problem> {
     let shard = shard_param(&settings, query)?;
-    spin_sdk::wasip3::spawn(async move {
-        if let Err(e) = drain_claimable(&settings, shard).await {
-            eprintln!("wake: {e}");
-        }
-    });
+    if method == http::Method::GET {
+        wake_drain(settings, shard).await;
+        return Ok(json(200, &json!({"woken": true, "shard": shard}), &[]));
+    }
+    spin_sdk::wasip3::spawn(wake_drain(settings, shard));
     Ok(json(202, &json!({"woken": true, "shard": shard}), &[]))
+}
+
+/// A wake's drain, if any shard is there to claim.
+async fn wake_drain(settings: Settings, shard: Option<u32>) {
+    match drain::claimable(&settings).await {
+        Ok(found) if found.is_empty() => return,
+        Ok(_) => {}
+        Err(p) => eprintln!("wake: {}", p.detail),
+    }
+    if let Err(e) = drain_claimable(&settings, shard).await {
+        eprintln!("wake: {e}");
+    }
 }
 
 /// `GET /v1/dead`: every dead letter, oldest first per shard.
@@ -184,59 +201,65 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
     let mut replayed = Vec::new();
     let mut already = Vec::new();
     let mut rang = Vec::new();
-    for shard in 0..l.shards {
-        let redis = Redis::for_shard(s, shard);
-        let mine: Vec<String> = ids.iter().filter(|id| id.starts_with(&format!("{shard}-"))).cloned().collect();
-        if !ids.is_empty() && mine.is_empty() {
-            continue;
-        }
-        // A dead letter whose write the database has applied (it committed, then
-        // its acknowledgement kept failing) must not be applied again: it is taken
-        // off the dead-letter stream instead, and reported.
-        let dead: Vec<(String, String)> = dead_entries(&redis, l, shard)
-            .await?
-            .into_iter()
-            .filter(|(_, id)| ids.is_empty() || mine.contains(id))
-            .collect();
-        if dead.is_empty() {
-            continue;
-        }
-        let ids_json = serde_json::to_string(&dead.iter().map(|(_, id)| id).collect::<Vec<_>>()).unwrap_or_default();
-        let applied: std::collections::HashSet<String> = match db.query(db.sql().applied_ids, vec![SqlValue::Text(ids_json)]).await {
-            Ok(rows) => rows.iter().filter_map(|r| r.first().and_then(spillway_spin::db::text)).collect(),
-            Err(p) if spillway_spin::db::is_missing_table(&p) => Default::default(),
-            Err(p) => return Err(p),
-        };
-        let (done, todo): (Vec<_>, Vec<_>) = dead.into_iter().partition(|(_, id)| applied.contains(id));
-        if !done.is_empty() {
-            let mut args = vec![bin(&l.dead(shard))];
-            args.extend(done.iter().map(|(entry, _)| bin(entry)));
-            redis.execute("XDEL", args).await?;
-            already.extend(done.into_iter().map(|(_, id)| id));
-        }
-        if todo.is_empty() {
-            continue;
-        }
-        let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
-        let mut args = vec![String::new(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
-        args.extend(todo.into_iter().map(|(_, id)| id));
-        let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], &args).await?;
-        if !flat.is_empty() {
-            rang.push(shard);
-        }
-        for pair in flat.chunks(2) {
-            if let [old, new] = pair {
-                replayed.push(json!({"id": text(old), "replayed_as": text(new)}));
+    let walked: Result<(), Problem> = async {
+        for shard in 0..l.shards {
+            let redis = Redis::for_shard(s, shard);
+            let mine: Vec<String> = ids.iter().filter(|id| id.starts_with(&format!("{shard}-"))).cloned().collect();
+            if !ids.is_empty() && mine.is_empty() {
+                continue;
+            }
+            // A dead letter whose write the database has applied (it committed, then
+            // its acknowledgement kept failing) must not be applied again: it is taken
+            // off the dead-letter stream instead, and reported.
+            let dead: Vec<(String, String)> = dead_entries(&redis, l, shard)
+                .await?
+                .into_iter()
+                .filter(|(_, id)| ids.is_empty() || mine.contains(id))
+                .collect();
+            if dead.is_empty() {
+                continue;
+            }
+            let ids_json = serde_json::to_string(&dead.iter().map(|(_, id)| id).collect::<Vec<_>>()).unwrap_or_default();
+            let applied: std::collections::HashSet<String> = match db.query(db.sql().applied_ids, vec![SqlValue::Text(ids_json)]).await {
+                Ok(rows) => rows.iter().filter_map(|r| r.first().and_then(spillway_spin::db::text)).collect(),
+                Err(p) if spillway_spin::db::is_missing_table(&p) => Default::default(),
+                Err(p) => return Err(p),
+            };
+            let (done, todo): (Vec<_>, Vec<_>) = dead.into_iter().partition(|(_, id)| applied.contains(id));
+            if !done.is_empty() {
+                let mut args = vec![bin(&l.dead(shard))];
+                args.extend(done.iter().map(|(entry, _)| bin(entry)));
+                redis.execute("XDEL", args).await?;
+                already.extend(done.into_iter().map(|(_, id)| id));
+            }
+            if todo.is_empty() {
+                continue;
+            }
+            let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
+            let mut args = vec![String::new(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
+            args.extend(todo.into_iter().map(|(_, id)| id));
+            let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], &args).await?;
+            if !flat.is_empty() {
+                rang.push(shard);
+            }
+            for pair in flat.chunks(2) {
+                if let [old, new] = pair {
+                    replayed.push(json!({"id": text(old), "replayed_as": text(new)}));
+                }
             }
         }
+        Ok(())
     }
-    // The replayed shards' doorbells (their flags were set by the script).
+    .await;
+    // The replayed shards' doorbells (their flags were set by the script), also
+    // when a later shard failed.
     if !rang.is_empty() {
         match s.wake_url {
             Some(_) => spillway_spin::wake(s, rang[0]).await,
             None => spillway_spin::ring(s, &rang).await,
         }
     }
+    walked?;
     Ok(json(200, &json!({"replayed": replayed, "already_applied": already}), &[]))
 }
 

@@ -94,7 +94,7 @@ async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
 }
 
 async fn snapshot(s: &Settings) -> Result<Snapshot, Problem> {
-    let redis = Redis::new(&s.redis_address);
+    let redis = Redis::for_shard(s, 0);
     let shards = futures::future::join_all((0..s.layout.shards).map(|n| shard(s, n))).await.into_iter().collect::<Result<Vec<_>, _>>()?;
     let cache = redis.execute("HMGET", vec![bin(&s.layout.cache_stats()), bin("hits"), bin("misses")]).await?;
     let mut hazards: Vec<String> = Vec::new();

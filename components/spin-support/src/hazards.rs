@@ -44,7 +44,7 @@ pub fn forget(address: &str) {
 pub async fn check_all(s: &spillway_core::settings::Settings) -> Vec<String> {
     let mut all: Vec<String> = Vec::new();
     for address in s.redis_servers() {
-        for w in check_and_log(&Redis::new(address), &s.layout.prefix).await {
+        for w in check_and_log(s, &Redis::new(address)).await {
             if !all.contains(&w) {
                 all.push(w);
             }
@@ -55,10 +55,12 @@ pub async fn check_all(s: &spillway_core::settings::Settings) -> Vec<String> {
 
 /// Like [`check`], and logs each hazard on stderr (where Spin collects component
 /// logs) at most once an hour across all instances.
-pub async fn check_and_log(redis: &Redis, prefix: &str) -> Vec<String> {
+pub async fn check_and_log(s: &spillway_core::settings::Settings, redis: &Redis) -> Vec<String> {
     let warnings = check(redis).await;
+    // In the slot of a shard of this server (a cluster node owns it).
+    let tag = s.first_shard_on(redis.address());
     for w in &warnings {
-        let key = format!("{prefix}hazard:{}", spillway_core::layout::md5_hex(w.as_bytes()));
+        let key = format!("{}{{s{tag}}}:hazard:{}", s.layout.prefix, spillway_core::layout::md5_hex(w.as_bytes()));
         let fresh = redis
             .execute("SET", vec![bin(&key), bin("1"), bin("NX"), bin("EX"), bin("3600")])
             .await

@@ -127,7 +127,7 @@ impl tokio::io::AsyncWrite for GuestOutput {
 }
 
 /// Outbound HTTP hooks: only Spin's service chaining
-/// (`http://<component>.spin.internal`, allowed by `allowed_outbound_hosts`, as
+/// (`http://<component>.spin.internal`, allowed by `allowed_outbound_hosts`, e.g.
 /// `http://<component>.spin.internal` or `http://*.spin.internal`) is served, by
 /// the app's own component in process; every other request is denied (this host
 /// makes no network requests; Spin denies a host missing from
@@ -154,12 +154,12 @@ impl wasmtime_wasi_http::WasiHttpHooks for OutboundHttp {
             > + Send,
     > {
         let chained = ChainTargets::target(request.uri()).and_then(|id| {
-            let allowed = request.uri().scheme_str() == Some("http") && self.caps.allowed_hosts.allows_url(&format!("http://{id}.spin.internal"), "http");
-            if !allowed {
-                eprintln!(
-                    "Warning: A component ({}) tried to make an HTTP request to disallowed destination 'http://{id}.spin.internal'.",
-                    self.caps.id
-                );
+            // As Spin: the request's own URL against `allowed_outbound_hosts`
+            // (scheme `https` when it names none), then served in process whatever
+            // its scheme.
+            let url = request.uri().to_string();
+            if !self.caps.allowed_hosts.allows_url(&url, "https") {
+                eprintln!("Warning: A component ({}) tried to make an HTTP request to disallowed destination '{url}'.", self.caps.id);
                 return None;
             }
             self.caps.chain.send(&id, request)

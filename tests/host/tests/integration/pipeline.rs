@@ -148,6 +148,16 @@ async fn idempotency_key_dedupes_retries(engine: Engine) {
     let (c3, _, problem) = s.call("POST", "/v1/writes", Some(other), &key).await;
     assert_eq!(c3, 409);
     assert_eq!(problem["type"], "https://spillway.dev/problems/idempotency-key-reused");
+    // Refused whatever shards the other body's writes fall on (the record is
+    // one per server, not per shard of the first body).
+    let layout = spillway_core::layout::Layout { prefix: "spillway:".into(), shards: 16 };
+    let elsewhere: Vec<String> = (0..200).map(|i| format!("k{i}")).filter(|k| ![layout.shard_of("a"), layout.shard_of("b")].contains(&layout.shard_of(k))).take(3).collect();
+    for k in elsewhere {
+        let (code, _, p) = s.call("POST", "/v1/writes", Some(json!({"key": k, "op": "put", "value": 1})), &key).await;
+        assert_eq!(code, 409, "{k}: {p}");
+    }
+    let queued: usize = (0..16).map(|i| redis::Commands::xlen::<_, usize>(&mut conn, format!("spillway:{{s{i}}}:stream")).unwrap()).sum();
+    assert_eq!(queued, 2, "nothing enqueued under a reused key");
 }
 
 /// A write that was committed but whose acknowledgement kept failing (here: its
