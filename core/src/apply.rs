@@ -164,6 +164,27 @@ fn apply_in_place(record: &mut Option<Record>, absent_version: u64, write: &Writ
     Ok(version + 1)
 }
 
+/// The apply step for one key, as the `spillway:pipeline/apply` interface
+/// defines it (`wit/pipeline.wit`) for the built-in operations: `writes` in
+/// order to a key whose value is `value` (`None`: absent) at `version`. One
+/// result per write: the value it left (`None`: deleted), or why it was
+/// rejected. Each applied write raises the version by one; [`plan_batch`] does
+/// the same for a whole batch.
+pub fn apply_key(value: Option<Value>, version: u64, writes: &[Write], now_ms: i64) -> Vec<Result<Option<Value>, String>> {
+    let mut record = value.map(|value| Record { value, version, etag: String::new(), updated_at: now_ms });
+    let mut absent_version = version;
+    writes
+        .iter()
+        .map(|w| {
+            let v = apply_in_place(&mut record, absent_version, w, now_ms)?;
+            if record.is_none() {
+                absent_version = v;
+            }
+            Ok(record.as_ref().map(|r| r.value.clone()))
+        })
+        .collect()
+}
+
 /// The effect of a batch: final state of every touched key (changed by the batch,
 /// or by an earlier delivery of one of its writes), and an outcome per write not
 /// applied before.
@@ -241,6 +262,36 @@ mod tests {
 
     fn w(v: Value) -> Write {
         serde_json::from_value(v).unwrap()
+    }
+
+    /// The per-key apply step gives what the batch plan gives, write by write:
+    /// values, rejections, and versions through a delete and a re-create.
+    #[test]
+    fn apply_key_matches_the_batch_plan() {
+        let writes = [
+            w(json!({"key": "k", "op": "incr", "field": "n", "by": 2})),
+            w(json!({"key": "k", "op": "incr", "field": "n", "by": -5, "min": 0})),
+            w(json!({"key": "k", "op": "append", "field": "log", "value": "a"})),
+            w(json!({"key": "k", "op": "delete", "if_version": 7})),
+            w(json!({"key": "k", "op": "delete", "if_version": 6})),
+            w(json!({"key": "k", "op": "put", "value": {"fresh": true}, "if_version": 7})),
+            w(json!({"key": "k", "op": "merge", "patch": {"more": 1}})),
+        ];
+        let existing = BTreeMap::from([("k".to_owned(), Record { value: json!({"n": 1}), version: 4, etag: String::new(), updated_at: 0 })]);
+        let ids: Vec<(String, Write)> = writes.iter().enumerate().map(|(i, w)| (format!("1-{i}-0"), w.clone())).collect();
+        let plan = plan_batch(existing, &BTreeMap::new(), &ids, &HashSet::new(), 9);
+        let keyed = apply_key(Some(json!({"n": 1})), 4, &writes, 9);
+        let from_plan: Vec<Result<Option<Value>, String>> = plan
+            .outcomes
+            .iter()
+            .map(|(_, _, o)| match o {
+                Outcome::Applied { value, .. } => Ok(value.clone()),
+                Outcome::Rejected { reason } => Err(reason.clone()),
+            })
+            .collect();
+        assert_eq!(keyed, from_plan);
+        assert_eq!(keyed[5], Ok(Some(json!({"fresh": true}))), "re-created at version 7 after the delete at 6");
+        assert!(keyed[3].as_ref().is_err_and(|r| r.contains("version 6")), "{:?}", keyed[3]);
     }
 
     /// RFC 7396's examples hold.

@@ -15,6 +15,8 @@ mod processes;
 mod cli;
 /// The HTTP API: errors, limits, backpressure, auth, key safety, OpenAPI.
 mod api;
+/// The apply step as a component (`spillway:pipeline/apply`): the built-in operations.
+mod apply_component;
 /// Crash safety: processors SIGKILLed mid-run lose and double nothing.
 mod crash;
 /// Deployment manifests: SpinKube's SpinApp wires every variable, holds no secret.
