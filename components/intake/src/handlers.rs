@@ -214,22 +214,13 @@ async fn enqueue(
 }
 
 /// Rings `shards` after the answer (the writes are durable already; a ring lost
-/// with a dying instance leaves the shard's flag to expire, which resumes it):
-/// on the doorbell channel (the processor's Redis trigger), or over HTTP where
-/// there is none (one wake is enough: the woken drain also claims every other
-/// shard with queued writes and no holder).
+/// with a dying instance leaves the shard's flag to expire, which resumes it).
 fn ring(s: &Settings, shards: Vec<u32>) {
     if shards.is_empty() {
         return;
     }
     let s = s.clone();
-    spin_sdk::wasip3::spawn(async move {
-        if s.wake_url.is_some() {
-            spillway_spin::wake(&s, shards[0]).await;
-        } else {
-            spillway_spin::ring(&s, &shards).await;
-        }
-    });
+    spin_sdk::wasip3::spawn(async move { spillway_spin::ring(&s, &shards).await });
 }
 
 /// The keys and arguments of one `ENQUEUE` call: the writes of `group`'s shards.

@@ -108,7 +108,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
                 stats.handed_on.push(h.shard);
             }
             eprintln!("{}", serde_json::json!({"event": "handed_on", "shards": stats.handed_on, "budget_secs": s.drain_budget_secs}));
-            ring_again(s, &stats.handed_on).await;
+            spillway_spin::ring(s, &stats.handed_on).await;
             return failures;
         }
         if rescan && (held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
@@ -362,18 +362,6 @@ async fn acquire(s: &Settings, shard: u32) -> Result<Option<Held>, Problem> {
     let acquired = Redis::for_shard(s, shard).eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
     let fence = acquired.first().and_then(int).unwrap_or(0);
     Ok((fence > 0).then_some(Held { shard, token, fence, cleared: false, resume: Some("0".into()) }))
-}
-
-/// Rings `shards` again: over HTTP where a wake URL is set (no Redis trigger),
-/// else on the doorbell channel.
-async fn ring_again(s: &Settings, shards: &[u32]) {
-    if s.wake_url.is_some() {
-        if let Some(first) = shards.first() {
-            spillway_spin::wake(s, *first).await;
-        }
-        return;
-    }
-    spillway_spin::ring(s, shards).await;
 }
 
 /// Releases a lease. After a failure (`retry`) the shard's watch stays, to expire

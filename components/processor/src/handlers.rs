@@ -253,12 +253,7 @@ async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Pr
     .await;
     // The replayed shards' doorbells (their flags were set by the script), also
     // when a later shard failed.
-    if !rang.is_empty() {
-        match s.wake_url {
-            Some(_) => spillway_spin::wake(s, rang[0]).await,
-            None => spillway_spin::ring(s, &rang).await,
-        }
-    }
+    spillway_spin::ring(s, &rang).await;
     walked?;
     Ok(json(200, &json!({"replayed": replayed, "already_applied": already}), &[]))
 }

@@ -36,10 +36,18 @@ thread_local! {
     static SETTINGS: RefCell<Option<Settings>> = const { RefCell::new(None) };
 }
 
-/// Rings the doorbell of `shards` on the doorbell channel, on `redis_address`
-/// (where the processor's Redis trigger listens, whichever server holds the
-/// shards). Best effort, as [`wake`].
+/// Rings the doorbell of `shards`: over HTTP where a wake URL is set (no Redis
+/// trigger; one wake is enough, as the woken drain also claims every other shard
+/// with queued writes and no holder), else on the doorbell channel, on
+/// `redis_address` (where the processor's Redis trigger listens, whichever
+/// server holds the shards). Best effort, as [`wake`].
 pub async fn ring(s: &Settings, shards: &[u32]) {
+    if s.wake_url.is_some() {
+        if let Some(first) = shards.first() {
+            wake(s, *first).await;
+        }
+        return;
+    }
     let redis = Redis::new(&s.redis_address);
     for shard in shards {
         if let Err(p) = redis.execute("PUBLISH", vec![bin(&s.layout.doorbell_channel()), bin(&shard.to_string())]).await {
