@@ -195,6 +195,32 @@ fn batch(from: usize, keys: usize) -> String {
     format!(r#"{{"writes":[{}]}}"#, writes.join(","))
 }
 
+/// Write -> applied, one write at a time: from the request until its status says
+/// `applied` (`GET /v1/writes/{id}?wait=5` answers as soon as it is), `n` times.
+async fn write_to_applied(addr: &str, n: usize) -> anyhow::Result<load::Measured> {
+    let mut conn = load::Conn::open(addr).await?;
+    let mut latency = load::histogram();
+    let started = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        let (status, body) = conn.send(&request("POST", "/v1/writes", &incr(&format!("w{}", i % 10)))).await?;
+        let reply: serde_json::Value = serde_json::from_slice(&body)?;
+        let id = reply["id"].as_str().with_context(|| format!("no write id ({status}): {reply}"))?;
+        let (_, body) = conn.send(&request("GET", &format!("/v1/writes/{id}?wait=5"), "")).await?;
+        let st: serde_json::Value = serde_json::from_slice(&body)?;
+        if st["status"] != "applied" {
+            bail!("write {id} not applied within 5 s: {st}");
+        }
+        latency.record(t.elapsed().as_micros() as u64)?;
+    }
+    Ok(load::Measured { ops: n as u64, elapsed: started.elapsed(), latency, failed: (0, None) })
+}
+
+/// A latency row: the median in ms, with p50/p99/p99.9.
+fn latency_row(scenario: &str, m: &load::Measured) -> Row {
+    Row { scenario: scenario.to_owned(), value: m.ms(0.5), unit: "ms (p50)", latency: Some([m.ms(0.5), m.ms(0.99), m.ms(0.999)]), baseline: None, peak_rss_mib: None, note: String::new() }
+}
+
 /// End to end: `writes` increments over `keys` keys posted as batches of 100 by 16
 /// clients, timed from the first request until the queue is empty.
 async fn end_to_end(addr: &str, redis: &mut redis::Connection, layout: &Layout, writes: usize, keys: usize) -> anyhow::Result<f64> {
@@ -295,7 +321,7 @@ async fn main() -> anyhow::Result<()> {
     let layout = Layout { prefix: "spillway:".into(), shards: 16 };
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
 
-    let steps = 11;
+    let steps = 12;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -360,6 +386,37 @@ async fn main() -> anyhow::Result<()> {
             .rss(rss_mib(spillway_pid, "VmRSS"))
             .note(format!("target >= 0.6x; p99 {:.1}x the floor's", reads.ms(0.99) / floor_p99)),
     );
+
+    step("write -> applied");
+    let samples = if args.smoke { 20 } else { 200 };
+    let trigger = write_to_applied(&spillway_addr, samples).await?;
+    rows.push(latency_row("write -> applied, one at a time: Redis trigger (spin.toml)", &trigger));
+    if args.url.is_some() {
+        eprintln!("HTTP-only deployment not measured: --url given");
+    } else if !spillway_pg_server::installed() {
+        eprintln!("HTTP-only deployment not measured: PostgreSQL's programs are not installed");
+    } else {
+        // deploy/http-only/spin.toml: no Redis trigger, intake wakes the processor
+        // by service chaining; PostgreSQL. Its own key prefix on the same Redis.
+        let db = spillway_pg_server::PgDb::create();
+        let vars = [
+            ("redis_address", redis_url.as_str()),
+            ("key_prefix", "httponly:"),
+            ("admin_token", "bench"),
+            ("database", db.url.as_str()),
+            ("database_host", db.host.as_str()),
+        ];
+        let (p, addr) = host(&target, &workspace().join("deploy/http-only/spin.toml"), &work.join("http-only-state"), &vars)?;
+        let pid = p.0.id();
+        procs.push(p);
+        let chained = write_to_applied(&addr, samples).await?;
+        rows.push(
+            latency_row("write -> applied, one at a time: HTTP-only (service chaining, PostgreSQL)", &chained)
+                .against("Redis trigger", trigger.ms(0.5))
+                .rss(rss_mib(Some(pid), "VmRSS"))
+                .note(format!("target: applied within 1 s; p99 {:.1}x the Redis trigger's", chained.ms(0.99) / trigger.ms(0.99))),
+        );
+    }
 
     step("batch intake");
     let batch_time = duration.min(Duration::from_secs(3));

@@ -38,7 +38,7 @@ async fn commit_pg(db: &tokio_postgres::Client, shard: i64, token: i64, value: &
 /// The app's schema in a fresh PostgreSQL database; a client to it.
 async fn pg_schema() -> (PgDb, tokio_postgres::Client) {
     let db = PgDb::create();
-    let c = db.client().await;
+    let c = crate::pg::client(&db).await;
     for stmt in spillway_core::sql::postgres::SCHEMA {
         c.batch_execute(stmt).await.unwrap();
     }
@@ -105,7 +105,7 @@ async fn expired_lease_holder_cannot_commit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_fence_orders_overlapping_holders() {
     let (db, new) = pg_schema().await;
-    let stale = db.client().await;
+    let stale = crate::pg::client(&db).await;
     // The new holder (token 2) fences first; the stale one (token 1) waits.
     new.batch_execute(PG.begin).await.unwrap();
     assert_eq!(new.query(PG.fence, &[&3_i64, &2_i64]).await.unwrap().len(), 1);
@@ -133,7 +133,7 @@ async fn postgres_fence_orders_overlapping_holders() {
     // The other order: the stale holder (token 3) fenced first and commits; the
     // newer one (token 4) waits, then sees its record.
     let (db, first) = pg_schema().await;
-    let second = db.client().await;
+    let second = crate::pg::client(&db).await;
     first.batch_execute(PG.begin).await.unwrap();
     assert_eq!(first.query(PG.fence, &[&3_i64, &3_i64]).await.unwrap().len(), 1);
     second.batch_execute(PG.begin).await.unwrap();

@@ -2,47 +2,32 @@
 //! SQLite. Intake wakes the processor over Spin's service chaining, drains stay
 //! within their time budget by handing the rest on, and nothing calls the drain.
 
-use std::time::{Duration, Instant};
-
 use serde_json::json;
 
 use crate::spillway::{Spillway, batch_of_incr, burst};
 use crate::support::workspace;
 
-/// A write is applied within a second of its 202, with no drain call, no cron
-/// and no Redis trigger (the app has none): one at a time, and a batch spread
-/// over many shards. Read through `?wait`, which answers as soon as the write's
-/// outcome is acknowledged.
+/// A write is applied with no drain call, no cron and no Redis trigger (the app
+/// has none): one at a time, and a batch spread over many shards. (How soon is
+/// the benchmark's figure: `write -> applied` on this manifest.)
 #[tokio::test(flavor = "multi_thread")]
-async fn writes_are_applied_within_a_second_without_a_redis_trigger() {
+async fn writes_are_applied_without_a_redis_trigger_or_a_drain_call() {
     let manifest: toml::Table = std::fs::read_to_string(workspace().join("deploy/http-only/spin.toml")).unwrap().parse().unwrap();
     assert!(manifest["trigger"].get("redis").is_none(), "no Redis trigger");
     assert!(manifest["component"].as_table().unwrap().values().all(|c| c.get("sqlite_databases").is_none()), "no SQLite");
     let s = Spillway::start_http_only(&[]).await;
-    let applied_within = |id: String| {
-        let s = &s;
-        async move {
-            let (code, _, st) = s.call("GET", &format!("/v1/writes/{id}?wait=5"), None, &[]).await;
-            assert_eq!((code, st["status"].as_str()), (200, Some("applied")), "{st}; output:\n{}", s.app.guest_output());
-        }
-    };
-    let mut slowest = Duration::ZERO;
     for round in 0..20 {
-        let started = Instant::now();
         let (code, v) = s.write(json!({"key": format!("k{}", round % 5), "op": "incr", "field": "n"})).await;
         assert_eq!(code, 202, "{v}");
-        applied_within(v["id"].as_str().unwrap().to_owned()).await;
-        slowest = slowest.max(started.elapsed());
+        let st = s.settled(v["id"].as_str().unwrap()).await;
+        assert_eq!(st["status"], "applied", "{st}");
     }
-    let started = Instant::now();
     let (code, v) = s.write(batch_of_incr(0, 100, 50)).await;
     assert_eq!(code, 202, "{v}");
     for w in v["writes"].as_array().unwrap() {
-        applied_within(w["id"].as_str().unwrap().to_owned()).await;
+        let st = s.settled(w["id"].as_str().unwrap()).await;
+        assert_eq!(st["status"], "applied", "{st}");
     }
-    slowest = slowest.max(started.elapsed());
-    eprintln!("HTTP-only: slowest write applied {slowest:?} after its 202");
-    assert!(slowest < Duration::from_secs(1), "a write took {slowest:?} to be applied");
     assert_eq!(s.store.sum_of_n().await, 120);
 }
 

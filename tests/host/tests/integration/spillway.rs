@@ -98,7 +98,7 @@ impl Store {
                 .flatten()
             }
             Self::Postgres(db) => {
-                let rows = db.client().await.simple_query(sql).await.ok()?;
+                let rows = crate::pg::client(db).await.simple_query(sql).await.ok()?;
                 rows.into_iter().find_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
                     _ => None,
@@ -115,7 +115,7 @@ impl Store {
                 db.busy_timeout(Duration::from_secs(10)).unwrap();
                 db.execute_batch(sql).unwrap();
             }
-            Self::Postgres(db) => db.client().await.batch_execute(sql).await.unwrap(),
+            Self::Postgres(db) => crate::pg::client(db).await.batch_execute(sql).await.unwrap(),
         }
     }
 

@@ -1,0 +1,176 @@
+//! A real PostgreSQL server for the tests and the benchmark: one cluster per
+//! process (`initdb` in a temporary directory, `postgres` on a free loopback
+//! port), and a fresh database per caller (ICU en-US collation). The server dies
+//! with the process (parent-death signal through `setpriv`); directories left by
+//! earlier processes are removed. As root, both run as the `postgres` user
+//! (PostgreSQL refuses root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The shared server.
+struct Cluster {
+    port: u16,
+    bin: PathBuf,
+}
+
+/// A database of its own on the shared server.
+#[derive(Debug, Clone)]
+pub struct PgDb {
+    /// `postgres://postgres@127.0.0.1:<port>/<name>`.
+    pub url: String,
+    /// `postgres://127.0.0.1:<port>` (for `allowed_outbound_hosts`).
+    pub host: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Whether PostgreSQL's server programs are installed.
+pub fn installed() -> bool {
+    std::panic::catch_unwind(bin_dir).is_ok()
+}
+
+/// The directory of PostgreSQL's server programs: Debian's newest
+/// `/usr/lib/postgresql/<n>/bin`, else wherever `initdb` is on the PATH.
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, p): &(u32, PathBuf)| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    if let Some((_, p)) = versions.pop() {
+        return p;
+    }
+    let out = Command::new("sh").args(["-c", "command -v initdb"]).output().expect("sh runs");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(!path.is_empty(), "PostgreSQL's initdb is not installed (see .ci/run)");
+    Path::new(&path).parent().expect("bin dir").to_path_buf()
+}
+
+fn id(flag: &str) -> u32 {
+    let out = Command::new("id").args([flag, "postgres"]).output().expect("id runs");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("the postgres user exists (Debian's postgresql package)")
+}
+
+fn is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().expect("id runs");
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+/// Removes data directories of test binaries that are gone.
+fn remove_stale(tmp: &Path) {
+    for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("spillway-pg-")
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        remove_stale(&tmp);
+        let dir = tmp.join(format!("spillway-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        // `setpriv` arguments that run a command as the `postgres` user.
+        let as_pg: Vec<String> = if is_root() {
+            std::os::unix::fs::chown(&dir, Some(id("-u")), Some(id("-g"))).expect("chown pg dir");
+            ["--reuid", "postgres", "--regid", "postgres", "--clear-groups"].map(String::from).to_vec()
+        } else {
+            Vec::new()
+        };
+        let bin = bin_dir();
+        let data = dir.join("data");
+        let status = Command::new("setpriv")
+            .args(&as_pg)
+            .arg(bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("initdb runs");
+        assert!(status.success(), "initdb failed");
+        let port = free_port();
+        // Spawned from a thread that never ends: the parent-death signal follows
+        // the spawning thread, and a test's thread ends with the test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (server_bin, server_dir, server_as_pg) = (bin.join("postgres"), dir.clone(), as_pg);
+        let log = dir.join("server.log");
+        let server_log = std::fs::File::create(&log).expect("server log");
+        std::thread::spawn(move || {
+            let child = Command::new("setpriv")
+                .arg("--pdeathsig")
+                .arg("KILL")
+                .args(&server_as_pg)
+                .arg(server_bin)
+                .arg("-D")
+                .arg(server_dir.join("data"))
+                .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
+                .arg(&server_dir)
+                // Tests measure nothing: no sync to disk. Enough connections for
+                // every test's pool.
+                .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+                .args(["-c", "max_connections=400", "-c", "shared_buffers=64MB"])
+                .stdout(Stdio::null())
+                .stderr(server_log)
+                .spawn();
+            let _ = tx.send(child.map(|c| c.id()));
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("spawner").expect("postgres starts");
+        let c = Cluster { port, bin };
+        for _ in 0..1000 {
+            if c.psql("postgres", "SELECT 1").is_ok() {
+                return c;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("postgres did not start on port {port}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    })
+}
+
+impl Cluster {
+    /// Runs `sql` through `psql` on database `db`; its output, or the error.
+    fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+            .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl PgDb {
+    /// Creates a database of its own on the shared server (started on first
+    /// use; panics if PostgreSQL's programs are missing).
+    pub fn create() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let c = cluster();
+        let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        // A linguistic collation (ICU's en-US), as a production database may
+        // have: the app's statements must not depend on the cluster's C locale.
+        c.psql("postgres", &format!("CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'"))
+            .expect("create database");
+        Self { url: format!("postgres://postgres@127.0.0.1:{}/{name}", c.port), host: format!("postgres://127.0.0.1:{}", c.port) }
+    }
+}
