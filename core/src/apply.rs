@@ -185,6 +185,37 @@ pub fn apply_key(value: Option<Value>, version: u64, writes: &[Write], now_ms: i
         .collect()
 }
 
+/// One key's writes as the apply step gets them: `(write id, payload)` in order,
+/// the payload being the write's JSON text.
+pub type StepWrites<'a> = [(&'a str, &'a str)];
+
+/// What the apply step made of one key's writes: one result per write (the value
+/// it left, `None` if it deleted the key; or why it was rejected), or the step's
+/// own failure (none of the writes is applied).
+pub type StepResult = Result<Vec<Result<Option<Value>, String>>, String>;
+
+/// The built-in operations as an apply step: each payload read as a [`Write`]
+/// (one that does not parse, or names another key, is rejected alone), then
+/// [`apply_key`].
+pub fn builtin_step(key: &str, value: Option<&Value>, version: u64, writes: &StepWrites<'_>, now_ms: i64) -> StepResult {
+    let parsed: Vec<Result<Write, String>> = writes
+        .iter()
+        .map(|(id, payload)| {
+            let write: Write = serde_json::from_str(payload).map_err(|e| format!("unreadable write: {e}"))?;
+            if write.key != key {
+                return Err(format!("write {id} is for key {:?}, not {key:?}", write.key));
+            }
+            Ok(write)
+        })
+        .collect();
+    let readable: Vec<Write> = parsed.iter().filter_map(|w| w.as_ref().ok().cloned()).collect();
+    let mut applied = apply_key(value.cloned(), version, &readable, now_ms).into_iter();
+    Ok(parsed
+        .into_iter()
+        .map(|w| w.and_then(|_| applied.next().unwrap_or_else(|| Err("no outcome".into()))))
+        .collect())
+}
+
 /// The effect of a batch: final state of every touched key (changed by the batch,
 /// or by an earlier delivery of one of its writes), and an outcome per write not
 /// applied before.
@@ -196,14 +227,15 @@ pub struct Plan {
     /// The version a deleted key's deletion reached, for each key of `records`
     /// that is `None` (kept as a tombstone so versions never go back).
     pub deleted: BTreeMap<String, u64>,
-    /// `(write id, key, outcome)` in batch order, skipping writes applied before.
+    /// `(write id, key, outcome)`, each key's in batch order, skipping writes
+    /// applied before.
     pub outcomes: Vec<(String, String, Outcome)>,
+    /// Keys whose apply step failed: `(key, write ids, error)`. None of those
+    /// writes has an outcome; the key keeps its state.
+    pub failed: Vec<(String, Vec<String>, String)>,
 }
 
-/// Applies `writes` in order to the stored state of their keys, skipping ids in
-/// `already` (applied by an earlier delivery): the exactly-once effect.
-/// `existing` holds the records there are; `tombstones` the version of each
-/// deleted key, so that a re-created key carries on from it.
+/// [`plan_with`] over the built-in operations.
 pub fn plan_batch(
     existing: BTreeMap<String, Record>,
     tombstones: &BTreeMap<String, u64>,
@@ -211,47 +243,119 @@ pub fn plan_batch(
     already: &HashSet<String>,
     now_ms: i64,
 ) -> Plan {
-    let mut state: BTreeMap<String, (Option<Record>, u64)> = existing.into_iter().map(|(k, r)| (k, (Some(r), 0))).collect();
-    let mut touched = BTreeSet::new();
+    let queued: Vec<(String, String, String)> =
+        writes.iter().map(|(id, w)| (id.clone(), w.key.clone(), serde_json::to_string(w).unwrap_or_default())).collect();
+    // The built-in step never waits: one poll finishes the plan.
+    at_once(plan_with(existing, tombstones, &queued, already, now_ms, async |key, value, version, writes| builtin_step(key, value, version, writes, now_ms)))
+}
+
+/// The output of a future that finishes without waiting.
+fn at_once<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => unreachable!("a future that never waits"),
+    }
+}
+
+/// Applies queued writes `(write id, key, payload)`, each key's in order, to the
+/// stored state of their keys through `step` (called once per key with the
+/// key's value, `None` if absent, its version and its writes), skipping ids in
+/// `already` (applied by an earlier delivery): the exactly-once effect.
+/// `existing` holds the records there are; `tombstones` the version of each
+/// deleted key, so that a re-created key carries on from it. Versions are the
+/// plan's: every applied write raises its key's by one.
+pub async fn plan_with(
+    mut existing: BTreeMap<String, Record>,
+    tombstones: &BTreeMap<String, u64>,
+    writes: &[(String, String, String)],
+    already: &HashSet<String>,
+    now_ms: i64,
+    mut step: impl AsyncFnMut(&str, Option<&Value>, u64, &StepWrites<'_>) -> StepResult,
+) -> Plan {
     let mut plan = Plan::default();
     let mut seen = HashSet::new();
-    for (id, w) in writes {
-        if !seen.insert(id.clone()) {
+    // Each key's writes to apply, keys in order of first appearance.
+    let mut order: Vec<&str> = Vec::new();
+    let mut by_key: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    let mut touched = BTreeSet::new();
+    for (id, key, payload) in writes {
+        if !seen.insert(id.as_str()) {
             continue;
         }
-        let (record, absent_version) =
-            state.entry(w.key.clone()).or_insert_with(|| (None, tombstones.get(&w.key).copied().unwrap_or(0)));
         if already.contains(id) {
             // Recorded by an earlier delivery whose processor may have died before
             // refreshing the cache: the key's current state is written again (if
             // any write ever applied to it: a record or a tombstone).
-            if record.is_some() || *absent_version > 0 {
-                touched.insert(w.key.clone());
+            if existing.contains_key(key) || tombstones.get(key).is_some_and(|v| *v > 0) {
+                touched.insert(key.clone());
             }
             continue;
         }
-        let outcome = match apply_in_place(record, *absent_version, w, now_ms) {
-            Ok(version) => {
-                touched.insert(w.key.clone());
-                if record.is_none() {
-                    *absent_version = version;
-                }
-                Outcome::Applied { version, value: record.as_ref().map(|r| r.value.clone()) }
-            }
-            Err(reason) => Outcome::Rejected { reason },
-        };
-        plan.outcomes.push((id.clone(), w.key.clone(), outcome));
+        by_key
+            .entry(key)
+            .or_insert_with(|| {
+                order.push(key);
+                Vec::new()
+            })
+            .push((id, payload));
     }
-    for key in touched {
-        let Some((mut record, absent_version)) = state.remove(&key) else { continue };
-        match &mut record {
-            Some(r) => r.etag = etag(&r.value),
+    for key in order {
+        let group = &by_key[key];
+        let mut record = existing.remove(key);
+        let mut version = record.as_ref().map_or_else(|| tombstones.get(key).copied().unwrap_or(0), |r| r.version);
+        let results = match step(key, record.as_ref().map(|r| &r.value), version, group).await {
+            Ok(r) if r.len() == group.len() => Ok(r),
+            Ok(r) => Err(format!("the apply step returned {} outcomes for {} writes", r.len(), group.len())),
+            Err(e) => Err(e),
+        };
+        let results = match results {
+            Ok(r) => r,
+            Err(error) => {
+                plan.failed.push((key.to_owned(), group.iter().map(|(id, _)| (*id).to_owned()).collect(), error));
+                if let Some(r) = record {
+                    existing.insert(key.to_owned(), r);
+                }
+                continue;
+            }
+        };
+        for ((id, _), result) in group.iter().zip(results) {
+            let outcome = match result {
+                Ok(value) => {
+                    version += 1;
+                    touched.insert(key.to_owned());
+                    record = value.clone().map(|value| Record { value, version, etag: String::new(), updated_at: now_ms });
+                    Outcome::Applied { version, value }
+                }
+                Err(reason) => Outcome::Rejected { reason },
+            };
+            plan.outcomes.push(((*id).to_owned(), key.to_owned(), outcome));
+        }
+        match record {
+            Some(r) => {
+                existing.insert(key.to_owned(), r);
+            }
             None => {
-                plan.deleted.insert(key.clone(), absent_version);
+                plan.deleted.insert(key.to_owned(), version);
             }
         }
-        plan.records.insert(key, record);
     }
+    for key in touched {
+        match existing.remove(&key) {
+            Some(mut r) => {
+                r.etag = etag(&r.value);
+                plan.records.insert(key, Some(r));
+            }
+            None => {
+                let v = plan.deleted.get(&key).copied().or_else(|| tombstones.get(&key).copied()).unwrap_or(0);
+                plan.deleted.insert(key.clone(), v);
+                plan.records.insert(key, None);
+            }
+        }
+    }
+    // Only touched keys' deletions are kept.
+    let records = &plan.records;
+    plan.deleted.retain(|k, _| records.get(k).is_some_and(Option::is_none));
     plan
 }
 
@@ -381,5 +485,30 @@ mod tests {
         let guarded = w(json!({"key": "k", "op": "put", "value": 1, "if_version": 4}));
         let plan = plan_batch(BTreeMap::new(), &tombstones, &[("f".into(), guarded)], &HashSet::new(), 0);
         assert_eq!(plan.outcomes[0].2, Outcome::Applied { version: 5, value: Some(json!(1)) });
+    }
+
+    /// A key whose apply step fails (or answers for the wrong number of writes)
+    /// keeps its state and has no outcomes; the batch's other keys are applied.
+    #[test]
+    fn a_failing_step_fails_its_key_alone() {
+        let inc = |k: &str| serde_json::to_string(&json!({"key": k, "op": "incr", "field": "n"})).unwrap();
+        let writes: Vec<(String, String, String)> = [("a", "good"), ("b", "bad"), ("c", "good"), ("d", "short"), ("e", "short")]
+            .iter()
+            .map(|(id, k)| ((*id).to_owned(), (*k).to_owned(), inc(k)))
+            .collect();
+        let existing = BTreeMap::from([("bad".to_owned(), Record { value: json!({"n": 5}), version: 5, etag: String::new(), updated_at: 0 })]);
+        let (tombstones, none) = (BTreeMap::new(), HashSet::new());
+        let plan = at_once(plan_with(existing, &tombstones, &writes, &none, 1, async |key, value, version, ws| match key {
+            "bad" => Err("boom".into()),
+            "short" => Ok(vec![Ok(None)]),
+            _ => builtin_step(key, value, version, ws, 1),
+        }));
+        assert_eq!(plan.records.keys().collect::<Vec<_>>(), vec!["good"]);
+        assert_eq!(plan.records["good"].as_ref().unwrap().value, json!({"n": 2}));
+        let ids: Vec<&str> = plan.outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "c"]);
+        assert_eq!(plan.failed[0], ("bad".to_owned(), vec!["b".to_owned()], "boom".to_owned()));
+        assert_eq!(plan.failed[1].1, vec!["d".to_owned(), "e".to_owned()]);
+        assert!(plan.failed[1].2.contains("1 outcomes for 2 writes"), "{}", plan.failed[1].2);
     }
 }

@@ -130,6 +130,12 @@ impl Layout {
         self.shard_key(shard, "attempts")
     }
 
+    /// While the processor calls the apply step in a careful round (see
+    /// `scripts::READ_BATCH`): the ids of the writes in the call, and `-`.
+    pub fn applying(&self, shard: u32) -> String {
+        self.shard_key(shard, "applying")
+    }
+
     /// Dead-letter stream.
     pub fn dead(&self, shard: u32) -> String {
         self.shard_key(shard, "dead")

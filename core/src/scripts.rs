@@ -160,17 +160,24 @@ return 0
 /// entries are the holder's own batches in flight, so it reads only new ones
 /// (`resume` empty). Each delivery counts an attempt (a first delivery is
 /// attempt 1 without a write; redeliveries are counted in the attempts hash). An
-/// entry past the attempt limit is flagged, not dropped: only the processor can
+/// entry past the attempt limit is reported, not dropped: only the processor can
 /// tell (from the database) whether an earlier delivery committed it, and a
 /// committed write must be acknowledged, not dead-lettered (see [`DEAD_LETTER`]).
 ///
-/// KEYS: `[lease, stream, attempts, watch]`.
+/// Blame: a redelivered batch is applied carefully, each apply-step call
+/// between [`MARK_APPLYING`] and its removal. A marker still there when the
+/// entries are redelivered means the previous delivery ended inside that call
+/// (the step trapped, which ends the invocation): only the writes of that call
+/// are counted, with that error; the others of the shard are not. Once the
+/// pending entries are exhausted the marker is dropped.
+///
+/// KEYS: `[lease, stream, attempts, watch, applying]`.
 /// ARGV: `[token, group, consumer, count, max_attempts, lease_ttl_ms,
 /// retention_ms, resume]`.
-/// Reply: `lost` | `ok, prune_before_ms, cursor, (entry_id, payload, over)*`, where
-/// `over` is 1 for an entry past the attempt limit, else 0; `cursor` is the last
-/// pending id read (resume from there next time) or empty once the pending
-/// entries are exhausted and the batch holds new entries, and
+/// Reply: `lost` | `ok, prune_before_ms, cursor, (entry_id, payload, attempt)*`,
+/// where `attempt` counts this delivery (above `max_attempts`: past the limit);
+/// `cursor` is the last pending id read (resume from there next time) or empty
+/// once the pending entries are exhausted and the batch holds new entries, and
 /// `prune_before_ms` is the earlier of "now minus the retention" and the stream time
 /// of the oldest entry still in the stream (see `sql::PRUNE_WRITES`), both on Redis's
 /// clock, the clock of the entry ids.
@@ -188,8 +195,13 @@ local entries = {}
 if ARGV[8] ~= '' then entries = read(ARGV[8]) end
 local redelivered = #entries > 0
 local cursor = ''
-if redelivered then cursor = entries[#entries][1] else entries = read('>') end
-local max = tonumber(ARGV[5])
+if redelivered then
+  cursor = entries[#entries][1]
+else
+  redis.call('DEL', KEYS[5])
+  entries = read('>')
+end
+local marked = redelivered and redis.call('EXISTS', KEYS[5]) == 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {'ok', 0, cursor}
@@ -200,10 +212,19 @@ for _, e in ipairs(entries) do
     redis.call('XACK', KEYS[2], ARGV[2], id)
   else
     local n = 1
-    if redelivered then n = redis.call('HINCRBY', KEYS[3], id, 1) + 1 end
+    if redelivered then
+      if not marked or redis.call('SREM', KEYS[5], id) == 1 then
+        n = redis.call('HINCRBY', KEYS[3], id, 1) + 1
+        if marked then
+          redis.call('HSET', KEYS[3], 'err:' .. id, 'the apply step trapped (or the processor stopped) while applying this write')
+        end
+      else
+        n = tonumber(redis.call('HGET', KEYS[3], id) or '0') + 1
+      end
+    end
     out[#out + 1] = id
     out[#out + 1] = fields[2]
-    if n > max then out[#out + 1] = 1 else out[#out + 1] = 0 end
+    out[#out + 1] = n
   end
 end
 local horizon = now - tonumber(ARGV[7])
@@ -216,17 +237,37 @@ out[2] = horizon
 return out
 "#;
 
-/// Move entries past their attempt limit that the database does not have to the
-/// dead-letter stream with their last error: the entry leaves the shard's stream,
+/// Before one apply-step call of a careful round (see [`READ_BATCH`]): every
+/// shard of the round on this server gets a marker (`-`), and the shard of the
+/// called key also the ids of the call's writes. Removed (`DEL`) after the call.
+/// KEYS: the markers (`applying`). ARGV: `[ttl_ms, owner, id*]`, `owner` the
+/// 1-based index of the key's shard's marker in KEYS (0: not on this server).
+pub const MARK_APPLYING: &str = r#"
+for _, k in ipairs(KEYS) do
+  redis.call('DEL', k)
+  redis.call('SADD', k, '-')
+  redis.call('PEXPIRE', k, ARGV[1])
+end
+local owner = tonumber(ARGV[2])
+if owner > 0 then
+  for i = 3, #ARGV do redis.call('SADD', KEYS[owner], ARGV[i]) end
+end
+return #KEYS
+"#;
+
+/// Move entries past their attempt limit that the database does not have (or
+/// whose apply step kept failing) to the dead-letter stream with their error
+/// (given, or else the last one recorded): the entry leaves the shard's stream,
 /// its status key says `dead` (for the status retention), and a notice goes to
 /// `done` for waiting status reads.
 ///
 /// KEYS: `[stream, attempts, dead, dead_status_prefix, done, stats]`.
-/// ARGV: `[group, shard, retention_ms, (entry_id, payload)*]`.
+/// ARGV: `[group, shard, retention_ms, (entry_id, payload, error or '')*]`.
 pub const DEAD_LETTER: &str = concat!(count_lua!(), r#"
-for i = 4, #ARGV, 2 do
+for i = 4, #ARGV, 3 do
   local id = ARGV[i]
-  local err = redis.call('HGET', KEYS[2], 'err:' .. id) or 'unknown error'
+  local err = ARGV[i + 2]
+  if err == '' then err = redis.call('HGET', KEYS[2], 'err:' .. id) or 'unknown error' end
   local n = tonumber(redis.call('HGET', KEYS[2], id) or '0')
   redis.call('XADD', KEYS[3], '*', 'id', ARGV[2] .. '-' .. id, 'w', ARGV[i + 1], 'error', err, 'attempts', tostring(n))
   redis.call('SET', KEYS[4] .. id, err, 'PX', ARGV[3])
@@ -235,8 +276,8 @@ for i = 4, #ARGV, 2 do
   redis.call('XDEL', KEYS[1], id)
   redis.call('HDEL', KEYS[2], id, 'err:' .. id)
 end
-count(KEYS[6], 'dead', (#ARGV - 3) / 2, false)
-return (#ARGV - 3) / 2
+count(KEYS[6], 'dead', (#ARGV - 3) / 3, false)
+return (#ARGV - 3) / 3
 "#);
 
 /// Whether a shard has queued writes and no lease holder: work a processor may

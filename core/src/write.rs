@@ -2,7 +2,7 @@
 //! before anything reaches Redis.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::problem::Problem;
 
@@ -166,18 +166,63 @@ impl Write {
     }
 }
 
+/// The built-in operations' names.
+pub const BUILTIN_OPS: [&str; 5] = ["put", "merge", "incr", "append", "delete"];
+
+/// A write intake accepted: a built-in operation (checked member by member), or
+/// an operation the apply implementation declares, whose members that
+/// implementation validates when it applies the write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Accepted {
+    /// A built-in operation.
+    Builtin(Write),
+    /// A declared operation: the whole write object as sent (`key`, `op`,
+    /// `if_version` if given, and the operation's own members).
+    Custom {
+        /// The record key.
+        key: String,
+        /// The write object.
+        write: Map<String, Value>,
+    },
+}
+
+impl Accepted {
+    /// The record key.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Builtin(w) => &w.key,
+            Self::Custom { key, .. } => key,
+        }
+    }
+
+    /// The write as the JSON text queued for the processor (the `payload` the
+    /// apply implementation gets).
+    pub fn payload(&self) -> String {
+        match self {
+            Self::Builtin(w) => serde_json::to_string(w),
+            Self::Custom { write, .. } => serde_json::to_string(write),
+        }
+        .unwrap_or_default()
+    }
+}
+
 /// A request body: one write, or `{"writes": [...]}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteBatch {
     /// The writes, in request order.
-    pub writes: Vec<Write>,
+    pub writes: Vec<Accepted>,
     /// Whether the request used the batch form.
     pub batch: bool,
 }
 
-/// Parses and validates a request body. Nothing is accepted unless every write is
-/// valid.
+/// [`parse_request_for`] with the built-in operations.
 pub fn parse_request(body: &[u8], limits: &Limits) -> Result<WriteBatch, Problem> {
+    parse_request_for(body, limits, &BUILTIN_OPS.map(String::from))
+}
+
+/// Parses and validates a request body for an apply implementation that declares
+/// `operations`. Nothing is accepted unless every write is valid.
+pub fn parse_request_for(body: &[u8], limits: &Limits, operations: &[String]) -> Result<WriteBatch, Problem> {
     if body.len() > limits.max_body_bytes {
         return Err(Problem::too_large(Some(body.len()), limits.max_body_bytes));
     }
@@ -210,13 +255,43 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<WriteBatch, Problem
     let mut out = Vec::with_capacity(writes.len());
     for (i, w) in writes.into_iter().enumerate() {
         let pointer = if base.is_empty() { String::new() } else { format!("{base}/{i}") };
-        check_members(&w, &pointer)?;
+        let custom = check_members(&w, &pointer, operations)?;
         let w = integral_numbers(w);
+        if custom {
+            out.push(custom_write(w, limits, &pointer)?);
+            continue;
+        }
         let write: Write = serde_json::from_value(w).map_err(|e| Problem::invalid(&e.to_string(), &pointer))?;
         write.validate(limits, &pointer)?;
-        out.push(write);
+        out.push(Accepted::Builtin(write));
     }
     Ok(WriteBatch { writes: out, batch: !base.is_empty() })
+}
+
+/// A declared operation's write: its key checked, `if_version` (if any) a
+/// version, and every other member within the value limits.
+fn custom_write(w: Value, limits: &Limits, pointer: &str) -> Result<Accepted, Problem> {
+    let Value::Object(write) = w else { unreachable!("check_members saw an object") };
+    let key = match write.get("key") {
+        Some(Value::String(k)) => k.clone(),
+        _ => return Err(Problem::invalid("key must be a string", &format!("{pointer}/key"))),
+    };
+    check_key(&key, limits, &format!("{pointer}/key"))?;
+    if write.get("if_version").is_some_and(|v| v.as_u64().is_none()) {
+        return Err(Problem::invalid("if_version must be a version (an integer from 0)", &format!("{pointer}/if_version")));
+    }
+    for (name, v) in write.iter().filter(|(k, _)| !matches!(k.as_str(), "key" | "op" | "if_version")) {
+        let at = format!("{pointer}/{}", pointer_token(name));
+        let d = depth(v);
+        if d > limits.max_json_depth {
+            return Err(Problem::invalid(&format!("{name} nests {d} levels deep; the limit is {}", limits.max_json_depth), &at));
+        }
+        let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+        if size > limits.max_value_bytes {
+            return Err(Problem::invalid(&format!("{name} is {size} bytes; the limit is {}", limits.max_value_bytes), &at));
+        }
+    }
+    Ok(Accepted::Custom { key, write })
 }
 
 /// Members each op takes besides `key`, `op` and `if_version`, and which of them
@@ -258,17 +333,31 @@ fn pointer_token(name: &str) -> String {
     name.replace('~', "~0").replace('/', "~1")
 }
 
-fn check_members(w: &Value, pointer: &str) -> Result<(), Problem> {
+/// Checks a write's members against its operation. Returns whether the
+/// operation is a declared (not built-in) one, whose own members are left to
+/// its implementation.
+fn check_members(w: &Value, pointer: &str, operations: &[String]) -> Result<bool, Problem> {
     let Value::Object(o) = w else {
         return Err(Problem::invalid("a write must be a JSON object", pointer));
+    };
+    let expected = || match operations {
+        [] => "no operation is declared".to_owned(),
+        [one] => format!("expected {one}"),
+        [init @ .., last] => format!("expected {} or {last}", init.join(", ")),
     };
     let op = match o.get("op") {
         Some(Value::String(op)) => op.as_str(),
         Some(_) => return Err(Problem::invalid("op must be a string", &format!("{pointer}/op"))),
-        None => return Err(Problem::invalid("op is required (put, merge, incr, append, delete)", &format!("{pointer}/op"))),
+        None => return Err(Problem::invalid(&format!("op is required ({})", expected()), &format!("{pointer}/op"))),
     };
+    if !operations.iter().any(|d| d == op) {
+        return Err(Problem::invalid(&format!("unknown op {op:?} ({})", expected()), &format!("{pointer}/op")));
+    }
     let Some((allowed, required)) = op_members(op) else {
-        return Err(Problem::invalid(&format!("unknown op {op:?} (expected put, merge, incr, append or delete)"), &format!("{pointer}/op")));
+        if !o.contains_key("key") {
+            return Err(Problem::invalid(&format!("key is required for op {op:?}"), &format!("{pointer}/key")));
+        }
+        return Ok(true);
     };
     if let Some(extra) = o.keys().find(|k| !matches!(k.as_str(), "key" | "op" | "if_version") && !allowed.contains(&k.as_str())) {
         return Err(Problem::invalid(&format!("unknown member {extra:?} for op {op:?}"), &format!("{pointer}/{}", pointer_token(extra))));
@@ -291,7 +380,7 @@ fn check_members(w: &Value, pointer: &str) -> Result<(), Problem> {
     if let Some(missing) = ["key"].iter().chain(required).find(|m| !o.contains_key(**m)) {
         return Err(Problem::invalid(&format!("{missing} is required for op {op:?}"), &format!("{pointer}/{missing}")));
     }
-    Ok(())
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -316,8 +405,12 @@ mod tests {
         .unwrap();
         assert_eq!(b.writes.len(), 5);
         assert!(b.batch);
-        assert_eq!(b.writes[2].op, Op::Incr { field: "n".into(), by: 1, min: None, max: None });
-        assert_eq!(b.writes[4].if_version, Some(4));
+        let builtin = |i: usize| match &b.writes[i] {
+            Accepted::Builtin(w) => w.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(builtin(2).op, Op::Incr { field: "n".into(), by: 1, min: None, max: None });
+        assert_eq!(builtin(4).if_version, Some(4));
     }
 
     /// Invalid writes are refused with the field at fault.
@@ -326,7 +419,7 @@ mod tests {
         let e = parse(json!({"writes": [{"key": "ok", "op": "delete"}, {"key": "a b", "op": "delete"}]})).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("/writes/1/key"));
         let ok = parse(json!({"key": "a", "op": "delete", "if_version": 3.0})).unwrap();
-        assert_eq!(ok.writes[0].if_version, Some(3));
+        assert!(matches!(&ok.writes[0], Accepted::Builtin(w) if w.if_version == Some(3)));
         let e = parse(json!({"key": "a", "op": "delete", "if_version": null})).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("/if_version"));
         let e = parse(json!({"key": "a", "op": "explode"})).unwrap_err();
@@ -338,5 +431,31 @@ mod tests {
         let deep = (0..40).fold(json!(1), |v, _| json!([v]));
         let e = parse(json!({"key": "a", "op": "put", "value": deep})).unwrap_err();
         assert_eq!(e.status, 422);
+    }
+
+    /// A declared operation is accepted with its members as sent (left to its
+    /// implementation), its key and sizes still checked; a built-in operation the
+    /// implementation does not declare is unknown.
+    #[test]
+    fn declared_operations() {
+        let ops = ["score".to_owned(), "put".to_owned()];
+        let parse = |v: Value| parse_request_for(v.to_string().as_bytes(), &Limits::default(), &ops);
+        let b = parse(json!({"key": "board", "op": "score", "player": "ann", "points": 7.0, "if_version": 2})).unwrap();
+        let Accepted::Custom { key, write } = &b.writes[0] else { panic!("{:?}", b.writes[0]) };
+        assert_eq!(key, "board");
+        assert_eq!(write["points"], json!(7.0));
+        assert_eq!(b.writes[0].payload(), r#"{"if_version":2,"key":"board","op":"score","player":"ann","points":7.0}"#);
+        assert!(matches!(&parse(json!({"key": "k", "op": "put", "value": 1})).unwrap().writes[0], Accepted::Builtin(_)));
+        let e = parse(json!({"key": "k", "op": "incr", "field": "n"})).unwrap_err();
+        assert_eq!((e.status, e.field.as_deref()), (422, Some("/op")));
+        assert!(e.detail.contains("expected score or put"), "{}", e.detail);
+        let e = parse(json!({"op": "score", "points": 1})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("/key"));
+        let e = parse(json!({"key": "a b", "op": "score"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("/key"));
+        let e = parse(json!({"key": "k", "op": "score", "if_version": -1})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("/if_version"));
+        let e = parse(json!({"key": "k", "op": "score", "note": "x".repeat(70_000)})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("/note"));
     }
 }

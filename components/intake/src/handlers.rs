@@ -5,7 +5,7 @@ use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
-use spillway_core::write::parse_request;
+use spillway_core::write::{self, parse_request_for};
 use spillway_spin::{Redis, json, problem, status, text};
 use spin_sdk::http::Request;
 
@@ -45,7 +45,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     };
     let wait = prefer_wait(req.headers());
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
-    let batch = parse_request(&body, &limits)?;
+    let batch = parse_request_for(&body, &limits, &spillway_spin::pipeline::operations())?;
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
     let accepted = enqueue(&settings, &batch.writes, idem.as_deref(), &body).await?;
     match deadline {
@@ -134,12 +134,12 @@ impl Accepted {
 /// group keeps its own idempotency record; see `scripts::ENQUEUE`).
 async fn enqueue(
     s: &Settings,
-    writes: &[spillway_core::write::Write],
+    writes: &[write::Accepted],
     idem: Option<&str>,
     body: &[u8],
 ) -> Result<Accepted, Problem> {
     let layout = &s.layout;
-    let shard_of: Vec<u32> = writes.iter().map(|w| layout.shard_of(&w.key)).collect();
+    let shard_of: Vec<u32> = writes.iter().map(|w| layout.shard_of(w.key())).collect();
     let mut shards: Vec<u32> = Vec::new();
     for shard in &shard_of {
         if !shards.contains(shard) {
@@ -227,7 +227,7 @@ fn ring(s: &Settings, shards: Vec<u32>) {
 fn enqueue_call(
     s: &Settings,
     group: &[u32],
-    writes: &[spillway_core::write::Write],
+    writes: &[write::Accepted],
     shard_of: &[u32],
     idem: Option<&str>,
     body_md5: &str,
@@ -254,7 +254,7 @@ fn enqueue_call(
     for i in mine {
         let slot = group.iter().position(|g| *g == shard_of[i]).unwrap_or(0) + 1;
         args.push(slot.to_string());
-        args.push(serde_json::to_string(&writes[i]).unwrap_or_default());
+        args.push(writes[i].payload());
     }
     (keys, args)
 }

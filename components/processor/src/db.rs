@@ -4,11 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use spillway_core::apply::{Outcome, Record, canonical, plan_batch};
-use spillway_core::problem::Problem;
 use serde_json::{Value as Json, json};
-use spillway_core::write::Write;
+use spillway_core::apply::{Outcome, Record, StepResult, StepWrites, canonical, plan_with};
+use spillway_core::problem::Problem;
+use spillway_core::scripts;
+use spillway_core::settings::Settings;
 use spillway_spin::db::{Db, SqlValue as Value, integer, text};
+use spillway_spin::{Redis, pipeline};
 
 /// Outcomes pruned per batch (per shard and round) at most: pruning keeps up with a full write rate
 /// without ever making one transaction long.
@@ -20,9 +22,10 @@ pub(crate) struct Applied {
     /// New state of every key a write of the round changed, or an earlier
     /// delivery of one of its writes did (for the cache).
     pub(crate) state: BTreeMap<String, Option<Record>>,
-    /// Entries past their attempt limit that the database does not have, per
-    /// shard: `(entry id, payload)`, to be dead-lettered (they were left out).
-    pub(crate) dead: Vec<(u32, String, String)>,
+    /// Entries to dead-letter (they were left out): past their attempt limit
+    /// and not in the database, or their key's apply step kept failing.
+    /// `(shard, entry id, payload, error)`, the error empty for the one recorded.
+    pub(crate) dead: Vec<(u32, String, String, String)>,
     pub(crate) applied: u64,
     pub(crate) rejected: u64,
     /// Outcomes per shard, `(applied, rejected)`, to count when the shard's batch
@@ -59,6 +62,10 @@ pub(crate) struct Batch {
     /// if an earlier delivery committed them (then refreshed and acknowledged),
     /// else dead-lettered.
     pub(crate) over: HashSet<String>,
+    /// Some entry is delivered again (an earlier delivery failed): the round is
+    /// applied carefully, each apply-step call marked (see
+    /// `scripts::READ_BATCH`), so a step that traps is blamed alone.
+    pub(crate) careful: bool,
     /// Outcomes of this shard from before this stream time can be forgotten.
     pub(crate) prune_before_ms: i64,
     /// How long reading it from Redis took (for the batch's log line).
@@ -70,15 +77,15 @@ pub(crate) struct Batch {
 /// independent). If that transaction fails, each batch is tried in a transaction of
 /// its own, so a batch that cannot be applied fails alone. Returns what committed
 /// and the shards whose batch failed.
-pub(crate) async fn apply_round(db: &Db, batches: &[Batch]) -> (Applied, Vec<(u32, Problem)>) {
-    match in_transaction(db, batches).await {
+pub(crate) async fn apply_round(s: &Settings, db: &Db, batches: &[Batch]) -> (Applied, Vec<(u32, Problem)>) {
+    match in_transaction(s, db, batches).await {
         Ok(a) => (a, Vec::new()),
         Err(p) if batches.len() == 1 => (Applied::default(), vec![(batches[0].shard, p)]),
         Err(_) => {
             let mut applied = Applied::default();
             let mut failed = Vec::new();
             for b in batches {
-                match in_transaction(db, std::slice::from_ref(b)).await {
+                match in_transaction(s, db, std::slice::from_ref(b)).await {
                     Ok(a) => applied.merge(a),
                     Err(p) => failed.push((b.shard, p)),
                 }
@@ -88,13 +95,13 @@ pub(crate) async fn apply_round(db: &Db, batches: &[Batch]) -> (Applied, Vec<(u3
     }
 }
 
-async fn in_transaction(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
+async fn in_transaction(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     db.query(db.sql().begin, vec![]).await?;
     let applied = async {
         for stmt in db.sql().in_transaction {
             db.query(stmt, vec![]).await?;
         }
-        apply_in_tx(db, batches).await
+        apply_in_tx(s, db, batches).await
     };
     match applied.await {
         Ok(a) => match db.query(db.sql().commit, vec![]).await {
@@ -122,7 +129,14 @@ fn entry_ms(entry: &str) -> i64 {
     entry.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
 }
 
-async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
+/// What the processor reads of a queued write itself: its key (the rest is the
+/// apply step's).
+#[derive(serde::Deserialize)]
+struct Envelope {
+    key: String,
+}
+
+async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     let mut fenced = Vec::new();
     let mut writes = Vec::new();
     let mut unreadable = Vec::new();
@@ -144,13 +158,13 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
             if b.over.contains(entry) {
                 over.push((b.shard, entry.clone(), payload.clone(), id.clone()));
             }
-            match serde_json::from_str::<Write>(payload) {
-                Ok(w) => writes.push((id, w)),
+            match serde_json::from_str::<Envelope>(payload) {
+                Ok(w) => writes.push((id, w.key, payload.clone())),
                 Err(e) => unreadable.push((id, e.to_string())),
             }
         }
     }
-    let ids: Vec<&String> = writes.iter().map(|(id, _)| id).chain(unreadable.iter().map(|(id, _)| id)).collect();
+    let ids: Vec<&String> = writes.iter().map(|(id, _, _)| id).chain(unreadable.iter().map(|(id, _)| id)).collect();
     let mut already = HashSet::new();
     // Outcomes an earlier delivery recorded, by status: counted when this batch is
     // acknowledged (that delivery's acknowledgement did not happen, or the entries
@@ -172,12 +186,12 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     // Past the attempt limit and not in the database: left out, to be
     // dead-lettered after the commit. (Had an earlier delivery committed it, it is
     // in `already`: acknowledged as applied, its key refreshed.)
-    let dead: Vec<(u32, String, String)> =
-        over.into_iter().filter(|(_, _, _, id)| !already.contains(id)).map(|(shard, entry, payload, _)| (shard, entry, payload)).collect();
-    let doomed: HashSet<String> = dead.iter().map(|(shard, entry, _)| format!("{shard}-{entry}")).collect();
-    writes.retain(|(id, _)| !doomed.contains(id));
+    let mut dead: Vec<(u32, String, String, String)> =
+        over.into_iter().filter(|(_, _, _, id)| !already.contains(id)).map(|(shard, entry, payload, _)| (shard, entry, payload, String::new())).collect();
+    let doomed: HashSet<String> = dead.iter().map(|(shard, entry, _, _)| format!("{shard}-{entry}")).collect();
+    writes.retain(|(id, _, _)| !doomed.contains(id));
     unreadable.retain(|(id, _)| !doomed.contains(id));
-    let keys: Vec<String> = writes.iter().map(|(_, w)| w.key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let keys: Vec<String> = writes.iter().map(|(_, key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut existing = BTreeMap::new();
     let mut tombstones = BTreeMap::new();
     // Each key's latest applied write: the head of its change chain.
@@ -199,7 +213,20 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
         }
     }
     let now = spillway_spin::now_ms();
-    let plan = plan_batch(existing, &tombstones, &writes, &already, now);
+    let careful: Vec<u32> = batches.iter().any(|b| b.careful).then(|| batches.iter().map(|b| b.shard).filter(|n| !fenced.contains(n)).collect()).unwrap_or_default();
+    let plan = plan_with(existing, &tombstones, &writes, &already, now, async |key, value, version, group| {
+        step(s, &careful, key, value, version, group, now).await
+    })
+    .await;
+    // A key whose step kept failing: its writes leave the queue, with the error.
+    let payloads: HashMap<&str, &str> = writes.iter().map(|(id, _, payload)| (id.as_str(), payload.as_str())).collect();
+    for (_, ids, error) in &plan.failed {
+        for id in ids {
+            let (shard, _) = entry_of.get(id).copied().unwrap_or((0, 0));
+            let entry = id.split_once('-').map_or(id.as_str(), |(_, e)| e);
+            dead.push((shard as u32, entry.to_owned(), payloads.get(id.as_str()).copied().unwrap_or_default().to_owned(), error.clone()));
+        }
+    }
 
     let (mut applied, mut rejected) = (0, 0);
     let mut outcomes: Vec<Json> = Vec::with_capacity(writes.len() + unreadable.len());
@@ -261,4 +288,46 @@ async fn apply_in_tx(db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     }
 
     Ok(Applied { state: plan.records, dead, applied, rejected, per_shard, fenced })
+}
+
+/// One key's apply step: called again on an error, up to the attempt limit (a
+/// trap ends the invocation instead). In a careful round (`careful`: the round's
+/// shards) the call is marked first, so that a trap is blamed on its writes
+/// alone (see `scripts::READ_BATCH`).
+async fn step(s: &Settings, careful: &[u32], key: &str, value: Option<&Json>, version: u64, writes: &StepWrites<'_>, now: i64) -> StepResult {
+    if !careful.is_empty() {
+        mark(s, careful, key, writes).await;
+    }
+    let mut result = Err("the apply step was not called".to_owned());
+    for _ in 0..s.max_attempts.max(1) {
+        result = pipeline::apply(key, value, version, writes, now);
+        if result.is_ok() {
+            break;
+        }
+    }
+    if !careful.is_empty() {
+        let l = &s.layout;
+        for (address, group) in s.slot_groups(careful) {
+            let keys = group.iter().map(|n| spillway_spin::bin(&l.applying(*n))).collect();
+            let _ = Redis::new(address).execute("DEL", keys).await;
+        }
+    }
+    result
+}
+
+/// Marks one call of a careful round on every server of the round's shards.
+/// Best effort: unmarked, a trap counts against every write of the round, as
+/// any other failure does.
+async fn mark(s: &Settings, careful: &[u32], key: &str, writes: &StepWrites<'_>) {
+    let l = &s.layout;
+    let owner = l.shard_of(key);
+    let ttl_ms = s.lease_ttl_ms.saturating_mul(3).max(60_000).to_string();
+    for (address, group) in s.slot_groups(careful) {
+        let keys: Vec<String> = group.iter().map(|n| l.applying(*n)).collect();
+        let mut args = vec![ttl_ms.clone(), group.iter().position(|n| *n == owner).map_or(0, |i| i + 1).to_string()];
+        if group.contains(&owner) {
+            args.extend(writes.iter().map(|(id, _)| id.split_once('-').map_or(*id, |(_, e)| e).to_owned()));
+        }
+        let _ = Redis::new(address).eval(scripts::MARK_APPLYING, &keys, &args).await;
+    }
 }

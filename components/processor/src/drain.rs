@@ -183,9 +183,12 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
         // Shards that filled their batch of new entries most likely have more: read
         // their next batch while this round is applied (not while resuming: the
         // pending entries must all come first, in order).
+        // Nor in a careful round: a read then could drop the blame marker (see
+        // `scripts::READ_BATCH`) between its setting and the call it marks.
+        let careful = batches.iter().any(|b| b.careful);
         let ahead: Vec<Held> = held
             .iter()
-            .filter(|h| h.resume.is_none() && batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size))
+            .filter(|h| !careful && h.resume.is_none() && batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size))
             .cloned()
             .collect();
         let round = finish_round(s, db, &batches, &mut held, &mut failed, &mut failures, stats);
@@ -211,7 +214,7 @@ async fn finish_round(
 ) {
     let l = &s.layout;
     let started = spillway_spin::monotonic_ms();
-    let (applied, errors) = db::apply_round(db, batches).await;
+    let (applied, errors) = db::apply_round(s, db, batches).await;
     let apply_ms = spillway_spin::monotonic_ms() - started;
     for (shard, p) in &errors {
         if let Some(b) = batches.iter().find(|b| b.shard == *shard) {
@@ -260,9 +263,8 @@ async fn finish_round(
     let mut undead = HashSet::new();
     for b in &done {
         let mut args = vec![GROUP.to_owned(), b.shard.to_string(), s.status_retention_secs.saturating_mul(1000).to_string()];
-        for (_, entry, payload) in applied.dead.iter().filter(|(shard, _, _)| *shard == b.shard) {
-            args.push(entry.clone());
-            args.push(payload.clone());
+        for (_, entry, payload, error) in applied.dead.iter().filter(|(shard, _, _, _)| *shard == b.shard) {
+            args.extend([entry.clone(), payload.clone(), error.clone()]);
         }
         if args.len() > 3 {
             let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard), l.stats(b.shard)];
@@ -388,7 +390,7 @@ async fn read_batch(s: &Settings, h: &Held) -> Result<Read, Problem> {
     let reply = Redis::for_shard(s, shard)
         .eval(
             scripts::READ_BATCH,
-            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard)],
+            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard), l.applying(shard)],
             &[
                 h.token.clone(),
                 GROUP.into(),
@@ -408,15 +410,18 @@ async fn read_batch(s: &Settings, h: &Held) -> Result<Read, Problem> {
     let resume = reply.get(2).and_then(text).filter(|c| !c.is_empty());
     let mut entries = Vec::new();
     let mut over = HashSet::new();
+    let mut careful = false;
     for c in reply.get(3..).unwrap_or_default().chunks(3) {
         let (Some(id), Some(payload)) = (c.first().and_then(text), c.get(1).and_then(text)) else { continue };
-        if c.get(2).and_then(int) == Some(1) {
+        let attempt = c.get(2).and_then(int).unwrap_or(1);
+        careful |= attempt > 1;
+        if attempt > i64::from(s.max_attempts) {
             over.insert(id.clone());
         }
         entries.push((id, payload));
     }
     let read_ms = spillway_spin::monotonic_ms() - started;
-    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, over, prune_before_ms, read_ms }, resume))
+    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, over, careful, prune_before_ms, read_ms }, resume))
 }
 
 /// Writes the records' new state to the cache under each key's single-flight fill

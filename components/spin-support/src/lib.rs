@@ -9,11 +9,13 @@
 //! - [`db`]: the database (SQLite or PostgreSQL), errors checked where Spin reports them.
 //! - [`kv`]: the key-value store through `wasi:keyvalue` batch calls.
 //! - [`hazards`]: Redis settings Spillway depends on, checked and reported.
+//! - [`pipeline`]: the apply step, an imported interface.
 //! - [`status`]: write status, and waiting for outcomes without polling.
 
 pub mod db;
 pub mod hazards;
 pub mod kv;
+pub mod pipeline;
 pub mod status;
 
 use std::cell::RefCell;

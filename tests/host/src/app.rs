@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use wasmtime::component::{Component, Linker};
 
-use crate::engine::{engine, load_component};
+use crate::engine::{engine, load_composed};
 use crate::host::key_value::KvBackend;
 use crate::host::postgres::PgPools;
 use crate::host::sqlite::SqliteDb;
@@ -246,7 +246,11 @@ impl App {
                     path.display()
                 );
             }
-            let component = load_component(&path).with_context(ctx)?;
+            let deps = manifest.dependencies(id, &dir)?;
+            for d in deps.iter().filter(|d| !d.source.exists()) {
+                bail!("component {id:?}: dependency {:?}: {} does not exist (build it first)", d.name, d.source.display());
+            }
+            let component = load_composed(id, &path, &deps).with_context(ctx)?;
             components.insert(id.clone(), Arc::new(LoadedComponent { component, caps }));
         }
 
@@ -255,6 +259,10 @@ impl App {
         wasmtime_wasi::p3::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
         crate::host::add_to_linker(&mut linker)?;
+        let mut denied = HashSet::new();
+        for c in components.values() {
+            crate::compose::define_denied(&mut linker, &c.component, &mut denied)?;
+        }
         let linker = Arc::new(linker);
 
         let mut router = Router::default();

@@ -13,6 +13,8 @@ use anyhow::Context as _;
 use wasmtime::component::Component;
 use wasmtime::{Cache, CacheConfig, Config, Engine};
 
+use crate::compose::Dependency;
+
 /// Environment variable naming a directory for wasmtime's compilation cache.
 pub const CACHE_DIR_ENV: &str = "SPILLWAY_HOST_CACHE_DIR";
 
@@ -39,11 +41,21 @@ pub fn engine() -> &'static Engine {
 /// Loads and compiles the component at `path`, reusing an earlier compilation of the
 /// same unchanged file in this process.
 pub fn load_component(path: &Path) -> anyhow::Result<Component> {
-    type Key = (PathBuf, Option<SystemTime>);
+    load_composed("", path, &[])
+}
+
+/// Loads the component `id` at `path` composed with its dependencies `deps` (see
+/// [`crate::compose`]), compiled once per process for the same unchanged files.
+pub fn load_composed(id: &str, path: &Path, deps: &[Dependency]) -> anyhow::Result<Component> {
+    type Key = (Vec<(PathBuf, Option<SystemTime>)>, Vec<Dependency>);
     static COMPILED: OnceLock<Mutex<HashMap<Key, Component>>> = OnceLock::new();
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("component file {} cannot be read", path.display()))?;
-    let key = (path.to_path_buf(), meta.modified().ok());
+    let mut files = Vec::new();
+    for file in std::iter::once(path).chain(deps.iter().map(|d| d.source.as_path())) {
+        let meta = std::fs::metadata(file)
+            .with_context(|| format!("component file {} cannot be read", file.display()))?;
+        files.push((file.to_path_buf(), meta.modified().ok()));
+    }
+    let key = (files, deps.to_vec());
     // Held while compiling: concurrent loads of the same file (parallel tests) wait
     // for the one compilation instead of each running Cranelift, which already uses
     // every core.
@@ -51,8 +63,11 @@ pub fn load_component(path: &Path) -> anyhow::Result<Component> {
     if let Some(c) = compiled.get(&key) {
         return Ok(c.clone());
     }
-    let bytes = std::fs::read(path)
+    let mut bytes = std::fs::read(path)
         .with_context(|| format!("component file {} cannot be read", path.display()))?;
+    if !deps.is_empty() {
+        bytes = crate::compose::compose(id, bytes, deps)?;
+    }
     let component = Component::new(engine(), &bytes)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("{} is not a valid Wasm component", path.display()))?;

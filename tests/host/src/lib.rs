@@ -14,6 +14,7 @@
 //! - [`runtime_config`]: the `--runtime-config-file` format.
 //! - [`outbound`]: `allowed_outbound_hosts` parsing and matching.
 //! - [`engine`]: the process-wide wasmtime engine and compiled-component cache.
+//! - [`compose`]: component dependencies, composed and denied as Spin does.
 //! - `app`: loading an application ([`App`], [`AppOptions`]).
 //! - `state`: per-store data (WASI, WASI HTTP, Spin capabilities, guest output).
 //! - `host`: `spin:redis`, `spin:key-value`, `spin:sqlite`, `spin:variables`.
@@ -22,6 +23,7 @@
 //! - [`up`]: the `up` command (`spin up` for this host).
 
 mod app;
+pub mod compose;
 pub mod engine;
 mod host;
 mod http;

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
+use crate::compose::{Dependency, Inherit};
+
 /// A whole manifest.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,6 +241,64 @@ impl Manifest {
             .collect()
     }
 
+    /// The dependencies of component `id` (`[component.<id>.dependencies]`),
+    /// with the capabilities each inherits. Local files and the app's own
+    /// components are supported; registry and URL sources are refused by name.
+    pub fn dependencies(&self, id: &str, manifest_dir: &Path) -> anyhow::Result<Vec<Dependency>> {
+        let c = self
+            .component
+            .get(id)
+            .with_context(|| format!("no [component.{id}] in the manifest"))?;
+        let Some(table) = &c.dependencies else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for (name, value) in table {
+            let ctx = || format!("component {id:?}: dependency {name:?}");
+            validate_dependency_name(name).with_context(ctx)?;
+            let toml::Value::Table(dep) = value else {
+                bail!("component {id:?}: dependency {name:?}: a version constraint names a registry package, which this host does not fetch");
+            };
+            let forms: [(&str, &[&str]); 4] = [
+                ("path", &["path", "export", "inherit_configuration"]),
+                ("component", &["component", "export", "inherit_configuration"]),
+                ("version", &["version", "registry", "package", "export", "inherit_configuration"]),
+                ("url", &["url", "digest", "export", "inherit_configuration"]),
+            ];
+            let Some((form, keys)) = forms.iter().find(|(k, _)| dep.contains_key(*k)) else {
+                bail!("component {id:?}: dependency {name:?}: expected `path`, `component`, `version` or `url`");
+            };
+            if let Some(extra) = dep.keys().find(|k| !keys.contains(&k.as_str())) {
+                bail!("component {id:?}: dependency {name:?}: unknown key {extra:?} for a `{form}` dependency");
+            }
+            let source = match (*form, &dep[*form]) {
+                ("path", toml::Value::String(p)) => manifest_dir.join(p),
+                ("component", toml::Value::String(other)) => self.source_path(other, manifest_dir).with_context(ctx)?,
+                ("version" | "url", _) => bail!("component {id:?}: dependency {name:?}: `{form}` sources are not supported by this host (local files and app components only)"),
+                (_, v) => bail!("component {id:?}: dependency {name:?}: `{form}` must be a string, not {v}"),
+            };
+            let export = match dep.get("export") {
+                None => None,
+                Some(toml::Value::String(e)) => Some(e.clone()),
+                Some(v) => bail!("component {id:?}: dependency {name:?}: `export` must be a string, not {v}"),
+            };
+            let inherit = match (c.dependencies_inherit_configuration, dep.get("inherit_configuration")) {
+                (Some(_), Some(_)) => bail!(
+                    "Component `{id}` specifies both `dependencies_inherit_configuration` and per-dependency `inherit_configuration`. \
+                     These are mutually exclusive; use one or the other."
+                ),
+                (Some(true), None) | (None, Some(toml::Value::Boolean(true))) => Inherit::All,
+                (Some(false) | None, None) | (None, Some(toml::Value::Boolean(false))) => Inherit::Only(Vec::new()),
+                (None, Some(toml::Value::Array(sets))) => Inherit::Only(
+                    sets.iter()
+                        .map(|s| s.as_str().map(str::to_owned).with_context(|| format!("component {id:?}: dependency {name:?}: `inherit_configuration` lists names of capability sets")))
+                        .collect::<anyhow::Result<_>>()?,
+                ),
+                (None, Some(v)) => bail!("component {id:?}: dependency {name:?}: `inherit_configuration` must be a boolean or a list, not {v}"),
+            };
+            out.push(Dependency { name: name.clone(), source, export, inherit });
+        }
+        Ok(out)
+    }
+
     /// The `.wasm` path of component `id`, resolved against the manifest's directory.
     pub fn source_path(&self, id: &str, manifest_dir: &Path) -> anyhow::Result<PathBuf> {
         let c = self
@@ -252,6 +312,35 @@ impl Manifest {
             ),
         }
     }
+}
+
+/// A dependency's name: `ns:pkg`, optionally `/interface` and `@version`, each
+/// name kebab-case; or a plain kebab-case name.
+pub fn validate_dependency_name(name: &str) -> anyhow::Result<()> {
+    let (name, version) = match name.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (name, None),
+    };
+    if let Some(v) = version {
+        let parts: Vec<&str> = v.split(['-', '+']).next().unwrap_or("").split('.').collect();
+        if parts.len() != 3 || parts.iter().any(|p| p.parse::<u64>().is_err()) {
+            bail!("invalid version {v:?} (expected semver, e.g. 0.1.0)");
+        }
+    }
+    let Some((namespace, rest)) = name.split_once(':') else {
+        if version.is_some() || name.contains('/') {
+            bail!("expected ns:pkg, ns:pkg/interface or a plain kebab-case name");
+        }
+        return validate_kebab(name);
+    };
+    let (package, interface) = match rest.split_once('/') {
+        Some((p, i)) => (p, Some(i)),
+        None => (rest, None),
+    };
+    for part in [Some(namespace), Some(package), interface].into_iter().flatten() {
+        validate_kebab(part).with_context(|| format!("in {name:?}"))?;
+    }
+    Ok(())
 }
 
 /// Spin's `LowerSnakeId`: `_`-separated words, each starting with a letter, all

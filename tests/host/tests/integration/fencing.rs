@@ -70,7 +70,7 @@ async fn expired_lease_holder_cannot_commit() {
 
     let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
     let read: Vec<String> = Script::new(scripts::READ_BATCH)
-        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3))
+        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3)).key(l.applying(3))
         .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(60_000).arg(1000).arg("0")
         .invoke(&mut c)
         .unwrap();
@@ -162,7 +162,7 @@ fn resume_reads_every_pending_entry_in_order() {
     let ids: Vec<String> = (0..6).map(|i| redis::cmd("XADD").arg(l.stream(3)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
     let read = |c: &mut redis::Connection, token: &str, resume: &str| -> (String, Vec<String>) {
         let reply: Vec<String> = Script::new(scripts::READ_BATCH)
-            .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3))
+            .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3)).key(l.applying(3))
             .arg(token).arg(GROUP).arg(CONSUMER).arg(2).arg(5).arg(60_000).arg(1000).arg(resume)
             .invoke(c)
             .unwrap();

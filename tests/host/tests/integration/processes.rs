@@ -42,7 +42,7 @@ pub(crate) fn manifests(dir: &Path) -> (PathBuf, PathBuf) {
     let ws = workspace();
     let full = std::fs::read_to_string(ws.join("spin.toml"))
         .unwrap()
-        .replace("source = \"target/", &format!("source = \"{}/target/", ws.display()));
+        .replace("= \"target/", &format!("= \"{}/target/", ws.display()));
     let mut front = String::new();
     for block in full.split("\n\n") {
         if !block.contains("[[trigger.redis]]") {
