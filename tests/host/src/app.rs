@@ -247,7 +247,7 @@ impl App {
                 );
             }
             let deps = manifest.dependencies(id, &dir)?;
-            for d in deps.iter().filter(|d| !d.source.exists()) {
+            if let Some(d) = deps.iter().find(|d| !d.source.exists()) {
                 bail!("component {id:?}: dependency {:?}: {} does not exist (build it first)", d.name, d.source.display());
             }
             let component = load_composed(id, &path, &deps).with_context(ctx)?;

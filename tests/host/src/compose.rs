@@ -19,11 +19,11 @@
 //!   ("… is not permitted") where its result type has a case for one, and traps
 //!   where it has none.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use wac_graph::types::{ItemKind, Package, SubtypeChecker, are_semver_compatible};
+use wac_graph::types::{InterfaceId, ItemKind, Package, SubtypeChecker, are_semver_compatible};
 use wac_graph::{CompositionGraph, EncodeOptions, NodeId};
 use wasmtime::component::types::{ComponentFunc, ComponentItem};
 use wasmtime::component::{Component, Linker, ResourceType, Val};
@@ -182,10 +182,33 @@ pub fn compose(id: &str, main: Vec<u8>, deps: &[Dependency]) -> anyhow::Result<V
         let registered = graph.register_package(package)?;
         let dep_instance = graph.instantiate(registered);
         let dep_imports: Vec<(String, ItemKind)> = graph.types()[dep_world].imports.iter().map(|(n, k)| (n.clone(), *k)).collect();
-        for (name, kind) in dep_imports.into_iter().filter(|(name, _)| denied(name, &dep.inherit)) {
+        let denied_imports: Vec<(String, ItemKind)> = dep_imports.into_iter().filter(|(name, _)| denied(name, &dep.inherit)).collect();
+        // Each denied interface's type under a name of its own (wac would
+        // otherwise fold it into the host's import of that interface), and
+        // their types used from one another taken from the renamed ones.
+        let mut renamed: HashMap<InterfaceId, InterfaceId> = HashMap::new();
+        for (name, kind) in &denied_imports {
+            if let ItemKind::Instance(id) = kind {
+                let mut own = graph.types()[*id].clone();
+                own.id = Some(denied_name(name));
+                renamed.insert(*id, graph.types_mut().add_interface(own));
+            }
+        }
+        for id in renamed.values() {
+            for used in graph.types_mut()[*id].uses.values_mut() {
+                if let Some(own) = renamed.get(&used.interface) {
+                    used.interface = *own;
+                }
+            }
+        }
+        for (name, kind) in denied_imports {
             let node = match denied_nodes.get(&name) {
                 Some(node) => *node,
                 None => {
+                    let kind = match kind {
+                        ItemKind::Instance(id) => ItemKind::Instance(renamed[&id]),
+                        other => other,
+                    };
                     let node = graph.import(denied_name(&name), kind)?;
                     denied_nodes.insert(name.clone(), node);
                     node
@@ -220,6 +243,18 @@ struct DeniedResource;
 /// (see the module's documentation).
 pub fn define_denied<T: 'static>(linker: &mut Linker<T>, component: &Component, defined: &mut std::collections::HashSet<String>) -> anyhow::Result<()> {
     let engine = linker.engine().clone();
+    // Resources of the interfaces the host provides: a denied interface that
+    // `use`s one of them (preopens' `descriptor`) refers to the host's own.
+    let provided: Vec<ResourceType> = component
+        .component_type()
+        .imports(&engine)
+        .filter(|(name, _)| !name.starts_with("denied-"))
+        .filter_map(|(_, item)| match item.ty {
+            ComponentItem::ComponentInstance(i) => Some(i),
+            _ => None,
+        })
+        .flat_map(|i| i.exports(&engine).filter_map(|(_, e)| if let ComponentItem::Resource(r) = e.ty { Some(r) } else { None }).collect::<Vec<_>>())
+        .collect();
     for (name, item) in component.component_type().imports(&engine) {
         let ComponentItem::ComponentInstance(instance) = item.ty else { continue };
         if !name.starts_with("denied-") || !defined.insert(name.to_owned()) {
@@ -229,6 +264,7 @@ pub fn define_denied<T: 'static>(linker: &mut Linker<T>, component: &Component, 
         let mut inst = root.instance(name)?;
         for (item_name, item) in instance.exports(&engine) {
             match item.ty {
+                ComponentItem::Resource(r) if provided.contains(&r) => {}
                 ComponentItem::Resource(_) => inst.resource(item_name, ResourceType::host::<DeniedResource>(), |_, _| Ok(()))?,
                 ComponentItem::ComponentFunc(_) => {
                     let what = format!("{name}: {item_name}");

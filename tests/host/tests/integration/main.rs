@@ -21,6 +21,9 @@ mod apply_component;
 mod crash;
 /// Deployment manifests: SpinKube's SpinApp wires every variable, holds no secret.
 mod deploy;
+/// The apply step replaced through the manifest: the Rust and Python examples,
+/// and a faulty implementation's keys isolated.
+mod examples;
 /// Fencing: an expired lease holder cannot commit.
 mod fencing;
 /// The HTTP-only deployment: wake-ups over service chaining, drains within a budget.

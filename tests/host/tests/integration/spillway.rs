@@ -212,6 +212,39 @@ impl Spillway {
         Self { app, redis, state, store, trigger: None }
     }
 
+    /// The repository's manifest with the apply step replaced by the component at
+    /// `apply` (both dependency tables, intake's and the processor's), as a user
+    /// changes it, with its Redis trigger.
+    pub(crate) async fn start_with_apply(apply: &std::path::Path, vars: &[(&str, &str)]) -> Self {
+        Self::start_with_apply_edited(apply, vars, |m| m).await
+    }
+
+    /// Like [`Spillway::start_with_apply`], the manifest's text passed through
+    /// `edit` first.
+    pub(crate) async fn start_with_apply_edited(apply: &std::path::Path, vars: &[(&str, &str)], edit: impl Fn(String) -> String) -> Self {
+        let redis = Redis::start();
+        let state = tempfile::tempdir().unwrap();
+        let (store, db_vars) = Store::new(Engine::Sqlite, state.path());
+        let ws = workspace();
+        let builtin = "path = \"target/wasm32-wasip2/release/apply_builtin.wasm\"";
+        let manifest = std::fs::read_to_string(ws.join("spin.toml")).unwrap();
+        assert_eq!(manifest.matches(builtin).count(), 2, "spin.toml names the built-in step for intake and the processor");
+        let manifest = edit(
+            manifest
+                .replace(builtin, &format!("path = \"{}\"", apply.display()))
+                .replace("= \"target/", &format!("= \"{}/target/", ws.display())),
+        );
+        let path = state.path().join("spin.toml");
+        std::fs::write(&path, manifest).unwrap();
+        let mut opts = options(&redis, state.path(), vars);
+        opts.manifest = path;
+        opts.variables.extend(db_vars);
+        let app = Arc::new(App::load(&opts).expect("spillway loads with its apply step replaced"));
+        let mut s = Self { app, redis, state, store, trigger: None };
+        s.start_trigger().await;
+        s
+    }
+
     async fn start_with(redis: Redis, vars: &[(&str, &str)], trigger: bool, kv_on_redis: bool) -> Self {
         Self::start_full(redis, Engine::Sqlite, vars, trigger, kv_on_redis).await
     }

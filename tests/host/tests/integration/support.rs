@@ -29,7 +29,7 @@ pub(crate) fn fixtures() -> &'static Path {
         let status = Command::new(cargo)
             .current_dir(workspace())
             .args(["build", "--release", "--target", "wasm32-wasip2"])
-            .args(["-p", "fixture-probe", "-p", "fixture-subscriber", "-p", "intake", "-p", "processor", "-p", "cache", "-p", "apply-builtin"])
+            .args(["-p", "fixture-probe", "-p", "fixture-subscriber", "-p", "intake", "-p", "processor", "-p", "cache", "-p", "apply-builtin", "-p", "fixture-apply-faulty", "-p", "leaderboard"])
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the guest fixtures failed");
