@@ -97,15 +97,39 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the components, the fixtures and the host.
+/// Builds the components, the fixtures and the host; and the processor with the
+/// built-in operations called in process (`builtin-apply`: no component
+/// boundary), kept as `processor_builtin_apply.wasm`, the apply step's baseline.
 fn build() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(&cargo).current_dir(workspace()).args(["build", "--release", "--target", "wasm32-wasip2"]).args([
-        "-p", "intake", "-p", "processor", "-p", "cache", "-p", "fixture-hello", "-p", "fixture-naive",
-    ]))?;
-    run(Command::new(&cargo).current_dir(workspace()).args(["build", "-p", "spillway-testhost"]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from);
+    let wasm = target.join("wasm32-wasip2/release");
+    let guest = || {
+        let mut c = Command::new(&cargo);
+        c.current_dir(workspace()).args(["build", "--release", "--target", "wasm32-wasip2"]);
+        c
+    };
+    run(guest().args(["-p", "processor", "--features", "builtin-apply"]))?;
+    std::fs::copy(wasm.join("processor.wasm"), wasm.join("processor_builtin_apply.wasm"))?;
+    run(guest().args(["-p", "intake", "-p", "processor", "-p", "cache", "-p", "apply-builtin", "-p", "fixture-hello", "-p", "fixture-naive"]))?;
+    run(Command::new(&cargo).current_dir(workspace()).args(["build", "-p", "spillway-testhost"]))?;
     Ok(target)
+}
+
+/// The repository's manifest with the processor built with `builtin-apply` (the
+/// built-in operations in process) and so without its apply-step dependency;
+/// every path absolute.
+fn builtin_apply_manifest(target: &Path) -> anyhow::Result<String> {
+    let ws = workspace();
+    let text = std::fs::read_to_string(ws.join("spin.toml"))?;
+    let dependency = "[component.processor.dependencies]\n\"spillway:pipeline/apply@0.1.0\" = { path = \"target/wasm32-wasip2/release/apply_builtin.wasm\" }\n";
+    anyhow::ensure!(text.contains(dependency), "spin.toml no longer names the processor's apply step as expected");
+    let processor = "source = \"target/wasm32-wasip2/release/processor.wasm\"";
+    anyhow::ensure!(text.contains(processor), "spin.toml no longer names the processor's source as expected");
+    Ok(text
+        .replace(dependency, "")
+        .replace(processor, &format!("source = \"{}\"", target.join("wasm32-wasip2/release/processor_builtin_apply.wasm").display()))
+        .replace("= \"target/", &format!("= \"{}/", target.display())))
 }
 
 fn redis_server(dir: &Path) -> anyhow::Result<(Proc, String)> {
@@ -321,7 +345,7 @@ async fn main() -> anyhow::Result<()> {
     let layout = Layout { prefix: "spillway:".into(), shards: 16 };
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
 
-    let steps = 12;
+    let steps = 13;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -467,6 +491,37 @@ async fn main() -> anyhow::Result<()> {
             None => row.against("naive design", naive_rate),
         };
         rows.push(row);
+    }
+
+    step("the apply step's boundary");
+    if args.url.is_some() {
+        eprintln!("apply-step boundary not measured: --url given");
+    } else {
+        // The same end-to-end job with the processor calling the built-in
+        // operations in process, its own key prefix on the same Redis; the two
+        // measured in turns, the best of each kept.
+        let manifest = work.join("builtin-apply.toml");
+        std::fs::write(&manifest, builtin_apply_manifest(&target)?)?;
+        let vars = [("redis_address", redis_url.as_str()), ("key_prefix", "inproc:"), ("admin_token", "bench"), ("queue_depth_limit", "100000000")];
+        let (p, inproc_addr) = host(&target, &manifest, &work.join("builtin-apply-state"), &vars)?;
+        procs.push(p);
+        let inproc_layout = Layout { prefix: "inproc:".into(), shards: 16 };
+        let (mut through, mut inproc) = (0f64, 0f64);
+        for _ in 0..if args.smoke { 1 } else { 2 } {
+            inproc = inproc.max(end_to_end(&inproc_addr, &mut redis, &inproc_layout, args.writes, 1000).await?);
+            through = through.max(end_to_end(&spillway_addr, &mut redis, &layout, args.writes, 1000).await?);
+        }
+        rows.push(Row {
+            scenario: format!("Spillway end to end through the apply component (the default), {} writes / 1,000 keys", args.writes),
+            value: through,
+            unit: "writes/s",
+            latency: None,
+            baseline: None,
+            peak_rss_mib: None,
+            note: "best of alternating runs".into(),
+        }
+        .against("built-in operations in process", inproc)
+        .note("target: within 10% (>= 0.9x)"));
     }
     bar.finish_and_clear();
 

@@ -10,7 +10,9 @@ use spillway_core::problem::Problem;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::db::{Db, SqlValue as Value, integer, text};
-use spillway_spin::{Redis, pipeline};
+#[cfg(not(feature = "builtin-apply"))]
+use spillway_spin::pipeline;
+use spillway_spin::Redis;
 
 /// Outcomes pruned per batch (per shard and round) at most: pruning keeps up with a full write rate
 /// without ever making one transaction long.
@@ -213,7 +215,11 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
         }
     }
     let now = spillway_spin::now_ms();
-    let careful: Vec<u32> = batches.iter().any(|b| b.careful).then(|| batches.iter().map(|b| b.shard).filter(|n| !fenced.contains(n)).collect()).unwrap_or_default();
+    let careful: Vec<u32> = if batches.iter().any(|b| b.careful) {
+        batches.iter().map(|b| b.shard).filter(|n| !fenced.contains(n)).collect()
+    } else {
+        Vec::new()
+    };
     let plan = plan_with(existing, &tombstones, &writes, &already, now, async |key, value, version, group| {
         step(s, &careful, key, value, version, group, now).await
     })
@@ -300,7 +306,14 @@ async fn step(s: &Settings, careful: &[u32], key: &str, value: Option<&Json>, ve
     }
     let mut result = Err("the apply step was not called".to_owned());
     for _ in 0..s.max_attempts.max(1) {
-        result = pipeline::apply(key, value, version, writes, now);
+        #[cfg(not(feature = "builtin-apply"))]
+        {
+            result = pipeline::apply(key, value, version, writes, now);
+        }
+        #[cfg(feature = "builtin-apply")]
+        {
+            result = spillway_core::apply::builtin_step(key, value, version, writes, now);
+        }
         if result.is_ok() {
             break;
         }
