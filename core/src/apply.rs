@@ -368,10 +368,11 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    /// The per-key apply step gives what the batch plan gives, write by write:
-    /// values, rejections, and versions through a delete and a re-create.
+    /// The per-key apply step, write by write: values, rejections, and versions
+    /// through a delete and a re-create (each applied write raises the version
+    /// by one, a rejected one does not).
     #[test]
-    fn apply_key_matches_the_batch_plan() {
+    fn apply_key_applies_in_order() {
         let writes = [
             w(json!({"key": "k", "op": "incr", "field": "n", "by": 2})),
             w(json!({"key": "k", "op": "incr", "field": "n", "by": -5, "min": 0})),
@@ -381,21 +382,28 @@ mod tests {
             w(json!({"key": "k", "op": "put", "value": {"fresh": true}, "if_version": 7})),
             w(json!({"key": "k", "op": "merge", "patch": {"more": 1}})),
         ];
-        let existing = BTreeMap::from([("k".to_owned(), Record { value: json!({"n": 1}), version: 4, etag: String::new(), updated_at: 0 })]);
-        let ids: Vec<(String, Write)> = writes.iter().enumerate().map(|(i, w)| (format!("1-{i}-0"), w.clone())).collect();
-        let plan = plan_batch(existing, &BTreeMap::new(), &ids, &HashSet::new(), 9);
         let keyed = apply_key(Some(json!({"n": 1})), 4, &writes, 9);
-        let from_plan: Vec<Result<Option<Value>, String>> = plan
+        assert_eq!(keyed[0], Ok(Some(json!({"n": 3}))), "version 5");
+        assert!(keyed[1].as_ref().is_err_and(|r| r.contains("below the minimum 0")), "{:?}", keyed[1]);
+        assert_eq!(keyed[2], Ok(Some(json!({"n": 3, "log": ["a"]}))), "version 6");
+        assert!(keyed[3].as_ref().is_err_and(|r| r.contains("version 6, not 7")), "{:?}", keyed[3]);
+        assert_eq!(keyed[4], Ok(None), "deleted at version 7");
+        assert_eq!(keyed[5], Ok(Some(json!({"fresh": true}))), "re-created at version 8, its precondition 7 met");
+        assert_eq!(keyed[6], Ok(Some(json!({"fresh": true, "more": 1}))));
+        // The batch plan numbers the same outcomes.
+        let ids: Vec<(String, Write)> = writes.iter().enumerate().map(|(i, w)| (format!("1-{i}-0"), w.clone())).collect();
+        let existing = BTreeMap::from([("k".to_owned(), Record { value: json!({"n": 1}), version: 4, etag: String::new(), updated_at: 0 })]);
+        let plan = plan_batch(existing, &BTreeMap::new(), &ids, &HashSet::new(), 9);
+        let versions: Vec<Option<u64>> = plan
             .outcomes
             .iter()
             .map(|(_, _, o)| match o {
-                Outcome::Applied { value, .. } => Ok(value.clone()),
-                Outcome::Rejected { reason } => Err(reason.clone()),
+                Outcome::Applied { version, .. } => Some(*version),
+                Outcome::Rejected { .. } => None,
             })
             .collect();
-        assert_eq!(keyed, from_plan);
-        assert_eq!(keyed[5], Ok(Some(json!({"fresh": true}))), "re-created at version 7 after the delete at 6");
-        assert!(keyed[3].as_ref().is_err_and(|r| r.contains("version 6")), "{:?}", keyed[3]);
+        assert_eq!(versions, vec![Some(5), None, Some(6), None, Some(7), Some(8), Some(9)]);
+        assert_eq!(plan.records["k"].as_ref().unwrap().version, 9);
     }
 
     /// RFC 7396's examples hold.

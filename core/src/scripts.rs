@@ -164,12 +164,14 @@ return 0
 /// tell (from the database) whether an earlier delivery committed it, and a
 /// committed write must be acknowledged, not dead-lettered (see [`DEAD_LETTER`]).
 ///
-/// Blame: a redelivered batch is applied carefully, each apply-step call
-/// between [`MARK_APPLYING`] and its removal. A marker still there when the
-/// entries are redelivered means the previous delivery ended inside that call
-/// (the step trapped, which ends the invocation): only the writes of that call
-/// are counted, with that error; the others of the shard are not. Once the
-/// pending entries are exhausted the marker is dropped.
+/// Blame: a round with a redelivered batch is applied carefully: every shard of
+/// the round gets a marker ([`MARK_ROUND`]), each apply-step call names its
+/// writes in its shard's marker first ([`MARK_CALL`]), and the markers go when
+/// the calls are done. A marker still there when the entries are redelivered
+/// means the previous delivery ended during those calls (a step that traps ends
+/// the invocation): only the writes named in it are counted, with that error;
+/// the shard's others are not. Once the pending entries are exhausted the
+/// marker is dropped.
 ///
 /// KEYS: `[lease, stream, attempts, watch, applying]`.
 /// ARGV: `[token, group, consumer, count, max_attempts, lease_ttl_ms,
@@ -237,22 +239,32 @@ out[2] = horizon
 return out
 "#;
 
-/// Before one apply-step call of a careful round (see [`READ_BATCH`]): every
-/// shard of the round on this server gets a marker (`-`), and the shard of the
-/// called key also the ids of the call's writes. Removed (`DEL`) after the call.
-/// KEYS: the markers (`applying`). ARGV: `[ttl_ms, owner, id*]`, `owner` the
-/// 1-based index of the key's shard's marker in KEYS (0: not on this server).
-pub const MARK_APPLYING: &str = r#"
+/// The start of a careful round (see [`READ_BATCH`]): every shard of the round
+/// on this server gets a marker naming no write (`-`). KEYS: the markers
+/// (`applying`). ARGV: `[ttl_ms]`.
+pub const MARK_ROUND: &str = r#"
 for _, k in ipairs(KEYS) do
   redis.call('DEL', k)
   redis.call('SADD', k, '-')
   redis.call('PEXPIRE', k, ARGV[1])
 end
-local owner = tonumber(ARGV[2])
-if owner > 0 then
-  for i = 3, #ARGV do redis.call('SADD', KEYS[owner], ARGV[i]) end
-end
 return #KEYS
+"#;
+
+/// Before one apply-step call of a careful round, as the shard's lease holder
+/// (renewing the lease): the previous call's writes leave the shard's marker and
+/// this call's enter it. KEYS: `[lease, applying]`. ARGV: `[token, lease_ttl_ms,
+/// marker_ttl_ms, previous count, previous id*, id*]`. Reply: 1, or 0 when the
+/// lease is not ours (nothing is marked).
+pub const MARK_CALL: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local previous = tonumber(ARGV[4])
+for i = 5, 4 + previous do redis.call('SREM', KEYS[2], ARGV[i]) end
+redis.call('SADD', KEYS[2], '-')
+for i = 5 + previous, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
 "#;
 
 /// Move entries past their attempt limit that the database does not have (or
@@ -262,13 +274,14 @@ return #KEYS
 /// `done` for waiting status reads.
 ///
 /// KEYS: `[stream, attempts, dead, dead_status_prefix, done, stats]`.
-/// ARGV: `[group, shard, retention_ms, (entry_id, payload, error or '')*]`.
+/// ARGV: `[group, shard, retention_ms, (entry_id, payload, error, attempts)*]`,
+/// an empty error or attempt count meaning the one recorded.
 pub const DEAD_LETTER: &str = concat!(count_lua!(), r#"
-for i = 4, #ARGV, 3 do
+for i = 4, #ARGV, 4 do
   local id = ARGV[i]
   local err = ARGV[i + 2]
   if err == '' then err = redis.call('HGET', KEYS[2], 'err:' .. id) or 'unknown error' end
-  local n = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+  local n = tonumber(ARGV[i + 3]) or tonumber(redis.call('HGET', KEYS[2], id) or '0')
   redis.call('XADD', KEYS[3], '*', 'id', ARGV[2] .. '-' .. id, 'w', ARGV[i + 1], 'error', err, 'attempts', tostring(n))
   redis.call('SET', KEYS[4] .. id, err, 'PX', ARGV[3])
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100, '*', 'dead', id)
@@ -276,8 +289,8 @@ for i = 4, #ARGV, 3 do
   redis.call('XDEL', KEYS[1], id)
   redis.call('HDEL', KEYS[2], id, 'err:' .. id)
 end
-count(KEYS[6], 'dead', (#ARGV - 3) / 3, false)
-return (#ARGV - 3) / 3
+count(KEYS[6], 'dead', (#ARGV - 3) / 4, false)
+return (#ARGV - 3) / 4
 "#);
 
 /// Whether a shard has queued writes and no lease holder: work a processor may

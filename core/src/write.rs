@@ -280,6 +280,7 @@ fn custom_write(w: Value, limits: &Limits, pointer: &str) -> Result<Accepted, Pr
     if write.get("if_version").is_some_and(|v| v.as_u64().is_none()) {
         return Err(Problem::invalid("if_version must be a version (an integer from 0)", &format!("{pointer}/if_version")));
     }
+    let mut total = 0usize;
     for (name, v) in write.iter().filter(|(k, _)| !matches!(k.as_str(), "key" | "op" | "if_version")) {
         let at = format!("{pointer}/{}", pointer_token(name));
         let d = depth(v);
@@ -289,6 +290,14 @@ fn custom_write(w: Value, limits: &Limits, pointer: &str) -> Result<Accepted, Pr
         let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
         if size > limits.max_value_bytes {
             return Err(Problem::invalid(&format!("{name} is {size} bytes; the limit is {}", limits.max_value_bytes), &at));
+        }
+        // The members together are held to the same limit as one value.
+        total = total.saturating_add(size);
+        if total > limits.max_value_bytes {
+            return Err(Problem::invalid(
+                &format!("the write's members are {total} bytes or more together; the limit is {}", limits.max_value_bytes),
+                pointer,
+            ));
         }
     }
     Ok(Accepted::Custom { key, write })
@@ -457,5 +466,8 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("/if_version"));
         let e = parse(json!({"key": "k", "op": "score", "note": "x".repeat(70_000)})).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("/note"));
+        let half = "x".repeat(40_000);
+        let e = parse(json!({"key": "k", "op": "score", "a": half, "b": half})).unwrap_err();
+        assert!(e.detail.contains("together"), "{}", e.detail);
     }
 }

@@ -26,8 +26,7 @@ pub(crate) struct Applied {
     pub(crate) state: BTreeMap<String, Option<Record>>,
     /// Entries to dead-letter (they were left out): past their attempt limit
     /// and not in the database, or their key's apply step kept failing.
-    /// `(shard, entry id, payload, error)`, the error empty for the one recorded.
-    pub(crate) dead: Vec<(u32, String, String, String)>,
+    pub(crate) dead: Vec<Dead>,
     pub(crate) applied: u64,
     pub(crate) rejected: u64,
     /// Outcomes per shard, `(applied, rejected)`, to count when the shard's batch
@@ -36,6 +35,17 @@ pub(crate) struct Applied {
     /// Shards whose batch was refused because a newer lease holder has written
     /// (their entries are that holder's now).
     pub(crate) fenced: Vec<u32>,
+}
+
+/// An entry to dead-letter.
+pub(crate) struct Dead {
+    pub(crate) shard: u32,
+    pub(crate) entry: String,
+    pub(crate) payload: String,
+    /// Why (empty: the error recorded with its failed deliveries).
+    pub(crate) error: String,
+    /// Calls or deliveries it failed (empty: the deliveries counted).
+    pub(crate) attempts: String,
 }
 
 impl Applied {
@@ -64,10 +74,12 @@ pub(crate) struct Batch {
     /// if an earlier delivery committed them (then refreshed and acknowledged),
     /// else dead-lettered.
     pub(crate) over: HashSet<String>,
-    /// Some entry is delivered again (an earlier delivery failed): the round is
-    /// applied carefully, each apply-step call marked (see
-    /// `scripts::READ_BATCH`), so a step that traps is blamed alone.
+    /// The batch is delivered again (an earlier delivery did not finish): its
+    /// round is applied carefully, each apply-step call marked (see
+    /// `scripts::READ_BATCH`), so that a step that traps is blamed alone.
     pub(crate) careful: bool,
+    /// The lease's token (a careful round's marks are made as the holder).
+    pub(crate) token: String,
     /// Outcomes of this shard from before this stream time can be forgotten.
     pub(crate) prune_before_ms: i64,
     /// How long reading it from Redis took (for the batch's log line).
@@ -188,9 +200,12 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     // Past the attempt limit and not in the database: left out, to be
     // dead-lettered after the commit. (Had an earlier delivery committed it, it is
     // in `already`: acknowledged as applied, its key refreshed.)
-    let mut dead: Vec<(u32, String, String, String)> =
-        over.into_iter().filter(|(_, _, _, id)| !already.contains(id)).map(|(shard, entry, payload, _)| (shard, entry, payload, String::new())).collect();
-    let doomed: HashSet<String> = dead.iter().map(|(shard, entry, _, _)| format!("{shard}-{entry}")).collect();
+    let mut dead: Vec<Dead> = over
+        .into_iter()
+        .filter(|(_, _, _, id)| !already.contains(id))
+        .map(|(shard, entry, payload, _)| Dead { shard, entry, payload, error: String::new(), attempts: String::new() })
+        .collect();
+    let doomed: HashSet<String> = dead.iter().map(|d| format!("{}-{}", d.shard, d.entry)).collect();
     writes.retain(|(id, _, _)| !doomed.contains(id));
     unreadable.retain(|(id, _)| !doomed.contains(id));
     let keys: Vec<String> = writes.iter().map(|(_, key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
@@ -215,22 +230,29 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
         }
     }
     let now = spillway_spin::now_ms();
-    let careful: Vec<u32> = if batches.iter().any(|b| b.careful) {
-        batches.iter().map(|b| b.shard).filter(|n| !fenced.contains(n)).collect()
-    } else {
-        Vec::new()
-    };
+    let careful = batches.iter().any(|b| b.careful).then(|| Careful::new(s, batches.iter().filter(|b| !fenced.contains(&b.shard))));
+    if let Some(c) = &careful {
+        c.begin().await;
+    }
+    let mut marked: Option<(u32, Vec<String>)> = None;
     let plan = plan_with(existing, &tombstones, &writes, &already, now, async |key, value, version, group| {
-        step(s, &careful, key, value, version, group, now).await
+        if let Some(c) = &careful {
+            c.mark(&mut marked, group).await;
+        }
+        step(s, key, value, version, group, now)
     })
     .await;
+    if let Some(c) = &careful {
+        c.end().await;
+    }
     // A key whose step kept failing: its writes leave the queue, with the error.
     let payloads: HashMap<&str, &str> = writes.iter().map(|(id, _, payload)| (id.as_str(), payload.as_str())).collect();
     for (_, ids, error) in &plan.failed {
         for id in ids {
             let (shard, _) = entry_of.get(id).copied().unwrap_or((0, 0));
             let entry = id.split_once('-').map_or(id.as_str(), |(_, e)| e);
-            dead.push((shard as u32, entry.to_owned(), payloads.get(id.as_str()).copied().unwrap_or_default().to_owned(), error.clone()));
+            let payload = payloads.get(id.as_str()).copied().unwrap_or_default().to_owned();
+            dead.push(Dead { shard: shard as u32, entry: entry.to_owned(), payload, error: error.clone(), attempts: s.max_attempts.max(1).to_string() });
         }
     }
 
@@ -297,13 +319,8 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
 }
 
 /// One key's apply step: called again on an error, up to the attempt limit (a
-/// trap ends the invocation instead). In a careful round (`careful`: the round's
-/// shards) the call is marked first, so that a trap is blamed on its writes
-/// alone (see `scripts::READ_BATCH`).
-async fn step(s: &Settings, careful: &[u32], key: &str, value: Option<&Json>, version: u64, writes: &StepWrites<'_>, now: i64) -> StepResult {
-    if !careful.is_empty() {
-        mark(s, careful, key, writes).await;
-    }
+/// trap ends the invocation instead).
+fn step(s: &Settings, key: &str, value: Option<&Json>, version: u64, writes: &StepWrites<'_>, now: i64) -> StepResult {
     let mut result = Err("the apply step was not called".to_owned());
     for _ in 0..s.max_attempts.max(1) {
         #[cfg(not(feature = "builtin-apply"))]
@@ -318,29 +335,74 @@ async fn step(s: &Settings, careful: &[u32], key: &str, value: Option<&Json>, ve
             break;
         }
     }
-    if !careful.is_empty() {
-        let l = &s.layout;
-        for (address, group) in s.slot_groups(careful) {
-            let keys = group.iter().map(|n| spillway_spin::bin(&l.applying(*n))).collect();
-            let _ = Redis::new(address).execute("DEL", keys).await;
-        }
-    }
     result
 }
 
-/// Marks one call of a careful round on every server of the round's shards.
-/// Best effort: unmarked, a trap counts against every write of the round, as
-/// any other failure does.
-async fn mark(s: &Settings, careful: &[u32], key: &str, writes: &StepWrites<'_>) {
-    let l = &s.layout;
-    let owner = l.shard_of(key);
-    let ttl_ms = s.lease_ttl_ms.saturating_mul(3).max(60_000).to_string();
-    for (address, group) in s.slot_groups(careful) {
-        let keys: Vec<String> = group.iter().map(|n| l.applying(*n)).collect();
-        let mut args = vec![ttl_ms.clone(), group.iter().position(|n| *n == owner).map_or(0, |i| i + 1).to_string()];
-        if group.contains(&owner) {
-            args.extend(writes.iter().map(|(id, _)| id.split_once('-').map_or(*id, |(_, e)| e).to_owned()));
+/// A careful round's blame markers (see `scripts::READ_BATCH`): one call per
+/// server to start and to end the round, one per apply-step call.
+struct Careful<'a> {
+    s: &'a Settings,
+    /// The round's shards with their lease tokens.
+    shards: Vec<(u32, String)>,
+}
+
+impl<'a> Careful<'a> {
+    fn new<'b>(s: &'a Settings, batches: impl Iterator<Item = &'b Batch>) -> Self {
+        Self { s, shards: batches.map(|b| (b.shard, b.token.clone())).collect() }
+    }
+
+    fn marker_ttl_ms(&self) -> String {
+        self.s.lease_ttl_ms.saturating_mul(3).max(60_000).to_string()
+    }
+
+    /// Every shard of the round marked, naming no write. Best effort here and
+    /// below: unmarked, a trap counts against every write of the round, as any
+    /// other failure does.
+    async fn begin(&self) {
+        let l = &self.s.layout;
+        let shards: Vec<u32> = self.shards.iter().map(|(n, _)| *n).collect();
+        for (address, group) in self.s.slot_groups(&shards) {
+            let keys: Vec<String> = group.iter().map(|n| l.applying(*n)).collect();
+            let _ = Redis::new(address).eval(scripts::MARK_ROUND, &keys, &[self.marker_ttl_ms()]).await;
         }
-        let _ = Redis::new(address).eval(scripts::MARK_APPLYING, &keys, &args).await;
+    }
+
+    /// Names the writes of the coming call in their shard's marker (and takes
+    /// the previous call's out); `marked` is that previous call.
+    async fn mark(&self, marked: &mut Option<(u32, Vec<String>)>, writes: &StepWrites<'_>) {
+        let l = &self.s.layout;
+        // Write ids are `<shard>-<entry id>`.
+        let split = |id: &str| id.split_once('-').map(|(shard, entry)| (shard.parse::<u32>().unwrap_or(u32::MAX), entry.to_owned()));
+        let Some(shard) = writes.first().and_then(|(id, _)| split(id)).map(|(n, _)| n) else { return };
+        let Some((_, token)) = self.shards.iter().find(|(n, _)| *n == shard) else { return };
+        let entries: Vec<String> = writes.iter().filter_map(|(id, _)| split(id)).map(|(_, e)| e).collect();
+        let previous = match marked.take() {
+            Some((n, ids)) if n == shard => ids,
+            Some((n, ids)) => {
+                // The previous call's shard: its writes leave that marker.
+                if let Some((_, token)) = self.shards.iter().find(|(m, _)| *m == n) {
+                    let mut args = vec![token.clone(), self.s.lease_ttl_ms.to_string(), self.marker_ttl_ms(), ids.len().to_string()];
+                    args.extend(ids);
+                    let _ = Redis::for_shard(self.s, n).eval(scripts::MARK_CALL, &[l.lease(n), l.applying(n)], &args).await;
+                }
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        let mut args = vec![token.clone(), self.s.lease_ttl_ms.to_string(), self.marker_ttl_ms(), previous.len().to_string()];
+        args.extend(previous);
+        args.extend(entries.iter().cloned());
+        let _ = Redis::for_shard(self.s, shard).eval(scripts::MARK_CALL, &[l.lease(shard), l.applying(shard)], &args).await;
+        *marked = Some((shard, entries));
+    }
+
+    /// The calls are done: the markers go.
+    async fn end(&self) {
+        let l = &self.s.layout;
+        let shards: Vec<u32> = self.shards.iter().map(|(n, _)| *n).collect();
+        for (address, group) in self.s.slot_groups(&shards) {
+            let keys = group.iter().map(|n| spillway_spin::bin(&l.applying(*n))).collect();
+            let _ = Redis::new(address).execute("DEL", keys).await;
+        }
     }
 }

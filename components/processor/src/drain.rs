@@ -263,8 +263,8 @@ async fn finish_round(
     let mut undead = HashSet::new();
     for b in &done {
         let mut args = vec![GROUP.to_owned(), b.shard.to_string(), s.status_retention_secs.saturating_mul(1000).to_string()];
-        for (_, entry, payload, error) in applied.dead.iter().filter(|(shard, _, _, _)| *shard == b.shard) {
-            args.extend([entry.clone(), payload.clone(), error.clone()]);
+        for d in applied.dead.iter().filter(|d| d.shard == b.shard) {
+            args.extend([d.entry.clone(), d.payload.clone(), d.error.clone(), d.attempts.clone()]);
         }
         if args.len() > 3 {
             let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard), l.stats(b.shard)];
@@ -410,18 +410,18 @@ async fn read_batch(s: &Settings, h: &Held) -> Result<Read, Problem> {
     let resume = reply.get(2).and_then(text).filter(|c| !c.is_empty());
     let mut entries = Vec::new();
     let mut over = HashSet::new();
-    let mut careful = false;
     for c in reply.get(3..).unwrap_or_default().chunks(3) {
         let (Some(id), Some(payload)) = (c.first().and_then(text), c.get(1).and_then(text)) else { continue };
         let attempt = c.get(2).and_then(int).unwrap_or(1);
-        careful |= attempt > 1;
         if attempt > i64::from(s.max_attempts) {
             over.insert(id.clone());
         }
         entries.push((id, payload));
     }
     let read_ms = spillway_spin::monotonic_ms() - started;
-    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, over, careful, prune_before_ms, read_ms }, resume))
+    // Pending entries read again (a cursor) are a redelivery.
+    let careful = resume.is_some() && !entries.is_empty();
+    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, over, careful, token: h.token.clone(), prune_before_ms, read_ms }, resume))
 }
 
 /// Writes the records' new state to the cache under each key's single-flight fill

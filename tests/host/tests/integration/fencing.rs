@@ -186,6 +186,66 @@ fn resume_reads_every_pending_entry_in_order() {
     assert_eq!(read(&mut c, "b", &cursor), (String::new(), ids[4..6].to_vec()));
 }
 
+/// Blame for a trap: after a careful round's holder dies inside an apply-step
+/// call, the next delivery counts an attempt (with the trap as its error)
+/// against the writes named in the shard's marker only; a marking by a holder
+/// whose lease is gone marks nothing; the marker goes once the pending entries
+/// are exhausted. Without a marker every redelivered entry counts.
+#[test]
+fn blame_markers_count_only_the_call_in_flight() {
+    let redis = Redis::start();
+    let mut c = redis.conn();
+    let l = Layout { prefix: "spillway:".into(), shards: 16 };
+    let ids: Vec<String> = (0..4).map(|i| redis::cmd("XADD").arg(l.stream(3)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
+    let read = |c: &mut redis::Connection, token: &str, resume: &str| -> Vec<(String, i64)> {
+        let reply: Vec<redis::Value> = Script::new(scripts::READ_BATCH)
+            .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3)).key(l.applying(3))
+            .arg(token).arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(60_000).arg(1000).arg(resume)
+            .invoke(c)
+            .unwrap();
+        reply[3..].chunks(3).map(|e| (redis::from_redis_value(e[0].clone()).unwrap(), redis::from_redis_value(e[2].clone()).unwrap())).collect()
+    };
+    let acquire = |c: &mut redis::Connection, token: &str| -> i64 {
+        Script::new(scripts::LEASE_ACQUIRE).key(l.lease(3)).key(l.fence(3)).arg(token).arg(60_000).invoke(c).unwrap()
+    };
+    let mark = |c: &mut redis::Connection, token: &str, previous: &[&String], next: &[&String]| -> i64 {
+        let script = Script::new(scripts::MARK_CALL);
+        let mut call = script.key(l.lease(3));
+        call.key(l.applying(3)).arg(token).arg(60_000).arg(60_000).arg(previous.len());
+        for id in previous.iter().chain(next) {
+            call.arg(id.as_str());
+        }
+        call.invoke(c).unwrap()
+    };
+    let attempts = |got: &[(String, i64)]| got.iter().map(|(_, n)| *n).collect::<Vec<_>>();
+
+    // Holder A, first delivery; a careful round marks entry 0's call, then
+    // entry 2's (entry 0 leaves the marker), and A dies inside that call.
+    assert!(acquire(&mut c, "a") > 0);
+    assert_eq!(attempts(&read(&mut c, "a", "0")), vec![1, 1, 1, 1]);
+    let _: i64 = Script::new(scripts::MARK_ROUND).key(l.applying(3)).arg(60_000).invoke(&mut c).unwrap();
+    assert_eq!(mark(&mut c, "a", &[], &[&ids[0]]), 1);
+    assert_eq!(mark(&mut c, "a", &[&ids[0]], &[&ids[2]]), 1);
+    assert_eq!(mark(&mut c, "stale", &[&ids[2]], &[&ids[1]]), 0, "only the lease holder marks");
+    let _: () = redis::cmd("DEL").arg(l.lease(3)).query(&mut c).unwrap();
+
+    // Holder B resumes: only entry 2 counts, with the trap as its error.
+    assert!(acquire(&mut c, "b") > 0);
+    assert_eq!(attempts(&read(&mut c, "b", "0")), vec![1, 1, 2, 1]);
+    let err: Option<String> = redis::cmd("HGET").arg(l.attempts(3)).arg(format!("err:{}", ids[2])).query(&mut c).unwrap();
+    assert!(err.unwrap_or_default().contains("trapped"));
+    let other: Option<String> = redis::cmd("HGET").arg(l.attempts(3)).arg(format!("err:{}", ids[1])).query(&mut c).unwrap();
+    assert_eq!(other, None);
+    // Pending exhausted: the next read takes new entries and drops the marker.
+    assert!(read(&mut c, "b", &ids[3]).is_empty());
+    let marker: bool = redis::cmd("EXISTS").arg(l.applying(3)).query(&mut c).unwrap();
+    assert!(!marker, "the marker is gone");
+    // B dies outside any call (no marker): every redelivered entry counts.
+    let _: () = redis::cmd("DEL").arg(l.lease(3)).query(&mut c).unwrap();
+    assert!(acquire(&mut c, "c") > 0);
+    assert_eq!(attempts(&read(&mut c, "c", "0")), vec![2, 2, 3, 2]);
+}
+
 /// The scripts' counters: an acknowledgement counts its outcomes in the shard's
 /// stats hash, in total and in the current 10-second bucket, and drops buckets
 /// older than a minute once the hash grows, so it stays bounded.
