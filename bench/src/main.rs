@@ -497,21 +497,25 @@ async fn main() -> anyhow::Result<()> {
     if args.url.is_some() {
         eprintln!("apply-step boundary not measured: --url given");
     } else {
-        // The same end-to-end job with the processor calling the built-in
-        // operations in process, its own key prefix on the same Redis; the two
-        // measured in turns, five times each (a run takes seconds, and two runs
-        // of one build differ by up to a tenth on a shared machine), the best of
-        // each kept.
+        // The same end-to-end job on two fresh hosts (the first one's database
+        // holds every write of the scenarios before): the repository's
+        // manifest, and the processor calling the built-in operations in
+        // process; each with its own key prefix on the same Redis. Measured in
+        // turns, five times each (a run takes seconds, and two runs of one build
+        // differ by up to a tenth on a shared machine), the best of each kept.
         let manifest = work.join("builtin-apply.toml");
         std::fs::write(&manifest, builtin_apply_manifest(&target)?)?;
-        let vars = [("redis_address", redis_url.as_str()), ("key_prefix", "inproc:"), ("admin_token", "bench"), ("queue_depth_limit", "100000000")];
-        let (p, inproc_addr) = host(&target, &manifest, &work.join("builtin-apply-state"), &vars)?;
-        procs.push(p);
-        let inproc_layout = Layout { prefix: "inproc:".into(), shards: 16 };
+        let mut fresh = Vec::new();
+        for (prefix, manifest, state) in [("through:", workspace().join("spin.toml"), "through-state"), ("inproc:", manifest, "builtin-apply-state")] {
+            let vars = [("redis_address", redis_url.as_str()), ("key_prefix", prefix), ("admin_token", "bench"), ("queue_depth_limit", "100000000")];
+            let (p, addr) = host(&target, &manifest, &work.join(state), &vars)?;
+            procs.push(p);
+            fresh.push((addr, Layout { prefix: prefix.into(), shards: 16 }));
+        }
         let (mut through, mut inproc) = (0f64, 0f64);
         for _ in 0..if args.smoke { 1 } else { 5 } {
-            inproc = inproc.max(end_to_end(&inproc_addr, &mut redis, &inproc_layout, args.writes, 1000).await?);
-            through = through.max(end_to_end(&spillway_addr, &mut redis, &layout, args.writes, 1000).await?);
+            through = through.max(end_to_end(&fresh[0].0, &mut redis, &fresh[0].1, args.writes, 1000).await?);
+            inproc = inproc.max(end_to_end(&fresh[1].0, &mut redis, &fresh[1].1, args.writes, 1000).await?);
         }
         rows.push(Row {
             scenario: format!("Spillway end to end through the apply component (the default), {} writes / 1,000 keys", args.writes),
