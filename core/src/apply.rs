@@ -216,6 +216,18 @@ pub fn builtin_step(key: &str, value: Option<&Value>, version: u64, writes: &Ste
         .collect())
 }
 
+/// [`builtin_step`] with values as JSON text, as they cross the apply step's
+/// interface (`wit/pipeline.wit`): the current value in (`None`: absent), and
+/// each applied write's value out as canonical JSON (`None`: deleted). A stored
+/// value that is not JSON fails the step.
+pub fn builtin_step_text(key: &str, value: Option<&str>, version: u64, writes: &StepWrites<'_>, now_ms: i64) -> Result<Vec<Result<Option<String>, String>>, String> {
+    let value: Option<Value> = value.map(serde_json::from_str).transpose().map_err(|e| format!("the stored value of {key:?} is not JSON: {e}"))?;
+    Ok(builtin_step(key, value.as_ref(), version, writes, now_ms)?
+        .into_iter()
+        .map(|r| r.map(|v| v.map(|v| String::from_utf8(canonical(&v)).unwrap_or_default())))
+        .collect())
+}
+
 /// The effect of a batch: final state of every touched key (changed by the batch,
 /// or by an earlier delivery of one of its writes), and an outcome per write not
 /// applied before.
@@ -518,5 +530,17 @@ mod tests {
         assert_eq!(plan.failed[0], ("bad".to_owned(), vec!["b".to_owned()], "boom".to_owned()));
         assert_eq!(plan.failed[1].1, vec!["d".to_owned(), "e".to_owned()]);
         assert!(plan.failed[1].2.contains("1 outcomes for 2 writes"), "{}", plan.failed[1].2);
+    }
+
+    /// The step over JSON text: the value out is canonical (members sorted), a
+    /// deletion is `None`, and a stored value that is not JSON fails the step.
+    #[test]
+    fn builtin_step_over_text() {
+        let merge = r#"{"key":"k","op":"merge","patch":{"b":1,"a":2}}"#;
+        let del = r#"{"key":"k","op":"delete"}"#;
+        let out = builtin_step_text("k", Some(r#"{"c": 0}"#), 3, &[("1-1-0", merge), ("1-2-0", del)], 0).unwrap();
+        assert_eq!(out, vec![Ok(Some(r#"{"a":2,"b":1,"c":0}"#.to_owned())), Ok(None)]);
+        let e = builtin_step_text("k", Some("{nope"), 3, &[("1-1-0", del)], 0).unwrap_err();
+        assert!(e.contains("not JSON"), "{e}");
     }
 }

@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //!
-//! - [`write`]: the write model (`put`, `merge`, `incr`, `append`, `delete`) and its
-//!   validation against configured [`write::Limits`].
-//! - [`apply`]: applying writes to records: RFC 7396 merge patch, bounded increments,
-//!   preconditions, ETags; [`apply::plan_batch`] for a whole ordered batch.
+//! - [`write`]: the write model (`put`, `merge`, `incr`, `append`, `delete`, or the
+//!   operations an apply step declares) and its validation against configured
+//!   [`write::Limits`].
+//! - [`apply`]: applying writes to records: the built-in operations (RFC 7396 merge
+//!   patch, bounded increments, preconditions) as an apply step, ETags;
+//!   [`apply::plan_with`] for a whole ordered batch through any apply step.
 //! - [`hazards`]: the Redis settings Spillway depends on, and what to do about each.
 //! - [`layout`]: the Redis key layout (prefix, shard hash tags) and write ids.
 //! - [`scripts`]: the Lua scripts (enqueue, lease, read batch, ack) and their replies.

@@ -45,7 +45,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     };
     let wait = prefer_wait(req.headers());
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
-    let batch = parse_request_for(&body, &limits, &spillway_spin::pipeline::operations())?;
+    let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
     let accepted = enqueue(&settings, &batch.writes, idem.as_deref(), &body).await?;
     match deadline {

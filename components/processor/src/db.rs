@@ -246,7 +246,11 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
         c.end().await;
     }
     // A key whose step kept failing: its writes leave the queue, with the error.
-    let payloads: HashMap<&str, &str> = writes.iter().map(|(id, _, payload)| (id.as_str(), payload.as_str())).collect();
+    let payloads: HashMap<&str, &str> = if plan.failed.is_empty() {
+        HashMap::new()
+    } else {
+        writes.iter().map(|(id, _, payload)| (id.as_str(), payload.as_str())).collect()
+    };
     for (_, ids, error) in &plan.failed {
         for id in ids {
             let (shard, _) = entry_of.get(id).copied().unwrap_or((0, 0));

@@ -18,12 +18,13 @@ mod bindings {
 use bindings::spillway::pipeline::apply as step;
 
 thread_local! {
-    static OPERATIONS: std::cell::OnceCell<Vec<String>> = const { std::cell::OnceCell::new() };
+    static OPERATIONS: std::cell::OnceCell<&'static [String]> = const { std::cell::OnceCell::new() };
 }
 
-/// The operations the implementation declares (asked once per instance).
-pub fn operations() -> Vec<String> {
-    OPERATIONS.with(|o| o.get_or_init(step::operations).clone())
+/// The operations the implementation declares: asked once per instance (the
+/// list is fixed) and kept for the instance's life, so a request costs no copy.
+pub fn operations() -> &'static [String] {
+    OPERATIONS.with(|o| *o.get_or_init(|| Vec::leak(step::operations())))
 }
 
 /// One call of the step for `key`: its value (`None`: absent) at `version`, and
