@@ -23,7 +23,6 @@ use wasmtime_wasi_http::handler::{
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::app::{App, InstanceReuse, LoadedComponent};
-use crate::engine::engine;
 use crate::state::StoreData;
 
 /// One segment of a route pattern.
@@ -291,7 +290,7 @@ impl HandlerState for HttpHandler {
     type WorkerState = HttpWorker;
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<StoreData, IdleExpiration, HttpWorker>> {
-        let mut store = Store::new(engine(), StoreData::new(self.loaded.caps.clone()));
+        let mut store = crate::engine::new_store(StoreData::new(self.loaded.caps.clone()));
         let service = self.pre.instantiate_async(&mut store).await?;
         Ok(Instance {
             store,

@@ -26,7 +26,10 @@ enum Command {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up(args) => spillway_testhost::up::run(args).await,
+        Command::Up(args) => {
+            spillway_testhost::engine::one_app_per_process();
+            spillway_testhost::up::run(args).await
+        }
         Command::Build { from } => spillway_testhost::up::build(&from),
     };
     match result {

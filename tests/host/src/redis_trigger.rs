@@ -8,11 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
-use wasmtime::Store;
 use wasmtime::component::Linker;
 
 use crate::app::{App, LoadedComponent};
-use crate::engine::engine;
 use crate::host::trigger::RedisTriggerPre;
 use crate::state::StoreData;
 
@@ -38,7 +36,7 @@ impl Subscription {
     }
 
     async fn deliver(&self, payload: Vec<u8>) -> anyhow::Result<()> {
-        let mut store = Store::new(engine(), StoreData::new(self.loaded.caps.clone()));
+        let mut store = crate::engine::new_store(StoreData::new(self.loaded.caps.clone()));
         let instance = self.pre.instantiate_async(&mut store).await?;
         let result = store
             .run_concurrent(async |accessor| {

@@ -296,14 +296,14 @@ impl KvBackend {
     }
 }
 
-/// Runs blocking SQLite work off the async threads.
+/// Runs blocking SQLite work as Spin's SQLite store does: in place on the calling
+/// runtime thread, which hands its other tasks to another thread meanwhile
+/// (`block_in_place`; a multi-threaded runtime is needed, as Spin's).
 async fn blocking<R: Send + 'static>(
     backend: Arc<KvBackend>,
     f: impl FnOnce(&KvBackend) -> Result<R, Error> + Send + 'static,
 ) -> Result<R, Error> {
-    tokio::task::spawn_blocking(move || f(&backend))
-        .await
-        .map_err(other)?
+    tokio::task::block_in_place(move || f(&backend))
 }
 
 fn store_of<T>(accessor: &Accessor<T, Spin>, store: &Resource<Store>) -> wasmtime::Result<(String, Arc<KvBackend>)> {

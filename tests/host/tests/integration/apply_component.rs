@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashSet};
 use serde_json::{Value, json};
 use spillway_core::apply::{Outcome as CoreOutcome, Record, canonical, plan_batch};
 use spillway_core::write::Write;
-use wasmtime::Store;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -39,7 +38,7 @@ async fn both(value: Option<Value>, version: u64, writes: &[Value]) -> (Vec<Resu
     let component = spillway_testhost::engine::load_component(std::path::Path::new(&fixture("apply_builtin"))).unwrap();
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-    let mut store = Store::new(engine, Host { table: ResourceTable::new(), wasi: WasiCtx::builder().build() });
+    let mut store = spillway_testhost::engine::new_store(Host { table: ResourceTable::new(), wasi: WasiCtx::builder().build() });
     let provider = Provider::instantiate_async(&mut store, &component, &linker).await.unwrap();
     let apply = provider.spillway_pipeline_apply();
     assert_eq!(apply.call_operations(&mut store).await.unwrap(), ["put", "merge", "incr", "append", "delete"]);
