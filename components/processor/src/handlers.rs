@@ -134,7 +134,7 @@ async fn drain_endpoint(settings: &Settings, query: Option<&str>) -> Result<http
 /// - `GET` (a platform's cron, the safety net): drains first, within the
 ///   budget, then answers `200`, so the drain does not depend on work after a
 ///   response.
-async fn wake(settings: Settings, query: Option<&str>, method: &http::Method) -> Result<http::Response<String>, Problem> {
+async fn wake(settings: std::rc::Rc<Settings>, query: Option<&str>, method: &http::Method) -> Result<http::Response<String>, Problem> {
     let shard = shard_param(&settings, query)?;
     if method == http::Method::GET {
         wake_drain(settings, shard).await;
@@ -145,7 +145,7 @@ async fn wake(settings: Settings, query: Option<&str>, method: &http::Method) ->
 }
 
 /// A wake's drain, if any shard is there to claim.
-async fn wake_drain(settings: Settings, shard: Option<u32>) {
+async fn wake_drain(settings: std::rc::Rc<Settings>, shard: Option<u32>) {
     match drain::claimable(&settings).await {
         Ok(found) if found.is_empty() => return,
         Ok(_) => {}

@@ -35,7 +35,7 @@ const VARIABLES: &[&str] = &[
 ];
 
 thread_local! {
-    static SETTINGS: RefCell<Option<Settings>> = const { RefCell::new(None) };
+    static SETTINGS: RefCell<Option<Rc<Settings>>> = const { RefCell::new(None) };
 }
 
 /// Rings the doorbell of `shards`: over HTTP where a wake URL is set (no Redis
@@ -74,12 +74,13 @@ pub async fn wake(s: &Settings, shard: u32) {
 
 /// Reads [`Settings`] from the component's Spin variables, once per instance: a
 /// reused WASIp3 instance serves up to 128 requests, and reading 14 variables on
-/// each one would be 14 host calls on the hot path.
-pub async fn settings() -> Result<Settings, Problem> {
+/// each one would be 14 host calls on the hot path. Shared, not copied, by the
+/// instance's requests.
+pub async fn settings() -> Result<Rc<Settings>, Problem> {
     if let Some(s) = SETTINGS.with_borrow(Clone::clone) {
         return Ok(s);
     }
-    let s = load_settings().await?;
+    let s = Rc::new(load_settings().await?);
     SETTINGS.with_borrow_mut(|c| *c = Some(s.clone()));
     Ok(s)
 }
