@@ -111,7 +111,7 @@ fn build() -> anyhow::Result<PathBuf> {
     };
     run(guest().args(["-p", "processor", "--features", "builtin-apply"]))?;
     std::fs::copy(wasm.join("processor.wasm"), wasm.join("processor_builtin_apply.wasm"))?;
-    run(guest().args(["-p", "intake", "-p", "processor", "-p", "cache", "-p", "apply-builtin", "-p", "fixture-hello", "-p", "fixture-naive"]))?;
+    run(guest().args(["-p", "intake", "-p", "processor", "-p", "cache", "-p", "apply-builtin", "-p", "fixture-hello", "-p", "fixture-naive", "-p", "fixture-shapes"]))?;
     run(Command::new(&cargo).current_dir(workspace()).args(["build", "-p", "spillway-testhost"]))?;
     Ok(target)
 }
@@ -187,6 +187,40 @@ fn rss_mib(pid: Option<u32>, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The host's resident memory (`VmRSS`) sampled every 10 ms, so each scenario
+/// reports its own peak (`VmHWM` only knows the whole run's).
+struct RssPeaks {
+    pid: Option<u32>,
+    /// The highest sample since the last [`RssPeaks::take`], KiB.
+    peak_kib: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RssPeaks {
+    fn start(pid: Option<u32>) -> Self {
+        let peak_kib = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        if pid.is_some() {
+            let peak = std::sync::Arc::downgrade(&peak_kib);
+            std::thread::spawn(move || {
+                while let Some(peak) = peak.upgrade() {
+                    if let Some(mib) = rss_mib(pid, "VmRSS") {
+                        peak.fetch_max((mib * 1024.0) as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    drop(peak);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+        Self { pid, peak_kib }
+    }
+
+    /// The peak since the last call, MiB; the next peak starts from now.
+    fn take(&self) -> Option<f64> {
+        let now = (rss_mib(self.pid, "VmRSS")? * 1024.0) as u64;
+        let peak = self.peak_kib.swap(now, std::sync::atomic::Ordering::Relaxed).max(now);
+        Some(peak as f64 / 1024.0)
+    }
 }
 
 /// Writes still queued in Spillway's streams.
@@ -321,14 +355,19 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &baseline,
         format!(
-            "spin_manifest_version = 2\n[application]\nname = \"baselines\"\n\n[[trigger.http]]\nroute = \"/hello\"\ncomponent = \"hello\"\n\n\
-             [[trigger.http]]\nroute = \"/naive\"\ncomponent = \"naive\"\n\n[component.hello]\nsource = \"{}\"\n\n\
-             [component.naive]\nsource = \"{}\"\nsqlite_databases = [\"default\"]\n",
+            "spin_manifest_version = 2\n[application]\nname = \"baselines\"\n\n[variables]\nredis_address = {{ required = true }}\n\n\
+             [[trigger.http]]\nroute = \"/hello\"\ncomponent = \"hello\"\n\n\
+             [[trigger.http]]\nroute = \"/naive\"\ncomponent = \"naive\"\n\n\
+             [[trigger.http]]\nroute = \"/shape/...\"\ncomponent = \"shapes\"\n\n[component.hello]\nsource = \"{}\"\n\n\
+             [component.naive]\nsource = \"{}\"\nsqlite_databases = [\"default\"]\n\n\
+             [component.shapes]\nsource = \"{}\"\nallowed_outbound_hosts = [\"{{{{ redis_address }}}}\"]\nkey_value_stores = [\"default\"]\n\
+             [component.shapes.variables]\nredis_address = \"{{{{ redis_address }}}}\"\n",
             wasm.join("fixture_hello.wasm").display(),
-            wasm.join("fixture_naive.wasm").display()
+            wasm.join("fixture_naive.wasm").display(),
+            wasm.join("fixture_shapes.wasm").display()
         ),
     )?;
-    let (base_proc, base_addr) = host(&target, &baseline, &work.join("baseline-state"), &[])?;
+    let (base_proc, base_addr) = host(&target, &baseline, &work.join("baseline-state"), &[("redis_address", redis_url.as_str())])?;
     procs.push(base_proc);
 
     // Spillway, with the queue limit out of the way of the batch-intake flood.
@@ -344,8 +383,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let layout = Layout { prefix: "spillway:".into(), shards: 16 };
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
+    let peaks = RssPeaks::start(spillway_pid);
 
-    let steps = 13;
+    let steps = 15;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -358,6 +398,33 @@ async fn main() -> anyhow::Result<()> {
     let floor = load::http(&base_addr, clients, duration, 1, |_, _| request("GET", "/hello", "")).await?;
     let floor_p99 = floor.ms(0.99);
     rows.push(Row::from("floor: hello-world component", "req/s", &floor));
+
+    // The shapes of Spillway's requests without Spillway: the floor plus exactly
+    // the host interactions a single write and a warm read make.
+    step("request shapes");
+    let one_write = incr("k1");
+    let shape = async |path: &str, method: &str, body: &str| -> anyhow::Result<load::Measured> {
+        let req = request(method, path, body);
+        let m = load::http(&base_addr, clients, duration, 1, move |_, _| req.clone()).await?;
+        anyhow::ensure!(m.failed.0 == 0, "the shape {path} failed: {:?}", m.failed.1);
+        Ok(m)
+    };
+    let body_shape = shape("/shape/body", "POST", &one_write).await?;
+    let redis_shape = shape("/shape/redis", "GET", "").await?;
+    let write_shape = shape("/shape/body-redis", "POST", &one_write).await?;
+    // A value the size of a small record's cache entry.
+    let entry = format!(r#"{{"etag":"{:032x}","key":"k1","updated_at":1795523104289,"value":{{"n":79}},"version":79}}"#, 0);
+    let (status, _) = load::Conn::open(&base_addr).await?.send(&request("PUT", "/shape/kv", &entry)).await?;
+    anyhow::ensure!(status == 200, "PUT /shape/kv answered {status}");
+    let read_shape = shape("/shape/kv", "GET", "").await?;
+    for (name, m) in [
+        ("shape: floor + read the request body", &body_shape),
+        ("shape: floor + one outbound Redis command", &redis_shape),
+        ("shape: floor + body + one Redis command (a single write's host interactions)", &write_shape),
+        ("shape: floor + one key-value get (a warm read's host interactions)", &read_shape),
+    ] {
+        rows.push(Row::from(name, "req/s", m).against("floor", floor.rate()).note(format!("p99 {:.1}x the floor's", m.ms(0.99) / floor_p99)));
+    }
 
     step("Redis ceiling");
     let ceiling_layout = Layout { prefix: "bench:ceiling:".into(), shards: 16 };
@@ -381,6 +448,7 @@ async fn main() -> anyhow::Result<()> {
     rows.push(Row::from("naive design: read-modify-write per request", "writes/s", &naive).note("applied when answered"));
 
     step("single-write intake");
+    peaks.take();
     let single = load::http(&spillway_addr, clients, duration, 1, |c, n| {
         request("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)))
     })
@@ -389,8 +457,12 @@ async fn main() -> anyhow::Result<()> {
     rows.push(
         Row::from("Spillway single-write intake", "req/s", &single)
             .against("floor", floor.rate())
-            .rss(rss_mib(spillway_pid, "VmRSS"))
-            .note(format!("target >= 0.6x; p99 {:.1}x the floor's", single.ms(0.99) / floor_p99)),
+            .rss(peaks.take())
+            .note(format!(
+                "target >= 0.6x; p99 {:.1}x the floor's; {:.2}x its shape (floor + body + one Redis command)",
+                single.ms(0.99) / floor_p99,
+                single.rate() / write_shape.rate()
+            )),
     );
     rows.push(Row {
         scenario: format!("queue empty after {}s of single-write load", args.seconds),
@@ -398,7 +470,7 @@ async fn main() -> anyhow::Result<()> {
         unit: "s later",
         latency: None,
         baseline: None,
-        peak_rss_mib: rss_mib(spillway_pid, "VmRSS"),
+        peak_rss_mib: peaks.take(),
         note: "target <= 2 s".into(),
     });
 
@@ -407,8 +479,12 @@ async fn main() -> anyhow::Result<()> {
     rows.push(
         Row::from("Spillway warm reads (one record)", "req/s", &reads)
             .against("floor", floor.rate())
-            .rss(rss_mib(spillway_pid, "VmRSS"))
-            .note(format!("target >= 0.6x; p99 {:.1}x the floor's", reads.ms(0.99) / floor_p99)),
+            .rss(peaks.take())
+            .note(format!(
+                "target >= 0.6x; p99 {:.1}x the floor's; {:.2}x its shape (floor + one key-value get)",
+                reads.ms(0.99) / floor_p99,
+                reads.rate() / read_shape.rate()
+            )),
     );
 
     step("write -> applied");
@@ -444,8 +520,9 @@ async fn main() -> anyhow::Result<()> {
 
     step("batch intake");
     let batch_time = duration.min(Duration::from_secs(3));
+    peaks.take();
     let batches = load::http(&spillway_addr, clients, batch_time, 100, |c, n| request("POST", "/v1/writes", &batch((c * 1_000_000) + n as usize * 100, 1000))).await?;
-    rows.push(Row::from("Spillway batch intake (100 writes per request)", "writes/s", &batches).rss(rss_mib(spillway_pid, "VmRSS")).note("target >= 100k writes/s"));
+    rows.push(Row::from("Spillway batch intake (100 writes per request)", "writes/s", &batches).rss(peaks.take()).note("target >= 100k writes/s"));
     let backlog = queued(&mut redis, &layout)?;
     let drain_time = until_drained(&mut redis, &layout, Duration::from_secs(900)).await?;
     rows.push(Row {
@@ -454,9 +531,10 @@ async fn main() -> anyhow::Result<()> {
         unit: "writes/s",
         latency: None,
         baseline: None,
-        peak_rss_mib: rss_mib(spillway_pid, "VmRSS"),
+        peak_rss_mib: peaks.take(),
         note: "applied with no further traffic".into(),
     });
+    let backlog_peak = rows.last().and_then(|r| r.peak_rss_mib);
 
     step("BullMQ peer");
     let peer = if args.no_bullmq { Err("left out (--no-bullmq or --smoke)".to_owned()) } else { bullmq(&redis_url, args.writes, 1000) };
@@ -476,6 +554,7 @@ async fn main() -> anyhow::Result<()> {
 
     for (keys, label) in [(1000, "1,000 keys"), (1, "1 hot key"), (args.writes, "all distinct keys")] {
         step(&format!("end to end, {label}"));
+        peaks.take();
         let rate = end_to_end(&spillway_addr, &mut redis, &layout, args.writes, keys).await?;
         let mut row = Row {
             scenario: format!("Spillway end to end, {} writes / {label}", args.writes),
@@ -483,7 +562,7 @@ async fn main() -> anyhow::Result<()> {
             unit: "writes/s",
             latency: None,
             baseline: None,
-            peak_rss_mib: rss_mib(spillway_pid, "VmRSS"),
+            peak_rss_mib: peaks.take(),
             note: String::new(),
         };
         row = match peer_rate {
@@ -491,6 +570,38 @@ async fn main() -> anyhow::Result<()> {
             None => row.against("naive design", naive_rate),
         };
         rows.push(row);
+    }
+
+    // Memory must not grow with run time or queue length: the 1,000-key job twice
+    // more on the same host, its third peak against its first; and the peak while
+    // the batch-intake backlog drained against the job's first (a 100,000-write
+    // queue at most).
+    step("memory over run time and queue length");
+    let first_peak = rows.iter().find(|r| r.scenario.ends_with("/ 1,000 keys") && r.scenario.starts_with("Spillway end to end,")).and_then(|r| r.peak_rss_mib);
+    let mut third_peak = None;
+    for _ in 0..2 {
+        peaks.take();
+        end_to_end(&spillway_addr, &mut redis, &layout, args.writes, 1000).await?;
+        third_peak = peaks.take();
+    }
+    if let (Some(first), Some(third), Some(backlog_peak)) = (first_peak, third_peak, backlog_peak) {
+        let mib = |scenario: String, value: f64, against: &str, base: f64, note: &str| {
+            Row { scenario, value, unit: "MiB", latency: None, baseline: None, peak_rss_mib: Some(value), note: note.into() }.against(against, base)
+        };
+        rows.push(mib(
+            format!("host peak RSS, third run of the {} writes / 1,000 keys job", args.writes),
+            third,
+            "its first run",
+            first,
+            "target: flat (no growth with run time)",
+        ));
+        rows.push(mib(
+            format!("host peak RSS draining the {backlog}-write backlog"),
+            backlog_peak,
+            "the 1,000-key job's first run",
+            first,
+            "target: flat (no growth with queue length)",
+        ));
     }
 
     step("the apply step's boundary");
