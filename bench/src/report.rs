@@ -103,23 +103,26 @@ pub(crate) fn chart(rows: &[Row], path: &Path, font: &Path) -> anyhow::Result<()
         .map_err(|_| anyhow::anyhow!("{} is not a usable font", font.display()))?;
     let bars: Vec<(&str, f64)> = rows.iter().filter_map(|r| Some((r.scenario.as_str(), r.ratio()?))).collect();
     let top = bars.iter().map(|(_, v)| *v).fold(1.0, f64::max) * 1.15;
-    let root = BitMapBackend::new(path, (1200, 120 + 48 * bars.len() as u32)).into_drawing_area();
+    // Every row labelled, long scenario names cut to fit.
+    let label = |s: &str| if s.chars().count() > 72 { format!("{}…", s.chars().take(71).collect::<String>()) } else { s.to_owned() };
+    let root = BitMapBackend::new(path, (1400, 120 + 40 * bars.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption("Spillway: each figure over its baseline, same run", ("sans-serif", 26))
         .margin(20)
         .x_label_area_size(40)
-        .y_label_area_size(430)
+        .y_label_area_size(600)
         .build_cartesian_2d(0.0..top, (0..bars.len()).into_segmented())?;
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .y_labels(bars.len() + 1)
         .x_desc("ratio (1.0 = the baseline)")
         .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => bars.get(*i).map_or(String::new(), |b| b.0.to_owned()),
+            SegmentValue::CenterOf(i) => bars.get(*i).map_or(String::new(), |b| label(b.0)),
             _ => String::new(),
         })
-        .label_style(("sans-serif", 16))
+        .label_style(("sans-serif", 15))
         .draw()?;
     // One colour: what is good differs per row (the notes give each target).
     chart.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {

@@ -98,7 +98,9 @@ fn env_or(name: &str, default: u64) -> u64 {
 }
 
 /// Spin's pool: sized from `SPIN_MAX_INSTANCE_COUNT` (1,000 by default) as Spin
-/// sizes it.
+/// sizes it; what an instance slot keeps resident when freed is Spin's default
+/// too, or `SPIN_WASMTIME_LINEAR_MEMORY_KEEP_RESIDENT` /
+/// `SPIN_WASMTIME_TABLE_KEEP_RESIDENT` (bytes).
 fn pooling() -> PoolingAllocationConfig {
     const MB: u64 = 1 << 20;
     let max = env_or("SPIN_MAX_INSTANCE_COUNT", 1_000);
@@ -117,8 +119,8 @@ fn pooling() -> PoolingAllocationConfig {
         .max_tables_per_module(2)
         .max_memories_per_module(2)
         .max_memory_size(4 << 30)
-        .linear_memory_keep_resident(2 * MB as usize)
-        .table_keep_resident((MB / 2) as usize);
+        .linear_memory_keep_resident(env_or("SPIN_WASMTIME_LINEAR_MEMORY_KEEP_RESIDENT", 2 * MB) as usize)
+        .table_keep_resident(env_or("SPIN_WASMTIME_TABLE_KEEP_RESIDENT", MB / 2) as usize);
     p
 }
 
