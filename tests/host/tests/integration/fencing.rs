@@ -9,6 +9,24 @@ use spillway_core::sql::sqlite as sql;
 use crate::pg::PgDb;
 use crate::support::Redis;
 
+/// The shard these tests use.
+const SHARD: u32 = 3;
+
+/// `LEASE_ACQUIRE` on [`SHARD`] for `token`: its fencing token, or 0.
+fn acquire(c: &mut redis::Connection, l: &Layout, token: &str, ttl_ms: u64) -> i64 {
+    Script::new(scripts::LEASE_ACQUIRE).key(l.lease(SHARD)).key(l.fence(SHARD)).arg(token).arg(ttl_ms).invoke(c).unwrap()
+}
+
+/// `READ_BATCH` on [`SHARD`] for `token`: up to `count` entries, resuming after
+/// `resume` (`"0"`: from the start of what is pending; `""`: new entries).
+fn read_batch<T: redis::FromRedisValue>(c: &mut redis::Connection, l: &Layout, token: &str, count: usize, resume: &str) -> T {
+    Script::new(scripts::READ_BATCH)
+        .key(l.lease(SHARD)).key(l.stream(SHARD)).key(l.attempts(SHARD)).key(l.watch(SHARD)).key(l.applying(SHARD))
+        .arg(token).arg(GROUP).arg(CONSUMER).arg(count).arg(5).arg(60_000).arg(1000).arg(resume)
+        .invoke(c)
+        .unwrap()
+}
+
 fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) -> bool {
     let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
     let advanced: Option<i64> = tx.query_row(sql::FENCE, (shard, token), |r| r.get(0)).ok();
@@ -54,30 +72,23 @@ async fn expired_lease_holder_cannot_commit() {
     let redis = Redis::start();
     let mut c = redis.conn();
     let l = Layout { prefix: "spillway:".into(), shards: 16 };
-    let acquire = |c: &mut redis::Connection, token: &str, ttl: u64| -> i64 {
-        Script::new(scripts::LEASE_ACQUIRE).key(l.lease(3)).key(l.fence(3)).arg(token).arg(ttl).invoke(c).unwrap()
-    };
-    let a = acquire(&mut c, "holder-a", 100);
+    let a = acquire(&mut c, &l, "holder-a", 100);
     assert_eq!(a, 1);
-    assert_eq!(acquire(&mut c, "holder-b", 5000), 0, "the lease excludes a second holder");
+    assert_eq!(acquire(&mut c, &l, "holder-b", 5000), 0, "the lease excludes a second holder");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while redis::cmd("EXISTS").arg(l.lease(3)).query::<i64>(&mut c).unwrap() == 1 {
+    while redis::cmd("EXISTS").arg(l.lease(SHARD)).query::<i64>(&mut c).unwrap() == 1 {
         assert!(Instant::now() < deadline, "the lease never expired");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let b = acquire(&mut c, "holder-b", 5000);
+    let b = acquire(&mut c, &l, "holder-b", 5000);
     assert_eq!(b, 2, "fencing tokens only grow");
 
-    let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
-    let read: Vec<String> = Script::new(scripts::READ_BATCH)
-        .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3)).key(l.applying(3))
-        .arg("holder-a").arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(60_000).arg(1000).arg("0")
-        .invoke(&mut c)
-        .unwrap();
+    let ttl_before: i64 = redis::cmd("PTTL").arg(l.lease(SHARD)).query(&mut c).unwrap();
+    let read: Vec<String> = read_batch(&mut c, &l, "holder-a", 10, "0");
     assert_eq!(read, vec!["lost"]);
-    let ttl_after: i64 = redis::cmd("PTTL").arg(l.lease(3)).query(&mut c).unwrap();
+    let ttl_after: i64 = redis::cmd("PTTL").arg(l.lease(SHARD)).query(&mut c).unwrap();
     assert!(ttl_after <= ttl_before && ttl_after <= 5000, "an expired holder's read does not renew the new holder's lease");
-    let released: i64 = Script::new(scripts::LEASE_RELEASE).key(l.lease(3)).key(l.watch(3)).arg("holder-a").arg(0).invoke(&mut c).unwrap();
+    let released: i64 = Script::new(scripts::LEASE_RELEASE).key(l.lease(SHARD)).key(l.watch(SHARD)).arg("holder-a").arg(0).invoke(&mut c).unwrap();
     assert_eq!(released, 0, "an expired holder cannot release the new holder's lease");
 
     let dir = tempfile::tempdir().unwrap();
@@ -159,26 +170,19 @@ fn resume_reads_every_pending_entry_in_order() {
     let redis = Redis::start();
     let mut c = redis.conn();
     let l = Layout { prefix: "spillway:".into(), shards: 16 };
-    let ids: Vec<String> = (0..6).map(|i| redis::cmd("XADD").arg(l.stream(3)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
+    let ids: Vec<String> = (0..6).map(|i| redis::cmd("XADD").arg(l.stream(SHARD)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
     let read = |c: &mut redis::Connection, token: &str, resume: &str| -> (String, Vec<String>) {
-        let reply: Vec<String> = Script::new(scripts::READ_BATCH)
-            .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3)).key(l.applying(3))
-            .arg(token).arg(GROUP).arg(CONSUMER).arg(2).arg(5).arg(60_000).arg(1000).arg(resume)
-            .invoke(c)
-            .unwrap();
+        let reply: Vec<String> = read_batch(c, &l, token, 2, resume);
         assert_eq!(reply[0], "ok");
         (reply[2].clone(), reply[3..].chunks(3).map(|e| e[0].clone()).collect())
     };
-    let acquire = |c: &mut redis::Connection, token: &str| -> i64 {
-        Script::new(scripts::LEASE_ACQUIRE).key(l.lease(3)).key(l.fence(3)).arg(token).arg(60_000).invoke(c).unwrap()
-    };
     // Holder A: a first batch, then a read-ahead, then it dies (nothing acknowledged).
-    assert!(acquire(&mut c, "a") > 0);
+    assert!(acquire(&mut c, &l, "a", 60_000) > 0);
     assert_eq!(read(&mut c, "a", "0"), (String::new(), ids[0..2].to_vec()));
     assert_eq!(read(&mut c, "a", ""), (String::new(), ids[2..4].to_vec()));
-    let _: () = redis::cmd("DEL").arg(l.lease(3)).query(&mut c).unwrap();
+    let _: () = redis::cmd("DEL").arg(l.lease(SHARD)).query(&mut c).unwrap();
     // Holder B resumes: both pending batches, in order, then the new entries.
-    assert!(acquire(&mut c, "b") > 0);
+    assert!(acquire(&mut c, &l, "b", 60_000) > 0);
     let (cursor, first) = read(&mut c, "b", "0");
     assert_eq!((cursor.as_str(), first), (ids[1].as_str(), ids[0..2].to_vec()));
     let (cursor, second) = read(&mut c, "b", &cursor);
@@ -196,22 +200,15 @@ fn blame_markers_count_only_the_call_in_flight() {
     let redis = Redis::start();
     let mut c = redis.conn();
     let l = Layout { prefix: "spillway:".into(), shards: 16 };
-    let ids: Vec<String> = (0..4).map(|i| redis::cmd("XADD").arg(l.stream(3)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
+    let ids: Vec<String> = (0..4).map(|i| redis::cmd("XADD").arg(l.stream(SHARD)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
     let read = |c: &mut redis::Connection, token: &str, resume: &str| -> Vec<(String, i64)> {
-        let reply: Vec<redis::Value> = Script::new(scripts::READ_BATCH)
-            .key(l.lease(3)).key(l.stream(3)).key(l.attempts(3)).key(l.watch(3)).key(l.applying(3))
-            .arg(token).arg(GROUP).arg(CONSUMER).arg(10).arg(5).arg(60_000).arg(1000).arg(resume)
-            .invoke(c)
-            .unwrap();
+        let reply: Vec<redis::Value> = read_batch(c, &l, token, 10, resume);
         reply[3..].chunks(3).map(|e| (redis::from_redis_value(e[0].clone()).unwrap(), redis::from_redis_value(e[2].clone()).unwrap())).collect()
-    };
-    let acquire = |c: &mut redis::Connection, token: &str| -> i64 {
-        Script::new(scripts::LEASE_ACQUIRE).key(l.lease(3)).key(l.fence(3)).arg(token).arg(60_000).invoke(c).unwrap()
     };
     let mark = |c: &mut redis::Connection, token: &str, previous: &[&String], next: &[&String]| -> i64 {
         let script = Script::new(scripts::MARK_CALL);
-        let mut call = script.key(l.lease(3));
-        call.key(l.applying(3)).arg(token).arg(60_000).arg(60_000).arg(previous.len());
+        let mut call = script.key(l.lease(SHARD));
+        call.key(l.applying(SHARD)).arg(token).arg(60_000).arg(60_000).arg(previous.len());
         for id in previous.iter().chain(next) {
             call.arg(id.as_str());
         }
@@ -221,28 +218,28 @@ fn blame_markers_count_only_the_call_in_flight() {
 
     // Holder A, first delivery; a careful round marks entry 0's call, then
     // entry 2's (entry 0 leaves the marker), and A dies inside that call.
-    assert!(acquire(&mut c, "a") > 0);
+    assert!(acquire(&mut c, &l, "a", 60_000) > 0);
     assert_eq!(attempts(&read(&mut c, "a", "0")), vec![1, 1, 1, 1]);
-    let _: i64 = Script::new(scripts::MARK_ROUND).key(l.applying(3)).arg(60_000).invoke(&mut c).unwrap();
+    let _: i64 = Script::new(scripts::MARK_ROUND).key(l.applying(SHARD)).arg(60_000).invoke(&mut c).unwrap();
     assert_eq!(mark(&mut c, "a", &[], &[&ids[0]]), 1);
     assert_eq!(mark(&mut c, "a", &[&ids[0]], &[&ids[2]]), 1);
     assert_eq!(mark(&mut c, "stale", &[&ids[2]], &[&ids[1]]), 0, "only the lease holder marks");
-    let _: () = redis::cmd("DEL").arg(l.lease(3)).query(&mut c).unwrap();
+    let _: () = redis::cmd("DEL").arg(l.lease(SHARD)).query(&mut c).unwrap();
 
     // Holder B resumes: only entry 2 counts, with the trap as its error.
-    assert!(acquire(&mut c, "b") > 0);
+    assert!(acquire(&mut c, &l, "b", 60_000) > 0);
     assert_eq!(attempts(&read(&mut c, "b", "0")), vec![1, 1, 2, 1]);
-    let err: Option<String> = redis::cmd("HGET").arg(l.attempts(3)).arg(format!("err:{}", ids[2])).query(&mut c).unwrap();
+    let err: Option<String> = redis::cmd("HGET").arg(l.attempts(SHARD)).arg(format!("err:{}", ids[2])).query(&mut c).unwrap();
     assert!(err.unwrap_or_default().contains("trapped"));
-    let other: Option<String> = redis::cmd("HGET").arg(l.attempts(3)).arg(format!("err:{}", ids[1])).query(&mut c).unwrap();
+    let other: Option<String> = redis::cmd("HGET").arg(l.attempts(SHARD)).arg(format!("err:{}", ids[1])).query(&mut c).unwrap();
     assert_eq!(other, None);
     // Pending exhausted: the next read takes new entries and drops the marker.
     assert!(read(&mut c, "b", &ids[3]).is_empty());
-    let marker: bool = redis::cmd("EXISTS").arg(l.applying(3)).query(&mut c).unwrap();
+    let marker: bool = redis::cmd("EXISTS").arg(l.applying(SHARD)).query(&mut c).unwrap();
     assert!(!marker, "the marker is gone");
     // B dies outside any call (no marker): every redelivered entry counts.
-    let _: () = redis::cmd("DEL").arg(l.lease(3)).query(&mut c).unwrap();
-    assert!(acquire(&mut c, "c") > 0);
+    let _: () = redis::cmd("DEL").arg(l.lease(SHARD)).query(&mut c).unwrap();
+    assert!(acquire(&mut c, &l, "c", 60_000) > 0);
     assert_eq!(attempts(&read(&mut c, "c", "0")), vec![2, 2, 3, 2]);
 }
 
@@ -254,7 +251,7 @@ fn stats_counters_keep_only_the_last_minute() {
     let redis = Redis::start();
     let mut c = redis.conn();
     let l = Layout { prefix: "spillway:".into(), shards: 16 };
-    let stats = l.stats(3);
+    let stats = l.stats(SHARD);
     let now_s: u64 = redis::cmd("TIME").query::<(u64, u64)>(&mut c).unwrap().0;
     let bucket = now_s / 10;
     for old in 1..=40u64 {
@@ -262,7 +259,7 @@ fn stats_counters_keep_only_the_last_minute() {
     }
     let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 2)).arg(5).query(&mut c).unwrap();
     let acked: i64 = Script::new(scripts::ACK)
-        .key(l.stream(3)).key(l.attempts(3)).key(l.done(3)).key(&stats)
+        .key(l.stream(SHARD)).key(l.attempts(SHARD)).key(l.done(SHARD)).key(&stats)
         .arg(GROUP).arg(7).arg(2)
         .invoke(&mut c)
         .unwrap();
