@@ -73,8 +73,8 @@ pub async fn wake(s: &Settings, shard: u32) {
 }
 
 /// Reads [`Settings`] from the component's Spin variables, once per instance: a
-/// reused WASIp3 instance serves up to 128 requests, and reading 14 variables on
-/// each one would be 14 host calls on the hot path. Shared, not copied, by the
+/// reused WASIp3 instance serves up to 128 requests, and reading every variable
+/// on each one would be a host call per variable on the hot path. Shared, not copied, by the
 /// instance's requests.
 pub async fn settings() -> Result<Rc<Settings>, Problem> {
     if let Some(s) = SETTINGS.with_borrow(Clone::clone) {
