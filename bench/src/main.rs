@@ -167,6 +167,11 @@ fn host_with_env(target: &Path, manifest: &Path, state: &Path, vars: &[(&str, &s
     cmd.envs(env.iter().copied());
     for (k, v) in vars {
         cmd.args(["--variable", &format!("{k}={v}")]);
+        // The allowed_outbound_hosts entry: the same server without credentials.
+        if *k == "redis_address" && !vars.iter().any(|(k, _)| *k == "redis_host") {
+            let host = spillway_core::redact::server_of(v).context("redis_address is not a URL")?;
+            cmd.args(["--variable", &format!("redis_host={host}")]);
+        }
     }
     let mut child = cmd
         .env("SPILLWAY_HOST_CACHE_DIR", target.join("wasmtime-cache"))

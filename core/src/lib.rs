@@ -12,6 +12,7 @@
 //! - [`layout`]: the Redis key layout (prefix, shard hash tags) and write ids.
 //! - [`scripts`]: the Lua scripts (enqueue, lease, read batch, ack) and their replies.
 //! - [`sql`]: the database schema and statements, fencing included.
+//! - [`redact`]: credentials kept out of answers and log lines.
 //! - [`problem`]: RFC 9457 problem details, the one error shape of the HTTP API.
 //! - [`settings`]: configuration read from Spin variables, with defaults.
 
@@ -19,6 +20,7 @@ pub mod apply;
 pub mod hazards;
 pub mod layout;
 pub mod problem;
+pub mod redact;
 pub mod scripts;
 pub mod settings;
 pub mod sql;

@@ -23,6 +23,11 @@ pub struct Problem {
     /// Seconds after which to retry (429, 503), sent as `Retry-After`.
     #[serde(skip)]
     pub retry_after: Option<u32>,
+    /// What the backend said (its error text, credentials masked): for log
+    /// lines, the dead-letter record and telling failures apart, never for the
+    /// client (see [`Problem::backend`]).
+    #[serde(skip)]
+    pub cause: Option<String>,
 }
 
 impl Problem {
@@ -35,6 +40,7 @@ impl Problem {
             detail: detail.to_owned(),
             field: None,
             retry_after: None,
+            cause: None,
         }
     }
 
@@ -87,6 +93,34 @@ impl Problem {
         p
     }
 
+    /// 503 with `Retry-After`: the backend named `what` (e.g. `Redis
+    /// (redis_address)`, `the database`) failed with `cause` (credentials
+    /// already masked). The client gets a stable type and a message written
+    /// here, never the backend's own text, which may name hosts, users or
+    /// secrets: `credentials-refused` when the server refused Spillway's
+    /// credentials, else `unavailable`. The cause is kept for the log.
+    pub fn backend(what: &str, cause: &str) -> Self {
+        let mut p = if refuses_credentials(cause) {
+            Self::new(
+                503,
+                "credentials-refused",
+                "Credentials refused",
+                &format!("{what} refused Spillway's credentials: check the user and password in that variable (the server log has the details)"),
+            )
+        } else {
+            Self::new(503, "unavailable", "Service unavailable", &format!("{what} is unreachable or failed (the server log has the details)"))
+        };
+        p.retry_after = Some(1);
+        p.cause = Some(cause.to_owned());
+        p
+    }
+
+    /// The backend's own text when there is one, else the detail: what a log
+    /// line or an operator's record says.
+    pub fn cause_or_detail(&self) -> &str {
+        self.cause.as_deref().unwrap_or(&self.detail)
+    }
+
     /// 401/403 for admin endpoints.
     pub fn unauthorized(status: u16, detail: &str) -> Self {
         let code = if status == 401 { "unauthorized" } else { "forbidden" };
@@ -94,8 +128,61 @@ impl Problem {
         Self::new(status, code, title, detail)
     }
 
+    /// Whether the problem is a backend refusing Spillway's credentials.
+    pub fn is_credentials_refused(&self) -> bool {
+        self.code() == "credentials-refused"
+    }
+
     /// The JSON body.
     pub fn body(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Whether a backend's error text says it refused the credentials: Redis's
+/// `NOAUTH` / `WRONGPASS` (and the wording of clients that report them),
+/// PostgreSQL's SQLSTATE class 28 (`28P01` invalid password, `28000`) and its
+/// messages.
+pub fn refuses_credentials(cause: &str) -> bool {
+    const MARKS: [&str; 10] = [
+        "noauth",
+        "wrongpass",
+        "authentication required",
+        "invalid username-password pair",
+        "invalid password",
+        "authenticationfailed",
+        "password authentication failed",
+        "no password supplied",
+        "[28p01]",
+        "[28000]",
+    ];
+    let lower = cause.to_ascii_lowercase();
+    MARKS.iter().any(|m| lower.contains(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Credential refusals of Redis and PostgreSQL, as their clients word them,
+    /// are told apart from other failures; neither shows the cause.
+    #[test]
+    fn backend_failures_are_safe_and_tell_credentials_apart() {
+        for refusal in [
+            "Error::Other(\"WRONGPASS: invalid username-password pair or user is disabled.\")",
+            "Other(\"NOAUTH: Authentication required.\")",
+            "AuthenticationFailed: Password authentication failed",
+            "connection failed: password authentication failed for user \"app\"",
+            "db error [28P01]",
+        ] {
+            let p = Problem::backend("Redis (redis_address)", refusal);
+            assert_eq!((p.status, p.code(), p.retry_after), (503, "credentials-refused", Some(1)), "{refusal}");
+            assert!(p.detail.starts_with("Redis (redis_address) refused"), "{}", p.body());
+            assert!(!p.body().contains(refusal) && p.cause_or_detail() == refusal);
+        }
+        let p = Problem::backend("the database", "Connection refused (os error 111) at 10.0.0.9");
+        assert_eq!(p.code(), "unavailable");
+        assert!(!p.body().contains("10.0.0.9"), "{}", p.body());
+        assert_eq!(Problem::not_found("x").cause_or_detail(), "x");
     }
 }

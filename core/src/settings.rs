@@ -2,6 +2,7 @@
 //! defaults that make `spin up` work against a local Redis.
 
 use crate::layout::Layout;
+use crate::redact::{Redactor, server_of};
 use crate::write::Limits;
 
 /// Everything the components read from variables.
@@ -52,6 +53,9 @@ pub struct Settings {
     pub drain_budget_secs: u64,
     /// Request limits.
     pub limits: Limits,
+    /// Masks the credentials of the addresses above and the admin token in any
+    /// text that leaves a component (see [`crate::redact`]).
+    pub redactor: Redactor,
 }
 
 impl Settings {
@@ -96,6 +100,20 @@ impl Settings {
     /// notes): its first shard, so that a cluster node owns them.
     pub fn first_shard_on(&self, address: &str) -> u32 {
         (0..self.layout.shards).find(|n| self.redis_for(*n) == address).unwrap_or(0)
+    }
+
+    /// How an answer names the Redis server at `address`, without its
+    /// credentials: by the variable that configures it (`redis_address`,
+    /// `shard_redis_addresses[i]`), which tells an operator where to look and
+    /// tells a client nothing about the network.
+    pub fn redis_name(&self, address: &str) -> String {
+        if address == self.redis_address {
+            return "redis_address".to_owned();
+        }
+        match self.shard_redis_addresses.iter().position(|a| a == address) {
+            Some(i) => format!("shard_redis_addresses[{i}]"),
+            None => server_of(address).unwrap_or_else(|| "a Redis server".to_owned()),
+        }
     }
 
     /// Every server shards are on, each once, in order.
@@ -181,13 +199,20 @@ impl Settings {
             Some("true") => true,
             Some(v) => return Err(SettingsError { name: "redis_cluster", reason: format!("{v:?} is not true or false") }),
         };
+        let redis_address = get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+        let admin_token = get("admin_token").filter(|t| !t.is_empty());
+        let redactor = Redactor::new(
+            std::iter::once(redis_address.as_str()).chain(shard_redis_addresses.iter().map(String::as_str)).chain([database.as_str()]),
+            admin_token.as_deref(),
+        );
         Ok(Self {
+            redactor,
             shard_redis_addresses,
             redis_cluster,
             wake_url,
             drain_budget_secs: num(&get, "drain_budget_secs", 0)?,
             database,
-            redis_address: get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+            redis_address,
             layout: Layout { prefix, shards },
             batch_size,
             lease_ttl_ms,
@@ -197,7 +222,7 @@ impl Settings {
             status_retention_secs,
             change_feed_secs,
             stats_public,
-            admin_token: get("admin_token").filter(|t| !t.is_empty()),
+            admin_token,
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,
                 max_batch: num(&get, "max_batch", d.max_batch)?,
@@ -244,5 +269,23 @@ mod tests {
         assert_eq!(e.name, "wake_url");
         let pg = Settings::load(|n| (n == "database").then(|| "postgres://app@db:5432/app".to_owned())).unwrap();
         assert_eq!(pg.database, "postgres://app@db:5432/app");
+    }
+
+    /// Servers are named by the variable that sets them, and every configured
+    /// credential is masked in texts.
+    #[test]
+    fn servers_are_named_and_credentials_masked() {
+        let vars = [
+            ("redis_address", "redis://:queue-pw@10.0.0.1:6379"),
+            ("shard_redis_addresses", "redis://u:shard-pw@10.0.0.2:6379, redis://10.0.0.3:6379"),
+            ("database", "postgres://app:db-pw-1@db:5432/app"),
+            ("admin_token", "admin-tok-9"),
+        ];
+        let s = Settings::load(|n| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| (*v).to_owned())).unwrap();
+        assert_eq!(s.redis_name("redis://:queue-pw@10.0.0.1:6379"), "redis_address");
+        assert_eq!(s.redis_name("redis://10.0.0.3:6379"), "shard_redis_addresses[1]");
+        assert_eq!(s.redis_name("redis://x:y@elsewhere:1/0"), "redis://elsewhere:1");
+        let text = "queue-pw shard-pw db-pw-1 admin-tok-9 10.0.0.1";
+        assert_eq!(s.redactor.redact(text), "*** *** *** *** 10.0.0.1");
     }
 }

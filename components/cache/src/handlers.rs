@@ -81,7 +81,7 @@ enum Route {
 }
 
 pub(crate) fn kv_err(e: spin_sdk::key_value::Error) -> Problem {
-    Problem::unavailable(&format!("key-value store: {e:?}"))
+    spillway_spin::backend_failed("The key-value store (default)", &format!("{e:?}"))
 }
 
 /// A key's state in the database.

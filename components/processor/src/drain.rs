@@ -218,12 +218,12 @@ async fn finish_round(
     let apply_ms = spillway_spin::monotonic_ms() - started;
     for (shard, p) in &errors {
         if let Some(b) = batches.iter().find(|b| b.shard == *shard) {
-            log_failure(b, "apply", &p.detail);
+            log_failure(b, "apply", p.cause_or_detail());
         }
     }
     for (shard, p) in errors {
         let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
-        let mut args = vec![p.detail.clone()];
+        let mut args = vec![p.cause_or_detail().to_owned()];
         args.extend(ids);
         let _ = Redis::for_shard(s, shard).eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await;
         drop_held(s, held, shard, true).await;
@@ -243,8 +243,8 @@ async fn finish_round(
             // Committed, not acknowledged: redelivered later, found applied, and
             // refreshed then.
             for b in &done {
-                log_failure(b, "cache", &p.detail);
-                let mut args = vec![p.detail.clone()];
+                log_failure(b, "cache", p.cause_or_detail());
+                let mut args = vec![p.cause_or_detail().to_owned()];
                 args.extend(b.entries.iter().map(|(id, _)| id.clone()));
                 let _ = Redis::for_shard(s, b.shard).eval(scripts::RECORD_ERROR, &[l.attempts(b.shard), l.stats(b.shard)], &args).await;
                 drop_held(s, held, b.shard, true).await;
@@ -269,7 +269,7 @@ async fn finish_round(
         if args.len() > 3 {
             let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard), l.stats(b.shard)];
             if let Err(p) = Redis::for_shard(s, b.shard).eval(scripts::DEAD_LETTER, &keys, &args).await {
-                log_failure(b, "dead-letter", &p.detail);
+                log_failure(b, "dead-letter", p.cause_or_detail());
                 // Not acknowledged either (that would drop them): redelivered later.
                 undead.insert(b.shard);
                 failures.push((Some(b.shard), p));
@@ -299,7 +299,7 @@ async fn finish_round(
                 let (new_applied, new_rejected) = applied.per_shard.get(&shard).copied().unwrap_or_default();
                 log_batch(b, new_applied, new_rejected, [b.read_ms, apply_ms, cache_ms, ack_ms]);
             }
-            Err(p) => log_failure(b, "ack", &p.detail),
+            Err(p) => log_failure(b, "ack", p.cause_or_detail()),
         }
         if let Err(p) = r {
             // Applied but still pending: this tenure reads only new entries, so

@@ -45,7 +45,10 @@ struct Shard {
 }
 
 struct Snapshot {
+    /// The shards whose figures could be read.
     shards: Vec<Shard>,
+    /// The shards whose server failed (named in `hazards`).
+    unavailable: Vec<u32>,
     cache_hits: u64,
     cache_misses: u64,
     hazards: Vec<String>,
@@ -93,29 +96,48 @@ async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
     })
 }
 
-async fn snapshot(s: &Settings) -> Result<Snapshot, Problem> {
-    let redis = Redis::for_shard(s, 0);
-    let shards = futures::future::join_all((0..s.layout.shards).map(|n| shard(s, n))).await.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let cache = redis.execute("HMGET", vec![bin(&s.layout.cache_stats()), bin("hits"), bin("misses")]).await?;
+/// Every figure Redis can give. A server that fails (down, or refusing
+/// Spillway's credentials) does not hide the others: its shards are listed as
+/// unavailable and the failure, named as an answer names it, is a hazard.
+async fn snapshot(s: &Settings) -> Snapshot {
     let mut hazards: Vec<String> = Vec::new();
-    for address in s.redis_servers() {
-        for h in spillway_spin::hazards::check(&Redis::new(address)).await {
-            if !hazards.contains(&h) {
-                hazards.push(h);
+    let mut note = |h: String| {
+        if !hazards.contains(&h) {
+            hazards.push(h);
+        }
+    };
+    let mut shards = Vec::new();
+    let mut unavailable = Vec::new();
+    for (n, r) in futures::future::join_all((0..s.layout.shards).map(|n| shard(s, n))).await.into_iter().enumerate() {
+        match r {
+            Ok(sh) => shards.push(sh),
+            Err(p) => {
+                unavailable.push(n as u32);
+                note(p.detail);
             }
         }
     }
-    Ok(Snapshot {
+    let cache = Redis::for_shard(s, 0).execute("HMGET", vec![bin(&s.layout.cache_stats()), bin("hits"), bin("misses")]).await.unwrap_or_else(|p| {
+        note(p.detail);
+        Vec::new()
+    });
+    for address in s.redis_servers() {
+        for h in spillway_spin::hazards::check(&Redis::new(address)).await {
+            note(h);
+        }
+    }
+    Snapshot {
         shards,
+        unavailable,
         cache_hits: cache.first().and_then(int).unwrap_or(0).max(0) as u64,
         cache_misses: cache.get(1).and_then(int).unwrap_or(0).max(0) as u64,
         hazards,
-    })
+    }
 }
 
 /// `GET /v1/stats`.
 pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Problem> {
-    let snap = snapshot(s).await?;
+    let snap = snapshot(s).await;
     let mut totals: serde_json::Map<String, Json> = COUNTERS.iter().map(|c| ((*c).to_owned(), json!(0))).collect();
     let (mut depth, mut unacked, mut dead_letters, mut oldest) = (0, 0, 0, None::<u64>);
     let (mut accepted_window, mut applied_window) = (0, 0);
@@ -160,6 +182,7 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
         },
         "cache": {"hits": snap.cache_hits, "misses": snap.cache_misses},
         "hazards": snap.hazards,
+        "unavailable_shards": snap.unavailable,
     });
     Ok(json(200, &body, &[("cache-control", "no-store".into())]))
 }
@@ -169,7 +192,7 @@ type Labels = Vec<(String, String)>;
 /// `GET /metrics`: the same figures for a Prometheus scraper, encoded by
 /// `prometheus-client` (OpenMetrics text, which Prometheus reads).
 pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Problem> {
-    let snap = snapshot(s).await?;
+    let snap = snapshot(s).await;
     let mut registry = Registry::with_prefix("spillway");
     let gauge = |registry: &mut Registry, name: &str, help: &str| {
         let f = Family::<Labels, Gauge>::default();
@@ -208,7 +231,10 @@ pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Prob
     registry.register("cache_misses", "Record reads that missed the cache.", misses);
     let hazards = Gauge::<i64>::default();
     hazards.set(snap.hazards.len() as i64);
-    registry.register("redis_hazards", "Redis settings that put writes at risk (see /v1/stats for which).", hazards);
+    registry.register("redis_hazards", "Redis settings or failures that put writes at risk (see /v1/stats for which).", hazards);
+    let unavailable = Gauge::<i64>::default();
+    unavailable.set(snap.unavailable.len() as i64);
+    registry.register("unavailable_shards", "Shards whose Redis server failed when read (see /v1/stats for why).", unavailable);
     let mut out = String::new();
     encode(&mut out, &registry).map_err(|e| Problem::unavailable(&format!("metrics encoding: {e}")))?;
     Ok(respond(200, "application/openmetrics-text; version=1.0.0; charset=utf-8", out, &[("cache-control", "no-store".into())]))

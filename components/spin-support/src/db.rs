@@ -39,8 +39,11 @@ pub struct Db {
 /// A database failure: the message the engine gave, wherever Spin reported it
 /// (PostgreSQL's with its SQLSTATE code in brackets).
 fn sqlite_err(e: sqlite::Error) -> Problem {
-    Problem::unavailable(&format!("database: {e:?}"))
+    crate::backend_failed(WHAT, &format!("{e:?}"))
 }
+
+/// How answers name the database: by its variable.
+const WHAT: &str = "The database (database)";
 
 fn pg_err(e: pg::Error) -> Problem {
     let detail = match &e {
@@ -49,17 +52,19 @@ fn pg_err(e: pg::Error) -> Problem {
         pg::Error::PgError(pg::PgError::ConnectionFailed(t)) => format!("connection failed: {t}"),
         other => other.to_string(),
     };
-    Problem::unavailable(&format!("database: {detail}"))
+    crate::backend_failed(WHAT, &detail)
 }
 
 /// Whether `p` says a table does not exist (nothing was ever applied).
 pub fn is_missing_table(p: &Problem) -> bool {
-    p.detail.contains("no such table") || p.detail.contains("[42P01]")
+    let cause = p.cause_or_detail();
+    cause.contains("no such table") || cause.contains("[42P01]")
 }
 
 /// Whether `p` says a column does not exist (tables older than this code).
 fn is_missing_column(p: &Problem) -> bool {
-    p.detail.contains("no such column") || p.detail.contains("[42703]")
+    let cause = p.cause_or_detail();
+    cause.contains("no such column") || cause.contains("[42703]")
 }
 
 impl Db {

@@ -36,7 +36,7 @@ fn kv_err(e: store::Error) -> Problem {
         store::Error::AccessDenied => "access denied".to_owned(),
         store::Error::Other(m) => m,
     };
-    Problem::unavailable(&format!("key-value store: {detail}"))
+    crate::backend_failed("The key-value store (default)", &detail)
 }
 
 impl Kv {

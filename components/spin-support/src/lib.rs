@@ -67,8 +67,8 @@ pub async fn wake(s: &Settings, shard: u32) {
     let Some(url) = &s.wake_url else { return };
     match spin_sdk::http::post(format!("{url}?shard={shard}"), "").await {
         Ok(r) if r.status().is_success() => {}
-        Ok(r) => eprintln!("wake {url}: status {}", r.status()),
-        Err(e) => eprintln!("wake {url}: {e}"),
+        Ok(r) => eprintln!("{}", redact(&format!("wake {url}: status {}", r.status()))),
+        Err(e) => eprintln!("{}", redact(&format!("wake {url}: {e}"))),
     }
 }
 
@@ -147,7 +147,7 @@ impl Redis {
         if let Some(c) = REDIS.with_borrow(|r| r.get(&self.address).cloned()) {
             return Ok(c);
         }
-        let c = Rc::new(Connection::open(&self.address).await.map_err(|e| unavailable(&e))?);
+        let c = Rc::new(Connection::open(&self.address).await.map_err(|e| redis_failed(&self.address, &e))?);
         REDIS.with_borrow_mut(|r| r.insert(self.address.clone(), c.clone()));
         Ok(c)
     }
@@ -171,7 +171,7 @@ impl Redis {
                 // forgotten settings made at run time: check them again.
                 REDIS.with_borrow_mut(|r| r.remove(&self.address));
                 hazards::forget(&self.address);
-                Err(Some(unavailable(&e)))
+                Err(Some(redis_failed(&self.address, &e)))
             }
         }
     }
@@ -215,8 +215,34 @@ pub fn bin(s: &str) -> RedisParameter {
     RedisParameter::Binary(s.as_bytes().to_vec())
 }
 
-pub(crate) fn unavailable(e: &spin_sdk::redis::Error) -> Problem {
-    Problem::unavailable(&format!("Redis is unreachable or failed: {e:?}"))
+/// A failure of the Redis server at `address` as an answer (see
+/// [`backend_failed`]), naming the server by its variable.
+pub(crate) fn redis_failed(address: &str, e: &spin_sdk::redis::Error) -> Problem {
+    let name = SETTINGS.with_borrow(|s| match s {
+        Some(s) => s.redis_name(address),
+        None => spillway_core::redact::server_of(address).unwrap_or_else(|| "a Redis server".to_owned()),
+    });
+    backend_failed(&format!("Redis ({name})"), &format!("{e:?}"))
+}
+
+/// Masks credentials in `text` (user information in URLs, and every configured
+/// secret once the settings are read): for anything a log line or an
+/// operator's record repeats from a backend.
+pub fn redact(text: &str) -> String {
+    SETTINGS.with_borrow(|s| match s {
+        Some(s) => s.redactor.redact(text),
+        None => spillway_core::redact::strip_userinfo(text),
+    })
+}
+
+/// A backend failure as an answer: `what` failed with `cause` (its own error
+/// text). The client gets a stable problem type and a message that names the
+/// backend ([`Problem::backend`]); the cause, credentials masked, goes to one
+/// JSON log line and stays in the problem for the operators' records.
+pub fn backend_failed(what: &str, cause: &str) -> Problem {
+    let cause = redact(cause);
+    eprintln!("{}", serde_json::json!({"event": "backend_failed", "backend": what, "error": cause}));
+    Problem::backend(what, &cause)
 }
 
 /// A response with a known body: `Content-Length` is always set (see DESIGN.md).

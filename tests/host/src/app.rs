@@ -220,14 +220,12 @@ impl App {
                     Ok((k.clone(), v))
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let hosts: Vec<String> = c
-                .allowed_outbound_hosts
-                .iter()
-                .map(|h| template::render(h, lookup))
-                .collect::<anyhow::Result<_>>()
+            // As Spin: checked at load with the variables' defaults, resolved
+            // with the values in force for the running component.
+            let default_of = |name: &str| manifest.variables.get(name).and_then(|v| v.default.clone());
+            AllowedHosts::validate(&c.allowed_outbound_hosts, default_of)
                 .with_context(|| format!("component {id:?}: `allowed_outbound_hosts` is malformed"))?;
-            let allowed_hosts = AllowedHosts::parse(&hosts)
-                .with_context(|| format!("component {id:?}: `allowed_outbound_hosts` is malformed"))?;
+            let allowed_hosts = AllowedHosts::resolve(&c.allowed_outbound_hosts, lookup);
             let caps = Arc::new(ComponentCaps {
                 id: id.clone(),
                 variables,

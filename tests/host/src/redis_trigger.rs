@@ -67,26 +67,27 @@ impl App {
         let mut listing = String::new();
         let mut tasks = Vec::new();
         for (address, channels) in by_address {
+            // Errors name the server without its credentials.
+            let server = crate::outbound::destination(address, "redis");
             let client = redis::Client::open(address)
-                .with_context(|| format!("invalid Redis trigger address {address:?}"))?;
+                .with_context(|| format!("invalid Redis trigger address {server:?}"))?;
             let mut pubsub = client
                 .get_async_pubsub()
                 .await
-                .with_context(|| format!("Redis trigger failed to connect to {address}"))?;
+                .with_context(|| format!("Redis trigger failed to connect to {server}"))?;
             let info = client.get_connection_info().addr().to_string();
             listing.push_str(&format!("Active Channels on {info}:\n"));
             for (channel, subs) in &channels {
                 pubsub
                     .subscribe(*channel)
                     .await
-                    .with_context(|| format!("Redis trigger failed to subscribe to {channel:?} on {address}"))?;
+                    .with_context(|| format!("Redis trigger failed to subscribe to {channel:?} on {server}"))?;
                 let ids: Vec<&str> = subs.iter().map(|&i| self.subscriptions[i].loaded.caps.id.as_str()).collect();
                 listing.push_str(&format!("\t{info}/{channel}: [{}]\n", ids.join(",")));
             }
             let routes: BTreeMap<String, Vec<usize>> =
                 channels.into_iter().map(|(c, s)| (c.to_owned(), s)).collect();
             let app = self.clone();
-            let address = address.to_owned();
             tasks.push(tokio::spawn(async move {
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
@@ -104,7 +105,7 @@ impl App {
                     });
                     futures::future::join_all(runs).await;
                 }
-                bail!("disconnected from {address}")
+                bail!("disconnected from {server}")
             }));
         }
         ready(listing);

@@ -159,7 +159,11 @@ impl wasmtime_wasi_http::WasiHttpHooks for OutboundHttp {
             // its scheme.
             let url = request.uri().to_string();
             if !self.caps.allowed_hosts.allows_url(&url, "https") {
-                eprintln!("Warning: A component ({}) tried to make an HTTP request to disallowed destination '{url}'.", self.caps.id);
+                eprintln!(
+                    "Warning: A component ({}) tried to make an HTTP request to disallowed destination '{}'.",
+                    self.caps.id,
+                    crate::outbound::destination(&url, "https")
+                );
                 return None;
             }
             self.caps.chain.send(&id, request)

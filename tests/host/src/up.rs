@@ -81,7 +81,7 @@ async fn ensure_redis(url: &str, state_dir: &std::path::Path) -> anyhow::Result<
     let client = redis::Client::open(url).with_context(|| format!("--ensure-redis {url:?} is not a Redis URL"))?;
     if let Ok(mut c) = client.get_multiplexed_async_connection().await
         && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
-            eprintln!("Using the Redis server at {url}");
+            eprintln!("Using the Redis server at {}", crate::outbound::destination(url, "redis"));
             return Ok(None);
         }
     let info = client.get_connection_info().addr().to_string();

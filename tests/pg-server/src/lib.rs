@@ -23,6 +23,8 @@ pub struct PgDb {
     pub url: String,
     /// `postgres://127.0.0.1:<port>` (for `allowed_outbound_hosts`).
     pub host: String,
+    /// The password in `url`, for a database made by [`PgDb::create_secured`].
+    pub password: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -103,6 +105,10 @@ fn cluster() -> &'static Cluster {
             .status()
             .expect("initdb runs");
         assert!(status.success(), "initdb failed");
+        // The tests' own superuser (`postgres`) is trusted; every other role
+        // must give its password over TCP (SCRAM), as on a production server.
+        let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n";
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         let port = free_port();
         // Spawned from a thread that never ends: the parent-death signal follows
         // the spawning thread, and a test's thread ends with the test.
@@ -171,6 +177,24 @@ impl PgDb {
         // have: the app's statements must not depend on the cluster's C locale.
         c.psql("postgres", &format!("CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'"))
             .expect("create database");
-        Self { url: format!("postgres://postgres@127.0.0.1:{}/{name}", c.port), host: format!("postgres://127.0.0.1:{}", c.port) }
+        Self { url: format!("postgres://postgres@127.0.0.1:{}/{name}", c.port), host: format!("postgres://127.0.0.1:{}", c.port), password: None }
+    }
+
+    /// Like [`PgDb::create`], owned by a role of its own that logs in with a
+    /// password (a fresh one, `password`): `url` carries it, as a production
+    /// `database` variable does.
+    pub fn create_secured() -> Self {
+        let mut db = Self::create();
+        let c = cluster();
+        let name = db.url.rsplit('/').next().expect("database name").to_owned();
+        let role = format!("{name}_owner");
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let password = format!("pg-pw-{name}-{nanos:08x}");
+        c.psql("postgres", &format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'")).expect("create role");
+        c.psql("postgres", &format!("ALTER DATABASE {name} OWNER TO {role}")).expect("hand the database over");
+        c.psql(&name, &format!("ALTER SCHEMA public OWNER TO {role}")).expect("hand the schema over");
+        db.url = format!("postgres://{role}:{password}@127.0.0.1:{}/{name}", c.port);
+        db.password = Some(password);
+        db
     }
 }

@@ -53,7 +53,7 @@ impl KvBackend {
             },
             KeyValueConfig::Redis(url) => Self::Redis {
                 client: redis::Client::open(url.as_str())
-                    .with_context(|| format!("invalid Redis url {url:?} for a key-value store"))?,
+                    .with_context(|| format!("invalid Redis url {:?} for a key-value store", crate::outbound::destination(url, "redis")))?,
                 conn: tokio::sync::Mutex::new(None),
             },
         })

@@ -76,7 +76,7 @@ fn allowed(view: &SpinView<'_>, address: &str) -> Result<(), Error> {
         if let tokio_postgres::config::Host::Tcp(h) = host {
             let port = ports.get(i).or(if ports.len() == 1 { ports.first() } else { None });
             let url = format!("{h}{}", port.map(|p| format!(":{p}")).unwrap_or_default());
-            if !view.caps.allowed_hosts.allows_url(&url, "postgres") {
+            if !view.caps.allowed_hosts.check_url(&url, "postgres").map_err(Error::Other)? {
                 eprintln!(
                     "Warning: A component ({}) tried to make an outbound network connection to disallowed destination 'postgres://{url}'.",
                     view.caps.id

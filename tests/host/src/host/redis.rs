@@ -61,14 +61,23 @@ impl<T> HostConnectionWithStore<T> for Spin {
     async fn open(accessor: &Accessor<T, Self>, address: String) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
         let (allowed, id) = accessor.with(|mut access| {
             let view = access.get();
-            (view.caps.allowed_hosts.allows_url(&address, "redis"), view.caps.id.clone())
+            (view.caps.allowed_hosts.check_url(&address, "redis"), view.caps.id.clone())
         });
-        if !allowed {
-            eprintln!(
-                "Warning: A component ({id}) tried to make an outbound network connection to disallowed destination '{address}'.\n\
-                 To allow this request, add 'allowed_outbound_hosts = [\"{address}\"]' to the manifest component section."
-            );
-            return Ok(Err(Error::InvalidAddress));
+        match allowed {
+            Ok(true) => {}
+            // The component's entries did not resolve: Spin fails the call
+            // with the parse error.
+            Err(e) => return Ok(Err(Error::Other(e))),
+            Ok(false) => {
+                // Named as Spin names it: scheme, host and port, never the
+                // user information.
+                let destination = crate::outbound::destination(&address, "redis");
+                eprintln!(
+                    "Warning: A component ({id}) tried to make an outbound network connection to disallowed destination '{destination}'.\n\
+                     To allow this request, add 'allowed_outbound_hosts = [\"{destination}\"]' to the manifest component section."
+                );
+                return Ok(Err(Error::InvalidAddress));
+            }
         }
         let client = match redis::Client::open(address.as_str()) {
             Ok(c) => c,

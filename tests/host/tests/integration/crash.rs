@@ -62,7 +62,8 @@ async fn crash_run(setup: Setup) {
         Setup::HttpOnly => (None, true),
         Setup::TwoServers => (Some(Engine::Sqlite), false),
     };
-    let (redis, second) = if setup == Setup::TwoServers { (Redis::start_cluster_node(), Some(Redis::start_cluster_node())) } else { (Redis::start(), None) };
+    // A password on the single server, as in production.
+    let (redis, second) = if setup == Setup::TwoServers { (Redis::start_cluster_node(), Some(Redis::start_cluster_node())) } else { (Redis::start_secured(), None) };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (front_toml, processor_toml, triggers) = match engine.filter(|_| !http_only) {

@@ -9,7 +9,16 @@ use crate::support::workspace;
 
 /// `spin.toml`'s `[variables]`: name -> whether it is a secret.
 fn app_variables() -> BTreeMap<String, bool> {
-    let manifest: toml::Table = std::fs::read_to_string(workspace().join("spin.toml")).unwrap().parse().unwrap();
+    manifest_variables(&manifest("spin.toml"))
+}
+
+/// A manifest of the repository, parsed.
+fn manifest(path: &str) -> toml::Table {
+    std::fs::read_to_string(workspace().join(path)).unwrap().parse().unwrap()
+}
+
+/// A manifest's `[variables]`: name -> whether it is a secret.
+fn manifest_variables(manifest: &toml::Table) -> BTreeMap<String, bool> {
     manifest["variables"]
         .as_table()
         .unwrap()
@@ -63,11 +72,14 @@ fn spinkube_app_wires_every_variable_and_holds_no_secret() {
         wired.insert(name, from_secret.is_some());
     }
     for (name, secret) in &declared {
-        if *secret {
-            assert_eq!(wired.get(name), Some(&true), "secret variable {name} comes from a Kubernetes Secret");
+        if *secret && let Some(from_secret) = wired.get(name) {
+            assert!(from_secret, "secret variable {name} comes from a Kubernetes Secret");
         }
     }
-    for name in ["redis_address", "database", "database_host"] {
+    for name in ["admin_token", "database", "redis_address"] {
+        assert_eq!(wired.get(name), Some(&true), "{name} comes from a Kubernetes Secret");
+    }
+    for name in ["redis_address", "redis_host", "database", "database_host"] {
         assert!(wired.contains_key(name), "{name} is set: its default points at localhost");
     }
 
@@ -101,4 +113,35 @@ fn credentials_in_urls_are_recognised() {
     assert!(!has_credentials("postgres://app@db:5432/app"));
     assert!(!has_credentials("postgres://spillway:<password>@postgres:5432/spillway"));
     assert!(!has_credentials("value: \"postgres://postgres:5432\""));
+}
+
+/// Spin refuses an `allowed_outbound_hosts` entry with user information in it
+/// ("Invalid allowed host"), and an entry is no place for a secret: in every
+/// manifest, each entry is built only from variables that are not secrets and
+/// hold no credentials by default, and each variable that may carry
+/// credentials (the addresses) is a secret.
+#[test]
+fn allowed_hosts_are_built_from_variables_without_credentials() {
+    for path in ["spin.toml", "deploy/http-only/spin.toml"] {
+        let m = manifest(path);
+        let vars = manifest_variables(&m);
+        for name in ["redis_address", "shard_redis_addresses", "database", "admin_token"] {
+            assert_eq!(vars.get(name), Some(&true), "{path}: {name} may hold credentials and is a secret");
+        }
+        let defaults: BTreeMap<&str, &str> = m["variables"]
+            .as_table()
+            .unwrap()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.get("default")?.as_str()?)))
+            .collect();
+        for (id, c) in m["component"].as_table().unwrap() {
+            for entry in c.get("allowed_outbound_hosts").and_then(toml::Value::as_array).into_iter().flatten() {
+                let entry = entry.as_str().unwrap();
+                for name in entry.split("{{").skip(1).map(|r| r.split("}}").next().unwrap().trim()) {
+                    assert_eq!(vars.get(name), Some(&false), "{path}: component {id}: {entry:?} uses {name}, a secret or undeclared variable");
+                    assert!(!defaults.get(name).is_some_and(|d| d.contains('@')), "{path}: {name}'s default holds credentials");
+                }
+            }
+        }
+    }
 }

@@ -44,6 +44,8 @@ mod reads;
 mod feeds;
 /// Stats, metrics, dead-letter purge, JSON log lines.
 mod ops;
+/// Credentials: passwords work, and show in no answer or log line.
+mod secrets;
 /// `spin:redis`: commands, reply flattening, `allowed_outbound_hosts`.
 mod redis_outbound;
 /// The Redis trigger: delivery in order, failures do not stop it.

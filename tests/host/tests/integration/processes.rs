@@ -60,6 +60,12 @@ pub(crate) fn manifests(dir: &Path) -> (PathBuf, PathBuf) {
 /// `vars` (plus Redis and the admin token), and waits until it serves (and, with
 /// `wait_for_channels`, until its Redis triggers are subscribed).
 pub(crate) fn spawn(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool) -> Host {
+    spawn_with_env(manifest, state, redis_url, vars, wait_for_channels, &[])
+}
+
+/// [`spawn`] with environment variables for the host process (e.g.
+/// `SSL_CERT_FILE`, the CA a TLS Redis's certificate is checked against).
+pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool, env: &[(&str, &Path)]) -> Host {
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spillway-host"));
     cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"])
@@ -67,10 +73,12 @@ pub(crate) fn spawn(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&st
         .arg("--state-dir")
         .arg(state)
         .args(["--variable", &format!("redis_address={redis_url}")])
+        .args(["--variable", &format!("redis_host={}", spillway_core::redact::server_of(redis_url).expect("a Redis URL"))])
         .args(["--variable", &format!("admin_token={ADMIN}")]);
     for (k, v) in vars {
         cmd.args(["--variable", &format!("{k}={v}")]);
     }
+    cmd.envs(env.iter().map(|(k, v)| (*k, *v)));
     let mut child = cmd
         .env("SPILLWAY_HOST_CACHE_DIR", workspace().join("target/wasmtime-cache"))
         .stdout(Stdio::piped())

@@ -66,7 +66,7 @@ impl Store {
         match engine {
             Engine::Sqlite => (Self::Sqlite(state.join("sqlite_db.db")), Vec::new()),
             Engine::Postgres => {
-                let db = PgDb::create();
+                let db = PgDb::create_secured();
                 let vars = vec![("database".to_owned(), db.url.clone()), ("database_host".to_owned(), db.host.clone())];
                 (Self::Postgres(db), vars)
             }
@@ -168,6 +168,7 @@ pub(crate) fn options(redis: &Redis, state: &std::path::Path, vars: &[(&str, &st
     o.state_dir = Some(state.to_path_buf());
     o.variables = BTreeMap::from([
         ("redis_address".to_owned(), redis.url()),
+        ("redis_host".to_owned(), redis.host()),
         ("admin_token".to_owned(), ADMIN.to_owned()),
     ]);
     for (k, v) in vars {
@@ -194,9 +195,10 @@ impl Spillway {
         Self::start_with(Redis::start(), vars, trigger, true).await
     }
 
-    /// Like [`Spillway::start`], with `engine` as the system of record.
+    /// Like [`Spillway::start`], with `engine` as the system of record, as in
+    /// production: Redis requires a password, and so does PostgreSQL.
     pub(crate) async fn start_engine(engine: Engine, vars: &[(&str, &str)], trigger: bool) -> Self {
-        Self::start_full(Redis::start(), engine, vars, trigger, false).await
+        Self::start_full(Redis::start_secured(), engine, vars, trigger, false).await
     }
 
     /// The HTTP-only manifest (`deploy/http-only/spin.toml`: no Redis trigger, no
@@ -207,7 +209,10 @@ impl Spillway {
         let (store, db_vars) = Store::new(Engine::Postgres, state.path());
         let mut opts = options(&redis, state.path(), vars);
         opts.manifest = workspace().join("deploy/http-only/spin.toml");
-        opts.variables.extend(db_vars);
+        // The test's own variables win (e.g. a wrong database password).
+        for (k, v) in db_vars {
+            opts.variables.entry(k).or_insert(v);
+        }
         let app = Arc::new(App::load(&opts).expect("the HTTP-only manifest loads"));
         Self { app, redis, state, store, trigger: None }
     }
@@ -222,7 +227,11 @@ impl Spillway {
     /// Like [`Spillway::start_with_apply`], the manifest's text passed through
     /// `edit` first.
     pub(crate) async fn start_with_apply_edited(apply: &std::path::Path, vars: &[(&str, &str)], edit: impl Fn(String) -> String) -> Self {
-        let redis = Redis::start();
+        Self::start_edited_on(Redis::start(), apply, vars, edit).await
+    }
+
+    /// Like [`Spillway::start_with_apply_edited`], against `redis`.
+    pub(crate) async fn start_edited_on(redis: Redis, apply: &std::path::Path, vars: &[(&str, &str)], edit: impl Fn(String) -> String) -> Self {
         let state = tempfile::tempdir().unwrap();
         let (store, db_vars) = Store::new(Engine::Sqlite, state.path());
         let ws = workspace();
@@ -238,7 +247,10 @@ impl Spillway {
         std::fs::write(&path, manifest).unwrap();
         let mut opts = options(&redis, state.path(), vars);
         opts.manifest = path;
-        opts.variables.extend(db_vars);
+        // The test's own variables win (e.g. a wrong database password).
+        for (k, v) in db_vars {
+            opts.variables.entry(k).or_insert(v);
+        }
         let app = Arc::new(App::load(&opts).expect("spillway loads with its apply step replaced"));
         let mut s = Self { app, redis, state, store, trigger: None };
         s.start_trigger().await;
@@ -253,7 +265,10 @@ impl Spillway {
         let state = tempfile::tempdir().unwrap();
         let (store, db_vars) = Store::new(engine, state.path());
         let mut opts = options(&redis, state.path(), vars);
-        opts.variables.extend(db_vars);
+        // The test's own variables win (e.g. a wrong database password).
+        for (k, v) in db_vars {
+            opts.variables.entry(k).or_insert(v);
+        }
         if kv_on_redis {
             let rc = state.path().join("runtime-config.toml");
             std::fs::write(&rc, format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n", redis.url())).unwrap();

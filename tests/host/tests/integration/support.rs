@@ -49,6 +49,17 @@ pub(crate) struct Redis {
     pub(crate) port: u16,
     dir: tempfile::TempDir,
     persistence: &'static [&'static str],
+    /// `requirepass`, when it has one: every client must authenticate.
+    password: Option<String>,
+}
+
+/// A password no other text in a test contains: a fresh one per server, so that
+/// finding it anywhere (an answer, a log line) can only mean it leaked.
+pub(crate) fn fresh_secret(what: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{what}-pw-{:x}{nanos:08x}{n:04x}", std::process::id())
 }
 
 /// No persistence: the tests' default.
@@ -84,11 +95,21 @@ impl Redis {
 
     /// Starts a server with these persistence options.
     pub(crate) fn start_with(persistence: &'static [&'static str]) -> Self {
+        Self::start_full(persistence, None)
+    }
+
+    /// Starts a server that requires a password (`requirepass`, a fresh one), as
+    /// a production Redis does; [`Redis::url`] carries it.
+    pub(crate) fn start_secured() -> Self {
+        Self::start_full(NO_PERSISTENCE, Some(fresh_secret("redis")))
+    }
+
+    fn start_full(persistence: &'static [&'static str], password: Option<String>) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let dir = tempfile::tempdir().expect("tempdir");
-            let child = Self::spawn(port, dir.path(), persistence);
-            let mut server = Self { child, port, dir, persistence };
+            let child = Self::spawn(port, dir.path(), persistence, password.as_deref());
+            let mut server = Self { child, port, dir, persistence, password: password.clone() };
             if server.wait_ready() {
                 return server;
             }
@@ -96,11 +117,13 @@ impl Redis {
         panic!("redis-server did not start");
     }
 
-    fn spawn(port: u16, dir: &Path, persistence: &[&str]) -> Child {
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(persistence)
-            .arg("--dir")
+    fn spawn(port: u16, dir: &Path, persistence: &[&str], password: Option<&str>) -> Child {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(persistence);
+        if let Some(pw) = password {
+            cmd.args(["--requirepass", pw]);
+        }
+        cmd.arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -116,7 +139,7 @@ impl Redis {
 
     /// Starts it again on the same port and data directory (AOF reloaded).
     pub(crate) fn restart(&mut self) {
-        self.child = Self::spawn(self.port, self.dir.path(), self.persistence);
+        self.child = Self::spawn(self.port, self.dir.path(), self.persistence, self.password.as_deref());
         assert!(self.wait_ready(), "redis-server did not come back");
     }
 
@@ -135,9 +158,23 @@ impl Redis {
         false
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, with `:<password>@` when it has one.
     pub(crate) fn url(&self) -> String {
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            None => self.host(),
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>`, never with credentials: the
+    /// `allowed_outbound_hosts` entry (`redis_host`).
+    pub(crate) fn host(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its password, if it requires one.
+    pub(crate) fn password(&self) -> Option<&str> {
+        self.password.as_deref()
     }
 
     /// A synchronous connection for assertions.
