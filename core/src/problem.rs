@@ -27,7 +27,7 @@ pub struct Problem {
     /// lines, the dead-letter record and telling failures apart, never for the
     /// client (see [`Problem::backend`]).
     #[serde(skip)]
-    pub cause: Option<String>,
+    pub cause: Option<Box<String>>,
 }
 
 impl Problem {
@@ -111,14 +111,14 @@ impl Problem {
             Self::new(503, "unavailable", "Service unavailable", &format!("{what} is unreachable or failed (the server log has the details)"))
         };
         p.retry_after = Some(1);
-        p.cause = Some(cause.to_owned());
+        p.cause = Some(Box::new(cause.to_owned()));
         p
     }
 
     /// The backend's own text when there is one, else the detail: what a log
     /// line or an operator's record says.
     pub fn cause_or_detail(&self) -> &str {
-        self.cause.as_deref().unwrap_or(&self.detail)
+        self.cause.as_deref().map_or(&self.detail, String::as_str)
     }
 
     /// 401/403 for admin endpoints.

@@ -21,6 +21,28 @@ use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode
 /// What replaces a secret.
 pub const MASK: &str = "***";
 
+/// What URL encoders leave as it is in user information: RFC 3986's unreserved
+/// characters.
+const USERINFO: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// `text` with the hex digits of its `%XX` escapes in lower case.
+fn lower_hex(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut escape = 0;
+    for c in text.chars() {
+        if c == '%' {
+            escape = 2;
+            out.push(c);
+        } else if escape > 0 {
+            escape -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The shortest secret that is replaced by value: shorter ones would mask common
 /// text (a password that short is no protection anyway).
 const MIN_SECRET_LEN: usize = 4;
@@ -30,31 +52,26 @@ const MIN_SECRET_LEN: usize = 4;
 /// `None`.
 pub fn server_of(url: &str) -> Option<String> {
     let (scheme, rest) = url.trim().split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let after = userinfo_of(url).map_or(rest, |info| &rest[info.len() + 1..]);
+    let host = after.split(['/', '?', '#']).next().unwrap_or_default();
     (!scheme.is_empty() && !host.is_empty()).then(|| format!("{scheme}://{host}"))
 }
 
-/// The user information of `url` (`user:password` or `:password` or `user`), if
-/// any: what must never be shown.
+/// The user information of `url` (`user:password`, `:password` or `user`), if
+/// any: what must never be shown. It runs to the last '@' of the URL, so that a
+/// password holding '/', '?', '#' or '@' is taken whole (an '@' in a path would
+/// be taken too: masking too much is the safe mistake).
 pub fn userinfo_of(url: &str) -> Option<&str> {
     let (_, rest) = url.trim().split_once("://")?;
-    // The authority ends at the first '/', '?' or '#' after the last '@' that
-    // precedes one: a password may itself contain '/', '?' or '#'.
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let at = match rest[..end].rfind('@') {
-        Some(at) => at,
-        // `user:pa/ss@host`: an '@' after the first '/' still ends user
-        // information when no '/' precedes it in a host.
-        None => {
-            let at = rest.rfind('@')?;
-            if rest[at + 1..].split(['/', '?', '#']).next().is_some_and(|h| h.contains(['/', ' '])) {
-                return None;
-            }
-            at
-        }
-    };
+    let at = rest.rfind('@')?;
     (at > 0).then(|| &rest[..at])
+}
+
+/// The values of `password=` parameters of `url`'s query (PostgreSQL's URLs may
+/// carry the password there).
+fn query_passwords(url: &str) -> Vec<String> {
+    let Some((_, query)) = url.split_once('?') else { return Vec::new() };
+    query.split('&').filter_map(|kv| kv.strip_prefix("password=")).map(str::to_owned).collect()
 }
 
 /// `text` with the user information of every `scheme://…@` in it replaced by
@@ -102,13 +119,19 @@ impl Redactor {
                     raw.push(password.to_owned());
                 }
             }
+            raw.extend(query_passwords(address));
         }
         raw.extend(secrets.into_iter().map(str::to_owned));
         let mut spellings: Vec<String> = Vec::new();
         for s in raw {
             let decoded = percent_decode_str(&s).decode_utf8_lossy().into_owned();
-            let encoded = utf8_percent_encode(&decoded, NON_ALPHANUMERIC).to_string();
-            for v in [s, decoded, encoded] {
+            // As an error may spell it: as written, decoded, encoded the way URL
+            // encoders do (all but unreserved characters, or all but letters and
+            // digits), in lower-case hex too, and escaped as Rust's `{:?}` does.
+            let encoded = [utf8_percent_encode(&decoded, USERINFO).to_string(), utf8_percent_encode(&decoded, NON_ALPHANUMERIC).to_string()];
+            let lower = encoded.iter().map(|e| lower_hex(e)).collect::<Vec<_>>();
+            let debug = decoded.escape_debug().to_string();
+            for v in [s, decoded].into_iter().chain(encoded).chain(lower).chain([debug]) {
                 if v.chars().count() >= MIN_SECRET_LEN && !spellings.contains(&v) {
                     spellings.push(v);
                 }
@@ -147,6 +170,9 @@ mod tests {
         assert_eq!(userinfo_of("redis://user:pa@ss@h:1/0"), Some("user:pa@ss"));
         assert_eq!(userinfo_of("redis://h:1/0"), None);
         assert_eq!(userinfo_of("postgres://u:pa/ss@db:5432/app"), Some("u:pa/ss"));
+        assert_eq!(userinfo_of("redis://:pa/ss#x@h:1/0?a@b"), Some(":pa/ss#x@h:1/0?a"), "to the last '@': too much, never too little");
+        assert_eq!(server_of("redis://:pa/ss@h:6379/0").as_deref(), Some("redis://h:6379"));
+        assert_eq!(server_of("redis://:p?a#s@h:1").as_deref(), Some("redis://h:1"));
     }
 
     /// User information disappears from every URL in a text, and nothing else.
@@ -175,6 +201,13 @@ mod tests {
             assert!(out.contains(MASK) && !out.contains("ss-word") && !out.contains("admin-token-42") && !out.contains("s3cret"), "{leak} -> {out}");
         }
         assert_eq!(r.redact("nothing secret"), "nothing secret");
+        // Spelled as URL encoders, lower-case hex and `{:?}` spell it, and given
+        // as a PostgreSQL `password=` parameter.
+        let odd = Redactor::new(["redis://:Sp%22ill%2Fway%40pw-1@h:1", "postgres://app@db/app?password=q-word-99"], []);
+        for leak in [r#"Sp"ill/way@pw-1"#, "Sp%22ill%2Fway%40pw-1", "Sp%22ill%2fway%40pw-1", r#"Other("Sp\"ill/way@pw-1")"#, "q-word-99"] {
+            let out = odd.redact(leak);
+            assert!(!out.contains("way@pw") && !out.contains("way%") && !out.contains("q-word"), "{leak} -> {out}");
+        }
         // Too short to replace by value (it would mask ordinary words).
         assert_eq!(Redactor::new(["redis://:ab@h"], []).redact("ab cd"), "ab cd");
     }

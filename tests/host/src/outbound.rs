@@ -99,13 +99,11 @@ impl PortRule {
     }
 }
 
-/// An IP network, or a bare address as a network of one; host bits are dropped
-/// (`127.0.0.1/24` is `127.0.0.0/24`).
+/// An IP network written with its prefix length; host bits are dropped
+/// (`127.0.0.1/24` is `127.0.0.0/24`). A bare address is no network: it is a
+/// literal host (an IPv6 one in brackets), as in Spin.
 fn ip_network(text: &str) -> Option<ipnet::IpNet> {
-    if let Ok(net) = text.parse::<ipnet::IpNet>() {
-        return Some(net.trunc());
-    }
-    text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from)
+    text.parse::<ipnet::IpNet>().ok().map(|n| n.trunc())
 }
 
 impl HostRule {
@@ -294,7 +292,7 @@ impl AllowedHosts {
             .collect::<anyhow::Result<Vec<_>>>()
             .map_err(|e| e.to_string());
         if let Err(e) = &parsed {
-            eprintln!("Error parsing allowed outbound hosts: {e}");
+            eprintln!("{}", log_line(e, entries, &lookup));
         }
         Self(parsed)
     }
@@ -310,14 +308,34 @@ impl AllowedHosts {
     /// no scheme is read as `default_scheme://url`; an unparseable URL is not
     /// allowed.
     pub fn check_url(&self, url: &str, default_scheme: &str) -> Result<bool, String> {
+        // As Spin: an address that does not parse is refused before the entries
+        // are resolved.
+        let Some(target) = Target::parse(url, default_scheme) else { return Ok(false) };
         let hosts = self.0.as_ref().map_err(Clone::clone)?;
-        Ok(Target::parse(url, default_scheme).is_some_and(|t| hosts.iter().any(|h| h.allows(&t))))
+        Ok(hosts.iter().any(|h| h.allows(&target)))
     }
 
     /// [`AllowedHosts::check_url`], a resolution error counting as not allowed.
     pub fn allows_url(&self, url: &str, default_scheme: &str) -> bool {
         self.check_url(url, default_scheme).unwrap_or(false)
     }
+}
+
+/// The host's log line for entries that did not resolve. The error repeats the
+/// entry, which may hold a password (it is what the component gets back, as
+/// from Spin); the host's own line masks the user information of every rendered
+/// entry.
+fn log_line(error: &str, entries: &[String], lookup: &impl Fn(&str) -> Option<String>) -> String {
+    let mut shown = error.to_owned();
+    for entry in entries {
+        if let Ok(rendered) = template::render(entry, lookup)
+            && let Some((_, rest)) = rendered.split_once("://")
+            && let Some(at) = rest.rfind('@')
+        {
+            shown = shown.replace(&rest[..at], "***");
+        }
+    }
+    format!("Error parsing allowed outbound hosts: {shown}")
 }
 
 /// `url` as a refusal names it: `scheme://host[:port]`, without the user
@@ -408,6 +426,10 @@ mod tests {
         assert!(!n.allows_url("redis://example.com:7000", "redis"), "a network matches addresses only");
         AllowedHost::parse("http://[::1]:8000..9000").unwrap();
         AllowedHost::parse("http://2001:db8::/32:443").unwrap();
+        assert!(hosts(&["redis://127.0.0.1"]).allows_url("redis://127.0.0.1", "redis"), "a bare address is a literal host");
+        for bare_v6 in ["http://::1", "http://2001:db8::1", "redis://::1:6379"] {
+            assert!(AllowedHost::parse(bare_v6).is_err(), "{bare_v6}: IPv6 needs brackets, as in Spin");
+        }
     }
 
     /// What Spin refuses is refused at load.
@@ -461,6 +483,9 @@ mod tests {
         let with_password = |n: &str| if n == "redis_address" { Some("redis://:s3cret@127.0.0.1:6379".to_owned()) } else { defaults(n) };
         let resolved = AllowedHosts::resolve(&entries, with_password);
         assert_eq!(resolved.check_url("redis://:s3cret@127.0.0.1:6379", "redis"), Err(r#"Invalid allowed host ":s3cret@127.0.0.1""#.to_owned()));
+        assert_eq!(resolved.check_url("not a url at all", "redis"), Ok(false), "an unreadable address is refused first");
+        let line = log_line(r#"Invalid allowed host ":s3cret@127.0.0.1""#, &entries, &with_password);
+        assert_eq!(line, r#"Error parsing allowed outbound hosts: Invalid allowed host "***@127.0.0.1""#, "the host's own line masks it");
         let fine = AllowedHosts::resolve(&entries, defaults);
         assert_eq!(fine.check_url("redis://127.0.0.1:6379", "redis"), Ok(true));
     }

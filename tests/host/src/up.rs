@@ -78,21 +78,28 @@ pub fn build(manifest_path: &std::path::Path) -> anyhow::Result<()> {
 
 /// Starts `redis-server` on `url`'s loopback port unless something answers there.
 async fn ensure_redis(url: &str, state_dir: &std::path::Path) -> anyhow::Result<Option<tokio::process::Child>> {
-    let client = redis::Client::open(url).with_context(|| format!("--ensure-redis {url:?} is not a Redis URL"))?;
+    // Messages name the server, never its credentials.
+    let server = crate::outbound::destination(url, "redis");
+    let client = redis::Client::open(url).with_context(|| format!("--ensure-redis {server:?} is not a Redis URL"))?;
     if let Ok(mut c) = client.get_multiplexed_async_connection().await
         && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
-            eprintln!("Using the Redis server at {}", crate::outbound::destination(url, "redis"));
+            eprintln!("Using the Redis server at {server}");
             return Ok(None);
         }
     let info = client.get_connection_info().addr().to_string();
     let (host, port) = info.rsplit_once(':').context("--ensure-redis needs host:port")?;
     if !matches!(host, "127.0.0.1" | "localhost") {
-        bail!("--ensure-redis starts a server on loopback only; {url} is not a loopback address");
+        bail!("--ensure-redis starts a server on loopback only; {server} is not a loopback address");
     }
     let dir = state_dir.join("redis");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let child = tokio::process::Command::new("redis-server")
-        .args(["--port", port, "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+    let mut cmd = tokio::process::Command::new("redis-server");
+    cmd.args(["--port", port, "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""]);
+    // The URL's password, required by the server it starts.
+    if let Some(pw) = client.get_connection_info().redis_settings().password() {
+        cmd.args(["--requirepass", pw]);
+    }
+    let child = cmd
         .arg("--dir")
         .arg(&dir)
         .stdout(std::process::Stdio::null())
