@@ -3,6 +3,7 @@
 //! A record key never becomes part of a Redis key as it is: it is hashed (shards,
 //! locks) or percent-encoded (cache entries), so no character can escape the layout.
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use md5::{Digest as _, Md5};
 
 /// Consumer group of every shard stream.
@@ -29,40 +30,25 @@ pub struct Layout {
 
 /// MD5 of `data` as lower-case hex.
 pub fn md5_hex(data: &[u8]) -> String {
-    Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(Md5::digest(data))
 }
+
+/// What [`encode_key`] leaves as it is: `A-Z a-z 0-9 - . _ ~` (RFC 3986's
+/// unreserved characters).
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// Percent-encodes everything but `A-Z a-z 0-9 - . _ ~`: injective, and free of
 /// `*`, `{`, `}`, `:`, spaces, control and non-ASCII characters.
 pub fn encode_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(key, UNRESERVED).to_string()
 }
 
 /// Reverses [`encode_key`] (and any percent-encoding of a URL path segment): `None`
-/// for a malformed escape or bytes that are not UTF-8.
+/// for a malformed escape (`%` not followed by two hex digits) or bytes that are
+/// not UTF-8.
 pub fn decode_key(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    let well_formed = s.match_indices('%').all(|(i, _)| s.get(i + 1..i + 3).is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())));
+    well_formed.then(|| percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned())).flatten()
 }
 
 impl Layout {
@@ -211,6 +197,12 @@ impl WriteId {
         ms.parse::<u64>().ok()?;
         seq.parse::<u64>().ok()?;
         Some(Self { shard, entry: entry.to_owned() })
+    }
+
+    /// The id of the write at stream entry `entry` of `shard`, as text (the
+    /// one place that spells it).
+    pub fn of_entry(shard: u32, entry: &str) -> String {
+        Self { shard, entry: entry.to_owned() }.to_string()
     }
 }
 

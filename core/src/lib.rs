@@ -8,19 +8,27 @@
 //! - [`apply`]: applying writes to records: the built-in operations (RFC 7396 merge
 //!   patch, bounded increments, preconditions) as an apply step, ETags;
 //!   [`apply::plan_with`] for a whole ordered batch through any apply step.
+//! - [`dead`]: dead-letter entries, and which ones a request selects.
 //! - [`hazards`]: the Redis settings Spillway depends on, and what to do about each.
 //! - [`layout`]: the Redis key layout (prefix, shard hash tags) and write ids.
 //! - [`scripts`]: the Lua scripts (enqueue, lease, read batch, ack) and their replies.
 //! - [`sql`]: the database schema and statements, fencing included.
+//! - [`record`]: a record on the wire: the database row and the document.
+//! - [`query`]: query strings, decoded and checked.
+//! - [`reply`]: the scripts' replies, typed.
 //! - [`redact`]: credentials kept out of answers and log lines.
 //! - [`problem`]: RFC 9457 problem details, the one error shape of the HTTP API.
 //! - [`settings`]: configuration read from Spin variables, with defaults.
 
 pub mod apply;
+pub mod dead;
 pub mod hazards;
 pub mod layout;
 pub mod problem;
+pub mod query;
+pub mod record;
 pub mod redact;
+pub mod reply;
 pub mod scripts;
 pub mod settings;
 pub mod sql;

@@ -26,7 +26,9 @@ use spillway_spin::status::Notices;
 use spillway_spin::{Redis, bin};
 use spin_sdk::http::BoxBody;
 
-use crate::handlers::{Stored, cached_or_filled, path_key, stored};
+use crate::entry::{Stored, stored};
+use crate::fill::cached_or_filled;
+use crate::read::path_key;
 
 /// Versions read per query at most (steps back along the key's chain): a client
 /// further behind catches up with the current record.
@@ -57,6 +59,7 @@ pub(crate) async fn feed(raw_key: &str, headers: &http::HeaderMap) -> Result<htt
         let deadline = spillway_spin::monotonic_ms().saturating_add(s.change_feed_secs.saturating_mul(1000));
         if let Err(p) = stream(&s, &key, after, notices, deadline, &mut tx).await {
             // The status line has gone: the error travels as an event of its own.
+            // A client already gone cannot be told; nothing else is lost.
             let _ = tx.send(format!("event: error\ndata: {}\n\n", p.body())).await;
         }
     });
@@ -116,7 +119,7 @@ async fn stream(
             // No record the cache can show: start from its deletion, or before a
             // creation not yet acknowledged (its event comes from the log).
             None => match stored(key).await? {
-                Stored::Live(r) => r["version"].as_i64().unwrap_or(1) - 1,
+                Stored::Live(r) => r.version - 1,
                 other => other.version(),
             },
         },

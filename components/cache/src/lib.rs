@@ -7,9 +7,14 @@
 //! `POST /v1/records:get` reads many records at once; `GET /v1/records/{key}/changes`
 //! streams a key's versions as Server-Sent Events.
 
+mod admin;
 mod changes;
-mod handlers;
+mod entry;
+mod fill;
+mod read;
 mod records;
+mod routes;
+mod status;
 
 use spin_sdk::http::{IntoResponse, Request};
 use spin_sdk::http_service;
@@ -17,5 +22,5 @@ use spin_sdk::http_service;
 #[http_service]
 async fn handle(req: Request) -> impl IntoResponse {
     let id = spillway_spin::request_id(req.headers());
-    spillway_spin::with_request_id(handlers::handle(req).await, &id)
+    spillway_spin::with_request_id(routes::handle(req).await, &id)
 }

@@ -10,12 +10,13 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value as Json, json};
 use spillway_core::problem::Problem;
+use spillway_core::query::Query;
 use spillway_core::settings::Settings;
 use spillway_core::write::check_key;
 use spillway_spin::db::{Db, SqlValue as Value};
 use spillway_spin::kv::Kv;
 
-use crate::handlers::{Entry, Stored, consistent_param, only_params};
+use crate::entry::{Entry, Stored};
 
 /// The request body: `{"keys": [...]}`.
 fn parse_keys(s: &Settings, body: &[u8]) -> Result<Vec<String>, Problem> {
@@ -51,8 +52,7 @@ fn parse_keys(s: &Settings, body: &[u8]) -> Result<Vec<String>, Problem> {
 /// (a key asked twice is answered once). `?consistent=true` reads every key from
 /// the database.
 pub(crate) async fn get_many(s: &Settings, req: spin_sdk::http::Request, query: Option<&str>) -> Result<http::Response<String>, Problem> {
-    only_params(query, &["consistent"])?;
-    let consistent = consistent_param(query)?;
+    let consistent = Query::parse(query, &["consistent"])?.flag("consistent")?;
     let mime = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     if !mime.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
         return Err(Problem::new(415, "unsupported-media-type", "Unsupported media type", "send the keys as application/json"));
@@ -79,7 +79,7 @@ pub(crate) async fn get_many(s: &Settings, req: spin_sdk::http::Request, query: 
             if let (key, Stored::Live(record)) = Stored::from_row(&row)?
                 && let Some(k) = misses.iter().find(|m| ***m == key)
             {
-                found.insert(k.as_str(), record.to_string());
+                found.insert(k.as_str(), record.to_text());
             }
         }
     }

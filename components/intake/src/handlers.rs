@@ -3,10 +3,11 @@
 use serde_json::json;
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
+use spillway_core::reply::Enqueued;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_core::write::{self, parse_request_for};
-use spillway_spin::{Redis, json, problem, status, text};
+use spillway_spin::{Redis, json, problem, status};
 use spin_sdk::http::Request;
 
 /// Longest accepted `Idempotency-Key`.
@@ -159,39 +160,30 @@ async fn enqueue(
             redis.eval(scripts::ENQUEUE, &keys, &args).await
         }
     });
-    let replies = futures::future::join_all(calls).await;
+    // Each reply read by its type; a reply of another shape fails its group.
+    let replies: Vec<Result<(Enqueued, Vec<u32>), Problem>> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.and_then(|reply| Enqueued::parse(&spillway_spin::redis::values(&reply)).map_err(|e| spillway_spin::backend_failed("Redis (the enqueue script)", &e.to_string()))))
+        .collect();
     // Ring what was rung first, whatever else the replies say: a group accepted
     // beside one refused has its flag set, and no one else will ring it.
-    let rang: Vec<u32> = replies
-        .iter()
-        .flatten()
-        .flat_map(|reply| {
-            let values: Vec<String> = reply.iter().filter_map(text).collect();
-            let at = values.iter().position(|v| v == "rang").map_or(values.len(), |i| i + 1);
-            values[at..].iter().filter_map(|v| v.parse::<u32>().ok()).collect::<Vec<_>>()
-        })
-        .collect();
+    let rang: Vec<u32> = replies.iter().flatten().flat_map(|(_, rang)| rang.iter().copied()).collect();
     ring(s, rang);
     // Ids back in request order: each group's ids are its writes' in order.
     let mut ids: Vec<Option<String>> = vec![None; writes.len()];
     let mut replayed = true;
     for ((_, group), reply) in groups.iter().zip(replies) {
-        let reply = reply?;
-        let status = reply.first().and_then(text).unwrap_or_default();
-        let mut values: Vec<String> = reply.iter().skip(1).filter_map(text).collect();
-        if let Some(at) = values.iter().position(|v| v == "rang") {
-            values.truncate(at);
-        }
-        match status.as_str() {
-            "ok" | "replay" => {
-                replayed &= status == "replay";
+        match reply?.0 {
+            Enqueued::Accepted { ids: given, replay } => {
+                replayed &= replay;
                 let mine = (0..writes.len()).filter(|i| group.contains(&shard_of[*i]));
-                let mut given = values.into_iter();
+                let mut given = given.into_iter();
                 for i in mine {
                     ids[i] = given.next();
                 }
             }
-            "conflict" => {
+            Enqueued::Conflict => {
                 return Err(Problem::new(
                     409,
                     "idempotency-key-reused",
@@ -200,13 +192,9 @@ async fn enqueue(
                 )
                 .at("/headers/idempotency-key"));
             }
-            "full" => {
-                return Err(Problem::queue_full(
-                    &format!("shard {} is over its queue depth limit of {}; retry later", values.first().map_or("?", |v| v), s.queue_depth_limit),
-                    1,
-                ));
+            Enqueued::Full { shard } => {
+                return Err(Problem::queue_full(&format!("shard {shard} is over its queue depth limit of {}; retry later", s.queue_depth_limit), 1));
             }
-            other => return Err(Problem::unavailable(&format!("unexpected reply from the enqueue script: {other:?}"))),
         }
     }
     let ids: Vec<String> = ids.into_iter().collect::<Option<_>>().ok_or_else(|| Problem::unavailable("the enqueue script gave too few ids"))?;

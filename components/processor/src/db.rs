@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use serde_json::{Value as Json, json};
 use spillway_core::apply::{Outcome, Record, StepResult, StepWrites, canonical, plan_with};
 use spillway_core::problem::Problem;
+use spillway_core::record::{RecordError, RecordRow};
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::db::{Db, SqlValue as Value, integer, text};
@@ -123,12 +124,12 @@ async fn in_transaction(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Appl
             Err(p) => {
                 // A failed COMMIT leaves the transaction open; the connection serves
                 // the rest of the drain.
-                let _ = db.query(db.sql().rollback, vec![]).await;
+                spillway_spin::log_ignored("rollback after a failed commit", db.query(db.sql().rollback, vec![]).await);
                 Err(p)
             }
         },
         Err(p) => {
-            let _ = db.query(db.sql().rollback, vec![]).await;
+            spillway_spin::log_ignored("rollback", db.query(db.sql().rollback, vec![]).await);
             Err(p)
         }
     }
@@ -215,18 +216,18 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     let mut heads: HashMap<String, Option<String>> = HashMap::new();
     if !keys.is_empty() {
         for r in db.query(db.sql().records, vec![json_param(&keys)]).await? {
-            let (Some(key), Some(value), Some(version), Some(etag), Some(updated_at), deleted) =
-                (r.first().and_then(text), r.get(1).and_then(text), r.get(2).and_then(integer), r.get(3).and_then(text), r.get(4).and_then(integer), r.get(5).and_then(integer))
-            else {
-                continue;
-            };
-            heads.insert(key.clone(), r.get(6).and_then(text));
-            if deleted == Some(1) {
-                tombstones.insert(key, version as u64);
-                continue;
+            // A row of another shape is a failure of the batch, never skipped.
+            let malformed = |e: RecordError| spillway_spin::backend_failed("The database (database)", &e.to_string());
+            let row = RecordRow::from_row(&r).map_err(malformed)?;
+            heads.insert(row.key.clone(), row.head.clone());
+            match row.document().map_err(malformed)? {
+                None => {
+                    tombstones.insert(row.key, row.version as u64);
+                }
+                Some(doc) => {
+                    existing.insert(doc.key, Record { value: doc.value, version: doc.version as u64, etag: doc.etag, updated_at: doc.updated_at });
+                }
             }
-            let value = serde_json::from_str(&value).map_err(|e| Problem::unavailable(&format!("stored record {key:?} is not JSON: {e}")))?;
-            existing.insert(key, Record { value, version: version as u64, etag, updated_at });
         }
     }
     let now = spillway_spin::now_ms();
@@ -367,7 +368,7 @@ impl<'a> Careful<'a> {
         let shards: Vec<u32> = self.shards.iter().map(|(n, _)| *n).collect();
         for (address, group) in self.s.slot_groups(&shards) {
             let keys: Vec<String> = group.iter().map(|n| l.applying(*n)).collect();
-            let _ = Redis::new(address).eval(scripts::MARK_ROUND, &keys, &[self.marker_ttl_ms()]).await;
+            spillway_spin::log_ignored("redelivery marker", Redis::new(address).eval(scripts::MARK_ROUND, &keys, &[self.marker_ttl_ms()]).await);
         }
     }
 
@@ -387,7 +388,7 @@ impl<'a> Careful<'a> {
                 if let Some((_, token)) = self.shards.iter().find(|(m, _)| *m == n) {
                     let mut args = vec![token.clone(), self.s.lease_ttl_ms.to_string(), self.marker_ttl_ms(), ids.len().to_string()];
                     args.extend(ids);
-                    let _ = Redis::for_shard(self.s, n).eval(scripts::MARK_CALL, &[l.lease(n), l.applying(n)], &args).await;
+                    spillway_spin::log_ignored("redelivery marker", Redis::for_shard(self.s, n).eval(scripts::MARK_CALL, &[l.lease(n), l.applying(n)], &args).await);
                 }
                 Vec::new()
             }
@@ -396,7 +397,7 @@ impl<'a> Careful<'a> {
         let mut args = vec![token.clone(), self.s.lease_ttl_ms.to_string(), self.marker_ttl_ms(), previous.len().to_string()];
         args.extend(previous);
         args.extend(entries.iter().cloned());
-        let _ = Redis::for_shard(self.s, shard).eval(scripts::MARK_CALL, &[l.lease(shard), l.applying(shard)], &args).await;
+        spillway_spin::log_ignored("redelivery marker", Redis::for_shard(self.s, shard).eval(scripts::MARK_CALL, &[l.lease(shard), l.applying(shard)], &args).await);
         *marked = Some((shard, entries));
     }
 
@@ -406,7 +407,7 @@ impl<'a> Careful<'a> {
         let shards: Vec<u32> = self.shards.iter().map(|(n, _)| *n).collect();
         for (address, group) in self.s.slot_groups(&shards) {
             let keys = group.iter().map(|n| spillway_spin::bin(&l.applying(*n))).collect();
-            let _ = Redis::new(address).execute("DEL", keys).await;
+            spillway_spin::log_ignored("redelivery marker", Redis::new(address).execute("DEL", keys).await);
         }
     }
 }

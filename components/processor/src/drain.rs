@@ -11,15 +11,18 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use spillway_core::apply::Record;
-use spillway_core::layout::{CONSUMER, FILL_LOCK_TTL_MS, GROUP};
+use spillway_core::layout::{FILL_LOCK_TTL_MS, GROUP};
 use spillway_core::problem::Problem;
+use spillway_core::reply::{self, BatchRead, Grant};
+use spillway_core::record::RecordDoc;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::db::Db;
 use spillway_spin::kv::Kv;
-use spillway_spin::{Redis, int, text, token};
+use spillway_spin::{Redis, int, token};
 
 use crate::db::{self, Batch};
+use crate::lease::Lease;
 
 /// How often a drain looks for more shards with work while it runs.
 const RESCAN_MS: u64 = 100;
@@ -45,18 +48,24 @@ pub(crate) enum Scope {
     Claimable(Option<u32>),
 }
 
-/// A shard whose lease this drain holds.
+/// A shard whose lease this drain holds, and where its reading stands.
 #[derive(Clone)]
 struct Held {
-    shard: u32,
-    token: String,
-    fence: i64,
+    lease: Lease,
     /// The doorbell flag was cleared after an empty read (see [`drain`]).
     cleared: bool,
     /// While resuming (`Some`), the pending entries a previous holder left are read
     /// from this id on, in order; once they are exhausted (`None`), the pending
     /// entries are our own batches in flight and reads take only new entries.
     resume: Option<String>,
+}
+
+impl std::ops::Deref for Held {
+    type Target = Lease;
+
+    fn deref(&self) -> &Lease {
+        &self.lease
+    }
 }
 
 /// What one read of a held shard gave.
@@ -223,9 +232,11 @@ async fn finish_round(
     }
     for (shard, p) in errors {
         let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
-        let mut args = vec![p.cause_or_detail().to_owned()];
+        // What the write's status and dead letter will say: the safe message (the
+        // backend's own text is in the log line above).
+        let mut args = vec![p.detail.clone()];
         args.extend(ids);
-        let _ = Redis::for_shard(s, shard).eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await;
+        spillway_spin::log_ignored("recording a batch's failure", Redis::for_shard(s, shard).eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await);
         drop_held(s, held, shard, true).await;
         failed.insert(shard);
         failures.push((Some(shard), p));
@@ -244,9 +255,11 @@ async fn finish_round(
             // refreshed then.
             for b in &done {
                 log_failure(b, "cache", p.cause_or_detail());
-                let mut args = vec![p.cause_or_detail().to_owned()];
+                // What the write's status and dead letter will say: the safe message (the
+        // backend's own text is in the log line above).
+        let mut args = vec![p.detail.clone()];
                 args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-                let _ = Redis::for_shard(s, b.shard).eval(scripts::RECORD_ERROR, &[l.attempts(b.shard), l.stats(b.shard)], &args).await;
+                spillway_spin::log_ignored("recording a batch's failure", Redis::for_shard(s, b.shard).eval(scripts::RECORD_ERROR, &[l.attempts(b.shard), l.stats(b.shard)], &args).await);
                 drop_held(s, held, b.shard, true).await;
                 failed.insert(b.shard);
                 failures.push((Some(b.shard), p.clone()));
@@ -352,27 +365,19 @@ pub(crate) async fn claimable(s: &Settings) -> Result<Vec<u32>, Problem> {
     });
     let mut out = Vec::new();
     for reply in futures::future::join_all(calls).await {
-        out.extend(reply?.iter().filter_map(int).filter_map(|n| u32::try_from(n).ok()));
+        out.extend(reply::claimable(&spillway_spin::redis::values(&reply?)).map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))?);
     }
     Ok(out)
 }
 
-/// Takes the shard's lease, unless another processor holds it.
+/// Takes the shard's lease, unless another processor holds it; a fresh holder
+/// resumes the pending entries a previous one left, from the start.
 async fn acquire(s: &Settings, shard: u32) -> Result<Option<Held>, Problem> {
-    let l = &s.layout;
-    let token = token();
-    let acquired = Redis::for_shard(s, shard).eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
-    let fence = acquired.first().and_then(int).unwrap_or(0);
-    Ok((fence > 0).then_some(Held { shard, token, fence, cleared: false, resume: Some("0".into()) }))
+    Ok(Lease::acquire(s, shard).await?.map(|lease| Held { lease, cleared: false, resume: Some("0".into()) }))
 }
 
-/// Releases a lease. After a failure (`retry`) the shard's watch stays, to expire
-/// one lease TTL from now: that expiry is the retry, whatever else happens.
 async fn release(s: &Settings, h: &Held, retry: bool) {
-    let l = &s.layout;
-    let retry_ms = if retry { s.lease_ttl_ms } else { 0 };
-    // A failed release leaves the lease to expire, which resumes the shard too.
-    let _ = Redis::for_shard(s, h.shard).eval(scripts::LEASE_RELEASE, &[l.lease(h.shard), l.watch(h.shard)], &[h.token.clone(), retry_ms.to_string()]).await;
+    h.lease.release(s, retry).await;
 }
 
 async fn drop_held(s: &Settings, held: &mut Vec<Held>, shard: u32, retry: bool) {
@@ -384,44 +389,23 @@ async fn drop_held(s: &Settings, held: &mut Vec<Held>, shard: u32, retry: bool) 
 
 /// The next batch of a held shard (renewing its lease).
 async fn read_batch(s: &Settings, h: &Held) -> Result<Read, Problem> {
-    let l = &s.layout;
     let started = spillway_spin::monotonic_ms();
-    let shard = h.shard;
-    let reply = Redis::for_shard(s, shard)
-        .eval(
-            scripts::READ_BATCH,
-            &[l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard), l.applying(shard)],
-            &[
-                h.token.clone(),
-                GROUP.into(),
-                CONSUMER.into(),
-                s.batch_size.to_string(),
-                s.max_attempts.to_string(),
-                s.lease_ttl_ms.to_string(),
-                s.status_retention_secs.saturating_mul(1000).to_string(),
-                h.resume.clone().unwrap_or_default(),
-            ],
-        )
-        .await?;
-    if reply.first().and_then(text).as_deref() != Some("ok") {
+    let BatchRead::Batch { prune_before_ms, cursor, entries: read } = h.lease.read_batch(s, h.resume.as_deref()).await? else {
         return Ok(Read::Lost);
-    }
-    let prune_before_ms = reply.get(1).and_then(int).unwrap_or(0);
-    let resume = reply.get(2).and_then(text).filter(|c| !c.is_empty());
-    let mut entries = Vec::new();
+    };
+    let mut entries = Vec::with_capacity(read.len());
     let mut over = HashSet::new();
-    for c in reply.get(3..).unwrap_or_default().chunks(3) {
-        let (Some(id), Some(payload)) = (c.first().and_then(text), c.get(1).and_then(text)) else { continue };
-        let attempt = c.get(2).and_then(int).unwrap_or(1);
-        if attempt > i64::from(s.max_attempts) {
-            over.insert(id.clone());
+    for e in read {
+        if e.attempt > i64::from(s.max_attempts) {
+            over.insert(e.id.clone());
         }
-        entries.push((id, payload));
+        entries.push((e.id, e.payload));
     }
     let read_ms = spillway_spin::monotonic_ms() - started;
     // Pending entries read again (a cursor) are a redelivery.
-    let careful = resume.is_some() && !entries.is_empty();
-    Ok(Read::Batch(Batch { shard, fence: h.fence, entries, over, careful, token: h.token.clone(), prune_before_ms, read_ms }, resume))
+    let careful = cursor.is_some() && !entries.is_empty();
+    let batch = Batch { shard: h.shard, fence: h.fence, entries, over, careful, token: h.token.clone(), prune_before_ms, read_ms };
+    Ok(Read::Batch(batch, cursor))
 }
 
 /// Writes the records' new state to the cache under each key's single-flight fill
@@ -493,16 +477,17 @@ async fn refresh_cache(
         let mut deletes = Vec::new();
         let mut waiting = Vec::new();
         for ((address, mine, _, _), got) in calls.iter().zip(replies) {
-            let got = got?;
+            let grants = Grant::parse_all(&spillway_spin::redis::values(&got?), mine.len())
+                .map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))?;
             let mut taken = Vec::new();
-            for (i, key) in mine.iter().enumerate() {
-                match got.get(i).and_then(int) {
-                    Some(1) => {}
-                    Some(2) => {
+            for (key, grant) in mine.iter().zip(grants) {
+                match grant {
+                    Grant::Taken => {}
+                    Grant::LeaseLost => {
                         lost.insert(l.shard_of(key));
                         continue;
                     }
-                    _ => {
+                    Grant::Busy => {
                         waiting.push(*key);
                         continue;
                     }
@@ -543,5 +528,5 @@ type LockCall<'a> = (&'a str, Vec<&'a String>, Vec<String>, Vec<String>);
 
 /// The cache's JSON for a record (what `GET /v1/records/{key}` answers).
 fn cache_entry(key: &str, r: &Record) -> String {
-    serde_json::json!({"key": key, "value": r.value, "version": r.version, "etag": r.etag, "updated_at": r.updated_at}).to_string()
+    RecordDoc { etag: r.etag.clone(), key: key.to_owned(), updated_at: r.updated_at, value: r.value.clone(), version: r.version as i64 }.to_text()
 }

@@ -2,16 +2,15 @@
 //! the operator's views (`/v1/stats`, `/metrics`, in [`ops`]).
 
 use serde_json::json;
-use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
-use spillway_core::scripts;
+use spillway_core::query::Query;
 use spillway_core::settings::Settings;
-use spillway_spin::db::{Db, SqlValue};
-use spillway_spin::{Redis, authorize, bin, json, problem, text};
+use spillway_spin::db::Db;
+use spillway_spin::{authorize, json, problem};
 use spin_sdk::http::Request;
 
 use crate::drain::{self, Scope, Stats};
-use crate::ops;
+use crate::{dead, ops};
 
 /// A message on either subscribed channel: the doorbell (a shard number) or Redis's
 /// expired-key events (a key name). An expired lease or doorbell flag means a
@@ -78,20 +77,21 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
     }
     let result = match path.as_str() {
         "/v1/drain" => drain_endpoint(&settings, req.uri().query()).await,
-        "/v1/dead" => dead_letters(&settings).await,
+        "/v1/dead" => dead::list(&settings).await,
         "/v1/stats" => ops::stats(&settings).await,
         "/metrics" => ops::metrics(&settings).await,
         "/v1/dead/purge" => match spillway_spin::read_body(req, settings.limits.max_body_bytes).await {
-            Ok(body) => ops::purge(&settings, &body).await,
+            Ok(body) => dead::purge(&settings, &body).await,
             Err(p) => Err(p),
         },
-        _ => replay(&settings, req).await,
+        _ => dead::replay(&settings, req).await,
     };
     result.unwrap_or_else(|p| problem(&p))
 }
 
 fn shard_param(s: &Settings, query: Option<&str>) -> Result<Option<u32>, Problem> {
-    let Some(v) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("shard="))) else {
+    let query = Query::parse(query, &["shard"])?;
+    let Some(v) = query.get("shard") else {
         return Ok(None);
     };
     match v.parse() {
@@ -156,115 +156,3 @@ async fn wake_drain(settings: std::rc::Rc<Settings>, shard: Option<u32>) {
     }
 }
 
-/// `GET /v1/dead`: every dead letter, oldest first per shard.
-async fn dead_letters(s: &Settings) -> Result<http::Response<String>, Problem> {
-    let mut out = Vec::new();
-    for shard in 0..s.layout.shards {
-        let flat = Redis::for_shard(s, shard).execute("XRANGE", vec![bin(&s.layout.dead(shard)), bin("-"), bin("+")]).await?;
-        // Flattened entries: id, then field/value pairs (id, w, error, attempts).
-        for entry in flat.chunks(9) {
-            let t: Vec<String> = entry.iter().map(|v| text(v).unwrap_or_default()).collect();
-            if t.len() < 9 {
-                continue;
-            }
-            let write: serde_json::Value = serde_json::from_str(&t[4]).unwrap_or(serde_json::Value::Null);
-            out.push(json!({"id": t[2], "write": write, "error": t[6], "attempts": t[8].parse::<u64>().unwrap_or(0)}));
-        }
-    }
-    Ok(json(200, &json!({"dead": out}), &[]))
-}
-
-/// `POST /v1/dead/replay`: `{"ids": [...]}` (or an empty body: all) back onto the queue.
-async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Problem> {
-    let body = spillway_spin::read_body(req, s.limits.max_body_bytes).await?;
-    let ids: Vec<String> = if body.iter().all(u8::is_ascii_whitespace) {
-        Vec::new()
-    } else {
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| Problem::malformed(&e.to_string()))?;
-        match v.get("ids").and_then(|i| i.as_array()) {
-            Some(a) if v.as_object().is_some_and(|o| o.len() == 1) => a
-                .iter()
-                .enumerate()
-                .map(|(i, id)| {
-                    id.as_str()
-                        .and_then(WriteId::parse)
-                        .filter(|w| w.shard < s.layout.shards)
-                        .map(|w| w.to_string())
-                        .ok_or_else(|| Problem::invalid("not a write id", &format!("/ids/{i}")))
-                })
-                .collect::<Result<_, _>>()?,
-            _ => return Err(Problem::invalid("expected {\"ids\": [write id, ...]}", "")),
-        }
-    };
-    let l = &s.layout;
-    let db = Db::open().await?;
-    let mut replayed = Vec::new();
-    let mut already = Vec::new();
-    let mut rang = Vec::new();
-    let walked: Result<(), Problem> = async {
-        for shard in 0..l.shards {
-            let redis = Redis::for_shard(s, shard);
-            let mine: Vec<String> = ids.iter().filter(|id| id.starts_with(&format!("{shard}-"))).cloned().collect();
-            if !ids.is_empty() && mine.is_empty() {
-                continue;
-            }
-            // A dead letter whose write the database has applied (it committed, then
-            // its acknowledgement kept failing) must not be applied again: it is taken
-            // off the dead-letter stream instead, and reported.
-            let dead: Vec<(String, String)> = dead_entries(&redis, l, shard)
-                .await?
-                .into_iter()
-                .filter(|(_, id)| ids.is_empty() || mine.contains(id))
-                .collect();
-            if dead.is_empty() {
-                continue;
-            }
-            let ids_json = serde_json::to_string(&dead.iter().map(|(_, id)| id).collect::<Vec<_>>()).unwrap_or_default();
-            let applied: std::collections::HashSet<String> = match db.query(db.sql().applied_ids, vec![SqlValue::Text(ids_json)]).await {
-                Ok(rows) => rows.iter().filter_map(|r| r.first().and_then(spillway_spin::db::text)).collect(),
-                Err(p) if spillway_spin::db::is_missing_table(&p) => Default::default(),
-                Err(p) => return Err(p),
-            };
-            let (done, todo): (Vec<_>, Vec<_>) = dead.into_iter().partition(|(_, id)| applied.contains(id));
-            if !done.is_empty() {
-                let mut args = vec![bin(&l.dead(shard))];
-                args.extend(done.iter().map(|(entry, _)| bin(entry)));
-                redis.execute("XDEL", args).await?;
-                already.extend(done.into_iter().map(|(_, id)| id));
-            }
-            if todo.is_empty() {
-                continue;
-            }
-            let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
-            let mut args = vec![String::new(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
-            args.extend(todo.into_iter().map(|(_, id)| id));
-            let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], &args).await?;
-            if !flat.is_empty() {
-                rang.push(shard);
-            }
-            for pair in flat.chunks(2) {
-                if let [old, new] = pair {
-                    replayed.push(json!({"id": text(old), "replayed_as": text(new)}));
-                }
-            }
-        }
-        Ok(())
-    }
-    .await;
-    // The replayed shards' doorbells (their flags were set by the script), also
-    // when a later shard failed.
-    spillway_spin::ring(s, &rang).await;
-    walked?;
-    Ok(json(200, &json!({"replayed": replayed, "already_applied": already}), &[]))
-}
-
-/// A shard's dead letters: `(dead-letter entry id, write id)`, oldest first.
-async fn dead_entries(redis: &Redis, l: &spillway_core::layout::Layout, shard: u32) -> Result<Vec<(String, String)>, Problem> {
-    let flat = redis.execute("XRANGE", vec![bin(&l.dead(shard)), bin("-"), bin("+")]).await?;
-    // Flattened entries: entry id, then field/value pairs (id, w, error, attempts).
-    Ok(flat
-        .chunks(9)
-        .filter(|e| e.len() == 9)
-        .filter_map(|e| Some((text(&e[0])?, text(&e[2])?)))
-        .collect())
-}

@@ -11,8 +11,10 @@
 #![allow(unsafe_code)]
 
 mod db;
+mod dead;
 mod drain;
 mod handlers;
+mod lease;
 mod ops;
 
 use bytes::Bytes;

@@ -16,11 +16,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{Value as Json, json};
-use spillway_core::layout::{GROUP, WriteId, md5_hex};
+use spillway_core::layout::{GROUP, md5_hex};
 use spillway_core::problem::Problem;
+use spillway_core::reply::ShardStats;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
-use spillway_spin::{Redis, bin, int, json, respond, text};
+use spillway_spin::{Redis, bin, int, json, respond};
 
 /// The outcome counters, in the order they are reported.
 const COUNTERS: [&str; 7] = ["accepted", "applied", "rejected", "dead", "retried", "replayed", "purged"];
@@ -57,20 +58,13 @@ struct Snapshot {
 async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
     let l = &s.layout;
     let r = Redis::for_shard(s, shard).eval(scripts::SHARD_STATS, &[l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], &[GROUP.to_owned()]).await?;
-    let n = |i: usize| r.get(i).and_then(int).unwrap_or(0).max(0) as u64;
-    let now_ms = n(6);
-    let oldest_age_ms = r
-        .get(2)
-        .and_then(text)
-        .and_then(|id| id.split('-').next().and_then(|ms| ms.parse::<u64>().ok()))
-        .map(|ms| now_ms.saturating_sub(ms));
-    let holder = r.get(4).and_then(text).filter(|t| !t.is_empty()).map(|t| md5_hex(t.as_bytes())[..8].to_owned());
+    let r = ShardStats::parse(&spillway_spin::redis::values(&r)).map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))?;
+    let oldest_age_ms = r.oldest.as_deref().and_then(|id| id.split('-').next()?.parse::<u64>().ok()).map(|ms| r.now_ms.saturating_sub(ms));
+    let holder = r.holder.as_ref().map(|t| md5_hex(t.as_bytes())[..8].to_owned());
     let mut counters = HashMap::new();
     let mut window = HashMap::new();
-    let bucket_now = now_ms / 10_000;
-    for pair in r.get(7..).unwrap_or_default().chunks(2) {
-        let (Some(field), Some(v)) = (pair.first().and_then(text), pair.get(1).and_then(int)) else { continue };
-        let v = v.max(0) as u64;
+    let bucket_now = r.now_ms / 10_000;
+    for (field, v) in r.counters {
         match field.split_once('@') {
             None => {
                 counters.insert(field, v);
@@ -84,15 +78,15 @@ async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
     }
     Ok(Shard {
         shard,
-        depth: n(0),
-        unacknowledged: n(1),
+        depth: r.depth,
+        unacknowledged: r.unacknowledged,
         oldest_age_ms,
-        dead_letters: n(3),
-        lease_ms_left: holder.as_ref().and_then(|_| r.get(5).and_then(int)),
+        dead_letters: r.dead_letters,
+        lease_ms_left: holder.as_ref().map(|_| r.lease_ms_left),
         holder,
         counters,
         window,
-        window_secs: ((WINDOW_BUCKETS - 1) * 10_000 + now_ms % 10_000) as f64 / 1000.0,
+        window_secs: ((WINDOW_BUCKETS - 1) * 10_000 + r.now_ms % 10_000) as f64 / 1000.0,
     })
 }
 
@@ -252,61 +246,3 @@ pub(crate) fn dashboard() -> http::Response<String> {
     respond(200, "text/html; charset=utf-8", DASHBOARD.to_owned(), &[("content-security-policy", csp.into()), ("cache-control", "no-cache".into())])
 }
 
-/// `POST /v1/dead/purge`: `{"ids": [...]}`, `{"shard": n}` or `{"all": true}`
-/// (said explicitly: a purge cannot be undone): the dead letters are dropped and
-/// their writes' status says `purged`.
-pub(crate) async fn purge(s: &Settings, body: &[u8]) -> Result<http::Response<String>, Problem> {
-    let l = &s.layout;
-    const EXPECTED: &str = "say what to purge: {\"ids\": [...]}, {\"shard\": n} or {\"all\": true}";
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(Problem::invalid(EXPECTED, ""));
-    }
-    let (ids, only): (Vec<WriteId>, Option<u32>) = {
-        let v: Json = serde_json::from_slice(body).map_err(|e| Problem::malformed(&e.to_string()))?;
-        let obj = v.as_object().filter(|o| o.len() == 1).ok_or_else(|| Problem::invalid(EXPECTED, ""))?;
-        if let Some(all) = obj.get("all") {
-            if all != &Json::Bool(true) {
-                return Err(Problem::invalid("all must be true", "/all"));
-            }
-            (Vec::new(), None)
-        } else if let Some(list) = obj.get("ids") {
-            let list = list.as_array().ok_or_else(|| Problem::invalid("ids must be an array of write ids", "/ids"))?;
-            let ids = list
-                .iter()
-                .enumerate()
-                .map(|(i, id)| {
-                    id.as_str()
-                        .and_then(WriteId::parse)
-                        .filter(|w| w.shard < l.shards)
-                        .ok_or_else(|| Problem::invalid("not a write id", &format!("/ids/{i}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if ids.is_empty() {
-                return Err(Problem::invalid("ids must name at least one write (send no body to purge all)", "/ids"));
-            }
-            (ids, None)
-        } else if let Some(shard) = obj.get("shard") {
-            // An integral number, however written (3 or 3.0).
-            let n = shard.as_u64().or_else(|| shard.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e9).map(|f| f as u64));
-            let shard = n.filter(|n| *n < u64::from(l.shards)).ok_or_else(|| {
-                Problem::invalid(&format!("shard must be a number below {}", l.shards), "/shard")
-            })?;
-            (Vec::new(), Some(shard as u32))
-        } else {
-            return Err(Problem::invalid(EXPECTED, ""));
-        }
-    };
-    let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
-    let mut purged = Vec::new();
-    for shard in 0..l.shards {
-        let mine: Vec<String> = ids.iter().filter(|w| w.shard == shard).map(ToString::to_string).collect();
-        if (!ids.is_empty() && mine.is_empty()) || only.is_some_and(|o| o != shard) {
-            continue;
-        }
-        let mut args = vec![shard.to_string(), retention_ms.clone()];
-        args.extend(mine);
-        let out = Redis::for_shard(s, shard).eval(scripts::PURGE, &[l.dead(shard), l.dead_status_prefix(shard), l.stats(shard)], &args).await?;
-        purged.extend(out.iter().filter_map(text));
-    }
-    Ok(json(200, &json!({"purged": purged}), &[]))
-}

@@ -14,16 +14,7 @@ use spillway_core::problem::Problem;
 use spillway_core::sql::{Dialect, Step, dialect_for};
 use spin_sdk::{pg, sqlite};
 
-/// A parameter or column value: the types Spillway's schema uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SqlValue {
-    /// SQL `NULL`.
-    Null,
-    /// A 64-bit integer.
-    Integer(i64),
-    /// Text.
-    Text(String),
-}
+pub use spillway_core::sql::SqlValue;
 
 enum Conn {
     Sqlite(sqlite::Connection),
@@ -93,9 +84,9 @@ impl Db {
     /// idempotently: concurrent processors may all run this at once.
     pub async fn open_with_schema() -> Result<Self, Problem> {
         let db = Self::open().await?;
-        // Best effort: a database that cannot switch still works.
+        // Best effort: a database that cannot switch still works (and says so).
         for stmt in db.sql.tune {
-            let _ = db.query(stmt, Vec::new()).await;
+            crate::log_ignored("database tuning", db.query(stmt, Vec::new()).await);
         }
         for step in db.sql.schema {
             db.migrate(step).await?;
@@ -128,7 +119,7 @@ impl Db {
         }
         .await;
         if let Err(p) = migrated {
-            let _ = self.query(self.sql.rollback, Vec::new()).await;
+            crate::log_ignored("schema rollback", self.query(self.sql.rollback, Vec::new()).await);
             return Err(p);
         }
         Ok(())
@@ -212,18 +203,4 @@ fn from_pg(v: pg::DbValue) -> SqlValue {
     }
 }
 
-/// A text value.
-pub fn text(v: &SqlValue) -> Option<String> {
-    match v {
-        SqlValue::Text(t) => Some(t.clone()),
-        _ => None,
-    }
-}
-
-/// An integer value.
-pub fn integer(v: &SqlValue) -> Option<i64> {
-    match v {
-        SqlValue::Integer(i) => Some(*i),
-        _ => None,
-    }
-}
+pub use spillway_core::sql::{integer, text};

@@ -7,6 +7,9 @@
 //! every single `set` is its own transaction and disk sync; `set-many` and
 //! `delete-many` are one transaction each. (`atomics` is left out: Fermyon Wasm
 //! Functions does not provide it.)
+//!
+//! Single reads and writes of the cache go through [`CacheStore`]
+//! (`spin:key-value`, asynchronous), opened once per instance.
 
 use spillway_core::problem::Problem;
 
@@ -75,5 +78,46 @@ impl Kv {
             return Ok(());
         }
         batch::delete_many(&self.0, &keys).map_err(kv_err)
+    }
+}
+
+/// The `default` store through `spin:key-value` (asynchronous), for the cache's
+/// single reads and writes: opened once per instance (a reused instance serves
+/// many reads) and opened again after a failure.
+pub struct CacheStore(spin_sdk::key_value::Store);
+
+thread_local! {
+    static KEPT: std::cell::RefCell<Option<std::rc::Rc<CacheStore>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn cache_err(e: spin_sdk::key_value::Error) -> Problem {
+    KEPT.with_borrow_mut(|c| *c = None);
+    crate::backend_failed("The key-value store (default)", &format!("{e:?}"))
+}
+
+impl CacheStore {
+    /// The instance's store.
+    pub async fn kept() -> Result<std::rc::Rc<Self>, Problem> {
+        if let Some(s) = KEPT.with_borrow(Clone::clone) {
+            return Ok(s);
+        }
+        let s = std::rc::Rc::new(Self(spin_sdk::key_value::Store::open_default().await.map_err(cache_err)?));
+        KEPT.with_borrow_mut(|c| *c = Some(s.clone()));
+        Ok(s)
+    }
+
+    /// The value at `key`, if any.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Problem> {
+        self.0.get(key).await.map_err(cache_err)
+    }
+
+    /// Sets `key`.
+    pub async fn set(&self, key: &str, value: &[u8]) -> Result<(), Problem> {
+        self.0.set(key, value).await.map_err(cache_err)
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &str) -> Result<(), Problem> {
+        self.0.delete(key).await.map_err(cache_err)
     }
 }

@@ -58,13 +58,13 @@ impl Notices {
         }
         let conn = match self.conn.take() {
             Some(c) => c,
-            None => Connection::open(&self.address).await.map_err(|e| crate::redis_failed(&self.address, &e))?,
+            None => Connection::open(&self.address).await.map_err(|e| crate::redis::redis_failed(&self.address, &e))?,
         };
         let block = (deadline_ms - now).max(1).to_string();
         let reply = conn
             .execute("XREAD", vec![bin("BLOCK"), bin(&block), bin("STREAMS"), bin(&self.stream), bin(&self.last)])
             .await
-            .map_err(|e| crate::redis_failed(&self.address, &e))?;
+            .map_err(|e| crate::redis::redis_failed(&self.address, &e))?;
         self.conn = Some(conn);
         // Flattened: the stream's name, then (entry id, field, value) per notice.
         match reply.get(1..).unwrap_or_default().chunks(3).rev().find_map(|c| c.first().and_then(text)) {

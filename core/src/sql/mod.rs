@@ -18,6 +18,34 @@
 pub mod postgres;
 pub mod sqlite;
 
+/// A parameter or column value: the types Spillway's schema uses, whatever the
+/// engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlValue {
+    /// SQL `NULL`.
+    Null,
+    /// A 64-bit integer.
+    Integer(i64),
+    /// Text.
+    Text(String),
+}
+
+/// A text value.
+pub fn text(v: &SqlValue) -> Option<String> {
+    match v {
+        SqlValue::Text(t) => Some(t.clone()),
+        _ => None,
+    }
+}
+
+/// An integer value.
+pub fn integer(v: &SqlValue) -> Option<i64> {
+    match v {
+        SqlValue::Integer(i) => Some(*i),
+        _ => None,
+    }
+}
+
 /// A schema step: a check (a query whose first column is a count, above 0 once
 /// the step has run, or no row) and the statements that make it so, run in one
 /// transaction and only if the check, repeated under the schema lock, still says

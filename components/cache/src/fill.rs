@@ -1,0 +1,103 @@
+//! Cache-aside: a hit from the key-value store, or a miss filled from the
+//! database under the key's single-flight lock; hits and misses counted.
+
+use spillway_core::layout::{ABSENT_TTL_MS, FILL_LOCK_TTL_MS};
+use spillway_core::problem::Problem;
+use spillway_core::record::RecordDoc;
+use spillway_core::reply::FillBegin;
+use spillway_core::scripts;
+use spillway_core::settings::Settings;
+use spillway_spin::kv::CacheStore;
+use spillway_spin::{Redis, token};
+
+use crate::entry::{Entry, from_db};
+
+/// The record through the cache: a hit, or a miss filled from the database.
+pub(crate) async fn cached_or_filled(s: &Settings, key: &str) -> Result<Option<Entry>, Problem> {
+    let store = CacheStore::kept().await?;
+    let cache_key = s.layout.cache_key(key);
+    if let Some(entry) = store.get(&cache_key).await?.and_then(Entry::parse) {
+        count_read(s, true).await;
+        return Ok(Some(entry));
+    }
+    count_read(s, false).await;
+    Ok(fill(s, &store, &cache_key, key).await?.as_ref().map(Entry::from_doc))
+}
+
+thread_local! {
+    /// This instance's cache hits and misses not yet added to Redis, and when they
+    /// last were (monotonic ms; none yet).
+    static READS: std::cell::Cell<(u64, u64, Option<u64>)> = const { std::cell::Cell::new((0, 0, None)) };
+}
+
+/// Counts a read for the stats (a miss includes a key known to be absent). The
+/// counts go to Redis with an instance's first read and then at most once a
+/// second, from a task of their own, so no read waits for it; they are
+/// approximate: an instance that retires takes up to its last second of counts.
+async fn count_read(s: &Settings, hit: bool) {
+    let (mut hits, mut misses, last) = READS.get();
+    if hit {
+        hits += 1;
+    } else {
+        misses += 1;
+    }
+    let now = spillway_spin::monotonic_ms();
+    if last.is_some_and(|last| now < last + 1000) {
+        READS.set((hits, misses, last));
+        return;
+    }
+    READS.set((0, 0, Some(now)));
+    let (address, key) = (s.redis_for(0).to_owned(), s.layout.cache_stats());
+    spin_sdk::wasip3::spawn(async move {
+        let counted = Redis::new(&address).eval(scripts::CACHE_COUNT, &[key], &[hits.to_string(), misses.to_string()]).await;
+        if counted.is_err() {
+            // Kept for the next flush.
+            let (h, m, t) = READS.get();
+            READS.set((h + hits, m + misses, t));
+        }
+    });
+}
+
+/// Cache miss: one filler per key reads the database and fills the cache under the
+/// single-flight lock (the same lock the processor takes to refresh, so an older
+/// value cannot overwrite a newer one); others wait for it, then fall back to the
+/// database without filling. A key found absent is remembered for a while (the
+/// negative entry, see `scripts::FILL_BEGIN`), until it is created.
+async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> Result<Option<RecordDoc>, Problem> {
+    let redis = Redis::for_shard(s, s.layout.shard_of(key));
+    let lock = s.layout.fill_lock(key);
+    let me = token();
+    // Wait up to a second for another filler (it normally takes milliseconds),
+    // then read the database without filling.
+    let give_up = spillway_spin::monotonic_ms() + 1000;
+    while spillway_spin::monotonic_ms() < give_up {
+        let got = redis.eval(scripts::FILL_BEGIN, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
+        match FillBegin::parse(&spillway_spin::redis::values(&got)).map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))? {
+            FillBegin::Absent => return Ok(None),
+            FillBegin::Mine => {
+                let entry = match from_db(key).await {
+                    Ok(e) => e,
+                    Err(p) => {
+                        redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+                        return Err(p);
+                    }
+                };
+                let Some(e) = entry else {
+                    redis.eval(scripts::FILL_ABSENT, std::slice::from_ref(&lock), &[me, ABSENT_TTL_MS.to_string()]).await?;
+                    return Ok(None);
+                };
+                let written = store.set(cache_key, e.to_text().as_bytes()).await;
+                redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+                written?;
+                return Ok(Some(e));
+            }
+            FillBegin::Busy => {}
+        }
+        spillway_spin::wait_ms(2).await;
+        if let Some(e) = store.get(cache_key).await?.and_then(|b| serde_json::from_slice(&b).ok()) {
+            return Ok(Some(e));
+        }
+    }
+    from_db(key).await
+}
+

@@ -1,0 +1,82 @@
+//! A shard's lease: the lock that gives one processor a shard at a time.
+//!
+//! `SET lease token NX PX ttl` with a fencing token (a counter per shard) that
+//! the database write checks, released and renewed by token in Lua (see
+//! `scripts::LEASE_ACQUIRE`, `LEASE_RELEASE`, `READ_BATCH`): a holder whose
+//! lease expired cannot release, renew or commit over the next holder.
+
+use spillway_core::layout::{CONSUMER, GROUP};
+use spillway_core::problem::Problem;
+use spillway_core::reply::{BatchRead, LeaseAcquired, ReplyError};
+use spillway_core::scripts;
+use spillway_core::settings::Settings;
+use spillway_spin::{Redis, token};
+
+/// A lease this processor holds.
+#[derive(Clone, Debug)]
+pub(crate) struct Lease {
+    /// The shard.
+    pub(crate) shard: u32,
+    /// Ours: what release and renewal compare.
+    pub(crate) token: String,
+    /// The fencing token the database write checks.
+    pub(crate) fence: i64,
+}
+
+/// A reply of another shape: a failure of the call, not an answer.
+fn malformed(e: ReplyError) -> Problem {
+    spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string())
+}
+
+impl Lease {
+    /// Takes `shard`'s lease, unless another processor holds it (`None`).
+    pub(crate) async fn acquire(s: &Settings, shard: u32) -> Result<Option<Self>, Problem> {
+        let l = &s.layout;
+        let token = token();
+        let reply = Redis::for_shard(s, shard).eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
+        Ok(match LeaseAcquired::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)? {
+            LeaseAcquired::Won(fence) => Some(Self { shard, token, fence }),
+            LeaseAcquired::Busy => None,
+        })
+    }
+
+    /// Releases the lease. After a failure (`retry`) the shard's watch stays, to
+    /// expire one lease TTL from now: that expiry is the retry, whatever else
+    /// happens. A release that fails leaves the lease to expire, which resumes
+    /// the shard too; it is logged.
+    pub(crate) async fn release(&self, s: &Settings, retry: bool) {
+        let l = &s.layout;
+        let retry_ms = if retry { s.lease_ttl_ms } else { 0 };
+        let released = Redis::for_shard(s, self.shard)
+            .eval(scripts::LEASE_RELEASE, &[l.lease(self.shard), l.watch(self.shard)], &[self.token.clone(), retry_ms.to_string()])
+            .await;
+        if let Err(p) = released {
+            eprintln!("{}", serde_json::json!({"event": "lease_release_failed", "shard": self.shard, "fence": self.fence, "error": p.detail}));
+        }
+    }
+
+    /// Renews the lease and reads the shard's next batch (from `resume` while a
+    /// previous holder's pending entries are resumed); [`BatchRead::Lost`] when
+    /// the lease is someone else's now.
+    pub(crate) async fn read_batch(&self, s: &Settings, resume: Option<&str>) -> Result<BatchRead, Problem> {
+        let l = &s.layout;
+        let shard = self.shard;
+        let reply = Redis::for_shard(s, shard)
+            .eval(
+                scripts::READ_BATCH,
+                &[l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard), l.applying(shard)],
+                &[
+                    self.token.clone(),
+                    GROUP.into(),
+                    CONSUMER.into(),
+                    s.batch_size.to_string(),
+                    s.max_attempts.to_string(),
+                    s.lease_ttl_ms.to_string(),
+                    s.status_retention_secs.saturating_mul(1000).to_string(),
+                    resume.unwrap_or_default().to_owned(),
+                ],
+            )
+            .await?;
+        BatchRead::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)
+    }
+}

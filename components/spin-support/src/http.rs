@@ -1,0 +1,114 @@
+//! HTTP: responses that always carry `Content-Length`, problem answers, the
+//! admin token, request ids and bounded body reads.
+
+use std::cell::RefCell;
+
+use spillway_core::problem::Problem;
+use subtle::ConstantTimeEq as _;
+
+/// A response with a known body: `Content-Length` is always set (see DESIGN.md).
+pub fn respond(status: u16, content_type: &str, body: String, headers: &[(&str, String)]) -> http::Response<String> {
+    let mut b = http::Response::builder()
+        .status(status)
+        .header("content-length", body.len());
+    if !body.is_empty() {
+        b = b.header("content-type", content_type);
+    }
+    for (k, v) in headers {
+        b = b.header(*k, v.as_str());
+    }
+    b.body(body).unwrap_or_else(|_| {
+        http::Response::builder().status(500).header("content-length", 0).body(String::new()).expect("static")
+    })
+}
+
+/// A JSON response.
+pub fn json(status: u16, value: &serde_json::Value, headers: &[(&str, String)]) -> http::Response<String> {
+    respond(status, "application/json", value.to_string(), headers)
+}
+
+/// An `application/problem+json` response.
+pub fn problem(p: &Problem) -> http::Response<String> {
+    let mut headers = Vec::new();
+    if let Some(s) = p.retry_after {
+        headers.push(("retry-after", s.to_string()));
+    }
+    respond(p.status, "application/problem+json", p.body(), &headers)
+}
+
+/// 405 with `Allow`.
+pub fn method_not_allowed(allow: &str) -> http::Response<String> {
+    let p = Problem::new(405, "method-not-allowed", "Method not allowed", &format!("allowed: {allow}"));
+    respond(405, "application/problem+json", p.body(), &[("allow", allow.to_owned())])
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time; admin endpoints are
+/// disabled (403) when no token is configured.
+pub fn authorize(headers: &http::HeaderMap, token: Option<&str>) -> Result<(), Problem> {
+    let Some(token) = token else {
+        return Err(Problem::unauthorized(403, "admin endpoints are disabled: no admin_token is configured"));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Problem::unauthorized(401, "missing Authorization: Bearer <token>"))?;
+    // `subtle`: no early exit, the time depends on the lengths only.
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(Problem::unauthorized(403, "the token is not valid"))
+    }
+}
+
+thread_local! {
+    /// This instance's random id prefix and its request counter.
+    static REQUEST_IDS: RefCell<Option<(String, u64)>> = const { RefCell::new(None) };
+}
+
+/// The request id: the client's `X-Request-Id` when it is 1 to 128 characters of
+/// `A-Z a-z 0-9 . _ -`, else a new one: 24 random hex digits drawn once per
+/// instance and a counter, so a reused instance makes one call for randomness, not
+/// one per request.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    if let Some(id) = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+    {
+        return id.to_owned();
+    }
+    REQUEST_IDS.with_borrow_mut(|ids| {
+        let (prefix, n) = ids.get_or_insert_with(|| (crate::clock::token()[..24].to_owned(), 0));
+        *n += 1;
+        format!("{prefix}{:08x}", *n)
+    })
+}
+
+/// Adds the request id to a response.
+pub fn with_request_id<B>(mut res: http::Response<B>, id: &str) -> http::Response<B> {
+    if let Ok(v) = http::HeaderValue::from_str(id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
+/// Reads a request body, refusing (413) as soon as it passes `limit` bytes, whether
+/// or not the client sent `Content-Length`: an oversized body is never buffered.
+pub async fn read_body(req: spin_sdk::http::Request, limit: usize) -> Result<Vec<u8>, Problem> {
+    use http_body_util::BodyExt as _;
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared.filter(|len| *len > limit) {
+        return Err(Problem::too_large(Some(len), limit));
+    }
+    match http_body_util::Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes().to_vec()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Problem::too_large(None, limit)),
+        Err(e) => Err(Problem::malformed(&format!("the body could not be read: {e}"))),
+    }
+}
+

@@ -1,0 +1,157 @@
+//! Redis through Spin's outbound Redis: one connection kept per server and
+//! instance, the fixed Lua scripts called by SHA1, and flat replies read.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use spillway_core::problem::Problem;
+use spillway_core::settings::Settings;
+use spin_sdk::redis::{Connection, RedisParameter, RedisResult};
+
+use crate::hazards;
+
+thread_local! {
+    /// One connection per Redis server (by address), kept for the instance.
+    static REDIS: RefCell<HashMap<String, Rc<Connection>>> = RefCell::new(HashMap::new());
+    /// SHA1 of each script loaded into Redis, keyed by the script constant's address.
+    static SHAS: RefCell<HashMap<usize, String>> = RefCell::new(HashMap::new());
+}
+
+/// A value of a flat reply as text (status or binary).
+pub fn text(v: &RedisResult) -> Option<String> {
+    match v {
+        RedisResult::Status(s) => Some(s.clone()),
+        RedisResult::Binary(b) => String::from_utf8(b.clone()).ok(),
+        RedisResult::Int64(i) => Some(i.to_string()),
+        RedisResult::Nil => None,
+    }
+}
+
+/// A value of a flat reply as an integer.
+pub fn int(v: &RedisResult) -> Option<i64> {
+    match v {
+        RedisResult::Int64(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// Redis, through Spin's outbound Redis, with the connection kept for the life of
+/// the instance (WASIp3 instances serve many requests) and reopened after an error.
+pub struct Redis {
+    address: String,
+}
+
+impl Redis {
+    /// Redis at `address`.
+    pub fn new(address: &str) -> Self {
+        Self { address: address.to_owned() }
+    }
+
+    /// The server that holds `shard`'s keys (see `Settings::redis_for`).
+    pub fn for_shard(s: &Settings, shard: u32) -> Self {
+        Self::new(s.redis_for(shard))
+    }
+
+    /// Its address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn conn(&self) -> Result<Rc<Connection>, Problem> {
+        if let Some(c) = REDIS.with_borrow(|r| r.get(&self.address).cloned()) {
+            return Ok(c);
+        }
+        let c = Rc::new(Connection::open(&self.address).await.map_err(|e| redis_failed(&self.address, &e))?);
+        REDIS.with_borrow_mut(|r| r.insert(self.address.clone(), c.clone()));
+        Ok(c)
+    }
+
+    /// Runs one command; a failure drops the kept connection and is a 503.
+    pub async fn execute(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
+        self.execute_or_noscript(command, args).await.map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
+    }
+
+    /// Like [`Redis::execute`], except that a `NOSCRIPT` refusal (Redis has
+    /// forgotten a script) is `Err(None)` and keeps the connection: it is an answer,
+    /// not a failure of the connection.
+    async fn execute_or_noscript(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Option<Problem>> {
+        let conn = self.conn().await?;
+        match conn.execute(command, args).await {
+            Ok(r) => Ok(r),
+            // redis-rs words it `NoScript` (1.x) or `NoScriptError` (0.32, Spin's).
+            Err(spin_sdk::redis::Error::Other(m)) if m.to_ascii_lowercase().contains("noscript") => Err(None),
+            Err(e) => {
+                // The next connection may reach a restarted Redis, which has
+                // forgotten settings made at run time: check them again.
+                REDIS.with_borrow_mut(|r| r.remove(&self.address));
+                hazards::forget(&self.address);
+                Err(Some(redis_failed(&self.address, &e)))
+            }
+        }
+    }
+
+    /// Runs one of the fixed Lua scripts with `keys` and `args`, by its SHA1
+    /// (`EVALSHA`): the script text travels once per instance (`SCRIPT LOAD`), and
+    /// again only if Redis has forgotten it (restart, `SCRIPT FLUSH`).
+    pub async fn eval(&self, script: &'static str, keys: &[String], args: &[String]) -> Result<Vec<RedisResult>, Problem> {
+        let slot = script.as_ptr() as usize;
+        let mut reloaded = false;
+        loop {
+            let sha = match SHAS.with_borrow(|m| m.get(&slot).cloned()) {
+                Some(sha) => sha,
+                None => {
+                    let reply = self.execute("SCRIPT", vec![bin("LOAD"), bin(script)]).await?;
+                    let sha = reply.first().and_then(text).ok_or_else(|| Problem::unavailable("SCRIPT LOAD gave no SHA1"))?;
+                    SHAS.with_borrow_mut(|m| m.insert(slot, sha.clone()));
+                    sha
+                }
+            };
+            let mut params = Vec::with_capacity(2 + keys.len() + args.len());
+            params.push(bin(&sha));
+            params.push(RedisParameter::Int64(keys.len() as i64));
+            params.extend(keys.iter().map(|k| bin(k)));
+            params.extend(args.iter().map(|a| bin(a)));
+            match self.execute_or_noscript("EVALSHA", params).await {
+                Ok(r) => return Ok(r),
+                Err(None) if !reloaded => {
+                    SHAS.with_borrow_mut(|m| m.remove(&slot));
+                    reloaded = true;
+                }
+                Err(None) => return Err(Problem::unavailable("Redis keeps forgetting Spillway's scripts (NOSCRIPT)")),
+                Err(Some(p)) => return Err(p),
+            }
+        }
+    }
+}
+
+/// A flat reply as [`spillway_core::reply::Value`]s, for the scripts' typed
+/// replies.
+pub fn values(reply: &[RedisResult]) -> Vec<spillway_core::reply::Value> {
+    use spillway_core::reply::Value;
+    reply
+        .iter()
+        .map(|v| match v {
+            RedisResult::Nil => Value::Nil,
+            RedisResult::Int64(i) => Value::Int(*i),
+            RedisResult::Status(s) => Value::Text(s.clone()),
+            RedisResult::Binary(b) => Value::Text(String::from_utf8_lossy(b).into_owned()),
+        })
+        .collect()
+}
+
+/// A binary Redis argument.
+pub fn bin(s: &str) -> RedisParameter {
+    RedisParameter::Binary(s.as_bytes().to_vec())
+}
+
+/// A failure of the Redis server at `address` as an answer (see
+/// [`backend_failed`]), naming the server by its variable.
+pub(crate) fn redis_failed(address: &str, e: &spin_sdk::redis::Error) -> Problem {
+    let name = crate::settings::with_loaded(|s| match s {
+        Some(s) => s.redis_name(address),
+        None => spillway_core::redact::server_of(address).unwrap_or_else(|| "a Redis server".to_owned()),
+    });
+    crate::backend::backend_failed(&format!("Redis ({name})"), &format!("{e:?}"))
+}
+

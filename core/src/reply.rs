@@ -1,0 +1,350 @@
+//! Typed replies of the Lua scripts ([`crate::scripts`]). Spin's outbound Redis
+//! flattens every reply into one list of nil / status / integer / binary values;
+//! each script's reply is read here, once, by its type, and a reply of another
+//! shape is an error with context, never a default (a malformed lease reply must
+//! not read as "lease busy").
+
+/// One value of a flattened reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// Nil.
+    Nil,
+    /// An integer.
+    Int(i64),
+    /// A status or bulk string (as text; Spillway's replies are UTF-8).
+    Text(String),
+}
+
+impl Value {
+    /// As an integer (a numeric string too).
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Self::Int(i) => Some(*i),
+            Self::Text(t) => t.parse().ok(),
+            Self::Nil => None,
+        }
+    }
+
+    /// As text (an integer in decimal too).
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Self::Text(t) => Some(t.clone()),
+            Self::Int(i) => Some(i.to_string()),
+            Self::Nil => None,
+        }
+    }
+}
+
+/// A reply of another shape than its script's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected reply from {script}: {what}")]
+pub struct ReplyError {
+    /// The script.
+    pub script: &'static str,
+    /// What is wrong.
+    pub what: String,
+}
+
+fn bad(script: &'static str, what: impl Into<String>) -> ReplyError {
+    ReplyError { script, what: what.into() }
+}
+
+fn int_at(script: &'static str, reply: &[Value], i: usize, name: &str) -> Result<i64, ReplyError> {
+    reply.get(i).and_then(Value::int).ok_or_else(|| bad(script, format!("{name} (value {i}) is not an integer: {:?}", reply.get(i))))
+}
+
+/// `LEASE_ACQUIRE`: the new fencing token, or none when another processor holds
+/// the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAcquired {
+    /// Ours, with this fencing token (> 0).
+    Won(i64),
+    /// Someone else's.
+    Busy,
+}
+
+impl LeaseAcquired {
+    /// Reads the reply: one integer, 0 or a token above it.
+    pub fn parse(reply: &[Value]) -> Result<Self, ReplyError> {
+        const S: &str = "LEASE_ACQUIRE";
+        if reply.len() != 1 {
+            return Err(bad(S, format!("{} values, not 1", reply.len())));
+        }
+        match int_at(S, reply, 0, "the fencing token")? {
+            0 => Ok(Self::Busy),
+            t if t > 0 => Ok(Self::Won(t)),
+            t => Err(bad(S, format!("a negative fencing token {t}"))),
+        }
+    }
+}
+
+/// One entry of a batch: its stream id, the write (JSON text), and which
+/// delivery this is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The stream entry id.
+    pub id: String,
+    /// The write as accepted (JSON text).
+    pub payload: String,
+    /// 1 for the first delivery.
+    pub attempt: i64,
+}
+
+/// `READ_BATCH`: the lease was lost, or a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchRead {
+    /// The lease is someone else's now.
+    Lost,
+    /// A batch (possibly empty).
+    Batch {
+        /// Outcomes of writes accepted before this may be pruned.
+        prune_before_ms: i64,
+        /// Where resuming a previous holder's pending entries goes on (`None`:
+        /// they are done).
+        cursor: Option<String>,
+        /// The entries, in stream order.
+        entries: Vec<BatchEntry>,
+    },
+}
+
+impl BatchRead {
+    /// Reads `lost` | `ok, prune_before_ms, cursor, (entry id, payload, attempt)*`.
+    pub fn parse(reply: &[Value]) -> Result<Self, ReplyError> {
+        const S: &str = "READ_BATCH";
+        match reply.first().and_then(Value::text).as_deref() {
+            Some("lost") => return Ok(Self::Lost),
+            Some("ok") => {}
+            other => return Err(bad(S, format!("it starts with {other:?}, not ok or lost"))),
+        }
+        let prune_before_ms = int_at(S, reply, 1, "prune_before_ms")?;
+        let cursor = reply.get(2).ok_or_else(|| bad(S, "no cursor"))?.text().filter(|c| !c.is_empty());
+        let rest = &reply[3..];
+        if !rest.len().is_multiple_of(3) {
+            return Err(bad(S, format!("{} entry values are not whole (id, payload, attempt) triples", rest.len())));
+        }
+        let entries = rest
+            .chunks(3)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(BatchEntry {
+                    id: c[0].text().ok_or_else(|| bad(S, format!("entry {i} has no id")))?,
+                    payload: c[1].text().ok_or_else(|| bad(S, format!("entry {i} has no payload")))?,
+                    attempt: c[2].int().ok_or_else(|| bad(S, format!("entry {i}'s attempt is not an integer")))?,
+                })
+            })
+            .collect::<Result<_, ReplyError>>()?;
+        Ok(Self::Batch { prune_before_ms, cursor, entries })
+    }
+}
+
+/// `ENQUEUE`: what one call did with its writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Accepted (`replay`: as the first request with this idempotency key and
+    /// body was): the ids of the call's writes, in order.
+    Accepted {
+        /// The write ids.
+        ids: Vec<String>,
+        /// A replay of an earlier request.
+        replay: bool,
+    },
+    /// The idempotency key was used with another body.
+    Conflict,
+    /// This shard is over its queue depth limit: nothing was added.
+    Full {
+        /// The shard.
+        shard: String,
+    },
+}
+
+impl Enqueued {
+    /// Reads `ok, id*[, rang, shard*]` | `replay, id*` | `conflict` | `full,
+    /// shard`, and the shards the call rang (whatever else it says: a ring must
+    /// not be lost).
+    pub fn parse(reply: &[Value]) -> Result<(Self, Vec<u32>), ReplyError> {
+        const S: &str = "ENQUEUE";
+        let texts: Vec<String> = reply.iter().map(|v| v.text().ok_or_else(|| bad(S, "a nil value"))).collect::<Result<_, _>>()?;
+        let (head, rest) = texts.split_first().ok_or_else(|| bad(S, "an empty reply"))?;
+        let (values, rang) = match rest.iter().position(|v| v == "rang") {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => (rest, &[][..]),
+        };
+        let rang = rang.iter().map(|v| v.parse::<u32>().map_err(|_| bad(S, format!("a rung shard {v:?}")))).collect::<Result<Vec<_>, _>>()?;
+        let outcome = match head.as_str() {
+            "ok" | "replay" => Self::Accepted { ids: values.to_vec(), replay: head == "replay" },
+            "conflict" => Self::Conflict,
+            "full" => Self::Full { shard: values.first().cloned().ok_or_else(|| bad(S, "full without a shard"))? },
+            other => return Err(bad(S, format!("it starts with {other:?}"))),
+        };
+        Ok((outcome, rang))
+    }
+}
+
+/// `FILL_BEGIN`: whether this reader fills the cache for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillBegin {
+    /// The fill lock is ours: read the database and fill.
+    Mine,
+    /// Another reader is filling: wait for it.
+    Busy,
+    /// The key is known to be absent (the negative entry).
+    Absent,
+}
+
+impl FillBegin {
+    /// Reads 1 | 0 | 2.
+    pub fn parse(reply: &[Value]) -> Result<Self, ReplyError> {
+        const S: &str = "FILL_BEGIN";
+        match (reply.len(), int_at(S, reply, 0, "the grant")?) {
+            (1, 1) => Ok(Self::Mine),
+            (1, 0) => Ok(Self::Busy),
+            (1, 2) => Ok(Self::Absent),
+            (n, v) => Err(bad(S, format!("{n} values, the first {v}"))),
+        }
+    }
+}
+
+/// One lock of `LOCKS_ACQUIRE` / `LOCKS_ACQUIRE_LEASED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Taken.
+    Taken,
+    /// Someone else holds it.
+    Busy,
+    /// Its shard's lease is no longer ours (`LOCKS_ACQUIRE_LEASED` only).
+    LeaseLost,
+}
+
+impl Grant {
+    /// Reads one grant per lock asked for (`n`): 1 | 0 | 2.
+    pub fn parse_all(reply: &[Value], n: usize) -> Result<Vec<Self>, ReplyError> {
+        const S: &str = "LOCKS_ACQUIRE";
+        if reply.len() != n {
+            return Err(bad(S, format!("{} grants for {n} locks", reply.len())));
+        }
+        (0..n)
+            .map(|i| match int_at(S, reply, i, "a grant")? {
+                1 => Ok(Self::Taken),
+                0 => Ok(Self::Busy),
+                2 => Ok(Self::LeaseLost),
+                v => Err(bad(S, format!("grant {i} is {v}"))),
+            })
+            .collect()
+    }
+}
+
+/// `CLAIMABLE`: the shards with queued writes and no lease holder.
+pub fn claimable(reply: &[Value]) -> Result<Vec<u32>, ReplyError> {
+    reply
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v.int().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad("CLAIMABLE", format!("value {i} is not a shard: {v:?}"))))
+        .collect()
+}
+
+/// `SHARD_STATS`: one shard's figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Entries in the stream.
+    pub depth: u64,
+    /// Delivered and not acknowledged.
+    pub unacknowledged: u64,
+    /// The oldest entry's id, if any.
+    pub oldest: Option<String>,
+    /// Entries in the dead-letter stream.
+    pub dead_letters: u64,
+    /// The lease holder's token, if held.
+    pub holder: Option<String>,
+    /// The lease's time left (ms; negative when none).
+    pub lease_ms_left: i64,
+    /// Redis's clock (ms since the epoch).
+    pub now_ms: u64,
+    /// The stats hash, field by field.
+    pub counters: Vec<(String, u64)>,
+}
+
+impl ShardStats {
+    /// Reads `depth, unacknowledged, oldest, dead letters, holder, lease ms left,
+    /// now ms, (field, value)*`.
+    pub fn parse(reply: &[Value]) -> Result<Self, ReplyError> {
+        const S: &str = "SHARD_STATS";
+        if reply.len() < 7 || reply.len().is_multiple_of(2) {
+            return Err(bad(S, format!("{} values", reply.len())));
+        }
+        let count = |i: usize, name: &str| int_at(S, reply, i, name).map(|n| n.max(0) as u64);
+        let text = |i: usize| reply[i].text().filter(|t| !t.is_empty());
+        let counters = reply[7..]
+            .chunks(2)
+            .map(|p| match (p[0].text(), p[1].int()) {
+                (Some(f), Some(v)) => Ok((f, v.max(0) as u64)),
+                _ => Err(bad(S, format!("a counter pair {p:?}"))),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            depth: count(0, "depth")?,
+            unacknowledged: count(1, "unacknowledged")?,
+            oldest: text(2),
+            dead_letters: count(3, "dead letters")?,
+            holder: text(4),
+            lease_ms_left: int_at(S, reply, 5, "the lease's time left")?,
+            now_ms: count(6, "now")?,
+            counters,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    /// A lease reply reads as won or busy; anything else is an error, not
+    /// "busy".
+    #[test]
+    fn lease_replies() {
+        assert_eq!(LeaseAcquired::parse(&[Value::Int(7)]), Ok(LeaseAcquired::Won(7)));
+        assert_eq!(LeaseAcquired::parse(&[Value::Int(0)]), Ok(LeaseAcquired::Busy));
+        assert_eq!(LeaseAcquired::parse(&[t("12")]), Ok(LeaseAcquired::Won(12)));
+        for bad in [vec![], vec![Value::Nil], vec![t("OK")], vec![Value::Int(-1)], vec![Value::Int(1), Value::Int(2)]] {
+            assert!(LeaseAcquired::parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A batch reply reads into its entries; a torn one is an error.
+    #[test]
+    fn batch_replies() {
+        assert_eq!(BatchRead::parse(&[t("lost")]), Ok(BatchRead::Lost));
+        let ok = [t("ok"), Value::Int(5), t(""), t("1-0"), t("{}"), Value::Int(1), t("1-1"), t("[]"), Value::Int(3)];
+        let BatchRead::Batch { prune_before_ms, cursor, entries } = BatchRead::parse(&ok).unwrap() else { panic!() };
+        assert_eq!((prune_before_ms, cursor, entries.len(), entries[1].attempt), (5, None, 2, 3));
+        assert_eq!(BatchRead::parse(&[t("ok"), Value::Int(0), t("0-5")]).unwrap(), BatchRead::Batch { prune_before_ms: 0, cursor: Some("0-5".into()), entries: vec![] });
+        assert!(BatchRead::parse(&ok[..8]).is_err());
+        assert!(BatchRead::parse(&[t("ok"), Value::Nil, t("")]).is_err());
+        assert!(BatchRead::parse(&[]).is_err());
+        assert!(BatchRead::parse(&[t("OK")]).is_err());
+    }
+
+    /// The other scripts' replies read by type, and refuse other shapes.
+    #[test]
+    fn other_replies() {
+        let (e, rang) = Enqueued::parse(&[t("ok"), t("1-1-0"), t("1-2-0"), t("rang"), Value::Int(1)]).unwrap();
+        assert_eq!((e, rang), (Enqueued::Accepted { ids: vec!["1-1-0".into(), "1-2-0".into()], replay: false }, vec![1]));
+        assert_eq!(Enqueued::parse(&[t("replay"), t("1-1-0")]).unwrap().0, Enqueued::Accepted { ids: vec!["1-1-0".into()], replay: true });
+        assert_eq!(Enqueued::parse(&[t("full"), t("3")]).unwrap().0, Enqueued::Full { shard: "3".into() });
+        assert_eq!(Enqueued::parse(&[t("conflict")]).unwrap().0, Enqueued::Conflict);
+        assert!(Enqueued::parse(&[t("full")]).is_err() && Enqueued::parse(&[]).is_err() && Enqueued::parse(&[t("what")]).is_err());
+        assert!(Enqueued::parse(&[t("ok"), t("rang"), t("x")]).is_err());
+        assert_eq!(FillBegin::parse(&[Value::Int(2)]), Ok(FillBegin::Absent));
+        assert!(FillBegin::parse(&[Value::Int(3)]).is_err() && FillBegin::parse(&[]).is_err());
+        assert_eq!(Grant::parse_all(&[Value::Int(1), Value::Int(0), Value::Int(2)], 3), Ok(vec![Grant::Taken, Grant::Busy, Grant::LeaseLost]));
+        assert!(Grant::parse_all(&[Value::Int(1)], 2).is_err());
+        assert_eq!(claimable(&[Value::Int(3), t("5")]), Ok(vec![3, 5]));
+        assert!(claimable(&[Value::Int(-1)]).is_err());
+        let st = ShardStats::parse(&[Value::Int(4), Value::Int(1), t("17-0"), Value::Int(0), t(""), Value::Int(-2), Value::Int(20), t("accepted"), t("4")]).unwrap();
+        assert_eq!((st.depth, st.oldest.as_deref(), st.holder, st.counters), (4, Some("17-0"), None, vec![("accepted".into(), 4)]));
+        assert!(ShardStats::parse(&[Value::Int(4)]).is_err());
+    }
+}
