@@ -1,6 +1,6 @@
 use serde_json::{Value, json};
 
-use crate::spillway::{ADMIN, Engine, Spillway, on_both_engines};
+use crate::spillway::{Engine, Spillway, on_both_engines};
 
 const TYPE: &str = "https://spillway.dev/problems/";
 
@@ -39,7 +39,7 @@ async fn refused(s: &Spillway, body: &str, content_type: &str, status: u16, code
 /// Bad writes get the right status, stable type and field, and change nothing in
 /// Redis or the database.
 async fn bad_writes_are_refused_and_change_nothing(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[("max_body_bytes", "2000"), ("max_batch", "3"), ("max_key_len", "16"), ("max_value_bytes", "100"), ("max_json_depth", "4")], false).await;
+    let s = Spillway::builder().engine(engine).vars(&[("max_body_bytes", "2000"), ("max_batch", "3"), ("max_key_len", "16"), ("max_value_bytes", "100"), ("max_json_depth", "4")]).start().await;
     let (code, _) = s.write(json!({"key": "seed", "op": "put", "value": 1})).await;
     assert_eq!(code, 202);
     let j = "application/json";
@@ -66,7 +66,7 @@ async fn bad_writes_are_refused_and_change_nothing(engine: Engine) {
 /// Unknown routes and records are problem+json 404s; a wrong method is 405 with Allow;
 /// every response carries a request id (the client's, when valid).
 async fn routes_methods_and_request_ids(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[], false).await;
+    let s = Spillway::builder().engine(engine).start().await;
     let (code, h, p) = s.call("GET", "/v2/nothing", None, &[("x-request-id", "trace-42")]).await;
     assert_eq!((code, p["type"].as_str()), (404, Some("https://spillway.dev/problems/not-found")));
     assert_eq!(h["x-request-id"], "trace-42");
@@ -86,7 +86,7 @@ async fn routes_methods_and_request_ids(engine: Engine) {
 /// Retry-After and enqueues nothing; once the processor runs, every write accepted
 /// before is applied.
 async fn backpressure_then_recovery(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[("queue_depth_limit", "3"), ("shard_count", "1")], false).await;
+    let s = Spillway::builder().engine(engine).vars(&[("queue_depth_limit", "3"), ("shard_count", "1")]).start().await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let (code, v) = s.write(json!({"key": format!("k{i}"), "op": "put", "value": i})).await;
@@ -98,7 +98,7 @@ async fn backpressure_then_recovery(engine: Engine) {
     assert_eq!((code, p["type"].as_str()), (429, Some("https://spillway.dev/problems/queue-full")));
     assert_eq!(h["retry-after"], "1");
     assert_eq!(redis_state(&s), before);
-    let (code, _, out) = s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    let (code, _, out) = s.admin("POST", "/v1/drain", None).await;
     assert_eq!((code, out["applied"].as_u64()), (200, Some(3)), "{out}");
     for id in ids {
         let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
@@ -110,7 +110,7 @@ async fn backpressure_then_recovery(engine: Engine) {
 
 /// With Redis unreachable, intake answers 503 with Retry-After.
 async fn redis_down_is_503(engine: Engine) {
-    let mut s = Spillway::start_engine(engine, &[], false).await;
+    let mut s = Spillway::builder().engine(engine).start().await;
     s.redis = crate::support::Redis::start(); // the app's Redis is dropped (stopped)
     let (code, h, p) = s.call("POST", "/v1/writes", Some(json!({"key": "a", "op": "delete"})), &[]).await;
     assert_eq!((code, p["type"].as_str()), (503, Some("https://spillway.dev/problems/unavailable")), "{p}");
@@ -121,7 +121,7 @@ async fn redis_down_is_503(engine: Engine) {
 
 /// Admin endpoints are disabled, not open, when no token is configured.
 async fn admin_disabled_without_token(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[("admin_token", "")], false).await;
+    let s = Spillway::builder().engine(engine).vars(&[("admin_token", "")]).start().await;
     for (method, path) in [("POST", "/v1/drain"), ("GET", "/v1/dead"), ("POST", "/v1/dead/replay"), ("DELETE", "/v1/cache/a"), ("PUT", "/v1/cache/a")] {
         let (code, _, p) = s.call(method, path, None, &[("authorization", "Bearer ")]).await;
         assert_eq!((code, p["type"].as_str()), (403, Some("https://spillway.dev/problems/forbidden")), "{method} {path}");
@@ -131,14 +131,13 @@ async fn admin_disabled_without_token(engine: Engine) {
 /// Hostile keys stay inside the key prefix and never collide, and each reads back
 /// as written; If-Match mismatches are 412; admin cache refresh and invalidate work.
 async fn hostile_keys_stay_in_the_layout(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[], false).await;
+    let s = Spillway::builder().engine(engine).start().await;
     let keys = ["*", "{s1}:stream", "x:y", "é", "%2A", "spillway:{s0}:lease", "}{"];
     for (i, k) in keys.iter().enumerate() {
         let (code, v) = s.write(json!({"key": k, "op": "put", "value": i})).await;
         assert_eq!(code, 202, "{v}");
     }
-    let auth = format!("Bearer {ADMIN}");
-    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    s.drain().await;
     let (all, _) = redis_state(&s);
     assert!(all.iter().all(|k| k.starts_with("spillway:")), "{all:?}");
     for (i, k) in keys.iter().enumerate() {
@@ -152,17 +151,17 @@ async fn hostile_keys_stay_in_the_layout(engine: Engine) {
         assert_eq!(code, 200);
     }
     let cache_path = format!("/v1/cache/{}", spillway_core::layout::encode_key("*"));
-    let (code, _, _) = s.call("DELETE", &cache_path, None, &[("authorization", &auth)]).await;
+    let (code, _, _) = s.admin("DELETE", &cache_path, None).await;
     assert_eq!(code, 204);
-    let (code, _, rec) = s.call("PUT", &cache_path, None, &[("authorization", &auth)]).await;
+    let (code, _, rec) = s.admin("PUT", &cache_path, None).await;
     assert_eq!((code, rec["value"].as_u64()), (200, Some(0)));
-    let (code, _, _) = s.call("PUT", "/v1/cache/never-written", None, &[("authorization", &auth)]).await;
+    let (code, _, _) = s.admin("PUT", "/v1/cache/never-written", None).await;
     assert_eq!(code, 404);
 }
 
 /// The served OpenAPI document is the one kept in the repository.
 async fn openapi_document_is_served(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[], false).await;
+    let s = Spillway::builder().engine(engine).start().await;
     let (code, _, doc) = s.call("GET", "/v1/openapi.json", None, &[]).await;
     assert_eq!(code, 200);
     let kept: Value = serde_json::from_str(&std::fs::read_to_string(crate::support::workspace().join("api/openapi.json")).unwrap()).unwrap();
@@ -172,28 +171,27 @@ async fn openapi_document_is_served(engine: Engine) {
 
 /// Dead letters are listed and replayed onto the queue, then applied.
 async fn dead_letters_list_and_replay(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[("max_attempts", "1")], false).await;
+    let s = Spillway::builder().engine(engine).vars(&[("max_attempts", "1")]).start().await;
     s.store.fail_records().await;
     let (_, v) = s.write(json!({"key": "k", "op": "put", "value": 1})).await;
     let id = v["id"].as_str().unwrap().to_owned();
-    let auth = format!("Bearer {ADMIN}");
-    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
-    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
-    let (code, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
+    s.drain().await;
+    s.drain().await;
+    let (code, _, dead) = s.admin("GET", "/v1/dead", None).await;
     assert_eq!(code, 200);
     assert_eq!(dead["dead"][0]["id"], id, "{dead}");
     assert_eq!(dead["dead"][0]["write"], json!({"key": "k", "op": "put", "value": 1}));
     // Repair the database, then replay.
     s.store.exec("DROP TABLE spillway_records").await;
-    let (code, _, out) = s.call("POST", "/v1/dead/replay", Some(json!({"ids": [id]})), &[("authorization", &auth)]).await;
+    let (code, _, out) = s.admin("POST", "/v1/dead/replay", Some(json!({"ids": [id]}))).await;
     assert_eq!(code, 200, "{out}");
     let new_id = out["replayed"][0]["replayed_as"].as_str().unwrap().to_owned();
     let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
     assert_eq!(st, json!({"id": id, "status": "replayed", "replayed_as": new_id}));
-    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    s.drain().await;
     let (_, _, st) = s.call("GET", &format!("/v1/writes/{new_id}"), None, &[]).await;
     assert_eq!(st["status"], "applied", "{st}");
-    let (_, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
+    let (_, _, dead) = s.admin("GET", "/v1/dead", None).await;
     assert_eq!(dead["dead"], json!([]));
 }
 
@@ -201,24 +199,23 @@ async fn dead_letters_list_and_replay(engine: Engine) {
 /// acknowledgement kept failing) is not applied again by a replay: it is reported
 /// as already applied and taken off the dead-letter list.
 async fn replay_skips_dead_letters_already_applied(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[("max_attempts", "1")], false).await;
+    let s = Spillway::builder().engine(engine).vars(&[("max_attempts", "1")]).start().await;
     s.store.fail_records().await;
     let (_, v) = s.write(json!({"key": "k", "op": "incr", "field": "n"})).await;
     let id = v["id"].as_str().unwrap().to_owned();
-    let auth = format!("Bearer {ADMIN}");
-    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
-    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
-    let (_, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
+    s.drain().await;
+    s.drain().await;
+    let (_, _, dead) = s.admin("GET", "/v1/dead", None).await;
     assert_eq!(dead["dead"][0]["id"], id, "{dead}");
     // The database has it (as if the commit went through and only the ack failed).
     s.store.exec("DROP TABLE spillway_records").await;
     s.store.exec(&format!("INSERT INTO spillway_writes (id, key, status, version, applied_at) VALUES ('{id}', 'k', 'applied', 1, 0)")).await;
-    let (code, _, out) = s.call("POST", "/v1/dead/replay", None, &[("authorization", &auth)]).await;
+    let (code, _, out) = s.admin("POST", "/v1/dead/replay", None).await;
     assert_eq!(code, 200, "{out}");
     assert_eq!(out, json!({"replayed": [], "already_applied": [id]}));
-    let (_, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
+    let (_, _, dead) = s.admin("GET", "/v1/dead", None).await;
     assert_eq!(dead["dead"], json!([]));
-    let queued: usize = (0..16).map(|i| redis::cmd("XLEN").arg(format!("spillway:{{s{i}}}:stream")).query::<usize>(&mut s.redis.conn()).unwrap()).sum();
+    let queued: usize = (0..16).map(|i| redis::cmd("XLEN").arg(crate::support::layout().stream(i)).query::<usize>(&mut s.redis.conn()).unwrap()).sum();
     assert_eq!(queued, 0, "nothing was put back on the queue");
 }
 
@@ -226,7 +223,7 @@ async fn replay_skips_dead_letters_already_applied(engine: Engine) {
 /// request loads them again and succeeds. Regression: the `NOSCRIPT` answer was not
 /// recognized in the client's wording, so warm instances answered 503.
 async fn forgotten_scripts_are_loaded_again(engine: Engine) {
-    let s = Spillway::start_engine(engine, &[], false).await;
+    let s = Spillway::builder().engine(engine).start().await;
     let (code, v) = s.write(json!({"key": "a", "op": "put", "value": 1})).await;
     assert_eq!(code, 202, "{v}");
     let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut s.redis.conn()).unwrap();

@@ -161,7 +161,7 @@ async fn crash_run(setup: Setup) {
     let mut admin = Conn::open(front.port).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let queued: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(format!("spillway:{{s{s}}}:stream")).unwrap()).sum();
+        let queued: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(crate::support::layout().stream(s as u32)).unwrap()).sum();
         if queued == 0 {
             break;
         }
@@ -170,9 +170,9 @@ async fn crash_run(setup: Setup) {
         assert_eq!(status, 200, "{body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let dead: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(format!("spillway:{{s{s}}}:dead")).unwrap()).sum();
+    let dead: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(crate::support::layout().dead(s as u32)).unwrap()).sum();
     let first_dead: Vec<redis::Value> = (0..16)
-        .flat_map(|s| redis::cmd("XRANGE").arg(format!("spillway:{{s{s}}}:dead")).arg("-").arg("+").arg("COUNT").arg(1).query::<Vec<redis::Value>>(&mut conns[s % n]).unwrap())
+        .flat_map(|s| redis::cmd("XRANGE").arg(crate::support::layout().dead(s as u32)).arg("-").arg("+").arg("COUNT").arg(1).query::<Vec<redis::Value>>(&mut conns[s % n]).unwrap())
         .take(1)
         .collect();
     if let Some(two) = &second {
@@ -180,7 +180,7 @@ async fn crash_run(setup: Setup) {
         let mut c = two.conn();
         let mut keys: Vec<String> = redis::cmd("KEYS").arg("spillway:{s*}:stream").query(&mut c).unwrap();
         keys.sort();
-        assert_eq!(keys, (0..16).filter(|s| s % 2 == 1).map(|s| format!("spillway:{{s{s}}}:stream")).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
+        assert_eq!(keys, (0..16).filter(|s| s % 2 == 1).map(|s| crate::support::layout().stream(s as u32)).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
     }
     assert_eq!(dead, 0, "nothing dead-lettered: {first_dead:?}");
 

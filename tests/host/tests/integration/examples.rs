@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 
-use crate::spillway::{ADMIN, Spillway};
+use crate::spillway::Spillway;
 use crate::support::{fixture, fixtures, workspace};
 
 /// The ids of a batch's writes, in order.
@@ -51,7 +51,7 @@ fn inventory_wasm() -> PathBuf {
 /// reason; the board keeps each player's best.
 #[tokio::test(flavor = "multi_thread")]
 async fn rust_leaderboard_through_the_pipeline() {
-    let s = Spillway::start_with_apply(Path::new(&fixture("leaderboard")), &[]).await;
+    let s = Spillway::builder().apply(Path::new(&fixture("leaderboard"))).with_trigger().start().await;
     let (code, v) = s.write(json!({"key": "board", "op": "put", "value": 1})).await;
     assert_eq!(code, 422, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("expected score or reset"), "{v}");
@@ -90,7 +90,7 @@ async fn rust_leaderboard_through_the_pipeline() {
 /// reason.
 #[tokio::test(flavor = "multi_thread")]
 async fn python_inventory_through_the_pipeline() {
-    let s = Spillway::start_with_apply(&inventory_wasm(), &[]).await;
+    let s = Spillway::builder().apply(&inventory_wasm()).with_trigger().start().await;
     let (code, v) = s.write(json!({"key": "sku-1", "op": "incr", "field": "stock"})).await;
     assert_eq!(code, 422, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("expected restock or order"), "{v}");
@@ -127,7 +127,7 @@ async fn python_inventory_through_the_pipeline() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_apply_step_dead_letters_only_its_keys() {
     let vars = [("shard_count", "1"), ("lease_ttl_ms", "500"), ("max_attempts", "3")];
-    let s = Spillway::start_with_apply(Path::new(&fixture("fixture_apply_faulty")), &vars).await;
+    let s = Spillway::builder().apply(Path::new(&fixture("fixture_apply_faulty"))).vars(&vars).with_trigger().start().await;
     let mut writes = Vec::new();
     for i in 0..40 {
         writes.push(json!({"key": format!("good-{}", i % 10), "op": "incr", "field": "n"}));
@@ -151,8 +151,7 @@ async fn a_failing_apply_step_dead_letters_only_its_keys() {
         let (_, _, rec) = s.call("GET", &format!("/v1/records/good-{i}"), None, &[]).await;
         assert_eq!(rec["value"], json!({"n": 4}), "good-{i}: every increment once");
     }
-    let auth = format!("Bearer {ADMIN}");
-    let (code, _, dead) = s.call("GET", "/v1/dead", None, &[("authorization", &auth)]).await;
+    let (code, _, dead) = s.admin("GET", "/v1/dead", None).await;
     assert_eq!(code, 200, "{dead}");
     let dead = dead["dead"].as_array().unwrap();
     assert_eq!(dead.len(), 8, "{dead:?}");
@@ -179,10 +178,10 @@ async fn dependencies_inherit_only_what_the_manifest_grants() {
     let faulty = fixture("fixture_apply_faulty");
     let with_env = |m: String| m.replace("[component.processor]\n", "[component.processor]\nenvironment = { GREETING = \"hi\" }\n");
     for (inherit, expected) in [(false, 0), (true, 1)] {
-        let s = Spillway::start_with_apply_edited(Path::new(&faulty), &[], |m| {
+        let s = Spillway::builder().apply(Path::new(&faulty)).edit(move |m| {
             let m = with_env(m);
             if inherit { m.replace("[component.processor]\n", "[component.processor]\ndependencies_inherit_configuration = true\n") } else { m }
-        })
+        }).with_trigger().start()
         .await;
         let (_, v) = s.write(json!({"key": "env-probe", "op": "delete"})).await;
         assert_eq!(s.settled(v["id"].as_str().unwrap()).await["status"], "applied");

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::spillway::{ADMIN, Spillway};
+use crate::spillway::Spillway;
 
 async fn drain(s: &Spillway) {
-    let (code, _, v) = s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    let (code, _, v) = s.admin("POST", "/v1/drain", None).await;
     assert_eq!(code, 200, "{v}");
 }
 
@@ -54,13 +54,13 @@ async fn many_records(s: Spillway) {
 /// query, absent keys listed; bad bodies are refused with their field.
 #[tokio::test(flavor = "multi_thread")]
 async fn many_records_in_one_request() {
-    many_records(Spillway::start(&[], false).await).await;
+    many_records(Spillway::builder().start().await).await;
 }
 
 /// The same with the cache on Redis, whose `get-many` Spin cannot do (one by one).
 #[tokio::test(flavor = "multi_thread")]
 async fn many_records_in_one_request_redis_cache() {
-    many_records(Spillway::start_kv_on_redis(&[], false).await).await;
+    many_records(Spillway::builder().kv_on_redis().start().await).await;
 }
 
 /// A flood of reads of an absent key reaches the database a bounded number of
@@ -68,7 +68,7 @@ async fn many_records_in_one_request_redis_cache() {
 /// write is applied.
 #[tokio::test(flavor = "multi_thread")]
 async fn absent_keys_are_negatively_cached() {
-    let s = Arc::new(Spillway::start(&[], false).await);
+    let s = Arc::new(Spillway::builder().start().await);
     s.write(json!({"key": "other", "op": "put", "value": 1})).await;
     drain(&s).await; // the tables exist
     let before = s.app.sqlite_statements("default");
@@ -160,7 +160,7 @@ impl Feed {
 /// `change_feed_secs`.
 #[tokio::test(flavor = "multi_thread")]
 async fn change_feed_streams_every_version() {
-    let s = Arc::new(Spillway::start(&[("change_feed_secs", "6")], true).await);
+    let s = Arc::new(Spillway::builder().vars(&[("change_feed_secs", "6")]).with_trigger().start().await);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(s.app.clone().serve(listener));

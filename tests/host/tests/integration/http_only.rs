@@ -15,7 +15,7 @@ async fn writes_are_applied_without_a_redis_trigger_or_a_drain_call() {
     let manifest: toml::Table = std::fs::read_to_string(workspace().join("deploy/http-only/spin.toml")).unwrap().parse().unwrap();
     assert!(manifest["trigger"].get("redis").is_none(), "no Redis trigger");
     assert!(manifest["component"].as_table().unwrap().values().all(|c| c.get("sqlite_databases").is_none()), "no SQLite");
-    let s = Spillway::start_http_only(&[]).await;
+    let s = Spillway::builder().http_only().start().await;
     for round in 0..20 {
         let (code, v) = s.write(json!({"key": format!("k{}", round % 5), "op": "incr", "field": "n"})).await;
         assert_eq!(code, 202, "{v}");
@@ -37,7 +37,7 @@ async fn writes_are_applied_without_a_redis_trigger_or_a_drain_call() {
 /// handed on at least once.
 #[tokio::test(flavor = "multi_thread")]
 async fn drains_hand_on_at_their_budget() {
-    let s = std::sync::Arc::new(Spillway::start_http_only(&[("drain_budget_secs", "1"), ("batch_size", "10")]).await);
+    let s = std::sync::Arc::new(Spillway::builder().http_only().vars(&[("drain_budget_secs", "1"), ("batch_size", "10")]).start().await);
     burst(&s, 20_000, 100).await;
     s.wait_recorded(20_000).await;
     assert_eq!(s.store.sum_of_n().await, 20_000);
@@ -51,7 +51,7 @@ async fn drains_hand_on_at_their_budget() {
 /// refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn wake_endpoint_drains_what_is_queued() {
-    let s = Spillway::start_http_only(&[]).await;
+    let s = Spillway::builder().http_only().start().await;
     let (code, _, p) = s.call("GET", "/v1/wake?shard=99", None, &[]).await;
     assert_eq!((code, p["type"].as_str()), (422, Some("https://spillway.dev/problems/invalid-write")), "{p}");
     let (code, _, _) = s.call("DELETE", "/v1/wake", None, &[]).await;

@@ -54,5 +54,7 @@ mod redis_trigger;
 mod sqlite;
 /// `spin:variables`: resolution, overrides, templates, errors.
 mod variables;
+/// One source for the variables: the documented table, the manifest, the code.
+mod variables_table;
 /// WASI: environment, clocks, random, guest output.
 mod wasi;

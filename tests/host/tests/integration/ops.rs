@@ -27,7 +27,7 @@ fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
 /// the processor logged one JSON line per batch and per failure.
 #[tokio::test(flavor = "multi_thread")]
 async fn stats_and_metrics_carry_the_workload() {
-    let s = Spillway::start(&[("max_attempts", "1")], false).await;
+    let s = Spillway::builder().vars(&[("max_attempts", "1")]).start().await;
     let auth = format!("Bearer {ADMIN}");
     let admin = [("authorization", auth.as_str())];
     // Three writes that cannot be applied (the database refuses every record):
@@ -133,14 +133,14 @@ async fn stats_and_metrics_carry_the_workload() {
 /// hits and misses are counted.
 #[tokio::test(flavor = "multi_thread")]
 async fn stats_access_and_cache_counts() {
-    let s = Spillway::start(&[], false).await;
+    let s = Spillway::builder().start().await;
     for path in ["/v1/stats", "/metrics"] {
         let (code, _, p) = s.call("GET", path, None, &[]).await;
         assert_eq!(code, 401, "{path}: {p}");
     }
-    let open = Spillway::start(&[("stats_public", "true")], false).await;
+    let open = Spillway::builder().vars(&[("stats_public", "true")]).start().await;
     let (_, v) = open.write(json!({"key": "c", "op": "put", "value": 1})).await;
-    open.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    open.drain().await;
     assert_eq!(open.settled(v["id"].as_str().unwrap()).await["status"], "applied");
     // A miss, then hits: an instance's first read is counted at once, the rest
     // within a second (while the instance lives).
@@ -161,7 +161,7 @@ async fn stats_access_and_cache_counts() {
         let (code, _, p) = open.call(method, path, None, &[]).await;
         assert_eq!(code, 401, "{method} {path} still needs the token: {p}");
     }
-    let (code, _, p) = s.call("POST", "/v1/dead/purge", Some(json!({"shard": 99})), &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    let (code, _, p) = s.admin("POST", "/v1/dead/purge", Some(json!({"shard": 99}))).await;
     assert_eq!((code, p["field"].as_str()), (422, Some("/shard")), "{p}");
 }
 
@@ -171,7 +171,7 @@ async fn stats_access_and_cache_counts() {
 /// elsewhere (its CSP forbids it).
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_shows_live_charts() {
-    let s = std::sync::Arc::new(Spillway::start(&[], true).await);
+    let s = std::sync::Arc::new(Spillway::builder().with_trigger().start().await);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(s.app.clone().serve(listener));
@@ -223,7 +223,7 @@ async fn dashboard_shows_live_charts() {
 /// accepted, whatever order the ids are given in; purge takes one, a shard's, or all.
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_replay_in_order_and_purge() {
-    let s = Spillway::start(&[("max_attempts", "1")], false).await;
+    let s = Spillway::builder().vars(&[("max_attempts", "1")]).start().await;
     let auth = format!("Bearer {ADMIN}");
     let admin = [("authorization", auth.as_str())];
     s.db().execute_batch(FAILING_RECORDS).unwrap();

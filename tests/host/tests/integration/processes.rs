@@ -18,6 +18,8 @@ pub(crate) struct Host {
     pub(crate) port: u16,
     /// What it printed on stdout after it was ready.
     pub(crate) stdout: Arc<Mutex<Vec<String>>>,
+    /// What it printed on stderr (the components' log lines, the host's warnings).
+    pub(crate) stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Host {
@@ -82,8 +84,17 @@ pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, var
     let mut child = cmd
         .env("SPILLWAY_HOST_CACHE_DIR", workspace().join("target/wasmtime-cache"))
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let err_sink = stderr.clone();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            err_sink.lock().unwrap().push(line);
+        }
+    });
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     for line in lines.by_ref() {
         let line = line.unwrap();
@@ -99,7 +110,7 @@ pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, var
             sink.lock().unwrap().push(line);
         }
     });
-    Host { child, port, stdout }
+    Host { child, port, stdout, stderr }
 }
 
 /// A minimal keep-alive HTTP/1.1 client: our responses always carry Content-Length.

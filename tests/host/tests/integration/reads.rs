@@ -30,10 +30,9 @@ async fn read_your_writes(s: Spillway) {
     }
     {
         let (s, stop) = (s.clone(), stop.clone());
-        let auth = format!("Bearer {ADMIN}");
         background.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let (code, _, _) = s.call("DELETE", "/v1/cache/hot", None, &[("authorization", &auth)]).await;
+                let (code, _, _) = s.admin("DELETE", "/v1/cache/hot", None).await;
                 assert_eq!(code, 204);
                 tokio::task::yield_now().await;
             }
@@ -70,13 +69,13 @@ async fn read_your_writes(s: Spillway) {
 /// Read-your-writes with the cache in Spin's default SQLite key-value store.
 #[tokio::test(flavor = "multi_thread")]
 async fn read_your_writes_sqlite_cache() {
-    read_your_writes(Spillway::start(&[], true).await).await;
+    read_your_writes(Spillway::builder().with_trigger().start().await).await;
 }
 
 /// Read-your-writes with the cache on Redis (runtime config).
 #[tokio::test(flavor = "multi_thread")]
 async fn read_your_writes_redis_cache() {
-    read_your_writes(Spillway::start_kv_on_redis(&[], true).await).await;
+    read_your_writes(Spillway::builder().kv_on_redis().with_trigger().start().await).await;
 }
 
 /// `GET /v1/writes/{id}?wait=s` holds the request until the write leaves `pending`:
@@ -84,8 +83,7 @@ async fn read_your_writes_redis_cache() {
 /// when the time runs out; a bad `wait` is a 422 naming the parameter.
 #[tokio::test(flavor = "multi_thread")]
 async fn waiting_for_a_write_instead_of_polling() {
-    let s = Arc::new(Spillway::start(&[], false).await);
-    let auth = format!("Bearer {ADMIN}");
+    let s = Arc::new(Spillway::builder().start().await);
     let (_, v) = s.write(json!({"key": "w", "op": "put", "value": {"n": 1}})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     // Nothing drains: the wait runs out and says pending.
@@ -100,7 +98,7 @@ async fn waiting_for_a_write_instead_of_polling() {
     };
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(!waiter.is_finished(), "the waiter is held while the write is pending");
-    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    s.drain().await;
     let (code, _, st) = waiter.await.unwrap();
     assert_eq!((code, st.clone()), (200, json!({"id": id, "status": "applied", "version": 1, "key": "w"})), "{st}");
     // Rejected likewise.
@@ -111,7 +109,7 @@ async fn waiting_for_a_write_instead_of_polling() {
         tokio::spawn(async move { s.call("GET", &format!("/v1/writes/{id}?wait=20"), None, &[]).await })
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    s.call("POST", "/v1/drain", None, &[("authorization", &auth)]).await;
+    s.drain().await;
     let (_, _, st) = waiter.await.unwrap();
     assert_eq!(st["status"], "rejected", "{st}");
     assert!(st["reason"].as_str().unwrap().contains("below the minimum 0"), "{st}");
@@ -127,11 +125,11 @@ async fn waiting_for_a_write_instead_of_polling() {
 /// ignored, as RFC 7240 asks.
 #[tokio::test(flavor = "multi_thread")]
 async fn prefer_wait_answers_with_the_outcome() {
-    let s = Arc::new(Spillway::start(&[], false).await);
+    let s = Arc::new(Spillway::builder().start().await);
     let drain_soon = |s: Arc<Spillway>| {
         tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await
+            s.admin("POST", "/v1/drain", None).await
         })
     };
     let drain = drain_soon(s.clone());
@@ -173,7 +171,7 @@ async fn prefer_wait_answers_with_the_outcome() {
 /// through a delete and a re-create; bad parameters are 422 with their field.
 #[tokio::test(flavor = "multi_thread")]
 async fn consistent_and_min_version_reads() {
-    let s = Arc::new(Spillway::start(&[], false).await);
+    let s = Arc::new(Spillway::builder().start().await);
     let auth = format!("Bearer {ADMIN}");
     let auth = [("authorization", auth.as_str())];
     let drain = || s.call("POST", "/v1/drain", None, &auth);
@@ -239,7 +237,7 @@ async fn consistent_and_min_version_reads() {
 /// processor has run: the first read that needs the new columns migrates it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_database_is_migrated_by_its_first_read() {
-    let s = Spillway::start(&[], false).await;
+    let s = Spillway::builder().start().await;
     s.db()
         .execute_batch(
             "CREATE TABLE spillway_records (key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL,
@@ -261,7 +259,7 @@ async fn an_older_database_is_migrated_by_its_first_read() {
     assert_eq!(columns, 1, "migrated");
     // And the processor carries on from there.
     s.write(json!({"key": "old", "op": "incr", "field": "n"})).await;
-    s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    s.drain().await;
     let (_, _, v) = s.call("GET", "/v1/records/old", None, &[]).await;
     assert_eq!((v["version"].as_i64(), v["value"]["n"].as_i64()), (Some(4), Some(8)), "{v}");
 }

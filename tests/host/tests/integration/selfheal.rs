@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::processes::{Conn, manifests, spawn};
-use crate::spillway::{ADMIN, Spillway, batch_of_incr, burst};
+use crate::spillway::{Spillway, batch_of_incr, burst};
 use crate::support::{AOF_ALWAYS, Redis, fixtures};
 
 /// Writes applied so far, read from the database (never through the app, which
@@ -33,12 +33,12 @@ async fn wait_total(db: &rusqlite::Connection, n: i64, bound: Duration) -> Durat
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_doorbells_are_answered_without_traffic() {
     let ttl = 500;
-    let mut s = Spillway::start(&[("lease_ttl_ms", "500")], false).await;
+    let mut s = Spillway::builder().vars(&[("lease_ttl_ms", "500")]).start().await;
     for r in 0..10 {
         let (code, v) = s.write(batch_of_incr(r * 100, 100, 100)).await;
         assert_eq!(code, 202, "{v}");
     }
-    let rung: usize = (0..16).map(|i| redis::cmd("EXISTS").arg(format!("spillway:{{s{i}}}:bell")).query::<usize>(&mut s.redis.conn()).unwrap()).sum();
+    let rung: usize = (0..16).map(|i| redis::cmd("EXISTS").arg(crate::support::layout().bell(i)).query::<usize>(&mut s.redis.conn()).unwrap()).sum();
     assert!(rung > 0, "the doorbell flags are set, their rings lost");
     s.start_trigger().await;
     let took = wait_total(&s.db(), 1000, Duration::from_secs(30)).await;
@@ -84,7 +84,7 @@ async fn killed_processor_is_resumed_without_traffic() {
     }
     // Kill it while it holds a lease, mid-drain.
     let mut c = redis.conn();
-    let xlen = |c: &mut redis::Connection, shard: usize| -> usize { redis::cmd("XLEN").arg(format!("spillway:{{s{shard}}}:stream")).query(c).unwrap() };
+    let xlen = |c: &mut redis::Connection, shard: usize| -> usize { redis::cmd("XLEN").arg(crate::support::layout().stream(shard as u32)).query(c).unwrap() };
     let deadline = Instant::now() + Duration::from_secs(30);
     let holding = loop {
         let leases: Vec<String> = redis::cmd("KEYS").arg("spillway:{s*}:lease").query(&mut c).unwrap();
@@ -126,7 +126,7 @@ async fn killed_processor_is_resumed_without_traffic() {
 /// table is reported with the rows rather than at the call.
 #[tokio::test(flavor = "multi_thread")]
 async fn fresh_app_answers_404_and_pending() {
-    let s = Spillway::start(&[], false).await;
+    let s = Spillway::builder().start().await;
     let (code, _, p) = s.call("GET", "/v1/records/never-written", None, &[]).await;
     assert_eq!((code, p["type"].as_str()), (404, Some("https://spillway.dev/problems/not-found")), "{p}");
     let (code, v) = s.write(json!({"key": "k", "op": "put", "value": 1})).await;
@@ -145,7 +145,7 @@ async fn fresh_app_answers_404_and_pending() {
 #[tokio::test(flavor = "multi_thread")]
 async fn outcomes_are_pruned_after_the_retention() {
     const WRITES: usize = 100_000;
-    let s = std::sync::Arc::new(Spillway::start(&[("status_retention_secs", "1")], true).await);
+    let s = std::sync::Arc::new(Spillway::builder().vars(&[("status_retention_secs", "1")]).with_trigger().start().await);
     let accepted = burst(&s, WRITES, 1000).await;
     let last = accepted.last().unwrap()["writes"][99]["id"].as_str().unwrap().to_owned();
     wait_total(&s.db(), WRITES as i64, Duration::from_secs(120)).await;
@@ -159,15 +159,10 @@ async fn outcomes_are_pruned_after_the_retention() {
     // dead-letter stream or capped notice stream; the rest (leases, watches, fill
     // locks, ...) expire.
     let mut c = s.redis.conn();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let queued: usize = (0..16).map(|i| redis::cmd("XLEN").arg(format!("spillway:{{s{i}}}:stream")).query::<usize>(&mut c).unwrap()).sum();
-        if queued == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{queued} entries still queued");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::eventually("every queued write applied", Duration::from_secs(60), async || {
+        (0..16).map(|i| redis::cmd("XLEN").arg(crate::support::layout().stream(i)).query::<usize>(&mut c).unwrap()).sum::<usize>() == 0
+    })
+    .await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
     let mut lasting = 0;
     for k in &keys {
@@ -185,7 +180,7 @@ async fn outcomes_are_pruned_after_the_retention() {
         }
     }
     assert!(lasting <= 16 * 5 + 1, "{lasting} keys without a TTL");
-    let notices: usize = (0..16).map(|i| redis::cmd("XLEN").arg(format!("spillway:{{s{i}}}:done")).query::<usize>(&mut c).unwrap()).max().unwrap_or(0);
+    let notices: usize = (0..16).map(|i| redis::cmd("XLEN").arg(crate::support::layout().done(i)).query::<usize>(&mut c).unwrap()).max().unwrap_or(0);
     assert!(notices < 1000, "the outcome notices are capped ({notices})");
 }
 
@@ -197,8 +192,8 @@ async fn redis_hazards_are_reported_and_expiry_events_turned_on() {
     let mut c = redis.conn();
     let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("allkeys-lru").query(&mut c).unwrap();
     let _: () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("").query(&mut c).unwrap();
-    let s = Spillway::start_on(redis, &[], false).await;
-    let (code, _, out) = s.call("POST", "/v1/drain", None, &[("authorization", &format!("Bearer {ADMIN}"))]).await;
+    let s = Spillway::builder().redis(redis).start().await;
+    let (code, _, out) = s.admin("POST", "/v1/drain", None).await;
     assert_eq!(code, 200, "{out}");
     let warnings: Vec<String> = serde_json::from_value(out["warnings"].clone()).unwrap();
     assert_eq!(warnings.len(), 2, "{warnings:?}");

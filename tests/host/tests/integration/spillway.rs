@@ -177,109 +177,122 @@ pub(crate) fn options(redis: &Redis, state: &std::path::Path, vars: &[(&str, &st
     o
 }
 
-impl Spillway {
-    /// Starts the app with its Redis-trigger subscriptions (unless `trigger` is
-    /// false) against a Redis of its own.
-    pub(crate) async fn start(vars: &[(&str, &str)], trigger: bool) -> Self {
-        Self::start_on(Redis::start(), vars, trigger).await
+/// How a test's Spillway is set up: [`Spillway::builder`], then what differs
+/// from the defaults (the repository's `spin.toml`, SQLite, a Redis of its own
+/// that requires a password, the record cache in the local key-value store, no
+/// Redis trigger), then [`Builder::start`].
+#[must_use]
+pub(crate) struct Builder {
+    redis: Option<Redis>,
+    engine: Engine,
+    vars: Vec<(String, String)>,
+    trigger: bool,
+    kv_on_redis: bool,
+    http_only: bool,
+    apply: Option<std::path::PathBuf>,
+    edit: Option<Box<dyn Fn(String) -> String>>,
+}
+
+impl Builder {
+    /// Against this Redis (else one of its own, with a password).
+    pub(crate) fn redis(mut self, redis: Redis) -> Self {
+        self.redis = Some(redis);
+        self
     }
 
-    /// Like [`Spillway::start`], against `redis`.
-    pub(crate) async fn start_on(redis: Redis, vars: &[(&str, &str)], trigger: bool) -> Self {
-        Self::start_with(redis, vars, trigger, false).await
+    /// With `engine` as the system of record (PostgreSQL: a database of its own
+    /// whose role logs in with a password).
+    pub(crate) fn engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
     }
 
-    /// Like [`Spillway::start`], with the key-value store (the record cache) on the
-    /// same Redis, as `runtime-config.toml` puts it.
-    pub(crate) async fn start_kv_on_redis(vars: &[(&str, &str)], trigger: bool) -> Self {
-        Self::start_with(Redis::start(), vars, trigger, true).await
+    /// With these variables (over the defaults and the servers' addresses).
+    pub(crate) fn vars(mut self, vars: &[(&str, &str)]) -> Self {
+        self.vars.extend(vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        self
     }
 
-    /// Like [`Spillway::start`], with `engine` as the system of record, as in
-    /// production: Redis requires a password, and so does PostgreSQL.
-    pub(crate) async fn start_engine(engine: Engine, vars: &[(&str, &str)], trigger: bool) -> Self {
-        Self::start_full(Redis::start_secured(), engine, vars, trigger, false).await
+    /// Subscribes the Redis triggers (doorbell, expired-key events) at start.
+    pub(crate) fn with_trigger(mut self) -> Self {
+        self.trigger = true;
+        self
     }
 
-    /// The HTTP-only manifest (`deploy/http-only/spin.toml`: no Redis trigger, no
-    /// SQLite) on PostgreSQL, against a Redis of its own.
-    pub(crate) async fn start_http_only(vars: &[(&str, &str)]) -> Self {
-        let redis = Redis::start();
+    /// The record cache on the same Redis, as `runtime-config.toml` puts it.
+    pub(crate) fn kv_on_redis(mut self) -> Self {
+        self.kv_on_redis = true;
+        self
+    }
+
+    /// The HTTP-only manifest (`deploy/http-only/spin.toml`: no Redis trigger,
+    /// no SQLite), on PostgreSQL.
+    pub(crate) fn http_only(mut self) -> Self {
+        self.http_only = true;
+        self.engine = Engine::Postgres;
+        self
+    }
+
+    /// The apply step replaced by the component at `apply` (both dependency
+    /// tables, intake's and the processor's), as a user changes it.
+    pub(crate) fn apply(mut self, apply: &std::path::Path) -> Self {
+        self.apply = Some(apply.to_path_buf());
+        self
+    }
+
+    /// The manifest's text passed through `edit` first.
+    pub(crate) fn edit(mut self, edit: impl Fn(String) -> String + 'static) -> Self {
+        self.edit = Some(Box::new(edit));
+        self
+    }
+
+    /// Starts it.
+    pub(crate) async fn start(self) -> Spillway {
+        let redis = self.redis.unwrap_or_else(Redis::start_secured);
         let state = tempfile::tempdir().unwrap();
-        let (store, db_vars) = Store::new(Engine::Postgres, state.path());
-        let mut opts = options(&redis, state.path(), vars);
-        opts.manifest = workspace().join("deploy/http-only/spin.toml");
+        let (store, db_vars) = Store::new(self.engine, state.path());
+        let vars: Vec<(&str, &str)> = self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut opts = options(&redis, state.path(), &vars);
         // The test's own variables win (e.g. a wrong database password).
         for (k, v) in db_vars {
             opts.variables.entry(k).or_insert(v);
         }
-        let app = Arc::new(App::load(&opts).expect("the HTTP-only manifest loads"));
-        Self { app, redis, state, store, trigger: None }
-    }
-
-    /// The repository's manifest with the apply step replaced by the component at
-    /// `apply` (both dependency tables, intake's and the processor's), as a user
-    /// changes it, with its Redis trigger.
-    pub(crate) async fn start_with_apply(apply: &std::path::Path, vars: &[(&str, &str)]) -> Self {
-        Self::start_with_apply_edited(apply, vars, |m| m).await
-    }
-
-    /// Like [`Spillway::start_with_apply`], the manifest's text passed through
-    /// `edit` first.
-    pub(crate) async fn start_with_apply_edited(apply: &std::path::Path, vars: &[(&str, &str)], edit: impl Fn(String) -> String) -> Self {
-        Self::start_edited_on(Redis::start(), apply, vars, edit).await
-    }
-
-    /// Like [`Spillway::start_with_apply_edited`], against `redis`.
-    pub(crate) async fn start_edited_on(redis: Redis, apply: &std::path::Path, vars: &[(&str, &str)], edit: impl Fn(String) -> String) -> Self {
-        let state = tempfile::tempdir().unwrap();
-        let (store, db_vars) = Store::new(Engine::Sqlite, state.path());
         let ws = workspace();
-        let builtin = "path = \"target/wasm32-wasip2/release/apply_builtin.wasm\"";
-        let manifest = std::fs::read_to_string(ws.join("spin.toml")).unwrap();
-        assert_eq!(manifest.matches(builtin).count(), 2, "spin.toml names the built-in step for intake and the processor");
-        let manifest = edit(
-            manifest
-                .replace(builtin, &format!("path = \"{}\"", apply.display()))
-                .replace("= \"target/", &format!("= \"{}/target/", ws.display())),
-        );
-        let path = state.path().join("spin.toml");
-        std::fs::write(&path, manifest).unwrap();
-        let mut opts = options(&redis, state.path(), vars);
-        opts.manifest = path;
-        // The test's own variables win (e.g. a wrong database password).
-        for (k, v) in db_vars {
-            opts.variables.entry(k).or_insert(v);
+        if self.http_only {
+            opts.manifest = ws.join("deploy/http-only/spin.toml");
+        } else if self.apply.is_some() || self.edit.is_some() {
+            let mut manifest = std::fs::read_to_string(ws.join("spin.toml")).unwrap();
+            if let Some(apply) = &self.apply {
+                let builtin = "path = \"target/wasm32-wasip2/release/apply_builtin.wasm\"";
+                assert_eq!(manifest.matches(builtin).count(), 2, "spin.toml names the built-in step for intake and the processor");
+                manifest = manifest.replace(builtin, &format!("path = \"{}\"", apply.display()));
+            }
+            manifest = manifest.replace("= \"target/", &format!("= \"{}/target/", ws.display()));
+            if let Some(edit) = &self.edit {
+                manifest = edit(manifest);
+            }
+            let path = state.path().join("spin.toml");
+            std::fs::write(&path, manifest).unwrap();
+            opts.manifest = path;
         }
-        let app = Arc::new(App::load(&opts).expect("spillway loads with its apply step replaced"));
-        let mut s = Self { app, redis, state, store, trigger: None };
-        s.start_trigger().await;
-        s
-    }
-
-    async fn start_with(redis: Redis, vars: &[(&str, &str)], trigger: bool, kv_on_redis: bool) -> Self {
-        Self::start_full(redis, Engine::Sqlite, vars, trigger, kv_on_redis).await
-    }
-
-    async fn start_full(redis: Redis, engine: Engine, vars: &[(&str, &str)], trigger: bool, kv_on_redis: bool) -> Self {
-        let state = tempfile::tempdir().unwrap();
-        let (store, db_vars) = Store::new(engine, state.path());
-        let mut opts = options(&redis, state.path(), vars);
-        // The test's own variables win (e.g. a wrong database password).
-        for (k, v) in db_vars {
-            opts.variables.entry(k).or_insert(v);
-        }
-        if kv_on_redis {
+        if self.kv_on_redis {
             let rc = state.path().join("runtime-config.toml");
             std::fs::write(&rc, format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n", redis.url())).unwrap();
             opts.runtime_config = Some(rc);
         }
-        let app = Arc::new(App::load(&opts).expect("spillway loads"));
-        let mut s = Self { app, redis, state, store, trigger: None };
-        if trigger {
+        let app = Arc::new(App::load(&opts).unwrap_or_else(|e| panic!("spillway loads ({}): {e:#}", opts.manifest.display())));
+        let mut s = Spillway { app, redis, state, store, trigger: None };
+        if self.trigger && !self.http_only {
             s.start_trigger().await;
         }
         s
+    }
+}
+
+impl Spillway {
+    /// A test's Spillway, set up step by step (see [`Builder`]).
+    pub(crate) fn builder() -> Builder {
+        Builder { redis: None, engine: Engine::Sqlite, vars: Vec::new(), trigger: false, kv_on_redis: false, http_only: false, apply: None, edit: None }
     }
 
     /// Subscribes the Redis triggers (the doorbell and expired-key events) now.
@@ -294,6 +307,19 @@ impl Spillway {
     /// Sends a request; returns status, headers and JSON body (Null when empty).
     pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, Value) {
         call(&self.app, method, path, body, headers).await
+    }
+
+    /// Sends a request with the admin token; returns status, headers and JSON
+    /// body.
+    pub(crate) async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, http::HeaderMap, Value) {
+        self.call(method, path, body, &[("authorization", &format!("Bearer {ADMIN}"))]).await
+    }
+
+    /// `POST /v1/drain` as an operator: asserts 200 and returns the reply.
+    pub(crate) async fn drain(&self) -> Value {
+        let (code, _, out) = self.admin("POST", "/v1/drain", None).await;
+        assert_eq!(code, 200, "{out}");
+        out
     }
 
     /// POSTs writes (one write object or a batch) as JSON.

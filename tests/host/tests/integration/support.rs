@@ -54,7 +54,9 @@ pub(crate) struct Redis {
 }
 
 /// A password no other text in a test contains: a fresh one per server, so that
-/// finding it anywhere (an answer, a log line) can only mean it leaked.
+/// finding it anywhere (an answer, a log line) can only mean it leaked. It is
+/// letters, digits and dashes, so it reads the same however it is encoded; a
+/// caller may add characters that need encoding after it.
 pub(crate) fn fresh_secret(what: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -101,7 +103,9 @@ impl Redis {
     /// Starts a server that requires a password (`requirepass`, a fresh one), as
     /// a production Redis does; [`Redis::url`] carries it.
     pub(crate) fn start_secured() -> Self {
-        Self::start_full(NO_PERSISTENCE, Some(fresh_secret("redis")))
+        // Characters a URL must encode, and `{:?}` escapes: the password must
+        // stay hidden however an error spells it.
+        Self::start_full(NO_PERSISTENCE, Some(format!("{}\"/@#:%x", fresh_secret("redis"))))
     }
 
     fn start_full(persistence: &'static [&'static str], password: Option<String>) -> Self {
@@ -158,10 +162,14 @@ impl Redis {
         false
     }
 
-    /// `redis://127.0.0.1:<port>`, with `:<password>@` when it has one.
+    /// `redis://127.0.0.1:<port>`, with `:<password>@` (percent-encoded) when it
+    /// has one.
     pub(crate) fn url(&self) -> String {
         match &self.password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            Some(pw) => {
+                let pw = percent_encoding::utf8_percent_encode(pw, percent_encoding::NON_ALPHANUMERIC);
+                format!("redis://:{pw}@127.0.0.1:{}", self.port)
+            }
             None => self.host(),
         }
     }
@@ -187,6 +195,22 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The key layout of the app as the tests configure it (the default prefix and
+/// shard count): where a shard's stream, dead letters, flags are.
+pub(crate) fn layout() -> spillway_core::layout::Layout {
+    spillway_core::layout::Layout { prefix: "spillway:".into(), shards: 16 }
+}
+
+/// Waits until `check` holds, polling every 10 ms; panics naming `what` after
+/// `within`.
+pub(crate) async fn eventually(what: &str, within: std::time::Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
