@@ -4,8 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 use spillway_core::apply::{Outcome, Record, StepResult, StepWrites, canonical, plan_with};
+use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::record::{RecordError, RecordRow};
 use spillway_core::scripts;
@@ -151,92 +152,191 @@ struct Envelope {
     key: String,
 }
 
-async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
-    let mut fenced = Vec::new();
-    let mut writes = Vec::new();
-    let mut unreadable = Vec::new();
-    let mut entry_of = std::collections::HashMap::new();
-    let mut over = Vec::new();
-    // Fence rows are locked in shard order, so two processors whose rounds share
-    // shards (a stale holder and the new one) cannot wait on each other in a cycle.
+/// A round's entries, read past the fence: the writes by key, the ones that
+/// do not parse, and which are past their attempt limit.
+#[derive(Default)]
+struct Entries {
+    /// Shards whose batch was fenced off (a newer holder has written).
+    fenced: Vec<u32>,
+    /// `(write id, key, payload)`, in stream order per shard.
+    writes: Vec<(String, String, String)>,
+    /// `(write id, why)`: payloads that are not a write.
+    unreadable: Vec<(String, String)>,
+    /// Write id -> (shard, stream time ms).
+    entry_of: HashMap<String, (i64, i64)>,
+    /// `(shard, entry id, payload, write id)` past their attempt limit.
+    over: Vec<(u32, String, String, String)>,
+}
+
+/// Checks each batch's fence (in shard order, so two processors whose rounds
+/// share shards, a stale holder and the new one, cannot wait on each other in a
+/// cycle) and gathers the entries of the batches that pass.
+async fn fence_and_gather(db: &Db, batches: &[Batch]) -> Result<Entries, Problem> {
+    let mut e = Entries::default();
     let mut in_order: Vec<&Batch> = batches.iter().collect();
     in_order.sort_by_key(|b| b.shard);
     for b in in_order {
         let rows = db.query(db.sql().fence, vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.fence)]).await?;
         if rows.first().and_then(|r| r.first()).and_then(integer) != Some(b.fence) {
-            fenced.push(b.shard);
+            e.fenced.push(b.shard);
             continue;
         }
         for (entry, payload) in &b.entries {
-            let id = format!("{}-{entry}", b.shard);
-            entry_of.insert(id.clone(), (i64::from(b.shard), entry_ms(entry)));
+            let id = WriteId::of_entry(b.shard, entry);
+            e.entry_of.insert(id.clone(), (i64::from(b.shard), entry_ms(entry)));
             if b.over.contains(entry) {
-                over.push((b.shard, entry.clone(), payload.clone(), id.clone()));
+                e.over.push((b.shard, entry.clone(), payload.clone(), id.clone()));
             }
             match serde_json::from_str::<Envelope>(payload) {
-                Ok(w) => writes.push((id, w.key, payload.clone())),
-                Err(e) => unreadable.push((id, e.to_string())),
+                Ok(w) => e.writes.push((id, w.key, payload.clone())),
+                Err(err) => e.unreadable.push((id, err.to_string())),
             }
         }
     }
-    let ids: Vec<&String> = writes.iter().map(|(id, _, _)| id).chain(unreadable.iter().map(|(id, _)| id)).collect();
+    Ok(e)
+}
+
+/// The writes an earlier delivery already recorded, and their outcomes per
+/// shard `(applied, rejected)`: counted when this batch is acknowledged (that
+/// delivery's acknowledgement did not happen, or the entries would not be
+/// here), so each write is counted once.
+async fn recorded_before(db: &Db, e: &Entries) -> Result<(HashSet<String>, HashMap<u32, (u64, u64)>), Problem> {
+    let ids: Vec<&String> = e.writes.iter().map(|(id, _, _)| id).chain(e.unreadable.iter().map(|(id, _)| id)).collect();
     let mut already = HashSet::new();
-    // Outcomes an earlier delivery recorded, by status: counted when this batch is
-    // acknowledged (that delivery's acknowledgement did not happen, or the entries
-    // would not be here), so each write is counted once.
     let mut recorded: HashMap<u32, (u64, u64)> = HashMap::new();
-    if !ids.is_empty() {
-        for row in db.query(db.sql().applied_ids, vec![json_param(&ids)]).await? {
-            let Some(id) = row.first().and_then(text) else { continue };
-            let shard = entry_of.get(&id).map_or(0, |(shard, _)| *shard as u32);
-            let counts = recorded.entry(shard).or_default();
-            if row.get(1).and_then(text).as_deref() == Some("applied") {
-                counts.0 += 1;
-            } else {
-                counts.1 += 1;
+    if ids.is_empty() {
+        return Ok((already, recorded));
+    }
+    for row in db.query(db.sql().applied_ids, vec![json_param(&ids)]).await? {
+        let Some(id) = row.first().and_then(text) else { continue };
+        let shard = e.entry_of.get(&id).map_or(0, |(shard, _)| *shard as u32);
+        let counts = recorded.entry(shard).or_default();
+        if row.get(1).and_then(text).as_deref() == Some("applied") {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+        already.insert(id);
+    }
+    Ok((already, recorded))
+}
+
+/// The records of `keys` as they stand: live ones, tombstones (the version a
+/// deletion reached), and each key's latest applied write (the head of its
+/// change chain). A row of another shape fails the batch; it is never skipped.
+async fn current(db: &Db, keys: &[String]) -> Result<Current, Problem> {
+    let mut c = Current::default();
+    if keys.is_empty() {
+        return Ok(c);
+    }
+    let malformed = |e: RecordError| spillway_spin::backend_failed("The database (database)", &e.to_string());
+    for r in db.query(db.sql().records, vec![json_param(keys)]).await? {
+        let row = RecordRow::from_row(&r).map_err(malformed)?;
+        c.heads.insert(row.key.clone(), row.head.clone());
+        match row.document().map_err(malformed)? {
+            None => {
+                c.tombstones.insert(row.key, row.version as u64);
             }
-            already.insert(id);
+            Some(doc) => {
+                c.existing.insert(doc.key, Record { value: doc.value, version: doc.version as u64, etag: doc.etag, updated_at: doc.updated_at });
+            }
         }
     }
+    Ok(c)
+}
+
+/// The records a round starts from (see [`current`]).
+#[derive(Default)]
+struct Current {
+    existing: BTreeMap<String, Record>,
+    tombstones: BTreeMap<String, u64>,
+    heads: HashMap<String, Option<String>>,
+}
+
+/// Applies one round inside the open transaction: fences, already-recorded
+/// writes, the plan (the apply step per key, in order), then the records, the
+/// outcomes and the pruning, each in one statement.
+async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
+    let mut e = fence_and_gather(db, batches).await?;
+    let (already, recorded) = recorded_before(db, &e).await?;
     // Past the attempt limit and not in the database: left out, to be
     // dead-lettered after the commit. (Had an earlier delivery committed it, it is
     // in `already`: acknowledged as applied, its key refreshed.)
-    let mut dead: Vec<Dead> = over
+    let mut dead: Vec<Dead> = std::mem::take(&mut e.over)
         .into_iter()
         .filter(|(_, _, _, id)| !already.contains(id))
         .map(|(shard, entry, payload, _)| Dead { shard, entry, payload, error: String::new(), attempts: String::new() })
         .collect();
-    let doomed: HashSet<String> = dead.iter().map(|d| format!("{}-{}", d.shard, d.entry)).collect();
-    writes.retain(|(id, _, _)| !doomed.contains(id));
-    unreadable.retain(|(id, _)| !doomed.contains(id));
-    let keys: Vec<String> = writes.iter().map(|(_, key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-    let mut existing = BTreeMap::new();
-    let mut tombstones = BTreeMap::new();
-    // Each key's latest applied write: the head of its change chain.
-    let mut heads: HashMap<String, Option<String>> = HashMap::new();
-    if !keys.is_empty() {
-        for r in db.query(db.sql().records, vec![json_param(&keys)]).await? {
-            // A row of another shape is a failure of the batch, never skipped.
-            let malformed = |e: RecordError| spillway_spin::backend_failed("The database (database)", &e.to_string());
-            let row = RecordRow::from_row(&r).map_err(malformed)?;
-            heads.insert(row.key.clone(), row.head.clone());
-            match row.document().map_err(malformed)? {
-                None => {
-                    tombstones.insert(row.key, row.version as u64);
-                }
-                Some(doc) => {
-                    existing.insert(doc.key, Record { value: doc.value, version: doc.version as u64, etag: doc.etag, updated_at: doc.updated_at });
-                }
+    let doomed: HashSet<String> = dead.iter().map(|d| WriteId::of_entry(d.shard, &d.entry)).collect();
+    e.writes.retain(|(id, _, _)| !doomed.contains(id));
+    e.unreadable.retain(|(id, _)| !doomed.contains(id));
+    let keys: Vec<String> = e.writes.iter().map(|(_, key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let Current { existing, tombstones, mut heads } = current(db, &keys).await?;
+    let now = spillway_spin::now_ms();
+    let plan = plan_round(s, batches, &e, existing, &tombstones, &already, now).await;
+    dead.extend(failed_keys(s, &e, &plan.failed));
+
+    let mut out = Outcomes { entry_of: &e.entry_of, now, rows: Vec::with_capacity(e.writes.len() + e.unreadable.len()), per_shard: recorded, applied: 0, rejected: 0 };
+    for (id, key, outcome) in &plan.outcomes {
+        match outcome {
+            Outcome::Applied { version, value } => {
+                // The change feed's entry: the value this write produced, linked to
+                // the key's applied write before it.
+                let value = value.as_ref().map(|v| String::from_utf8(canonical(v)).unwrap_or_default());
+                let reason = value.is_none().then(|| "deleted".to_owned());
+                let prev = heads.insert(key.clone(), Some(id.clone())).flatten();
+                out.push(id, key, "applied", Some(*version), reason, value, prev);
             }
+            Outcome::Rejected { reason } => out.push(id, key, "rejected", None, Some(reason.clone()), None, None),
         }
     }
-    let now = spillway_spin::now_ms();
-    let careful = batches.iter().any(|b| b.careful).then(|| Careful::new(s, batches.iter().filter(|b| !fenced.contains(&b.shard))));
+    // Live records and tombstones (a deleted key keeps the version it reached),
+    // each with the head of its change chain.
+    let upserts: Vec<RecordUpsert> = plan
+        .records
+        .iter()
+        .map(|(k, r)| {
+            let head = heads.get(k).cloned().flatten();
+            match r {
+                Some(r) => RecordUpsert(k.clone(), String::from_utf8(canonical(&r.value)).unwrap_or_default(), r.version, r.etag.clone(), r.updated_at, 0, head),
+                None => RecordUpsert(k.clone(), "null".into(), plan.deleted.get(k).copied().unwrap_or(0), String::new(), now, 1, head),
+            }
+        })
+        .collect();
+    if !upserts.is_empty() {
+        db.query(db.sql().upsert_records, vec![json_param(&upserts)]).await?;
+    }
+    for (id, err) in e.unreadable.iter().filter(|(id, _)| !already.contains(id)) {
+        out.push(id, "", "rejected", None, Some(format!("unreadable write: {err}")), None, None);
+    }
+    if !out.rows.is_empty() {
+        db.query(db.sql().insert_writes, vec![json_param(&out.rows)]).await?;
+    }
+    for b in batches.iter().filter(|b| !e.fenced.contains(&b.shard)) {
+        let params = vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)];
+        db.query(db.sql().prune_writes, params).await?;
+    }
+    let Outcomes { applied, rejected, per_shard, .. } = out;
+    Ok(Applied { state: plan.records, dead, applied, rejected, per_shard, fenced: e.fenced })
+}
+
+/// Plans the round: each key's writes through the apply step, in order; a
+/// redelivered round carefully, each step call marked (see [`Careful`]).
+async fn plan_round(
+    s: &Settings,
+    batches: &[Batch],
+    e: &Entries,
+    existing: BTreeMap<String, Record>,
+    tombstones: &BTreeMap<String, u64>,
+    already: &HashSet<String>,
+    now: i64,
+) -> spillway_core::apply::Plan {
+    let careful = batches.iter().any(|b| b.careful).then(|| Careful::new(s, batches.iter().filter(|b| !e.fenced.contains(&b.shard))));
     if let Some(c) = &careful {
         c.begin().await;
     }
     let mut marked: Option<(u32, Vec<String>)> = None;
-    let plan = plan_with(existing, &tombstones, &writes, &already, now, async |key, value, version, group| {
+    let plan = plan_with(existing, tombstones, &e.writes, already, now, async |key, value, version, group| {
         if let Some(c) = &careful {
             c.mark(&mut marked, group).await;
         }
@@ -246,81 +346,62 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     if let Some(c) = &careful {
         c.end().await;
     }
-    // A key whose step kept failing: its writes leave the queue, with the error.
-    let payloads: HashMap<&str, &str> = if plan.failed.is_empty() {
-        HashMap::new()
-    } else {
-        writes.iter().map(|(id, _, payload)| (id.as_str(), payload.as_str())).collect()
-    };
-    for (_, ids, error) in &plan.failed {
+    plan
+}
+
+/// A key whose step kept failing: its writes leave the queue, with the error.
+fn failed_keys(s: &Settings, e: &Entries, failed: &[(String, Vec<String>, String)]) -> Vec<Dead> {
+    if failed.is_empty() {
+        return Vec::new();
+    }
+    let payloads: HashMap<&str, &str> = e.writes.iter().map(|(id, _, payload)| (id.as_str(), payload.as_str())).collect();
+    let mut dead = Vec::new();
+    for (_, ids, error) in failed {
         for id in ids {
-            let (shard, _) = entry_of.get(id).copied().unwrap_or((0, 0));
+            let (shard, _) = e.entry_of.get(id).copied().unwrap_or((0, 0));
             let entry = id.split_once('-').map_or(id.as_str(), |(_, e)| e);
             let payload = payloads.get(id.as_str()).copied().unwrap_or_default().to_owned();
             dead.push(Dead { shard: shard as u32, entry: entry.to_owned(), payload, error: error.clone(), attempts: s.max_attempts.max(1).to_string() });
         }
     }
+    dead
+}
 
-    let (mut applied, mut rejected) = (0, 0);
-    let mut outcomes: Vec<Json> = Vec::with_capacity(writes.len() + unreadable.len());
-    let mut per_shard = recorded;
-    let mut row = |id: &String, key: &str, status: &str, version: Option<u64>, reason: Option<&str>, value: Option<String>, prev: Option<String>| {
-        let (shard, ms) = entry_of.get(id).copied().unwrap_or((0, 0));
-        let counts = per_shard.entry(shard as u32).or_default();
+/// A row of `upsert_records` (columns in the statement's order): key, value
+/// (canonical JSON), version, etag, updated_at, deleted (0/1), head.
+#[derive(serde::Serialize)]
+struct RecordUpsert(String, String, u64, String, i64, i64, Option<String>);
+
+/// A row of `insert_writes` (columns in the statement's order): id, key,
+/// status, version, reason, recorded at, shard, stream time, value, previous
+/// write of the key.
+#[derive(serde::Serialize)]
+struct OutcomeRow<'a>(&'a str, &'a str, &'a str, Option<u64>, Option<String>, i64, i64, i64, Option<String>, Option<String>);
+
+/// The round's outcomes as they are recorded, and counted.
+struct Outcomes<'a> {
+    entry_of: &'a HashMap<String, (i64, i64)>,
+    now: i64,
+    rows: Vec<OutcomeRow<'a>>,
+    per_shard: HashMap<u32, (u64, u64)>,
+    applied: u64,
+    rejected: u64,
+}
+
+impl<'a> Outcomes<'a> {
+    #[allow(clippy::too_many_arguments, reason = "one per column of the row")]
+    fn push(&mut self, id: &'a str, key: &'a str, status: &'a str, version: Option<u64>, reason: Option<String>, value: Option<String>, prev: Option<String>) {
+        let (shard, ms) = self.entry_of.get(id).copied().unwrap_or((0, 0));
+        let counts = self.per_shard.entry(shard as u32).or_default();
         if status == "applied" {
             counts.0 += 1;
+            self.applied += 1;
         } else {
             counts.1 += 1;
+            self.rejected += 1;
         }
-        outcomes.push(json!([id, key, status, version, reason, now, shard, ms, value, prev]));
-    };
-    for (id, key, outcome) in &plan.outcomes {
-        match outcome {
-            Outcome::Applied { version, value } => {
-                applied += 1;
-                // The change feed's entry: the value this write produced, linked to
-                // the key's applied write before it.
-                let value = value.as_ref().map(|v| String::from_utf8(canonical(v)).unwrap_or_default());
-                let reason = value.is_none().then_some("deleted");
-                let prev = heads.insert(key.clone(), Some(id.clone())).flatten();
-                row(id, key, "applied", Some(*version), reason, value, prev);
-            }
-            Outcome::Rejected { reason } => {
-                rejected += 1;
-                row(id, key, "rejected", None, Some(reason), None, None);
-            }
-        }
+        self.rows.push(OutcomeRow(id, key, status, version, reason, self.now, shard, ms, value, prev));
     }
-
-    // Live records and tombstones (a deleted key keeps the version it reached),
-    // each with the head of its change chain.
-    let upserts: Vec<Json> = plan
-        .records
-        .iter()
-        .map(|(k, r)| {
-            let head = heads.get(k).cloned().flatten();
-            match r {
-                Some(r) => json!([k, String::from_utf8(canonical(&r.value)).unwrap_or_default(), r.version, r.etag, r.updated_at, 0, head]),
-                None => json!([k, "null", plan.deleted.get(k).copied().unwrap_or(0), "", now, 1, head]),
-            }
-        })
-        .collect();
-    if !upserts.is_empty() {
-        db.query(db.sql().upsert_records, vec![json_param(&upserts)]).await?;
-    }
-    for (id, err) in unreadable.iter().filter(|(id, _)| !already.contains(id)) {
-        rejected += 1;
-        row(id, "", "rejected", None, Some(&format!("unreadable write: {err}")), None, None);
-    }
-    if !outcomes.is_empty() {
-        db.query(db.sql().insert_writes, vec![json_param(&outcomes)]).await?;
-    }
-    for b in batches.iter().filter(|b| !fenced.contains(&b.shard)) {
-        let params = vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)];
-        db.query(db.sql().prune_writes, params).await?;
-    }
-
-    Ok(Applied { state: plan.records, dead, applied, rejected, per_shard, fenced })
 }
 
 /// One key's apply step: called again on an error, up to the attempt limit (a

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use spillway_core::apply::Record;
-use spillway_core::layout::{FILL_LOCK_TTL_MS, GROUP};
+use spillway_core::layout::{FILL_LOCK_TTL_MS, GROUP, WriteId};
 use spillway_core::problem::Problem;
 use spillway_core::reply::{self, BatchRead, Grant};
 use spillway_core::record::RecordDoc;
@@ -91,101 +91,28 @@ enum Read {
 ///
 /// Returns the failures, per shard (`None`: finding the shards with work failed).
 pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats) -> Vec<(Option<u32>, Problem)> {
-    let l = &s.layout;
-    let (mut wanted, rescan) = match scope {
+    let (wanted, rescan) = match scope {
         Scope::Only(shard) => (vec![shard], false),
         Scope::Claimable(first) => (first.into_iter().collect::<Vec<_>>(), true),
     };
-    let explicit: Vec<u32> = wanted.clone();
-    let mut held: Vec<Held> = Vec::new();
-    let mut failures = Vec::new();
-    // A shard that failed is not taken again in this invocation: its watch retries
-    // it after a lease TTL, and its attempts are not burnt in a tight loop.
-    let mut failed: HashSet<u32> = HashSet::new();
+    let mut d = Drain { s, db, explicit: wanted.clone(), wanted, held: Vec::new(), failed: HashSet::new(), failures: Vec::new(), stats };
     let mut scanned_at = 0;
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
     loop {
-        if deadline.is_some_and(|d| spillway_spin::monotonic_ms() >= d) && !held.is_empty() {
-            // Out of time (a hosted platform ends a request at 30 s): release the
-            // shards and ring again, so a fresh invocation carries on. Entries
-            // read ahead stay pending: the next holder resumes them first.
-            // Released with a retry: should the ring below be lost, the shard's
-            // watch expires one lease TTL from now and resumes it.
-            for h in held.drain(..) {
-                release(s, &h, true).await;
-                stats.handed_on.push(h.shard);
-            }
-            eprintln!("{}", serde_json::json!({"event": "handed_on", "shards": stats.handed_on, "budget_secs": s.drain_budget_secs}));
-            spillway_spin::ring(s, &stats.handed_on).await;
-            return failures;
+        if deadline.is_some_and(|t| spillway_spin::monotonic_ms() >= t) && !d.held.is_empty() {
+            d.hand_on().await;
+            return d.failures;
         }
-        if rescan && (held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
+        if rescan && (d.held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
             scanned_at = spillway_spin::monotonic_ms();
-            match claimable(s).await {
-                Ok(found) => wanted.extend(found),
-                Err(p) if held.is_empty() && wanted.is_empty() => failures.push((None, p)),
-                Err(_) => {}
-            }
+            d.scan().await;
         }
-        for shard in std::mem::take(&mut wanted) {
-            if failed.contains(&shard) || held.iter().any(|h| h.shard == shard) {
-                continue;
-            }
-            match acquire(s, shard).await {
-                Ok(Some(h)) => held.push(h),
-                Ok(None) if explicit.contains(&shard) => stats.busy.push(shard),
-                Ok(None) => {}
-                Err(p) => failures.push((Some(shard), p)),
-            }
+        d.take_wanted().await;
+        if d.held.is_empty() {
+            return d.failures;
         }
-        if held.is_empty() {
-            return failures;
-        }
-
-        let fresh: Vec<Held> = held.iter().filter(|h| !prefetched.contains_key(&h.shard)).cloned().collect();
-        let mut reads: HashMap<u32, Result<Read, Problem>> = fresh.iter().map(|h| h.shard).zip(futures::future::join_all(fresh.iter().map(|h| read_batch(s, h))).await).collect();
-        reads.extend(prefetched.drain());
-        let mut batches = Vec::new();
-        let mut keep = Vec::new();
-        for mut h in held.drain(..) {
-            match reads.remove(&h.shard).unwrap_or(Ok(Read::Lost)) {
-                Err(p) => {
-                    release(s, &h, true).await;
-                    failed.insert(h.shard);
-                    failures.push((Some(h.shard), p));
-                }
-                Ok(Read::Lost) => {}
-                // Still resuming (every entry of this pending batch had gone).
-                Ok(Read::Batch(b, Some(cursor))) if b.entries.is_empty() => {
-                    h.resume = Some(cursor);
-                    keep.push(h);
-                }
-                Ok(Read::Batch(b, None)) if b.entries.is_empty() => {
-                    h.resume = None;
-                    if !h.cleared {
-                        if let Err(p) = Redis::for_shard(s, h.shard).execute("DEL", vec![spillway_spin::bin(&l.bell(h.shard))]).await {
-                            failures.push((Some(h.shard), p));
-                        }
-                        h.cleared = true;
-                        keep.push(h);
-                    } else {
-                        release(s, &h, false).await;
-                        let rung = Redis::for_shard(s, h.shard).execute("EXISTS", vec![spillway_spin::bin(&l.bell(h.shard))]).await;
-                        if rung.ok().and_then(|r| r.first().and_then(int)).unwrap_or(0) > 0 {
-                            wanted.push(h.shard);
-                        }
-                    }
-                }
-                Ok(Read::Batch(b, resume)) => {
-                    h.cleared = false;
-                    h.resume = resume;
-                    batches.push(b);
-                    keep.push(h);
-                }
-            }
-        }
-        held = keep;
+        let batches = d.read(std::mem::take(&mut prefetched)).await;
         if batches.is_empty() {
             continue;
         }
@@ -195,136 +122,264 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
         // Nor in a careful round: a read then could drop the blame marker (see
         // `scripts::READ_BATCH`) between its setting and the call it marks.
         let careful = batches.iter().any(|b| b.careful);
-        let ahead: Vec<Held> = held
+        let ahead: Vec<Held> = d
+            .held
             .iter()
             .filter(|h| !careful && h.resume.is_none() && batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size))
             .cloned()
             .collect();
-        let round = finish_round(s, db, &batches, &mut held, &mut failed, &mut failures, stats);
         let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, h)));
-        let ((), next) = futures::future::join(round, next).await;
+        let ((), next) = futures::future::join(d.finish_round(&batches), next).await;
         // A shard that left in this round (failed, fenced) leaves its read-ahead in
         // the stream's pending list, for the next holder.
-        prefetched = ahead.iter().map(|h| h.shard).zip(next).filter(|(shard, _)| held.iter().any(|h| h.shard == *shard)).collect();
+        prefetched = ahead.iter().map(|h| h.shard).zip(next).filter(|(shard, _)| d.held.iter().any(|h| h.shard == *shard)).collect();
     }
 }
 
-/// Applies a round's batches in one transaction, refreshes the cache and
-/// acknowledges; shards whose batch failed (or was fenced) leave `held`.
-#[allow(clippy::too_many_arguments, reason = "the drain's state, borrowed for one round")]
-async fn finish_round(
-    s: &Settings,
-    db: &Db,
-    batches: &[Batch],
-    held: &mut Vec<Held>,
-    failed: &mut HashSet<u32>,
-    failures: &mut Vec<(Option<u32>, Problem)>,
-    stats: &mut Stats,
-) {
-    let l = &s.layout;
-    let started = spillway_spin::monotonic_ms();
-    let (applied, errors) = db::apply_round(s, db, batches).await;
-    let apply_ms = spillway_spin::monotonic_ms() - started;
-    for (shard, p) in &errors {
-        if let Some(b) = batches.iter().find(|b| b.shard == *shard) {
-            log_failure(b, "apply", p.cause_or_detail());
+/// One invocation's drain: the shards it holds and wants, and what failed.
+struct Drain<'a> {
+    s: &'a Settings,
+    db: &'a Db,
+    /// Shards to take next.
+    wanted: Vec<u32>,
+    /// Shards asked for by name (a busy one is reported).
+    explicit: Vec<u32>,
+    held: Vec<Held>,
+    /// A shard that failed is not taken again in this invocation: its watch
+    /// retries it after a lease TTL, and its attempts are not burnt in a tight
+    /// loop.
+    failed: HashSet<u32>,
+    failures: Vec<(Option<u32>, Problem)>,
+    stats: &'a mut Stats,
+}
+
+impl Drain<'_> {
+    /// Out of time (a hosted platform ends a request at 30 s): releases the
+    /// shards and rings again, so a fresh invocation carries on. Entries read
+    /// ahead stay pending: the next holder resumes them first. Released with a
+    /// retry: should the ring be lost, the shard's watch expires one lease TTL
+    /// from now and resumes it.
+    async fn hand_on(&mut self) {
+        for h in self.held.drain(..) {
+            h.lease.release(self.s, true).await;
+            self.stats.handed_on.push(h.shard);
+        }
+        eprintln!("{}", serde_json::json!({"event": "handed_on", "shards": self.stats.handed_on, "budget_secs": self.s.drain_budget_secs}));
+        spillway_spin::ring(self.s, &self.stats.handed_on).await;
+    }
+
+    /// Looks for shards with queued writes and no holder.
+    async fn scan(&mut self) {
+        match claimable(self.s).await {
+            Ok(found) => self.wanted.extend(found),
+            Err(p) if self.held.is_empty() && self.wanted.is_empty() => self.failures.push((None, p)),
+            Err(p) => spillway_spin::log_ignored("looking for shards with work", Err::<(), _>(p)),
         }
     }
-    for (shard, p) in errors {
-        let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
-        // What the write's status and dead letter will say: the safe message (the
-        // backend's own text is in the log line above).
-        let mut args = vec![p.detail.clone()];
-        args.extend(ids);
-        spillway_spin::log_ignored("recording a batch's failure", Redis::for_shard(s, shard).eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await);
-        drop_held(s, held, shard, true).await;
-        failed.insert(shard);
-        failures.push((Some(shard), p));
-    }
-    // Fenced: a newer holder has written; these entries are its now.
-    held.retain(|h| !applied.fenced.contains(&h.shard));
-    let owners: Vec<&Held> = held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard)).collect();
-    let refresh_started = spillway_spin::monotonic_ms();
-    let refreshed = refresh_cache(s, &applied.state, &owners).await;
-    let cache_ms = spillway_spin::monotonic_ms() - refresh_started;
-    let done: Vec<&Batch> = batches.iter().filter(|b| owners.iter().any(|h| h.shard == b.shard)).collect();
-    let lost = match refreshed {
-        Ok(lost) => lost,
-        Err(p) => {
-            // Committed, not acknowledged: redelivered later, found applied, and
-            // refreshed then.
-            for b in &done {
-                log_failure(b, "cache", p.cause_or_detail());
-                // What the write's status and dead letter will say: the safe message (the
-        // backend's own text is in the log line above).
-        let mut args = vec![p.detail.clone()];
-                args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-                spillway_spin::log_ignored("recording a batch's failure", Redis::for_shard(s, b.shard).eval(scripts::RECORD_ERROR, &[l.attempts(b.shard), l.stats(b.shard)], &args).await);
-                drop_held(s, held, b.shard, true).await;
-                failed.insert(b.shard);
-                failures.push((Some(b.shard), p.clone()));
+
+    /// Takes the leases of the wanted shards that are free.
+    async fn take_wanted(&mut self) {
+        for shard in std::mem::take(&mut self.wanted) {
+            if self.failed.contains(&shard) || self.held.iter().any(|h| h.shard == shard) {
+                continue;
             }
+            match acquire(self.s, shard).await {
+                Ok(Some(h)) => self.held.push(h),
+                Ok(None) if self.explicit.contains(&shard) => self.stats.busy.push(shard),
+                Ok(None) => {}
+                Err(p) => self.failures.push((Some(shard), p)),
+            }
+        }
+    }
+
+    /// A shard leaves the drain after a failure: its lease released with a
+    /// retry, not taken again in this invocation, the failure reported.
+    async fn fail(&mut self, shard: u32, p: Problem) {
+        drop_held(self.s, &mut self.held, shard, true).await;
+        self.failed.insert(shard);
+        self.failures.push((Some(shard), p));
+    }
+
+    /// Counts a failed attempt for each of `entries` with what their status
+    /// and dead letter will say: the safe message (the backend's own text is in
+    /// the batch's log line).
+    async fn record_failure(&self, shard: u32, entries: impl Iterator<Item = String>, p: &Problem) {
+        let l = &self.s.layout;
+        let mut args = vec![p.detail.clone()];
+        args.extend(entries);
+        let recorded = Redis::for_shard(self.s, shard).eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await;
+        spillway_spin::log_ignored("recording a batch's failure", recorded);
+    }
+
+    /// Reads a batch from every held shard (those read ahead, from
+    /// `prefetched`) and settles each shard's state: a lost lease leaves, an
+    /// empty shard goes through the doorbell handshake (see [`drain`]), a batch
+    /// joins the round.
+    async fn read(&mut self, mut prefetched: HashMap<u32, Result<Read, Problem>>) -> Vec<Batch> {
+        let s = self.s;
+        let fresh: Vec<Held> = self.held.iter().filter(|h| !prefetched.contains_key(&h.shard)).cloned().collect();
+        let reads = futures::future::join_all(fresh.iter().map(|h| read_batch(s, h))).await;
+        prefetched.extend(fresh.iter().map(|h| h.shard).zip(reads));
+        let mut batches = Vec::new();
+        for mut h in std::mem::take(&mut self.held) {
+            match prefetched.remove(&h.shard).unwrap_or(Ok(Read::Lost)) {
+                Err(p) => {
+                    h.lease.release(s, true).await;
+                    self.failed.insert(h.shard);
+                    self.failures.push((Some(h.shard), p));
+                }
+                Ok(Read::Lost) => {}
+                // Still resuming (every entry of this pending batch had gone).
+                Ok(Read::Batch(b, Some(cursor))) if b.entries.is_empty() => {
+                    h.resume = Some(cursor);
+                    self.held.push(h);
+                }
+                Ok(Read::Batch(b, None)) if b.entries.is_empty() => {
+                    h.resume = None;
+                    self.empty(h).await;
+                }
+                Ok(Read::Batch(b, resume)) => {
+                    h.cleared = false;
+                    h.resume = resume;
+                    batches.push(b);
+                    self.held.push(h);
+                }
+            }
+        }
+        batches
+    }
+
+    /// The doorbell handshake for a shard found empty: the first time its flag
+    /// is cleared and it is read once more; the second time its lease is
+    /// released, and taken again if the flag was set meanwhile.
+    async fn empty(&mut self, mut h: Held) {
+        let bell = spillway_spin::bin(&self.s.layout.bell(h.shard));
+        let redis = Redis::for_shard(self.s, h.shard);
+        if !h.cleared {
+            if let Err(p) = redis.execute("DEL", vec![bell]).await {
+                self.failures.push((Some(h.shard), p));
+            }
+            h.cleared = true;
+            self.held.push(h);
             return;
         }
-    };
-    // Lease lost during the refresh: the new holder redelivers and refreshes.
-    held.retain(|h| !lost.contains(&h.shard));
-    let done: Vec<&Batch> = done.into_iter().filter(|b| !lost.contains(&b.shard)).collect();
-    // Writes past their attempt limit that the database does not have: out of the
-    // stream to the dead letters (before the batch's acknowledgement, which would
-    // forget their errors).
-    let mut undead = HashSet::new();
-    for b in &done {
-        let mut args = vec![GROUP.to_owned(), b.shard.to_string(), s.status_retention_secs.saturating_mul(1000).to_string()];
-        for d in applied.dead.iter().filter(|d| d.shard == b.shard) {
-            args.extend([d.entry.clone(), d.payload.clone(), d.error.clone(), d.attempts.clone()]);
+        h.lease.release(self.s, false).await;
+        match redis.execute("EXISTS", vec![bell]).await {
+            Ok(r) if r.first().and_then(int).unwrap_or(0) > 0 => self.wanted.push(h.shard),
+            Ok(_) => {}
+            // The flag's expiry rings again if it was set.
+            Err(p) => spillway_spin::log_ignored("reading a doorbell flag", Err::<(), _>(p)),
         }
-        if args.len() > 3 {
-            let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard), l.stats(b.shard)];
-            if let Err(p) = Redis::for_shard(s, b.shard).eval(scripts::DEAD_LETTER, &keys, &args).await {
-                log_failure(b, "dead-letter", p.cause_or_detail());
-                // Not acknowledged either (that would drop them): redelivered later.
-                undead.insert(b.shard);
-                failures.push((Some(b.shard), p));
+    }
+
+    /// Applies a round's batches in one transaction, refreshes the cache and
+    /// acknowledges; shards whose batch failed (or was fenced) leave.
+    async fn finish_round(&mut self, batches: &[Batch]) {
+        let started = spillway_spin::monotonic_ms();
+        let (applied, errors) = db::apply_round(self.s, self.db, batches).await;
+        let apply_ms = spillway_spin::monotonic_ms() - started;
+        for (shard, p) in errors {
+            let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
+            if let Some(b) = batches.iter().find(|b| b.shard == shard) {
+                log_failure(b, "apply", p.cause_or_detail());
+            }
+            self.record_failure(shard, ids, &p).await;
+            self.fail(shard, p).await;
+        }
+        // Fenced: a newer holder has written; these entries are its now.
+        self.held.retain(|h| !applied.fenced.contains(&h.shard));
+        let refresh_started = spillway_spin::monotonic_ms();
+        let Some(done) = self.refresh(batches, &applied).await else { return };
+        let cache_ms = spillway_spin::monotonic_ms() - refresh_started;
+        let done = self.dead_letter(done, &applied).await;
+        self.acknowledge(&done, &applied, [apply_ms, cache_ms]).await;
+        self.stats.applied += applied.applied;
+        self.stats.rejected += applied.rejected;
+        self.stats.batches += done.len() as u64;
+    }
+
+    /// Refreshes the cache with the round's records; the batches of the shards
+    /// still held after it (`None`: the refresh failed, and every batch leaves:
+    /// committed, not acknowledged, they are redelivered, found applied, and
+    /// refreshed then).
+    async fn refresh<'b>(&mut self, batches: &'b [Batch], applied: &db::Applied) -> Option<Vec<&'b Batch>> {
+        let owners: Vec<&Held> = self.held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard)).collect();
+        let done: Vec<&Batch> = batches.iter().filter(|b| owners.iter().any(|h| h.shard == b.shard)).collect();
+        match refresh_cache(self.s, &applied.state, &owners).await {
+            Ok(lost) => {
+                // Lease lost during the refresh: the new holder redelivers and
+                // refreshes.
+                self.held.retain(|h| !lost.contains(&h.shard));
+                Some(done.into_iter().filter(|b| !lost.contains(&b.shard)).collect())
+            }
+            Err(p) => {
+                for b in done {
+                    log_failure(b, "cache", p.cause_or_detail());
+                    self.record_failure(b.shard, b.entries.iter().map(|(id, _)| id.clone()), &p).await;
+                    self.fail(b.shard, p.clone()).await;
+                }
+                None
             }
         }
     }
-    for shard in &undead {
-        drop_held(s, held, *shard, true).await;
-        failed.insert(*shard);
-    }
-    let done: Vec<&Batch> = done.into_iter().filter(|b| !undead.contains(&b.shard)).collect();
-    let acks = done.iter().map(|b| {
-        let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
-        let mut args = vec![GROUP.to_owned(), new_applied.to_string(), new_rejected.to_string()];
-        args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-        let keys = [l.stream(b.shard), l.attempts(b.shard), l.done(b.shard), l.stats(b.shard)];
-        async move {
-            let started = spillway_spin::monotonic_ms();
-            let r = Redis::for_shard(s, b.shard).eval(scripts::ACK, &keys, &args).await;
-            (b, r, spillway_spin::monotonic_ms() - started)
-        }
-    });
-    for (b, r, ack_ms) in futures::future::join_all(acks).await {
-        let shard = b.shard;
-        match &r {
-            Ok(_) => {
-                let (new_applied, new_rejected) = applied.per_shard.get(&shard).copied().unwrap_or_default();
-                log_batch(b, new_applied, new_rejected, [b.read_ms, apply_ms, cache_ms, ack_ms]);
+
+    /// Writes past their attempt limit that the database does not have: out of
+    /// the stream to the dead letters, before the batch's acknowledgement (which
+    /// would forget their errors). Returns the batches to acknowledge; a shard
+    /// whose dead-lettering failed leaves, unacknowledged (redelivered later).
+    async fn dead_letter<'b>(&mut self, done: Vec<&'b Batch>, applied: &db::Applied) -> Vec<&'b Batch> {
+        let (s, l) = (self.s, &self.s.layout);
+        let mut undead = Vec::new();
+        for b in &done {
+            let mut args = vec![GROUP.to_owned(), b.shard.to_string(), s.status_retention_secs.saturating_mul(1000).to_string()];
+            for d in applied.dead.iter().filter(|d| d.shard == b.shard) {
+                args.extend([d.entry.clone(), d.payload.clone(), d.error.clone(), d.attempts.clone()]);
             }
-            Err(p) => log_failure(b, "ack", p.cause_or_detail()),
+            if args.len() > 3 {
+                let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard), l.stats(b.shard)];
+                if let Err(p) = Redis::for_shard(s, b.shard).eval(scripts::DEAD_LETTER, &keys, &args).await {
+                    log_failure(b, "dead-letter", p.cause_or_detail());
+                    undead.push((b.shard, p));
+                }
+            }
         }
-        if let Err(p) = r {
-            // Applied but still pending: this tenure reads only new entries, so
-            // let the watch's retry start a tenure that resumes them.
-            drop_held(s, held, shard, true).await;
-            failed.insert(shard);
-            failures.push((Some(shard), p));
+        let left: Vec<u32> = undead.iter().map(|(shard, _)| *shard).collect();
+        for (shard, p) in undead {
+            self.fail(shard, p).await;
+        }
+        done.into_iter().filter(|b| !left.contains(&b.shard)).collect()
+    }
+
+    /// Acknowledges each batch (all at once) and logs it; a shard whose
+    /// acknowledgement failed leaves: applied but still pending, and this tenure
+    /// reads only new entries, so the watch's retry starts a tenure that
+    /// resumes them.
+    async fn acknowledge(&mut self, done: &[&Batch], applied: &db::Applied, [apply_ms, cache_ms]: [u64; 2]) {
+        let (s, l) = (self.s, &self.s.layout);
+        let acks = done.iter().map(|b| {
+            let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
+            let mut args = vec![GROUP.to_owned(), new_applied.to_string(), new_rejected.to_string()];
+            args.extend(b.entries.iter().map(|(id, _)| id.clone()));
+            let keys = [l.stream(b.shard), l.attempts(b.shard), l.done(b.shard), l.stats(b.shard)];
+            async move {
+                let started = spillway_spin::monotonic_ms();
+                let r = Redis::for_shard(s, b.shard).eval(scripts::ACK, &keys, &args).await;
+                (*b, r, spillway_spin::monotonic_ms() - started)
+            }
+        });
+        for (b, r, ack_ms) in futures::future::join_all(acks).await {
+            match r {
+                Ok(_) => {
+                    let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
+                    log_batch(b, new_applied, new_rejected, [b.read_ms, apply_ms, cache_ms, ack_ms]);
+                }
+                Err(p) => {
+                    log_failure(b, "ack", p.cause_or_detail());
+                    self.fail(b.shard, p).await;
+                }
+            }
         }
     }
-    stats.applied += applied.applied;
-    stats.rejected += applied.rejected;
-    stats.batches += done.len() as u64;
 }
 
 /// One JSON line on stderr (where Spin collects a component's logs) per applied
@@ -335,8 +390,8 @@ fn log_batch(b: &Batch, applied: u64, rejected: u64, [read_ms, apply_ms, cache_m
     let line = serde_json::json!({
         "event": "batch", "shard": b.shard, "fence": b.fence, "writes": b.entries.len(),
         "applied": applied, "rejected": rejected,
-        "first": b.entries.first().map(|(id, _)| format!("{}-{id}", b.shard)),
-        "last": b.entries.last().map(|(id, _)| format!("{}-{id}", b.shard)),
+        "first": b.entries.first().map(|(id, _)| WriteId::of_entry(b.shard, id)),
+        "last": b.entries.last().map(|(id, _)| WriteId::of_entry(b.shard, id)),
         "ms": {"read": read_ms, "apply": apply_ms, "cache": cache_ms, "ack": ack_ms},
     });
     eprintln!("{line}");
@@ -346,8 +401,8 @@ fn log_batch(b: &Batch, applied: u64, rejected: u64, [read_ms, apply_ms, cache_m
 fn log_failure(b: &Batch, step: &str, error: &str) {
     let line = serde_json::json!({
         "event": "batch_failed", "shard": b.shard, "fence": b.fence, "writes": b.entries.len(), "step": step,
-        "first": b.entries.first().map(|(id, _)| format!("{}-{id}", b.shard)),
-        "last": b.entries.last().map(|(id, _)| format!("{}-{id}", b.shard)),
+        "first": b.entries.first().map(|(id, _)| WriteId::of_entry(b.shard, id)),
+        "last": b.entries.last().map(|(id, _)| WriteId::of_entry(b.shard, id)),
         "error": error,
     });
     eprintln!("{line}");
@@ -376,14 +431,10 @@ async fn acquire(s: &Settings, shard: u32) -> Result<Option<Held>, Problem> {
     Ok(Lease::acquire(s, shard).await?.map(|lease| Held { lease, cleared: false, resume: Some("0".into()) }))
 }
 
-async fn release(s: &Settings, h: &Held, retry: bool) {
-    h.lease.release(s, retry).await;
-}
-
 async fn drop_held(s: &Settings, held: &mut Vec<Held>, shard: u32, retry: bool) {
     if let Some(i) = held.iter().position(|h| h.shard == shard) {
         let h = held.remove(i);
-        release(s, &h, retry).await;
+        h.lease.release(s, retry).await;
     }
 }
 
