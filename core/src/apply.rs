@@ -100,6 +100,8 @@ fn object_mut(record: &mut Option<Record>) -> Result<&mut Map<String, Value>, St
 /// existed), so versions keep growing through a delete and a re-create. Returns
 /// the record's new version. The ETag is left to the caller ([`plan_batch`]
 /// computes it once per key and batch, not once per write).
+// A little over the usual length: one arm per operation, all checks before
+// any change.
 fn apply_in_place(record: &mut Option<Record>, absent_version: u64, write: &Write, now_ms: i64) -> Result<u64, String> {
     let version = record.as_ref().map_or(absent_version, |r| r.version);
     if let Some(expected) = write.if_version
@@ -277,6 +279,9 @@ fn at_once<F: Future>(f: F) -> F::Output {
 /// `existing` holds the records there are; `tombstones` the version of each
 /// deleted key, so that a re-created key carries on from it. Versions are the
 /// plan's: every applied write raises its key's by one.
+// Long on purpose: one pass over the keys in order, whose state (records,
+// tombstones, outcomes, failures) is threaded through the loop; split, each
+// part would need all of it.
 pub async fn plan_with(
     mut existing: BTreeMap<String, Record>,
     tombstones: &BTreeMap<String, u64>,

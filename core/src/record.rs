@@ -102,6 +102,43 @@ impl RecordDoc {
     }
 }
 
+/// A row of the `changes` statement (`version, value, reason, id,
+/// applied_at`): one applied version of a key, for its change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRow {
+    /// The version the write produced.
+    pub version: i64,
+    /// The value it produced (canonical JSON text); `None` for a deletion.
+    pub value: Option<String>,
+    /// The write's id.
+    pub write_id: String,
+    /// When it was applied (ms since the epoch).
+    pub applied_at: Option<i64>,
+}
+
+impl ChangeRow {
+    /// Reads a row; a column of another shape is an error naming it.
+    pub fn from_row(row: &[SqlValue]) -> Result<Self, RecordError> {
+        let version = match row.first() {
+            Some(SqlValue::Integer(v)) => *v,
+            _ => return Err(RecordError::Column("version")),
+        };
+        let write_id = match row.get(3) {
+            Some(SqlValue::Text(id)) => id.clone(),
+            _ => return Err(RecordError::Column("id")),
+        };
+        let value = match row.get(1) {
+            Some(SqlValue::Text(v)) => Some(v.clone()),
+            _ => None,
+        };
+        let applied_at = match row.get(4) {
+            Some(SqlValue::Integer(t)) => Some(*t),
+            _ => None,
+        };
+        Ok(Self { version, value, write_id, applied_at })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +169,13 @@ mod tests {
         short[2] = SqlValue::Text("3".into());
         assert_eq!(RecordRow::from_row(&short), Err(RecordError::Column("version")));
         assert!(matches!(RecordRow::from_row(&row(0, "{oops")).unwrap().document(), Err(RecordError::Value { .. })));
+    }
+
+    /// A change row reads by column; a deletion has no value.
+    #[test]
+    fn change_rows() {
+        let r = [SqlValue::Integer(4), SqlValue::Null, SqlValue::Text("deleted".into()), SqlValue::Text("1-2-0".into()), SqlValue::Integer(7)];
+        assert_eq!(ChangeRow::from_row(&r), Ok(ChangeRow { version: 4, value: None, write_id: "1-2-0".into(), applied_at: Some(7) }));
+        assert_eq!(ChangeRow::from_row(&r[..3]), Err(RecordError::Column("id")));
     }
 }

@@ -149,6 +149,9 @@ fn num<T: std::str::FromStr>(get: &impl Fn(&str) -> Option<String>, name: &'stat
 
 impl Settings {
     /// Reads the settings through `get` (a variable lookup; `None` = use the default).
+    // Long on purpose: one variable after another, each read and checked where
+    // its field is filled, so that the list reads like the table in
+    // docs/variables.md (which a test holds against it).
     pub fn load(get: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
         let d = Limits::default();
         let shards: u32 = num(&get, "shard_count", 16)?;

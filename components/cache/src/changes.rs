@@ -21,7 +21,8 @@ use serde_json::{Value as Json, json};
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::settings::Settings;
-use spillway_spin::db::{Db, SqlValue as Value, integer, text};
+use spillway_core::record::ChangeRow;
+use spillway_spin::db::{Db, SqlValue as Value};
 use spillway_spin::status::Notices;
 use spillway_spin::{Redis, bin};
 use spin_sdk::http::BoxBody;
@@ -99,15 +100,14 @@ async fn stream(
     s: &Settings,
     key: &str,
     after: Option<i64>,
-    mut notices: Notices,
+    notices: Notices,
     deadline: u64,
     tx: &mut futures::channel::mpsc::Sender<String>,
 ) -> Result<(), Problem> {
-    let send = async |tx: &mut futures::channel::mpsc::Sender<String>, text: String| tx.send(text).await.is_ok();
     if !send(tx, format!("retry: {RETRY_MS}\n\n")).await {
         return Ok(());
     }
-    let mut last = match after {
+    let last = match after {
         Some(v) => v,
         None => match snapshot(s, key).await? {
             Some((version, data)) => {
@@ -125,66 +125,19 @@ async fn stream(
         },
     };
     let shard = s.layout.shard_of(key);
-    let stream_key = s.layout.stream(shard);
-    let redis = Redis::for_shard(s, shard);
-    let db = Db::open().await?;
+    let mut feed = Feed { s, key, last, stream_key: s.layout.stream(shard), redis: Redis::for_shard(s, shard), db: Db::open().await?, tx };
     let mut first_look = after.is_some();
+    let mut notices = notices;
     loop {
-        let rows = db.read(db.sql().changes, vec![Value::Text(key.to_owned()), Value::Integer(last), Value::Integer(PAGE)]).await?;
-        // Versions after `last` that the log no longer has (pruned after the
-        // retention, or from before it existed): the current record stands in for
-        // them, if it is newer; else the feed carries on with what is kept.
-        let first = rows.first().and_then(|r| r.first()).and_then(integer);
-        let gap = match first {
-            Some(first) => first > last + 1,
-            None => first_look && stored(key).await?.version() > last,
-        };
+        let rows = feed.page().await?;
+        let gap = feed.fill_gap(&rows, first_look).await?;
         first_look = false;
-        if gap {
-            match snapshot(s, key).await? {
-                Some((version, data)) if version > last => {
-                    if !send(tx, event(version, &data)).await {
-                        return Ok(());
-                    }
-                    last = version;
-                    continue;
-                }
-                _ => {
-                    if let Some(first) = first {
-                        last = first - 1;
-                    }
-                }
-            }
+        match gap {
+            Gap::Closed => return Ok(()),
+            Gap::Sent => continue,
+            Gap::None => {}
         }
-        // Entries older than the stream's oldest have been acknowledged.
-        let oldest = if rows.is_empty() {
-            None
-        } else {
-            let r = redis.execute("XRANGE", vec![bin(&stream_key), bin("-"), bin("+"), bin("COUNT"), bin("1")]).await?;
-            r.first().and_then(spillway_spin::text).and_then(|e| entry_time(&e))
-        };
-        let mut sent = 0;
-        for row in &rows {
-            let (Some(version), Some(id)) = (row.first().and_then(integer), row.get(3).and_then(text)) else { continue };
-            let acked = match (oldest, WriteId::parse(&id).and_then(|w| entry_time(&w.entry))) {
-                (Some(oldest), Some(t)) => t < oldest,
-                (None, _) => true,
-                (Some(_), None) => false,
-            };
-            if !acked {
-                break;
-            }
-            let mut data = json!({"key": key, "version": version, "write_id": id, "updated_at": row.get(4).and_then(integer)});
-            match row.get(1).and_then(text) {
-                Some(v) => data["value"] = serde_json::from_str(&v).unwrap_or(Json::Null),
-                None => data["deleted"] = json!(true),
-            }
-            if !send(tx, event(version, &data)).await {
-                return Ok(());
-            }
-            last = version;
-            sent += 1;
-        }
+        let Some(sent) = feed.send_acknowledged(&rows).await? else { return Ok(()) };
         if sent > 0 && sent == rows.len() {
             // All sent: look again at once (more may have been acknowledged).
             continue;
@@ -193,8 +146,107 @@ async fn stream(
         if now >= deadline {
             return Ok(());
         }
-        if !notices.next(deadline.min(now + KEEP_ALIVE_MS)).await? && !send(tx, ": keep-alive\n\n".to_owned()).await {
+        if !notices.next(deadline.min(now + KEEP_ALIVE_MS)).await? && !send(feed.tx, ": keep-alive\n\n".to_owned()).await {
             return Ok(());
         }
+    }
+}
+
+/// Sends one text; false when the client has gone.
+async fn send(tx: &mut futures::channel::mpsc::Sender<String>, text: String) -> bool {
+    tx.send(text).await.is_ok()
+}
+
+/// What a look for a gap in the log did.
+enum Gap {
+    /// No gap.
+    None,
+    /// The current record was sent for the versions the log no longer has.
+    Sent,
+    /// The client has gone.
+    Closed,
+}
+
+/// One change feed after its start: where it stands and where it reads.
+struct Feed<'a> {
+    s: &'a Settings,
+    key: &'a str,
+    /// The last version sent.
+    last: i64,
+    stream_key: String,
+    redis: Redis,
+    db: Db,
+    tx: &'a mut futures::channel::mpsc::Sender<String>,
+}
+
+impl Feed<'_> {
+    /// The next page of the key's applied versions after the last sent.
+    async fn page(&self) -> Result<Vec<ChangeRow>, Problem> {
+        let rows = self.db.read(self.db.sql().changes, vec![Value::Text(self.key.to_owned()), Value::Integer(self.last), Value::Integer(PAGE)]).await?;
+        rows.iter().map(|r| ChangeRow::from_row(r).map_err(|e| spillway_spin::backend_failed("The database (database)", &e.to_string()))).collect()
+    }
+
+    /// Versions after the last sent that the log no longer has (pruned after the
+    /// retention, or from before it existed): the current record stands in for
+    /// them, if it is newer; else the feed carries on with what is kept (from
+    /// just before the page's first version).
+    async fn fill_gap(&mut self, rows: &[ChangeRow], first_look: bool) -> Result<Gap, Problem> {
+        let first = rows.first().map(|r| r.version);
+        let gap = match first {
+            Some(first) => first > self.last + 1,
+            None => first_look && stored(self.key).await?.version() > self.last,
+        };
+        if !gap {
+            return Ok(Gap::None);
+        }
+        match snapshot(self.s, self.key).await? {
+            Some((version, data)) if version > self.last => {
+                if !send(self.tx, event(version, &data)).await {
+                    return Ok(Gap::Closed);
+                }
+                self.last = version;
+                Ok(Gap::Sent)
+            }
+            _ => {
+                if let Some(first) = first {
+                    self.last = first - 1;
+                }
+                Ok(Gap::None)
+            }
+        }
+    }
+
+    /// Sends the page's versions whose writes have been acknowledged (entries
+    /// older than the stream's oldest), in order, up to the first that has not;
+    /// how many were sent (`None`: the client has gone).
+    async fn send_acknowledged(&mut self, rows: &[ChangeRow]) -> Result<Option<usize>, Problem> {
+        let oldest = if rows.is_empty() {
+            None
+        } else {
+            let r = self.redis.execute("XRANGE", vec![bin(&self.stream_key), bin("-"), bin("+"), bin("COUNT"), bin("1")]).await?;
+            r.first().and_then(spillway_spin::text).and_then(|e| entry_time(&e))
+        };
+        let mut sent = 0;
+        for row in rows {
+            let acked = match (oldest, WriteId::parse(&row.write_id).and_then(|w| entry_time(&w.entry))) {
+                (Some(oldest), Some(t)) => t < oldest,
+                (None, _) => true,
+                (Some(_), None) => false,
+            };
+            if !acked {
+                break;
+            }
+            let mut data = json!({"key": self.key, "version": row.version, "write_id": row.write_id, "updated_at": row.applied_at});
+            match &row.value {
+                Some(v) => data["value"] = serde_json::from_str(v).unwrap_or(Json::Null),
+                None => data["deleted"] = json!(true),
+            }
+            if !send(self.tx, event(row.version, &data)).await {
+                return Ok(None);
+            }
+            self.last = row.version;
+            sent += 1;
+        }
+        Ok(Some(sent))
     }
 }

@@ -133,6 +133,8 @@ impl Accepted {
 /// whole request while other groups may have been accepted, and a retry with the
 /// same `Idempotency-Key` completes the request without doubling a write (each
 /// group keeps its own idempotency record; see `scripts::ENQUEUE`).
+// A little over the usual length: the calls, the rings and the ids in request
+// order are one sequence that must ring before it answers anything.
 async fn enqueue(
     s: &Settings,
     writes: &[write::Accepted],

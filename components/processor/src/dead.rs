@@ -22,6 +22,8 @@ pub(crate) async fn list(s: &Settings) -> Result<http::Response<String>, Problem
 }
 
 /// `POST /v1/dead/replay`: `{"ids": [...]}` (or an empty body: all) back onto the queue.
+// A little over the usual length: one walk of the shards, each step
+// (already applied? replay the rest) needing the walk's running lists.
 pub(crate) async fn replay(s: &Settings, req: Request) -> Result<http::Response<String>, Problem> {
     let body = spillway_spin::read_body(req, s.limits.max_body_bytes).await?;
     let selection = match Selection::parse(&body, s.layout.shards)? {

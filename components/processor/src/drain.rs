@@ -473,15 +473,13 @@ async fn refresh_cache(
     owners: &[&Held],
 ) -> Result<HashSet<u32>, Problem> {
     let l = &s.layout;
-    let kv = Kv::open_default()?;
-    let me = token();
-    let mut lost = HashSet::new();
+    let owned: Vec<u32> = owners.iter().map(|h| h.shard).collect();
+    let mut r = Refresh { s, state, owners, kv: Kv::open_default()?, me: token(), lost: HashSet::new() };
     let mut pending: Vec<&String> = state.keys().collect();
     // Wait out a lock's whole TTL: a holder that died (a reader, or a processor
     // killed mid-refresh) leaves its locks until they expire. Our own refresh locks
     // live as long as the lease, so a dead processor's do not outlast its lease.
     let give_up = spillway_spin::monotonic_ms() + FILL_LOCK_TTL_MS.max(s.lease_ttl_ms) + 500;
-    let owned: Vec<u32> = owners.iter().map(|h| h.shard).collect();
     // One call per server (per shard with `redis_cluster`): its shards' leases and
     // the fill locks of their keys (a fill lock is in its key's shard).
     let groups = s.slot_groups(&owned);
@@ -490,27 +488,54 @@ async fn refresh_cache(
         for key in &pending {
             let shard = l.shard_of(key);
             if !owned.contains(&shard) {
-                lost.insert(shard);
+                r.lost.insert(shard);
             }
         }
         pending.retain(|k| owned.contains(&l.shard_of(k)));
         if pending.is_empty() {
-            return Ok(lost);
+            return Ok(r.lost);
         }
         if spillway_spin::monotonic_ms() > give_up {
             return Err(Problem::unavailable("cache fill locks stayed busy; the batch will be retried"));
         }
-        let calls: Vec<LockCall<'_>> = groups
+        let calls = r.lock_calls(&groups, &pending);
+        let waiting = r.write_locked(&calls).await?;
+        pending = waiting.into_iter().filter(|k| !r.lost.contains(&l.shard_of(k))).collect();
+        if !pending.is_empty() {
+            spillway_spin::wait_ms(5).await;
+        }
+    }
+}
+
+/// One refresh of the cache (see [`refresh_cache`]).
+struct Refresh<'a> {
+    s: &'a Settings,
+    state: &'a BTreeMap<String, Option<Record>>,
+    owners: &'a [&'a Held],
+    kv: Kv,
+    /// This refresh's lock token.
+    me: String,
+    /// Shards whose lease was found lost.
+    lost: HashSet<u32>,
+}
+
+impl<'a> Refresh<'a> {
+    /// The `LOCKS_ACQUIRE_LEASED` calls for `pending`: one per group of shards
+    /// (a server, or a shard with `redis_cluster`), with the leases of the
+    /// group's shards and the fill locks of its keys.
+    fn lock_calls(&self, groups: &[(&'a str, Vec<u32>)], pending: &[&'a String]) -> Vec<LockCall<'a>> {
+        let (s, l) = (self.s, &self.s.layout);
+        groups
             .iter()
             .filter_map(|(address, group)| {
                 let mine: Vec<&String> = pending.iter().copied().filter(|k| group.contains(&l.shard_of(k))).collect();
                 if mine.is_empty() {
                     return None;
                 }
-                let leases: Vec<&&Held> = owners.iter().filter(|h| group.contains(&h.shard)).collect();
+                let leases: Vec<&&Held> = self.owners.iter().filter(|h| group.contains(&h.shard)).collect();
                 let mut keys: Vec<String> = leases.iter().map(|h| l.lease(h.shard)).collect();
                 keys.extend(mine.iter().map(|k| l.fill_lock(k)));
-                let mut args = vec![leases.len().to_string(), me.clone(), s.lease_ttl_ms.to_string()];
+                let mut args = vec![leases.len().to_string(), self.me.clone(), s.lease_ttl_ms.to_string()];
                 args.extend(leases.iter().map(|h| h.token.clone()));
                 for key in &mine {
                     let shard = l.shard_of(key);
@@ -518,15 +543,20 @@ async fn refresh_cache(
                 }
                 Some((*address, mine, keys, args))
             })
-            .collect();
+            .collect()
+    }
+
+    /// Takes the locks, writes the keys whose lock was taken (one `set-many`,
+    /// one `delete-many`) and releases them; returns the keys whose lock was
+    /// busy (to try again), noting the shards whose lease was lost.
+    async fn write_locked(&mut self, calls: &[LockCall<'a>]) -> Result<Vec<&'a String>, Problem> {
+        let l = &self.s.layout;
         let replies = futures::future::join_all(calls.iter().map(|(address, _, keys, args)| async move {
             Redis::new(address).eval(scripts::LOCKS_ACQUIRE_LEASED, keys, args).await
         }))
         .await;
         let mut held: Vec<(&str, Vec<String>)> = Vec::new();
-        let mut sets = Vec::new();
-        let mut deletes = Vec::new();
-        let mut waiting = Vec::new();
+        let (mut sets, mut deletes, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
         for ((address, mine, _, _), got) in calls.iter().zip(replies) {
             let grants = Grant::parse_all(&spillway_spin::redis::values(&got?), mine.len())
                 .map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))?;
@@ -535,7 +565,7 @@ async fn refresh_cache(
                 match grant {
                     Grant::Taken => {}
                     Grant::LeaseLost => {
-                        lost.insert(l.shard_of(key));
+                        self.lost.insert(l.shard_of(key));
                         continue;
                     }
                     Grant::Busy => {
@@ -544,7 +574,7 @@ async fn refresh_cache(
                     }
                 }
                 taken.push(l.fill_lock(key));
-                match &state[*key] {
+                match &self.state[*key] {
                     Some(r) => sets.push((l.cache_key(key), cache_entry(key, r).into_bytes())),
                     None => deletes.push(l.cache_key(key)),
                 }
@@ -553,23 +583,17 @@ async fn refresh_cache(
                 held.push((address, taken));
             }
         }
-        let written = async {
-            kv.set_many(sets)?;
-            kv.delete_many(deletes)
-        }
-        .await;
+        let written = self.kv.set_many(sets).and_then(|()| self.kv.delete_many(deletes));
+        let me = &self.me;
         let released = futures::future::join_all(
-            held.iter().map(|(address, locks)| async { Redis::new(address).eval(scripts::LOCKS_RELEASE, locks, std::slice::from_ref(&me)).await }),
+            held.iter().map(|(address, locks)| async move { Redis::new(address).eval(scripts::LOCKS_RELEASE, locks, std::slice::from_ref(me)).await }),
         )
         .await;
         for r in released {
             r?;
         }
         written?;
-        pending = waiting.into_iter().filter(|k| !lost.contains(&l.shard_of(k))).collect();
-        if !pending.is_empty() {
-            spillway_spin::wait_ms(5).await;
-        }
+        Ok(waiting)
     }
 }
 
