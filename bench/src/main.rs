@@ -86,7 +86,7 @@ fn workspace() -> PathBuf {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(spillway_redis_server::free_port())
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -130,28 +130,6 @@ fn builtin_apply_manifest(target: &Path) -> anyhow::Result<String> {
         .replace(dependency, "")
         .replace(processor, &format!("source = \"{}\"", target.join("wasm32-wasip2/release/processor_builtin_apply.wasm").display()))
         .replace("= \"target/", &format!("= \"{}/", target.display())))
-}
-
-fn redis_server(dir: &Path) -> anyhow::Result<(Proc, String)> {
-    let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("redis-server is needed (apt-get install redis-server)")?;
-    let url = format!("redis://127.0.0.1:{port}");
-    let client = redis::Client::open(url.as_str())?;
-    for _ in 0..500 {
-        if let Ok(mut c) = client.get_connection()
-            && redis::cmd("PING").query::<String>(&mut c).is_ok()
-        {
-            return Ok((Proc(child), url));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    bail!("redis-server did not start")
 }
 
 /// `spillway-host up` on `manifest`; returns it and its address once it serves.
@@ -355,13 +333,13 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let target = build()?;
     let mut procs = Vec::new();
-    let redis_url = match &args.redis {
-        Some(url) => url.clone(),
-        None => {
-            let (p, url) = redis_server(&work)?;
-            procs.push(p);
-            url
-        }
+    // The same server the tests start (no password: the Redis ceiling and
+    // BullMQ connect to it plainly).
+    let own_redis = args.redis.is_none().then(spillway_redis_server::RedisServer::start);
+    let redis_url = match (&args.redis, &own_redis) {
+        (Some(url), _) => url.clone(),
+        (None, Some(server)) => server.url(),
+        (None, None) => unreachable!("a server is started when none is given"),
     };
 
     // The baselines' host: hello-world (the floor) and the naive design.

@@ -1,0 +1,168 @@
+//! A real `redis-server` for the tests and the benchmark: on a free loopback port,
+//! in a directory of its own, with a password or without, persistence as asked,
+//! or as a one-node Redis Cluster; stopped on drop.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A `redis-server` of our own on a free loopback port, stopped on drop.
+pub struct RedisServer {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    persistence: &'static [&'static str],
+    /// `requirepass`, when it has one: every client must authenticate.
+    password: Option<String>,
+}
+
+/// A password no other text in a test contains: a fresh one per server, so that
+/// finding it anywhere (an answer, a log line) can only mean it leaked. It is
+/// letters, digits and dashes, so it reads the same however it is encoded; a
+/// caller may add characters that need encoding after it.
+pub fn fresh_secret(what: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{what}-pw-{:x}{nanos:08x}{n:04x}", std::process::id())
+}
+
+/// No persistence: the tests' default.
+const NO_PERSISTENCE: &[&str] = &["--save", "", "--appendonly", "no"];
+/// AOF with a sync per write: nothing acknowledged is lost when Redis is killed.
+pub const AOF_ALWAYS: &[&str] = &["--save", "", "--appendonly", "yes", "--appendfsync", "always"];
+/// Cluster mode (no persistence): a one-node Redis Cluster once it owns every
+/// slot ([`Redis::start_cluster_node`]). It refuses, as any cluster does, a
+/// command or script whose keys are in different hash slots (`CROSSSLOT`).
+const CLUSTER_NODE: &[&str] = &["--save", "", "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+
+impl RedisServer {
+    /// Starts a server and waits until it answers.
+    pub fn start() -> Self {
+        Self::start_with(NO_PERSISTENCE)
+    }
+
+    /// Starts a one-node Redis Cluster holding all 16,384 slots (so no key is
+    /// redirected), and waits until the cluster is up.
+    pub fn start_cluster_node() -> Self {
+        let server = Self::start_with(CLUSTER_NODE);
+        let mut c = server.conn();
+        let _: () = redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(16383).query(&mut c).expect("CLUSTER ADDSLOTSRANGE");
+        for _ in 0..500 {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).expect("CLUSTER INFO");
+            if info.contains("cluster_state:ok") {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the one-node cluster did not come up");
+    }
+
+    /// Starts a server with these persistence options.
+    pub fn start_with(persistence: &'static [&'static str]) -> Self {
+        Self::start_full(persistence, None)
+    }
+
+    /// Starts a server that requires a password (`requirepass`, a fresh one), as
+    /// a production Redis does; [`Redis::url`] carries it.
+    pub fn start_secured() -> Self {
+        // Characters a URL must encode, and `{:?}` escapes: the password must
+        // stay hidden however an error spells it.
+        Self::start_full(NO_PERSISTENCE, Some(format!("{}\"/@#:%x", fresh_secret("redis"))))
+    }
+
+    fn start_full(persistence: &'static [&'static str], password: Option<String>) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let child = Self::spawn(port, dir.path(), persistence, password.as_deref());
+            let mut server = Self { child, port, dir, persistence, password: password.clone() };
+            if server.wait_ready() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn spawn(port: u16, dir: &Path, persistence: &[&str], password: Option<&str>) -> Child {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(persistence);
+        if let Some(pw) = password {
+            cmd.args(["--requirepass", pw]);
+        }
+        cmd.arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (see .ci/run)")
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data directory (AOF reloaded).
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.port, self.dir.path(), self.persistence, self.password.as_deref());
+        assert!(self.wait_ready(), "redis-server did not come back");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let client = redis::Client::open(self.url()).expect("url");
+        for _ in 0..500 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false; // port taken meanwhile: try another
+            }
+            if let Ok(mut c) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return true;
+                }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// `redis://127.0.0.1:<port>`, with `:<password>@` (percent-encoded) when it
+    /// has one.
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(pw) => {
+                let pw = percent_encoding::utf8_percent_encode(pw, percent_encoding::NON_ALPHANUMERIC);
+                format!("redis://:{pw}@127.0.0.1:{}", self.port)
+            }
+            None => self.host(),
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>`, never with credentials: the
+    /// `allowed_outbound_hosts` entry (`redis_host`).
+    pub fn host(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its password, if it requires one.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// A synchronous connection for assertions.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url()).expect("url").get_connection().expect("connect")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
