@@ -293,6 +293,26 @@ impl ShardStats {
     }
 }
 
+/// `REPLAY`: `(old write id, new write id)*`.
+pub fn replayed(reply: &[Value]) -> Result<Vec<(String, String)>, ReplyError> {
+    const S: &str = "REPLAY";
+    if !reply.len().is_multiple_of(2) {
+        return Err(bad(S, format!("{} values are not whole (old, new) pairs", reply.len())));
+    }
+    reply
+        .chunks(2)
+        .map(|p| match (p[0].text(), p[1].text()) {
+            (Some(old), Some(new)) => Ok((old, new)),
+            _ => Err(bad(S, format!("a pair {p:?}"))),
+        })
+        .collect()
+}
+
+/// `PURGE`: the purged write ids.
+pub fn purged(reply: &[Value]) -> Result<Vec<String>, ReplyError> {
+    reply.iter().enumerate().map(|(i, v)| v.text().ok_or_else(|| bad("PURGE", format!("value {i} is nil")))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,5 +366,9 @@ mod tests {
         let st = ShardStats::parse(&[Value::Int(4), Value::Int(1), t("17-0"), Value::Int(0), t(""), Value::Int(-2), Value::Int(20), t("accepted"), t("4")]).unwrap();
         assert_eq!((st.depth, st.oldest.as_deref(), st.holder, st.counters), (4, Some("17-0"), None, vec![("accepted".into(), 4)]));
         assert!(ShardStats::parse(&[Value::Int(4)]).is_err());
+        assert_eq!(replayed(&[t("1-1-0"), t("1-9-0")]), Ok(vec![("1-1-0".into(), "1-9-0".into())]));
+        assert!(replayed(&[t("1-1-0")]).is_err());
+        assert_eq!(purged(&[t("1-1-0")]), Ok(vec!["1-1-0".into()]));
+        assert!(purged(&[Value::Nil]).is_err());
     }
 }

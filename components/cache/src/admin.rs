@@ -24,7 +24,7 @@ pub(crate) async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Re
     let me = token();
     for _ in 0..500 {
         let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
-        let grants = Grant::parse_all(&spillway_spin::redis::values(&got), 1).map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))?;
+        let grants = Grant::parse_all(&spillway_spin::redis::values(&got), 1).map_err(spillway_spin::redis::malformed)?;
         if grants == [Grant::Taken] {
             let cache_key = s.layout.cache_key(&key);
             let result = async {

@@ -72,7 +72,7 @@ async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> R
     let give_up = spillway_spin::monotonic_ms() + 1000;
     while spillway_spin::monotonic_ms() < give_up {
         let got = redis.eval(scripts::FILL_BEGIN, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
-        match FillBegin::parse(&spillway_spin::redis::values(&got)).map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))? {
+        match FillBegin::parse(&spillway_spin::redis::values(&got)).map_err(spillway_spin::redis::malformed)? {
             FillBegin::Absent => return Ok(None),
             FillBegin::Mine => {
                 let entry = match from_db(key).await {

@@ -166,7 +166,7 @@ async fn enqueue(
     let replies: Vec<Result<(Enqueued, Vec<u32>), Problem>> = futures::future::join_all(calls)
         .await
         .into_iter()
-        .map(|r| r.and_then(|reply| Enqueued::parse(&spillway_spin::redis::values(&reply)).map_err(|e| spillway_spin::backend_failed("Redis (the enqueue script)", &e.to_string()))))
+        .map(|r| r.and_then(|reply| Enqueued::parse(&spillway_spin::redis::values(&reply)).map_err(spillway_spin::redis::malformed)))
         .collect();
     // Ring what was rung first, whatever else the replies say: a group accepted
     // beside one refused has its flag set, and no one else will ring it.

@@ -126,7 +126,7 @@ async fn in_transaction(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Appl
                 // A failed COMMIT leaves the transaction open; the connection serves
                 // the rest of the drain.
                 spillway_spin::log_ignored("rollback after a failed commit", db.query(db.sql().rollback, vec![]).await);
-                Err(p)
+                Err(p.into())
             }
         },
         Err(p) => {

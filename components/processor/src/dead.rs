@@ -6,9 +6,10 @@ use serde_json::json;
 use spillway_core::dead::{DeadEntry, Selection};
 use spillway_core::layout::Layout;
 use spillway_core::problem::Problem;
+use spillway_core::reply;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
-use spillway_spin::db::{Db, SqlValue};
+use spillway_spin::db::{Db, DbErrorKind, SqlValue};
 use spillway_spin::{Redis, bin, json, text};
 use spin_sdk::http::Request;
 
@@ -57,8 +58,8 @@ pub(crate) async fn replay(s: &Settings, req: Request) -> Result<http::Response<
             let ids_json = serde_json::to_string(&dead.iter().map(|(_, id)| id).collect::<Vec<_>>()).unwrap_or_default();
             let applied: std::collections::HashSet<String> = match db.query(db.sql().applied_ids, vec![SqlValue::Text(ids_json)]).await {
                 Ok(rows) => rows.iter().filter_map(|r| r.first().and_then(spillway_spin::db::text)).collect(),
-                Err(p) if spillway_spin::db::is_missing_table(&p) => Default::default(),
-                Err(p) => return Err(p),
+                Err(e) if e.kind == DbErrorKind::MissingTable => Default::default(),
+                Err(e) => return Err(e.into()),
             };
             let (done, todo): (Vec<_>, Vec<_>) = dead.into_iter().partition(|(_, id)| applied.contains(id));
             if !done.is_empty() {
@@ -74,14 +75,12 @@ pub(crate) async fn replay(s: &Settings, req: Request) -> Result<http::Response<
             let mut args = vec![String::new(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
             args.extend(todo.into_iter().map(|(_, id)| id));
             let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], &args).await?;
+            // Rung (the script set the flags) even when its reply cannot be read.
             if !flat.is_empty() {
                 rang.push(shard);
             }
-            for pair in flat.chunks(2) {
-                if let [old, new] = pair {
-                    replayed.push(json!({"id": text(old), "replayed_as": text(new)}));
-                }
-            }
+            let pairs = reply::replayed(&spillway_spin::redis::values(&flat)).map_err(spillway_spin::redis::malformed)?;
+            replayed.extend(pairs.into_iter().map(|(old, new)| json!({"id": old, "replayed_as": new})));
         }
         Ok(())
     }
@@ -123,7 +122,7 @@ pub(crate) async fn purge(s: &Settings, body: &[u8]) -> Result<http::Response<St
         let mut args = vec![shard.to_string(), retention_ms.clone()];
         args.extend(mine);
         let out = Redis::for_shard(s, shard).eval(scripts::PURGE, &[l.dead(shard), l.dead_status_prefix(shard), l.stats(shard)], &args).await?;
-        purged.extend(out.iter().filter_map(text));
+        purged.extend(reply::purged(&spillway_spin::redis::values(&out)).map_err(spillway_spin::redis::malformed)?);
     }
     Ok(json(200, &json!({"purged": purged}), &[]))
 }

@@ -420,7 +420,7 @@ pub(crate) async fn claimable(s: &Settings) -> Result<Vec<u32>, Problem> {
     });
     let mut out = Vec::new();
     for reply in futures::future::join_all(calls).await {
-        out.extend(reply::claimable(&spillway_spin::redis::values(&reply?)).map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))?);
+        out.extend(reply::claimable(&spillway_spin::redis::values(&reply?)).map_err(spillway_spin::redis::malformed)?);
     }
     Ok(out)
 }
@@ -559,7 +559,7 @@ impl<'a> Refresh<'a> {
         let (mut sets, mut deletes, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
         for ((address, mine, _, _), got) in calls.iter().zip(replies) {
             let grants = Grant::parse_all(&spillway_spin::redis::values(&got?), mine.len())
-                .map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))?;
+                .map_err(spillway_spin::redis::malformed)?;
             let mut taken = Vec::new();
             for (key, grant) in mine.iter().zip(grants) {
                 match grant {

@@ -7,7 +7,8 @@
 
 use spillway_core::layout::{CONSUMER, GROUP};
 use spillway_core::problem::Problem;
-use spillway_core::reply::{BatchRead, LeaseAcquired, ReplyError};
+use spillway_core::reply::{BatchRead, LeaseAcquired};
+use spillway_spin::redis::malformed;
 use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::{Redis, token};
@@ -21,11 +22,6 @@ pub(crate) struct Lease {
     pub(crate) token: String,
     /// The fencing token the database write checks.
     pub(crate) fence: i64,
-}
-
-/// A reply of another shape: a failure of the call, not an answer.
-fn malformed(e: ReplyError) -> Problem {
-    spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string())
 }
 
 impl Lease {

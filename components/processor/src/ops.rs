@@ -58,7 +58,7 @@ struct Snapshot {
 async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
     let l = &s.layout;
     let r = Redis::for_shard(s, shard).eval(scripts::SHARD_STATS, &[l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], &[GROUP.to_owned()]).await?;
-    let r = ShardStats::parse(&spillway_spin::redis::values(&r)).map_err(|e| spillway_spin::backend_failed("Redis (a shard's server)", &e.to_string()))?;
+    let r = ShardStats::parse(&spillway_spin::redis::values(&r)).map_err(spillway_spin::redis::malformed)?;
     let oldest_age_ms = r.oldest.as_deref().and_then(|id| id.split('-').next()?.parse::<u64>().ok()).map(|ms| r.now_ms.saturating_sub(ms));
     let holder = r.holder.as_ref().map(|t| md5_hex(t.as_bytes())[..8].to_owned());
     let mut counters = HashMap::new();

@@ -25,8 +25,8 @@ pub fn backend_failed(what: &str, cause: &str) -> Problem {
 
 /// Logs a failure that is not the request's to report (a rollback after an
 /// error, a best-effort mark): one JSON line, `what` failed and why.
-pub fn log_ignored<T>(what: &str, result: Result<T, Problem>) {
-    if let Err(p) = result {
+pub fn log_ignored<T, E: Into<Problem>>(what: &str, result: Result<T, E>) {
+    if let Err(p) = result.map_err(Into::into) {
         eprintln!("{}", serde_json::json!({"event": "ignored_failure", "what": what, "error": p.cause_or_detail()}));
     }
 }

@@ -27,35 +27,61 @@ pub struct Db {
     sql: &'static Dialect,
 }
 
-/// A database failure: the message the engine gave, wherever Spin reported it
-/// (PostgreSQL's with its SQLSTATE code in brackets).
-fn sqlite_err(e: sqlite::Error) -> Problem {
-    crate::backend_failed(WHAT, &format!("{e:?}"))
+/// A database failure, classified once, where Spin reports it: the kinds the
+/// code acts on, and the answer it becomes at the HTTP edge (`From`), which
+/// names the database and never repeats the engine's text.
+#[derive(Debug, Clone)]
+pub struct DbError {
+    /// What the code may act on.
+    pub kind: DbErrorKind,
+    problem: Problem,
+}
+
+/// The kinds of [`DbError`] the code acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbErrorKind {
+    /// A table does not exist (nothing was ever applied).
+    MissingTable,
+    /// A column does not exist (tables older than this code).
+    MissingColumn,
+    /// Anything else: unreachable, refused, a statement that failed.
+    Other,
+}
+
+impl From<DbError> for Problem {
+    fn from(e: DbError) -> Self {
+        e.problem
+    }
 }
 
 /// How answers name the database: by its variable.
 const WHAT: &str = "The database (database)";
 
-fn pg_err(e: pg::Error) -> Problem {
+/// Classifies the engine's message (PostgreSQL's with its SQLSTATE code in
+/// brackets) and logs it, credentials masked.
+fn db_error(cause: &str) -> DbError {
+    let kind = if cause.contains("no such table") || cause.contains("[42P01]") {
+        DbErrorKind::MissingTable
+    } else if cause.contains("no such column") || cause.contains("[42703]") {
+        DbErrorKind::MissingColumn
+    } else {
+        DbErrorKind::Other
+    };
+    DbError { kind, problem: crate::backend_failed(WHAT, cause) }
+}
+
+fn sqlite_err(e: sqlite::Error) -> DbError {
+    db_error(&format!("{e:?}"))
+}
+
+fn pg_err(e: pg::Error) -> DbError {
     let detail = match &e {
         pg::Error::PgError(pg::PgError::QueryFailed(pg::QueryError::DbError(d))) => format!("{} [{}]", d.message, d.code),
         pg::Error::PgError(pg::PgError::QueryFailed(pg::QueryError::Text(t))) => t.clone(),
         pg::Error::PgError(pg::PgError::ConnectionFailed(t)) => format!("connection failed: {t}"),
         other => other.to_string(),
     };
-    crate::backend_failed(WHAT, &detail)
-}
-
-/// Whether `p` says a table does not exist (nothing was ever applied).
-pub fn is_missing_table(p: &Problem) -> bool {
-    let cause = p.cause_or_detail();
-    cause.contains("no such table") || cause.contains("[42P01]")
-}
-
-/// Whether `p` says a column does not exist (tables older than this code).
-fn is_missing_column(p: &Problem) -> bool {
-    let cause = p.cause_or_detail();
-    cause.contains("no such column") || cause.contains("[42703]")
+    db_error(&detail)
 }
 
 impl Db {
@@ -115,7 +141,8 @@ impl Db {
                     self.query(stmt, Vec::new()).await?;
                 }
             }
-            self.query(self.sql.commit, Vec::new()).await
+            self.query(self.sql.commit, Vec::new()).await?;
+            Ok::<(), Problem>(())
         }
         .await;
         if let Err(p) = migrated {
@@ -126,7 +153,7 @@ impl Db {
     }
 
     /// Runs one statement and returns its rows' values.
-    pub async fn query(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Vec<Vec<SqlValue>>, Problem> {
+    pub async fn query(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Vec<Vec<SqlValue>>, DbError> {
         match &self.conn {
             Conn::Sqlite(c) => {
                 let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();
@@ -154,12 +181,12 @@ impl Db {
     pub async fn read(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Vec<Vec<SqlValue>>, Problem> {
         match self.query(stmt, params.clone()).await {
             Ok(rows) => Ok(rows),
-            Err(p) if is_missing_table(&p) => Ok(Vec::new()),
-            Err(p) if is_missing_column(&p) => {
+            Err(e) if e.kind == DbErrorKind::MissingTable => Ok(Vec::new()),
+            Err(e) if e.kind == DbErrorKind::MissingColumn => {
                 Self::open_with_schema().await?;
-                self.query(stmt, params).await
+                Ok(self.query(stmt, params).await?)
             }
-            Err(p) => Err(p),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -140,6 +140,12 @@ pub fn values(reply: &[RedisResult]) -> Vec<spillway_core::reply::Value> {
         .collect()
 }
 
+/// A script's reply of another shape than its own: a failure of the call (the
+/// server, or a script not Spillway's), logged; never read as an answer.
+pub fn malformed(e: spillway_core::reply::ReplyError) -> Problem {
+    crate::backend::backend_failed("Redis (a script's reply)", &e.to_string())
+}
+
 /// A binary Redis argument.
 pub fn bin(s: &str) -> RedisParameter {
     RedisParameter::Binary(s.as_bytes().to_vec())
