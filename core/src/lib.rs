@@ -11,6 +11,7 @@
 //! - [`dead`]: dead-letter entries, and which ones a request selects.
 //! - [`hazards`]: the Redis settings Spillway depends on, and what to do about each.
 //! - [`layout`]: the Redis key layout (prefix, shard hash tags) and write ids.
+//! - [`call`]: the processor's protocol scripts as typed calls.
 //! - [`scripts`]: the Lua scripts (enqueue, lease, read batch, ack) and their replies.
 //! - [`sql`]: the database schema and statements, fencing included.
 //! - [`record`]: a record on the wire: the database row and the document.
@@ -21,6 +22,7 @@
 //! - [`settings`]: configuration read from Spin variables, with defaults.
 
 pub mod apply;
+pub mod call;
 pub mod dead;
 pub mod hazards;
 pub mod layout;

@@ -313,6 +313,36 @@ pub fn purged(reply: &[Value]) -> Result<Vec<String>, ReplyError> {
     reply.iter().enumerate().map(|(i, v)| v.text().ok_or_else(|| bad("PURGE", format!("value {i} is nil")))).collect()
 }
 
+/// `XREAD` of one stream, flattened: nothing (timed out), or the stream's name
+/// then `(entry id, field, value)` per entry. The newest entry's id, if any.
+pub fn newest_entry(reply: &[Value]) -> Result<Option<String>, ReplyError> {
+    const S: &str = "XREAD";
+    let entries = match reply {
+        [] | [Value::Nil] => return Ok(None),
+        [_stream, rest @ ..] => rest,
+    };
+    if !entries.len().is_multiple_of(3) {
+        return Err(bad(S, format!("{} values are not whole (id, field, value) entries", entries.len())));
+    }
+    entries.chunks(3).next_back().map(|c| c[0].text().ok_or_else(|| bad(S, "an entry without an id"))).transpose()
+}
+
+/// `CONFIG GET name*`: the `(name, value)` pairs, as a lookup (a setting the
+/// server does not have is absent).
+pub fn config(reply: &[Value]) -> Result<std::collections::HashMap<String, String>, ReplyError> {
+    const S: &str = "CONFIG GET";
+    if !reply.len().is_multiple_of(2) {
+        return Err(bad(S, format!("{} values are not whole (name, value) pairs", reply.len())));
+    }
+    reply
+        .chunks(2)
+        .map(|p| match (p[0].text(), p[1].text()) {
+            (Some(n), Some(v)) => Ok((n, v)),
+            _ => Err(bad(S, format!("a pair {p:?}"))),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,5 +400,12 @@ mod tests {
         assert!(replayed(&[t("1-1-0")]).is_err());
         assert_eq!(purged(&[t("1-1-0")]), Ok(vec!["1-1-0".into()]));
         assert!(purged(&[Value::Nil]).is_err());
+        assert_eq!(newest_entry(&[]), Ok(None));
+        assert_eq!(newest_entry(&[Value::Nil]), Ok(None));
+        assert_eq!(newest_entry(&[t("s"), t("1-0"), t("v"), Value::Int(1), t("2-0"), t("v"), Value::Int(2)]), Ok(Some("2-0".into())));
+        assert!(newest_entry(&[t("s"), t("1-0")]).is_err());
+        let c = config(&[t("appendonly"), t("yes"), t("maxmemory-policy"), t("noeviction")]).unwrap();
+        assert_eq!((c["appendonly"].as_str(), c.get("notify-keyspace-events")), ("yes", None));
+        assert!(config(&[t("appendonly")]).is_err());
     }
 }

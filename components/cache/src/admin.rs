@@ -2,9 +2,9 @@
 //! under the key's fill lock like every cache write.
 
 use spillway_core::layout::{FILL_LOCK_TTL_MS, decode_key};
+use spillway_core::call::Call;
 use spillway_core::problem::Problem;
 use spillway_core::reply::Grant;
-use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::kv::CacheStore;
 use spillway_spin::{Redis, respond, token};
@@ -23,7 +23,7 @@ pub(crate) async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Re
     let lock = s.layout.fill_lock(&key);
     let me = token();
     for _ in 0..500 {
-        let got = redis.eval(scripts::LOCKS_ACQUIRE, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
+        let got = redis.call(&Call::lock(&s.layout, &key, &me, FILL_LOCK_TTL_MS)).await?;
         let grants = Grant::parse_all(&spillway_spin::redis::values(&got), 1).map_err(spillway_spin::redis::malformed)?;
         if grants == [Grant::Taken] {
             let cache_key = s.layout.cache_key(&key);
@@ -40,7 +40,7 @@ pub(crate) async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Re
                 Ok(respond(200, "application/json", entry.to_text(), &[]))
             }
             .await;
-            redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+            redis.call(&Call::unlock(vec![lock], &me)).await?;
             return result;
         }
         spillway_spin::wait_ms(2).await;

@@ -2,10 +2,10 @@
 //! database under the key's single-flight lock; hits and misses counted.
 
 use spillway_core::layout::{ABSENT_TTL_MS, FILL_LOCK_TTL_MS};
+use spillway_core::call::Call;
 use spillway_core::problem::Problem;
 use spillway_core::record::RecordDoc;
 use spillway_core::reply::FillBegin;
-use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::kv::CacheStore;
 use spillway_spin::{Redis, token};
@@ -47,9 +47,9 @@ async fn count_read(s: &Settings, hit: bool) {
         return;
     }
     READS.set((0, 0, Some(now)));
-    let (address, key) = (s.redis_for(0).to_owned(), s.layout.cache_stats());
+    let (address, layout) = (s.redis_for(0).to_owned(), s.layout.clone());
     spin_sdk::wasip3::spawn(async move {
-        let counted = Redis::new(&address).eval(scripts::CACHE_COUNT, &[key], &[hits.to_string(), misses.to_string()]).await;
+        let counted = Redis::new(&address).call(&Call::cache_count(&layout, hits, misses)).await;
         if counted.is_err() {
             // Kept for the next flush.
             let (h, m, t) = READS.get();
@@ -65,29 +65,30 @@ async fn count_read(s: &Settings, hit: bool) {
 /// negative entry, see `scripts::FILL_BEGIN`), until it is created.
 async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> Result<Option<RecordDoc>, Problem> {
     let redis = Redis::for_shard(s, s.layout.shard_of(key));
-    let lock = s.layout.fill_lock(key);
+    let l = &s.layout;
+    let lock = l.fill_lock(key);
     let me = token();
     // Wait up to a second for another filler (it normally takes milliseconds),
     // then read the database without filling.
     let give_up = spillway_spin::monotonic_ms() + 1000;
     while spillway_spin::monotonic_ms() < give_up {
-        let got = redis.eval(scripts::FILL_BEGIN, std::slice::from_ref(&lock), &[me.clone(), FILL_LOCK_TTL_MS.to_string()]).await?;
+        let got = redis.call(&Call::fill_begin(l, key, &me, FILL_LOCK_TTL_MS)).await?;
         match FillBegin::parse(&spillway_spin::redis::values(&got)).map_err(spillway_spin::redis::malformed)? {
             FillBegin::Absent => return Ok(None),
             FillBegin::Mine => {
                 let entry = match from_db(key).await {
                     Ok(e) => e,
                     Err(p) => {
-                        redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+                        redis.call(&Call::unlock(vec![lock], &me)).await?;
                         return Err(p);
                     }
                 };
                 let Some(e) = entry else {
-                    redis.eval(scripts::FILL_ABSENT, std::slice::from_ref(&lock), &[me, ABSENT_TTL_MS.to_string()]).await?;
+                    redis.call(&Call::fill_absent(l, key, &me, ABSENT_TTL_MS)).await?;
                     return Ok(None);
                 };
                 let written = store.set(cache_key, e.to_text().as_bytes()).await;
-                redis.eval(scripts::LOCKS_RELEASE, std::slice::from_ref(&lock), &[me]).await?;
+                redis.call(&Call::unlock(vec![lock], &me)).await?;
                 written?;
                 return Ok(Some(e));
             }

@@ -1,7 +1,7 @@
 //! Routing: which handler answers which path and method.
 
 use spillway_core::problem::Problem;
-use spillway_spin::{authorize, problem};
+use spillway_spin::{answer, authorize, problem};
 use spin_sdk::http::BoxBody;
 
 use crate::{admin, changes, read, records, status};
@@ -64,7 +64,7 @@ async fn handle_full(req: spin_sdk::http::Request) -> http::Response<String> {
             Err(p) => Err(p),
         },
     };
-    result.unwrap_or_else(|p| problem(&p))
+    answer(result)
 }
 
 enum Route {

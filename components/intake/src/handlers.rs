@@ -1,10 +1,10 @@
 //! Request handling for `POST /v1/writes`.
 
 use serde_json::json;
+use spillway_core::call::{Call, EnqueueLimits};
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::reply::Enqueued;
-use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_core::write::{self, parse_request_for};
 use spillway_spin::{Redis, json, problem, status};
@@ -152,14 +152,14 @@ async fn enqueue(
     let groups = s.slot_groups(&shards);
     let body_md5 = idem.map(|_| spillway_core::layout::md5_hex(body)).unwrap_or_default();
     let calls = groups.iter().map(|(address, group)| {
-        let (keys, args) = enqueue_call(s, group, writes, &shard_of, idem, &body_md5);
+        let call = enqueue_call(s, group, writes, &shard_of, idem, &body_md5);
         async move {
             let redis = Redis::new(address);
             // Once per instance and server: expiry events back on after a Redis
             // restart, so a crashed processor's shards are resumed (see
             // spillway_core::hazards).
             spillway_spin::hazards::ensure(&redis).await;
-            redis.eval(scripts::ENQUEUE, &keys, &args).await
+            redis.call(&call).await
         }
     });
     // Each reply read by its type; a reply of another shape fails its group.
@@ -213,38 +213,14 @@ fn ring(s: &Settings, shards: Vec<u32>) {
     spin_sdk::wasip3::spawn(async move { spillway_spin::ring(&s, &shards).await });
 }
 
-/// The keys and arguments of one `ENQUEUE` call: the writes of `group`'s shards.
-fn enqueue_call(
-    s: &Settings,
-    group: &[u32],
-    writes: &[write::Accepted],
-    shard_of: &[u32],
-    idem: Option<&str>,
-    body_md5: &str,
-) -> (Vec<String>, Vec<String>) {
-    let layout = &s.layout;
-    let mut keys = vec![layout.idempotency(s.idempotency_shard(group[0]), idem.unwrap_or(""))];
-    for shard in group {
-        keys.push(layout.stream(*shard));
-        keys.push(layout.bell(*shard));
-        keys.push(layout.lease(*shard));
-        keys.push(layout.stats(*shard));
-    }
-    let mut args = vec![
-        if idem.is_some() { "1" } else { "0" }.to_owned(),
-        body_md5.to_owned(),
-        s.idempotency_ttl_secs.to_string(),
-        s.queue_depth_limit.to_string(),
-        s.lease_ttl_ms.to_string(),
-        group.len().to_string(),
-    ];
-    args.extend(group.iter().map(u32::to_string));
-    let mine: Vec<usize> = (0..writes.len()).filter(|i| group.contains(&shard_of[*i])).collect();
-    args.push(mine.len().to_string());
-    for i in mine {
-        let slot = group.iter().position(|g| *g == shard_of[i]).unwrap_or(0) + 1;
-        args.push(slot.to_string());
-        args.push(writes[i].payload());
-    }
-    (keys, args)
+/// One `ENQUEUE` call: the writes of `group`'s shards.
+fn enqueue_call(s: &Settings, group: &[u32], writes: &[write::Accepted], shard_of: &[u32], idem: Option<&str>, body_md5: &str) -> Call {
+    let limits = EnqueueLimits {
+        idempotency: idem.map(|k| (k, body_md5)),
+        idempotency_ttl_secs: s.idempotency_ttl_secs,
+        queue_depth_limit: s.queue_depth_limit,
+        bell_ttl_ms: s.lease_ttl_ms,
+    };
+    let writes: Vec<(u32, String)> = writes.iter().zip(shard_of).map(|(w, shard)| (*shard, w.payload())).collect();
+    Call::enqueue(&s.layout, group, s.idempotency_shard(group[0]), limits, &writes)
 }

@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::Value as Json;
 use spillway_core::apply::{Outcome, Record, StepResult, StepWrites, canonical, plan_with};
+use spillway_core::call::Call;
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::record::{RecordError, RecordRow};
-use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::db::{Db, SqlValue as Value, integer, text};
 #[cfg(not(feature = "builtin-apply"))]
@@ -437,8 +437,8 @@ impl<'a> Careful<'a> {
         Self { s, shards: batches.map(|b| (b.shard, b.token.clone())).collect() }
     }
 
-    fn marker_ttl_ms(&self) -> String {
-        self.s.lease_ttl_ms.saturating_mul(3).max(60_000).to_string()
+    fn marker_ttl_ms(&self) -> u64 {
+        self.s.lease_ttl_ms.saturating_mul(3).max(60_000)
     }
 
     /// Every shard of the round marked, naming no write. Best effort here and
@@ -448,8 +448,7 @@ impl<'a> Careful<'a> {
         let l = &self.s.layout;
         let shards: Vec<u32> = self.shards.iter().map(|(n, _)| *n).collect();
         for (address, group) in self.s.slot_groups(&shards) {
-            let keys: Vec<String> = group.iter().map(|n| l.applying(*n)).collect();
-            spillway_spin::log_ignored("redelivery marker", Redis::new(address).eval(scripts::MARK_ROUND, &keys, &[self.marker_ttl_ms()]).await);
+            spillway_spin::log_ignored("redelivery marker", Redis::new(address).call(&Call::mark_round(l, &group, self.marker_ttl_ms())).await);
         }
     }
 
@@ -467,18 +466,15 @@ impl<'a> Careful<'a> {
             Some((n, ids)) => {
                 // The previous call's shard: its writes leave that marker.
                 if let Some((_, token)) = self.shards.iter().find(|(m, _)| *m == n) {
-                    let mut args = vec![token.clone(), self.s.lease_ttl_ms.to_string(), self.marker_ttl_ms(), ids.len().to_string()];
-                    args.extend(ids);
-                    spillway_spin::log_ignored("redelivery marker", Redis::for_shard(self.s, n).eval(scripts::MARK_CALL, &[l.lease(n), l.applying(n)], &args).await);
+                    let call = Call::mark_call(l, n, token, self.s.lease_ttl_ms, self.marker_ttl_ms(), &ids, &[]);
+                    spillway_spin::log_ignored("redelivery marker", Redis::for_shard(self.s, n).call(&call).await);
                 }
                 Vec::new()
             }
             None => Vec::new(),
         };
-        let mut args = vec![token.clone(), self.s.lease_ttl_ms.to_string(), self.marker_ttl_ms(), previous.len().to_string()];
-        args.extend(previous);
-        args.extend(entries.iter().cloned());
-        spillway_spin::log_ignored("redelivery marker", Redis::for_shard(self.s, shard).eval(scripts::MARK_CALL, &[l.lease(shard), l.applying(shard)], &args).await);
+        let call = Call::mark_call(l, shard, token, self.s.lease_ttl_ms, self.marker_ttl_ms(), &previous, &entries);
+        spillway_spin::log_ignored("redelivery marker", Redis::for_shard(self.s, shard).call(&call).await);
         *marked = Some((shard, entries));
     }
 

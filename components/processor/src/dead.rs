@@ -3,11 +3,11 @@
 //! ([`Selection`]).
 
 use serde_json::json;
+use spillway_core::call::Call;
 use spillway_core::dead::{DeadEntry, Selection};
 use spillway_core::layout::Layout;
 use spillway_core::problem::Problem;
 use spillway_core::reply;
-use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::db::{Db, DbErrorKind, SqlValue};
 use spillway_spin::{Redis, bin, json, text};
@@ -71,10 +71,8 @@ pub(crate) async fn replay(s: &Settings, req: Request) -> Result<http::Response<
             if todo.is_empty() {
                 continue;
             }
-            let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
-            let mut args = vec![String::new(), s.lease_ttl_ms.to_string(), shard.to_string(), retention_ms];
-            args.extend(todo.into_iter().map(|(_, id)| id));
-            let flat = redis.eval(scripts::REPLAY, &[l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], &args).await?;
+            let retention_ms = s.status_retention_secs.saturating_mul(1000);
+            let flat = redis.call(&Call::replay(l, shard, s.lease_ttl_ms, retention_ms, todo.into_iter().map(|(_, id)| id))).await?;
             // Rung (the script set the flags) even when its reply cannot be read.
             if !flat.is_empty() {
                 rang.push(shard);
@@ -108,7 +106,7 @@ pub(crate) async fn purge(s: &Settings, body: &[u8]) -> Result<http::Response<St
     let Some(selection) = Selection::parse(body, l.shards)? else {
         return Err(Problem::invalid("say what to purge: {\"ids\": [...]}, {\"shard\": n} or {\"all\": true}", ""));
     };
-    let retention_ms = s.status_retention_secs.saturating_mul(1000).to_string();
+    let retention_ms = s.status_retention_secs.saturating_mul(1000);
     let mut purged = Vec::new();
     for shard in 0..l.shards {
         if !selection.touches(shard) {
@@ -119,9 +117,7 @@ pub(crate) async fn purge(s: &Settings, body: &[u8]) -> Result<http::Response<St
             Selection::Ids(ids) => ids.iter().filter(|w| w.shard == shard).map(ToString::to_string).collect(),
             _ => Vec::new(),
         };
-        let mut args = vec![shard.to_string(), retention_ms.clone()];
-        args.extend(mine);
-        let out = Redis::for_shard(s, shard).eval(scripts::PURGE, &[l.dead(shard), l.dead_status_prefix(shard), l.stats(shard)], &args).await?;
+        let out = Redis::for_shard(s, shard).call(&Call::purge(l, shard, retention_ms, mine)).await?;
         purged.extend(reply::purged(&spillway_spin::redis::values(&out)).map_err(spillway_spin::redis::malformed)?);
     }
     Ok(json(200, &json!({"purged": purged}), &[]))

@@ -11,11 +11,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use spillway_core::apply::Record;
-use spillway_core::layout::{FILL_LOCK_TTL_MS, GROUP, WriteId};
+use spillway_core::call::{Call, DeadLetter};
+use spillway_core::layout::{FILL_LOCK_TTL_MS, WriteId};
 use spillway_core::problem::Problem;
 use spillway_core::reply::{self, BatchRead, Grant};
 use spillway_core::record::RecordDoc;
-use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::db::Db;
 use spillway_spin::kv::Kv;
@@ -204,10 +204,7 @@ impl Drain<'_> {
     /// and dead letter will say: the safe message (the backend's own text is in
     /// the batch's log line).
     async fn record_failure(&self, shard: u32, entries: impl Iterator<Item = String>, p: &Problem) {
-        let l = &self.s.layout;
-        let mut args = vec![p.detail.clone()];
-        args.extend(entries);
-        let recorded = Redis::for_shard(self.s, shard).eval(scripts::RECORD_ERROR, &[l.attempts(shard), l.stats(shard)], &args).await;
+        let recorded = Redis::for_shard(self.s, shard).call(&Call::record_error(&self.s.layout, shard, &p.detail, entries)).await;
         spillway_spin::log_ignored("recording a batch's failure", recorded);
     }
 
@@ -328,19 +325,20 @@ impl Drain<'_> {
     /// would forget their errors). Returns the batches to acknowledge; a shard
     /// whose dead-lettering failed leaves, unacknowledged (redelivered later).
     async fn dead_letter<'b>(&mut self, done: Vec<&'b Batch>, applied: &db::Applied) -> Vec<&'b Batch> {
-        let (s, l) = (self.s, &self.s.layout);
+        let s = self.s;
         let mut undead = Vec::new();
         for b in &done {
-            let mut args = vec![GROUP.to_owned(), b.shard.to_string(), s.status_retention_secs.saturating_mul(1000).to_string()];
-            for d in applied.dead.iter().filter(|d| d.shard == b.shard) {
-                args.extend([d.entry.clone(), d.payload.clone(), d.error.clone(), d.attempts.clone()]);
-            }
-            if args.len() > 3 {
-                let keys = [l.stream(b.shard), l.attempts(b.shard), l.dead(b.shard), l.dead_status_prefix(b.shard), l.done(b.shard), l.stats(b.shard)];
-                if let Err(p) = Redis::for_shard(s, b.shard).eval(scripts::DEAD_LETTER, &keys, &args).await {
-                    log_failure(b, "dead-letter", p.cause_or_detail());
-                    undead.push((b.shard, p));
-                }
+            let dead: Vec<DeadLetter> = applied
+                .dead
+                .iter()
+                .filter(|d| d.shard == b.shard)
+                .map(|d| DeadLetter { entry: d.entry.clone(), payload: d.payload.clone(), error: d.error.clone(), attempts: d.attempts.clone() })
+                .collect();
+            if let Some(call) = Call::dead_letter(&s.layout, b.shard, s.status_retention_secs.saturating_mul(1000), &dead)
+                && let Err(p) = Redis::for_shard(s, b.shard).call(&call).await
+            {
+                log_failure(b, "dead-letter", p.cause_or_detail());
+                undead.push((b.shard, p));
             }
         }
         let left: Vec<u32> = undead.iter().map(|(shard, _)| *shard).collect();
@@ -355,15 +353,13 @@ impl Drain<'_> {
     /// reads only new entries, so the watch's retry starts a tenure that
     /// resumes them.
     async fn acknowledge(&mut self, done: &[&Batch], applied: &db::Applied, [apply_ms, cache_ms]: [u64; 2]) {
-        let (s, l) = (self.s, &self.s.layout);
+        let s = self.s;
         let acks = done.iter().map(|b| {
             let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
-            let mut args = vec![GROUP.to_owned(), new_applied.to_string(), new_rejected.to_string()];
-            args.extend(b.entries.iter().map(|(id, _)| id.clone()));
-            let keys = [l.stream(b.shard), l.attempts(b.shard), l.done(b.shard), l.stats(b.shard)];
+            let call = Call::ack(&s.layout, b.shard, new_applied, new_rejected, b.entries.iter().map(|(id, _)| id.clone()));
             async move {
                 let started = spillway_spin::monotonic_ms();
-                let r = Redis::for_shard(s, b.shard).eval(scripts::ACK, &keys, &args).await;
+                let r = Redis::for_shard(s, b.shard).call(&call).await;
                 (*b, r, spillway_spin::monotonic_ms() - started)
             }
         });
@@ -414,9 +410,7 @@ pub(crate) async fn claimable(s: &Settings) -> Result<Vec<u32>, Problem> {
     let l = &s.layout;
     let all: Vec<u32> = (0..l.shards).collect();
     let calls = s.slot_groups(&all).into_iter().map(|(address, group)| async move {
-        let keys: Vec<String> = group.iter().flat_map(|n| [l.stream(*n), l.lease(*n)]).collect();
-        let args: Vec<String> = group.iter().map(u32::to_string).collect();
-        Redis::new(address).eval(scripts::CLAIMABLE, &keys, &args).await
+        Redis::new(address).call(&Call::claimable(l, &group)).await
     });
     let mut out = Vec::new();
     for reply in futures::future::join_all(calls).await {
@@ -532,16 +526,9 @@ impl<'a> Refresh<'a> {
                 if mine.is_empty() {
                     return None;
                 }
-                let leases: Vec<&&Held> = self.owners.iter().filter(|h| group.contains(&h.shard)).collect();
-                let mut keys: Vec<String> = leases.iter().map(|h| l.lease(h.shard)).collect();
-                keys.extend(mine.iter().map(|k| l.fill_lock(k)));
-                let mut args = vec![leases.len().to_string(), self.me.clone(), s.lease_ttl_ms.to_string()];
-                args.extend(leases.iter().map(|h| h.token.clone()));
-                for key in &mine {
-                    let shard = l.shard_of(key);
-                    args.push(leases.iter().position(|h| h.shard == shard).map_or(0, |i| i + 1).to_string());
-                }
-                Some((*address, mine, keys, args))
+                let leases: Vec<(u32, &str)> = self.owners.iter().filter(|h| group.contains(&h.shard)).map(|h| (h.shard, h.token.as_str())).collect();
+                let call = Call::locks_leased(l, &leases, &mine, &self.me, s.lease_ttl_ms);
+                Some((*address, mine, call))
             })
             .collect()
     }
@@ -551,13 +538,10 @@ impl<'a> Refresh<'a> {
     /// busy (to try again), noting the shards whose lease was lost.
     async fn write_locked(&mut self, calls: &[LockCall<'a>]) -> Result<Vec<&'a String>, Problem> {
         let l = &self.s.layout;
-        let replies = futures::future::join_all(calls.iter().map(|(address, _, keys, args)| async move {
-            Redis::new(address).eval(scripts::LOCKS_ACQUIRE_LEASED, keys, args).await
-        }))
-        .await;
+        let replies = futures::future::join_all(calls.iter().map(|(address, _, call)| async move { Redis::new(address).call(call).await })).await;
         let mut held: Vec<(&str, Vec<String>)> = Vec::new();
         let (mut sets, mut deletes, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
-        for ((address, mine, _, _), got) in calls.iter().zip(replies) {
+        for ((address, mine, _), got) in calls.iter().zip(replies) {
             let grants = Grant::parse_all(&spillway_spin::redis::values(&got?), mine.len())
                 .map_err(spillway_spin::redis::malformed)?;
             let mut taken = Vec::new();
@@ -586,7 +570,7 @@ impl<'a> Refresh<'a> {
         let written = self.kv.set_many(sets).and_then(|()| self.kv.delete_many(deletes));
         let me = &self.me;
         let released = futures::future::join_all(
-            held.iter().map(|(address, locks)| async move { Redis::new(address).eval(scripts::LOCKS_RELEASE, locks, std::slice::from_ref(me)).await }),
+            held.into_iter().map(|(address, locks)| async move { Redis::new(address).call(&Call::unlock(locks, me)).await }),
         )
         .await;
         for r in released {
@@ -598,8 +582,8 @@ impl<'a> Refresh<'a> {
 }
 
 /// One `LOCKS_ACQUIRE_LEASED` call of a refresh: the server, its keys (in the
-/// order of the locks), and the script's keys and arguments.
-type LockCall<'a> = (&'a str, Vec<&'a String>, Vec<String>, Vec<String>);
+/// order of the locks), and the call.
+type LockCall<'a> = (&'a str, Vec<&'a String>, Call);
 
 /// The cache's JSON for a record (what `GET /v1/records/{key}` answers).
 fn cache_entry(key: &str, r: &Record) -> String {

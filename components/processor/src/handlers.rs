@@ -6,7 +6,7 @@ use spillway_core::problem::Problem;
 use spillway_core::query::Query;
 use spillway_core::settings::Settings;
 use spillway_spin::db::Db;
-use spillway_spin::{authorize, json, problem};
+use spillway_spin::{answer, authorize, json, problem};
 use spin_sdk::http::Request;
 
 use crate::drain::{self, Scope, Stats};
@@ -68,7 +68,7 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
         Err(p) => return problem(&p),
     };
     if path == "/v1/wake" {
-        return wake(settings, req.uri().query(), req.method()).await.unwrap_or_else(|p| problem(&p));
+        return answer(wake(settings, req.uri().query(), req.method()).await);
     }
     // Stats and metrics are admin endpoints unless `stats_public` opens them.
     let public = settings.stats_public && matches!(path.as_str(), "/v1/stats" | "/metrics");
@@ -86,7 +86,7 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
         },
         _ => dead::replay(&settings, req).await,
     };
-    result.unwrap_or_else(|p| problem(&p))
+    answer(result)
 }
 
 fn shard_param(s: &Settings, query: Option<&str>) -> Result<Option<u32>, Problem> {

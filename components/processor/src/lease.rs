@@ -5,11 +5,10 @@
 //! `scripts::LEASE_ACQUIRE`, `LEASE_RELEASE`, `READ_BATCH`): a holder whose
 //! lease expired cannot release, renew or commit over the next holder.
 
-use spillway_core::layout::{CONSUMER, GROUP};
+use spillway_core::call::{BatchLimits, Call};
 use spillway_core::problem::Problem;
 use spillway_core::reply::{BatchRead, LeaseAcquired};
 use spillway_spin::redis::malformed;
-use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::{Redis, token};
 
@@ -27,9 +26,8 @@ pub(crate) struct Lease {
 impl Lease {
     /// Takes `shard`'s lease, unless another processor holds it (`None`).
     pub(crate) async fn acquire(s: &Settings, shard: u32) -> Result<Option<Self>, Problem> {
-        let l = &s.layout;
         let token = token();
-        let reply = Redis::for_shard(s, shard).eval(scripts::LEASE_ACQUIRE, &[l.lease(shard), l.fence(shard)], &[token.clone(), s.lease_ttl_ms.to_string()]).await?;
+        let reply = Redis::for_shard(s, shard).call(&Call::lease_acquire(&s.layout, shard, &token, s.lease_ttl_ms)).await?;
         Ok(match LeaseAcquired::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)? {
             LeaseAcquired::Won(fence) => Some(Self { shard, token, fence }),
             LeaseAcquired::Busy => None,
@@ -41,11 +39,8 @@ impl Lease {
     /// happens. A release that fails leaves the lease to expire, which resumes
     /// the shard too; it is logged.
     pub(crate) async fn release(&self, s: &Settings, retry: bool) {
-        let l = &s.layout;
         let retry_ms = if retry { s.lease_ttl_ms } else { 0 };
-        let released = Redis::for_shard(s, self.shard)
-            .eval(scripts::LEASE_RELEASE, &[l.lease(self.shard), l.watch(self.shard)], &[self.token.clone(), retry_ms.to_string()])
-            .await;
+        let released = Redis::for_shard(s, self.shard).call(&Call::lease_release(&s.layout, self.shard, &self.token, retry_ms)).await;
         if let Err(p) = released {
             eprintln!("{}", serde_json::json!({"event": "lease_release_failed", "shard": self.shard, "fence": self.fence, "error": p.detail}));
         }
@@ -55,24 +50,13 @@ impl Lease {
     /// previous holder's pending entries are resumed); [`BatchRead::Lost`] when
     /// the lease is someone else's now.
     pub(crate) async fn read_batch(&self, s: &Settings, resume: Option<&str>) -> Result<BatchRead, Problem> {
-        let l = &s.layout;
-        let shard = self.shard;
-        let reply = Redis::for_shard(s, shard)
-            .eval(
-                scripts::READ_BATCH,
-                &[l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard), l.applying(shard)],
-                &[
-                    self.token.clone(),
-                    GROUP.into(),
-                    CONSUMER.into(),
-                    s.batch_size.to_string(),
-                    s.max_attempts.to_string(),
-                    s.lease_ttl_ms.to_string(),
-                    s.status_retention_secs.saturating_mul(1000).to_string(),
-                    resume.unwrap_or_default().to_owned(),
-                ],
-            )
-            .await?;
+        let limits = BatchLimits {
+            count: s.batch_size,
+            max_attempts: s.max_attempts,
+            lease_ttl_ms: s.lease_ttl_ms,
+            retention_ms: s.status_retention_secs.saturating_mul(1000),
+        };
+        let reply = Redis::for_shard(s, self.shard).call(&Call::read_batch(&s.layout, self.shard, &self.token, limits, resume)).await?;
         BatchRead::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)
     }
 }

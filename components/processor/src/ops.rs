@@ -16,10 +16,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{Value as Json, json};
-use spillway_core::layout::{GROUP, md5_hex};
+use spillway_core::layout::md5_hex;
+use spillway_core::call::Call;
 use spillway_core::problem::Problem;
 use spillway_core::reply::ShardStats;
-use spillway_core::scripts;
 use spillway_core::settings::Settings;
 use spillway_spin::{Redis, bin, int, json, respond};
 
@@ -56,8 +56,7 @@ struct Snapshot {
 }
 
 async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
-    let l = &s.layout;
-    let r = Redis::for_shard(s, shard).eval(scripts::SHARD_STATS, &[l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], &[GROUP.to_owned()]).await?;
+    let r = Redis::for_shard(s, shard).call(&Call::shard_stats(&s.layout, shard)).await?;
     let r = ShardStats::parse(&spillway_spin::redis::values(&r)).map_err(spillway_spin::redis::malformed)?;
     let oldest_age_ms = r.oldest.as_deref().and_then(|id| id.split('-').next()?.parse::<u64>().ok()).map(|ms| r.now_ms.saturating_sub(ms));
     let holder = r.holder.as_ref().map(|t| md5_hex(t.as_bytes())[..8].to_owned());

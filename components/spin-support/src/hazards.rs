@@ -7,36 +7,41 @@ use std::collections::HashMap;
 
 use spillway_core::hazards;
 
-use crate::{Redis, bin, text};
+use crate::{Redis, bin};
 
 thread_local! {
-    static CHECKED: RefCell<HashMap<String, Vec<String>>> = RefCell::new(HashMap::new());
+    /// Per server: the warnings found, and how often its connection had failed
+    /// then (a failure since means Redis may have restarted: check again).
+    static CHECKED: RefCell<HashMap<String, (u64, Vec<String>)>> = RefCell::new(HashMap::new());
+}
+
+/// The warnings of the last check of `address`, if it still holds.
+fn current(address: &str) -> Option<Vec<String>> {
+    let resets = crate::redis::resets(address);
+    CHECKED.with_borrow(|c| c.get(address).filter(|(at, _)| *at == resets).map(|(_, w)| w.clone()))
 }
 
 /// The hazards found (empty when Redis is set up as Spillway needs), checked on the
-/// first call in this instance; turns expiry events on when they are off.
+/// first call in this instance, and again after the connection failed (Redis
+/// may have restarted); turns expiry events on when they are off.
 pub async fn check(redis: &Redis) -> Vec<String> {
-    if let Some(w) = CHECKED.with_borrow(|c| c.get(redis.address()).cloned()) {
+    if let Some(w) = current(redis.address()) {
         return w;
     }
     let warnings = inspect(redis).await;
-    CHECKED.with_borrow_mut(|c| c.insert(redis.address().to_owned(), warnings.clone()));
+    let resets = crate::redis::resets(redis.address());
+    CHECKED.with_borrow_mut(|c| c.insert(redis.address().to_owned(), (resets, warnings.clone())));
     warnings
 }
 
-/// Runs [`check`] once per instance, for a caller that only needs its effect
-/// (expiry events turned on): after the first call it costs nothing, not even a
-/// copy of the warnings (intake's hot path).
+/// Runs [`check`] when it is due, for a caller that only needs its effect
+/// (expiry events turned on): otherwise it costs nothing, not even a copy of
+/// the warnings (intake's hot path).
 pub async fn ensure(redis: &Redis) {
-    if CHECKED.with_borrow(|c| !c.contains_key(redis.address())) {
+    let resets = crate::redis::resets(redis.address());
+    if CHECKED.with_borrow(|c| c.get(redis.address()).is_none_or(|(at, _)| *at != resets)) {
         check(redis).await;
     }
-}
-
-/// Forgets the check of the server at `address` (the connection failed: Redis
-/// may have restarted).
-pub fn forget(address: &str) {
-    CHECKED.with_borrow_mut(|c| c.remove(address));
 }
 
 /// [`check_and_log`] on every server the shards are on; the warnings of all, each
@@ -80,8 +85,11 @@ async fn inspect(redis: &Redis) -> Vec<String> {
         Ok(r) => r,
         Err(p) => return vec![hazards::config_unreadable(&p.detail)],
     };
-    let values: Vec<String> = reply.iter().map(|v| text(v).unwrap_or_default()).collect();
-    let get = |name: &str| values.chunks(2).find(|p| p[0] == name).and_then(|p| p.get(1).cloned()).unwrap_or_default();
+    let values = match spillway_core::reply::config(&crate::redis::values(&reply)) {
+        Ok(v) => v,
+        Err(e) => return vec![hazards::config_unreadable(&crate::redis::malformed(e).detail)],
+    };
+    let get = |name: &str| values.get(name).cloned().unwrap_or_default();
     let mut warnings = Vec::new();
     if let Some(flags) = hazards::with_expiry_events(&get(names[0]))
         && let Err(p) = redis.execute("CONFIG", vec![bin("SET"), bin(names[0]), bin(&flags)]).await

@@ -36,6 +36,11 @@ pub fn problem(p: &Problem) -> http::Response<String> {
     respond(p.status, "application/problem+json", p.body(), &headers)
 }
 
+/// A handler's result as the answer: the response, or its problem.
+pub fn answer(result: Result<http::Response<String>, Problem>) -> http::Response<String> {
+    result.unwrap_or_else(|p| problem(&p))
+}
+
 /// 405 with `Allow`.
 pub fn method_not_allowed(allow: &str) -> http::Response<String> {
     let p = Problem::new(405, "method-not-allowed", "Method not allowed", &format!("allowed: {allow}"));

@@ -9,13 +9,21 @@ use spillway_core::problem::Problem;
 use spillway_core::settings::Settings;
 use spin_sdk::redis::{Connection, RedisParameter, RedisResult};
 
-use crate::hazards;
 
 thread_local! {
+    /// How often each server's kept connection failed and was dropped (the
+    /// next one may reach a restarted Redis, which has forgotten settings made
+    /// at run time: see [`crate::hazards`]).
+    static RESETS: RefCell<HashMap<String, u64>> = RefCell::new(HashMap::new());
     /// One connection per Redis server (by address), kept for the instance.
     static REDIS: RefCell<HashMap<String, Rc<Connection>>> = RefCell::new(HashMap::new());
     /// SHA1 of each script loaded into Redis, keyed by the script constant's address.
     static SHAS: RefCell<HashMap<usize, String>> = RefCell::new(HashMap::new());
+}
+
+/// How often the kept connection to `address` has failed in this instance.
+pub fn resets(address: &str) -> u64 {
+    RESETS.with_borrow(|r| r.get(address).copied().unwrap_or(0))
 }
 
 /// A value of a flat reply as text (status or binary).
@@ -85,10 +93,15 @@ impl Redis {
                 // The next connection may reach a restarted Redis, which has
                 // forgotten settings made at run time: check them again.
                 REDIS.with_borrow_mut(|r| r.remove(&self.address));
-                hazards::forget(&self.address);
+                RESETS.with_borrow_mut(|r| *r.entry(self.address.clone()).or_default() += 1);
                 Err(Some(redis_failed(&self.address, &e)))
             }
         }
+    }
+
+    /// Runs a typed script call ([`spillway_core::call::Call`]).
+    pub async fn call(&self, call: &spillway_core::call::Call) -> Result<Vec<RedisResult>, Problem> {
+        self.eval(call.script, &call.keys, &call.args).await
     }
 
     /// Runs one of the fixed Lua scripts with `keys` and `args`, by its SHA1

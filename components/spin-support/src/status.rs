@@ -66,8 +66,7 @@ impl Notices {
             .await
             .map_err(|e| crate::redis::redis_failed(&self.address, &e))?;
         self.conn = Some(conn);
-        // Flattened: the stream's name, then (entry id, field, value) per notice.
-        match reply.get(1..).unwrap_or_default().chunks(3).rev().find_map(|c| c.first().and_then(text)) {
+        match spillway_core::reply::newest_entry(&crate::redis::values(&reply)).map_err(crate::redis::malformed)? {
             Some(newest) => {
                 self.last = newest;
                 Ok(true)

@@ -1,0 +1,291 @@
+//! The scripts as typed calls: each call's keys and arguments built in one
+//! place, by name, from the layout (the scripts and what each key and argument
+//! means are in [`crate::scripts`]). A call is run by the components' Redis
+//! client; its reply is read by [`crate::reply`].
+
+use crate::layout::{CONSUMER, GROUP, Layout};
+use crate::scripts;
+
+/// One script call: the script, its keys (all in one shard's hash slot) and its
+/// arguments, in the script's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// The script's text.
+    pub script: &'static str,
+    /// KEYS.
+    pub keys: Vec<String>,
+    /// ARGV.
+    pub args: Vec<String>,
+}
+
+/// What [`Call::read_batch`] needs beyond the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Entries per batch.
+    pub count: usize,
+    /// Deliveries before an entry is dead-lettered.
+    pub max_attempts: u32,
+    /// The lease's TTL (renewed by the read).
+    pub lease_ttl_ms: u64,
+    /// How long outcomes are kept.
+    pub retention_ms: u64,
+}
+
+/// One entry to dead-letter: its stream id, the write, and why (empty: the
+/// error recorded) after how many deliveries (empty: the count recorded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Stream entry id.
+    pub entry: String,
+    /// The write as accepted.
+    pub payload: String,
+    /// Why.
+    pub error: String,
+    /// Deliveries made.
+    pub attempts: String,
+}
+
+impl Call {
+    /// `LEASE_ACQUIRE`: takes `shard`'s lease for `token`.
+    pub fn lease_acquire(l: &Layout, shard: u32, token: &str, ttl_ms: u64) -> Self {
+        Self { script: scripts::LEASE_ACQUIRE, keys: vec![l.lease(shard), l.fence(shard)], args: vec![token.to_owned(), ttl_ms.to_string()] }
+    }
+
+    /// `LEASE_RELEASE`: releases `token`'s lease; with `retry_ms` > 0 the
+    /// shard's watch stays that long (its expiry is the retry).
+    pub fn lease_release(l: &Layout, shard: u32, token: &str, retry_ms: u64) -> Self {
+        Self { script: scripts::LEASE_RELEASE, keys: vec![l.lease(shard), l.watch(shard)], args: vec![token.to_owned(), retry_ms.to_string()] }
+    }
+
+    /// `READ_BATCH`: renews `token`'s lease and reads the next batch (from
+    /// `resume` while resuming a previous holder's pending entries).
+    pub fn read_batch(l: &Layout, shard: u32, token: &str, limits: BatchLimits, resume: Option<&str>) -> Self {
+        Self {
+            script: scripts::READ_BATCH,
+            keys: vec![l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard), l.applying(shard)],
+            args: vec![
+                token.to_owned(),
+                GROUP.into(),
+                CONSUMER.into(),
+                limits.count.to_string(),
+                limits.max_attempts.to_string(),
+                limits.lease_ttl_ms.to_string(),
+                limits.retention_ms.to_string(),
+                resume.unwrap_or_default().to_owned(),
+            ],
+        }
+    }
+
+    /// `ACK`: acknowledges `entries` and counts the batch's new outcomes.
+    pub fn ack(l: &Layout, shard: u32, applied: u64, rejected: u64, entries: impl IntoIterator<Item = String>) -> Self {
+        let mut args = vec![GROUP.to_owned(), applied.to_string(), rejected.to_string()];
+        args.extend(entries);
+        Self { script: scripts::ACK, keys: vec![l.stream(shard), l.attempts(shard), l.done(shard), l.stats(shard)], args }
+    }
+
+    /// `DEAD_LETTER`: moves `dead` to the shard's dead letters (`None` when there
+    /// are none: no call).
+    pub fn dead_letter(l: &Layout, shard: u32, retention_ms: u64, dead: &[DeadLetter]) -> Option<Self> {
+        if dead.is_empty() {
+            return None;
+        }
+        let mut args = vec![GROUP.to_owned(), shard.to_string(), retention_ms.to_string()];
+        for d in dead {
+            args.extend([d.entry.clone(), d.payload.clone(), d.error.clone(), d.attempts.clone()]);
+        }
+        let keys = vec![l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_status_prefix(shard), l.done(shard), l.stats(shard)];
+        Some(Self { script: scripts::DEAD_LETTER, keys, args })
+    }
+
+    /// `RECORD_ERROR`: records `error` for `entries` and counts the retries.
+    pub fn record_error(l: &Layout, shard: u32, error: &str, entries: impl IntoIterator<Item = String>) -> Self {
+        let mut args = vec![error.to_owned()];
+        args.extend(entries);
+        Self { script: scripts::RECORD_ERROR, keys: vec![l.attempts(shard), l.stats(shard)], args }
+    }
+}
+
+impl Call {
+    /// `CLAIMABLE`: which of `shards` (one server's, or one shard with
+    /// `redis_cluster`) have queued writes and no lease holder.
+    pub fn claimable(l: &Layout, shards: &[u32]) -> Self {
+        Self {
+            script: scripts::CLAIMABLE,
+            keys: shards.iter().flat_map(|n| [l.stream(*n), l.lease(*n)]).collect(),
+            args: shards.iter().map(u32::to_string).collect(),
+        }
+    }
+
+    /// `SHARD_STATS`: one shard's figures.
+    pub fn shard_stats(l: &Layout, shard: u32) -> Self {
+        Self { script: scripts::SHARD_STATS, keys: vec![l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], args: vec![GROUP.to_owned()] }
+    }
+
+    /// `REPLAY`: `ids` of `shard` back from its dead letters onto its stream.
+    pub fn replay(l: &Layout, shard: u32, bell_ttl_ms: u64, retention_ms: u64, ids: impl IntoIterator<Item = String>) -> Self {
+        let mut args = vec![String::new(), bell_ttl_ms.to_string(), shard.to_string(), retention_ms.to_string()];
+        args.extend(ids);
+        Self { script: scripts::REPLAY, keys: vec![l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], args }
+    }
+
+    /// `PURGE`: drops `ids` from `shard`'s dead letters (none: all of them).
+    pub fn purge(l: &Layout, shard: u32, retention_ms: u64, ids: impl IntoIterator<Item = String>) -> Self {
+        let mut args = vec![shard.to_string(), retention_ms.to_string()];
+        args.extend(ids);
+        Self { script: scripts::PURGE, keys: vec![l.dead(shard), l.dead_status_prefix(shard), l.stats(shard)], args }
+    }
+
+    /// `FILL_BEGIN`: a reader's claim to fill `key`'s cache entry.
+    pub fn fill_begin(l: &Layout, key: &str, token: &str, ttl_ms: u64) -> Self {
+        Self { script: scripts::FILL_BEGIN, keys: vec![l.fill_lock(key)], args: vec![token.to_owned(), ttl_ms.to_string()] }
+    }
+
+    /// `FILL_ABSENT`: the filler found no record: its lock becomes the
+    /// negative entry for `ttl_ms`.
+    pub fn fill_absent(l: &Layout, key: &str, token: &str, ttl_ms: u64) -> Self {
+        Self { script: scripts::FILL_ABSENT, keys: vec![l.fill_lock(key)], args: vec![token.to_owned(), ttl_ms.to_string()] }
+    }
+
+    /// `LOCKS_ACQUIRE`: `key`'s fill lock for `token`.
+    pub fn lock(l: &Layout, key: &str, token: &str, ttl_ms: u64) -> Self {
+        Self { script: scripts::LOCKS_ACQUIRE, keys: vec![l.fill_lock(key)], args: vec![token.to_owned(), ttl_ms.to_string()] }
+    }
+
+    /// `LOCKS_RELEASE`: releases `locks` (fill-lock keys) held by `token`.
+    pub fn unlock(locks: Vec<String>, token: &str) -> Self {
+        Self { script: scripts::LOCKS_RELEASE, keys: locks, args: vec![token.to_owned()] }
+    }
+
+    /// `CACHE_COUNT`: adds an instance's cache hits and misses.
+    pub fn cache_count(l: &Layout, hits: u64, misses: u64) -> Self {
+        Self { script: scripts::CACHE_COUNT, keys: vec![l.cache_stats()], args: vec![hits.to_string(), misses.to_string()] }
+    }
+}
+
+impl Call {
+    /// `MARK_ROUND`: every shard of a careful round marked, naming no write.
+    pub fn mark_round(l: &Layout, shards: &[u32], ttl_ms: u64) -> Self {
+        Self { script: scripts::MARK_ROUND, keys: shards.iter().map(|n| l.applying(*n)).collect(), args: vec![ttl_ms.to_string()] }
+    }
+
+    /// `MARK_CALL`: the writes of the coming apply-step call enter `shard`'s
+    /// marker and the previous call's (`previous`) leave it, as the lease
+    /// holder (`token`).
+    pub fn mark_call(l: &Layout, shard: u32, token: &str, lease_ttl_ms: u64, ttl_ms: u64, previous: &[String], entries: &[String]) -> Self {
+        let mut args = vec![token.to_owned(), lease_ttl_ms.to_string(), ttl_ms.to_string(), previous.len().to_string()];
+        args.extend(previous.iter().cloned());
+        args.extend(entries.iter().cloned());
+        Self { script: scripts::MARK_CALL, keys: vec![l.lease(shard), l.applying(shard)], args }
+    }
+
+    /// `LOCKS_ACQUIRE_LEASED`: the fill locks of `keys` for `token`, each only
+    /// while its shard's lease (one of `leases`: `(shard, lease token)`) is
+    /// still ours, renewing those leases for `lease_ttl_ms`.
+    pub fn locks_leased(l: &Layout, leases: &[(u32, &str)], keys: &[&String], token: &str, lease_ttl_ms: u64) -> Self {
+        let mut k: Vec<String> = leases.iter().map(|(shard, _)| l.lease(*shard)).collect();
+        k.extend(keys.iter().map(|key| l.fill_lock(key)));
+        let mut args = vec![leases.len().to_string(), token.to_owned(), lease_ttl_ms.to_string()];
+        args.extend(leases.iter().map(|(_, t)| (*t).to_owned()));
+        for key in keys {
+            let shard = l.shard_of(key);
+            args.push(leases.iter().position(|(s, _)| *s == shard).map_or(0, |i| i + 1).to_string());
+        }
+        Self { script: scripts::LOCKS_ACQUIRE_LEASED, keys: k, args }
+    }
+}
+
+/// What one `ENQUEUE` call carries besides its writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnqueueLimits<'a> {
+    /// The request's `Idempotency-Key`, if any, and the MD5 of its body.
+    pub idempotency: Option<(&'a str, &'a str)>,
+    /// How long an idempotency record is kept.
+    pub idempotency_ttl_secs: u64,
+    /// Entries per shard stream before the call is refused.
+    pub queue_depth_limit: u64,
+    /// The doorbell flag's TTL (the lease TTL).
+    pub bell_ttl_ms: u64,
+}
+
+impl Call {
+    /// `ENQUEUE`: the writes (`(shard, payload)` in request order) of `group`'s
+    /// shards, in one call; the idempotency record in `idempotency_shard`'s
+    /// slot.
+    pub fn enqueue(l: &Layout, group: &[u32], idempotency_shard: u32, limits: EnqueueLimits<'_>, writes: &[(u32, String)]) -> Self {
+        let (key, md5) = limits.idempotency.unwrap_or(("", ""));
+        let mut keys = vec![l.idempotency(idempotency_shard, key)];
+        for shard in group {
+            keys.extend([l.stream(*shard), l.bell(*shard), l.lease(*shard), l.stats(*shard)]);
+        }
+        let mut args = vec![
+            if limits.idempotency.is_some() { "1" } else { "0" }.to_owned(),
+            md5.to_owned(),
+            limits.idempotency_ttl_secs.to_string(),
+            limits.queue_depth_limit.to_string(),
+            limits.bell_ttl_ms.to_string(),
+            group.len().to_string(),
+        ];
+        args.extend(group.iter().map(u32::to_string));
+        let mine: Vec<&(u32, String)> = writes.iter().filter(|(shard, _)| group.contains(shard)).collect();
+        args.push(mine.len().to_string());
+        for (shard, payload) in mine {
+            let slot = group.iter().position(|g| g == shard).unwrap_or(0) + 1;
+            args.push(slot.to_string());
+            args.push(payload.clone());
+        }
+        Self { script: scripts::ENQUEUE, keys, args }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout { prefix: "spillway:".into(), shards: 16 }
+    }
+
+    /// Each call names its shard's keys in the script's order, and its
+    /// arguments by position as the script reads them.
+    #[test]
+    fn calls_match_the_scripts() {
+        let l = layout();
+        let c = Call::lease_acquire(&l, 3, "tok", 5000);
+        assert_eq!((c.keys, c.args), (vec!["spillway:{s3}:lease".to_owned(), "spillway:{s3}:fence".to_owned()], vec!["tok".to_owned(), "5000".to_owned()]));
+        let limits = BatchLimits { count: 10, max_attempts: 5, lease_ttl_ms: 5000, retention_ms: 60_000 };
+        let r = Call::read_batch(&l, 3, "tok", limits, None);
+        assert_eq!(r.args, ["tok", GROUP, CONSUMER, "10", "5", "5000", "60000", ""]);
+        assert!(r.keys.iter().all(|k| k.starts_with("spillway:{s3}:")), "one hash slot");
+        assert_eq!(Call::read_batch(&l, 3, "tok", limits, Some("1-0")).args[7], "1-0");
+        assert_eq!(Call::ack(&l, 1, 2, 0, ["1-0".to_owned()]).args, [GROUP, "2", "0", "1-0"]);
+        assert_eq!(Call::dead_letter(&l, 1, 9, &[]), None);
+        let d = DeadLetter { entry: "1-0".into(), payload: "{}".into(), error: String::new(), attempts: String::new() };
+        assert_eq!(Call::dead_letter(&l, 1, 9, &[d]).unwrap().args, [GROUP, "1", "9", "1-0", "{}", "", ""]);
+        assert_eq!(Call::record_error(&l, 1, "why", ["1-0".to_owned()]).keys, ["spillway:{s1}:attempts", "spillway:{s1}:stats"]);
+        assert_eq!(Call::lease_release(&l, 2, "tok", 0).args, ["tok", "0"]);
+        let c = Call::claimable(&l, &[1, 2]);
+        assert_eq!((c.keys.len(), c.args), (4, vec!["1".to_owned(), "2".to_owned()]));
+        assert_eq!(Call::replay(&l, 4, 5000, 9, ["4-1-0".to_owned()]).args, ["", "5000", "4", "9", "4-1-0"]);
+        assert_eq!(Call::purge(&l, 4, 9, []).args, ["4", "9"]);
+        let f = Call::fill_begin(&l, "k", "tok", 100);
+        assert_eq!((f.keys, f.args), (vec![l.fill_lock("k")], vec!["tok".to_owned(), "100".to_owned()]));
+        assert_eq!(Call::unlock(vec![l.fill_lock("k")], "tok").args, ["tok"]);
+        assert_eq!(Call::cache_count(&l, 2, 1).keys, [l.cache_stats()]);
+        assert_eq!(Call::mark_round(&l, &[1, 2], 60_000).keys, [l.applying(1), l.applying(2)]);
+        let m = Call::mark_call(&l, 1, "tok", 5000, 60_000, &["1-0".into()], &["2-0".into(), "3-0".into()]);
+        assert_eq!(m.args, ["tok", "5000", "60000", "1", "1-0", "2-0", "3-0"]);
+        let (a, b) = ("a".to_owned(), "b".to_owned());
+        let (sa, sb) = (l.shard_of(&a), l.shard_of(&b));
+        let leased = Call::locks_leased(&l, &[(sa, "ta"), (sb, "tb")], &[&a, &b], "me", 5000);
+        assert_eq!(leased.keys, [l.lease(sa), l.lease(sb), l.fill_lock("a"), l.fill_lock("b")]);
+        assert_eq!(leased.args[..5], ["2", "me", "5000", "ta", "tb"]);
+        assert_eq!(leased.args[5], "1", "a's lease is the first");
+        let limits = EnqueueLimits { idempotency: Some(("k", "md5")), idempotency_ttl_secs: 60, queue_depth_limit: 10, bell_ttl_ms: 5000 };
+        let e = Call::enqueue(&l, &[3, 7], 3, limits, &[(7, "w1".into()), (9, "elsewhere".into()), (3, "w2".into())]);
+        assert_eq!(e.keys.len(), 9);
+        assert_eq!(e.keys[0], l.idempotency(3, "k"));
+        assert_eq!(e.args, ["1", "md5", "60", "10", "5000", "2", "3", "7", "2", "2", "w1", "1", "w2"]);
+        let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[(3, "w".into())]);
+        assert_eq!((plain.keys[0].clone(), &plain.args[..2]), (l.idempotency(3, ""), &["0".to_owned(), String::new()][..]));
+    }
+}
