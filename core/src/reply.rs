@@ -293,19 +293,23 @@ impl ShardStats {
     }
 }
 
-/// `REPLAY`: `(old write id, new write id)*`.
-pub fn replayed(reply: &[Value]) -> Result<Vec<(String, String)>, ReplyError> {
-    const S: &str = "REPLAY";
+/// A reply of `(text, text)*` pairs.
+fn pairs(script: &'static str, reply: &[Value]) -> Result<Vec<(String, String)>, ReplyError> {
     if !reply.len().is_multiple_of(2) {
-        return Err(bad(S, format!("{} values are not whole (old, new) pairs", reply.len())));
+        return Err(bad(script, format!("{} values are not whole pairs", reply.len())));
     }
     reply
         .chunks(2)
         .map(|p| match (p[0].text(), p[1].text()) {
-            (Some(old), Some(new)) => Ok((old, new)),
-            _ => Err(bad(S, format!("a pair {p:?}"))),
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(bad(script, format!("a pair {p:?}"))),
         })
         .collect()
+}
+
+/// `REPLAY`: `(old write id, new write id)*`.
+pub fn replayed(reply: &[Value]) -> Result<Vec<(String, String)>, ReplyError> {
+    pairs("REPLAY", reply)
 }
 
 /// `PURGE`: the purged write ids.
@@ -330,17 +334,7 @@ pub fn newest_entry(reply: &[Value]) -> Result<Option<String>, ReplyError> {
 /// `CONFIG GET name*`: the `(name, value)` pairs, as a lookup (a setting the
 /// server does not have is absent).
 pub fn config(reply: &[Value]) -> Result<std::collections::HashMap<String, String>, ReplyError> {
-    const S: &str = "CONFIG GET";
-    if !reply.len().is_multiple_of(2) {
-        return Err(bad(S, format!("{} values are not whole (name, value) pairs", reply.len())));
-    }
-    reply
-        .chunks(2)
-        .map(|p| match (p[0].text(), p[1].text()) {
-            (Some(n), Some(v)) => Ok((n, v)),
-            _ => Err(bad(S, format!("a pair {p:?}"))),
-        })
-        .collect()
+    Ok(pairs("CONFIG GET", reply)?.into_iter().collect())
 }
 
 #[cfg(test)]
