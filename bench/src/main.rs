@@ -288,14 +288,17 @@ fn bullmq(redis_url: &str, writes: usize, keys: usize) -> Result<f64, String> {
         return Err("node is not installed".into());
     }
     if !dir.join("node_modules/bullmq").exists() {
-        let ok = Command::new("npm")
+        let out = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund"])
             .current_dir(&dir)
             .stdout(Stdio::null())
-            .status()
+            .output()
             .map_err(|e| format!("npm: {e}"))?;
-        if !ok.success() {
-            return Err("npm ci failed (no registry?)".into());
+        if !out.status.success() {
+            // npm's own reason (a registry it cannot reach, a lockfile it refuses).
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr.lines().find(|l| l.contains("npm error") && l.trim_end() != "npm error").unwrap_or("no output");
+            return Err(format!("npm ci failed: {why}"));
         }
     }
     let out = Command::new("node")
