@@ -221,6 +221,8 @@ fn enqueue_call(s: &Settings, group: &[u32], writes: &[write::Accepted], shard_o
         queue_depth_limit: s.queue_depth_limit,
         bell_ttl_ms: s.lease_ttl_ms,
     };
-    let writes: Vec<(u32, String)> = writes.iter().zip(shard_of).map(|(w, shard)| (*shard, w.payload())).collect();
+    // Only this group's writes are serialized (a request over several groups
+    // must not serialize every write once per group).
+    let writes: Vec<(u32, String)> = writes.iter().zip(shard_of).filter(|(_, shard)| group.contains(shard)).map(|(w, shard)| (*shard, w.payload())).collect();
     Call::enqueue(&s.layout, group, s.idempotency_shard(group[0]), limits, &writes)
 }
