@@ -219,26 +219,27 @@ async fn a_tls_redis_with_a_password_works() {
     std::fs::create_dir_all(&state).unwrap();
     let (_, processor) = crate::processes::manifests(d);
     let ca = d.join("ca.pem");
-    let mut host = None;
     // The server may take a moment to listen: the host's trigger must connect.
-    for _ in 0..50 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            host = Some(crate::processes::spawn_with_env(&processor, &state, &address, &[], true, &[("SSL_CERT_FILE", &ca)]));
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let host = host.expect("the TLS Redis listens");
+    crate::support::eventually("the TLS Redis listens", std::time::Duration::from_secs(30), async || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+    let host = crate::processes::spawn_with_env(&processor, &state, &address, &[], true, &[("SSL_CERT_FILE", &ca)]);
     let mut conn = crate::processes::Conn::open(host.port).await;
     let (st, body) = conn.request("POST", "/v1/writes", "", r#"{"key":"t","op":"incr","field":"n","by":5}"#).await;
     assert_eq!(st, 202, "{body}");
     let id = serde_json::from_str::<Value>(&body).unwrap()["id"].as_str().unwrap().to_owned();
-    let (st, body) = conn.request("GET", &format!("/v1/writes/{id}?wait=10"), "", "").await;
-    assert_eq!((st, serde_json::from_str::<Value>(&body).unwrap()["status"].as_str()), (200, Some("applied")), "{body}");
+    crate::support::eventually("the write is applied", std::time::Duration::from_secs(60), async || {
+        let (st, body) = conn.request("GET", &format!("/v1/writes/{id}?wait=5"), "", "").await;
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["status"] == "applied"
+    })
+    .await;
     let (_, body) = conn.request("GET", "/v1/records/t", "", "").await;
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["value"]["n"], 5, "{body}");
+    // The log lines are read by a thread of their own: wait for the batch's.
+    crate::support::eventually("the components' log lines are read", std::time::Duration::from_secs(30), async || {
+        host.stderr.lock().unwrap().iter().any(|l| l.contains("\"event\":\"batch\""))
+    })
+    .await;
     let printed = format!("{}\n{}", host.stdout.lock().unwrap().join("\n"), host.stderr.lock().unwrap().join("\n"));
-    assert!(printed.contains("\"event\":\"batch\""), "the components' log lines are read:\n{printed}");
     assert!(!printed.contains(&password), "{printed}");
     let _ = server.kill();
     let _ = server.wait();
