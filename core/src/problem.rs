@@ -128,6 +128,59 @@ impl Problem {
         Self::new(status, code, title, detail)
     }
 
+    /// 503 with `Retry-After`: a call to `dependency` (named `what`, e.g.
+    /// `Redis (redis_address)`) did not answer within `ms` (`call_timeout_ms`)
+    /// and was abandoned. The type names the dependency.
+    pub fn timeout(dependency: Dependency, what: &str, ms: u64) -> Self {
+        let mut p = Self::new(
+            503,
+            dependency.timeout_code(),
+            dependency.timeout_title(),
+            &format!("{what} did not answer within {ms} ms (call_timeout_ms); retry later"),
+        );
+        p.retry_after = Some(1);
+        p
+    }
+
+    /// 503 with `Retry-After`: the request did not finish within `ms`
+    /// (`request_timeout_ms`, plus any wait it asked for) and was abandoned.
+    pub fn deadline_exceeded(ms: u64) -> Self {
+        let mut p = Self::new(
+            503,
+            "deadline-exceeded",
+            "Deadline exceeded",
+            &format!("the request did not finish within {ms} ms (request_timeout_ms and any wait asked for): a dependency is slow; retry later"),
+        );
+        p.retry_after = Some(1);
+        p
+    }
+
+    /// Whether a dependency (or the whole request) ran out of time: the call
+    /// was abandoned, and what it asked for may still happen.
+    pub fn is_timeout(&self) -> bool {
+        self.code().ends_with("-timeout") || self.code() == "deadline-exceeded"
+    }
+
+    /// 503 with `Retry-After`: writes whose enqueue ran out of time (`cause`) may
+    /// or may not have been accepted. With an `Idempotency-Key` (`keyed`), a
+    /// retry with the same key and body settles it without doubling a write.
+    pub fn outcome_unknown(cause: &Problem, keyed: bool) -> Self {
+        let advice = if keyed {
+            "retry with the same Idempotency-Key and body: the writes are accepted once (202, or the first answer replayed)"
+        } else {
+            "the request had no Idempotency-Key, so a retry may apply them twice: check the records first, and send an Idempotency-Key to make retries safe"
+        };
+        let mut p = Self::new(
+            503,
+            "outcome-unknown",
+            "Outcome unknown",
+            &format!("the writes may or may not have been accepted ({}); {advice}", cause.detail.trim_end_matches("; retry later")),
+        );
+        p.retry_after = Some(1);
+        p.cause = cause.cause.clone();
+        p
+    }
+
     /// Whether the problem is a backend refusing Spillway's credentials.
     pub fn is_credentials_refused(&self) -> bool {
         self.code() == "credentials-refused"
@@ -136,6 +189,36 @@ impl Problem {
     /// The JSON body.
     pub fn body(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// A dependency whose calls have a deadline (see [`Problem::timeout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    /// A Redis server (the queue, locks, statuses).
+    Redis,
+    /// The database (SQLite or PostgreSQL).
+    Database,
+    /// The key-value store (the cache).
+    KeyValue,
+}
+
+impl Dependency {
+    /// The code of its timeout's problem type.
+    pub fn timeout_code(self) -> &'static str {
+        match self {
+            Self::Redis => "redis-timeout",
+            Self::Database => "database-timeout",
+            Self::KeyValue => "key-value-timeout",
+        }
+    }
+
+    fn timeout_title(self) -> &'static str {
+        match self {
+            Self::Redis => "Redis timed out",
+            Self::Database => "Database timed out",
+            Self::KeyValue => "Key-value store timed out",
+        }
     }
 }
 
@@ -184,5 +267,23 @@ mod tests {
         assert_eq!(p.code(), "unavailable");
         assert!(!p.body().contains("10.0.0.9"), "{}", p.body());
         assert_eq!(Problem::not_found("x").cause_or_detail(), "x");
+    }
+
+    /// A timeout names its dependency in the type and the variable in the
+    /// detail, asks for a retry later, and an unknown outcome says how to
+    /// settle it, with or without an idempotency key.
+    #[test]
+    fn timeouts_name_the_dependency_and_unknown_outcomes_say_how_to_settle() {
+        let p = Problem::timeout(Dependency::Database, "The database (database)", 250);
+        assert_eq!((p.status, p.code(), p.retry_after), (503, "database-timeout", Some(1)));
+        assert_eq!(p.detail, "The database (database) did not answer within 250 ms (call_timeout_ms); retry later");
+        assert!(p.is_timeout() && Problem::deadline_exceeded(5).is_timeout());
+        assert!(!Problem::unavailable("x").is_timeout());
+        assert_eq!(Problem::timeout(Dependency::KeyValue, "k", 1).code(), "key-value-timeout");
+        let r = Problem::timeout(Dependency::Redis, "Redis (redis_address)", 300);
+        let keyed = Problem::outcome_unknown(&r, true);
+        assert_eq!((keyed.status, keyed.code(), keyed.retry_after), (503, "outcome-unknown", Some(1)));
+        assert!(keyed.detail.contains("Redis (redis_address) did not answer within 300 ms") && keyed.detail.contains("same Idempotency-Key"), "{}", keyed.detail);
+        assert!(Problem::outcome_unknown(&r, false).detail.contains("no Idempotency-Key"));
     }
 }

@@ -51,6 +51,16 @@ pub struct Settings {
     /// hands the rest to a fresh one (rings again); 0 = until the queue is empty.
     /// Hosted platforms end a request at 30 s.
     pub drain_budget_secs: u64,
+    /// `call_timeout_ms`: how long one call to a dependency (Redis, the
+    /// database, the key-value store) may take before it is abandoned and
+    /// answered as a timeout; 0 = no limit. Below `lease_ttl_ms` (unset: 2 s,
+    /// or half the lease if shorter), so a stalled call cannot outlast the
+    /// lease of the processor that made it.
+    pub call_timeout_ms: u64,
+    /// `request_timeout_ms`: how long a request may take (beyond any wait it
+    /// asks for) before it is answered 503; 0 = no limit. At least
+    /// `call_timeout_ms`, so that one stalled call is named as such.
+    pub request_timeout_ms: u64,
     /// Request limits.
     pub limits: Limits,
     /// Masks the credentials of the addresses above and the admin token in any
@@ -174,6 +184,15 @@ impl Settings {
         if lease_ttl_ms == 0 {
             return Err(SettingsError { name: "lease_ttl_ms", reason: "must be at least 1".into() });
         }
+        // Unset: 2 s, or half the lease when that is shorter.
+        let call_timeout_ms = num(&get, "call_timeout_ms", 2000.min(lease_ttl_ms / 2))?;
+        if call_timeout_ms >= lease_ttl_ms {
+            return Err(SettingsError { name: "call_timeout_ms", reason: format!("must be below lease_ttl_ms ({lease_ttl_ms})") });
+        }
+        let request_timeout_ms = num(&get, "request_timeout_ms", 5000)?;
+        if request_timeout_ms != 0 && request_timeout_ms < call_timeout_ms {
+            return Err(SettingsError { name: "request_timeout_ms", reason: format!("must be 0 or at least call_timeout_ms ({call_timeout_ms})") });
+        }
         let stats_public = match get("stats_public").as_deref().map(str::trim) {
             None | Some("" | "false") => false,
             Some("true") => true,
@@ -226,6 +245,8 @@ impl Settings {
             change_feed_secs,
             stats_public,
             admin_token,
+            call_timeout_ms,
+            request_timeout_ms,
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,
                 max_batch: num(&get, "max_batch", d.max_batch)?,
@@ -272,6 +293,21 @@ mod tests {
         assert_eq!(e.name, "wake_url");
         let pg = Settings::load(|n| (n == "database").then(|| "postgres://app@db:5432/app".to_owned())).unwrap();
         assert_eq!(pg.database, "postgres://app@db:5432/app");
+    }
+
+    /// A call may not outlast a lease, nor a request its calls; 0 turns both
+    /// off, but a request deadline needs call deadlines to name the slow one.
+    #[test]
+    fn deadlines_fit_the_lease() {
+        let load = |vars: &[(&str, &str)]| Settings::load(|n| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| (*v).to_owned()));
+        let s = load(&[]).unwrap();
+        assert_eq!((s.call_timeout_ms, s.request_timeout_ms, s.lease_ttl_ms), (2000, 5000, 5000));
+        assert_eq!(load(&[("lease_ttl_ms", "1000")]).unwrap().call_timeout_ms, 500, "unset: half a short lease");
+        assert_eq!(load(&[("lease_ttl_ms", "1000"), ("call_timeout_ms", "1000")]).unwrap_err().name, "call_timeout_ms");
+        assert_eq!(load(&[("call_timeout_ms", "900"), ("lease_ttl_ms", "1000"), ("request_timeout_ms", "900")]).unwrap().call_timeout_ms, 900);
+        assert_eq!(load(&[("call_timeout_ms", "6000"), ("lease_ttl_ms", "9000")]).unwrap_err().name, "request_timeout_ms");
+        let off = load(&[("call_timeout_ms", "0"), ("request_timeout_ms", "0")]).unwrap();
+        assert_eq!((off.call_timeout_ms, off.request_timeout_ms), (0, 0));
     }
 
     /// Servers are named by the variable that sets them, and every configured

@@ -13,15 +13,34 @@ use spillway_spin::{Redis, token};
 use crate::entry::{Entry, from_db};
 
 /// The record through the cache: a hit, or a miss filled from the database.
+/// A cache store that fails or runs out of time is gone around: the record
+/// comes from the database and the cache is left alone.
 pub(crate) async fn cached_or_filled(s: &Settings, key: &str) -> Result<Option<Entry>, Problem> {
-    let store = CacheStore::kept().await?;
     let cache_key = s.layout.cache_key(key);
-    if let Some(entry) = store.get(&cache_key).await?.and_then(Entry::parse) {
-        count_read(s, true).await;
-        return Ok(Some(entry));
-    }
+    let looked = async {
+        let store = CacheStore::kept().await?;
+        let found = store.get(&cache_key).await?;
+        Ok::<_, Problem>((store, found))
+    };
+    let store = match looked.await {
+        Ok((store, found)) => {
+            if let Some(entry) = found.and_then(Entry::parse) {
+                count_read(s, true).await;
+                return Ok(Some(entry));
+            }
+            store
+        }
+        Err(p) => return around_cache(key, &p).await,
+    };
     count_read(s, false).await;
     Ok(fill(s, &store, &cache_key, key).await?.as_ref().map(Entry::from_doc))
+}
+
+/// The record from the database, the cache store having failed (`why`).
+/// Read-your-writes holds: the database has every applied write.
+pub(crate) async fn around_cache(key: &str, why: &Problem) -> Result<Option<Entry>, Problem> {
+    eprintln!("{}", serde_json::json!({"event": "cache_bypassed", "error": why.detail}));
+    Ok(from_db(key).await?.as_ref().map(Entry::from_doc))
 }
 
 thread_local! {
@@ -87,16 +106,23 @@ async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> R
                     redis.call(&Call::fill_absent(l, key, &me, ABSENT_TTL_MS)).await?;
                     return Ok(None);
                 };
+                // A fill the store refuses or does not take in time leaves the
+                // cache as it was; the reader has its record all the same.
                 let written = store.set(cache_key, e.to_text().as_bytes()).await;
-                redis.call(&Call::unlock(vec![lock], &me)).await?;
-                written?;
+                spillway_spin::log_ignored("filling the cache", written);
+                spillway_spin::log_ignored("releasing a fill lock", redis.call(&Call::unlock(vec![lock], &me)).await);
                 return Ok(Some(e));
             }
             FillBegin::Busy => {}
         }
         spillway_spin::wait_ms(2).await;
-        if let Some(e) = store.get(cache_key).await?.and_then(|b| serde_json::from_slice(&b).ok()) {
-            return Ok(Some(e));
+        match store.get(cache_key).await {
+            Ok(found) => {
+                if let Some(e) = found.and_then(|b| serde_json::from_slice(&b).ok()) {
+                    return Ok(Some(e));
+                }
+            }
+            Err(_) => break,
         }
     }
     from_db(key).await

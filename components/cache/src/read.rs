@@ -34,7 +34,7 @@ enum Consistency {
 }
 
 /// How long `?min_version` waits by default for its version, in milliseconds.
-const MIN_VERSION_WAIT_MS: u64 = 5_000;
+pub(crate) const MIN_VERSION_WAIT_MS: u64 = 5_000;
 
 /// `consistent`, `min_version` and `wait` (which only `min_version` uses), checked.
 fn consistency(query: Option<&str>) -> Result<Consistency, Problem> {
@@ -94,8 +94,11 @@ pub(crate) async fn record(s: &Settings, raw_key: &str, query: Option<&str>, hea
 /// database is behind too, the write is still being applied: wait for the shard's
 /// notices and look again, until the deadline (then 412).
 async fn at_least(s: &Settings, key: &str, min: i64, deadline: u64, consistent: bool) -> Result<Option<Entry>, Problem> {
+    // A cache store that fails is gone around: the database answers.
+    let cached = async { CacheStore::kept().await?.get(&s.layout.cache_key(key)).await };
     if !consistent
-        && let Some(entry) = CacheStore::kept().await?.get(&s.layout.cache_key(key)).await?.and_then(Entry::parse).filter(|e| e.version() >= min)
+        && let Ok(found) = cached.await
+        && let Some(entry) = found.and_then(Entry::parse).filter(|e| e.version() >= min)
     {
         return Ok(Some(entry));
     }

@@ -1,6 +1,7 @@
 //! Routing: which handler answers which path and method.
 
 use spillway_core::problem::Problem;
+use spillway_core::query::Query;
 use spillway_spin::{answer, authorize, problem};
 use spin_sdk::http::BoxBody;
 
@@ -55,7 +56,9 @@ async fn handle_full(req: spin_sdk::http::Request) -> http::Response<String> {
         Err(p) => return problem(&p),
     };
     let query = req.uri().query().map(str::to_owned);
-    let result = match route {
+    let waits = asked_wait_ms(&route, query.as_deref());
+    let result = spillway_spin::deadline::request(&settings, waits, async {
+        match route {
         Route::Record => read::record(&settings, &path["/v1/records/".len()..], query.as_deref(), req.headers()).await,
         Route::Records => records::get_many(&settings, req, query.as_deref()).await,
         Route::Write => status::write_status(&settings, &path["/v1/writes/".len()..], query.as_deref()).await,
@@ -63,8 +66,23 @@ async fn handle_full(req: spin_sdk::http::Request) -> http::Response<String> {
             Ok(()) => admin::cache_admin(&settings, &path["/v1/cache/".len()..], method == http::Method::DELETE).await,
             Err(p) => Err(p),
         },
-    };
+        }
+    })
+    .await;
     answer(result)
+}
+
+/// How long a request asks to wait (beyond its deadline): `wait` on a write's
+/// status, or on a read at `min_version` (which waits 5 s unless told). A
+/// value that does not parse is refused by the handler; it adds nothing here.
+fn asked_wait_ms(route: &Route, query: Option<&str>) -> u64 {
+    let Ok(q) = Query::parse(query, &["consistent", "min_version", "wait"]) else { return 0 };
+    let wait = q.get("wait").and_then(spillway_spin::status::wait_secs);
+    match route {
+        Route::Write => wait.unwrap_or(0),
+        Route::Record if q.get("min_version").is_some() => wait.unwrap_or(read::MIN_VERSION_WAIT_MS),
+        _ => 0,
+    }
 }
 
 enum Route {
@@ -73,4 +91,3 @@ enum Route {
     Write,
     Cache,
 }
-

@@ -48,7 +48,12 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
     let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
-    let accepted = enqueue(&settings, &batch.writes, idem.as_deref(), &body).await?;
+    // Within the request's deadline. A timeout here is an unknown outcome: the
+    // enqueue may be in Redis already, or arrive when Redis resumes.
+    let accepted = match spillway_spin::deadline::request(&settings, 0, enqueue(&settings, &batch.writes, idem.as_deref(), &body)).await {
+        Err(p) if p.is_timeout() => return Err(Problem::outcome_unknown(&p, idem.is_some())),
+        r => r?,
+    };
     match deadline {
         Some(deadline) => outcome(&settings, accepted, !batch.batch, deadline, wait.unwrap_or(0)).await,
         None => Ok(accepted.response(!batch.batch)),

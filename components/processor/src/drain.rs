@@ -538,6 +538,8 @@ impl<'a> Refresh<'a> {
     /// busy (to try again), noting the shards whose lease was lost.
     async fn write_locked(&mut self, calls: &[LockCall<'a>]) -> Result<Vec<&'a String>, Problem> {
         let l = &self.s.layout;
+        // The locks live a lease TTL from when they are taken, after this.
+        let started = spillway_spin::monotonic_ms();
         let replies = futures::future::join_all(calls.iter().map(|(address, _, call)| async move { Redis::new(address).call(call).await })).await;
         let mut held: Vec<(&str, Vec<String>)> = Vec::new();
         let (mut sets, mut deletes, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
@@ -567,7 +569,16 @@ impl<'a> Refresh<'a> {
                 held.push((address, taken));
             }
         }
-        let written = self.kv.set_many(sets).and_then(|()| self.kv.delete_many(deletes));
+        let written_keys: Vec<String> = sets.iter().map(|(k, _)| k.clone()).chain(deletes.iter().cloned()).collect();
+        let mut written = self.kv.set_many(sets).and_then(|()| self.kv.delete_many(deletes));
+        // The batch calls are synchronous in Spin (no deadline can cut them
+        // short). One that returns after the locks may have expired may have
+        // landed after a newer refresh or fill: its keys are invalidated (a
+        // deletion never makes the cache older) and the round is retried.
+        if written.is_ok() && spillway_spin::monotonic_ms().saturating_sub(started) >= self.s.lease_ttl_ms {
+            spillway_spin::log_ignored("invalidating a late refresh", self.kv.delete_many(written_keys));
+            written = Err(Problem::unavailable("the cache refresh outlived its locks (the key-value store was slow); its keys were invalidated and the batch will be retried"));
+        }
         let me = &self.me;
         let released = futures::future::join_all(
             held.into_iter().map(|(address, locks)| async move { Redis::new(address).call(&Call::unlock(locks, me)).await }),

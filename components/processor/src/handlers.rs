@@ -75,17 +75,23 @@ pub(crate) async fn handle(req: Request) -> http::Response<String> {
     if !public && let Err(p) = authorize(req.headers(), settings.admin_token.as_deref()) {
         return problem(&p);
     }
-    let result = match path.as_str() {
-        "/v1/drain" => drain_endpoint(&settings, req.uri().query()).await,
-        "/v1/dead" => dead::list(&settings).await,
-        "/v1/stats" => ops::stats(&settings).await,
-        "/metrics" => ops::metrics(&settings).await,
-        "/v1/dead/purge" => match spillway_spin::read_body(req, settings.limits.max_body_bytes).await {
-            Ok(body) => dead::purge(&settings, &body).await,
-            Err(p) => Err(p),
-        },
-        _ => dead::replay(&settings, req).await,
-    };
+    if path == "/v1/drain" {
+        // As long as the queue asks (each call within its own deadline).
+        return answer(drain_endpoint(&settings, req.uri().query()).await);
+    }
+    let result = spillway_spin::deadline::request(&settings, 0, async {
+        match path.as_str() {
+            "/v1/dead" => dead::list(&settings).await,
+            "/v1/stats" => ops::stats(&settings).await,
+            "/metrics" => ops::metrics(&settings).await,
+            "/v1/dead/purge" => match spillway_spin::read_body(req, settings.limits.max_body_bytes).await {
+                Ok(body) => dead::purge(&settings, &body).await,
+                Err(p) => Err(p),
+            },
+            _ => dead::replay(&settings, req).await,
+        }
+    })
+    .await;
     answer(result)
 }
 

@@ -10,7 +10,7 @@
 //! rows, not at the call. [`Db::query`] checks both places, so callers see one
 //! `Result`.
 
-use spillway_core::problem::Problem;
+use spillway_core::problem::{Dependency, Problem};
 use spillway_core::sql::{Dialect, Step, dialect_for};
 use spin_sdk::{pg, sqlite};
 
@@ -25,6 +25,11 @@ enum Conn {
 pub struct Db {
     conn: Conn,
     sql: &'static Dialect,
+    /// A statement ran out of time and was abandoned: what the connection is
+    /// doing is unknown (in a transaction, the statement may still run), so it
+    /// runs nothing more; a new connection starts clean, and dropping this one
+    /// rolls its transaction back.
+    abandoned: std::cell::Cell<bool>,
 }
 
 /// A database failure, classified once, where Spin reports it: the kinds the
@@ -89,12 +94,15 @@ impl Db {
     pub async fn open() -> Result<Self, Problem> {
         let settings = crate::settings().await?;
         let sql = dialect_for(&settings.database).ok_or_else(|| Problem::unavailable("database: unknown engine"))?;
-        let conn = if sql.name == "postgres" {
-            Conn::Postgres(pg::Connection::open(settings.database.as_str()).await.map_err(pg_err)?)
-        } else {
-            Conn::Sqlite(sqlite::Connection::open_default().await.map_err(sqlite_err)?)
+        let open = async {
+            Ok(if sql.name == "postgres" {
+                Conn::Postgres(pg::Connection::open(settings.database.as_str()).await.map_err(pg_err)?)
+            } else {
+                Conn::Sqlite(sqlite::Connection::open_default().await.map_err(sqlite_err)?)
+            })
         };
-        let db = Self { conn, sql };
+        let conn = crate::deadline::call(Dependency::Database, WHAT, || (), open).await?;
+        let db = Self { conn, sql, abandoned: std::cell::Cell::new(false) };
         for stmt in sql.on_open {
             db.query(stmt, Vec::new()).await?;
         }
@@ -152,8 +160,24 @@ impl Db {
         Ok(())
     }
 
-    /// Runs one statement and returns its rows' values.
+    /// Runs one statement and returns its rows' values, within
+    /// `call_timeout_ms`. A statement that runs out of time is abandoned, and
+    /// so is the connection: it may still complete the statement (or, in a
+    /// transaction, roll it back when dropped), and runs nothing more.
     pub async fn query(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Vec<Vec<SqlValue>>, DbError> {
+        if self.abandoned.get() {
+            return Err(DbError { kind: DbErrorKind::Other, problem: Problem::timeout(Dependency::Database, WHAT, crate::deadline::call_timeout_ms()) });
+        }
+        match crate::deadline::guarded(Dependency::Database, WHAT, self.query_now(stmt, params)).await {
+            Ok(r) => r,
+            Err(problem) => {
+                self.abandoned.set(true);
+                Err(DbError { kind: DbErrorKind::Other, problem })
+            }
+        }
+    }
+
+    async fn query_now(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Vec<Vec<SqlValue>>, DbError> {
         match &self.conn {
             Conn::Sqlite(c) => {
                 let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();

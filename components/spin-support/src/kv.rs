@@ -8,10 +8,12 @@
 //! `delete-many` are one transaction each. (`atomics` is left out: Fermyon Wasm
 //! Functions does not provide it.)
 //!
-//! Single reads and writes of the cache go through [`CacheStore`]
-//! (`spin:key-value`, asynchronous), opened once per instance.
+//! Those batch calls are synchronous (WASIp2): no deadline can cut one short,
+//! so only the processor's refresh uses them (it checks afterwards whether it
+//! outlived its locks). Readers go through [`CacheStore`] (`spin:key-value`,
+//! asynchronous, each call within `call_timeout_ms`), opened once per instance.
 
-use spillway_core::problem::Problem;
+use spillway_core::problem::{Dependency, Problem};
 
 mod bindings {
     wit_bindgen::generate!({
@@ -48,22 +50,6 @@ impl Kv {
         store::open("default").map(Self).map_err(kv_err)
     }
 
-    /// Gets many values in one call, in the order of `keys` (`None`: absent).
-    /// Spin's Redis-backed store fails `get-many` (it lists keys with `KEYS`); the
-    /// values are then read one by one.
-    pub fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, Problem> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        match batch::get_many(&self.0, keys) {
-            Ok(pairs) => {
-                let mut found: std::collections::HashMap<String, Option<Vec<u8>>> = pairs.into_iter().collect();
-                Ok(keys.iter().map(|k| found.remove(k).flatten()).collect())
-            }
-            Err(_) => keys.iter().map(|k| self.0.get(k).map_err(kv_err)).collect(),
-        }
-    }
-
     /// Sets many values in one call (one transaction on Spin's SQLite store).
     pub fn set_many(&self, pairs: Vec<(String, Vec<u8>)>) -> Result<(), Problem> {
         if pairs.is_empty() {
@@ -90,9 +76,22 @@ thread_local! {
     static KEPT: std::cell::RefCell<Option<std::rc::Rc<CacheStore>>> = const { std::cell::RefCell::new(None) };
 }
 
+/// How answers name the store.
+const WHAT: &str = "The key-value store (default)";
+
 fn cache_err(e: spin_sdk::key_value::Error) -> Problem {
+    forget();
+    crate::backend_failed(WHAT, &format!("{e:?}"))
+}
+
+/// Drops the kept store after a failure or a timeout (the next use opens it again).
+fn forget() {
     KEPT.with_borrow_mut(|c| *c = None);
-    crate::backend_failed("The key-value store (default)", &format!("{e:?}"))
+}
+
+/// One call to the store, within `call_timeout_ms`.
+async fn timed<T>(fut: impl std::future::Future<Output = Result<T, Problem>>) -> Result<T, Problem> {
+    crate::deadline::call(Dependency::KeyValue, WHAT, forget, fut).await
 }
 
 impl CacheStore {
@@ -101,23 +100,31 @@ impl CacheStore {
         if let Some(s) = KEPT.with_borrow(Clone::clone) {
             return Ok(s);
         }
-        let s = std::rc::Rc::new(Self(spin_sdk::key_value::Store::open_default().await.map_err(cache_err)?));
+        let s = std::rc::Rc::new(Self(timed(async { spin_sdk::key_value::Store::open_default().await.map_err(cache_err) }).await?));
         KEPT.with_borrow_mut(|c| *c = Some(s.clone()));
         Ok(s)
     }
 
     /// The value at `key`, if any.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Problem> {
-        self.0.get(key).await.map_err(cache_err)
+        timed(async { self.0.get(key).await.map_err(cache_err) }).await
+    }
+
+    /// The values at `keys`, in their order (`None`: absent), read
+    /// concurrently within one call's time: the batch interface
+    /// (`wasi:keyvalue/batch`) is synchronous, and a synchronous host call
+    /// cannot be abandoned when the store stalls.
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, Problem> {
+        timed(async { futures::future::try_join_all(keys.iter().map(|k| async move { self.0.get(k).await.map_err(cache_err) })).await }).await
     }
 
     /// Sets `key`.
     pub async fn set(&self, key: &str, value: &[u8]) -> Result<(), Problem> {
-        self.0.set(key, value).await.map_err(cache_err)
+        timed(async { self.0.set(key, value).await.map_err(cache_err) }).await
     }
 
     /// Deletes `key`.
     pub async fn delete(&self, key: &str) -> Result<(), Problem> {
-        self.0.delete(key).await.map_err(cache_err)
+        timed(async { self.0.delete(key).await.map_err(cache_err) }).await
     }
 }

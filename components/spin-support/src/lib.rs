@@ -12,6 +12,7 @@
 //! - [`ring`]: waking a processor (doorbell channel or HTTP).
 //! - [`clock`]: clocks, waiting, random tokens.
 //! - [`db`]: the database (SQLite or PostgreSQL), errors checked where Spin reports them.
+//! - [`deadline`]: a deadline on every call to a dependency, and on each request.
 //! - [`kv`]: the key-value store through `wasi:keyvalue` batch calls.
 //! - [`hazards`]: Redis settings Spillway depends on, checked and reported.
 //! - [`pipeline`]: the apply step, an imported interface.
@@ -20,6 +21,7 @@
 pub mod backend;
 pub mod clock;
 pub mod db;
+pub mod deadline;
 pub mod hazards;
 pub mod http;
 pub mod kv;

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use spillway_core::problem::Problem;
+use spillway_core::problem::{Dependency, Problem};
 use spillway_core::settings::Settings;
 use spin_sdk::redis::{Connection, RedisParameter, RedisResult};
 
@@ -82,21 +82,38 @@ impl Redis {
 
     /// Like [`Redis::execute`], except that a `NOSCRIPT` refusal (Redis has
     /// forgotten a script) is `Err(None)` and keeps the connection: it is an answer,
-    /// not a failure of the connection.
+    /// not a failure of the connection. Within `call_timeout_ms` (the connection's
+    /// opening included): a call that runs out of time drops the kept connection,
+    /// which may yet carry its reply.
     async fn execute_or_noscript(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Option<Problem>> {
+        match crate::deadline::guarded(Dependency::Redis, &redis_what(&self.address), self.execute_now(command, args)).await {
+            Ok(r) => r,
+            Err(p) => {
+                self.reset();
+                Err(Some(p))
+            }
+        }
+    }
+
+    async fn execute_now(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Option<Problem>> {
         let conn = self.conn().await?;
         match conn.execute(command, args).await {
             Ok(r) => Ok(r),
             // redis-rs words it `NoScript` (1.x) or `NoScriptError` (0.32, Spin's).
             Err(spin_sdk::redis::Error::Other(m)) if m.to_ascii_lowercase().contains("noscript") => Err(None),
             Err(e) => {
-                // The next connection may reach a restarted Redis, which has
-                // forgotten settings made at run time: check them again.
-                REDIS.with_borrow_mut(|r| r.remove(&self.address));
-                RESETS.with_borrow_mut(|r| *r.entry(self.address.clone()).or_default() += 1);
+                self.reset();
                 Err(Some(redis_failed(&self.address, &e)))
             }
         }
+    }
+
+    /// Drops the kept connection after a failure. The next connection may reach
+    /// a restarted Redis, which has forgotten settings made at run time: they
+    /// are checked again (see [`crate::hazards`]).
+    fn reset(&self) {
+        REDIS.with_borrow_mut(|r| r.remove(&self.address));
+        RESETS.with_borrow_mut(|r| *r.entry(self.address.clone()).or_default() += 1);
     }
 
     /// Runs a typed script call ([`spillway_core::call::Call`]).
@@ -167,10 +184,14 @@ pub fn bin(s: &str) -> RedisParameter {
 /// A failure of the Redis server at `address` as an answer (see
 /// [`backend_failed`]), naming the server by its variable.
 pub(crate) fn redis_failed(address: &str, e: &spin_sdk::redis::Error) -> Problem {
+    crate::backend::backend_failed(&redis_what(address), &format!("{e:?}"))
+}
+
+/// How answers name the Redis server at `address`: `Redis (<its variable>)`.
+pub(crate) fn redis_what(address: &str) -> String {
     let name = crate::settings::with_loaded(|s| match s {
         Some(s) => s.redis_name(address),
         None => spillway_core::redact::server_of(address).unwrap_or_else(|| "a Redis server".to_owned()),
     });
-    crate::backend::backend_failed(&format!("Redis ({name})"), &format!("{e:?}"))
+    format!("Redis ({name})")
 }
-

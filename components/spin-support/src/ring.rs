@@ -32,10 +32,12 @@ pub async fn ring(s: &Settings, shards: &[u32]) {
 /// (see `scripts::ENQUEUE`); a cron on the same endpoint is the safety net.
 pub async fn wake(s: &Settings, shard: u32) {
     let Some(url) = &s.wake_url else { return };
-    match spin_sdk::http::post(format!("{url}?shard={shard}"), "").await {
-        Ok(r) if r.status().is_success() => {}
-        Ok(r) => eprintln!("{}", crate::backend::redact(&format!("wake {url}: status {}", r.status()))),
-        Err(e) => eprintln!("{}", crate::backend::redact(&format!("wake {url}: {e}"))),
+    let ms = crate::deadline::call_timeout_ms();
+    match crate::deadline::within(ms, spin_sdk::http::post(format!("{url}?shard={shard}"), "")).await {
+        Some(Ok(r)) if r.status().is_success() => {}
+        Some(Ok(r)) => eprintln!("{}", crate::backend::redact(&format!("wake {url}: status {}", r.status()))),
+        Some(Err(e)) => eprintln!("{}", crate::backend::redact(&format!("wake {url}: {e}"))),
+        None => eprintln!("{}", crate::backend::redact(&format!("wake {url}: no answer within {ms} ms (call_timeout_ms)"))),
     }
 }
 

@@ -10,7 +10,7 @@
 
 use serde_json::{Value as Json, json};
 use spillway_core::layout::WriteId;
-use spillway_core::problem::Problem;
+use spillway_core::problem::{Dependency, Problem};
 use spillway_core::settings::Settings;
 use spin_sdk::redis::Connection;
 
@@ -56,15 +56,23 @@ impl Notices {
         if now >= deadline_ms {
             return Ok(false);
         }
-        let conn = match self.conn.take() {
-            Some(c) => c,
-            None => Connection::open(&self.address).await.map_err(|e| crate::redis::redis_failed(&self.address, &e))?,
+        let block = (deadline_ms - now).max(1);
+        let read = async {
+            let conn = match self.conn.take() {
+                Some(c) => c,
+                None => Connection::open(&self.address).await.map_err(|e| crate::redis::redis_failed(&self.address, &e))?,
+            };
+            let args = vec![bin("BLOCK"), bin(&block.to_string()), bin("STREAMS"), bin(&self.stream), bin(&self.last)];
+            let reply = conn.execute("XREAD", args).await.map_err(|e| crate::redis::redis_failed(&self.address, &e))?;
+            Ok::<_, Problem>((conn, reply))
         };
-        let block = (deadline_ms - now).max(1).to_string();
-        let reply = conn
-            .execute("XREAD", vec![bin("BLOCK"), bin(&block), bin("STREAMS"), bin(&self.stream), bin(&self.last)])
-            .await
-            .map_err(|e| crate::redis::redis_failed(&self.address, &e))?;
+        // The block itself, and then a call's time for the answer (a timeout
+        // drops the connection: the reply may still come on it).
+        let ms = crate::deadline::call_timeout_ms();
+        let (conn, reply) = match crate::deadline::within(if ms == 0 { 0 } else { block + ms }, read).await {
+            Some(r) => r?,
+            None => return Err(Problem::timeout(Dependency::Redis, &crate::redis::redis_what(&self.address), ms)),
+        };
         self.conn = Some(conn);
         match spillway_core::reply::newest_entry(&crate::redis::values(&reply)).map_err(crate::redis::malformed)? {
             Some(newest) => {

@@ -10,10 +10,14 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// The shared server.
+/// A running server: the shared one, or a [`PgServer`] of its own.
 struct Cluster {
     port: u16,
     bin: PathBuf,
+    /// The postmaster's process id.
+    pid: u32,
+    /// Its directory (data, socket, log).
+    dir: PathBuf,
 }
 
 /// A database of its own on the shared server.
@@ -70,7 +74,8 @@ fn is_root() -> bool {
 fn remove_stale(tmp: &Path) {
     for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name.strip_prefix("spillway-pg-")
+        // `spillway-pg-<pid>` (the shared server) or `spillway-pg-<pid>-<n>`.
+        if let Some(pid) = name.strip_prefix("spillway-pg-").and_then(|rest| rest.split('-').next())
             && !Path::new("/proc").join(pid).exists()
         {
             let _ = std::fs::remove_dir_all(e.path());
@@ -83,71 +88,76 @@ fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let tmp = std::env::temp_dir();
         remove_stale(&tmp);
-        let dir = tmp.join(format!("spillway-pg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("pg dir");
-        // `setpriv` arguments that run a command as the `postgres` user.
-        let as_pg: Vec<String> = if is_root() {
-            std::os::unix::fs::chown(&dir, Some(id("-u")), Some(id("-g"))).expect("chown pg dir");
-            ["--reuid", "postgres", "--regid", "postgres", "--clear-groups"].map(String::from).to_vec()
-        } else {
-            Vec::new()
-        };
-        let bin = bin_dir();
-        let data = dir.join("data");
-        let status = Command::new("setpriv")
-            .args(&as_pg)
-            .arg(bin.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
-            .stdout(Stdio::null())
-            .status()
-            .expect("initdb runs");
-        assert!(status.success(), "initdb failed");
-        // The tests' own superuser (`postgres`) is trusted; every other role
-        // must give its password over TCP (SCRAM), as on a production server.
-        let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n";
-        std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
-        let port = free_port();
-        // Spawned from a thread that never ends: the parent-death signal follows
-        // the spawning thread, and a test's thread ends with the test.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (server_bin, server_dir, server_as_pg) = (bin.join("postgres"), dir.clone(), as_pg);
-        let log = dir.join("server.log");
-        let server_log = std::fs::File::create(&log).expect("server log");
-        std::thread::spawn(move || {
-            let child = Command::new("setpriv")
-                .arg("--pdeathsig")
-                .arg("KILL")
-                .args(&server_as_pg)
-                .arg(server_bin)
-                .arg("-D")
-                .arg(server_dir.join("data"))
-                .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
-                .arg(&server_dir)
-                // Tests measure nothing: no sync to disk. Enough connections for
-                // every test's pool.
-                .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
-                .args(["-c", "max_connections=400", "-c", "shared_buffers=64MB"])
-                .stdout(Stdio::null())
-                .stderr(server_log)
-                .spawn();
-            let _ = tx.send(child.map(|c| c.id()));
-            loop {
-                std::thread::park();
-            }
-        });
-        rx.recv().expect("spawner").expect("postgres starts");
-        let c = Cluster { port, bin };
-        for _ in 0..1000 {
-            if c.psql("postgres", "SELECT 1").is_ok() {
-                return c;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("postgres did not start on port {port}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        start_cluster(tmp.join(format!("spillway-pg-{}", std::process::id())))
     })
+}
+
+/// Starts a server with its data in `dir` (made afresh) and waits until it
+/// answers.
+fn start_cluster(dir: PathBuf) -> Cluster {
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("pg dir");
+    // `setpriv` arguments that run a command as the `postgres` user.
+    let as_pg: Vec<String> = if is_root() {
+        std::os::unix::fs::chown(&dir, Some(id("-u")), Some(id("-g"))).expect("chown pg dir");
+        ["--reuid", "postgres", "--regid", "postgres", "--clear-groups"].map(String::from).to_vec()
+    } else {
+        Vec::new()
+    };
+    let bin = bin_dir();
+    let data = dir.join("data");
+    let status = Command::new("setpriv")
+        .args(&as_pg)
+        .arg(bin.join("initdb"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("initdb runs");
+    assert!(status.success(), "initdb failed");
+    // The tests' own superuser (`postgres`) is trusted; every other role
+    // must give its password over TCP (SCRAM), as on a production server.
+    let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n";
+    std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+    let port = free_port();
+    // Spawned from a thread that never ends: the parent-death signal follows
+    // the spawning thread, and a test's thread ends with the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (server_bin, server_dir, server_as_pg) = (bin.join("postgres"), dir.clone(), as_pg);
+    let log = dir.join("server.log");
+    let server_log = std::fs::File::create(&log).expect("server log");
+    std::thread::spawn(move || {
+        let child = Command::new("setpriv")
+            .arg("--pdeathsig")
+            .arg("KILL")
+            .args(&server_as_pg)
+            .arg(server_bin)
+            .arg("-D")
+            .arg(server_dir.join("data"))
+            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(&server_dir)
+            // Tests measure nothing: no sync to disk. Enough connections for
+            // every test's pool.
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=400", "-c", "shared_buffers=64MB"])
+            .stdout(Stdio::null())
+            .stderr(server_log)
+            .spawn();
+        let _ = tx.send(child.map(|c| c.id()));
+        loop {
+            std::thread::park();
+        }
+    });
+    let pid = rx.recv().expect("spawner").expect("postgres starts");
+    let c = Cluster { port, bin, pid, dir };
+    for _ in 0..1000 {
+        if c.psql("postgres", "SELECT 1").is_ok() {
+            return c;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("postgres did not start on port {port}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
 
 impl Cluster {
@@ -166,12 +176,73 @@ impl Cluster {
     }
 }
 
+/// A server of its own (not the shared one), for a test that pauses it:
+/// pausing the shared server would stall every other test's database.
+pub struct PgServer {
+    cluster: Cluster,
+}
+
+impl PgServer {
+    /// Starts one (a second or two: `initdb`).
+    pub fn start() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let tmp = std::env::temp_dir();
+        let dir = tmp.join(format!("spillway-pg-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        Self { cluster: start_cluster(dir) }
+    }
+
+    /// A database of its own on this server, as [`PgDb::create_secured`].
+    pub fn create_secured(&self) -> PgDb {
+        PgDb::secured_on(&self.cluster)
+    }
+
+    /// Pauses the whole server (SIGSTOP to the postmaster and every backend):
+    /// connections stay open and nothing answers, as on a stalled machine.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes it (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    /// Sends `sig` to the postmaster and its children (backends, workers).
+    fn signal(&self, sig: &str) {
+        let pid = self.cluster.pid.to_string();
+        let mut pids = vec![pid.clone()];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: the fields after the last ')'.
+            let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1));
+            if ppid == Some(pid.as_str()) {
+                pids.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let status = Command::new("kill").arg(format!("-{sig}")).args(&pids).status().expect("kill runs");
+        assert!(status.success() || sig == "CONT", "kill -{sig} {pids:?}");
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // Resumed first: a stopped server would not act on the shutdown.
+        self.signal("CONT");
+        let _ = Command::new("kill").args(["-QUIT", &self.cluster.pid.to_string()]).status();
+        let _ = std::fs::remove_dir_all(&self.cluster.dir);
+    }
+}
+
 impl PgDb {
     /// Creates a database of its own on the shared server (started on first
     /// use; panics if PostgreSQL's programs are missing).
     pub fn create() -> Self {
+        Self::on(cluster())
+    }
+
+    /// A database of its own on `c`.
+    fn on(c: &Cluster) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let c = cluster();
         let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         // A linguistic collation (ICU's en-US), as a production database may
         // have: the app's statements must not depend on the cluster's C locale.
@@ -184,8 +255,11 @@ impl PgDb {
     /// password (a fresh one, `password`): `url` carries it, as a production
     /// `database` variable does.
     pub fn create_secured() -> Self {
-        let mut db = Self::create();
-        let c = cluster();
+        Self::secured_on(cluster())
+    }
+
+    fn secured_on(c: &Cluster) -> Self {
+        let mut db = Self::on(c);
         let name = db.url.rsplit('/').next().expect("database name").to_owned();
         let role = format!("{name}_owner");
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());

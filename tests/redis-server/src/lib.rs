@@ -105,6 +105,22 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// Pauses the server (SIGSTOP): connections stay open and nothing answers,
+    /// as on a stalled machine.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().expect("kill runs");
+        assert!(status.success(), "kill -{sig} redis-server");
+    }
+
     /// Starts it again on the same port and data directory (AOF reloaded).
     pub fn restart(&mut self) {
         self.child = Self::spawn(self.port, self.dir.path(), self.persistence, self.password.as_deref());

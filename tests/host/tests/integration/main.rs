@@ -19,6 +19,8 @@ mod api;
 mod apply_component;
 /// Crash safety: processors SIGKILLed mid-run lose and double nothing.
 mod crash;
+/// Deadlines: stalled or dead Redis, database and key-value store.
+mod deadlines;
 /// Deployment manifests: SpinKube's SpinApp wires every variable, holds no secret.
 mod deploy;
 /// The apply step replaced through the manifest: the Rust and Python examples,

@@ -1,7 +1,7 @@
 //! The tests' PostgreSQL: a database per test on the host crate's shared server
 //! (`spillway-pg-server`), and a client for assertions.
 
-pub(crate) use spillway_pg_server::PgDb;
+pub(crate) use spillway_pg_server::{PgDb, PgServer};
 
 /// A client for assertions (its connection driven by a task of the test's
 /// runtime).

@@ -188,6 +188,8 @@ pub(crate) struct Builder {
     vars: Vec<(String, String)>,
     trigger: bool,
     kv_on_redis: bool,
+    kv_at: Option<String>,
+    pg: Option<PgDb>,
     http_only: bool,
     apply: Option<std::path::PathBuf>,
     edit: Option<Box<dyn Fn(String) -> String>>,
@@ -225,6 +227,21 @@ impl Builder {
         self
     }
 
+    /// The record cache on the Redis at `url` (runtime config), a server of
+    /// its own that a test may pause or kill.
+    pub(crate) fn kv_at(mut self, url: String) -> Self {
+        self.kv_at = Some(url);
+        self
+    }
+
+    /// On PostgreSQL, in `db` (e.g. on a server of the test's own that it
+    /// pauses).
+    pub(crate) fn pg(mut self, db: PgDb) -> Self {
+        self.engine = Engine::Postgres;
+        self.pg = Some(db);
+        self
+    }
+
     /// The HTTP-only manifest (`deploy/http-only/spin.toml`: no Redis trigger,
     /// no SQLite), on PostgreSQL.
     pub(crate) fn http_only(mut self) -> Self {
@@ -250,7 +267,13 @@ impl Builder {
     pub(crate) async fn start(self) -> Spillway {
         let redis = self.redis.unwrap_or_else(Redis::start_secured);
         let state = tempfile::tempdir().unwrap();
-        let (store, db_vars) = Store::new(self.engine, state.path());
+        let (store, db_vars) = match self.pg {
+            Some(db) => {
+                let vars = vec![("database".to_owned(), db.url.clone()), ("database_host".to_owned(), db.host.clone())];
+                (Store::Postgres(db), vars)
+            }
+            None => Store::new(self.engine, state.path()),
+        };
         let vars: Vec<(&str, &str)> = self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut opts = options(&redis, state.path(), &vars);
         // The test's own variables win (e.g. a wrong database password).
@@ -275,9 +298,10 @@ impl Builder {
             std::fs::write(&path, manifest).unwrap();
             opts.manifest = path;
         }
-        if self.kv_on_redis {
+        let kv_url = self.kv_at.or_else(|| self.kv_on_redis.then(|| redis.url()));
+        if let Some(url) = kv_url {
             let rc = state.path().join("runtime-config.toml");
-            std::fs::write(&rc, format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{}\"\n", redis.url())).unwrap();
+            std::fs::write(&rc, format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{url}\"\n")).unwrap();
             opts.runtime_config = Some(rc);
         }
         let app = Arc::new(App::load(&opts).unwrap_or_else(|e| panic!("spillway loads ({}): {e:#}", opts.manifest.display())));
@@ -292,7 +316,7 @@ impl Builder {
 impl Spillway {
     /// A test's Spillway, set up step by step (see [`Builder`]).
     pub(crate) fn builder() -> Builder {
-        Builder { redis: None, engine: Engine::Sqlite, vars: Vec::new(), trigger: false, kv_on_redis: false, http_only: false, apply: None, edit: None }
+        Builder { redis: None, engine: Engine::Sqlite, vars: Vec::new(), trigger: false, kv_on_redis: false, kv_at: None, pg: None, http_only: false, apply: None, edit: None }
     }
 
     /// Subscribes the Redis triggers (the doorbell and expired-key events) now.
