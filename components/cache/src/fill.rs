@@ -80,7 +80,8 @@ async fn count_read(s: &Settings, hit: bool) {
 /// Cache miss: one filler per key reads the database and fills the cache under the
 /// single-flight lock (the same lock the processor takes to refresh, so an older
 /// value cannot overwrite a newer one); others wait for it, then fall back to the
-/// database without filling. A key found absent is remembered for a while (the
+/// database without filling, as they do when the lock cannot be had (Redis
+/// failing or stalled). A key found absent is remembered for a while (the
 /// negative entry, see `scripts::FILL_BEGIN`), until it is created.
 async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> Result<Option<RecordDoc>, Problem> {
     let redis = Redis::for_shard(s, s.layout.shard_of(key));
@@ -91,19 +92,28 @@ async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> R
     // then read the database without filling.
     let give_up = spillway_spin::monotonic_ms() + 1000;
     while spillway_spin::monotonic_ms() < give_up {
-        let got = redis.call(&Call::fill_begin(l, key, &me, FILL_LOCK_TTL_MS)).await?;
-        match FillBegin::parse(&spillway_spin::redis::values(&got)).map_err(spillway_spin::redis::malformed)? {
+        // Without the lock (Redis failing or stalled), the database answers and
+        // the cache is left alone.
+        let begun = async { FillBegin::parse(&spillway_spin::redis::values(&redis.call(&Call::fill_begin(l, key, &me, FILL_LOCK_TTL_MS)).await?)).map_err(spillway_spin::redis::malformed) };
+        let begun = match begun.await {
+            Ok(b) => b,
+            Err(p) => {
+                eprintln!("{}", serde_json::json!({"event": "cache_bypassed", "error": p.detail}));
+                break;
+            }
+        };
+        match begun {
             FillBegin::Absent => return Ok(None),
             FillBegin::Mine => {
                 let entry = match from_db(key).await {
                     Ok(e) => e,
                     Err(p) => {
-                        redis.call(&Call::unlock(vec![lock], &me)).await?;
+                        spillway_spin::log_ignored("releasing a fill lock", redis.call(&Call::unlock(vec![lock], &me)).await);
                         return Err(p);
                     }
                 };
                 let Some(e) = entry else {
-                    redis.call(&Call::fill_absent(l, key, &me, ABSENT_TTL_MS)).await?;
+                    spillway_spin::log_ignored("remembering an absent key", redis.call(&Call::fill_absent(l, key, &me, ABSENT_TTL_MS)).await);
                     return Ok(None);
                 };
                 // A fill the store refuses or does not take in time leaves the

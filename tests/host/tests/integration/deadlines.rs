@@ -59,10 +59,16 @@ async fn retry_write(s: &Spillway, body: &Value, key: &str) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_redis_leaves_writes_unknown_until_a_retry_settles_them_once() {
     let s = Spillway::builder().vars(&[("call_timeout_ms", CALL_MS), ("request_timeout_ms", REQUEST_MS)]).start().await;
-    let (code, v) = s.write(json!({"key": "seen", "op": "put", "value": {"n": 0}})).await;
+    for key in ["seen", "evicted"] {
+        let (code, v) = s.write(json!({"key": key, "op": "put", "value": {"n": 0}})).await;
+        assert_eq!(code, 202, "{v}");
+    }
+    let (code, v) = s.write(json!({"key": "seen", "op": "merge", "patch": {}})).await;
     assert_eq!(code, 202, "{v}");
     s.drain().await;
     assert_eq!(s.settled(v["id"].as_str().unwrap()).await["status"], "applied");
+    let (code, _, _) = s.admin("DELETE", "/v1/cache/evicted", None).await;
+    assert_eq!(code, 204);
 
     s.redis.pause();
     let write = json!({"key": "counter", "op": "incr", "field": "n", "by": 1});
@@ -73,12 +79,18 @@ async fn a_stalled_redis_leaves_writes_unknown_until_a_retry_settles_them_once()
     let bare = timed(&s, "POST", "/v1/writes", Some(json!({"key": "other", "op": "put", "value": 1})), &[]).await;
     assert_timeout(&bare, "outcome-unknown", Duration::from_millis(1000) + SLACK);
     assert!(bare.2["detail"].as_str().unwrap().contains("no Idempotency-Key"), "{}", bare.2);
-    // Reads: the cached record is served (the cache is the local store), a
-    // miss needs Redis's fill lock and fails fast, naming Redis.
+    // Reads: the cached record is served (the cache is the local store); a
+    // miss, without Redis's fill lock, is read from the database (and not
+    // cached); a write's status needs Redis and fails fast, naming it.
     let hit = timed(&s, "GET", "/v1/records/seen", None, &[]).await;
     assert_eq!((hit.0, &hit.2["value"]), (200, &json!({"n": 0})), "{}", hit.2);
-    let miss = timed(&s, "GET", "/v1/records/never", None, &[]).await;
-    assert_timeout(&miss, "redis-timeout", Duration::from_millis(1000) + SLACK);
+    let miss = timed(&s, "GET", "/v1/records/evicted", None, &[]).await;
+    assert_eq!((miss.0, &miss.2["value"]), (200, &json!({"n": 0})), "{}", miss.2);
+    assert!(miss.3 < Duration::from_millis(1000) + SLACK, "{:?}", miss.3);
+    let absent = timed(&s, "GET", "/v1/records/never", None, &[]).await;
+    assert_eq!(absent.0, 404, "{}", absent.2);
+    let status = timed(&s, "GET", &format!("/v1/writes/{}", v["id"].as_str().unwrap()), None, &[]).await;
+    assert_timeout(&status, "redis-timeout", Duration::from_millis(1000) + SLACK);
 
     s.redis.resume();
     let (code, v) = retry_write(&s, &write, "stall-1").await;
