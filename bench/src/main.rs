@@ -381,7 +381,7 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let peaks = RssPeaks::start(spillway_pid);
 
-    let steps = 15;
+    let steps = 16;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -482,6 +482,34 @@ async fn main() -> anyhow::Result<()> {
                 reads.rate() / read_shape.rate()
             )),
     );
+
+    // What the deadlines cost on the hot path: the same app with none
+    // (call_timeout_ms = request_timeout_ms = 0, its own key prefix), measured
+    // back to back with the default app, intake then reads.
+    step("deadline cost");
+    if args.url.is_none() {
+        let vars = [
+            ("redis_address", redis_url.as_str()),
+            ("admin_token", "bench"),
+            ("queue_depth_limit", "100000000"),
+            ("key_prefix", "nodeadline:"),
+            ("call_timeout_ms", "0"),
+            ("request_timeout_ms", "0"),
+        ];
+        let (p, off_addr) = host(&target, &workspace().join("spin.toml"), &work.join("nodeadline-state"), &vars)?;
+        procs.push(p);
+        let writes = async |addr: &str| {
+            load::http(addr, clients, duration, 1, |c, n| request("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)))).await
+        };
+        let (off, on) = (writes(&off_addr).await?, writes(&spillway_addr).await?);
+        let off_layout = Layout { prefix: "nodeadline:".into(), shards: 16 };
+        until_drained(&mut redis, &off_layout, Duration::from_secs(600)).await?;
+        until_drained(&mut redis, &layout, Duration::from_secs(600)).await?;
+        rows.push(Row::from("single-write intake with deadlines (call and request)", "req/s", &on).against("the same without deadlines", off.rate()));
+        let reads = async |addr: &str| load::http(addr, clients, duration, 1, |_, _| request("GET", "/v1/records/k1", "")).await;
+        let (off, on) = (reads(&off_addr).await?, reads(&spillway_addr).await?);
+        rows.push(Row::from("warm reads with deadlines (call and request)", "req/s", &on).against("the same without deadlines", off.rate()));
+    }
 
     step("write -> applied");
     let samples = if args.smoke { 20 } else { 200 };
