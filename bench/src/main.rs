@@ -267,6 +267,22 @@ async fn write_to_applied(addr: &str, n: usize) -> anyhow::Result<load::Measured
     Ok(load::Measured { ops: n as u64, elapsed: started.elapsed(), latency, failed: (0, None) })
 }
 
+/// The repository's app with `vars` over the benchmark's, on key prefix
+/// `<name>:` of the same Redis (state in `<work>/<name>-state`): a variant
+/// measured back to back with the default app. Its host, address and layout.
+fn variant(target: &Path, work: &Path, redis_url: &str, name: &str, vars: &[(&str, &str)]) -> anyhow::Result<(Proc, String, Layout)> {
+    let prefix = format!("{name}:");
+    let mut all = vec![("redis_address", redis_url), ("admin_token", "bench"), ("queue_depth_limit", "100000000"), ("key_prefix", prefix.as_str())];
+    all.extend_from_slice(vars);
+    let (p, addr) = host(target, &workspace().join("spin.toml"), &work.join(format!("{name}-state")), &all)?;
+    Ok((p, addr, Layout { prefix, shards: 16 }))
+}
+
+/// Single-write intake on `addr`: one increment per request over 1,000 keys.
+async fn single_writes(addr: &str, clients: usize, duration: Duration) -> anyhow::Result<load::Measured> {
+    load::http(addr, clients, duration, 1, |c, n| request("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)))).await
+}
+
 /// A latency row: the median in ms, with p50/p99/p99.9.
 fn latency_row(scenario: &str, m: &load::Measured) -> Row {
     Row { scenario: scenario.to_owned(), value: m.ms(0.5), unit: "ms (p50)", latency: Some([m.ms(0.5), m.ms(0.99), m.ms(0.999)]), baseline: None, peak_rss_mib: None, note: String::new() }
@@ -381,7 +397,7 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let peaks = RssPeaks::start(spillway_pid);
 
-    let steps = 16;
+    let steps = 17;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -445,10 +461,7 @@ async fn main() -> anyhow::Result<()> {
 
     step("single-write intake");
     peaks.take();
-    let single = load::http(&spillway_addr, clients, duration, 1, |c, n| {
-        request("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)))
-    })
-    .await?;
+    let single = single_writes(&spillway_addr, clients, duration).await?;
     let drained = until_drained(&mut redis, &layout, Duration::from_secs(600)).await?;
     rows.push(
         Row::from("Spillway single-write intake", "req/s", &single)
@@ -488,27 +501,37 @@ async fn main() -> anyhow::Result<()> {
     // back to back with the default app, intake then reads.
     step("deadline cost");
     if args.url.is_none() {
-        let vars = [
-            ("redis_address", redis_url.as_str()),
-            ("admin_token", "bench"),
-            ("queue_depth_limit", "100000000"),
-            ("key_prefix", "nodeadline:"),
-            ("call_timeout_ms", "0"),
-            ("request_timeout_ms", "0"),
-        ];
-        let (p, off_addr) = host(&target, &workspace().join("spin.toml"), &work.join("nodeadline-state"), &vars)?;
+        let (p, off_addr, off_layout) = variant(&target, &work, &redis_url, "nodeadline", &[("call_timeout_ms", "0"), ("request_timeout_ms", "0")])?;
         procs.push(p);
-        let writes = async |addr: &str| {
-            load::http(addr, clients, duration, 1, |c, n| request("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)))).await
-        };
-        let (off, on) = (writes(&off_addr).await?, writes(&spillway_addr).await?);
-        let off_layout = Layout { prefix: "nodeadline:".into(), shards: 16 };
+        let (off, on) = (single_writes(&off_addr, clients, duration).await?, single_writes(&spillway_addr, clients, duration).await?);
         until_drained(&mut redis, &off_layout, Duration::from_secs(600)).await?;
         until_drained(&mut redis, &layout, Duration::from_secs(600)).await?;
         rows.push(Row::from("single-write intake with deadlines (call and request)", "req/s", &on).against("the same without deadlines", off.rate()));
         let reads = async |addr: &str| load::http(addr, clients, duration, 1, |_, _| request("GET", "/v1/records/k1", "")).await;
         let (off, on) = (reads(&off_addr).await?, reads(&spillway_addr).await?);
         rows.push(Row::from("warm reads with deadlines (call and request)", "req/s", &on).against("the same without deadlines", off.rate()));
+    }
+
+    // What waiting for a replica costs (min_replicas = 1: Redis WAIT after each
+    // enqueue): the same app against a primary with one replica, on its own
+    // key prefix, measured back to back with the default app (the replica
+    // copies both apps' writes either way; only the wait differs).
+    step("replica acknowledgement");
+    if let (None, Some(server)) = (&args.url, &own_redis) {
+        let replica = spillway_redis_server::RedisServer::start_replica_of(server);
+        let (p, rep_addr, rep_layout) = variant(&target, &work, &redis_url, "replicated", &[("min_replicas", "1")])?;
+        procs.push(p);
+        let (off, on) = (single_writes(&spillway_addr, clients, duration).await?, single_writes(&rep_addr, clients, duration).await?);
+        rows.push(Row::from("single-write intake waiting for 1 replica (min_replicas)", "req/s", &on).against("the same without", off.rate()));
+        let batch_time = duration.min(Duration::from_secs(3));
+        let batches = async |addr: &str| {
+            load::http(addr, clients, batch_time, 100, |c, n| request("POST", "/v1/writes", &batch((c * 1_000_000) + n as usize * 100, 1000))).await
+        };
+        let (off, on) = (batches(&spillway_addr).await?, batches(&rep_addr).await?);
+        rows.push(Row::from("batch intake waiting for 1 replica (100 writes per request)", "writes/s", &on).against("the same without", off.rate()));
+        until_drained(&mut redis, &rep_layout, Duration::from_secs(900)).await?;
+        until_drained(&mut redis, &layout, Duration::from_secs(900)).await?;
+        drop(replica);
     }
 
     step("write -> applied");

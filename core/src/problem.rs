@@ -181,6 +181,21 @@ impl Problem {
         p
     }
 
+    /// 503 with `Retry-After`: writes stored on the primary that only `acked`
+    /// of `wanted` replicas confirmed within `ms` (`min_replicas`,
+    /// `replica_timeout_ms`). Like [`Problem::outcome_unknown`]: they could
+    /// still be lost with the primary, and a retry with the same
+    /// `Idempotency-Key` settles them without doubling.
+    pub fn not_replicated(acked: i64, wanted: u32, ms: u64, keyed: bool) -> Self {
+        let cause = Self::new(
+            503,
+            "outcome-unknown",
+            "Outcome unknown",
+            &format!("stored on the primary, but {acked} of the {wanted} replicas asked for (min_replicas) confirmed them within {ms} ms (replica_timeout_ms): lost if the primary fails now"),
+        );
+        Self::outcome_unknown(&cause, keyed)
+    }
+
     /// Whether the problem is a backend refusing Spillway's credentials.
     pub fn is_credentials_refused(&self) -> bool {
         self.code() == "credentials-refused"
@@ -285,5 +300,8 @@ mod tests {
         assert_eq!((keyed.status, keyed.code(), keyed.retry_after), (503, "outcome-unknown", Some(1)));
         assert!(keyed.detail.contains("Redis (redis_address) did not answer within 300 ms") && keyed.detail.contains("same Idempotency-Key"), "{}", keyed.detail);
         assert!(Problem::outcome_unknown(&r, false).detail.contains("no Idempotency-Key"));
+        let unreplicated = Problem::not_replicated(0, 1, 500, true);
+        assert_eq!((unreplicated.status, unreplicated.code(), unreplicated.retry_after), (503, "outcome-unknown", Some(1)));
+        assert!(unreplicated.detail.contains("0 of the 1 replicas") && unreplicated.detail.contains("same Idempotency-Key"), "{}", unreplicated.detail);
     }
 }

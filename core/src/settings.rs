@@ -61,6 +61,11 @@ pub struct Settings {
     /// asks for) before it is answered 503; 0 = no limit. At least
     /// `call_timeout_ms`, so that one stalled call is named as such.
     pub request_timeout_ms: u64,
+    /// `min_replicas`: how many replicas must hold a request's writes (Redis
+    /// `WAIT`) before intake answers 202; 0 = the primary alone.
+    pub min_replicas: u32,
+    /// `replica_timeout_ms`: how long intake waits for those replicas.
+    pub replica_timeout_ms: u64,
     /// Request limits.
     pub limits: Limits,
     /// Masks the credentials of the addresses above and the admin token in any
@@ -193,6 +198,12 @@ impl Settings {
         if request_timeout_ms != 0 && request_timeout_ms < call_timeout_ms {
             return Err(SettingsError { name: "request_timeout_ms", reason: format!("must be 0 or at least call_timeout_ms ({call_timeout_ms})") });
         }
+        let min_replicas = num(&get, "min_replicas", 0)?;
+        let replica_timeout_ms = num(&get, "replica_timeout_ms", 1000)?;
+        if min_replicas > 0 && (replica_timeout_ms == 0 || (call_timeout_ms != 0 && replica_timeout_ms >= call_timeout_ms)) {
+            // WAIT with 0 waits for ever, and the wait is one call.
+            return Err(SettingsError { name: "replica_timeout_ms", reason: format!("must be at least 1 and below call_timeout_ms ({call_timeout_ms})") });
+        }
         let stats_public = match get("stats_public").as_deref().map(str::trim) {
             None | Some("" | "false") => false,
             Some("true") => true,
@@ -247,6 +258,8 @@ impl Settings {
             admin_token,
             call_timeout_ms,
             request_timeout_ms,
+            min_replicas,
+            replica_timeout_ms,
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,
                 max_batch: num(&get, "max_batch", d.max_batch)?,
@@ -308,6 +321,11 @@ mod tests {
         assert_eq!(load(&[("call_timeout_ms", "6000"), ("lease_ttl_ms", "9000")]).unwrap_err().name, "request_timeout_ms");
         let off = load(&[("call_timeout_ms", "0"), ("request_timeout_ms", "0")]).unwrap();
         assert_eq!((off.call_timeout_ms, off.request_timeout_ms), (0, 0));
+        assert_eq!((s.min_replicas, s.replica_timeout_ms), (0, 1000));
+        assert_eq!(load(&[("min_replicas", "1")]).unwrap().min_replicas, 1);
+        assert_eq!(load(&[("min_replicas", "1"), ("replica_timeout_ms", "2000")]).unwrap_err().name, "replica_timeout_ms");
+        assert_eq!(load(&[("min_replicas", "1"), ("replica_timeout_ms", "0")]).unwrap_err().name, "replica_timeout_ms");
+        assert_eq!(load(&[("replica_timeout_ms", "0")]).unwrap().replica_timeout_ms, 0, "unused without min_replicas");
     }
 
     /// Servers are named by the variable that sets them, and every configured

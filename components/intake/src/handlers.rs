@@ -7,6 +7,7 @@ use spillway_core::problem::Problem;
 use spillway_core::reply::Enqueued;
 use spillway_core::settings::Settings;
 use spillway_core::write::{self, parse_request_for};
+use spillway_spin::redis::Replicas;
 use spillway_spin::{Redis, json, problem, status};
 use spin_sdk::http::Request;
 
@@ -50,7 +51,8 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
     // Within the request's deadline. A timeout here is an unknown outcome: the
     // enqueue may be in Redis already, or arrive when Redis resumes.
-    let accepted = match spillway_spin::deadline::request(&settings, 0, enqueue(&settings, &batch.writes, idem.as_deref(), &body)).await {
+    let replica_wait = if settings.min_replicas > 0 { settings.replica_timeout_ms } else { 0 };
+    let accepted = match spillway_spin::deadline::request(&settings, replica_wait, enqueue(&settings, &batch.writes, idem.as_deref(), &body)).await {
         Err(p) if p.is_timeout() => return Err(Problem::outcome_unknown(&p, idem.is_some())),
         r => r?,
     };
@@ -132,7 +134,7 @@ impl Accepted {
 }
 
 /// Enqueues `writes`: one `ENQUEUE` call per group of shards that share a
-/// Redis server (per shard with `redis_cluster`), all groups at once. One server
+/// Redis server (followed by a `WAIT` for `min_replicas` on its connection) (per shard with `redis_cluster`), all groups at once. One server
 /// (the default) is one call, all or nothing. With several, each group is all or
 /// nothing on its own: a refusal (full, conflict) or a failure answers for the
 /// whole request while other groups may have been accepted, and a retry with the
@@ -156,6 +158,7 @@ async fn enqueue(
     }
     let groups = s.slot_groups(&shards);
     let body_md5 = idem.map(|_| spillway_core::layout::md5_hex(body)).unwrap_or_default();
+    let replicas = (s.min_replicas > 0).then_some(Replicas { count: s.min_replicas, timeout_ms: s.replica_timeout_ms });
     let calls = groups.iter().map(|(address, group)| {
         let call = enqueue_call(s, group, writes, &shard_of, idem, &body_md5);
         async move {
@@ -164,24 +167,36 @@ async fn enqueue(
             // restart, so a crashed processor's shards are resumed (see
             // spillway_core::hazards).
             spillway_spin::hazards::ensure(&redis).await;
-            redis.call(&call).await
+            match replicas {
+                Some(r) => redis.call_replicated(&call, r).await,
+                None => redis.call(&call).await.map(|reply| (reply, 0)),
+            }
         }
     });
     // Each reply read by its type; a reply of another shape fails its group.
-    let replies: Vec<Result<(Enqueued, Vec<u32>), Problem>> = futures::future::join_all(calls)
+    let replies: Vec<GroupReply> = futures::future::join_all(calls)
         .await
         .into_iter()
-        .map(|r| r.and_then(|reply| Enqueued::parse(&spillway_spin::redis::values(&reply)).map_err(spillway_spin::redis::malformed)))
+        .map(|r| {
+            r.and_then(|(reply, acked)| {
+                Ok((Enqueued::parse(&spillway_spin::redis::values(&reply)).map_err(spillway_spin::redis::malformed)?, acked))
+            })
+        })
         .collect();
     // Ring what was rung first, whatever else the replies say: a group accepted
     // beside one refused has its flag set, and no one else will ring it.
-    let rang: Vec<u32> = replies.iter().flatten().flat_map(|(_, rang)| rang.iter().copied()).collect();
+    let rang: Vec<u32> = replies.iter().flatten().flat_map(|((_, rang), _)| rang.iter().copied()).collect();
     ring(s, rang);
     // Ids back in request order: each group's ids are its writes' in order.
     let mut ids: Vec<Option<String>> = vec![None; writes.len()];
     let mut replayed = true;
     for ((_, group), reply) in groups.iter().zip(replies) {
-        match reply?.0 {
+        let ((enqueued, _), acked) = reply?;
+        match enqueued {
+            // Stored on the primary, not (yet) on as many replicas as asked.
+            Enqueued::Accepted { .. } if acked < i64::from(s.min_replicas) => {
+                return Err(Problem::not_replicated(acked, s.min_replicas, s.replica_timeout_ms, idem.is_some()));
+            }
             Enqueued::Accepted { ids: given, replay } => {
                 replayed &= replay;
                 let mine = (0..writes.len()).filter(|i| group.contains(&shard_of[*i]));
@@ -207,6 +222,10 @@ async fn enqueue(
     let ids: Vec<String> = ids.into_iter().collect::<Option<_>>().ok_or_else(|| Problem::unavailable("the enqueue script gave too few ids"))?;
     Ok(Accepted { ids, replayed })
 }
+
+/// One group's `ENQUEUE` reply (with the shards it rang) and how many replicas
+/// confirmed it (0 without `min_replicas`).
+type GroupReply = Result<((Enqueued, Vec<u32>), i64), Problem>;
 
 /// Rings `shards` after the answer (the writes are durable already; a ring lost
 /// with a dying instance leaves the shard's flag to expire, which resumes it).

@@ -48,7 +48,16 @@ thread_local! {
 /// `call_timeout_ms`: its output, or a timeout. A timeout also makes the
 /// instance's calls to `what` fail at once for [`TRIPPED_MS`].
 pub async fn guarded<F: Future>(dependency: Dependency, what: &str, fut: F) -> Result<F::Output, Problem> {
-    let ms = call_timeout_ms();
+    guarded_for(dependency, what, 0, fut).await
+}
+
+/// [`guarded`], for a call that may take `extra_ms` beyond a call's time by
+/// design (a `WAIT` for replicas).
+pub async fn guarded_for<F: Future>(dependency: Dependency, what: &str, extra_ms: u64, fut: F) -> Result<F::Output, Problem> {
+    let ms = match call_timeout_ms() {
+        0 => 0,
+        ms => ms + extra_ms,
+    };
     let now = crate::monotonic_ms();
     if TRIPPED.with_borrow(|t| t.get(what).is_some_and(|until| now < *until)) {
         return Err(Problem::timeout(dependency, what, ms));

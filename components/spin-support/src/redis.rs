@@ -77,16 +77,17 @@ impl Redis {
 
     /// Runs one command; a failure drops the kept connection and is a 503.
     pub async fn execute(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
-        self.execute_or_noscript(command, args).await.map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
+        self.execute_or_noscript(command, args, None).await.map(|(r, _)| r).map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
     }
 
     /// Like [`Redis::execute`], except that a `NOSCRIPT` refusal (Redis has
     /// forgotten a script) is `Err(None)` and keeps the connection: it is an answer,
     /// not a failure of the connection. Within `call_timeout_ms` (the connection's
-    /// opening included): a call that runs out of time drops the kept connection,
-    /// which may yet carry its reply.
-    async fn execute_or_noscript(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Option<Problem>> {
-        match crate::deadline::guarded(Dependency::Redis, &redis_what(&self.address), self.execute_now(command, args)).await {
+    /// opening included; plus the `WAIT`'s own timeout, if any): a call that runs
+    /// out of time drops the kept connection, which may yet carry its reply.
+    async fn execute_or_noscript(&self, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Option<Problem>> {
+        let extra = wait.map_or(0, |w| w.timeout_ms);
+        match crate::deadline::guarded_for(Dependency::Redis, &redis_what(&self.address), extra, self.execute_now(command, args, wait)).await {
             Ok(r) => r,
             Err(p) => {
                 self.reset();
@@ -95,17 +96,25 @@ impl Redis {
         }
     }
 
-    async fn execute_now(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Option<Problem>> {
+    /// The command, then (with `wait`) `WAIT` on the same connection: how many
+    /// replicas hold everything it wrote, the command's writes included (0
+    /// without `wait`).
+    async fn execute_now(&self, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Option<Problem>> {
         let conn = self.conn().await?;
-        match conn.execute(command, args).await {
-            Ok(r) => Ok(r),
+        let failed = |e: spin_sdk::redis::Error| {
+            self.reset();
+            Some(redis_failed(&self.address, &e))
+        };
+        let reply = match conn.execute(command, args).await {
+            Ok(r) => r,
             // redis-rs words it `NoScript` (1.x) or `NoScriptError` (0.32, Spin's).
-            Err(spin_sdk::redis::Error::Other(m)) if m.to_ascii_lowercase().contains("noscript") => Err(None),
-            Err(e) => {
-                self.reset();
-                Err(Some(redis_failed(&self.address, &e)))
-            }
-        }
+            Err(spin_sdk::redis::Error::Other(m)) if m.to_ascii_lowercase().contains("noscript") => return Err(None),
+            Err(e) => return Err(failed(e)),
+        };
+        let Some(w) = wait else { return Ok((reply, 0)) };
+        let args = vec![RedisParameter::Int64(i64::from(w.count)), RedisParameter::Int64(w.timeout_ms as i64)];
+        let acked = conn.execute("WAIT", args).await.map_err(failed)?;
+        Ok((reply, acked.first().and_then(int).unwrap_or(0)))
     }
 
     /// Drops the kept connection after a failure. The next connection may reach
@@ -118,13 +127,23 @@ impl Redis {
 
     /// Runs a typed script call ([`spillway_core::call::Call`]).
     pub async fn call(&self, call: &spillway_core::call::Call) -> Result<Vec<RedisResult>, Problem> {
-        self.eval(call.script, &call.keys, &call.args).await
+        self.eval_then(call.script, &call.keys, &call.args, None).await.map(|(r, _)| r)
+    }
+
+    /// Runs a typed script call, then waits for `replicas` (Redis `WAIT` on the
+    /// same connection): the reply, and how many replicas hold the call's writes.
+    pub async fn call_replicated(&self, call: &spillway_core::call::Call, replicas: Replicas) -> Result<(Vec<RedisResult>, i64), Problem> {
+        self.eval_then(call.script, &call.keys, &call.args, Some(replicas)).await
     }
 
     /// Runs one of the fixed Lua scripts with `keys` and `args`, by its SHA1
     /// (`EVALSHA`): the script text travels once per instance (`SCRIPT LOAD`), and
     /// again only if Redis has forgotten it (restart, `SCRIPT FLUSH`).
     pub async fn eval(&self, script: &'static str, keys: &[String], args: &[String]) -> Result<Vec<RedisResult>, Problem> {
+        self.eval_then(script, keys, args, None).await.map(|(r, _)| r)
+    }
+
+    async fn eval_then(&self, script: &'static str, keys: &[String], args: &[String], wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Problem> {
         let slot = script.as_ptr() as usize;
         let mut reloaded = false;
         loop {
@@ -142,7 +161,7 @@ impl Redis {
             params.push(RedisParameter::Int64(keys.len() as i64));
             params.extend(keys.iter().map(|k| bin(k)));
             params.extend(args.iter().map(|a| bin(a)));
-            match self.execute_or_noscript("EVALSHA", params).await {
+            match self.execute_or_noscript("EVALSHA", params, wait).await {
                 Ok(r) => return Ok(r),
                 Err(None) if !reloaded => {
                     SHAS.with_borrow_mut(|m| m.remove(&slot));
@@ -153,6 +172,15 @@ impl Redis {
             }
         }
     }
+}
+
+/// Replicas to wait for after a write (Redis `WAIT numreplicas timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct Replicas {
+    /// How many.
+    pub count: u32,
+    /// For how long at most, in milliseconds (not 0: `WAIT` would wait for ever).
+    pub timeout_ms: u64,
 }
 
 /// A flat reply as [`spillway_core::reply::Value`]s, for the scripts' typed

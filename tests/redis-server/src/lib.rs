@@ -15,6 +15,8 @@ pub struct RedisServer {
     persistence: &'static [&'static str],
     /// `requirepass`, when it has one: every client must authenticate.
     password: Option<String>,
+    /// The primary's port, for a replica.
+    replica_of: Option<u16>,
 }
 
 /// A password no other text in a test contains: a fresh one per server, so that
@@ -49,14 +51,22 @@ impl RedisServer {
         let server = Self::start_with(CLUSTER_NODE);
         let mut c = server.conn();
         let _: () = redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(16383).query(&mut c).expect("CLUSTER ADDSLOTSRANGE");
-        for _ in 0..500 {
-            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).expect("CLUSTER INFO");
-            if info.contains("cluster_state:ok") {
-                return server;
+        server.wait_for(&["CLUSTER", "INFO"], "cluster_state:ok", "the one-node cluster did not come up");
+        server
+    }
+
+    /// Polls `command` (for up to 10 s) until its text reply contains `want`;
+    /// panics saying `otherwise`.
+    fn wait_for(&self, command: &[&str], want: &str, otherwise: &str) {
+        let mut c = self.conn();
+        for _ in 0..1000 {
+            let text: String = redis::cmd(command[0]).arg(&command[1..]).query(&mut c).expect("the command answers");
+            if text.contains(want) {
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        panic!("the one-node cluster did not come up");
+        panic!("{otherwise}");
     }
 
     /// Starts a server with these persistence options.
@@ -72,12 +82,36 @@ impl RedisServer {
         Self::start_full(NO_PERSISTENCE, Some(format!("{}\"/@#:%x", fresh_secret("redis"))))
     }
 
+    /// Starts a replica of `primary` (its persistence and password: promoted, it
+    /// serves the same clients), and waits until it has synchronised.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let server = Self::start_full_of(primary.persistence, primary.password.clone(), Some(primary.port));
+        server.wait_for(&["INFO", "replication"], "master_link_status:up", "the replica did not synchronise");
+        server
+    }
+
+    /// Cuts a replica off from its primary (`REPLICAOF` a port nothing listens
+    /// on): it keeps its data and falls behind, as behind a partition.
+    pub fn detach(&self) {
+        let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(free_port()).query(&mut self.conn()).expect("REPLICAOF elsewhere");
+    }
+
+    /// Makes a replica the primary (`REPLICAOF NO ONE`), as a failover does.
+    pub fn promote(&mut self) {
+        let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut self.conn()).expect("REPLICAOF NO ONE");
+        self.replica_of = None;
+    }
+
     fn start_full(persistence: &'static [&'static str], password: Option<String>) -> Self {
+        Self::start_full_of(persistence, password, None)
+    }
+
+    fn start_full_of(persistence: &'static [&'static str], password: Option<String>, replica_of: Option<u16>) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let dir = tempfile::tempdir().expect("tempdir");
-            let child = Self::spawn(port, dir.path(), persistence, password.as_deref());
-            let mut server = Self { child, port, dir, persistence, password: password.clone() };
+            let child = Self::spawn(port, dir.path(), persistence, password.as_deref(), replica_of);
+            let mut server = Self { child, port, dir, persistence, password: password.clone(), replica_of };
             if server.wait_ready() {
                 return server;
             }
@@ -85,11 +119,14 @@ impl RedisServer {
         panic!("redis-server did not start");
     }
 
-    fn spawn(port: u16, dir: &Path, persistence: &[&str], password: Option<&str>) -> Child {
+    fn spawn(port: u16, dir: &Path, persistence: &[&str], password: Option<&str>, replica_of: Option<u16>) -> Child {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(persistence);
         if let Some(pw) = password {
-            cmd.args(["--requirepass", pw]);
+            cmd.args(["--requirepass", pw, "--masterauth", pw]);
+        }
+        if let Some(primary) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
         }
         cmd.arg("--dir")
             .arg(dir)
@@ -123,7 +160,7 @@ impl RedisServer {
 
     /// Starts it again on the same port and data directory (AOF reloaded).
     pub fn restart(&mut self) {
-        self.child = Self::spawn(self.port, self.dir.path(), self.persistence, self.password.as_deref());
+        self.child = Self::spawn(self.port, self.dir.path(), self.persistence, self.password.as_deref(), self.replica_of);
         assert!(self.wait_ready(), "redis-server did not come back");
     }
 

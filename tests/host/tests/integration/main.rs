@@ -39,6 +39,8 @@ mod pipeline;
 /// Self-healing: lost wake-ups and crashed processors recover with no traffic;
 /// fresh start; bounded state; Redis hazards reported.
 mod selfheal;
+/// Replica acknowledgement: min_replicas, and a failover that loses no 202.
+mod replicas;
 /// Reads users can trust: read-your-writes on both cache backends, waiting for
 /// outcomes, consistent and conditional reads.
 mod reads;
