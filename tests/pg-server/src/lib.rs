@@ -18,6 +18,10 @@ struct Cluster {
     pid: u32,
     /// Its directory (data, socket, log).
     dir: PathBuf,
+    /// `setpriv` arguments that run it as the `postgres` user (as root).
+    as_pg: Vec<String>,
+    /// Commits wait for their WAL to be written (`synchronous_commit=on`).
+    durable: bool,
 }
 
 /// A database of its own on the shared server.
@@ -88,13 +92,13 @@ fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let tmp = std::env::temp_dir();
         remove_stale(&tmp);
-        start_cluster(tmp.join(format!("spillway-pg-{}", std::process::id())))
+        start_cluster(tmp.join(format!("spillway-pg-{}", std::process::id())), false)
     })
 }
 
 /// Starts a server with its data in `dir` (made afresh) and waits until it
-/// answers.
-fn start_cluster(dir: PathBuf) -> Cluster {
+/// answers; `durable`: see [`Cluster::durable`].
+fn start_cluster(dir: PathBuf, durable: bool) -> Cluster {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("pg dir");
     // `setpriv` arguments that run a command as the `postgres` user.
@@ -121,12 +125,19 @@ fn start_cluster(dir: PathBuf) -> Cluster {
     let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n";
     std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
     let port = free_port();
+    let pid = spawn_postmaster(&bin, &dir, port, &as_pg, durable);
+    let c = Cluster { port, bin, pid, dir, as_pg, durable };
+    c.wait_up();
+    c
+}
+
+/// Starts the postmaster on `dir`'s data and `port`; its process id.
+fn spawn_postmaster(bin: &Path, dir: &Path, port: u16, as_pg: &[String], durable: bool) -> u32 {
     // Spawned from a thread that never ends: the parent-death signal follows
     // the spawning thread, and a test's thread ends with the test.
     let (tx, rx) = std::sync::mpsc::channel();
-    let (server_bin, server_dir, server_as_pg) = (bin.join("postgres"), dir.clone(), as_pg);
-    let log = dir.join("server.log");
-    let server_log = std::fs::File::create(&log).expect("server log");
+    let (server_bin, server_dir, server_as_pg) = (bin.join("postgres"), dir.to_path_buf(), as_pg.to_vec());
+    let server_log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log")).expect("server log");
     std::thread::spawn(move || {
         let child = Command::new("setpriv")
             .arg("--pdeathsig")
@@ -137,30 +148,41 @@ fn start_cluster(dir: PathBuf) -> Cluster {
             .arg(server_dir.join("data"))
             .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
             .arg(&server_dir)
-            // Tests measure nothing: no sync to disk. Enough connections for
+            // Tests measure nothing: no sync to disk (a crashed process leaves
+            // what it wrote with the OS). A durable server writes a commit's WAL
+            // before answering, as a crash test needs; the shared one does not,
+            // and loses its last commits if it crashes. Enough connections for
             // every test's pool.
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args(["-c", "fsync=off", "-c", if durable { "synchronous_commit=on" } else { "synchronous_commit=off" }, "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=400", "-c", "shared_buffers=64MB"])
             .stdout(Stdio::null())
             .stderr(server_log)
             .spawn();
-        let _ = tx.send(child.map(|c| c.id()));
+        let _ = tx.send(child.as_ref().map(|c| c.id()).map_err(|e| e.to_string()));
+        // Reaped when it dies (a crash test kills it): a zombie would still
+        // look alive to the next postmaster, which then refuses to start.
+        if let Ok(mut c) = child {
+            let _ = c.wait();
+        }
         loop {
             std::thread::park();
         }
     });
-    let pid = rx.recv().expect("spawner").expect("postgres starts");
-    let c = Cluster { port, bin, pid, dir };
-    for _ in 0..1000 {
-        if c.psql("postgres", "SELECT 1").is_ok() {
-            return c;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    panic!("postgres did not start on port {port}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    rx.recv().expect("spawner").expect("postgres starts")
 }
 
 impl Cluster {
+    /// Waits until it answers (10 s at most).
+    fn wait_up(&self) {
+        for _ in 0..1000 {
+            if self.psql("postgres", "SELECT 1").is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("postgres did not start on port {}:\n{}", self.port, std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default());
+    }
+
     /// Runs `sql` through `psql` on database `db`; its output, or the error.
     fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(self.bin.join("psql"))
@@ -176,8 +198,9 @@ impl Cluster {
     }
 }
 
-/// A server of its own (not the shared one), for a test that pauses it:
-/// pausing the shared server would stall every other test's database.
+/// A server of its own (not the shared one), for a test that pauses or
+/// crashes it: that would stall every other test's database. It commits
+/// durably (`synchronous_commit=on`): a crash loses no acknowledged commit.
 pub struct PgServer {
     cluster: Cluster,
 }
@@ -188,7 +211,7 @@ impl PgServer {
         static N: AtomicU32 = AtomicU32::new(0);
         let tmp = std::env::temp_dir();
         let dir = tmp.join(format!("spillway-pg-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        Self { cluster: start_cluster(dir) }
+        Self { cluster: start_cluster(dir, true) }
     }
 
     /// A database of its own on this server, as [`PgDb::create_secured`].
@@ -207,8 +230,25 @@ impl PgServer {
         self.signal("CONT");
     }
 
-    /// Sends `sig` to the postmaster and its children (backends, workers).
-    fn signal(&self, sig: &str) {
+    /// Crashes the server (SIGKILL to the postmaster and every backend, as a
+    /// machine or an OOM killer does) and starts it again on the same data
+    /// and port: it recovers from its write-ahead log.
+    pub fn crash_and_restart(&mut self) {
+        let pids = self.pids();
+        let _ = Command::new("kill").arg("-KILL").args(&pids).status();
+        for _ in 0..1000 {
+            if pids.iter().all(|p| !Path::new("/proc").join(p).exists()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let c = &mut self.cluster;
+        c.pid = spawn_postmaster(&c.bin, &c.dir, c.port, &c.as_pg, c.durable);
+        c.wait_up();
+    }
+
+    /// The postmaster's process id and its children's.
+    fn pids(&self) -> Vec<String> {
         let pid = self.cluster.pid.to_string();
         let mut pids = vec![pid.clone()];
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -219,6 +259,12 @@ impl PgServer {
                 pids.push(e.file_name().to_string_lossy().into_owned());
             }
         }
+        pids
+    }
+
+    /// Sends `sig` to the postmaster and its children (backends, workers).
+    fn signal(&self, sig: &str) {
+        let pids = self.pids();
         let status = Command::new("kill").arg(format!("-{sig}")).args(&pids).status().expect("kill runs");
         assert!(status.success() || sig == "CONT", "kill -{sig} {pids:?}");
     }

@@ -26,6 +26,9 @@ mod deploy;
 /// The apply step replaced through the manifest: the Rust and Python examples,
 /// and a faulty implementation's keys isolated.
 mod examples;
+/// The fault suite: a history of a unique-write workload under faults, and a
+/// checker (lost, duplicated, unexpected, out of order, stale, recovery).
+mod faults;
 /// Fencing: an expired lease holder cannot commit.
 mod fencing;
 /// The HTTP-only deployment: wake-ups over service chaining, drains within a budget.

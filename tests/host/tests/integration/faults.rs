@@ -1,0 +1,351 @@
+//! The fault suite: a workload whose every write is unique, a history of what
+//! the client was told, a fault injected while it runs, and a checker that
+//! reads the history and the database afterwards and reports what was lost,
+//! duplicated, unexpected, out of order or stale, and how long the system took
+//! to apply everything acknowledged once the fault healed.
+//!
+//! The workload appends a unique token per write to an array field of a few
+//! keys, one client per key sending in order (each write with an
+//! `Idempotency-Key`, retried with it on `503 outcome-unknown` as a client
+//! should). A key's final array then says everything: a token missing that was
+//! acknowledged is lost, one present twice is duplicated, one present that was
+//! refused is unexpected, and the acknowledged tokens must appear in the order
+//! they were acknowledged. After each write answered `200` (`Prefer: wait`) with
+//! its version, the key is read at once: an older version is a stale read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::pg::PgServer;
+use crate::spillway::Spillway;
+
+/// What the client was told about one write, in the end (after its retries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Accepted (202, or 200 with its outcome): the write id.
+    Ok(String),
+    /// Refused, and known to have changed nothing (4xx, `503 unavailable`
+    /// before anything was sent is counted as unknown, to be safe).
+    Fail,
+    /// Unknown: a timeout, `503 outcome-unknown`, a dropped connection.
+    Indeterminate,
+}
+
+/// One write of the history.
+#[derive(Debug, Clone)]
+pub(crate) struct Op {
+    pub(crate) key: String,
+    pub(crate) token: String,
+    pub(crate) outcome: Outcome,
+}
+
+/// A read of a key right after a write to it said `applied` at `expected`.
+#[derive(Debug, Clone)]
+pub(crate) struct Read {
+    pub(crate) expected: i64,
+    pub(crate) got: i64,
+}
+
+/// What the client recorded.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct History {
+    /// Per key, in the order the client sent them (one client per key).
+    pub(crate) ops: Vec<Op>,
+    pub(crate) reads: Vec<Read>,
+}
+
+/// The checker's verdict on one run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Report {
+    pub(crate) writes: usize,
+    pub(crate) acknowledged: usize,
+    pub(crate) indeterminate: usize,
+    pub(crate) lost: usize,
+    pub(crate) duplicated: usize,
+    pub(crate) unexpected: usize,
+    pub(crate) order_violations: usize,
+    pub(crate) stale_reads: usize,
+}
+
+impl Report {
+    /// Whether the run kept the contract.
+    pub(crate) fn clean(&self) -> bool {
+        self.lost == 0 && self.duplicated == 0 && self.unexpected == 0 && self.order_violations == 0 && self.stale_reads == 0
+    }
+}
+
+/// Checks `history` against each key's final array of tokens.
+pub(crate) fn check(history: &History, finals: &BTreeMap<String, Vec<String>>) -> Report {
+    let mut r = Report { writes: history.ops.len(), ..Report::default() };
+    let empty = Vec::new();
+    let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for op in &history.ops {
+        by_key.entry(op.key.as_str()).or_default().push(op);
+    }
+    for (key, ops) in by_key {
+        let fin = finals.get(key).unwrap_or(&empty);
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for t in fin {
+            *seen.entry(t.as_str()).or_default() += 1;
+        }
+        let position: HashMap<&str, usize> = fin.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        let mut last = None;
+        for op in &ops {
+            let count = seen.get(op.token.as_str()).copied().unwrap_or(0);
+            r.duplicated += count.saturating_sub(1);
+            match op.outcome {
+                Outcome::Ok(_) => {
+                    r.acknowledged += 1;
+                    match position.get(op.token.as_str()) {
+                        None => r.lost += 1,
+                        Some(&p) => {
+                            if last.is_some_and(|l| p < l) {
+                                r.order_violations += 1;
+                            }
+                            last = Some(p);
+                        }
+                    }
+                }
+                Outcome::Fail if count > 0 => r.unexpected += 1,
+                Outcome::Fail => {}
+                Outcome::Indeterminate => r.indeterminate += 1,
+            }
+        }
+        // Tokens no write of the history sent.
+        r.unexpected += fin.iter().filter(|t| !ops.iter().any(|op| &op.token == *t)).count();
+    }
+    r.stale_reads = history.reads.iter().filter(|rd| rd.got < rd.expected).count();
+    r
+}
+
+/// A small seeded generator (xorshift), so a scenario's timings repeat.
+pub(crate) struct Seeded(u64);
+
+impl Seeded {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// A number in `lo..hi`.
+    pub(crate) fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        lo + self.0 % (hi - lo).max(1)
+    }
+}
+
+/// The workload: `per_key` appends to each of `keys` keys, one client per key,
+/// retrying a `503` with the same `Idempotency-Key` (honouring `Retry-After`)
+/// until `give_up` has passed; returns the history. Each token ends with `pad`
+/// (to make the writes larger); with `wait`, each write asks for its outcome
+/// (`Prefer: wait=2`) and the key is read after it.
+pub(crate) async fn workload(s: &Spillway, run: &str, keys: usize, per_key: usize, give_up: Duration, pad: &str, wait: bool) -> History {
+    let clients = (0..keys).map(|k| async move {
+        let key = format!("{run}-k{k}");
+        let mut ops = Vec::new();
+        let mut reads = Vec::new();
+        for i in 0..per_key {
+            let token = format!("{run}-{k}-{i}{pad}");
+            let idem = format!("{run}-{k}-{i}");
+            let body = json!({"key": key, "op": "append", "field": "log", "value": token});
+            let started = Instant::now();
+            let outcome = loop {
+                let headers = [("idempotency-key", idem.as_str()), ("prefer", if wait { "wait=2" } else { "wait=0" })];
+                let answer = tokio::time::timeout(Duration::from_secs(10), s.call("POST", "/v1/writes", Some(body.clone()), &headers)).await;
+                let Ok((code, h, v)) = answer else { break Outcome::Indeterminate };
+                match code {
+                    200 | 202 => {
+                        if code == 200 && v["status"] == "applied" {
+                            let (_, _, rec) = s.call("GET", &format!("/v1/records/{key}"), None, &[]).await;
+                            if let (Some(expected), Some(got)) = (v["version"].as_i64(), rec["version"].as_i64()) {
+                                reads.push(Read { expected, got });
+                            }
+                        }
+                        break Outcome::Ok(v["id"].as_str().unwrap_or_default().to_owned());
+                    }
+                    429 | 503 if started.elapsed() < give_up => {
+                        let secs: u64 = h.get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
+                        tokio::time::sleep(Duration::from_millis(secs * 1000)).await;
+                    }
+                    503 => break Outcome::Indeterminate,
+                    _ => break Outcome::Fail,
+                }
+            };
+            ops.push(Op { key: key.clone(), token, outcome });
+        }
+        (ops, reads)
+    });
+    let mut h = History::default();
+    for (ops, reads) in futures::future::join_all(clients).await {
+        h.ops.extend(ops);
+        h.reads.extend(reads);
+    }
+    h
+}
+
+/// Waits (up to `bound`) until every acknowledged write of `h` is applied,
+/// sending nothing that wakes the processor; returns how long it took, or
+/// `None` if it did not happen within `bound`.
+pub(crate) async fn recovered(s: &Spillway, h: &History, bound: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    for op in &h.ops {
+        let Outcome::Ok(id) = &op.outcome else { continue };
+        loop {
+            let (_, _, v) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
+            if v["status"] == "applied" {
+                break;
+            }
+            if started.elapsed() > bound {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Some(started.elapsed())
+}
+
+/// Each key's final array, read from the database.
+pub(crate) async fn finals(s: &Spillway, h: &History) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for op in &h.ops {
+        if out.contains_key(&op.key) {
+            continue;
+        }
+        let (_, _, v) = s.call("GET", &format!("/v1/records/{}?consistent=true", op.key), None, &[]).await;
+        let log: Vec<String> = v["value"]["log"].as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+        out.insert(op.key.clone(), log);
+    }
+    out
+}
+
+fn op(key: &str, token: &str, outcome: Outcome) -> Op {
+    Op { key: key.into(), token: token.into(), outcome }
+}
+
+/// The checker on histories whose verdict is known: each defect is counted
+/// where it is, and a clean run is clean.
+#[test]
+fn the_checker_counts_each_kind_of_defect() {
+    let ok = |t: &str| Outcome::Ok(format!("id-{t}"));
+    let h = History {
+        ops: vec![
+            op("a", "a1", ok("a1")),
+            op("a", "a2", ok("a2")),
+            op("a", "a3", Outcome::Indeterminate),
+            op("a", "a4", Outcome::Fail),
+            op("b", "b1", ok("b1")),
+            op("b", "b2", ok("b2")),
+            op("b", "b3", ok("b3")),
+        ],
+        reads: vec![Read { expected: 2, got: 2 }, Read { expected: 3, got: 1 }],
+    };
+    let clean = BTreeMap::from([("a".to_owned(), vec!["a1".into(), "a2".into()]), ("b".to_owned(), vec!["b1".into(), "b2".into(), "b3".into()])]);
+    let mut r = check(&History { reads: vec![], ..h.clone() }, &clean);
+    assert_eq!(r, Report { writes: 7, acknowledged: 5, indeterminate: 1, ..Report::default() });
+    assert!(r.clean());
+    // a2 lost, a1 twice, a4 applied though refused, b's order broken, a token
+    // nobody sent, one stale read.
+    let broken = BTreeMap::from([
+        ("a".to_owned(), vec!["a1".into(), "a1".into(), "a4".into(), "zz".into()]),
+        ("b".to_owned(), vec!["b2".into(), "b1".into(), "b3".into()]),
+    ]);
+    r = check(&h, &broken);
+    assert_eq!((r.lost, r.duplicated, r.unexpected, r.order_violations, r.stale_reads), (1, 1, 2, 1, 1), "{r:?}");
+    assert!(!r.clean());
+    // An indeterminate write may be applied (once) or not.
+    let with_a3 = BTreeMap::from([("a".to_owned(), vec!["a1".into(), "a2".into(), "a3".into()]), ("b".to_owned(), vec!["b1".into(), "b2".into(), "b3".into()])]);
+    assert!(check(&History { reads: vec![], ..h }, &with_a3).clean());
+}
+
+/// One scenario's result as the suite prints it (a row of the table in
+/// docs/testing.md).
+fn report_line(scenario: &str, r: &Report, recover: Option<Duration>) -> String {
+    format!(
+        "fault suite | {scenario} | writes {} | acknowledged {} | indeterminate {} | lost {} | duplicated {} | unexpected {} | order violations {} | stale reads {} | recovered in {}",
+        r.writes,
+        r.acknowledged,
+        r.indeterminate,
+        r.lost,
+        r.duplicated,
+        r.unexpected,
+        r.order_violations,
+        r.stale_reads,
+        recover.map_or("never (within the bound)".to_owned(), |d| format!("{} ms", d.as_millis())),
+    )
+}
+
+/// Redis paused (SIGSTOP) and resumed in seeded cycles while the workload
+/// runs, the processor on its Redis trigger: nothing acknowledged is lost,
+/// nothing doubled or reordered, no read after `applied` is stale, and
+/// everything is applied once Redis stays up.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_stalled_in_cycles_keeps_the_contract() {
+    let vars = [("call_timeout_ms", "300"), ("request_timeout_ms", "1000"), ("lease_ttl_ms", "1000")];
+    let s = Spillway::builder().vars(&vars).with_trigger().start().await;
+    let mut rng = Seeded::new(0x5eed_2101);
+    let cycles: Vec<(u64, u64)> = (0..5).map(|_| (rng.between(150, 600), rng.between(200, 700))).collect();
+    let faults = async {
+        for (stalled, running) in &cycles {
+            tokio::time::sleep(Duration::from_millis(*running)).await;
+            s.redis.pause();
+            tokio::time::sleep(Duration::from_millis(*stalled)).await;
+            s.redis.resume();
+        }
+    };
+    let (history, ()) = futures::future::join(workload(&s, "stall", 6, 30, Duration::from_secs(20), "", true), faults).await;
+    let recover = recovered(&s, &history, Duration::from_secs(60)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{}", report_line("Redis stalled in cycles (SIGSTOP 150-600 ms, 5 times)", &report, recover));
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}; cycles {cycles:?}");
+    assert_eq!(report.writes, 180);
+    assert!(report.acknowledged > 0, "{report:?}");
+}
+
+/// The checker catches a broken run: Redis evicting keys under memory
+/// pressure (`allkeys-lru`, a hazard Spillway reports) loses queued writes
+/// that were acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_checker_flags_a_redis_that_evicts_queued_writes() {
+    let s = Spillway::builder().start().await;
+    let mut c = s.redis.conn();
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut c).unwrap();
+    let used: u64 = info.lines().find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok()).unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("allkeys-lru").query(&mut c).unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(used + 400_000).query(&mut c).unwrap();
+    // Writes of 4 KiB each, queued (no processor yet): more than fits.
+    let history = workload(&s, "evict", 4, 60, Duration::from_secs(5), &format!("-{}", "x".repeat(4096)), false).await;
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0).query(&mut c).unwrap();
+    s.drain().await;
+    let recover = recovered(&s, &history, Duration::from_secs(5)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{}", report_line("broken on purpose: Redis evicting (allkeys-lru, maxmemory)", &report, recover));
+    assert!(report.lost > 0 && !report.clean(), "the checker must flag the evicted writes: {report:?}");
+}
+
+/// PostgreSQL crashed (SIGKILL to the postmaster and every backend, mid-round
+/// or between rounds) and restarted on its data at seeded moments while the
+/// workload runs, the processor on its Redis trigger: exactly once, in order,
+/// nothing lost, everything applied once it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_crashed_and_restarted_keeps_the_contract() {
+    let mut pg = PgServer::start();
+    let vars = [("call_timeout_ms", "500"), ("request_timeout_ms", "1500"), ("lease_ttl_ms", "1000")];
+    let s = Spillway::builder().pg(pg.create_secured()).vars(&vars).with_trigger().start().await;
+    let mut rng = Seeded::new(0x5eed_2102);
+    let crashes: Vec<u64> = (0..3).map(|_| rng.between(300, 1200)).collect();
+    let faults = async {
+        for wait in &crashes {
+            tokio::time::sleep(Duration::from_millis(*wait)).await;
+            tokio::task::block_in_place(|| pg.crash_and_restart());
+        }
+    };
+    let (history, ()) = futures::future::join(workload(&s, "pgcrash", 6, 30, Duration::from_secs(20), "", true), faults).await;
+    let recover = recovered(&s, &history, Duration::from_secs(60)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{}", report_line("PostgreSQL crashed (SIGKILL) and restarted, 3 times", &report, recover));
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}; crashes after {crashes:?} ms");
+    assert_eq!((report.writes, report.acknowledged + report.indeterminate), (180, 180), "{report:?}");
+}
