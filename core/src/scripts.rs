@@ -57,8 +57,7 @@ if use_idem then
     if string.sub(prev, 1, sep - 1) ~= ARGV[2] then return {'conflict'} end
     -- A write that changes nothing: a WAIT for replicas after a replay then
     -- covers everything up to now, the first request's writes included.
-    local left = redis.call('PTTL', KEYS[1])
-    if left > 0 then redis.call('PEXPIRE', KEYS[1], left) end
+    redis.call('SET', KEYS[1], prev, 'KEEPTTL')
     local out = {'replay'}
     for id in string.gmatch(string.sub(prev, sep + 1), '[^,]+') do out[#out + 1] = id end
     return out

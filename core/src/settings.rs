@@ -190,7 +190,7 @@ impl Settings {
             return Err(SettingsError { name: "lease_ttl_ms", reason: "must be at least 1".into() });
         }
         // Unset: 2 s, or half the lease when that is shorter.
-        let call_timeout_ms = num(&get, "call_timeout_ms", 2000.min(lease_ttl_ms / 2))?;
+        let call_timeout_ms = num(&get, "call_timeout_ms", 2000.min(lease_ttl_ms / 2).max(1))?;
         if call_timeout_ms >= lease_ttl_ms {
             return Err(SettingsError { name: "call_timeout_ms", reason: format!("must be below lease_ttl_ms ({lease_ttl_ms})") });
         }

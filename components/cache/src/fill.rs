@@ -117,10 +117,13 @@ async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> R
                     return Ok(None);
                 };
                 // A fill the store refuses or does not take in time leaves the
-                // cache as it was; the reader has its record all the same.
-                let written = store.set(cache_key, e.to_text().as_bytes()).await;
-                spillway_spin::log_ignored("filling the cache", written);
-                spillway_spin::log_ignored("releasing a fill lock", redis.call(&Call::unlock(vec![lock], &me)).await);
+                // cache as it was; the reader has its record all the same. Its
+                // lock is then kept until it expires: the store may still carry
+                // the abandoned write out, and no newer value may go in first.
+                match store.set(cache_key, e.to_text().as_bytes()).await {
+                    Ok(()) => spillway_spin::log_ignored("releasing a fill lock", redis.call(&Call::unlock(vec![lock], &me)).await),
+                    Err(p) => spillway_spin::log_ignored("filling the cache", Err::<(), _>(p)),
+                }
                 return Ok(Some(e));
             }
             FillBegin::Busy => {}

@@ -100,6 +100,15 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
     loop {
+        // A statement ran out of time: this connection runs nothing more, and
+        // taking more shards would only burn their writes' attempts. Their
+        // watches resume them on a fresh invocation.
+        if db.abandoned() {
+            for h in std::mem::take(&mut d.held) {
+                h.lease.release(s, true).await;
+            }
+            return d.failures;
+        }
         if deadline.is_some_and(|t| spillway_spin::monotonic_ms() >= t) && !d.held.is_empty() {
             d.hand_on().await;
             return d.failures;
@@ -575,7 +584,7 @@ impl<'a> Refresh<'a> {
         // short). One that returns after the locks may have expired may have
         // landed after a newer refresh or fill: its keys are invalidated (a
         // deletion never makes the cache older) and the round is retried.
-        if written.is_ok() && spillway_spin::monotonic_ms().saturating_sub(started) >= self.s.lease_ttl_ms {
+        if spillway_spin::monotonic_ms().saturating_sub(started) >= self.s.lease_ttl_ms {
             spillway_spin::log_ignored("invalidating a late refresh", self.kv.delete_many(written_keys));
             written = Err(Problem::unavailable("the cache refresh outlived its locks (the key-value store was slow); its keys were invalidated and the batch will be retried"));
         }

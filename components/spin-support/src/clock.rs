@@ -14,7 +14,7 @@ pub fn monotonic_ms() -> u64 {
 
 /// Waits `ms` milliseconds (WASI monotonic clock).
 pub async fn wait_ms(ms: u64) {
-    spin_sdk::wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;
+    spin_sdk::wasip3::clocks::monotonic_clock::wait_for(ms.saturating_mul(1_000_000)).await;
 }
 
 /// A random token (lease and lock owner).

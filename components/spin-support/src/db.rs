@@ -59,6 +59,10 @@ impl From<DbError> for Problem {
     }
 }
 
+/// How much longer than a call a schema step may take (a table rewritten or a
+/// lock waited for on upgrade), so that a large database can be migrated.
+const SCHEMA_EXTRA_MS: u64 = 60_000;
+
 /// How answers name the database: by its variable.
 const WHAT: &str = "The database (database)";
 
@@ -133,28 +137,28 @@ impl Db {
     /// win.
     async fn migrate(&self, step: &Step) -> Result<(), Problem> {
         let has = async || -> Result<bool, Problem> {
-            let rows = self.query(step.done, Vec::new()).await?;
+            let rows = self.query_for(step.done, Vec::new(), SCHEMA_EXTRA_MS).await?;
             Ok(rows.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0) > 0)
         };
         if has().await? {
             return Ok(());
         }
-        self.query(self.sql.begin, Vec::new()).await?;
+        self.query_for(self.sql.begin, Vec::new(), SCHEMA_EXTRA_MS).await?;
         let migrated = async {
             if let Some(lock) = self.sql.schema_lock {
-                self.query(lock, Vec::new()).await?;
+                self.query_for(lock, Vec::new(), SCHEMA_EXTRA_MS).await?;
             }
             if !has().await? {
                 for stmt in step.statements {
-                    self.query(stmt, Vec::new()).await?;
+                    self.query_for(stmt, Vec::new(), SCHEMA_EXTRA_MS).await?;
                 }
             }
-            self.query(self.sql.commit, Vec::new()).await?;
+            self.query_for(self.sql.commit, Vec::new(), SCHEMA_EXTRA_MS).await?;
             Ok::<(), Problem>(())
         }
         .await;
         if let Err(p) = migrated {
-            crate::log_ignored("schema rollback", self.query(self.sql.rollback, Vec::new()).await);
+            crate::log_ignored("schema rollback", self.query_for(self.sql.rollback, Vec::new(), SCHEMA_EXTRA_MS).await);
             return Err(p);
         }
         Ok(())
@@ -165,10 +169,21 @@ impl Db {
     /// so is the connection: it may still complete the statement (or, in a
     /// transaction, roll it back when dropped), and runs nothing more.
     pub async fn query(&self, stmt: &str, params: Vec<SqlValue>) -> Result<Vec<Vec<SqlValue>>, DbError> {
+        self.query_for(stmt, params, 0).await
+    }
+
+    /// Whether a statement ran out of time on this connection (it runs
+    /// nothing more: open another).
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.get()
+    }
+
+    /// [`Db::query`], allowed `extra_ms` beyond a call's time.
+    async fn query_for(&self, stmt: &str, params: Vec<SqlValue>, extra_ms: u64) -> Result<Vec<Vec<SqlValue>>, DbError> {
         if self.abandoned.get() {
             return Err(DbError { kind: DbErrorKind::Other, problem: Problem::timeout(Dependency::Database, WHAT, crate::deadline::call_timeout_ms()) });
         }
-        match crate::deadline::guarded(Dependency::Database, WHAT, self.query_now(stmt, params)).await {
+        match crate::deadline::guarded_for(Dependency::Database, WHAT, extra_ms, self.query_now(stmt, params)).await {
             Ok(r) => r,
             Err(problem) => {
                 self.abandoned.set(true);

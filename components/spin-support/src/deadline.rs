@@ -56,7 +56,7 @@ pub async fn guarded<F: Future>(dependency: Dependency, what: &str, fut: F) -> R
 pub async fn guarded_for<F: Future>(dependency: Dependency, what: &str, extra_ms: u64, fut: F) -> Result<F::Output, Problem> {
     let ms = match call_timeout_ms() {
         0 => 0,
-        ms => ms + extra_ms,
+        ms => ms.saturating_add(extra_ms),
     };
     let now = crate::monotonic_ms();
     if TRIPPED.with_borrow(|t| t.get(what).is_some_and(|until| now < *until)) {

@@ -112,9 +112,16 @@ impl Redis {
             Err(e) => return Err(failed(e)),
         };
         let Some(w) = wait else { return Ok((reply, 0)) };
-        let args = vec![RedisParameter::Int64(i64::from(w.count)), RedisParameter::Int64(w.timeout_ms as i64)];
-        let acked = conn.execute("WAIT", args).await.map_err(failed)?;
-        Ok((reply, acked.first().and_then(int).unwrap_or(0)))
+        let args = vec![RedisParameter::Int64(i64::from(w.count)), RedisParameter::Int64(i64::try_from(w.timeout_ms).unwrap_or(i64::MAX))];
+        // The command's writes are in: a WAIT that fails confirms no replica
+        // (never "nothing was written").
+        match conn.execute("WAIT", args).await {
+            Ok(acked) => Ok((reply, acked.first().and_then(int).unwrap_or(0))),
+            Err(e) => {
+                let _ = failed(e);
+                Ok((reply, 0))
+            }
+        }
     }
 
     /// Drops the kept connection after a failure. The next connection may reach

@@ -69,7 +69,7 @@ impl Notices {
         // The block itself, and then a call's time for the answer (a timeout
         // drops the connection: the reply may still come on it).
         let ms = crate::deadline::call_timeout_ms();
-        let (conn, reply) = match crate::deadline::within(if ms == 0 { 0 } else { block + ms }, read).await {
+        let (conn, reply) = match crate::deadline::within(if ms == 0 { 0 } else { block.saturating_add(ms) }, read).await {
             Some(r) => r?,
             None => return Err(Problem::timeout(Dependency::Redis, &crate::redis::redis_what(&self.address), ms)),
         };
