@@ -38,9 +38,15 @@ pub(crate) async fn cached_or_filled(s: &Settings, key: &str) -> Result<Option<E
 
 /// The record from the database, the cache store having failed (`why`).
 /// Read-your-writes holds: the database has every applied write.
-pub(crate) async fn around_cache(key: &str, why: &Problem) -> Result<Option<Entry>, Problem> {
-    eprintln!("{}", serde_json::json!({"event": "cache_bypassed", "error": why.detail}));
+async fn around_cache(key: &str, why: &Problem) -> Result<Option<Entry>, Problem> {
+    log_bypassed(why);
     Ok(from_db(key).await?.as_ref().map(Entry::from_doc))
+}
+
+/// One JSON line: a read answered from the database because the cache (its
+/// store, or its fill lock's Redis) failed with `why`.
+pub(crate) fn log_bypassed(why: &Problem) {
+    eprintln!("{}", serde_json::json!({"event": "cache_bypassed", "error": why.detail}));
 }
 
 thread_local! {
@@ -98,7 +104,7 @@ async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> R
         let begun = match begun.await {
             Ok(b) => b,
             Err(p) => {
-                eprintln!("{}", serde_json::json!({"event": "cache_bypassed", "error": p.detail}));
+                log_bypassed(&p);
                 break;
             }
         };

@@ -72,7 +72,7 @@ pub(crate) async fn get_many(s: &Settings, req: spin_sdk::http::Request, query: 
                     }
                 }
             }
-            Err(p) => eprintln!("{}", json!({"event": "cache_bypassed", "error": p.detail})),
+            Err(p) => crate::fill::log_bypassed(&p),
         }
     }
     let misses: Vec<&String> = keys.iter().filter(|k| !found.contains_key(k.as_str())).collect();

@@ -134,7 +134,8 @@ impl Accepted {
 }
 
 /// Enqueues `writes`: one `ENQUEUE` call per group of shards that share a
-/// Redis server (followed by a `WAIT` for `min_replicas` on its connection) (per shard with `redis_cluster`), all groups at once. One server
+/// Redis server (per shard with `redis_cluster`), all groups at once, each
+/// followed by a `WAIT` for `min_replicas` on its own connection. One server
 /// (the default) is one call, all or nothing. With several, each group is all or
 /// nothing on its own: a refusal (full, conflict) or a failure answers for the
 /// whole request while other groups may have been accepted, and a retry with the
