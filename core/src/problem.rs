@@ -107,6 +107,8 @@ impl Problem {
                 "Credentials refused",
                 &format!("{what} refused Spillway's credentials: check the user and password in that variable (the server log has the details)"),
             )
+        } else if let Some((code, title, why)) = redis_refusal(cause) {
+            Self::new(503, code, title, &format!("{what} {why}"))
         } else {
             Self::new(503, "unavailable", "Service unavailable", &format!("{what} is unreachable or failed (the server log has the details)"))
         };
@@ -237,6 +239,32 @@ impl Dependency {
     }
 }
 
+/// A Redis server's refusal of a command it did not run (so nothing of it
+/// happened), recognised in its error text: the problem type, title, and what
+/// the server did, as the detail's end.
+pub fn redis_refusal(cause: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    let c = cause.to_ascii_lowercase();
+    if c.contains("oom") && c.contains("maxmemory") {
+        Some((
+            "redis-full",
+            "Redis is full",
+            "is at its memory limit (maxmemory, policy noeviction) and refused the change: nothing was stored. Retry later: the processor frees memory as it applies the queue; or raise maxmemory",
+        ))
+    } else if c.contains("busy running a script") {
+        Some(("redis-busy", "Redis is busy", "is busy running a long script and refused the command: nothing was done. Retry later"))
+    } else if c.contains("misconf") {
+        Some((
+            "redis-cannot-persist",
+            "Redis cannot persist",
+            "cannot write its append-only file or snapshot (a full or failing disk) and refuses changes: nothing was stored. Retry once its disk is fixed",
+        ))
+    } else if c.contains("readonly") && c.contains("replica") {
+        Some(("redis-read-only", "Redis is a replica", "is a read-only replica and refused the change: nothing was stored. Point that variable at the primary"))
+    } else {
+        None
+    }
+}
+
 /// Whether a backend's error text says it refused the credentials: Redis's
 /// `NOAUTH` / `WRONGPASS` (and the wording of clients that report them),
 /// PostgreSQL's SQLSTATE class 28 (`28P01` invalid password, `28000`) and its
@@ -264,6 +292,22 @@ mod tests {
 
     /// Credential refusals of Redis and PostgreSQL, as their clients word them,
     /// are told apart from other failures; neither shows the cause.
+    #[test]
+    fn redis_refusals_say_what_redis_refused_and_that_nothing_happened() {
+        for (cause, code) in [
+            ("Other(\"OOM: command not allowed when used memory > 'maxmemory'.\")", "redis-full"),
+            ("Other(\"BUSY: Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.\")", "redis-busy"),
+            ("Other(\"MISCONF: Errors writing to the AOF file: No space left on device\")", "redis-cannot-persist"),
+            ("Other(\"ReadOnly: You can't write against a read only replica.\")", "redis-read-only"),
+        ] {
+            let p = Problem::backend("Redis (redis_address)", cause);
+            assert_eq!((p.status, p.code(), p.retry_after), (503, code, Some(1)), "{cause}");
+            assert!(p.detail.starts_with("Redis (redis_address) ") && p.detail.contains("nothing was"), "{}", p.detail);
+            assert!(!p.body().contains(cause));
+        }
+        assert_eq!(Problem::backend("Redis (redis_address)", "Io(Connection reset by peer)").code(), "unavailable");
+    }
+
     #[test]
     fn backend_failures_are_safe_and_tell_credentials_apart() {
         for refusal in [
