@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use spillway_core::call::{Call, EnqueueLimits};
 use spillway_core::layout::Layout;
 use spillway_core::scripts;
 
@@ -443,9 +444,9 @@ async fn main() -> anyhow::Result<()> {
     let ceiling = load::redis_script(&redis_url, clients, duration, scripts::ENQUEUE, move |c, n| {
         let shard = ((c as u64 + n) % 16) as u32;
         let l = &ceiling_layout;
-        let keys = vec![l.idempotency(shard, ""), l.stream(shard), l.bell(shard), l.lease(shard), l.stats(shard)];
-        let args = ["0", "", "60", "100000000", "5000", "1", &shard.to_string(), "1", "1", &incr("k")];
-        (keys, args.iter().map(|a| (*a).to_owned()).collect())
+        let limits = EnqueueLimits { idempotency: None, idempotency_ttl_secs: 60, queue_depth_limit: 100_000_000, bell_ttl_ms: 5000, seq_start: n as u32 };
+        let call = Call::enqueue(l, &[shard], shard, limits, &[(shard, incr("k"))]);
+        (call.keys, call.args)
     })
     .await?;
     let _: () = redis::cmd("EVAL").arg("for _, k in ipairs(redis.call('KEYS', 'bench:ceiling:*')) do redis.call('DEL', k) end").arg(0).query(&mut redis)?;

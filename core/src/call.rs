@@ -51,6 +51,12 @@ impl Call {
         Self { script: scripts::LEASE_ACQUIRE, keys: vec![l.lease(shard), l.fence(shard)], args: vec![token.to_owned(), ttl_ms.to_string()] }
     }
 
+    /// `FENCE_RAISE`: raises `shard`'s fencing counter to `at_least` if it is
+    /// below.
+    pub fn fence_raise(l: &Layout, shard: u32, at_least: i64) -> Self {
+        Self { script: scripts::FENCE_RAISE, keys: vec![l.fence(shard)], args: vec![at_least.to_string()] }
+    }
+
     /// `LEASE_RELEASE`: releases `token`'s lease; with `retry_ms` > 0 the
     /// shard's watch stays that long (its expiry is the retry).
     pub fn lease_release(l: &Layout, shard: u32, token: &str, retry_ms: u64) -> Self {
@@ -205,6 +211,10 @@ pub struct EnqueueLimits<'a> {
     pub queue_depth_limit: u64,
     /// The doorbell flag's TTL (the lease TTL).
     pub bell_ttl_ms: u64,
+    /// A random number, where the sequence part of the request's first entry id
+    /// in each stream starts (see `scripts::ENQUEUE`: ids a failed-over Redis
+    /// hands out again must not be those of writes already applied).
+    pub seq_start: u32,
 }
 
 impl Call {
@@ -223,6 +233,7 @@ impl Call {
             limits.idempotency_ttl_secs.to_string(),
             limits.queue_depth_limit.to_string(),
             limits.bell_ttl_ms.to_string(),
+            limits.seq_start.to_string(),
             group.len().to_string(),
         ];
         args.extend(group.iter().map(u32::to_string));
@@ -280,11 +291,11 @@ mod tests {
         assert_eq!(leased.keys, [l.lease(sa), l.lease(sb), l.fill_lock("a"), l.fill_lock("b")]);
         assert_eq!(leased.args[..5], ["2", "me", "5000", "ta", "tb"]);
         assert_eq!(leased.args[5], "1", "a's lease is the first");
-        let limits = EnqueueLimits { idempotency: Some(("k", "md5")), idempotency_ttl_secs: 60, queue_depth_limit: 10, bell_ttl_ms: 5000 };
+        let limits = EnqueueLimits { idempotency: Some(("k", "md5")), idempotency_ttl_secs: 60, queue_depth_limit: 10, bell_ttl_ms: 5000, seq_start: 77 };
         let e = Call::enqueue(&l, &[3, 7], 3, limits, &[(7, "w1".into()), (9, "elsewhere".into()), (3, "w2".into())]);
         assert_eq!(e.keys.len(), 9);
         assert_eq!(e.keys[0], l.idempotency(3, "k"));
-        assert_eq!(e.args, ["1", "md5", "60", "10", "5000", "2", "3", "7", "2", "2", "w1", "1", "w2"]);
+        assert_eq!(e.args, ["1", "md5", "60", "10", "5000", "77", "2", "3", "7", "2", "2", "w1", "1", "w2"]);
         let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[(3, "w".into())]);
         assert_eq!((plain.keys[0].clone(), &plain.args[..2]), (l.idempotency(3, ""), &["0".to_owned(), String::new()][..]));
     }

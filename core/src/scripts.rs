@@ -6,6 +6,18 @@
 //! stats hash (see `Layout::stats`): totals per outcome, and accepted / applied
 //! per 10-second bucket (`<field>@<bucket>`, the last minute kept) for throughput.
 
+/// The first line of the scripts the processor drains the queue with: they run
+/// even when Redis is at its `maxmemory` (policy `noeviction`), where Redis
+/// refuses a script's first command that may grow memory. Applying the queue
+/// is what frees memory (acknowledged entries are deleted): a processor whose
+/// lease or read were refused would leave a full Redis full for good. Intake's
+/// `ENQUEUE` and replays do not have it: they are refused, as they must be.
+macro_rules! allow_oom {
+    () => {
+        "#!lua flags=allow-oom\n"
+    };
+}
+
 /// The Lua counting helper the scripts share: `count(stats_key, field, n, windowed)`.
 macro_rules! count_lua {
     () => {
@@ -28,15 +40,48 @@ end
     };
 }
 
+/// The Lua helper that adds a request's first entry to a shard's stream:
+/// `add_entry(stream, payload, now_ms, seq_start)`, returning its id.
+///
+/// A write's id is its entry id, so two writes must never get the same one,
+/// yet `XADD *` hands out ids from the server's clock and the stream's last id:
+/// after a failover to a replica that lagged, whose clock is behind the old
+/// primary's, it hands out again the ids of writes the old primary took
+/// during the lag, which the database has recorded as applied (and the new
+/// write would be skipped as a redelivery). So the sequence part starts at a
+/// random number (`seq_start`, below 2^32) instead of 0 or the last one plus
+/// one: `<now>-<seq_start>`, or, when the stream's last id is at or past `now`
+/// (a burst within one millisecond, or that failover), that id plus one plus
+/// `seq_start`. Two entries then share an id only if two random numbers agree.
+macro_rules! add_entry_lua {
+    () => {
+        r#"
+local function add_entry(stream, payload, now, seq_start)
+  local id = redis.pcall('XADD', stream, string.format('%d-%d', now, seq_start), 'w', payload)
+  if type(id) ~= 'table' then return id end
+  if not string.find(id.err, 'equal or smaller', 1, true) then error(id) end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  local last = '0-0'
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+  return redis.call('XADD', stream, ms .. '-' .. string.format('%.0f', tonumber(seq) + 1 + seq_start), 'w', payload)
+end
+"#
+    };
+}
+
 /// Enqueue a request's writes on one Redis server in one round trip, all or
 /// nothing: the writes of every shard of the request that lives on that server
 /// (of one shard, with `redis_cluster`, so that the script touches one hash slot).
 ///
 /// KEYS: `[idempotency, (stream, bell, lease, stats)*]`, one group per shard; the
 /// idempotency key is in the first shard's slot.
-/// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, n,
-/// shard_1..shard_n, writes, (slot, payload)*]` where `slot` is 1-based in the
-/// shard list.
+/// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, seq_start,
+/// n, shard_1..shard_n, writes, (slot, payload)*]` where `slot` is 1-based in the
+/// shard list and `seq_start` is random (see `add_entry_lua`): a request's
+/// first entry in each stream is added by `add_entry`, the rest follow it.
 ///
 /// Reply: `ok, id*[, rang, shard*]` (`rang`: the shards whose doorbell this call
 /// rang; the caller rings them, on the doorbell channel or over HTTP) | `replay,
@@ -48,7 +93,7 @@ end
 /// write. A flag that has been set for more than half its TTL while no processor
 /// holds the shard's lease is a ring that was lost (the processor crashed before
 /// taking the lease, or the app restarted): it is rung again.
-pub const ENQUEUE: &str = concat!(count_lua!(), r#"
+pub const ENQUEUE: &str = concat!(count_lua!(), add_entry_lua!(), r#"
 local use_idem = ARGV[1] == '1'
 if use_idem then
   local prev = redis.call('GET', KEYS[1])
@@ -64,8 +109,8 @@ if use_idem then
   end
 end
 local limit = tonumber(ARGV[4])
-local n = tonumber(ARGV[6])
-local base = 7 + n
+local n = tonumber(ARGV[7])
+local base = 8 + n
 local writes = tonumber(ARGV[base])
 local counts = {}
 for i = 1, writes do
@@ -73,20 +118,28 @@ for i = 1, writes do
   counts[slot] = (counts[slot] or 0) + 1
 end
 for s = 1, n do
-  if redis.call('XLEN', KEYS[4 * s - 2]) + (counts[s] or 0) > limit then return {'full', ARGV[6 + s]} end
+  if redis.call('XLEN', KEYS[4 * s - 2]) + (counts[s] or 0) > limit then return {'full', ARGV[7 + s]} end
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {'ok'}
+local started = {}
 for i = 1, writes do
   local slot = tonumber(ARGV[base + 2 * i - 1])
-  local id = redis.call('XADD', KEYS[4 * slot - 2], '*', 'w', ARGV[base + 2 * i])
-  out[#out + 1] = ARGV[6 + slot] .. '-' .. id
+  local stream, payload = KEYS[4 * slot - 2], ARGV[base + 2 * i]
+  local id
+  if started[slot] then
+    id = redis.call('XADD', stream, '*', 'w', payload)
+  else
+    started[slot] = true
+    id = add_entry(stream, payload, now, tonumber(ARGV[6]))
+  end
+  out[#out + 1] = ARGV[7 + slot] .. '-' .. id
 end
 for s = 1, n do count(KEYS[4 * s + 1], 'accepted', counts[s] or 0, true) end
 if use_idem then
   redis.call('SET', KEYS[1], ARGV[2] .. '|' .. table.concat(out, ',', 2), 'EX', ARGV[3])
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[5])
 local rang = {}
 for s = 1, n do
@@ -99,7 +152,7 @@ for s = 1, n do
       ring = true
     end
   end
-  if ring then rang[#rang + 1] = ARGV[6 + s] end
+  if ring then rang[#rang + 1] = ARGV[7 + s] end
 end
 if #rang > 0 then
   out[#out + 1] = 'rang'
@@ -131,19 +184,30 @@ end
 
 /// Take a shard's lease. KEYS: `[lease, fence]`, ARGV: `[token, ttl_ms]`.
 /// Reply: the new fencing token (> 0), or 0 when someone else holds the lease.
-pub const LEASE_ACQUIRE: &str = r#"
+pub const LEASE_ACQUIRE: &str = concat!(allow_oom!(), r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
 return 0
-"#;
+"#);
+
+/// Raise a shard's fencing counter to what the database has seen, if it is
+/// below (Redis forgot tenures in a failover). KEYS: `[fence]`, ARGV:
+/// `[at_least]`. Reply: 1 raised, 0 it was not below.
+pub const FENCE_RAISE: &str = concat!(allow_oom!(), r#"
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"#);
 
 /// Release a lease we hold (compare-and-delete). Its watch is deleted too, or, after
 /// a failed batch, kept to expire in `retry_ms`: that expiry event is the retry, so a
 /// shard whose batch failed is tried again with no further traffic.
 /// KEYS: `[lease, watch]`, ARGV: `[token, retry_ms]` (0: no retry). Reply: 1
 /// released, 0 not ours.
-pub const LEASE_RELEASE: &str = r#"
+pub const LEASE_RELEASE: &str = concat!(allow_oom!(), r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   if tonumber(ARGV[2]) > 0 then
     redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
@@ -153,7 +217,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"#;
+"#);
 
 /// Read the next batch of a shard, as the lease holder, renewing the lease (and
 /// setting the shard's watch to three lease TTLs). A tenure starts by resuming: it
@@ -186,7 +250,7 @@ return 0
 /// `prune_before_ms` is the earlier of "now minus the retention" and the stream time
 /// of the oldest entry still in the stream (see `sql::PRUNE_WRITES`), both on Redis's
 /// clock, the clock of the entry ids.
-pub const READ_BATCH: &str = r#"
+pub const READ_BATCH: &str = concat!(allow_oom!(), r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lost'} end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[4], ARGV[1], 'PX', 3 * tonumber(ARGV[6]))
@@ -240,26 +304,26 @@ if first then
 end
 out[2] = horizon
 return out
-"#;
+"#);
 
 /// The start of a careful round (see [`READ_BATCH`]): every shard of the round
 /// on this server gets a marker naming no write (`-`). KEYS: the markers
 /// (`applying`). ARGV: `[ttl_ms]`.
-pub const MARK_ROUND: &str = r#"
+pub const MARK_ROUND: &str = concat!(allow_oom!(), r#"
 for _, k in ipairs(KEYS) do
   redis.call('DEL', k)
   redis.call('SADD', k, '-')
   redis.call('PEXPIRE', k, ARGV[1])
 end
 return #KEYS
-"#;
+"#);
 
 /// Before one apply-step call of a careful round, as the shard's lease holder
 /// (renewing the lease): the previous call's writes leave the shard's marker and
 /// this call's enter it. KEYS: `[lease, applying]`. ARGV: `[token, lease_ttl_ms,
 /// marker_ttl_ms, previous count, previous id*, id*]`. Reply: 1, or 0 when the
 /// lease is not ours (nothing is marked).
-pub const MARK_CALL: &str = r#"
+pub const MARK_CALL: &str = concat!(allow_oom!(), r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local previous = tonumber(ARGV[4])
@@ -268,7 +332,7 @@ redis.call('SADD', KEYS[2], '-')
 for i = 5 + previous, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
-"#;
+"#);
 
 /// Move entries past their attempt limit that the database does not have (or
 /// whose apply step kept failing) to the dead-letter stream with their error
@@ -279,7 +343,7 @@ return 1
 /// KEYS: `[stream, attempts, dead, dead_status_prefix, done, stats]`.
 /// ARGV: `[group, shard, retention_ms, (entry_id, payload, error, attempts)*]`,
 /// an empty error or attempt count meaning the one recorded.
-pub const DEAD_LETTER: &str = concat!(count_lua!(), r#"
+pub const DEAD_LETTER: &str = concat!(allow_oom!(), count_lua!(), r#"
 for i = 4, #ARGV, 4 do
   local id = ARGV[i]
   local err = ARGV[i + 2]
@@ -299,7 +363,7 @@ return (#ARGV - 3) / 4
 /// Whether a shard has queued writes and no lease holder: work a processor may
 /// claim. KEYS: `[stream, lease]`, ARGV: `[shard]` (one shard per call, one hash
 /// slot). Reply: the shard number if so, else nothing.
-pub const CLAIMABLE: &str = r#"
+pub const CLAIMABLE: &str = concat!(allow_oom!(), r#"
 local out = {}
 for i = 1, #ARGV do
   if redis.call('EXISTS', KEYS[2 * i]) == 0 and redis.call('XLEN', KEYS[2 * i - 1]) > 0 then
@@ -307,7 +371,7 @@ for i = 1, #ARGV do
   end
 end
 return out
-"#;
+"#);
 
 /// Acknowledge applied entries: XACK, XDEL (so XLEN is the queue depth), forget
 /// their attempts (many ids per command), and add one notice to the shard's capped
@@ -315,7 +379,7 @@ return out
 /// Counts the batch's new outcomes (`applied`, `rejected`) in the shard's stats.
 /// KEYS: `[stream, attempts, done, stats]`, ARGV: `[group, applied, rejected,
 /// entry_id*]`.
-pub const ACK: &str = concat!(count_lua!(), r#"
+pub const ACK: &str = concat!(allow_oom!(), count_lua!(), r#"
 local n = #ARGV
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'n', n - 3)
 for i = 4, n, 1000 do
@@ -335,7 +399,7 @@ return n - 3
 
 /// Record why a batch failed, for the dead letter, and count the deliveries to
 /// retry. KEYS: `[attempts, stats]`, ARGV: `[error, entry_id*]`.
-pub const RECORD_ERROR: &str = concat!(count_lua!(), r#"
+pub const RECORD_ERROR: &str = concat!(allow_oom!(), count_lua!(), r#"
 for i = 2, #ARGV do
   redis.call('HSET', KEYS[1], 'err:' .. ARGV[i], ARGV[1])
 end
@@ -402,7 +466,7 @@ return 1
 /// processor calls it per shard (m = 1), so its keys are one hash slot.
 /// Reply per lock: 1 taken, 0 busy, 2 its shard's lease is lost. A negative cache
 /// entry counts as free (see [`FILL_BEGIN`]).
-pub const LOCKS_ACQUIRE_LEASED: &str = r#"
+pub const LOCKS_ACQUIRE_LEASED: &str = concat!(allow_oom!(), r#"
 local m = tonumber(ARGV[1])
 local ours = {}
 for i = 1, m do
@@ -424,16 +488,16 @@ for j = m + 1, #KEYS do
   end
 end
 return out
-"#;
+"#);
 
 /// Release locks we hold (compare-and-delete each). KEYS: locks, ARGV: `[token]`.
-pub const LOCKS_RELEASE: &str = r#"
+pub const LOCKS_RELEASE: &str = concat!(allow_oom!(), r#"
 local n = 0
 for i = 1, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then n = n + redis.call('DEL', KEYS[i]) end
 end
 return n
-"#;
+"#);
 
 /// Replay dead letters of one shard back onto its stream (new write ids), marking
 /// each old id's status `replayed:<new id>` (for the status retention) and setting
@@ -468,7 +532,7 @@ return out
 /// KEYS: `[dead, dead_status_prefix, stats]`.
 /// ARGV: `[shard, retention_ms, write_id*]` (no write ids: all of the shard).
 /// Reply: the purged write ids.
-pub const PURGE: &str = concat!(count_lua!(), dead_lua!(), r#"
+pub const PURGE: &str = concat!(allow_oom!(), count_lua!(), dead_lua!(), r#"
 local out = {}
 for _, d in ipairs(matching_dead(KEYS[1], 3)) do
   local id = d[2]['id']

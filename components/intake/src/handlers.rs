@@ -245,6 +245,7 @@ fn enqueue_call(s: &Settings, group: &[u32], writes: &[write::Accepted], shard_o
         idempotency_ttl_secs: s.idempotency_ttl_secs,
         queue_depth_limit: s.queue_depth_limit,
         bell_ttl_ms: s.lease_ttl_ms,
+        seq_start: spillway_spin::random_u32(),
     };
     // Only this group's writes are serialized (a request over several groups
     // must not serialize every write once per group).

@@ -35,8 +35,9 @@ pub(crate) struct Applied {
     /// is acknowledged: this delivery's, and those an earlier delivery recorded.
     pub(crate) per_shard: HashMap<u32, (u64, u64)>,
     /// Shards whose batch was refused because a newer lease holder has written
-    /// (their entries are that holder's now).
-    pub(crate) fenced: Vec<u32>,
+    /// (their entries are that holder's now), with the fencing token the
+    /// database has seen.
+    pub(crate) fenced: BTreeMap<u32, i64>,
 }
 
 /// An entry to dead-letter.
@@ -156,8 +157,9 @@ struct Envelope {
 /// do not parse, and which are past their attempt limit.
 #[derive(Default)]
 struct Entries {
-    /// Shards whose batch was fenced off (a newer holder has written).
-    fenced: Vec<u32>,
+    /// Shards whose batch was fenced off (a newer holder has written), with
+    /// the database's token.
+    fenced: BTreeMap<u32, i64>,
     /// `(write id, key, payload)`, in stream order per shard.
     writes: Vec<(String, String, String)>,
     /// `(write id, why)`: payloads that are not a write.
@@ -178,7 +180,8 @@ async fn fence_and_gather(db: &Db, batches: &[Batch]) -> Result<Entries, Problem
     for b in in_order {
         let rows = db.query(db.sql().fence, vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.fence)]).await?;
         if rows.first().and_then(|r| r.first()).and_then(integer) != Some(b.fence) {
-            e.fenced.push(b.shard);
+            let rows = db.query(db.sql().fence_token, vec![Value::Integer(i64::from(b.shard))]).await?;
+            e.fenced.insert(b.shard, rows.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0));
             continue;
         }
         for (entry, payload) in &b.entries {
@@ -312,7 +315,7 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     if !out.rows.is_empty() {
         db.query(db.sql().insert_writes, vec![json_param(&out.rows)]).await?;
     }
-    for b in batches.iter().filter(|b| !e.fenced.contains(&b.shard)) {
+    for b in batches.iter().filter(|b| !e.fenced.contains_key(&b.shard)) {
         let params = vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)];
         db.query(db.sql().prune_writes, params).await?;
     }
@@ -331,7 +334,7 @@ async fn plan_round(
     already: &HashSet<String>,
     now: i64,
 ) -> spillway_core::apply::Plan {
-    let careful = batches.iter().any(|b| b.careful).then(|| Careful::new(s, batches.iter().filter(|b| !e.fenced.contains(&b.shard))));
+    let careful = batches.iter().any(|b| b.careful).then(|| Careful::new(s, batches.iter().filter(|b| !e.fenced.contains_key(&b.shard))));
     if let Some(c) = &careful {
         c.begin().await;
     }

@@ -292,8 +292,15 @@ impl Drain<'_> {
             self.record_failure(shard, ids, &p).await;
             self.fail(shard, p).await;
         }
-        // Fenced: a newer holder has written; these entries are its now.
-        self.held.retain(|h| !applied.fenced.contains(&h.shard));
+        // Fenced: a newer holder has written; these entries are its now. Unless
+        // no newer holder exists: Redis's counter is behind the database's
+        // fence (see `Lease::fenced_off`).
+        for h in self.held.iter().filter(|h| applied.fenced.contains_key(&h.shard)) {
+            let seen = applied.fenced[&h.shard];
+            eprintln!("{}", serde_json::json!({"event": "batch_fenced", "shard": h.shard, "fence": h.fence, "database": seen}));
+            h.lease.fenced_off(self.s, seen).await;
+        }
+        self.held.retain(|h| !applied.fenced.contains_key(&h.shard));
         let refresh_started = spillway_spin::monotonic_ms();
         let Some(done) = self.refresh(batches, &applied).await else { return };
         let cache_ms = spillway_spin::monotonic_ms() - refresh_started;

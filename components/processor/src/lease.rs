@@ -46,6 +46,26 @@ impl Lease {
         }
     }
 
+    /// The database refused this holder's batch: it has seen fencing token
+    /// `seen`, newer than ours. Normally a newer holder has the shard now. But
+    /// if Redis's counter is behind `seen`, Redis has forgotten tenures the
+    /// database remembers (a failover to a replica that had not received
+    /// them): no newer holder exists, and every next holder would be refused
+    /// too, the shard stalled until the counter caught up one tenure at a
+    /// time. Then the counter is raised to `seen` and the lease released with a
+    /// retry, so that the next holder's token passes the fence.
+    pub(crate) async fn fenced_off(&self, s: &Settings, seen: i64) {
+        let raised = Redis::for_shard(s, self.shard).call(&Call::fence_raise(&s.layout, self.shard, seen)).await;
+        match raised.map(|r| matches!(spillway_spin::redis::values(&r).first(), Some(spillway_core::reply::Value::Int(1)))) {
+            Ok(true) => {
+                eprintln!("{}", serde_json::json!({"event": "fence_behind_database", "shard": self.shard, "fence": self.fence, "database": seen}));
+                self.release(s, true).await;
+            }
+            Ok(false) => {}
+            Err(p) => spillway_spin::log_ignored("raising a fencing counter behind the database's", Err::<(), _>(p)),
+        }
+    }
+
     /// Renews the lease and reads the shard's next batch (from `resume` while a
     /// previous holder's pending entries are resumed); [`BatchRead::Lost`] when
     /// the lease is someone else's now.

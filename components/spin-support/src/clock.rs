@@ -17,6 +17,11 @@ pub async fn wait_ms(ms: u64) {
     spin_sdk::wasip3::clocks::monotonic_clock::wait_for(ms.saturating_mul(1_000_000)).await;
 }
 
+/// A random number.
+pub fn random_u32() -> u32 {
+    spin_sdk::wasip3::random::random::get_random_u64() as u32
+}
+
 /// A random token (lease and lock owner).
 pub fn token() -> String {
     let r = spin_sdk::wasip3::random::random::get_random_bytes(16);

@@ -106,6 +106,9 @@ pub struct Dialect {
     /// returns the token when it did: params `(shard, token)`. No row back means a
     /// newer holder has written since: the batch must not commit.
     pub fence: &'static str,
+    /// The fencing token the database has seen for a shard: params `(shard)`,
+    /// column `token`.
+    pub fence_token: &'static str,
     /// Write ids already recorded, among the JSON array of ids, with their status:
     /// `id, status`.
     pub applied_ids: &'static str,
@@ -176,6 +179,7 @@ mod tests {
         let (s, p) = (&sqlite::DIALECT, &postgres::DIALECT);
         let pairs = [
             (s.fence, p.fence),
+            (s.fence_token, p.fence_token),
             (s.applied_ids, p.applied_ids),
             (s.records, p.records),
             (s.record, p.record),

@@ -55,6 +55,7 @@ pub const DIALECT: Dialect = Dialect {
     fence: "INSERT INTO spillway_fences (shard, token) VALUES ($1::bigint, $2::bigint)
   ON CONFLICT (shard) DO UPDATE SET token = excluded.token WHERE excluded.token >= spillway_fences.token
   RETURNING token",
+    fence_token: "SELECT token FROM spillway_fences WHERE shard = $1::bigint",
     applied_ids: "SELECT id, status FROM spillway_writes
   WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))",
     records: "SELECT key, value, version, etag, updated_at, deleted, head FROM spillway_records

@@ -186,6 +186,7 @@ pub const DIALECT: super::Dialect = super::Dialect {
     commit: COMMIT,
     rollback: ROLLBACK,
     fence: FENCE,
+    fence_token: "SELECT token FROM spillway_fences WHERE shard = ?1",
     applied_ids: APPLIED_IDS,
     records: RECORDS,
     record: RECORD,

@@ -54,6 +54,19 @@ pub(crate) struct History {
     /// Per key, in the order the client sent them (one client per key).
     pub(crate) ops: Vec<Op>,
     pub(crate) reads: Vec<Read>,
+    /// The refusals the client was answered (and retried), by problem type.
+    pub(crate) refused: BTreeMap<String, usize>,
+}
+
+impl History {
+    /// Adds another client group's history (of other keys).
+    pub(crate) fn merge(&mut self, other: Self) {
+        self.ops.extend(other.ops);
+        self.reads.extend(other.reads);
+        for (kind, n) in other.refused {
+            *self.refused.entry(kind).or_default() += n;
+        }
+    }
 }
 
 /// The checker's verdict on one run.
@@ -147,6 +160,7 @@ pub(crate) async fn workload(s: &Spillway, run: &str, keys: usize, per_key: usiz
         let key = format!("{run}-k{k}");
         let mut ops = Vec::new();
         let mut reads = Vec::new();
+        let mut refused = BTreeMap::<String, usize>::new();
         for i in 0..per_key {
             let token = format!("{run}-{k}-{i}{pad}");
             let idem = format!("{run}-{k}-{i}");
@@ -156,6 +170,10 @@ pub(crate) async fn workload(s: &Spillway, run: &str, keys: usize, per_key: usiz
                 let headers = [("idempotency-key", idem.as_str()), ("prefer", if wait { "wait=2" } else { "wait=0" })];
                 let answer = tokio::time::timeout(Duration::from_secs(10), s.call("POST", "/v1/writes", Some(body.clone()), &headers)).await;
                 let Ok((code, h, v)) = answer else { break Outcome::Indeterminate };
+                if code == 429 || code == 503 {
+                    let kind = v["type"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned();
+                    *refused.entry(kind).or_default() += 1;
+                }
                 match code {
                     200 | 202 => {
                         if code == 200 && v["status"] == "applied" {
@@ -170,20 +188,28 @@ pub(crate) async fn workload(s: &Spillway, run: &str, keys: usize, per_key: usiz
                         let secs: u64 = h.get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
                         tokio::time::sleep(Duration::from_millis(secs * 1000)).await;
                     }
+                    // A refusal that says nothing was stored (the checker
+                    // holds it to that: a refused write must never appear).
+                    503 if refused_nothing_stored(&v) => break Outcome::Fail,
                     503 => break Outcome::Indeterminate,
                     _ => break Outcome::Fail,
                 }
             };
             ops.push(Op { key: key.clone(), token, outcome });
         }
-        (ops, reads)
+        (ops, reads, refused)
     });
     let mut h = History::default();
-    for (ops, reads) in futures::future::join_all(clients).await {
-        h.ops.extend(ops);
-        h.reads.extend(reads);
+    for (ops, reads, refused) in futures::future::join_all(clients).await {
+        h.merge(History { ops, reads, refused });
     }
     h
+}
+
+/// Whether a `503` says Redis refused the write, so nothing of it was stored.
+fn refused_nothing_stored(v: &serde_json::Value) -> bool {
+    let kind = v["type"].as_str().unwrap_or_default();
+    ["redis-full", "redis-busy", "redis-cannot-persist", "redis-read-only"].iter().any(|k| kind.ends_with(k))
 }
 
 /// Waits (up to `bound`) until every acknowledged write of `h` is applied,
@@ -241,6 +267,7 @@ fn the_checker_counts_each_kind_of_defect() {
             op("b", "b3", ok("b3")),
         ],
         reads: vec![Read { expected: 2, got: 2 }, Read { expected: 3, got: 1 }],
+        refused: BTreeMap::new(),
     };
     let clean = BTreeMap::from([("a".to_owned(), vec!["a1".into(), "a2".into()]), ("b".to_owned(), vec!["b1".into(), "b2".into(), "b3".into()])]);
     let mut r = check(&History { reads: vec![], ..h.clone() }, &clean);
@@ -348,4 +375,145 @@ async fn postgres_crashed_and_restarted_keeps_the_contract() {
     eprintln!("{}", report_line("PostgreSQL crashed (SIGKILL) and restarted, 3 times", &report, recover));
     assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}; crashes after {crashes:?} ms");
     assert_eq!((report.writes, report.acknowledged + report.indeterminate), (180, 180), "{report:?}");
+}
+
+/// Redis busy running a long script (an operator's or another app's, killed
+/// after a few hundred milliseconds with `SCRIPT KILL`), in seeded cycles,
+/// while the workload runs, the processor on its Redis trigger: intake answers
+/// `503 redis-busy` (nothing stored), never a 202 it cannot keep; nothing is
+/// lost, doubled or reordered, and everything is applied once Redis is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_busy_with_a_long_script_refuses_and_loses_nothing() {
+    let vars = [("call_timeout_ms", "1000"), ("request_timeout_ms", "2000"), ("lease_ttl_ms", "2000")];
+    let s = Spillway::builder().vars(&vars).with_trigger().start().await;
+    // Redis answers BUSY to everyone else once a script has run this long.
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("busy-reply-threshold").arg(50).query(&mut s.redis.conn()).unwrap();
+    let mut rng = Seeded::new(0x5eed_2103);
+    let cycles: Vec<(u64, u64)> = (0..4).map(|_| (rng.between(300, 700), rng.between(200, 600))).collect();
+    let faults = async {
+        for (busy, running) in &cycles {
+            let mut c = s.redis.conn();
+            let script = std::thread::spawn(move || redis::cmd("EVAL").arg("while true do end").arg(0).query::<()>(&mut c));
+            tokio::time::sleep(Duration::from_millis(*busy)).await;
+            let mut killer = s.redis.conn();
+            crate::support::eventually("SCRIPT KILL answered", Duration::from_secs(5), async || redis::cmd("SCRIPT").arg("KILL").query::<()>(&mut killer).is_ok()).await;
+            assert!(script.join().unwrap().is_err(), "the script was killed");
+            tokio::time::sleep(Duration::from_millis(*running)).await;
+        }
+    };
+    // Half the clients wait for each write's outcome and read it back, half
+    // only send (so that writes arrive while Redis is busy).
+    let clients = futures::future::join(workload(&s, "busy-w", 3, 30, Duration::from_secs(20), "", true), workload(&s, "busy-s", 3, 100, Duration::from_secs(20), "", false));
+    let ((mut history, sent), ()) = futures::future::join(clients, faults).await;
+    history.merge(sent);
+    let recover = recovered(&s, &history, Duration::from_secs(60)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{} | refusals {:?}", report_line("Redis busy running a script (300-700 ms, 4 times)", &report, recover), history.refused);
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}; cycles {cycles:?}");
+    assert!(history.refused.get("redis-busy").is_some_and(|n| *n > 0), "intake said Redis was busy: {:?}", history.refused);
+}
+
+/// Redis at its `maxmemory` with `noeviction` (the policy Spillway asks for),
+/// filled by queued writes while no processor runs: intake answers `503
+/// redis-full` and stores nothing, never a 202; then the processor, run with
+/// the limit unchanged, still drains the queue (its own scripts must run on a
+/// full Redis: applying is what frees the memory), every acknowledged write is
+/// applied, and intake accepts again.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_at_maxmemory_refuses_writes_and_the_processor_still_drains_it() {
+    let s = Spillway::builder().start().await;
+    let mut c = s.redis.conn();
+    // Warm: the scripts loaded, the connections open with their buffers
+    // grown, then the queue applied, so that what is measured next is what
+    // the app needs without a queue.
+    let pad = format!("-{}", "x".repeat(4096));
+    let warm = workload(&s, "oom-warm", 4, 4, Duration::ZERO, &pad, false).await;
+    assert!(warm.ops.iter().all(|op| matches!(op.outcome, Outcome::Ok(_))));
+    s.drain().await;
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut c).unwrap();
+    let used: u64 = info.lines().find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok()).unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query(&mut c).unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(used + 400_000).query(&mut c).unwrap();
+    // Writes of 4 KiB each, queued: more than fits. A refused write is given
+    // up at once (the processor is not running to make room).
+    let history = workload(&s, "oom", 4, 60, Duration::ZERO, &pad, false).await;
+    let refused = history.refused.get("redis-full").copied().unwrap_or(0);
+    assert!(refused > 0, "Redis filled up and intake said so: {:?}", history.refused);
+    for _ in 0..3 {
+        s.drain().await;
+    }
+    let recover = recovered(&s, &history, Duration::from_secs(10)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{} | refusals {:?}", report_line("Redis at maxmemory (noeviction), drained without raising it", &report, recover), history.refused);
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}");
+    assert!(report.acknowledged > 0 && report.acknowledged < report.writes, "{report:?}");
+    let (code, v) = s.write(json!({"key": "after-oom", "op": "put", "value": pad})).await;
+    assert_eq!(code, 202, "the drained queue made room: {v}");
+}
+
+/// A lease that disappears early, mid-tenure (a clock jump on the Redis host
+/// expires it; modelled by deleting it) while its holder, a processor process
+/// on its Redis trigger, is paused (SIGSTOP) with its batch read: another
+/// processor takes the shard, applies the batch and moves the fence on; the
+/// first one, resumed, must be fenced off. Five seeded cycles while the
+/// workload runs: nothing lost, doubled or reordered, no stale read.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "finds a stale read (1 in 240): see issue 21; run with --ignored"]
+async fn a_lease_that_disappears_early_is_fenced() {
+    let db = crate::pg::PgDb::create_secured();
+    let vars = [("lease_ttl_ms", "3000")];
+    let s = Spillway::builder().pg(db.clone()).vars(&vars).start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, full) = crate::processes::manifests(dir.path());
+    let pg_vars = [("database", db.url.as_str()), ("database_host", db.host.as_str()), ("lease_ttl_ms", "3000")];
+    let a = crate::processes::spawn(&full, dir.path(), &s.redis.url(), &pg_vars, true);
+    let leases: Vec<String> = (0..crate::support::layout().shards).map(|n| crate::support::layout().lease(n)).collect();
+    let mut rng = Seeded::new(0x5eed_2104);
+    let gaps: Vec<u64> = (0..5).map(|_| rng.between(50, 300)).collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let faults = async {
+        let mut c = s.redis.conn();
+        let mut paused_holding = 0;
+        for (cycle, gap) in gaps.iter().enumerate() {
+            tokio::time::sleep(Duration::from_millis(*gap)).await;
+            // Paused while it holds a lease (it is the only processor running).
+            let started = Instant::now();
+            while redis::cmd("EXISTS").arg(&leases).query::<i64>(&mut c).unwrap() == 0 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return paused_holding;
+                }
+                assert!(started.elapsed() < Duration::from_secs(10), "cycle {cycle}: the processor never held a lease: {}", a.stderr.lock().unwrap().join("\n"));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            nix_signal(a.child.id(), "STOP");
+            if redis::cmd("DEL").arg(&leases).query::<i64>(&mut c).unwrap() > 0 {
+                paused_holding += 1;
+            }
+            // The other processor's round may time out, waiting on a row
+            // lock the paused one holds mid-transaction: it is tried again.
+            let (code, _, v) = s.admin("POST", "/v1/drain", None).await;
+            assert!(code == 200 || v["type"] == "https://spillway.dev/problems/database-timeout", "{code} {v}");
+            nix_signal(a.child.id(), "CONT");
+        }
+        paused_holding
+    };
+    let clients = async {
+        let h = workload(&s, "lease", 6, 40, Duration::from_secs(20), "", true).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        h
+    };
+    let (history, paused_holding) = futures::future::join(clients, faults).await;
+    s.drain().await;
+    let recover = recovered(&s, &history, Duration::from_secs(30)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    let fenced = a.stderr.lock().unwrap().iter().filter(|l| l.contains("\"event\":\"batch_fenced\"")).count();
+    eprintln!("{} | paused holding a lease {paused_holding} times, its batch fenced off {fenced} times", report_line("a lease deleted early while its holder is paused, another processor draining", &report, recover));
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}; gaps {gaps:?}");
+    assert!(paused_holding > 0, "the fault hit a lease holder");
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn nix_signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap().success();
+    assert!(ok, "kill -{signal} {pid}");
 }
