@@ -3,21 +3,43 @@
 //! or as a one-node Redis Cluster; stopped on drop.
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 /// A `redis-server` of our own on a free loopback port, stopped on drop.
 pub struct RedisServer {
-    child: Child,
+    /// The process (behind a lock so that a test can restart the server a
+    /// running app is using).
+    child: std::sync::Mutex<Child>,
     /// Its port.
     pub port: u16,
-    dir: tempfile::TempDir,
+    dir: Dir,
     persistence: &'static [&'static str],
     /// `requirepass`, when it has one: every client must authenticate.
     password: Option<String>,
     /// The primary's port, for a replica.
     replica_of: Option<u16>,
 }
+
+/// Where a server keeps its data: a directory of its own, or one the caller
+/// gave (e.g. a small tmpfs, to fill its disk).
+enum Dir {
+    Own(tempfile::TempDir),
+    At(PathBuf),
+}
+
+impl Dir {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Own(d) => d.path(),
+            Self::At(p) => p,
+        }
+    }
+}
+
+/// AOF written at once and synced every second: Redis refuses writes
+/// (`MISCONF`) while it cannot write its AOF, and takes them again once it can.
+pub const AOF_EVERYSEC: &[&str] = &["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"];
 
 /// A password no other text in a test contains: a fresh one per server, so that
 /// finding it anywhere (an answer, a log line) can only mean it leaked. It is
@@ -74,6 +96,20 @@ impl RedisServer {
         Self::start_full(persistence, None)
     }
 
+    /// Starts a server with these persistence options whose data (its AOF)
+    /// is in `dir`, which the caller owns.
+    pub fn start_in(persistence: &'static [&'static str], dir: &Path) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Self::spawn(port, dir, persistence, None, None);
+            let server = Self { child: child.into(), port, dir: Dir::At(dir.to_path_buf()), persistence, password: None, replica_of: None };
+            if server.wait_ready() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start in {}", dir.display());
+    }
+
     /// Starts a server that requires a password (`requirepass`, a fresh one), as
     /// a production Redis does; [`Redis::url`] carries it.
     pub fn start_secured() -> Self {
@@ -111,7 +147,7 @@ impl RedisServer {
             let port = free_port();
             let dir = tempfile::tempdir().expect("tempdir");
             let child = Self::spawn(port, dir.path(), persistence, password.as_deref(), replica_of);
-            let mut server = Self { child, port, dir, persistence, password: password.clone(), replica_of };
+            let server = Self { child: child.into(), port, dir: Dir::Own(dir), persistence, password: password.clone(), replica_of };
             if server.wait_ready() {
                 return server;
             }
@@ -137,9 +173,10 @@ impl RedisServer {
     }
 
     /// SIGKILLs the server.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill(&self) {
+        let mut child = self.child();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Pauses the server (SIGSTOP): connections stay open and nothing answers,
@@ -154,20 +191,30 @@ impl RedisServer {
     }
 
     fn signal(&self, sig: &str) {
-        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().expect("kill runs");
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child().id().to_string()).status().expect("kill runs");
         assert!(status.success(), "kill -{sig} redis-server");
     }
 
+    /// Whether the process has exited (e.g. Redis exits when it cannot write
+    /// its AOF with `appendfsync always`).
+    pub fn exited(&self) -> bool {
+        matches!(self.child().try_wait(), Ok(Some(_)))
+    }
+
     /// Starts it again on the same port and data directory (AOF reloaded).
-    pub fn restart(&mut self) {
-        self.child = Self::spawn(self.port, self.dir.path(), self.persistence, self.password.as_deref(), self.replica_of);
+    pub fn restart(&self) {
+        *self.child() = Self::spawn(self.port, self.dir.path(), self.persistence, self.password.as_deref(), self.replica_of);
         assert!(self.wait_ready(), "redis-server did not come back");
     }
 
-    fn wait_ready(&mut self) -> bool {
+    fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn wait_ready(&self) -> bool {
         let client = redis::Client::open(self.url()).expect("url");
         for _ in 0..500 {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if self.exited() {
                 return false; // port taken meanwhile: try another
             }
             if let Ok(mut c) = client.get_connection()
@@ -210,8 +257,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

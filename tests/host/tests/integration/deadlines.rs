@@ -130,7 +130,7 @@ async fn a_stalled_database_keeps_writes_flowing_and_cached_reads_served() {
     }
     let pg = PgServer::start();
     let vars = [("call_timeout_ms", "500"), ("request_timeout_ms", "1500"), ("lease_ttl_ms", "2000")];
-    let mut s = Spillway::builder().pg(pg.create_secured()).vars(&vars).start().await;
+    let s = Spillway::builder().pg(pg.create_secured()).vars(&vars).start().await;
     for key in ["cached", "evicted"] {
         let (code, v) = s.write(json!({"key": key, "op": "put", "value": {"v": key}})).await;
         assert_eq!(code, 202, "{v}");
@@ -285,7 +285,7 @@ impl Holder {
 /// again.
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_go_around_a_stalled_or_dead_cache_store() {
-    let mut kv = Redis::start();
+    let kv = Redis::start();
     let s = Spillway::builder().kv_at(kv.url()).vars(&[("call_timeout_ms", CALL_MS), ("request_timeout_ms", REQUEST_MS)]).start().await;
     let (code, v) = s.write(json!({"key": "k", "op": "put", "value": {"v": 1}})).await;
     assert_eq!(code, 202, "{v}");

@@ -60,7 +60,7 @@ async fn failover(min_replicas: &str) -> (usize, usize) {
     let primary = Redis::start_with(AOF_ALWAYS);
     let mut replica = Redis::start_replica_of(&primary);
     let vars = [("min_replicas", min_replicas), ("replica_timeout_ms", "200")];
-    let mut s = Spillway::builder().redis(primary).vars(&vars).start().await;
+    let s = Spillway::builder().redis(primary).vars(&vars).start().await;
     let mut acknowledged = Vec::new();
     let mut write = async |i: usize| {
         let (code, v) = s.write(json!({"key": format!("k{i}"), "op": "put", "value": i})).await;
@@ -168,7 +168,7 @@ async fn a_failover_whose_stream_ids_and_fences_go_back_neither_skips_nor_stalls
         append(&s, &mut sent, format!("lag-{i}")).await;
         s.drain().await;
     }
-    let mut s = s;
+    let s = s;
     s.redis.kill();
     replica.promote();
     drop(s);

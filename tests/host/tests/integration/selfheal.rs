@@ -33,7 +33,7 @@ async fn wait_total(db: &rusqlite::Connection, n: i64, bound: Duration) -> Durat
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_doorbells_are_answered_without_traffic() {
     let ttl = 500;
-    let mut s = Spillway::builder().vars(&[("lease_ttl_ms", "500")]).start().await;
+    let s = Spillway::builder().vars(&[("lease_ttl_ms", "500")]).start().await;
     for r in 0..10 {
         let (code, v) = s.write(batch_of_incr(r * 100, 100, 100)).await;
         assert_eq!(code, 202, "{v}");
@@ -216,7 +216,7 @@ async fn redis_restart_loses_and_doubles_nothing() {
     const CLIENTS: usize = 8;
     const PER_CLIENT: usize = 400;
     const KEYS: usize = 50;
-    let mut redis = Redis::start_with(AOF_ALWAYS);
+    let redis = Redis::start_with(AOF_ALWAYS);
     let url = redis.url();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

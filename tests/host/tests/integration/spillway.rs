@@ -148,12 +148,16 @@ pub(crate) struct Spillway {
     pub(crate) state: tempfile::TempDir,
     /// The system of record.
     pub(crate) store: Store,
-    trigger: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The Redis triggers' task (behind a lock: a test restarts them, as an
+    /// orchestrator restarts a processor, while its clients run).
+    trigger: std::sync::Mutex<Option<tokio::task::JoinHandle<anyhow::Result<()>>>>,
+    /// The tmpfs the state is on, with [`Builder::disk`].
+    pub(crate) disk: Option<crate::support::Tmpfs>,
 }
 
 impl Drop for Spillway {
     fn drop(&mut self) {
-        if let Some(t) = self.trigger.take() {
+        if let Some(t) = self.trigger.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
             t.abort();
         }
     }
@@ -193,6 +197,7 @@ pub(crate) struct Builder {
     http_only: bool,
     apply: Option<std::path::PathBuf>,
     edit: Option<Box<dyn Fn(String) -> String>>,
+    disk: Option<u64>,
 }
 
 impl Builder {
@@ -263,10 +268,18 @@ impl Builder {
         self
     }
 
+    /// The state (the SQLite database, the local key-value store) on a tmpfs
+    /// of `bytes`, a disk the test can fill ([`Spillway::disk`]).
+    pub(crate) fn disk(mut self, bytes: u64) -> Self {
+        self.disk = Some(bytes);
+        self
+    }
+
     /// Starts it.
     pub(crate) async fn start(self) -> Spillway {
         let redis = self.redis.unwrap_or_else(Redis::start_secured);
         let state = tempfile::tempdir().unwrap();
+        let disk = self.disk.map(|bytes| crate::support::Tmpfs::mount_on(state.path(), bytes));
         let (store, db_vars) = match self.pg {
             Some(db) => {
                 let vars = vec![("database".to_owned(), db.url.clone()), ("database_host".to_owned(), db.host.clone())];
@@ -305,7 +318,7 @@ impl Builder {
             opts.runtime_config = Some(rc);
         }
         let app = Arc::new(App::load(&opts).unwrap_or_else(|e| panic!("spillway loads ({}): {e:#}", opts.manifest.display())));
-        let mut s = Spillway { app, redis, state, store, trigger: None };
+        let s = Spillway { app, redis, state, store, trigger: None.into(), disk };
         if self.trigger && !self.http_only {
             s.start_trigger().await;
         }
@@ -316,15 +329,19 @@ impl Builder {
 impl Spillway {
     /// A test's Spillway, set up step by step (see [`Builder`]).
     pub(crate) fn builder() -> Builder {
-        Builder { redis: None, engine: Engine::Sqlite, vars: Vec::new(), trigger: false, kv_on_redis: false, kv_at: None, pg: None, http_only: false, apply: None, edit: None }
+        Builder { redis: None, engine: Engine::Sqlite, vars: Vec::new(), trigger: false, kv_on_redis: false, kv_at: None, pg: None, http_only: false, apply: None, edit: None, disk: None }
     }
 
-    /// Subscribes the Redis triggers (the doorbell and expired-key events) now.
-    pub(crate) async fn start_trigger(&mut self) {
+    /// Subscribes the Redis triggers (the doorbell and expired-key events) now
+    /// (again, after they lost Redis).
+    pub(crate) async fn start_trigger(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.trigger = Some(tokio::spawn(self.app.clone().run_redis_triggers(move |_| {
+        let task = tokio::spawn(self.app.clone().run_redis_triggers(move |_| {
             let _ = tx.send(());
-        })));
+        }));
+        if let Some(old) = self.trigger.lock().unwrap_or_else(std::sync::PoisonError::into_inner).replace(task) {
+            old.abort();
+        }
         rx.await.expect("Redis triggers subscribed");
     }
 

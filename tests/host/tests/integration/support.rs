@@ -41,7 +41,7 @@ pub(crate) fn fixture(name: &str) -> String {
     fixtures().join(format!("{name}.wasm")).display().to_string()
 }
 
-pub(crate) use spillway_redis_server::{AOF_ALWAYS, RedisServer as Redis, free_port, fresh_secret};
+pub(crate) use spillway_redis_server::{AOF_ALWAYS, AOF_EVERYSEC, RedisServer as Redis, free_port, fresh_secret};
 
 /// The key layout of the app as the tests configure it (the default prefix and
 /// shard count): where a shard's stream, dead letters, flags are.
@@ -138,4 +138,58 @@ source = "{{probe}}"
 {extra_component}
 "#
     )
+}
+
+/// A small tmpfs mounted on a directory (as root), to fill a disk: the
+/// database, the key-value store or Redis's AOF on it. Unmounted on drop.
+pub(crate) struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `bytes` on `dir` (an empty directory).
+    pub(crate) fn mount_on(dir: &Path, bytes: u64) -> Self {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0777"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount runs");
+        assert!(out.status.success(), "mounting a tmpfs needs root (the fault suite's full disks): {}", String::from_utf8_lossy(&out.stderr));
+        Self { dir: dir.to_path_buf() }
+    }
+
+    /// Fills what is left of it with a file (until the disk answers `ENOSPC`);
+    /// [`Tmpfs::free`] removes it.
+    pub(crate) fn fill(&self) {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(self.filler()).expect("the filler file");
+        let chunk = vec![0u8; 4096];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling the disk: {e}"),
+            }
+        }
+        // What is left is less than a page: a byte at a time.
+        while f.write(&[0]).is_ok_and(|n| n == 1) {}
+    }
+
+    /// Gives the space [`Tmpfs::fill`] took back.
+    pub(crate) fn free(&self) {
+        std::fs::remove_file(self.filler()).expect("the filler file is there");
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.dir.join("filler")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: a server or a connection may still hold a file open.
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
