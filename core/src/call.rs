@@ -45,10 +45,32 @@ pub struct DeadLetter {
     pub attempts: String,
 }
 
+/// A yes/no argument as the scripts read it: `1` or `0`.
+fn flag(on: bool) -> String {
+    if on { "1" } else { "0" }.to_owned()
+}
+
+/// How long a shard whose batch failed backs off before it is tried again
+/// (infrastructure failures are retried with backoff, then dead-lettered):
+/// `base_ms` after the first failed delivery, doubling with each further
+/// one, at most a minute; 0 with no base.
+pub fn backoff_ms(base_ms: u64, attempt: u32) -> u64 {
+    const MAX_MS: u64 = 60_000;
+    if base_ms == 0 {
+        return 0;
+    }
+    base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(20)).min(MAX_MS)
+}
+
 impl Call {
-    /// `LEASE_ACQUIRE`: takes `shard`'s lease for `token`.
-    pub fn lease_acquire(l: &Layout, shard: u32, token: &str, ttl_ms: u64) -> Self {
-        Self { script: scripts::LEASE_ACQUIRE, keys: vec![l.lease(shard), l.fence(shard)], args: vec![token.to_owned(), ttl_ms.to_string()] }
+    /// `LEASE_ACQUIRE`: takes `shard`'s lease for `token` (also from a shard
+    /// backing off, with `end_backoff`: an operator's drain).
+    pub fn lease_acquire(l: &Layout, shard: u32, token: &str, ttl_ms: u64, end_backoff: bool) -> Self {
+        Self {
+            script: scripts::LEASE_ACQUIRE,
+            keys: vec![l.lease(shard), l.fence(shard)],
+            args: vec![token.to_owned(), ttl_ms.to_string(), flag(end_backoff)],
+        }
     }
 
     /// `FENCE_RAISE`: raises `shard`'s fencing counter to `at_least` if it is
@@ -58,9 +80,14 @@ impl Call {
     }
 
     /// `LEASE_RELEASE`: releases `token`'s lease; with `retry_ms` > 0 the
-    /// shard's watch stays that long (its expiry is the retry).
-    pub fn lease_release(l: &Layout, shard: u32, token: &str, retry_ms: u64) -> Self {
-        Self { script: scripts::LEASE_RELEASE, keys: vec![l.lease(shard), l.watch(shard)], args: vec![token.to_owned(), retry_ms.to_string()] }
+    /// shard's watch stays that long (its expiry is the retry), and with
+    /// `backoff_ms` > 0 the shard backs off that long first.
+    pub fn lease_release(l: &Layout, shard: u32, token: &str, retry_ms: u64, backoff_ms: u64) -> Self {
+        Self {
+            script: scripts::LEASE_RELEASE,
+            keys: vec![l.lease(shard), l.watch(shard)],
+            args: vec![token.to_owned(), retry_ms.to_string(), backoff_ms.to_string()],
+        }
     }
 
     /// `READ_BATCH`: renews `token`'s lease and reads the next batch (from
@@ -113,12 +140,13 @@ impl Call {
 
 impl Call {
     /// `CLAIMABLE`: which of `shards` (one server's, or one shard with
-    /// `redis_cluster`) have queued writes and no lease holder.
-    pub fn claimable(l: &Layout, shards: &[u32]) -> Self {
+    /// `redis_cluster`) have queued writes and no lease holder (or back off,
+    /// with `end_backoff`: an operator's drain).
+    pub fn claimable(l: &Layout, shards: &[u32], end_backoff: bool) -> Self {
         Self {
             script: scripts::CLAIMABLE,
             keys: shards.iter().flat_map(|n| [l.stream(*n), l.lease(*n)]).collect(),
-            args: shards.iter().map(u32::to_string).collect(),
+            args: std::iter::once(flag(end_backoff)).chain(shards.iter().map(u32::to_string)).collect(),
         }
     }
 
@@ -228,7 +256,7 @@ impl Call {
             keys.extend([l.stream(*shard), l.bell(*shard), l.lease(*shard), l.stats(*shard)]);
         }
         let mut args = vec![
-            if limits.idempotency.is_some() { "1" } else { "0" }.to_owned(),
+            flag(limits.idempotency.is_some()),
             md5.to_owned(),
             limits.idempotency_ttl_secs.to_string(),
             limits.queue_depth_limit.to_string(),
@@ -256,13 +284,26 @@ mod tests {
         Layout { prefix: "spillway:".into(), shards: 16 }
     }
 
+    /// The backoff doubles from its base with each failed delivery, and is
+    /// bounded; no base, no backoff.
+    #[test]
+    fn backoff_doubles_per_failed_delivery_up_to_a_minute() {
+        let steps: Vec<u64> = (1..=5).map(|a| backoff_ms(500, a)).collect();
+        assert_eq!(steps, [500, 1000, 2000, 4000, 8000]);
+        assert_eq!(backoff_ms(500, 0), 500, "a first delivery");
+        assert_eq!(backoff_ms(500, 9), 60_000);
+        assert_eq!(backoff_ms(500, u32::MAX), 60_000);
+        assert_eq!(backoff_ms(0, 3), 0);
+    }
+
     /// Each call names its shard's keys in the script's order, and its
     /// arguments by position as the script reads them.
     #[test]
     fn calls_match_the_scripts() {
         let l = layout();
-        let c = Call::lease_acquire(&l, 3, "tok", 5000);
-        assert_eq!((c.keys, c.args), (vec!["spillway:{s3}:lease".to_owned(), "spillway:{s3}:fence".to_owned()], vec!["tok".to_owned(), "5000".to_owned()]));
+        let c = Call::lease_acquire(&l, 3, "tok", 5000, false);
+        assert_eq!((c.keys, c.args), (vec!["spillway:{s3}:lease".to_owned(), "spillway:{s3}:fence".to_owned()], vec!["tok".to_owned(), "5000".to_owned(), "0".to_owned()]));
+        assert_eq!(Call::lease_acquire(&l, 3, "tok", 5000, true).args[2], "1");
         let limits = BatchLimits { count: 10, max_attempts: 5, lease_ttl_ms: 5000, retention_ms: 60_000 };
         let r = Call::read_batch(&l, 3, "tok", limits, None);
         assert_eq!(r.args, ["tok", GROUP, CONSUMER, "10", "5", "5000", "60000", ""]);
@@ -273,9 +314,11 @@ mod tests {
         let d = DeadLetter { entry: "1-0".into(), payload: "{}".into(), error: String::new(), attempts: String::new() };
         assert_eq!(Call::dead_letter(&l, 1, 9, &[d]).unwrap().args, [GROUP, "1", "9", "1-0", "{}", "", ""]);
         assert_eq!(Call::record_error(&l, 1, "why", ["1-0".to_owned()]).keys, ["spillway:{s1}:attempts", "spillway:{s1}:stats"]);
-        assert_eq!(Call::lease_release(&l, 2, "tok", 0).args, ["tok", "0"]);
-        let c = Call::claimable(&l, &[1, 2]);
-        assert_eq!((c.keys.len(), c.args), (4, vec!["1".to_owned(), "2".to_owned()]));
+        assert_eq!(Call::lease_release(&l, 2, "tok", 0, 0).args, ["tok", "0", "0"]);
+        assert_eq!(Call::lease_release(&l, 2, "tok", 900, 400).args, ["tok", "900", "400"]);
+        let c = Call::claimable(&l, &[1, 2], false);
+        assert_eq!((c.keys.len(), c.args), (4, vec!["0".to_owned(), "1".to_owned(), "2".to_owned()]));
+        assert_eq!(Call::claimable(&l, &[1], true).args, ["1", "1"]);
         assert_eq!(Call::replay(&l, 4, 5000, 9, ["4-1-0".to_owned()]).args, ["", "5000", "4", "9", "4-1-0"]);
         assert_eq!(Call::purge(&l, 4, 9, []).args, ["4", "9"]);
         let f = Call::fill_begin(&l, "k", "tok", 100);

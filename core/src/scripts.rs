@@ -182,10 +182,19 @@ end
     };
 }
 
-/// Take a shard's lease. KEYS: `[lease, fence]`, ARGV: `[token, ttl_ms]`.
-/// Reply: the new fencing token (> 0), or 0 when someone else holds the lease.
+/// What a shard's lease holds while the shard backs off after a failed
+/// batch (see [`LEASE_RELEASE`]); lease tokens are hex, so never this.
+pub const BACKING_OFF: &str = "backoff";
+
+/// Take a shard's lease. KEYS: `[lease, fence]`, ARGV: `[token, ttl_ms,
+/// end_backoff]`. A shard backing off after a failed batch (its lease holds
+/// [`BACKING_OFF`]) is taken only with `end_backoff` = `1` (an operator's
+/// drain). Reply: the new fencing token (> 0), or 0 when someone else holds
+/// the lease or the shard backs off.
 pub const LEASE_ACQUIRE: &str = concat!(allow_oom!(), r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+local held = redis.call('GET', KEYS[1])
+if held == false or (ARGV[3] == '1' and held == 'backoff') then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return redis.call('INCR', KEYS[2])
 end
 return 0
@@ -204,15 +213,22 @@ return 0
 
 /// Release a lease we hold (compare-and-delete). Its watch is deleted too, or, after
 /// a failed batch, kept to expire in `retry_ms`: that expiry event is the retry, so a
-/// shard whose batch failed is tried again with no further traffic.
-/// KEYS: `[lease, watch]`, ARGV: `[token, retry_ms]` (0: no retry). Reply: 1
-/// released, 0 not ours.
+/// shard whose batch failed is tried again with no further traffic. With
+/// `backoff_ms` > 0 the lease is not deleted but holds [`BACKING_OFF`] for
+/// that long: no processor takes the shard (a doorbell, a scan) until it
+/// expires, and its expiry event is the retry.
+/// KEYS: `[lease, watch]`, ARGV: `[token, retry_ms, backoff_ms]` (0: no retry,
+/// no backoff). Reply: 1 released, 0 not ours.
 pub const LEASE_RELEASE: &str = concat!(allow_oom!(), r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   if tonumber(ARGV[2]) > 0 then
     redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   else
     redis.call('DEL', KEYS[2])
+  end
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('SET', KEYS[1], 'backoff', 'PX', ARGV[3])
+    return 1
   end
   return redis.call('DEL', KEYS[1])
 end
@@ -361,12 +377,16 @@ return (#ARGV - 3) / 4
 "#);
 
 /// Whether a shard has queued writes and no lease holder: work a processor may
-/// claim. KEYS: `[stream, lease]`, ARGV: `[shard]` (one shard per call, one hash
-/// slot). Reply: the shard number if so, else nothing.
+/// claim. A shard backing off (its lease holds [`BACKING_OFF`]) counts as
+/// claimable only for an operator's drain (`end_backoff` = `1`).
+/// KEYS: `[stream, lease]*`, ARGV: `[end_backoff, shard*]` (one shard per
+/// call, one hash slot, unless the shards share a server). Reply: the shard
+/// numbers that are claimable.
 pub const CLAIMABLE: &str = concat!(allow_oom!(), r#"
 local out = {}
-for i = 1, #ARGV do
-  if redis.call('EXISTS', KEYS[2 * i]) == 0 and redis.call('XLEN', KEYS[2 * i - 1]) > 0 then
+for i = 2, #ARGV do
+  local lease = redis.call('GET', KEYS[2 * i - 2])
+  if (lease == false or (ARGV[1] == '1' and lease == 'backoff')) and redis.call('XLEN', KEYS[2 * i - 3]) > 0 then
     out[#out + 1] = ARGV[i]
   end
 end

@@ -26,6 +26,9 @@ pub struct Settings {
     pub lease_ttl_ms: u64,
     /// `max_attempts`: deliveries before a write is dead-lettered.
     pub max_attempts: u32,
+    /// `retry_backoff_ms`: how long a shard whose batch failed waits before
+    /// its next delivery, doubling with each failed delivery (0: none).
+    pub retry_backoff_ms: u64,
     /// `queue_depth_limit`: entries per shard stream before intake answers 429.
     pub queue_depth_limit: u64,
     /// `idempotency_ttl_secs`.
@@ -250,6 +253,7 @@ impl Settings {
             batch_size,
             lease_ttl_ms,
             max_attempts: num(&get, "max_attempts", 5)?,
+            retry_backoff_ms: num(&get, "retry_backoff_ms", 500)?,
             queue_depth_limit: num(&get, "queue_depth_limit", 100_000)?,
             idempotency_ttl_secs: num(&get, "idempotency_ttl_secs", 86_400)?,
             status_retention_secs,

@@ -87,6 +87,9 @@ pub(crate) struct Batch {
     pub(crate) prune_before_ms: i64,
     /// How long reading it from Redis took (for the batch's log line).
     pub(crate) read_ms: u64,
+    /// The highest delivery count of its entries (how long the shard backs
+    /// off if the batch fails, see `call::backoff_ms`).
+    pub(crate) attempt: u32,
 }
 
 /// Applies the batches of several shards in ONE transaction (one commit, one disk

@@ -22,7 +22,7 @@ use spillway_spin::kv::Kv;
 use spillway_spin::{Redis, int, token};
 
 use crate::db::{self, Batch};
-use crate::lease::Lease;
+use crate::lease::{Lease, Then};
 
 /// How often a drain looks for more shards with work while it runs.
 const RESCAN_MS: u64 = 100;
@@ -58,6 +58,8 @@ struct Held {
     /// from this id on, in order; once they are exhausted (`None`), the pending
     /// entries are our own batches in flight and reads take only new entries.
     resume: Option<String>,
+    /// The delivery count of the latest batch read (see [`Batch::attempt`]).
+    attempt: u32,
 }
 
 impl std::ops::Deref for Held {
@@ -89,13 +91,17 @@ enum Read {
 /// rings again); on a second empty read the lease is released, and if the flag is
 /// set again by then (a ring that found the lease held) the shard is taken again.
 ///
+/// A shard whose batch failed backs off before its next delivery (see
+/// `call::backoff_ms`): no doorbell or scan takes it until then, only an
+/// operator's drain (`by_operator`).
+///
 /// Returns the failures, per shard (`None`: finding the shards with work failed).
-pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats) -> Vec<(Option<u32>, Problem)> {
+pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool, stats: &mut Stats) -> Vec<(Option<u32>, Problem)> {
     let (wanted, rescan) = match scope {
         Scope::Only(shard) => (vec![shard], false),
         Scope::Claimable(first) => (first.into_iter().collect::<Vec<_>>(), true),
     };
-    let mut d = Drain { s, db, explicit: wanted.clone(), wanted, held: Vec::new(), failed: HashSet::new(), failures: Vec::new(), stats };
+    let mut d = Drain { s, db, by_operator, explicit: wanted.clone(), wanted, held: Vec::new(), failed: HashSet::new(), failures: Vec::new(), stats };
     let mut scanned_at = 0;
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
@@ -105,7 +111,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
         // watches resume them on a fresh invocation.
         if db.abandoned() {
             for h in std::mem::take(&mut d.held) {
-                h.lease.release(s, true).await;
+                h.lease.release(s, Then::BackOff { attempt: h.attempt }).await;
             }
             return d.failures;
         }
@@ -149,6 +155,8 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, stats: &mut Stats
 struct Drain<'a> {
     s: &'a Settings,
     db: &'a Db,
+    /// An operator's drain: it takes shards that back off too.
+    by_operator: bool,
     /// Shards to take next.
     wanted: Vec<u32>,
     /// Shards asked for by name (a busy one is reported).
@@ -170,7 +178,7 @@ impl Drain<'_> {
     /// from now and resumes it.
     async fn hand_on(&mut self) {
         for h in self.held.drain(..) {
-            h.lease.release(self.s, true).await;
+            h.lease.release(self.s, Then::Retry).await;
             self.stats.handed_on.push(h.shard);
         }
         eprintln!("{}", serde_json::json!({"event": "handed_on", "shards": self.stats.handed_on, "budget_secs": self.s.drain_budget_secs}));
@@ -179,7 +187,7 @@ impl Drain<'_> {
 
     /// Looks for shards with queued writes and no holder.
     async fn scan(&mut self) {
-        match claimable(self.s).await {
+        match claimable(self.s, self.by_operator).await {
             Ok(found) => self.wanted.extend(found),
             Err(p) if self.held.is_empty() && self.wanted.is_empty() => self.failures.push((None, p)),
             Err(p) => spillway_spin::log_ignored("looking for shards with work", Err::<(), _>(p)),
@@ -192,7 +200,7 @@ impl Drain<'_> {
             if self.failed.contains(&shard) || self.held.iter().any(|h| h.shard == shard) {
                 continue;
             }
-            match acquire(self.s, shard).await {
+            match acquire(self.s, shard, self.by_operator).await {
                 Ok(Some(h)) => self.held.push(h),
                 Ok(None) if self.explicit.contains(&shard) => self.stats.busy.push(shard),
                 Ok(None) => {}
@@ -202,9 +210,13 @@ impl Drain<'_> {
     }
 
     /// A shard leaves the drain after a failure: its lease released with a
-    /// retry, not taken again in this invocation, the failure reported.
+    /// retry after its backoff, not taken again in this invocation, the
+    /// failure reported.
     async fn fail(&mut self, shard: u32, p: Problem) {
-        drop_held(self.s, &mut self.held, shard, true).await;
+        if let Some(i) = self.held.iter().position(|h| h.shard == shard) {
+            let h = self.held.remove(i);
+            h.lease.release(self.s, Then::BackOff { attempt: h.attempt }).await;
+        }
         self.failed.insert(shard);
         self.failures.push((Some(shard), p));
     }
@@ -230,7 +242,7 @@ impl Drain<'_> {
         for mut h in std::mem::take(&mut self.held) {
             match prefetched.remove(&h.shard).unwrap_or(Ok(Read::Lost)) {
                 Err(p) => {
-                    h.lease.release(s, true).await;
+                    h.lease.release(s, Then::Retry).await;
                     self.failed.insert(h.shard);
                     self.failures.push((Some(h.shard), p));
                 }
@@ -247,6 +259,7 @@ impl Drain<'_> {
                 Ok(Read::Batch(b, resume)) => {
                     h.cleared = false;
                     h.resume = resume;
+                    h.attempt = b.attempt;
                     batches.push(b);
                     self.held.push(h);
                 }
@@ -269,7 +282,7 @@ impl Drain<'_> {
             self.held.push(h);
             return;
         }
-        h.lease.release(self.s, false).await;
+        h.lease.release(self.s, Then::Done).await;
         match redis.execute("EXISTS", vec![bell]).await {
             Ok(r) if r.first().and_then(int).unwrap_or(0) > 0 => self.wanted.push(h.shard),
             Ok(_) => {}
@@ -422,11 +435,11 @@ fn log_failure(b: &Batch, step: &str, error: &str) {
 
 /// Shards with queued writes and no lease holder: one call per server (per
 /// shard with `redis_cluster`), all at once.
-pub(crate) async fn claimable(s: &Settings) -> Result<Vec<u32>, Problem> {
+pub(crate) async fn claimable(s: &Settings, end_backoff: bool) -> Result<Vec<u32>, Problem> {
     let l = &s.layout;
     let all: Vec<u32> = (0..l.shards).collect();
     let calls = s.slot_groups(&all).into_iter().map(|(address, group)| async move {
-        Redis::new(address).call(&Call::claimable(l, &group)).await
+        Redis::new(address).call(&Call::claimable(l, &group, end_backoff)).await
     });
     let mut out = Vec::new();
     for reply in futures::future::join_all(calls).await {
@@ -437,15 +450,8 @@ pub(crate) async fn claimable(s: &Settings) -> Result<Vec<u32>, Problem> {
 
 /// Takes the shard's lease, unless another processor holds it; a fresh holder
 /// resumes the pending entries a previous one left, from the start.
-async fn acquire(s: &Settings, shard: u32) -> Result<Option<Held>, Problem> {
-    Ok(Lease::acquire(s, shard).await?.map(|lease| Held { lease, cleared: false, resume: Some("0".into()) }))
-}
-
-async fn drop_held(s: &Settings, held: &mut Vec<Held>, shard: u32, retry: bool) {
-    if let Some(i) = held.iter().position(|h| h.shard == shard) {
-        let h = held.remove(i);
-        h.lease.release(s, retry).await;
-    }
+async fn acquire(s: &Settings, shard: u32, end_backoff: bool) -> Result<Option<Held>, Problem> {
+    Ok(Lease::acquire(s, shard, end_backoff).await?.map(|lease| Held { lease, cleared: false, resume: Some("0".into()), attempt: 0 }))
 }
 
 /// The next batch of a held shard (renewing its lease).
@@ -456,6 +462,7 @@ async fn read_batch(s: &Settings, h: &Held) -> Result<Read, Problem> {
     };
     let mut entries = Vec::with_capacity(read.len());
     let mut over = HashSet::new();
+    let attempt = read.iter().map(|e| u32::try_from(e.attempt).unwrap_or(u32::MAX)).max().unwrap_or(0);
     for e in read {
         if e.attempt > i64::from(s.max_attempts) {
             over.insert(e.id.clone());
@@ -465,7 +472,7 @@ async fn read_batch(s: &Settings, h: &Held) -> Result<Read, Problem> {
     let read_ms = spillway_spin::monotonic_ms() - started;
     // Pending entries read again (a cursor) are a redelivery.
     let careful = cursor.is_some() && !entries.is_empty();
-    let batch = Batch { shard: h.shard, fence: h.fence, entries, over, careful, token: h.token.clone(), prune_before_ms, read_ms };
+    let batch = Batch { shard: h.shard, fence: h.fence, entries, over, careful, token: h.token.clone(), prune_before_ms, read_ms, attempt };
     Ok(Read::Batch(batch, cursor))
 }
 
@@ -586,12 +593,21 @@ impl<'a> Refresh<'a> {
             }
         }
         let written_keys: Vec<String> = sets.iter().map(|(k, _)| k.clone()).chain(deletes.iter().cloned()).collect();
-        let mut written = self.kv.set_many(sets).and_then(|()| self.kv.delete_many(deletes));
+        let outlived = || spillway_spin::monotonic_ms().saturating_sub(started) >= self.s.lease_ttl_ms;
+        // A refresh held up (a paused process, a slow Redis) until its locks may
+        // have expired writes nothing: a newer refresh or fill may have been
+        // written since.
+        let late = outlived();
+        let mut written = if late {
+            Err(Problem::unavailable("the cache refresh was held up until its locks expired; nothing was written and the batch will be retried"))
+        } else {
+            self.kv.set_many(sets).and_then(|()| self.kv.delete_many(deletes))
+        };
         // The batch calls are synchronous in Spin (no deadline can cut them
         // short). One that returns after the locks may have expired may have
         // landed after a newer refresh or fill: its keys are invalidated (a
         // deletion never makes the cache older) and the round is retried.
-        if spillway_spin::monotonic_ms().saturating_sub(started) >= self.s.lease_ttl_ms {
+        if !late && outlived() {
             spillway_spin::log_ignored("invalidating a late refresh", self.kv.delete_many(written_keys));
             written = Err(Problem::unavailable("the cache refresh outlived its locks (the key-value store was slow); its keys were invalidated and the batch will be retried"));
         }

@@ -38,7 +38,7 @@ async fn drain_claimable(settings: &Settings, shard: Option<u32>) -> anyhow::Res
     spillway_spin::hazards::check_all(settings).await;
     let db = Db::open_with_schema().await.map_err(|p| anyhow::anyhow!(p.detail))?;
     let mut stats = Stats::default();
-    let failures = drain::drain(settings, &db, Scope::Claimable(shard), &mut stats).await;
+    let failures = drain::drain(settings, &db, Scope::Claimable(shard), false, &mut stats).await;
     match failures.first() {
         None => Ok(()),
         Some(_) => {
@@ -114,7 +114,8 @@ async fn drain_endpoint(settings: &Settings, query: Option<&str>) -> Result<http
     let warnings = spillway_spin::hazards::check_all(settings).await;
     let db = Db::open_with_schema().await?;
     let mut stats = Stats::default();
-    let errors: Vec<_> = drain::drain(settings, &db, scope, &mut stats)
+    // An operator's drain retries at once: it ends any shard's backoff.
+    let errors: Vec<_> = drain::drain(settings, &db, scope, true, &mut stats)
         .await
         .into_iter()
         .map(|(shard, p)| json!({"shard": shard, "detail": p.detail}))
@@ -152,7 +153,7 @@ async fn wake(settings: std::rc::Rc<Settings>, query: Option<&str>, method: &htt
 
 /// A wake's drain, if any shard is there to claim.
 async fn wake_drain(settings: std::rc::Rc<Settings>, shard: Option<u32>) {
-    match drain::claimable(&settings).await {
+    match drain::claimable(&settings, false).await {
         Ok(found) if found.is_empty() => return,
         Ok(_) => {}
         Err(p) => eprintln!("wake: {}", p.detail),

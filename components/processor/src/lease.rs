@@ -5,12 +5,24 @@
 //! `scripts::LEASE_ACQUIRE`, `LEASE_RELEASE`, `READ_BATCH`): a holder whose
 //! lease expired cannot release, renew or commit over the next holder.
 
-use spillway_core::call::{BatchLimits, Call};
+use spillway_core::call::{BatchLimits, Call, backoff_ms};
 use spillway_core::problem::Problem;
 use spillway_core::reply::{BatchRead, LeaseAcquired};
 use spillway_spin::redis::malformed;
 use spillway_core::settings::Settings;
 use spillway_spin::{Redis, token};
+
+/// What follows a lease's release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Then {
+    /// Nothing: the shard is done (or another holder has it).
+    Done,
+    /// A retry (the shard's watch), at once.
+    Retry,
+    /// A retry after the backoff for a batch whose `attempt`-th delivery
+    /// failed (see `call::backoff_ms`).
+    BackOff { attempt: u32 },
+}
 
 /// A lease this processor holds.
 #[derive(Clone, Debug)]
@@ -24,23 +36,33 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// Takes `shard`'s lease, unless another processor holds it (`None`).
-    pub(crate) async fn acquire(s: &Settings, shard: u32) -> Result<Option<Self>, Problem> {
+    /// Takes `shard`'s lease, unless another processor holds it or the shard
+    /// backs off after a failed batch (`None`); an operator's drain
+    /// (`end_backoff`) ends a backoff.
+    pub(crate) async fn acquire(s: &Settings, shard: u32, end_backoff: bool) -> Result<Option<Self>, Problem> {
         let token = token();
-        let reply = Redis::for_shard(s, shard).call(&Call::lease_acquire(&s.layout, shard, &token, s.lease_ttl_ms)).await?;
+        let reply = Redis::for_shard(s, shard).call(&Call::lease_acquire(&s.layout, shard, &token, s.lease_ttl_ms, end_backoff)).await?;
         Ok(match LeaseAcquired::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)? {
             LeaseAcquired::Won(fence) => Some(Self { shard, token, fence }),
             LeaseAcquired::Busy => None,
         })
     }
 
-    /// Releases the lease. After a failure (`retry`) the shard's watch stays, to
-    /// expire one lease TTL from now: that expiry is the retry, whatever else
-    /// happens. A release that fails leaves the lease to expire, which resumes
-    /// the shard too; it is logged.
-    pub(crate) async fn release(&self, s: &Settings, retry: bool) {
-        let retry_ms = if retry { s.lease_ttl_ms } else { 0 };
-        let released = Redis::for_shard(s, self.shard).call(&Call::lease_release(&s.layout, self.shard, &self.token, retry_ms)).await;
+    /// Releases the lease. After a failure (anything but [`Then::Done`]) the
+    /// shard's watch stays, to expire one lease TTL after any backoff: that
+    /// expiry is the retry, whatever else happens. After a failed batch
+    /// ([`Then::BackOff`]) the shard backs off first. A release that fails
+    /// leaves the lease to expire, which resumes the shard too; it is logged.
+    pub(crate) async fn release(&self, s: &Settings, then: Then) {
+        let (retry_ms, backoff) = match then {
+            Then::Done => (0, 0),
+            Then::Retry => (s.lease_ttl_ms, 0),
+            Then::BackOff { attempt } => {
+                let backoff = backoff_ms(s.retry_backoff_ms, attempt);
+                (backoff + s.lease_ttl_ms, backoff)
+            }
+        };
+        let released = Redis::for_shard(s, self.shard).call(&Call::lease_release(&s.layout, self.shard, &self.token, retry_ms, backoff)).await;
         if let Err(p) = released {
             eprintln!("{}", serde_json::json!({"event": "lease_release_failed", "shard": self.shard, "fence": self.fence, "error": p.detail}));
         }
@@ -59,7 +81,7 @@ impl Lease {
         match raised.map(|r| matches!(spillway_spin::redis::values(&r).first(), Some(spillway_core::reply::Value::Int(1)))) {
             Ok(true) => {
                 eprintln!("{}", serde_json::json!({"event": "fence_behind_database", "shard": self.shard, "fence": self.fence, "database": seen}));
-                self.release(s, true).await;
+                self.release(s, Then::Retry).await;
             }
             Ok(false) => {}
             Err(p) => spillway_spin::log_ignored("raising a fencing counter behind the database's", Err::<(), _>(p)),

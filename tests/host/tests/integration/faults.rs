@@ -20,6 +20,7 @@ use serde_json::json;
 
 use crate::pg::PgServer;
 use crate::spillway::Spillway;
+use crate::support::{AOF_ALWAYS, AOF_EVERYSEC, Redis, Tmpfs, eventually};
 
 /// What the client was told about one write, in the end (after its retries).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,6 +450,171 @@ async fn redis_at_maxmemory_refuses_writes_and_the_processor_still_drains_it() {
     assert!(report.acknowledged > 0 && report.acknowledged < report.writes, "{report:?}");
     let (code, v) = s.write(json!({"key": "after-oom", "op": "put", "value": pad})).await;
     assert_eq!(code, 202, "the drained queue made room: {v}");
+}
+
+/// Whether the write `id` is applied (`GET /v1/writes/{id}`).
+async fn applied(s: &Spillway, id: &str) -> bool {
+    s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await.2["status"] == "applied"
+}
+
+/// The database and the local key-value store (the record cache) on a disk
+/// that fills up: a round cannot commit (SQLite answers `SQLITE_FULL`) or
+/// cannot refresh the cache, so it is rolled back and its batch stays queued;
+/// intake, on Redis, goes on accepting. Once space is given back (at a seeded
+/// moment, the workload running, the processor on its Redis trigger)
+/// everything is applied once, in order, and no read after `applied` is stale.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_under_the_database_rolls_rounds_back_and_loses_nothing() {
+    let vars = [("lease_ttl_ms", "1000")];
+    let s = Spillway::builder().disk(4 << 20).vars(&vars).with_trigger().start().await;
+    // The database and the store exist, with their schema, before the disk fills.
+    let warm = workload(&s, "disk-warm", 2, 2, Duration::ZERO, "", true).await;
+    assert!(warm.ops.iter().all(|op| matches!(op.outcome, Outcome::Ok(_))), "{warm:?}");
+    let disk = s.disk.as_ref().unwrap();
+    disk.fill();
+    // Space the files already have (free pages, a WAL already that long)
+    // takes a few commits; then a round cannot commit and its write stays
+    // queued.
+    let big = "x".repeat(60 << 10);
+    let mut stuck = None;
+    for n in 0..40 {
+        let (code, v) = s.write(json!({"key": format!("disk-probe-{n}"), "op": "put", "value": big})).await;
+        assert_eq!(code, 202, "intake does not need the disk: {v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        let _ = s.admin("POST", "/v1/drain", None).await;
+        if !applied(&s, &id).await {
+            stuck = Some(n);
+            break;
+        }
+    }
+    let stuck = stuck.expect("a round failed on the full disk");
+    let mut rng = Seeded::new(0x5eed_2106);
+    let full_for = rng.between(800, 2000);
+    let faults = async {
+        tokio::time::sleep(Duration::from_millis(full_for)).await;
+        disk.free();
+    };
+    let (history, ()) = futures::future::join(workload(&s, "disk", 6, 30, Duration::from_secs(20), "-0123456789abcdef", true), faults).await;
+    s.drain().await;
+    let recover = recovered(&s, &history, Duration::from_secs(30)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{} | a round failed after {stuck} probes", report_line(&format!("the database's disk full for {full_for} ms"), &report, recover));
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}");
+    assert_eq!(report.acknowledged, report.writes, "intake accepted every write: {report:?}");
+}
+
+/// What the full disk found: a batch failing on the database was retried at
+/// once by every drain that looked for work (every other shard's doorbell),
+/// so a write burnt its `max_attempts` within a second and a short outage
+/// dead-lettered it. A failed batch now backs off (`retry_backoff_ms`,
+/// doubling per failed delivery): other shards' traffic does not take it,
+/// the end of the backoff retries it with no traffic, and an operator's drain
+/// retries at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_batch_backs_off_instead_of_burning_its_attempts() {
+    let vars = [("max_attempts", "2"), ("retry_backoff_ms", "3000"), ("lease_ttl_ms", "1000")];
+    let s = Spillway::builder().vars(&vars).with_trigger().start().await;
+    s.store.fail_records().await;
+    let l = crate::support::layout();
+    let failures = |id: &str| {
+        let first = format!("\"first\":\"{id}\"");
+        s.app.guest_output().lines().filter(|line| line.contains("\"event\":\"batch_failed\"") && line.contains(&first)).count()
+    };
+    let (_, v) = s.write(json!({"key": "backoff-a", "op": "put", "value": 1})).await;
+    let a = v["id"].as_str().unwrap().to_owned();
+    let shard_a = l.shard_of("backoff-a");
+    let lease = || -> Option<String> { redis::cmd("GET").arg(l.lease(shard_a)).query(&mut s.redis.conn()).unwrap() };
+    eventually("the failed batch backs off", Duration::from_secs(5), async || failures(&a) == 1 && lease().as_deref() == Some("backoff")).await;
+    // Writes to six other shards: each rings, and each drain looks for work.
+    let mut shards = std::collections::BTreeSet::from([shard_a]);
+    let others: Vec<String> = (0..).map(|n| format!("backoff-other-{n}")).filter(|k| shards.insert(l.shard_of(k))).take(6).collect();
+    let mut ids = Vec::new();
+    for key in &others {
+        let (code, v) = s.write(json!({"key": key, "op": "put", "value": 1})).await;
+        assert_eq!(code, 202, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    eventually("the other shards' batches were tried", Duration::from_secs(5), async || ids.iter().all(|id| failures(id) >= 1)).await;
+    assert_eq!((failures(&a), lease().as_deref()), (1, Some("backoff")), "no drain took the shard while it backs off");
+    // The backoff's end is the retry, with no traffic.
+    eventually("the backoff's end retries the batch", Duration::from_secs(10), async || failures(&a) == 2).await;
+    assert_eq!(s.call("GET", &format!("/v1/writes/{a}"), None, &[]).await.2["status"], "pending", "two deliveries, not yet past max_attempts");
+    // An operator's drain does not wait for the (now doubled) backoff.
+    s.drain().await;
+    assert_eq!(s.call("GET", &format!("/v1/writes/{a}"), None, &[]).await.2["status"], "dead");
+}
+
+/// Spillway (on its Redis trigger) on a Redis with `persistence` whose data
+/// directory is a 2 MiB tmpfs, returned to fill.
+async fn on_a_small_disk(persistence: &'static [&'static str]) -> (Tmpfs, Spillway) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let disk = Tmpfs::mount_on(&dir, 2 << 20);
+    let vars = [("call_timeout_ms", "500"), ("request_timeout_ms", "1500"), ("lease_ttl_ms", "1000")];
+    let s = Spillway::builder().redis(Redis::start_in(persistence, &dir)).vars(&vars).with_trigger().start().await;
+    (disk, s)
+}
+
+/// Redis's AOF on a disk that fills up, with `appendfsync always` (what the
+/// operator guide asks for): Redis cannot write a write's record, so it exits
+/// before answering it: no 202 for a write that is not on disk. Given space
+/// back, it is restarted on its AOF (and the processor with it, as an
+/// orchestrator does): every acknowledged write is there and applied once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_under_redis_aof_always_stops_redis_before_an_unsaved_202() {
+    let (disk, s) = on_a_small_disk(AOF_ALWAYS).await;
+    let mut rng = Seeded::new(0x5eed_2107);
+    let (full_after, down_for) = (rng.between(300, 900), rng.between(300, 900));
+    let faults = async {
+        tokio::time::sleep(Duration::from_millis(full_after)).await;
+        disk.fill();
+        eventually("Redis exits on its AOF write error", Duration::from_secs(10), async || s.redis.exited()).await;
+        let (down, _) = s.write(json!({"key": "aof-full-probe", "op": "put", "value": 1})).await;
+        tokio::time::sleep(Duration::from_millis(down_for)).await;
+        disk.free();
+        tokio::task::block_in_place(|| s.redis.restart());
+        s.start_trigger().await;
+        down
+    };
+    let (history, down) = futures::future::join(workload(&s, "aof-full", 6, 30, Duration::from_secs(20), "-0123456789abcdef", true), faults).await;
+    let recover = recovered(&s, &history, Duration::from_secs(30)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{} | refusals {:?}", report_line("Redis's AOF disk full (appendfsync always): Redis exits, restarted on its AOF", &report, recover), history.refused);
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}");
+    assert_eq!(down, 503, "Redis was down and intake said so");
+}
+
+/// Redis's AOF on a disk that fills up, with `appendfsync everysec`: Redis
+/// keeps running but refuses writes (`MISCONF`), which intake answers `503
+/// redis-cannot-persist` (nothing stored); once space is back Redis writes
+/// its AOF again by itself, and everything acknowledged is applied once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_under_redis_aof_everysec_refuses_writes_until_space_returns() {
+    let (disk, s) = on_a_small_disk(AOF_EVERYSEC).await;
+    let mut rng = Seeded::new(0x5eed_2108);
+    let (full_after, full_for) = (rng.between(300, 900), rng.between(500, 1500));
+    let aof_status = || -> String {
+        let info: String = redis::cmd("INFO").arg("persistence").query(&mut s.redis.conn()).unwrap();
+        info.lines().find_map(|l| l.strip_prefix("aof_last_write_status:")).unwrap_or_default().trim().to_owned()
+    };
+    let faults = async {
+        tokio::time::sleep(Duration::from_millis(full_after)).await;
+        disk.fill();
+        eventually("Redis fails to write its AOF", Duration::from_secs(10), async || aof_status() == "err").await;
+        // A write sent now is refused, and says nothing was stored.
+        let (code, refused) = s.write(json!({"key": "aof-misconf-probe", "op": "put", "value": 1})).await;
+        tokio::time::sleep(Duration::from_millis(full_for)).await;
+        disk.free();
+        eventually("Redis writes its AOF again", Duration::from_secs(10), async || aof_status() == "ok").await;
+        (code, refused)
+    };
+    let (history, (code, refused)) = futures::future::join(workload(&s, "aof-misconf", 6, 30, Duration::from_secs(20), "-0123456789abcdef", true), faults).await;
+    assert_eq!((code, refused["type"].as_str()), (503, Some("https://spillway.dev/problems/redis-cannot-persist")), "{refused}");
+    let recover = recovered(&s, &history, Duration::from_secs(30)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{} | refusals {:?}", report_line("Redis's AOF disk full (appendfsync everysec): writes refused (MISCONF)", &report, recover), history.refused);
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}");
+    let (_, _, probe) = s.call("GET", "/v1/records/aof-misconf-probe?consistent=true", None, &[]).await;
+    assert_eq!(probe["type"], "https://spillway.dev/problems/not-found", "the refused write was not stored: {probe}");
 }
 
 /// A lease that disappears early, mid-tenure (a clock jump on the Redis host

@@ -14,7 +14,7 @@ const SHARD: u32 = 3;
 
 /// `LEASE_ACQUIRE` on [`SHARD`] for `token`: its fencing token, or 0.
 fn acquire(c: &mut redis::Connection, l: &Layout, token: &str, ttl_ms: u64) -> i64 {
-    Script::new(scripts::LEASE_ACQUIRE).key(l.lease(SHARD)).key(l.fence(SHARD)).arg(token).arg(ttl_ms).invoke(c).unwrap()
+    Script::new(scripts::LEASE_ACQUIRE).key(l.lease(SHARD)).key(l.fence(SHARD)).arg(token).arg(ttl_ms).arg("0").invoke(c).unwrap()
 }
 
 /// `READ_BATCH` on [`SHARD`] for `token`: up to `count` entries, resuming after
@@ -88,7 +88,7 @@ async fn expired_lease_holder_cannot_commit() {
     assert_eq!(read, vec!["lost"]);
     let ttl_after: i64 = redis::cmd("PTTL").arg(l.lease(SHARD)).query(&mut c).unwrap();
     assert!(ttl_after <= ttl_before && ttl_after <= 5000, "an expired holder's read does not renew the new holder's lease");
-    let released: i64 = Script::new(scripts::LEASE_RELEASE).key(l.lease(SHARD)).key(l.watch(SHARD)).arg("holder-a").arg(0).invoke(&mut c).unwrap();
+    let released: i64 = Script::new(scripts::LEASE_RELEASE).key(l.lease(SHARD)).key(l.watch(SHARD)).arg("holder-a").arg(0).arg(0).invoke(&mut c).unwrap();
     assert_eq!(released, 0, "an expired holder cannot release the new holder's lease");
 
     let dir = tempfile::tempdir().unwrap();
