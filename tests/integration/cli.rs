@@ -6,7 +6,7 @@ use crate::support::{Redis, TestApp, free_port, probe_manifest, workspace};
 
 fn host() -> Command {
     crate::support::fixtures();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_spillway-host"));
+    let mut c = Command::new(crate::support::host_program());
     c.env("SPILLWAY_HOST_CACHE_DIR", workspace().join("target/wasmtime-cache"));
     c
 }

@@ -69,7 +69,7 @@ pub(crate) fn spawn(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&st
 /// `SSL_CERT_FILE`, the CA a TLS Redis's certificate is checked against).
 pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool, env: &[(&str, &Path)]) -> Host {
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spillway-host"));
+    let mut cmd = Command::new(crate::support::host_program());
     cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"])
         .arg(manifest)
         .arg("--state-dir")
