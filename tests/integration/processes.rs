@@ -90,18 +90,25 @@ pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, var
     let stderr = Arc::new(Mutex::new(Vec::new()));
     let err_sink = stderr.clone();
     let err = BufReader::new(child.stderr.take().unwrap());
-    std::thread::spawn(move || {
+    let err_reader = std::thread::spawn(move || {
         for line in err.lines().map_while(Result::ok) {
             err_sink.lock().unwrap().push(line);
         }
     });
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut ready = false;
     for line in lines.by_ref() {
         let line = line.unwrap();
-        let ready = if wait_for_channels { line.starts_with('\t') && line.contains("expired") } else { line.starts_with("  ") };
+        ready = if wait_for_channels { line.starts_with('\t') && line.contains("expired") } else { line.starts_with("  ") };
         if ready {
             break;
         }
+    }
+    if !ready {
+        // It exited before it served: fail here, not in a client waiting on it.
+        let status = child.wait().ok();
+        let _ = err_reader.join();
+        panic!("spillway-host exited before it served ({status:?}): {}", stderr.lock().unwrap().join("\n"));
     }
     let stdout = Arc::new(Mutex::new(Vec::new()));
     let sink = stdout.clone();
