@@ -160,16 +160,18 @@ async fn crash_run(setup: Setup) {
     let n = conns.len();
     let mut admin = Conn::open(front.port).await;
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
     loop {
         let queued: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(crate::support::layout().stream(s as u32)).unwrap()).sum();
         if queued == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{queued} writes still queued");
+        assert!(Instant::now() < deadline, "{queued} writes still queued; the last drain said {last}");
         let (status, body) = admin.request("POST", "/v1/drain", &format!("authorization: Bearer {ADMIN}\r\n"), "").await;
         // The database may not answer in time while the machine is loaded: an
         // operator's drain is then tried again, as any 503.
         assert!(status == 200 || body.contains("problems/database-timeout"), "{status} {body}");
+        last = body;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let dead: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(crate::support::layout().dead(s as u32)).unwrap()).sum();

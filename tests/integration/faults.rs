@@ -378,6 +378,37 @@ async fn postgres_crashed_and_restarted_keeps_the_contract() {
     assert_eq!((report.writes, report.acknowledged + report.indeterminate), (180, 180), "{report:?}");
 }
 
+/// A connection to PostgreSQL dropped after a `COMMIT` reached the server and
+/// before its answer came back (an ambiguous commit: a proxy in front of the
+/// database cuts it), at seeded moments while the workload runs, the processor
+/// on its Redis trigger. The processor cannot tell whether its round
+/// committed; the batch is delivered again, found in the database and
+/// acknowledged: exactly once, in order, nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ambiguous_commit_is_applied_exactly_once() {
+    let db = crate::pg::PgDb::create_secured();
+    let port: u16 = db.host.rsplit(':').next().and_then(|p| p.parse().ok()).expect("the database's port");
+    let cutter = crate::commit_cutter::CommitCutter::start(port).await;
+    let via = |url: &str| url.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{}", cutter.port));
+    let proxied = crate::pg::PgDb { url: via(&db.url), host: via(&db.host), password: db.password.clone() };
+    let vars = [("call_timeout_ms", "500"), ("request_timeout_ms", "1500"), ("lease_ttl_ms", "1000")];
+    let s = Spillway::builder().pg(proxied).vars(&vars).with_trigger().start().await;
+    let mut rng = Seeded::new(0x5eed_2109);
+    let gaps: Vec<u64> = (0..4).map(|_| rng.between(200, 700)).collect();
+    let faults = async {
+        for gap in &gaps {
+            tokio::time::sleep(Duration::from_millis(*gap)).await;
+            cutter.arm();
+        }
+    };
+    let (history, ()) = futures::future::join(workload(&s, "ambiguous", 6, 30, Duration::from_secs(20), "", true), faults).await;
+    let recover = recovered(&s, &history, Duration::from_secs(60)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    eprintln!("{} | commits cut {}", report_line("PostgreSQL connection dropped after COMMIT, before its answer", &report, recover), cutter.cut());
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}; gaps {gaps:?}");
+    assert!(cutter.cut() > 0, "a commit was cut");
+}
+
 /// Redis busy running a long script (an operator's or another app's, killed
 /// after a few hundred milliseconds with `SCRIPT KILL`), in seeded cycles,
 /// while the workload runs, the processor on its Redis trigger: intake answers

@@ -10,6 +10,8 @@ mod pg;
 mod spillway;
 /// Support for Spillway as separate processes (crash tests).
 mod processes;
+/// A proxy in front of PostgreSQL that makes commits ambiguous.
+mod commit_cutter;
 
 /// The `up` command as a separate process: route listing, serving TCP, startup errors.
 mod cli;

@@ -65,9 +65,21 @@ pub(crate) fn spawn(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&st
     spawn_with_env(manifest, state, redis_url, vars, wait_for_channels, &[])
 }
 
+/// [`spawn`], or why the host exited before it served (a supervisor tries
+/// again).
+pub(crate) fn try_spawn(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool) -> Result<Host, String> {
+    try_spawn_with_env(manifest, state, redis_url, vars, wait_for_channels, &[])
+}
+
 /// [`spawn`] with environment variables for the host process (e.g.
 /// `SSL_CERT_FILE`, the CA a TLS Redis's certificate is checked against).
 pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool, env: &[(&str, &Path)]) -> Host {
+    // One that exits before it serves fails the test here, not in a client
+    // waiting on a port nothing serves.
+    try_spawn_with_env(manifest, state, redis_url, vars, wait_for_channels, env).unwrap_or_else(|why| panic!("{why}"))
+}
+
+fn try_spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool, env: &[(&str, &Path)]) -> Result<Host, String> {
     let port = free_port();
     let mut cmd = Command::new(crate::support::host_program());
     cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"])
@@ -105,10 +117,9 @@ pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, var
         }
     }
     if !ready {
-        // It exited before it served: fail here, not in a client waiting on it.
         let status = child.wait().ok();
         let _ = err_reader.join();
-        panic!("spillway-host exited before it served ({status:?}): {}", stderr.lock().unwrap().join("\n"));
+        return Err(format!("spillway-host exited before it served ({status:?}): {}", stderr.lock().unwrap().join("\n")));
     }
     let stdout = Arc::new(Mutex::new(Vec::new()));
     let sink = stdout.clone();
@@ -117,7 +128,7 @@ pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, var
             sink.lock().unwrap().push(line);
         }
     });
-    Host { child, port, stdout, stderr }
+    Ok(Host { child, port, stdout, stderr })
 }
 
 /// A minimal keep-alive HTTP/1.1 client: our responses always carry Content-Length.
