@@ -567,6 +567,9 @@ async fn a_failing_batch_backs_off_instead_of_burning_its_attempts() {
     }
     eventually("the other shards' batches were tried", Duration::from_secs(5), async || ids.iter().all(|id| failures(id) >= 1)).await;
     assert_eq!((failures(&a), lease().as_deref()), (1, Some("backoff")), "no drain took the shard while it backs off");
+    let (_, _, stats) = s.admin("GET", "/v1/stats", None).await;
+    let listed = stats["shards"].as_array().unwrap().iter().find(|sh| sh["shard"] == shard_a).cloned().unwrap_or_default();
+    assert_eq!(listed["lease"]["holder"], "backoff", "the stats say the shard backs off: {listed}");
     // The backoff's end is the retry, with no traffic.
     eventually("the backoff's end retries the batch", Duration::from_secs(10), async || failures(&a) == 2).await;
     assert_eq!(s.call("GET", &format!("/v1/writes/{a}"), None, &[]).await.2["status"], "pending", "two deliveries, not yet past max_attempts");

@@ -59,7 +59,9 @@ async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
     let r = Redis::for_shard(s, shard).call(&Call::shard_stats(&s.layout, shard)).await?;
     let r = ShardStats::parse(&spillway_spin::redis::values(&r)).map_err(spillway_spin::redis::malformed)?;
     let oldest_age_ms = r.oldest.as_deref().and_then(|id| id.split('-').next()?.parse::<u64>().ok()).map(|ms| r.now_ms.saturating_sub(ms));
-    let holder = r.holder.as_ref().map(|t| md5_hex(t.as_bytes())[..8].to_owned());
+    // A shard backing off after a failed batch shows as such (see
+    // `scripts::BACKING_OFF`), a holder as a digest of its token.
+    let holder = r.holder.as_ref().map(|t| if t == spillway_core::scripts::BACKING_OFF { t.clone() } else { md5_hex(t.as_bytes())[..8].to_owned() });
     let mut counters = HashMap::new();
     let mut window = HashMap::new();
     let bucket_now = r.now_ms / 10_000;
@@ -211,7 +213,7 @@ pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Prob
         unacked.get_or_create(&labels).set(sh.unacknowledged as i64);
         oldest.get_or_create(&labels).set(sh.oldest_age_ms.unwrap_or(0) as i64);
         dead.get_or_create(&labels).set(sh.dead_letters as i64);
-        lease.get_or_create(&labels).set(i64::from(sh.holder.is_some()));
+        lease.get_or_create(&labels).set(i64::from(sh.holder.as_deref().is_some_and(|h| h != spillway_core::scripts::BACKING_OFF)));
         for (name, family) in &counters {
             family.get_or_create(&labels).inc_by(sh.counters.get(*name).copied().unwrap_or(0));
         }
