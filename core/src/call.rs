@@ -155,9 +155,10 @@ impl Call {
         Self { script: scripts::SHARD_STATS, keys: vec![l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], args: vec![GROUP.to_owned()] }
     }
 
-    /// `REPLAY`: `ids` of `shard` back from its dead letters onto its stream.
-    pub fn replay(l: &Layout, shard: u32, bell_ttl_ms: u64, retention_ms: u64, ids: impl IntoIterator<Item = String>) -> Self {
-        let mut args = vec![String::new(), bell_ttl_ms.to_string(), shard.to_string(), retention_ms.to_string()];
+    /// `REPLAY`: `ids` of `shard` back from its dead letters onto its stream;
+    /// `seq_start` is random (see `scripts::ENQUEUE`).
+    pub fn replay(l: &Layout, shard: u32, bell_ttl_ms: u64, retention_ms: u64, seq_start: u32, ids: impl IntoIterator<Item = String>) -> Self {
+        let mut args = vec![seq_start.to_string(), bell_ttl_ms.to_string(), shard.to_string(), retention_ms.to_string()];
         args.extend(ids);
         Self { script: scripts::REPLAY, keys: vec![l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], args }
     }
@@ -319,7 +320,7 @@ mod tests {
         let c = Call::claimable(&l, &[1, 2], false);
         assert_eq!((c.keys.len(), c.args), (4, vec!["0".to_owned(), "1".to_owned(), "2".to_owned()]));
         assert_eq!(Call::claimable(&l, &[1], true).args, ["1", "1"]);
-        assert_eq!(Call::replay(&l, 4, 5000, 9, ["4-1-0".to_owned()]).args, ["", "5000", "4", "9", "4-1-0"]);
+        assert_eq!(Call::replay(&l, 4, 5000, 9, 77, ["4-1-0".to_owned()]).args, ["77", "5000", "4", "9", "4-1-0"]);
         assert_eq!(Call::purge(&l, 4, 9, []).args, ["4", "9"]);
         let f = Call::fill_begin(&l, "k", "tok", 100);
         assert_eq!((f.keys, f.args), (vec![l.fill_lock("k")], vec!["tok".to_owned(), "100".to_owned()]));

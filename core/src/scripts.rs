@@ -524,14 +524,23 @@ return n
 /// the doorbell flag (the caller rings it).
 ///
 /// KEYS: `[dead, dead_status_prefix, stream, bell, stats]`.
-/// ARGV: `[unused, bell_ttl_ms, shard, retention_ms, write_id*]` (no write ids: all
-/// of the shard).
+/// ARGV: `[seq_start, bell_ttl_ms, shard, retention_ms, write_id*]` (no write
+/// ids: all of the shard); the first new entry is added as intake adds a
+/// request's (see `add_entry_lua`), so that a new id never repeats one the
+/// database recorded before a failover.
 /// Reply: `(old write id, new write id)*`.
-pub const REPLAY: &str = concat!(count_lua!(), dead_lua!(), r#"
+pub const REPLAY: &str = concat!(count_lua!(), dead_lua!(), add_entry_lua!(), r#"
 local out = {}
-for _, d in ipairs(matching_dead(KEYS[1], 5)) do
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i, d in ipairs(matching_dead(KEYS[1], 5)) do
   local f = d[2]
-  local new = redis.call('XADD', KEYS[3], '*', 'w', f['w'])
+  local new
+  if i == 1 then
+    new = add_entry(KEYS[3], f['w'], now, tonumber(ARGV[1]))
+  else
+    new = redis.call('XADD', KEYS[3], '*', 'w', f['w'])
+  end
   local new_id = ARGV[3] .. '-' .. new
   local entry = string.sub(f['id'], string.len(ARGV[3]) + 2)
   redis.call('SET', KEYS[2] .. entry, 'replayed:' .. new_id, 'PX', ARGV[4])
@@ -541,8 +550,7 @@ for _, d in ipairs(matching_dead(KEYS[1], 5)) do
 end
 count(KEYS[5], 'replayed', #out / 2, false)
 if #out > 0 then
-  local t = redis.call('TIME')
-  redis.call('SET', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'PX', ARGV[2])
+  redis.call('SET', KEYS[4], now, 'PX', ARGV[2])
 end
 return out
 "#);

@@ -193,3 +193,38 @@ async fn a_failover_whose_stream_ids_and_fences_go_back_neither_skips_nor_stalls
         assert_eq!(v["status"], "applied", "{token} ({id}): {v}");
     }
 }
+
+/// An operator's replay of dead letters adds them as intake adds a request's
+/// writes: the first new id's sequence part starts at a random number, not at
+/// 0 or the stream's last one plus one, which is what `XADD *` gives and what
+/// repeats, after a failover to a lagging replica, the ids of writes the
+/// database already recorded (the replayed write would be skipped as a
+/// redelivery). Also past a last id ahead of the clock.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_dead_letter_gets_an_id_no_earlier_write_can_have() {
+    let redis = Redis::start();
+    let mut c = redis.conn();
+    let l = layout();
+    let shard = 2;
+    let replay = |c: &mut redis::Connection, seq_start: u32| -> Vec<String> {
+        let _: String = redis::cmd("XADD").arg(l.dead(shard)).arg("*").arg("id").arg(format!("{shard}-5-0")).arg("w").arg("{}").arg("error").arg("e").arg("attempts").arg(5).query(c).unwrap();
+        let call = spillway_core::call::Call::replay(&l, shard, 5000, 60_000, seq_start, []);
+        let script = redis::Script::new(call.script);
+        let mut script = script.prepare_invoke();
+        for k in &call.keys {
+            script.key(k);
+        }
+        for a in &call.args {
+            script.arg(a);
+        }
+        script.invoke(c).unwrap()
+    };
+    let first = replay(&mut c, 123_456);
+    assert_eq!(first[0], "2-5-0");
+    assert!(first[1].starts_with("2-") && first[1].ends_with("-123456"), "the new id starts at the random number: {first:?}");
+    // The stream's last id 60 s ahead (a primary whose clock ran ahead).
+    let ahead = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 60_000;
+    let _: String = redis::cmd("XADD").arg(l.stream(shard)).arg(format!("{ahead}-7")).arg("w").arg("{}").query(&mut c).unwrap();
+    let second = replay(&mut c, 1_000);
+    assert_eq!(second[1], format!("2-{ahead}-{}", 7 + 1 + 1_000), "past the last id, by the random number: {second:?}");
+}
