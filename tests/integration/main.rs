@@ -10,6 +10,8 @@ mod pg;
 mod spillway;
 /// Support for Spillway as separate processes (crash tests).
 mod processes;
+/// A network namespace per process, cut and healed with nftables.
+mod netns;
 /// A proxy in front of PostgreSQL that makes commits ambiguous.
 mod commit_cutter;
 
@@ -31,6 +33,8 @@ mod examples;
 /// The fault suite: a history of a unique-write workload under faults, and a
 /// checker (lost, duplicated, unexpected, out of order, stale, recovery).
 mod faults;
+/// Network partitions: a processor cut off from Redis or the database.
+mod partitions;
 /// Fencing: an expired lease holder cannot commit.
 mod fencing;
 /// The HTTP-only deployment: wake-ups over service chaining, drains within a budget.

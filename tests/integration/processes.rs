@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader as TokioBufReader};
 use tokio::net::TcpStream;
 
+use crate::netns::Netns;
 use crate::spillway::ADMIN;
 use crate::support::{free_port, workspace};
 
@@ -79,10 +80,40 @@ pub(crate) fn spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, var
     try_spawn_with_env(manifest, state, redis_url, vars, wait_for_channels, env).unwrap_or_else(|why| panic!("{why}"))
 }
 
+/// [`spawn`] (waiting for its Redis triggers) with extra arguments to `up`
+/// (e.g. `--runtime-config-file`), inside the network namespace `ns` if given
+/// (listening on its address there: [`Host::port`] is on `ns.ns_ip`).
+pub(crate) fn spawn_with(ns: Option<&Netns>, manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], args: &[&str]) -> Host {
+    try_spawn_full(ns, args, manifest, state, redis_url, vars, true, &[]).unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// A runtime config in `dir` that puts the key-value store (the record cache)
+/// on the Redis at `url`, as a deployment of several processes shares it; its
+/// path.
+pub(crate) fn cache_on_redis(dir: &Path, url: &str) -> PathBuf {
+    let rc = dir.join("runtime-config.toml");
+    std::fs::write(&rc, format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{url}\"\n")).unwrap();
+    rc
+}
+
 fn try_spawn_with_env(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool, env: &[(&str, &Path)]) -> Result<Host, String> {
+    try_spawn_full(None, &[], manifest, state, redis_url, vars, wait_for_channels, env)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn try_spawn_full(ns: Option<&Netns>, args: &[&str], manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool, env: &[(&str, &Path)]) -> Result<Host, String> {
     let port = free_port();
-    let mut cmd = Command::new(crate::support::host_program());
-    cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"])
+    let mut cmd = match ns {
+        Some(ns) => {
+            let [program, rest @ ..] = ns.exec_prefix();
+            let mut cmd = Command::new(program);
+            cmd.args(rest).arg(crate::support::host_program());
+            cmd
+        }
+        None => Command::new(crate::support::host_program()),
+    };
+    let ip = ns.map_or("127.0.0.1".to_owned(), |ns| ns.ns_ip.to_string());
+    cmd.args(["up", "--listen", &format!("{ip}:{port}")]).args(args).arg("-f")
         .arg(manifest)
         .arg("--state-dir")
         .arg(state)

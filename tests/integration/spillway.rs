@@ -345,6 +345,13 @@ impl Spillway {
         rx.await.expect("Redis triggers subscribed");
     }
 
+    /// Stops the Redis triggers (this Spillway processes no more on its own).
+    pub(crate) fn stop_trigger(&self) {
+        if let Some(old) = self.trigger.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            old.abort();
+        }
+    }
+
     /// Sends a request; returns status, headers and JSON body (Null when empty).
     pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, Value) {
         call(&self.app, method, path, body, headers).await

@@ -118,8 +118,8 @@ pub(crate) async fn apply_round(s: &Settings, db: &Db, batches: &[Batch]) -> (Ap
 async fn in_transaction(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
     db.query(db.sql().begin, vec![]).await?;
     let applied = async {
-        for stmt in db.sql().in_transaction {
-            db.query(stmt, vec![]).await?;
+        if let Some(stmt) = db.sql().in_transaction {
+            db.query(stmt, vec![Value::Text(s.lease_ttl_ms.to_string())]).await?;
         }
         apply_in_tx(s, db, batches).await
     };

@@ -89,10 +89,15 @@ pub struct Dialect {
     /// Starts a transaction (taking the write lock at once where the engine has
     /// one).
     pub begin: &'static str,
-    /// Run right after `begin` in a batch transaction: PostgreSQL's bound on
-    /// waiting for a row lock (a holder that never commits must not stall the
-    /// shard's next holder for ever).
-    pub in_transaction: &'static [&'static str],
+    /// Run right after `begin` in a batch transaction, with one parameter, the
+    /// lease TTL in milliseconds (text): PostgreSQL's bounds on a holder that
+    /// never commits. A row lock is waited for at most 10 s, and a transaction
+    /// whose client has said nothing for a lease TTL is ended by the server
+    /// (`idle_in_transaction_session_timeout`): a processor cut off from the
+    /// database mid-transaction has lost its lease by then, and its fence row's
+    /// lock must not stall the shard's next holder for as long as the cut
+    /// lasts (the server would not notice the client is gone for hours).
+    pub in_transaction: Option<&'static str>,
     /// Run when a connection is opened: ends a transaction a previous user of a
     /// pooled connection left open (Spin's PostgreSQL pool hands a client back as
     /// it was; an instance that died mid-transaction would leave its locks, and

@@ -45,7 +45,9 @@ pub const DIALECT: Dialect = Dialect {
     schema: &[Step { done: HAS_TABLES, statements: &SCHEMA }],
     schema_lock: Some(SCHEMA_LOCK),
     begin: "BEGIN",
-    in_transaction: &["SET LOCAL lock_timeout = '10s'"],
+    // One statement (one round trip) for both settings, local to the
+    // transaction.
+    in_transaction: Some("SELECT set_config('lock_timeout', '10s', true), set_config('idle_in_transaction_session_timeout', $1::text, true)"),
     // Outside a transaction this is a no-op (with a warning).
     on_open: &["ROLLBACK"],
     commit: "COMMIT",

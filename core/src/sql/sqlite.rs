@@ -181,7 +181,7 @@ pub const DIALECT: super::Dialect = super::Dialect {
     ],
     schema_lock: None,
     begin: BEGIN,
-    in_transaction: &[],
+    in_transaction: None,
     on_open: &[],
     commit: COMMIT,
     rollback: ROLLBACK,
