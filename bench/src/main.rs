@@ -67,6 +67,11 @@ struct Args {
     /// Where `RESULTS.md` and `results.png` go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
+    /// The embedded host's program to run (e.g. the one `cargo test` leaves in
+    /// `target/debug/spillway-host-under-test`); by default `spillway-host` is
+    /// built first.
+    #[arg(long)]
+    host: Option<PathBuf>,
     /// TrueType font for the chart's text.
     #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
     font: PathBuf,
@@ -101,7 +106,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// Builds the components, the fixtures and the host; and the processor with the
 /// built-in operations called in process (`builtin-apply`: no component
 /// boundary), kept as `processor_builtin_apply.wasm`, the apply step's baseline.
-fn build() -> anyhow::Result<PathBuf> {
+fn build(host: Option<&Path>) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from);
     let wasm = target.join("wasm32-wasip2/release");
@@ -113,7 +118,14 @@ fn build() -> anyhow::Result<PathBuf> {
     run(guest().args(["-p", "processor", "--features", "builtin-apply"]))?;
     std::fs::copy(wasm.join("processor.wasm"), wasm.join("processor_builtin_apply.wasm"))?;
     run(guest().args(["-p", "intake", "-p", "processor", "-p", "cache", "-p", "apply-builtin", "-p", "fixture-hello", "-p", "fixture-naive", "-p", "fixture-shapes"]))?;
-    run(Command::new(&cargo).current_dir(workspace()).args(["build", "-p", "spillway-testhost"]))?;
+    let host = match host {
+        Some(host) => host.to_path_buf(),
+        None => {
+            run(Command::new(&cargo).current_dir(workspace()).args(["build", "-p", "spillway-testhost"]))?;
+            target.join("debug/spillway-host")
+        }
+    };
+    HOST.set(host).map_err(|_| anyhow::anyhow!("the host was built twice"))?;
     Ok(target)
 }
 
@@ -133,6 +145,9 @@ fn builtin_apply_manifest(target: &Path) -> anyhow::Result<String> {
         .replace("= \"target/", &format!("= \"{}/", target.display())))
 }
 
+/// The embedded host's program (see [`build`]).
+static HOST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 /// `spillway-host up` on `manifest`; returns it and its address once it serves.
 fn host(target: &Path, manifest: &Path, state: &Path, vars: &[(&str, &str)]) -> anyhow::Result<(Proc, String)> {
     host_with_env(target, manifest, state, vars, &[])
@@ -141,7 +156,7 @@ fn host(target: &Path, manifest: &Path, state: &Path, vars: &[(&str, &str)]) -> 
 /// [`host`] with environment variables set for the host process.
 fn host_with_env(target: &Path, manifest: &Path, state: &Path, vars: &[(&str, &str)], env: &[(&str, &str)]) -> anyhow::Result<(Proc, String)> {
     let port = free_port()?;
-    let mut cmd = Command::new(target.join("debug/spillway-host"));
+    let mut cmd = Command::new(HOST.get().context("the host is built first")?);
     cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"]).arg(manifest).arg("--state-dir").arg(state);
     cmd.envs(env.iter().copied());
     for (k, v) in vars {
@@ -351,7 +366,7 @@ async fn main() -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
     let work = std::env::temp_dir().join(format!("spillway-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let target = build()?;
+    let target = build(args.host.as_deref())?;
     let mut procs = Vec::new();
     // The same server the tests start (no password: the Redis ceiling and
     // BullMQ connect to it plainly).

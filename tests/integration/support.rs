@@ -37,19 +37,10 @@ pub(crate) fn fixtures() -> &'static Path {
 }
 
 /// The embedded host's `spillway-host` program (the `up` command that the
-/// crash and CLI tests run as processes), built once per test binary.
+/// crash and CLI tests run as processes), built by `cargo test` with the tests
+/// (as `spillway-host-under-test`).
 pub(crate) fn host_program() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace())
-            .args(["build", "-p", "spillway-testhost", "--bin", "spillway-host"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building spillway-host failed");
-        target_dir().join("debug/spillway-host")
-    })
+    Path::new(env!("CARGO_BIN_EXE_spillway-host-under-test"))
 }
 
 /// Absolute path of a fixture's `.wasm`.
