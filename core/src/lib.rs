@@ -8,6 +8,8 @@
 //! - [`apply`]: applying writes to records: the built-in operations (RFC 7396 merge
 //!   patch, bounded increments, preconditions) as an apply step, ETags;
 //!   [`apply::plan_with`] for a whole ordered batch through any apply step.
+//! - [`cluster`]: Redis Cluster as a client without redirects sees it: key slots,
+//!   the slot map (`CLUSTER NODES`), `MOVED`/`ASK`/`TRYAGAIN`, nodes' URLs.
 //! - [`dead`]: dead-letter entries, and which ones a request selects.
 //! - [`hazards`]: the Redis settings Spillway depends on, and what to do about each.
 //! - [`layout`]: the Redis key layout (prefix, shard hash tags) and write ids.
@@ -23,6 +25,7 @@
 
 pub mod apply;
 pub mod call;
+pub mod cluster;
 pub mod dead;
 pub mod hazards;
 pub mod layout;

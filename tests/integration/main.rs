@@ -21,6 +21,8 @@ mod cli;
 mod api;
 /// The apply step as a component (`spillway:pipeline/apply`): the built-in operations.
 mod apply_component;
+/// A real three-master Redis Cluster from one seed node: routing, resharding.
+mod cluster;
 /// Crash safety: processors SIGKILLed mid-run lose and double nothing.
 mod crash;
 /// Deadlines: stalled or dead Redis, database and key-value store.

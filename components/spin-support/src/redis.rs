@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use spillway_core::cluster::{Redirect, SlotMap, key_slot, node_url};
 use spillway_core::problem::{Dependency, Problem};
 use spillway_core::settings::Settings;
 use spin_sdk::redis::{Connection, RedisParameter, RedisResult};
@@ -19,6 +20,65 @@ thread_local! {
     static REDIS: RefCell<HashMap<String, Rc<Connection>>> = RefCell::new(HashMap::new());
     /// SHA1 of each script loaded into Redis, keyed by the script constant's address.
     static SHAS: RefCell<HashMap<usize, String>> = RefCell::new(HashMap::new());
+    /// With `redis_cluster`: each cluster's slot map, by the seed address it
+    /// was read through; read once per instance, and again after a `MOVED`.
+    static MAPS: RefCell<HashMap<String, SlotMap>> = RefCell::new(HashMap::new());
+}
+
+/// `MOVED` redirects a call follows before it fails (each has the slot map
+/// read again: more would mean the cluster keeps changing under it).
+const MAX_REDIRECTS: u32 = 5;
+
+/// How long a call waits before it is sent again after `TRYAGAIN` (its keys'
+/// slot is being migrated, some of them moved and some not yet: a script that
+/// touches keys that do not exist yet is refused until the slot's migration
+/// is done) ...
+const TRY_AGAIN_MS: u64 = 20;
+
+/// ... for up to this long (and within the call's deadline).
+const TRY_AGAIN_FOR_MS: u64 = 5_000;
+
+/// Why a command did not answer.
+enum Failure {
+    /// Redis has forgotten the script (`NOSCRIPT`): an answer, not a failure
+    /// of the connection.
+    NoScript,
+    /// A cluster's redirect (an answer too), with the server that gave it and
+    /// its words: a failure only if the call cannot follow it.
+    Redirect(Redirect, String, String),
+    /// The server failed, or refused the command.
+    Failed(Problem),
+}
+
+impl Failure {
+    fn into_option(self) -> Option<Problem> {
+        match self {
+            Self::NoScript => None,
+            Self::Redirect(_, address, error) => Some(crate::backend::backend_failed(&redis_what(&address), &error)),
+            Self::Failed(p) => Some(p),
+        }
+    }
+}
+
+/// With `redis_cluster`, the hash slot a command's keys are in (its first key:
+/// every call of Spillway's stays in one slot); `None` for a command without
+/// keys, which any node answers.
+fn slot_of(command: &str, args: &[RedisParameter]) -> Option<u16> {
+    if !crate::settings::with_loaded(|s| s.is_some_and(|s| s.redis_cluster)) {
+        return None;
+    }
+    let key = match command.to_ascii_uppercase().as_str() {
+        "PUBLISH" | "CONFIG" | "SCRIPT" | "INFO" | "WAIT" | "CLUSTER" | "PING" | "TIME" | "ASKING" | "DBSIZE" => return None,
+        "EVALSHA" | "EVAL" => match args.get(1) {
+            Some(RedisParameter::Int64(n)) if *n > 0 => args.get(2),
+            _ => return None,
+        },
+        _ => args.first(),
+    };
+    match key? {
+        RedisParameter::Binary(k) => Some(key_slot(k)),
+        RedisParameter::Int64(i) => Some(key_slot(i.to_string().as_bytes())),
+    }
 }
 
 /// How often the kept connection to `address` has failed in this instance.
@@ -66,18 +126,21 @@ impl Redis {
         &self.address
     }
 
-    async fn conn(&self) -> Result<Rc<Connection>, Problem> {
-        if let Some(c) = REDIS.with_borrow(|r| r.get(&self.address).cloned()) {
-            return Ok(c);
-        }
-        let c = Rc::new(Connection::open(&self.address).await.map_err(|e| redis_failed(&self.address, &e))?);
-        REDIS.with_borrow_mut(|r| r.insert(self.address.clone(), c.clone()));
-        Ok(c)
+    /// Runs one command; a failure drops the kept connection and is a 503.
+    /// With `redis_cluster`, it goes to the node that owns its keys' slot.
+    pub async fn execute(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
+        let slot = slot_of(command, &args);
+        self.execute_or_noscript(slot, command, args, None).await.map(|(r, _)| r).map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
     }
 
-    /// Runs one command; a failure drops the kept connection and is a 503.
-    pub async fn execute(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
-        self.execute_or_noscript(command, args, None).await.map(|(r, _)| r).map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
+    /// Where a call on `key` goes: the node that owns its slot with
+    /// `redis_cluster` (the slot map read first if this instance has none),
+    /// else this server.
+    pub async fn address_for(&self, key: &str) -> String {
+        if !crate::settings::with_loaded(|s| s.is_some_and(|s| s.redis_cluster)) {
+            return self.address.clone();
+        }
+        self.route(key_slot(key.as_bytes())).await
     }
 
     /// Like [`Redis::execute`], except that a `NOSCRIPT` refusal (Redis has
@@ -85,51 +148,87 @@ impl Redis {
     /// not a failure of the connection. Within `call_timeout_ms` (the connection's
     /// opening included; plus the `WAIT`'s own timeout, if any): a call that runs
     /// out of time drops the kept connection, which may yet carry its reply.
-    async fn execute_or_noscript(&self, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Option<Problem>> {
+    async fn execute_or_noscript(&self, slot: Option<u16>, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Option<Problem>> {
         let extra = wait.map_or(0, |w| w.timeout_ms);
-        match crate::deadline::guarded_for(Dependency::Redis, &redis_what(&self.address), extra, self.execute_now(command, args, wait)).await {
-            Ok(r) => r,
+        match crate::deadline::guarded_for(Dependency::Redis, &redis_what(&self.address), extra, self.routed(slot, command, args, wait)).await {
+            Ok(r) => r.map_err(Failure::into_option),
             Err(p) => {
-                self.reset();
+                reset(&self.address);
+                if let Some(slot) = slot {
+                    reset(&self.cached_route(slot));
+                }
                 Err(Some(p))
             }
         }
     }
 
-    /// The command, then (with `wait`) `WAIT` on the same connection: how many
-    /// replicas hold everything it wrote, the command's writes included (0
-    /// without `wait`).
-    async fn execute_now(&self, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Option<Problem>> {
-        let conn = self.conn().await?;
-        let failed = |e: spin_sdk::redis::Error| {
-            self.reset();
-            Some(redis_failed(&self.address, &e))
-        };
-        let reply = match conn.execute(command, args).await {
-            Ok(r) => r,
-            // redis-rs words it `NoScript` (1.x) or `NoScriptError` (0.32, Spin's).
-            Err(spin_sdk::redis::Error::Other(m)) if m.to_ascii_lowercase().contains("noscript") => return Err(None),
-            Err(e) => return Err(failed(e)),
-        };
-        let Some(w) = wait else { return Ok((reply, 0)) };
-        let args = vec![RedisParameter::Int64(i64::from(w.count)), RedisParameter::Int64(i64::try_from(w.timeout_ms).unwrap_or(i64::MAX))];
-        // The command's writes are in: a WAIT that fails confirms no replica
-        // (never "nothing was written").
-        match conn.execute("WAIT", args).await {
-            Ok(acked) => Ok((reply, acked.first().and_then(int).unwrap_or(0))),
-            Err(e) => {
-                let _ = failed(e);
-                Ok((reply, 0))
+    /// The command at this server, or (in a slot) at the node that owns the
+    /// slot, following `MOVED` (the map is read again), `ASK` (once, on a
+    /// connection of its own) and `TRYAGAIN` (sent again a little later).
+    async fn routed(&self, slot: Option<u16>, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Failure> {
+        let Some(slot) = slot else { return execute_at(&self.address, command, args, wait).await };
+        let mut address = self.route(slot).await;
+        let mut redirects = 0;
+        let started = crate::monotonic_ms();
+        loop {
+            let failure = match execute_at(&address, command, args.clone(), wait).await {
+                // Mid-migration: once, after `ASKING`, at the importing node.
+                Err(Failure::Redirect(Redirect::Ask { node, .. }, ..)) => match asking(&node_url(&self.address, &node), command, args.clone(), wait).await {
+                    Err(f) => f,
+                    ok => return ok,
+                },
+                Err(f) => f,
+                ok => return ok,
+            };
+            match failure {
+                Failure::Redirect(Redirect::Moved { slot: moved, node }, ..) if redirects < MAX_REDIRECTS => {
+                    redirects += 1;
+                    // A resharding moves many slots: the whole map, read again
+                    // through the node that said so.
+                    let through = node_url(&self.address, &node);
+                    if let Err(p) = self.read_map(&through).await {
+                        crate::log_ignored("reading the cluster's slot map after a MOVED", Err::<(), _>(p));
+                    }
+                    MAPS.with_borrow_mut(|m| m.entry(self.address.clone()).or_default().set_owner(moved, &node));
+                    address = through;
+                }
+                Failure::Redirect(Redirect::TryAgain, ..) if crate::monotonic_ms().saturating_sub(started) < TRY_AGAIN_FOR_MS => {
+                    crate::wait_ms(TRY_AGAIN_MS).await;
+                    address = self.route(slot).await;
+                }
+                other => return Err(other),
             }
         }
     }
 
-    /// Drops the kept connection after a failure. The next connection may reach
-    /// a restarted Redis, which has forgotten settings made at run time: they
-    /// are checked again (see [`crate::hazards`]).
-    fn reset(&self) {
-        REDIS.with_borrow_mut(|r| r.remove(&self.address));
-        RESETS.with_borrow_mut(|r| *r.entry(self.address.clone()).or_default() += 1);
+    /// The node that owns `slot`, as far as this instance knows, else this
+    /// server (the seed).
+    fn cached_route(&self, slot: u16) -> String {
+        MAPS.with_borrow(|m| m.get(&self.address).and_then(|map| map.owner(slot)).map(|node| node_url(&self.address, node))).unwrap_or_else(|| self.address.clone())
+    }
+
+    /// The node that owns `slot`; the slot map is read through this server
+    /// first if this instance has none. A map that could not be read is kept
+    /// empty: calls go to this server, whose `MOVED` has the map read again.
+    async fn route(&self, slot: u16) -> String {
+        if !MAPS.with_borrow(|m| m.contains_key(&self.address))
+            && let Err(p) = self.read_map(&self.address).await
+        {
+            MAPS.with_borrow_mut(|m| {
+                m.entry(self.address.clone()).or_default();
+            });
+            crate::log_ignored("reading the cluster's slot map", Err::<(), _>(p));
+        }
+        self.cached_route(slot)
+    }
+
+    /// Reads the slot map (`CLUSTER NODES`) through the node at `through`.
+    async fn read_map(&self, through: &str) -> Result<(), Problem> {
+        let reply = execute_at(through, "CLUSTER", vec![bin("NODES")], None).await.map_err(|f| f.into_option().unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))?.0;
+        let text = reply.first().and_then(text).ok_or_else(|| crate::backend::backend_failed(&redis_what(through), "CLUSTER NODES gave no text"))?;
+        let map = SlotMap::parse_nodes(&text).map_err(|e| crate::backend::backend_failed(&redis_what(through), &e))?;
+        MAPS.with_borrow_mut(|m| m.insert(self.address.clone(), map));
+        Ok(())
     }
 
     /// Runs a typed script call ([`spillway_core::call::Call`]).
@@ -151,34 +250,109 @@ impl Redis {
     }
 
     async fn eval_then(&self, script: &'static str, keys: &[String], args: &[String], wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Problem> {
-        let slot = script.as_ptr() as usize;
-        let mut reloaded = false;
-        loop {
-            let sha = match SHAS.with_borrow(|m| m.get(&slot).cloned()) {
-                Some(sha) => sha,
-                None => {
-                    let reply = self.execute("SCRIPT", vec![bin("LOAD"), bin(script)]).await?;
-                    let sha = reply.first().and_then(text).ok_or_else(|| Problem::unavailable("SCRIPT LOAD gave no SHA1"))?;
-                    SHAS.with_borrow_mut(|m| m.insert(slot, sha.clone()));
-                    sha
-                }
-            };
+        let id = script.as_ptr() as usize;
+        let slot = match keys.first() {
+            Some(k) if crate::settings::with_loaded(|s| s.is_some_and(|s| s.redis_cluster)) => Some(key_slot(k.as_bytes())),
+            _ => None,
+        };
+        let sha = match SHAS.with_borrow(|m| m.get(&id).cloned()) {
+            Some(sha) => sha,
+            None => {
+                let reply = self.execute_or_noscript(slot, "SCRIPT", vec![bin("LOAD"), bin(script)], None).await.map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))?.0;
+                let sha = reply.first().and_then(text).ok_or_else(|| Problem::unavailable("SCRIPT LOAD gave no SHA1"))?;
+                SHAS.with_borrow_mut(|m| m.insert(id, sha.clone()));
+                sha
+            }
+        };
+        let params = |first: &str| {
             let mut params = Vec::with_capacity(2 + keys.len() + args.len());
-            params.push(bin(&sha));
+            params.push(bin(first));
             params.push(RedisParameter::Int64(keys.len() as i64));
             params.extend(keys.iter().map(|k| bin(k)));
             params.extend(args.iter().map(|a| bin(a)));
-            match self.execute_or_noscript("EVALSHA", params, wait).await {
-                Ok(r) => return Ok(r),
-                Err(None) if !reloaded => {
-                    SHAS.with_borrow_mut(|m| m.remove(&slot));
-                    reloaded = true;
-                }
-                Err(None) => return Err(Problem::unavailable("Redis keeps forgetting Spillway's scripts (NOSCRIPT)")),
-                Err(Some(p)) => return Err(p),
-            }
+            params
+        };
+        match self.execute_or_noscript(slot, "EVALSHA", params(&sha), wait).await {
+            Ok(r) => Ok(r),
+            // Forgotten (a restart, `SCRIPT FLUSH`, a node new to a cluster):
+            // the text itself, which that server also keeps from then on.
+            Err(None) => self.execute_or_noscript(slot, "EVAL", params(script), wait).await.map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT after EVAL"))),
+            Err(Some(p)) => Err(p),
         }
     }
+}
+
+/// The kept connection to `address`, opened if there is none.
+async fn conn_to(address: &str) -> Result<Rc<Connection>, Problem> {
+    if let Some(c) = REDIS.with_borrow(|r| r.get(address).cloned()) {
+        return Ok(c);
+    }
+    let c = Rc::new(Connection::open(address).await.map_err(|e| redis_failed(address, &e))?);
+    REDIS.with_borrow_mut(|r| r.insert(address.to_owned(), c.clone()));
+    Ok(c)
+}
+
+/// The command on the kept connection to `address` (dropped after a failure).
+async fn execute_at(address: &str, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Failure> {
+    let conn = conn_to(address).await.map_err(|p| {
+        reset(address);
+        Failure::Failed(p)
+    })?;
+    let r = run_on(&conn, address, command, args, wait).await;
+    if let Err(Failure::Failed(_)) = r {
+        reset(address);
+    }
+    r
+}
+
+/// The command after `ASKING`, on a connection of its own to `address` (the
+/// two must be consecutive on one connection, which the kept one, shared by
+/// the instance's concurrent calls, cannot promise).
+async fn asking(address: &str, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Failure> {
+    let conn = Connection::open(address).await.map_err(|e| Failure::Failed(redis_failed(address, &e)))?;
+    conn.execute("ASKING", vec![]).await.map_err(|e| Failure::Failed(redis_failed(address, &e)))?;
+    run_on(&conn, address, command, args, wait).await
+}
+
+/// The command, then (with `wait`) `WAIT` on the same connection: how many
+/// replicas hold everything it wrote, the command's writes included (0
+/// without `wait`).
+async fn run_on(conn: &Connection, address: &str, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Failure> {
+    let reply = match conn.execute(command, args).await {
+        Ok(r) => r,
+        // redis-rs words it `NoScript` (1.x) or `NoScriptError` (0.32, Spin's).
+        Err(spin_sdk::redis::Error::Other(m)) if m.to_ascii_lowercase().contains("noscript") => return Err(Failure::NoScript),
+        Err(e) => {
+            let redirect = match &e {
+                spin_sdk::redis::Error::Other(m) => Redirect::parse(m),
+                _ => None,
+            };
+            return Err(match redirect {
+                Some(r) => Failure::Redirect(r, address.to_owned(), format!("{e:?}")),
+                None => Failure::Failed(redis_failed(address, &e)),
+            });
+        }
+    };
+    let Some(w) = wait else { return Ok((reply, 0)) };
+    let args = vec![RedisParameter::Int64(i64::from(w.count)), RedisParameter::Int64(i64::try_from(w.timeout_ms).unwrap_or(i64::MAX))];
+    // The command's writes are in: a WAIT that fails confirms no replica
+    // (never "nothing was written").
+    match conn.execute("WAIT", args).await {
+        Ok(acked) => Ok((reply, acked.first().and_then(int).unwrap_or(0))),
+        Err(e) => {
+            reset(address);
+            let _ = redis_failed(address, &e);
+            Ok((reply, 0))
+        }
+    }
+}
+
+/// Drops the kept connection to `address` after a failure. The next
+/// connection may reach a restarted Redis, which has forgotten settings made
+/// at run time: they are checked again (see [`crate::hazards`]).
+fn reset(address: &str) {
+    REDIS.with_borrow_mut(|r| r.remove(address));
+    RESETS.with_borrow_mut(|r| *r.entry(address.to_owned()).or_default() += 1);
 }
 
 /// Replicas to wait for after a write (Redis `WAIT numreplicas timeout`).

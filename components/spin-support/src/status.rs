@@ -46,7 +46,8 @@ impl Notices {
         let redis = Redis::for_shard(s, shard);
         let newest = redis.execute("XREVRANGE", vec![bin(&stream), bin("+"), bin("-"), bin("COUNT"), bin("1")]).await?;
         let last = newest.first().and_then(text).unwrap_or_else(|| "0-0".into());
-        Ok(Self { conn: None, address: s.redis_for(shard).to_owned(), stream, last })
+        let address = redis.address_for(&stream).await;
+        Ok(Self { conn: None, address, stream, last })
     }
 
     /// Blocks until a new notice or until `deadline_ms` (monotonic); true if a

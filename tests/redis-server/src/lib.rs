@@ -60,6 +60,12 @@ pub const AOF_ALWAYS: &[&str] = &["--save", "", "--appendonly", "yes", "--append
 /// slot ([`Redis::start_cluster_node`]). It refuses, as any cluster does, a
 /// command or script whose keys are in different hash slots (`CROSSSLOT`).
 const CLUSTER_NODE: &[&str] = &["--save", "", "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+/// A member of a multi-node cluster ([`Redis::start_cluster`]): AOF with a sync
+/// per write, and a node timeout of 2 s, so that a master's failure is noticed
+/// and its replica promoted within seconds.
+const CLUSTER_MEMBER: &[&str] = &[
+    "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+];
 
 impl RedisServer {
     /// Starts a server and waits until it answers.
@@ -75,6 +81,55 @@ impl RedisServer {
         let _: () = redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(16383).query(&mut c).expect("CLUSTER ADDSLOTSRANGE");
         server.wait_for(&["CLUSTER", "INFO"], "cluster_state:ok", "the one-node cluster did not come up");
         server
+    }
+
+    /// Starts a Redis Cluster of `masters` masters with `replicas` replicas
+    /// each (`redis-cli --cluster create`, slots spread evenly), and waits
+    /// until every node says the cluster is up. The masters come first.
+    pub fn start_cluster(masters: usize, replicas: usize) -> Vec<Self> {
+        let nodes: Vec<Self> = (0..masters * (1 + replicas)).map(|_| Self::start_with(CLUSTER_MEMBER)).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli is installed with redis-server");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        for n in &nodes {
+            n.wait_for(&["CLUSTER", "INFO"], "cluster_state:ok", "the cluster did not come up");
+        }
+        // Every master's view has every node's slots (the others learn
+        // through the cluster bus).
+        for n in &nodes {
+            for _ in 0..1000 {
+                let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut n.conn()).expect("CLUSTER NODES");
+                if text.lines().filter(|l| l.contains("master") && l.split(' ').count() > 8).count() == masters {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        nodes
+    }
+
+    /// This cluster node's id (`CLUSTER MYID`).
+    pub fn node_id(&self) -> String {
+        redis::cmd("CLUSTER").arg("MYID").query(&mut self.conn()).expect("CLUSTER MYID")
+    }
+
+    /// Moves `slots` slots from cluster node `from` to node `to` (this node
+    /// names the cluster), as an operator reshards: `redis-cli --cluster
+    /// reshard`, which migrates the slots' keys one batch at a time.
+    pub fn reshard(&self, from: &Self, to: &Self, slots: u32) {
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{}", self.port)])
+            .args(["--cluster-from", &from.node_id(), "--cluster-to", &to.node_id(), "--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "redis-cli --cluster reshard: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 
     /// Polls `command` (for up to 10 s) until its text reply contains `want`;
@@ -158,6 +213,11 @@ impl RedisServer {
     fn spawn(port: u16, dir: &Path, persistence: &[&str], password: Option<&str>, replica_of: Option<u16>) -> Child {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(persistence);
+        if persistence.contains(&"--cluster-enabled") {
+            // The bus on a free port of its own (by default the port + 10000,
+            // which may be taken, or past 65535).
+            cmd.args(["--cluster-port", &free_port().to_string()]);
+        }
         if let Some(pw) = password {
             cmd.args(["--requirepass", pw, "--masterauth", pw]);
         }
