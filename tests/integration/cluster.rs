@@ -182,3 +182,62 @@ async fn a_slot_mid_migration_is_followed_with_asking_then_moved() {
     assert!(maps > 0, "a MOVED had the map read again");
     assert!(keys_in(to, shard) > 0 && keys_in(from, shard) == 0, "the shard's keys are on the new owner only");
 }
+
+/// A master killed (SIGKILL) while the load runs, in a cluster with two
+/// replicas per master (`cluster-replicas 2`, so that the promoted one still
+/// has a replica to wait for; AOF on every node, a node timeout of 2 s):
+/// the cluster promotes the replica itself, and no `MOVED` ever comes from the
+/// dead master, so the app reads the map again through another node when the
+/// owner fails. With `min_replicas=1` (Redis `WAIT`) no acknowledged write is
+/// lost; everything is applied once, in order, within the failover time and
+/// the lease TTL after the kill.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_killed_is_failed_over_by_the_cluster_and_loses_no_acknowledged_write() {
+    let nodes = Redis::start_cluster(3, 2);
+    // The seed: a master that survives; the victim: the master of a shard the
+    // load writes to.
+    let owner = owners(&nodes[0]);
+    let masters: Vec<usize> = (0..nodes.len()).filter(|i| owner.contains(&format!("127.0.0.1:{}", nodes[*i].port))).collect();
+    let key_shard = layout().shard_of("failover-k0");
+    let victim = masters.iter().copied().find(|i| owner[key_shard as usize] == format!("127.0.0.1:{}", nodes[*i].port)).unwrap();
+    let seed_at = masters.iter().copied().find(|i| *i != victim).unwrap();
+    let mut nodes: Vec<Option<Redis>> = nodes.into_iter().map(Some).collect();
+    let seed = nodes[seed_at].take().unwrap();
+    let victim = nodes[victim].take().unwrap();
+    let vars = [CLUSTER_VARS[0], CLUSTER_VARS[1], ("min_replicas", "1"), ("replica_timeout_ms", "1000"), ("lease_ttl_ms", "3000")];
+    let s = Spillway::builder().redis(seed).vars(&vars).with_trigger().start().await;
+    // After the kill, a write to the victim's shard every 100 ms until one is
+    // accepted: how long the shard was out.
+    let probe_key = (0..).map(|i| format!("failover-probe{i}")).find(|k| layout().shard_of(k) == key_shard).unwrap();
+    let killed = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        victim.kill();
+        let at = std::time::Instant::now();
+        loop {
+            let (code, _) = s.write(json!({"key": probe_key, "op": "incr", "field": "n", "by": 1})).await;
+            if code == 202 {
+                break (at, at.elapsed());
+            }
+            assert!(at.elapsed() < Duration::from_secs(60), "the shard never came back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (history, (at, out)) = futures::future::join(workload(&s, "failover", 6, 40, Duration::from_secs(40), "", true), killed).await;
+    let recover = recovered(&s, &history, Duration::from_secs(30)).await;
+    let report = check(&history, &finals(&s, &history).await);
+    let promoted = owners(&s.redis)[key_shard as usize].clone();
+    eprintln!(
+        "{} | the victim's shard {key_shard} now on {promoted} (was port {}), accepting writes again {out:?} after the kill; the load ended {:?} after it; refusals {:?}",
+        report_line("a master SIGKILLed, its replica promoted by the cluster, min_replicas=1", &report, recover),
+        victim.port,
+        at.elapsed(),
+        history.refused
+    );
+    assert_ne!(promoted, format!("127.0.0.1:{}", victim.port), "a replica took over");
+    // The cluster's failover (node timeout 2 s, then an election), then the
+    // map read again at the next failed call: within the lease TTL more.
+    // Before the app read the map again on a failed owner, it waited for its
+    // instances to be recycled (about 30 s here).
+    assert!(out < Duration::from_secs(8), "the shard accepted writes again {out:?} after the kill");
+    assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}");
+}

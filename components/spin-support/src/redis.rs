@@ -196,6 +196,16 @@ impl Redis {
                     crate::wait_ms(TRY_AGAIN_MS).await;
                     address = self.route(slot).await;
                 }
+                // The owner failed: after a failover no MOVED comes (the old
+                // master is gone), so the map is read again through any node
+                // that answers, and the call goes to the new owner, if any.
+                Failure::Failed(p) if redirects < MAX_REDIRECTS => {
+                    redirects += 1;
+                    match self.reread_map(&address, slot).await {
+                        Some(owner) if owner != address => address = owner,
+                        _ => return Err(Failure::Failed(p)),
+                    }
+                }
                 other => return Err(other),
             }
         }
@@ -220,6 +230,19 @@ impl Redis {
             crate::log_ignored("reading the cluster's slot map", Err::<(), _>(p));
         }
         self.cached_route(slot)
+    }
+
+    /// Reads the slot map again through the first node that answers (this
+    /// server, then the others the map knows, but not `failed`): `slot`'s owner
+    /// then.
+    async fn reread_map(&self, failed: &str, slot: u16) -> Option<String> {
+        let known: Vec<String> = MAPS.with_borrow(|m| m.get(&self.address).map(|map| map.nodes().into_iter().map(|n| node_url(&self.address, n)).collect()).unwrap_or_default());
+        for through in std::iter::once(self.address.clone()).chain(known).filter(|a| a != failed) {
+            if self.read_map(&through).await.is_ok() {
+                return Some(self.cached_route(slot));
+            }
+        }
+        None
     }
 
     /// Reads the slot map (`CLUSTER NODES`) through the node at `through`.
