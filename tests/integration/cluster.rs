@@ -88,10 +88,11 @@ fn calls(nodes: &[&Redis], command: &str) -> u64 {
 }
 
 /// A live resharding while the load runs: 2,000 slots moved from the seed to a
-/// second node and 2,000 from the third to the seed (`redis-cli --cluster
-/// reshard`: `ASK` while a slot's keys move, `MOVED` once it has). Nothing is
-/// lost, doubled or reordered, no read is stale, and everything is applied
-/// within a bound once it is done.
+/// second node and 2,000 from the third to the seed, then a fourth node added
+/// and given 2,000 of the second's (`redis-cli --cluster reshard`: `ASK` while a
+/// slot's keys move, `MOVED` once it has; the new node knows none of the
+/// scripts). Nothing is lost, doubled or reordered, no read is stale, and
+/// everything is applied within a bound once it is done.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_live_resharding_loses_and_doubles_nothing() {
     let mut nodes = Redis::start_cluster(3, 0);
@@ -102,23 +103,36 @@ async fn a_live_resharding_loses_and_doubles_nothing() {
         let before = owners(&s.redis);
         let started = std::time::Instant::now();
         // Blocking (`redis-cli` runs to the end): on a thread of its own.
-        tokio::task::block_in_place(|| {
+        let added = tokio::task::block_in_place(|| {
             s.redis.reshard(&s.redis, &nodes[0], 2000);
             s.redis.reshard(&nodes[1], &s.redis, 2000);
+            let added = Redis::join_cluster_of(&s.redis);
+            s.redis.reshard(&nodes[0], &added, 2000);
+            added
         });
-        (before, started.elapsed(), owners(&s.redis))
+        (before, started.elapsed(), owners(&s.redis), added)
     };
-    let (history, (before, took, after)) = futures::future::join(workload(&s, "reshard", 8, 40, Duration::from_secs(30), "", true), reshard).await;
+    let (history, (before, took, after, added)) = futures::future::join(workload(&s, "reshard", 8, 40, Duration::from_secs(30), "", true), reshard).await;
     let recover = recovered(&s, &history, Duration::from_secs(30)).await;
     let report = check(&history, &finals(&s, &history).await);
-    let all = [&s.redis, &nodes[0], &nodes[1]];
+    let all = [&s.redis, &nodes[0], &nodes[1], &added];
     let (asked, maps) = (calls(&all, "asking"), calls(&all, "cluster|nodes"));
+    let on_added: Vec<u32> = (0..layout().shards).filter(|n| after[*n as usize] == format!("127.0.0.1:{}", added.port)).collect();
     let moved: Vec<u32> = (0..layout().shards).filter(|n| before[*n as usize] != after[*n as usize]).collect();
     let written: std::collections::BTreeSet<u32> = history.ops.iter().map(|op| layout().shard_of(&op.key)).collect();
     eprintln!(
-        "{} | shards moved {moved:?} (written to: {written:?}), resharding took {took:?}; the app sent ASKING {asked} times and read the slot map {maps} times",
-        report_line("a live resharding (2 x 2,000 slots) during the load", &report, recover)
+        "{} | shards moved {moved:?} ({on_added:?} to the added node; written to: {written:?}), resharding took {took:?}; ASKING {asked} times, the slot map read {maps} times (redis-cli's reads included)",
+        report_line("a live resharding (3 x 2,000 slots, one node added) during the load", &report, recover)
     );
+    assert!(!on_added.is_empty(), "the added node holds shards");
+    // Writes to the added node's shards (scripts it never saw) are applied.
+    for shard in &on_added {
+        let key = (0..).map(|i| format!("added{i}")).find(|k| layout().shard_of(k) == *shard).unwrap();
+        let (code, v) = s.write(json!({"key": key, "op": "incr", "field": "n", "by": 1})).await;
+        assert_eq!(code, 202, "{v}");
+        assert_eq!(s.settled(v["id"].as_str().unwrap()).await["status"], "applied", "on the added node's shard {shard}");
+        assert!(keys_in(&added, *shard) > 0, "shard {shard}'s keys are on the added node");
+    }
     assert!(moved.iter().any(|n| written.contains(n)), "the resharding moved shards the load wrote to: {moved:?}, {written:?}");
     // Once per instance at first, and again after each MOVED; redis-cli's own
     // reads of the map count too, so the figure is only printed.

@@ -114,6 +114,21 @@ impl RedisServer {
         nodes
     }
 
+    /// Starts a node and adds it to the cluster `member` belongs to, as an
+    /// empty master (`redis-cli --cluster add-node`); waits until it knows the
+    /// cluster.
+    pub fn join_cluster_of(member: &Self) -> Self {
+        let node = Self::start_with(CLUSTER_MEMBER);
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "add-node", &format!("127.0.0.1:{}", node.port), &format!("127.0.0.1:{}", member.port)])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "redis-cli --cluster add-node: {}", String::from_utf8_lossy(&out.stdout));
+        node.wait_for(&["CLUSTER", "INFO"], "cluster_state:ok", "the added node did not join");
+        node
+    }
+
     /// This cluster node's id (`CLUSTER MYID`).
     pub fn node_id(&self) -> String {
         redis::cmd("CLUSTER").arg("MYID").query(&mut self.conn()).expect("CLUSTER MYID")
