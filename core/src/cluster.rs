@@ -55,10 +55,18 @@ impl SlotMap {
             if !flags.contains(&"master") || flags.iter().any(|f| matches!(*f, "fail" | "fail?" | "handshake" | "noaddr")) {
                 continue;
             }
-            let address = fields[1].split(['@', ',']).next().unwrap_or_default();
-            if address.is_empty() || address.starts_with(':') {
+            // `ip:port@cport[,hostname]`: the hostname, when the node
+            // announces one (`cluster-announce-hostname`: what TLS
+            // certificates and allowed hosts name), else the IP.
+            let (endpoint, hostname) = fields[1].split_once(',').unwrap_or((fields[1], ""));
+            let ip_port = endpoint.split('@').next().unwrap_or_default();
+            if ip_port.is_empty() || ip_port.starts_with(':') {
                 continue; // no address known yet
             }
+            let address = match (hostname.is_empty(), ip_port.rsplit_once(':')) {
+                (false, Some((_, port))) => format!("{hostname}:{port}"),
+                _ => ip_port.to_owned(),
+            };
             for slot in &fields[8..] {
                 if slot.starts_with('[') {
                     continue;
@@ -70,7 +78,7 @@ impl SlotMap {
                 if first > last || last >= SLOTS {
                     return Err(format!("a slot range {slot:?} in CLUSTER NODES"));
                 }
-                ranges.push((first, last, address.to_owned()));
+                ranges.push((first, last, address.clone()));
             }
         }
         ranges.sort();
@@ -156,7 +164,11 @@ impl Redirect {
             // `<slot> <host>:<port>`, the colon split off above: the slot, then
             // the node as the rest of the message gives it back.
             let Some(slot) = words.get(i + 1).and_then(|s| s.parse::<u16>().ok()).filter(|s| *s < SLOTS) else { continue };
-            let after_slot = message.find(words[i + 1]).map(|at| &message[at + words[i + 1].len()..])?;
+            // The node follows the slot, after the word (not at an earlier
+            // occurrence of the same digits).
+            let word_at = message.to_ascii_uppercase().find(word.as_str())?;
+            let after_word = &message[word_at + word.len()..];
+            let after_slot = after_word.find(words[i + 1]).map(|at| &after_word[at + words[i + 1].len()..])?;
             let node = after_slot.split_whitespace().next()?.trim_end_matches(['"', '\'', ')', ',']);
             if !node.contains(':') {
                 continue;
@@ -201,7 +213,8 @@ mod tests {
         // The hash tag alone counts; an empty tag does not make one.
         assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
         assert_eq!(key_slot(b"spillway:{s3}:stream"), key_slot(b"s3"));
-        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+        // An empty first tag: the whole key (Redis's own example).
+        assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
         assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
     }
@@ -217,13 +230,17 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001,hostname1 myself,
     #[test]
     fn the_map_is_read_from_cluster_nodes() {
         let m = SlotMap::parse_nodes(NODES).unwrap();
-        assert_eq!(m.owner(0), Some("127.0.0.1:30001"));
-        assert_eq!(m.owner(5460), Some("127.0.0.1:30001"));
-        assert_eq!(m.owner(5461), Some("127.0.0.1:30002"));
+        // The announced hostnames, with the ports.
+        assert_eq!(m.owner(0), Some("hostname1:30001"));
+        assert_eq!(m.owner(5460), Some("hostname1:30001"));
+        assert_eq!(m.owner(5461), Some("hostname2:30002"));
         // Being migrated: still its source's.
-        assert_eq!(m.owner(10922), Some("127.0.0.1:30002"));
-        assert_eq!(m.owner(16383), Some("127.0.0.1:30003"));
-        assert_eq!(m.nodes(), ["127.0.0.1:30001", "127.0.0.1:30002", "127.0.0.1:30003"]);
+        assert_eq!(m.owner(10922), Some("hostname2:30002"));
+        assert_eq!(m.owner(16383), Some("hostname3:30003"));
+        assert_eq!(m.nodes(), ["hostname1:30001", "hostname2:30002", "hostname3:30003"]);
+        // Without hostnames, the IPs.
+        let plain = SlotMap::parse_nodes("e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-16383").unwrap();
+        assert_eq!(plain.owner(7), Some("127.0.0.1:30001"));
         assert!(SlotMap::parse_nodes("x y").is_err());
         assert!(SlotMap::parse_nodes("a 1.2.3.4:1@2 master - 0 0 1 connected 9-x").is_err());
         assert_eq!(SlotMap::parse_nodes("").unwrap().owner(0), None);
@@ -232,10 +249,10 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001,hostname1 myself,
     #[test]
     fn a_move_changes_one_slot() {
         let mut m = SlotMap::parse_nodes(NODES).unwrap();
-        m.set_owner(5461, "127.0.0.1:30003");
-        assert_eq!((m.owner(5460), m.owner(5461), m.owner(5462)), (Some("127.0.0.1:30001"), Some("127.0.0.1:30003"), Some("127.0.0.1:30002")));
+        m.set_owner(5461, "hostname3:30003");
+        assert_eq!((m.owner(5460), m.owner(5461), m.owner(5462)), (Some("hostname1:30001"), Some("hostname3:30003"), Some("hostname2:30002")));
         m.set_owner(0, "127.0.0.1:30009");
-        assert_eq!((m.owner(0), m.owner(1)), (Some("127.0.0.1:30009"), Some("127.0.0.1:30001")));
+        assert_eq!((m.owner(0), m.owner(1)), (Some("127.0.0.1:30009"), Some("hostname1:30001")));
     }
 
     #[test]
@@ -251,6 +268,8 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001,hostname1 myself,
         assert_eq!(Redirect::parse("TRYAGAIN Multiple keys request during rehashing of slot"), Some(Redirect::TryAgain));
         assert_eq!(Redirect::parse("connection refused"), None);
         assert_eq!(Redirect::parse("ERR unknown command 'ASK'"), None);
+        // The node after the word, not after an earlier match of the digits.
+        assert_eq!(Redirect::parse("12 MOVED 12 10.0.0.3:7001"), Some(Redirect::Moved { slot: 12, node: "10.0.0.3:7001".into() }));
     }
 
     #[test]

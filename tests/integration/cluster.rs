@@ -87,6 +87,14 @@ fn calls(nodes: &[&Redis], command: &str) -> u64 {
         .sum()
 }
 
+/// How many errors of `kind` (e.g. `MOVED`) `node` has answered (`INFO
+/// errorstats`).
+fn error_count(node: &Redis, kind: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("errorstats").query(&mut node.conn()).unwrap();
+    let stat = format!("errorstat_{kind}:count=");
+    info.lines().find_map(|l| l.strip_prefix(&stat)).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
 /// A live resharding while the load runs: 2,000 slots moved from the seed to a
 /// second node and 2,000 from the third to the seed, then a fourth node added
 /// and given 2,000 of the second's (`redis-cli --cluster reshard`: `ASK` while a
@@ -180,20 +188,23 @@ async fn a_slot_mid_migration_is_followed_with_asking_then_moved() {
     let finish = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let asked = calls(&all, "asking") - asked;
+        let maps = calls(&all, "cluster|nodes");
         for node in [to, from] {
             let _: () = redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg("NODE").arg(&to_id).query(&mut node.conn()).unwrap();
         }
-        asked
+        (asked, maps)
     };
-    let ((), asked) = futures::future::join(write(10), finish).await;
-    let maps = calls(&all, "cluster|nodes");
+    let ((), (asked, maps)) = futures::future::join(write(10), finish).await;
     write(100).await;
+    // From the end of the migration: the source's MOVED answers, and the map
+    // read again after them.
+    let moved = error_count(from, "MOVED");
     let maps = calls(&all, "cluster|nodes") - maps;
     let (_, _, v) = s.call("GET", &format!("/v1/records/{key}?consistent=true"), None, &[]).await;
-    eprintln!("mid-migration: the app sent ASKING {asked} times; after the move it read the slot map {maps} times");
+    eprintln!("mid-migration: the app sent ASKING {asked} times; after the move the source answered MOVED {moved} times and the app read the slot map {maps} times");
     assert_eq!(v["value"]["n"], 111, "each write once: {v}");
     assert!(asked > 0, "the calls during the migration followed ASK");
-    assert!(maps > 0, "a MOVED had the map read again");
+    assert!(moved > 0 && maps > 0, "a MOVED had the map read again");
     assert!(keys_in(to, shard) > 0 && keys_in(from, shard) == 0, "the shard's keys are on the new owner only");
 }
 
@@ -249,9 +260,10 @@ async fn a_master_killed_is_failed_over_by_the_cluster_and_loses_no_acknowledged
     );
     assert_ne!(promoted, format!("127.0.0.1:{}", victim.port), "a replica took over");
     // The cluster's failover (node timeout 2 s, then an election), then the
-    // map read again at the next failed call: within the lease TTL more.
+    // map read again at the next failed call: within the lease TTL more, and
+    // slack for a busy machine.
     // Before the app read the map again on a failed owner, it waited for its
     // instances to be recycled (about 30 s here).
-    assert!(out < Duration::from_secs(8), "the shard accepted writes again {out:?} after the kill");
+    assert!(out < Duration::from_secs(12), "the shard accepted writes again {out:?} after the kill");
     assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}");
 }

@@ -48,8 +48,10 @@ impl Netns {
             // binaries that run at once.
             let id = (std::process::id().wrapping_mul(64).wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))) % 16_384;
             let name = format!("sw{id}");
-            if !Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success()) {
-                assert!(Command::new("ip").args(["netns", "list"]).output().is_ok_and(|o| o.status.success()), "`ip netns` needs root and iproute2");
+            let added = Command::new("ip").args(["netns", "add", &name]).output().expect("`ip` runs (iproute2)");
+            if !added.status.success() {
+                let why = String::from_utf8_lossy(&added.stderr);
+                assert!(why.contains("File exists"), "`ip netns add` failed (network namespaces need root): {why}");
                 continue; // taken: another id
             }
             let base = (10 << 24) | (231 << 16) | (id * 4);

@@ -161,8 +161,10 @@ async fn cut_off(from: Server, how: Cut, a_vars: &[(&str, &str)]) -> Split {
 /// stopped).
 async fn works_again(p: &Split) {
     p.s.stop_trigger();
+    let before = log_lines(&p.a, "batch");
     let again = applied_in(&p.s, &(0..layout().shards).collect::<Vec<_>>(), "healed", Instant::now(), Duration::from_secs(30)).await;
     assert!(again.is_some(), "processor a applies again after the cut heals: {}", p.a.stderr.lock().unwrap().join("\n"));
+    assert!(log_lines(&p.a, "batch") > before, "processor a applied batches once healed");
 }
 
 /// Cut off from Redis both ways: nothing crosses.

@@ -119,7 +119,8 @@ async fn in_transaction(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Appl
     db.query(db.sql().begin, vec![]).await?;
     let applied = async {
         if let Some(stmt) = db.sql().in_transaction {
-            db.query(stmt, vec![Value::Text(s.lease_ttl_ms.to_string())]).await?;
+            // PostgreSQL takes at most 2^31 - 1 ms.
+            db.query(stmt, vec![Value::Text(s.lease_ttl_ms.min(i32::MAX as u64).to_string())]).await?;
         }
         apply_in_tx(s, db, batches).await
     };

@@ -49,6 +49,9 @@ pub enum DbErrorKind {
     MissingTable,
     /// A column does not exist (tables older than this code).
     MissingColumn,
+    /// The server ended the session (see `SESSION_ENDED`): the connection
+    /// runs nothing more.
+    ConnectionLost,
     /// Anything else: unreachable, refused, a statement that failed.
     Other,
 }
@@ -84,6 +87,11 @@ fn sqlite_err(e: sqlite::Error) -> DbError {
 }
 
 fn pg_err(e: pg::Error) -> DbError {
+    if let pg::Error::PgError(pg::PgError::QueryFailed(pg::QueryError::DbError(d))) = &e
+        && SESSION_ENDED.contains(&d.code.as_str())
+    {
+        return DbError { kind: DbErrorKind::ConnectionLost, problem: crate::backend::backend_failed(WHAT, &format!("{} [{}]", d.message, d.code)) };
+    }
     let detail = match &e {
         pg::Error::PgError(pg::PgError::QueryFailed(pg::QueryError::DbError(d))) => format!("{} [{}]", d.message, d.code),
         pg::Error::PgError(pg::PgError::QueryFailed(pg::QueryError::Text(t))) => t.clone(),
@@ -92,6 +100,11 @@ fn pg_err(e: pg::Error) -> DbError {
     };
     db_error(&detail)
 }
+
+/// SQLSTATEs of a session the server ended: an idle-in-transaction timeout
+/// (a holder silent for a lease TTL, see `Dialect::in_transaction`), an
+/// administrator's or a shutdown's termination.
+const SESSION_ENDED: [&str; 4] = ["25P03", "57P01", "57P02", "57P03"];
 
 impl Db {
     /// Opens the configured database.
@@ -184,6 +197,11 @@ impl Db {
             return Err(DbError { kind: DbErrorKind::Other, problem: Problem::timeout(Dependency::Database, WHAT, crate::deadline::call_timeout_ms()) });
         }
         match crate::deadline::guarded_for(Dependency::Database, WHAT, extra_ms, self.query_now(stmt, params)).await {
+            // The server ended the session: nothing more can run on it.
+            Ok(Err(e)) if e.kind == DbErrorKind::ConnectionLost => {
+                self.abandoned.set(true);
+                Err(e)
+            }
             Ok(r) => r,
             Err(problem) => {
                 self.abandoned.set(true);

@@ -46,7 +46,10 @@ enum Failure {
     /// A cluster's redirect (an answer too), with the server that gave it and
     /// its words: a failure only if the call cannot follow it.
     Redirect(Redirect, String, String),
-    /// The server failed, or refused the command.
+    /// No connection could be opened: the command was not sent.
+    Unreachable(Problem),
+    /// The server failed, or refused the command (which may have run, if the
+    /// connection failed after it was sent).
     Failed(Problem),
 }
 
@@ -55,7 +58,7 @@ impl Failure {
         match self {
             Self::NoScript => None,
             Self::Redirect(_, address, error) => Some(crate::backend::backend_failed(&redis_what(&address), &error)),
-            Self::Failed(p) => Some(p),
+            Self::Unreachable(p) | Self::Failed(p) => Some(p),
         }
     }
 }
@@ -156,6 +159,10 @@ impl Redis {
                 reset(&self.address);
                 if let Some(slot) = slot {
                     reset(&self.cached_route(slot));
+                    // A node that stalls (cut off, its host gone) answers
+                    // nothing, not even a reset: the map is read again on
+                    // the next call, in case the cluster has moved on.
+                    MAPS.with_borrow_mut(|m| m.remove(&self.address));
                 }
                 Err(Some(p))
             }
@@ -196,14 +203,17 @@ impl Redis {
                     crate::wait_ms(TRY_AGAIN_MS).await;
                     address = self.route(slot).await;
                 }
-                // The owner failed: after a failover no MOVED comes (the old
-                // master is gone), so the map is read again through any node
-                // that answers, and the call goes to the new owner, if any.
-                Failure::Failed(p) if redirects < MAX_REDIRECTS => {
+                // The owner cannot be reached: after a failover no MOVED
+                // comes (the old master is gone), so the map is read again
+                // through any node that answers, and the call goes to the new
+                // owner, if any. Only a call that was not sent: one whose
+                // connection failed after it was sent may have run, and is
+                // the caller's to settle (an idempotency key), never sent twice.
+                Failure::Unreachable(p) if redirects < MAX_REDIRECTS => {
                     redirects += 1;
                     match self.reread_map(&address, slot).await {
                         Some(owner) if owner != address => address = owner,
-                        _ => return Err(Failure::Failed(p)),
+                        _ => return Err(Failure::Unreachable(p)),
                     }
                 }
                 other => return Err(other),
@@ -319,7 +329,7 @@ async fn conn_to(address: &str) -> Result<Rc<Connection>, Problem> {
 async fn execute_at(address: &str, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Failure> {
     let conn = conn_to(address).await.map_err(|p| {
         reset(address);
-        Failure::Failed(p)
+        Failure::Unreachable(p)
     })?;
     let r = run_on(&conn, address, command, args, wait).await;
     if let Err(Failure::Failed(_)) = r {
@@ -332,7 +342,7 @@ async fn execute_at(address: &str, command: &str, args: Vec<RedisParameter>, wai
 /// two must be consecutive on one connection, which the kept one, shared by
 /// the instance's concurrent calls, cannot promise).
 async fn asking(address: &str, command: &str, args: Vec<RedisParameter>, wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Failure> {
-    let conn = Connection::open(address).await.map_err(|e| Failure::Failed(redis_failed(address, &e)))?;
+    let conn = Connection::open(address).await.map_err(|e| Failure::Unreachable(redis_failed(address, &e)))?;
     conn.execute("ASKING", vec![]).await.map_err(|e| Failure::Failed(redis_failed(address, &e)))?;
     run_on(&conn, address, command, args, wait).await
 }

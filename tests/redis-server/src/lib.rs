@@ -103,11 +103,14 @@ impl RedisServer {
         // Every master's view has every node's slots (the others learn
         // through the cluster bus).
         for n in &nodes {
-            for _ in 0..1000 {
+            let knows = || {
                 let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut n.conn()).expect("CLUSTER NODES");
-                if text.lines().filter(|l| l.contains("master") && l.split(' ').count() > 8).count() == masters {
-                    break;
-                }
+                text.lines().filter(|l| l.contains("master") && l.split(' ').count() > 8).count() == masters
+            };
+            let mut tries = 0;
+            while !knows() {
+                tries += 1;
+                assert!(tries < 1000, "node {} never saw every master's slots", n.port);
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
