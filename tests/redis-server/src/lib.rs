@@ -114,6 +114,14 @@ impl RedisServer {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+        // Every replica has its master's data: one that never synced cannot
+        // be promoted when its master fails.
+        for n in &nodes {
+            let role: String = redis::cmd("INFO").arg("replication").query(&mut n.conn()).expect("INFO replication");
+            if role.contains("role:slave") {
+                n.wait_for(&["INFO", "replication"], "master_link_status:up", "a replica never synced with its master");
+            }
+        }
         nodes
     }
 
