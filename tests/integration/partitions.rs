@@ -157,27 +157,31 @@ async fn cut_off(from: Server, how: Cut, a_vars: &[(&str, &str)]) -> Split {
     p
 }
 
-/// Once healed, the cut-off processor applies again (the in-process one
-/// stopped).
-async fn works_again(p: &Split) {
+/// Once healed, writes to every shard are applied with the in-process
+/// processor's trigger stopped; with `by_a`, processor `a` applies some of
+/// them itself.
+async fn works_again(p: &Split, by_a: bool) {
     p.s.stop_trigger();
     let before = log_lines(&p.a, "batch");
     let again = applied_in(&p.s, &(0..layout().shards).collect::<Vec<_>>(), "healed", Instant::now(), Duration::from_secs(30)).await;
-    assert!(again.is_some(), "processor a applies again after the cut heals: {}", p.a.stderr.lock().unwrap().join("\n"));
-    assert!(log_lines(&p.a, "batch") > before, "processor a applied batches once healed");
+    assert!(again.is_some(), "writes are applied again after the cut heals: {}", p.a.stderr.lock().unwrap().join("\n"));
+    assert!(!by_a || log_lines(&p.a, "batch") > before, "processor a applied batches once healed");
 }
 
 /// Cut off from Redis both ways: nothing crosses.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_processor_cut_off_from_redis_both_ways_is_taken_over_within_the_lease_ttl() {
-    works_again(&cut_off(Server::Redis, Cut::BothWays, &[]).await).await;
+    // Whether `a` itself resumes is not asserted: after a cut from Redis its
+    // trigger's subscription may be gone (a host whose trigger loses Redis
+    // exits, for its supervisor to restart it).
+    works_again(&cut_off(Server::Redis, Cut::BothWays, &[]).await, false).await;
 }
 
 /// Cut off from Redis one way: its commands reach Redis and are carried out
 /// (renewals, acknowledgements, releases), their answers never reach it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_processor_whose_redis_answers_are_lost_is_taken_over_within_the_lease_ttl() {
-    works_again(&cut_off(Server::Redis, Cut::RepliesLost, &[]).await).await;
+    works_again(&cut_off(Server::Redis, Cut::RepliesLost, &[]).await, false).await;
 }
 
 /// Cut off from the database mid-round, its deadlines off
@@ -193,5 +197,5 @@ async fn a_processor_cut_off_from_the_database_mid_round_is_taken_over_and_its_l
     let p = cut_off(Server::Database, Cut::BothWays, &[("call_timeout_ms", "0"), ("request_timeout_ms", "0")]).await;
     eventually("processor a's late round is refused", Duration::from_secs(30), async || log_lines(&p.a, "batch_fenced") + log_lines(&p.a, "batch_failed") > 0).await;
     eprintln!("processor a's late rounds, once healed: fenced off {}, failed {}", log_lines(&p.a, "batch_fenced"), log_lines(&p.a, "batch_failed"));
-    works_again(&p).await;
+    works_again(&p, true).await;
 }
