@@ -36,6 +36,8 @@ fn crc16(data: &[u8]) -> u16 {
 pub struct SlotMap {
     /// `(first slot, last slot, node)`, sorted by first slot.
     ranges: Vec<(u16, u16, String)>,
+    /// The node the map was read through (flagged `myself`), if a master.
+    myself: Option<String>,
 }
 
 impl SlotMap {
@@ -46,6 +48,7 @@ impl SlotMap {
     /// are not failing count.
     pub fn parse_nodes(text: &str) -> Result<Self, String> {
         let mut ranges = Vec::new();
+        let mut myself = None;
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let fields: Vec<&str> = line.split(' ').collect();
             if fields.len() < 8 {
@@ -67,6 +70,9 @@ impl SlotMap {
                 (false, Some((_, port))) => format!("{hostname}:{port}"),
                 _ => ip_port.to_owned(),
             };
+            if flags.contains(&"myself") {
+                myself = Some(address.clone());
+            }
             for slot in &fields[8..] {
                 if slot.starts_with('[') {
                     continue;
@@ -82,7 +88,23 @@ impl SlotMap {
             }
         }
         ranges.sort();
-        Ok(Self { ranges })
+        Ok(Self { ranges, myself })
+    }
+
+    /// The master the map was read through, if it is one (a replica, or a
+    /// master that is failing, is none).
+    pub fn myself(&self) -> Option<&str> {
+        self.myself.as_deref()
+    }
+
+    /// A hash tag (`heal<n>`, the first such) whose slot `node` owns: keys
+    /// named with it live on that node. `None` if it owns no slot.
+    pub fn tag_owned_by(&self, node: &str) -> Option<String> {
+        if !self.ranges.iter().any(|(_, _, owner)| owner == node) {
+            return None;
+        }
+        // A node with a single slot is found after about 16,384 tries.
+        (0..1u32 << 22).map(|n| format!("heal{n}")).find(|tag| self.owner(key_slot(tag.as_bytes())) == Some(node))
     }
 
     /// The node that owns `slot`, if any does.
@@ -238,12 +260,30 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001,hostname1 myself,
         assert_eq!(m.owner(10922), Some("hostname2:30002"));
         assert_eq!(m.owner(16383), Some("hostname3:30003"));
         assert_eq!(m.nodes(), ["hostname1:30001", "hostname2:30002", "hostname3:30003"]);
+        assert_eq!(m.myself(), Some("hostname1:30001"));
         // Without hostnames, the IPs.
         let plain = SlotMap::parse_nodes("e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-16383").unwrap();
         assert_eq!(plain.owner(7), Some("127.0.0.1:30001"));
         assert!(SlotMap::parse_nodes("x y").is_err());
         assert!(SlotMap::parse_nodes("a 1.2.3.4:1@2 master - 0 0 1 connected 9-x").is_err());
         assert_eq!(SlotMap::parse_nodes("").unwrap().owner(0), None);
+    }
+
+    /// A tag is found for each node that owns slots, even a single one, and
+    /// its keys hash there; none for a node without slots.
+    #[test]
+    fn a_tag_lands_on_the_node_asked_for() {
+        let mut m = SlotMap::parse_nodes(NODES).unwrap();
+        for node in m.nodes().into_iter().map(str::to_owned).collect::<Vec<_>>() {
+            let tag = m.tag_owned_by(&node).unwrap();
+            assert_eq!(m.owner(key_slot(format!("spillway:{{{tag}}}:heal:3:lease").as_bytes())), Some(node.as_str()));
+        }
+        m.set_owner(12345, "127.0.0.1:7000");
+        let tag = m.tag_owned_by("127.0.0.1:7000").unwrap();
+        assert_eq!(key_slot(tag.as_bytes()), 12345);
+        assert_eq!(m.tag_owned_by("127.0.0.1:30006"), None, "failing, and no slots");
+        let replica = SlotMap::parse_nodes("e7d1 127.0.0.1:30001@31001 myself,slave abc 0 0 1 connected").unwrap();
+        assert_eq!(replica.myself(), None);
     }
 
     #[test]

@@ -159,13 +159,30 @@ impl Layout {
         format!("{}doorbell", self.prefix)
     }
 
-    /// The shard whose lease, watch or doorbell flag `key` is, if it is one of ours:
-    /// the payload of an expired-key event that means a processor may have died
-    /// holding (or before taking) that shard.
+    /// A mirror of `shard`'s lease (`what` = `lease`) or doorbell flag (`bell`)
+    /// on the server the Redis trigger listens to, in hash tag `tag` (one that
+    /// server owns, in a cluster). Expired-key events are each server's own:
+    /// a mirror's expiry is heard where the shard's own keys' is not (see
+    /// `spillway_spin::mirror`).
+    pub fn mirror(&self, tag: &str, shard: u32, what: &str) -> String {
+        format!("{}{{{tag}}}:mirror:{shard}:{what}", self.prefix)
+    }
+
+    /// Whether `key` is a mirror (see [`Layout::mirror`]).
+    pub fn is_mirror(&self, key: &str) -> bool {
+        key.strip_prefix(&self.prefix).is_some_and(|rest| rest.starts_with('{') && rest.contains("}:mirror:"))
+    }
+
+    /// The shard whose lease, watch or doorbell flag `key` is (or a mirror of
+    /// one), if it is one of ours: the payload of an expired-key event that
+    /// means a processor may have died holding (or before taking) that shard.
     pub fn shard_of_expired(&self, key: &str) -> Option<u32> {
-        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("{s")?;
-        let (n, name) = rest.split_once("}:")?;
-        let shard: u32 = n.parse().ok().filter(|s| *s < self.shards)?;
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('{')?;
+        let (shard, name) = match rest.split_once("}:mirror:") {
+            Some((_, mirrored)) => mirrored.split_once(':')?,
+            None => rest.strip_prefix('s')?.split_once("}:")?,
+        };
+        let shard: u32 = shard.parse().ok().filter(|s| *s < self.shards)?;
         matches!(name, "lease" | "watch" | "bell").then_some(shard)
     }
 
@@ -234,7 +251,21 @@ mod tests {
         assert_eq!(l.shard_of_expired(&l.lease(7)), Some(7));
         assert_eq!(l.shard_of_expired(&l.bell(15)), Some(15));
         assert_eq!(l.shard_of_expired(&l.watch(0)), Some(0));
-        for other in [l.stream(3), l.fill_lock("k"), l.idempotency(3, "x"), "spillway:{s16}:lease".into(), "other:{s1}:lease".into(), "spillway:{s1x}:bell".into()] {
+        assert_eq!(l.shard_of_expired(&l.mirror("heal12", 9, "lease")), Some(9));
+        assert_eq!(l.shard_of_expired(&l.mirror("heal0", 15, "bell")), Some(15));
+        assert_eq!(l.shard_of_expired(&l.mirror("s3", 4, "bell")), Some(4), "a tag like a shard's");
+        assert!(l.is_mirror(&l.mirror("heal1", 2, "lease")) && !l.is_mirror(&l.lease(2)));
+        for other in [
+            l.stream(3),
+            l.fill_lock("k"),
+            l.idempotency(3, "x"),
+            "spillway:{s16}:lease".into(),
+            "other:{s1}:lease".into(),
+            "spillway:{s1x}:bell".into(),
+            l.mirror("heal1", 16, "lease"),
+            l.mirror("heal1", 2, "stream"),
+            "spillway:{heal1}:mirror:2".into(),
+        ] {
             assert_eq!(l.shard_of_expired(&other), None, "{other}");
         }
     }

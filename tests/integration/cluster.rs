@@ -15,7 +15,7 @@ use crate::support::{Redis, layout};
 
 /// What a cluster deployment sets: the cluster, and every node allowed (the
 /// nodes are learnt from the seed).
-const CLUSTER_VARS: [(&str, &str); 2] = [("redis_cluster", "true"), ("shard_redis_hosts", "redis://127.0.0.1:*")];
+pub(crate) const CLUSTER_VARS: [(&str, &str); 2] = [("redis_cluster", "true"), ("shard_redis_hosts", "redis://127.0.0.1:*")];
 
 /// How many keys `node` holds in `shard`'s slot.
 fn keys_in(node: &Redis, shard: u32) -> i64 {
@@ -67,7 +67,7 @@ async fn a_three_master_cluster_from_one_seed_node_applies_every_write_once() {
 }
 
 /// Each shard's owner (`host:port`), as the cluster says.
-fn owners(node: &Redis) -> Vec<String> {
+pub(crate) fn owners(node: &Redis) -> Vec<String> {
     let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut node.conn()).unwrap();
     let map = spillway_core::cluster::SlotMap::parse_nodes(&text).unwrap();
     let l = layout();

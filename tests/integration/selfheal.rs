@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -55,25 +56,57 @@ async fn lost_doorbells_are_answered_without_traffic() {
 /// accepted write is applied exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_processor_is_resumed_without_traffic() {
+    resume_after_kill(vec![Redis::start()], &[]).await;
+}
+
+/// The same on a three-master Redis Cluster, the app given one seed node (which
+/// its Redis trigger listens to). A node publishes only its own keys'
+/// expired-key events, so the shards on the two other nodes are resumed
+/// through their leases' and flags' mirrors on the seed, within 1.5 lease TTLs
+/// + 2 s; with the watch (restart too late for those) as before. Only those
+/// nodes' shards are written to: an event of the seed's own would have the
+/// processor look at every shard.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_processor_is_resumed_without_traffic_on_a_cluster() {
+    resume_after_kill(Redis::start_cluster(3, 0), &crate::cluster::CLUSTER_VARS).await;
+}
+
+/// The kill run on `nodes` (the first is the app's `redis_address`).
+async fn resume_after_kill(nodes: Vec<Redis>, extra: &[(&str, &str)]) {
     fixtures();
     const CLIENTS: usize = 8;
     const WRITES: usize = CLIENTS * 40 * 100;
     let ttl = Duration::from_millis(2000);
-    let redis = Redis::start();
+    let redis = &nodes[0];
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (front_toml, processor_toml) = manifests(dir.path());
-    let vars = [("lease_ttl_ms", "2000"), ("batch_size", "50")];
+    let mut vars = vec![("lease_ttl_ms", "2000"), ("batch_size", "50")];
+    vars.extend_from_slice(extra);
     let front = spawn(&front_toml, &state, &redis.url(), &vars, false);
     let mut processor = spawn(&processor_toml, &state, &redis.url(), &vars, true);
 
+    // Each shard's node (one server: the only one).
+    let owner: Vec<usize> = if nodes.len() == 1 {
+        vec![0; 16]
+    } else {
+        let owners = crate::cluster::owners(redis);
+        owners.iter().map(|o| nodes.iter().position(|n| *o == format!("127.0.0.1:{}", n.port)).expect("an owner among the nodes")).collect()
+    };
+    // On a cluster, only keys of shards on the other nodes: no expiry of the
+    // seed's own (whose event would have the processor look at every shard)
+    // resumes them.
+    let keys: Arc<Vec<String>> = Arc::new((0..1000).map(|k| format!("k{k}")).filter(|k| nodes.len() == 1 || owner[crate::support::layout().shard_of(k) as usize] != 0).collect());
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
         let port = front.port;
+        let keys = keys.clone();
         clients.push(tokio::spawn(async move {
             let mut conn = Conn::open(port).await;
             for r in 0..WRITES / CLIENTS / 100 {
-                let body = batch_of_incr((c * 1000 + r) * 100, 100, 1000).to_string();
+                let from = (c * 1000 + r) * 100;
+                let writes: Vec<_> = (from..from + 100).map(|i| json!({"key": keys[i % keys.len()], "op": "incr", "field": "n"})).collect();
+                let body = json!({ "writes": writes }).to_string();
                 let (status, reply) = conn.request("POST", "/v1/writes", "", &body).await;
                 assert_eq!(status, 202, "{reply}");
             }
@@ -82,12 +115,12 @@ async fn killed_processor_is_resumed_without_traffic() {
     for c in clients {
         c.await.unwrap();
     }
+    let mut conns: Vec<redis::Connection> = nodes.iter().map(Redis::conn).collect();
+    let xlen = |conns: &mut [redis::Connection], shard: usize| -> usize { redis::cmd("XLEN").arg(crate::support::layout().stream(shard as u32)).query(&mut conns[owner[shard]]).unwrap() };
     // Kill it while it holds a lease, mid-drain.
-    let mut c = redis.conn();
-    let xlen = |c: &mut redis::Connection, shard: usize| -> usize { redis::cmd("XLEN").arg(crate::support::layout().stream(shard as u32)).query(c).unwrap() };
     let deadline = Instant::now() + Duration::from_secs(30);
     let holding = loop {
-        let leases: Vec<String> = redis::cmd("KEYS").arg("spillway:{s*}:lease").query(&mut c).unwrap();
+        let leases: Vec<String> = conns.iter_mut().flat_map(|c| redis::cmd("KEYS").arg("spillway:{s*}:lease").query::<Vec<String>>(c).unwrap()).collect();
         if !leases.is_empty() {
             break leases;
         }
@@ -96,17 +129,21 @@ async fn killed_processor_is_resumed_without_traffic() {
     };
     processor.kill();
     let killed = Instant::now();
-    let mut left: Vec<(usize, usize)> = (0..16).map(|s| (s, xlen(&mut c, s))).filter(|(_, n)| *n > 0).collect();
+    let mut left: Vec<(usize, usize)> = (0..16).map(|s| (s, xlen(&mut conns, s))).filter(|(_, n)| *n > 0).collect();
     let queued: usize = left.iter().map(|(_, n)| n).sum();
-    eprintln!("SIGKILL while holding {holding:?}: {queued} writes queued in {} shards", left.len());
+    let elsewhere = left.iter().filter(|(s, _)| owner[*s] != 0).count();
+    eprintln!("SIGKILL while holding {holding:?}: {queued} writes queued in {} shards, {elsewhere} of them not on the seed", left.len());
     assert!(queued > 0, "killed with work left");
+    if nodes.len() > 1 {
+        assert_eq!(elsewhere, left.len(), "work left on the nodes the trigger does not listen to, and only there");
+    }
     processor = spawn(&processor_toml, &state, &redis.url(), &vars, true);
     let restarted = killed.elapsed();
 
     // Resumed: each shard's queue has moved since the crash.
     while !left.is_empty() {
         assert!(killed.elapsed() < Duration::from_secs(60), "shards {left:?} never resumed, with no further traffic");
-        left.retain(|(s, n)| xlen(&mut c, *s) >= *n);
+        left.retain(|(s, n)| xlen(&mut conns, *s) >= *n);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let resumed = killed.elapsed();
@@ -114,7 +151,9 @@ async fn killed_processor_is_resumed_without_traffic() {
     db.busy_timeout(Duration::from_secs(10)).unwrap();
     let took = wait_total(&db, WRITES as i64, Duration::from_secs(120)).await + resumed;
     eprintln!("killed processor: restarted after {restarted:?}, every shard resumed after {resumed:?}, all applied after {took:?} (lease TTL {ttl:?})");
-    let bound = if restarted < ttl { ttl + Duration::from_secs(2) } else { 3 * ttl + Duration::from_secs(2) };
+    // A mirror lives 1.5 lease TTLs.
+    let heard = if nodes.len() > 1 { ttl * 3 / 2 } else { ttl };
+    let bound = if restarted < heard { heard + Duration::from_secs(2) } else { 3 * ttl + Duration::from_secs(2) };
     assert!(resumed <= bound, "resumed {resumed:?} after the crash; bound {bound:?}");
     let outcomes: i64 = db.query_row("SELECT count(*) FROM spillway_writes WHERE status = 'applied'", [], |r| r.get(0)).unwrap();
     assert_eq!(outcomes, WRITES as i64, "one outcome per accepted write");

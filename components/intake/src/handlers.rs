@@ -9,6 +9,7 @@ use spillway_core::settings::Settings;
 use spillway_core::write::{self, parse_request_for};
 use spillway_spin::redis::Replicas;
 use spillway_spin::{Redis, json, problem, status};
+use spillway_spin::mirror::{Mirrored, mirror};
 use spin_sdk::http::Request;
 
 /// Longest accepted `Idempotency-Key`.
@@ -229,13 +230,20 @@ async fn enqueue(
 type GroupReply = Result<((Enqueued, Vec<u32>), i64), Problem>;
 
 /// Rings `shards` after the answer (the writes are durable already; a ring lost
-/// with a dying instance leaves the shard's flag to expire, which resumes it).
+/// with a dying instance leaves the shard's flag to expire, which resumes it:
+/// heard through its mirror if the shard is on another server than the
+/// trigger's).
 fn ring(s: &Settings, shards: Vec<u32>) {
     if shards.is_empty() {
         return;
     }
     let s = s.clone();
-    spin_sdk::wasip3::spawn(async move { spillway_spin::ring(&s, &shards).await });
+    spin_sdk::wasip3::spawn(async move {
+        spillway_spin::ring(&s, &shards).await;
+        for shard in shards {
+            mirror(&s, shard, Mirrored::Bell, Some(s.lease_ttl_ms)).await;
+        }
+    });
 }
 
 /// One `ENQUEUE` call: the writes of `group`'s shards.

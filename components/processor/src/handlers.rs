@@ -6,7 +6,8 @@ use spillway_core::problem::Problem;
 use spillway_core::query::Query;
 use spillway_core::settings::Settings;
 use spillway_spin::db::Db;
-use spillway_spin::{answer, authorize, json, problem};
+use spillway_spin::mirror::{Mirrored, mirror};
+use spillway_spin::{Redis, answer, authorize, bin, int, json, problem};
 use spin_sdk::http::Request;
 
 use crate::drain::{self, Scope, Stats};
@@ -29,8 +30,31 @@ pub(crate) async fn on_message(message: &[u8]) -> anyhow::Result<()> {
             None => return Ok(()),
         },
     };
-    drain_claimable(&settings, Some(shard)).await
+    let drained = drain_claimable(&settings, Some(shard)).await;
+    if settings.layout.is_mirror(text) {
+        rearm(&settings, shard).await;
+    }
+    drained
 }
+
+/// After a lease's mirror expired: if the shard is still held (its holder
+/// alive after all, or its lease renewed late in a long round), the mirror is
+/// set again to expire just after the lease does, whose own expiry is not heard
+/// here. A shard stays watched as long as it is held.
+async fn rearm(settings: &Settings, shard: u32) {
+    let lease = settings.layout.lease(shard);
+    match Redis::for_shard(settings, shard).execute("PTTL", vec![bin(&lease)]).await {
+        Ok(reply) => {
+            if let Some(ms) = reply.first().and_then(int).filter(|ms| *ms > 0) {
+                mirror(settings, shard, Mirrored::Lease, Some(ms as u64 + REARM_MARGIN_MS)).await;
+            }
+        }
+        Err(p) => spillway_spin::log_ignored("reading a held shard's lease after its mirror expired", Err::<(), _>(p)),
+    }
+}
+
+/// How long after the lease a re-armed mirror expires.
+const REARM_MARGIN_MS: u64 = 100;
 
 /// Drains `shard` (if any) and every shard with queued writes and no holder: a
 /// doorbell, an expired lease or flag, or a wake.

@@ -10,7 +10,9 @@ use spillway_core::problem::Problem;
 use spillway_core::reply::{BatchRead, LeaseAcquired};
 use spillway_spin::redis::malformed;
 use spillway_core::settings::Settings;
+use spillway_spin::mirror::{Mirrored, Outcome, mirror};
 use spillway_spin::{Redis, token};
+use std::cell::Cell;
 
 /// What follows a lease's release.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,7 +35,16 @@ pub(crate) struct Lease {
     pub(crate) token: String,
     /// The fencing token the database write checks.
     pub(crate) fence: i64,
+    /// The lease's mirror on the trigger's server (see `spillway_spin::mirror`):
+    /// when it was last set (monotonic ms), if it is needed and set.
+    mirrored_at: Cell<Option<u64>>,
 }
+
+/// A lease's mirror lives this many halves of the lease TTL, and is set again
+/// once it is half a TTL old: it then always outlives the lease, which each
+/// round renews for one TTL. (A mirror that expired first would find the
+/// shard held, and the lease's own expiry would not be heard.)
+const MIRROR_HALVES: u64 = 3;
 
 impl Lease {
     /// Takes `shard`'s lease, unless another processor holds it or the shard
@@ -43,7 +54,11 @@ impl Lease {
         let token = token();
         let reply = Redis::for_shard(s, shard).call(&Call::lease_acquire(&s.layout, shard, &token, s.lease_ttl_ms, end_backoff)).await?;
         Ok(match LeaseAcquired::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)? {
-            LeaseAcquired::Won(fence) => Some(Self { shard, token, fence }),
+            LeaseAcquired::Won(fence) => {
+                let lease = Self { shard, token, fence, mirrored_at: Cell::new(None) };
+                lease.mirror(s, true).await;
+                Some(lease)
+            }
             LeaseAcquired::Busy => None,
         })
     }
@@ -65,7 +80,30 @@ impl Lease {
         let released = Redis::for_shard(s, self.shard).call(&Call::lease_release(&s.layout, self.shard, &self.token, retry_ms, backoff)).await;
         if let Err(p) = released {
             eprintln!("{}", serde_json::json!({"event": "lease_release_failed", "shard": self.shard, "fence": self.fence, "error": p.detail}));
+            // The lease expires of itself: its mirror too.
+            return;
         }
+        // The mirror follows the watch: gone, or expiring as the retry.
+        if self.mirrored_at.get().is_some() {
+            mirror(s, self.shard, Mirrored::Lease, (retry_ms > 0).then_some(retry_ms)).await;
+        }
+    }
+
+    /// Sets the lease's mirror, if the shard needs one, when `now` or once the
+    /// last is half a TTL old.
+    async fn mirror(&self, s: &Settings, now: bool) {
+        let at = spillway_spin::monotonic_ms();
+        let due = now || self.mirrored_at.get().is_some_and(|last| at.saturating_sub(last) >= s.lease_ttl_ms / 2);
+        if !due {
+            return;
+        }
+        let ttl = s.lease_ttl_ms.saturating_mul(MIRROR_HALVES) / 2;
+        self.mirrored_at.set(match mirror(s, self.shard, Mirrored::Lease, Some(ttl)).await {
+            Outcome::Done => Some(at),
+            // Tried again at the next round.
+            Outcome::Failed => Some(0),
+            Outcome::Unneeded => None,
+        });
     }
 
     /// The database refused this holder's batch: it has seen fencing token
@@ -99,6 +137,12 @@ impl Lease {
             retention_ms: s.status_retention_secs.saturating_mul(1000),
         };
         let reply = Redis::for_shard(s, self.shard).call(&Call::read_batch(&s.layout, self.shard, &self.token, limits, resume)).await?;
-        BatchRead::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)
+        let read = BatchRead::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)?;
+        // Renewed: the mirror must outlive the lease (timed from now, after
+        // the renewal).
+        if !matches!(read, BatchRead::Lost) {
+            self.mirror(s, false).await;
+        }
+        Ok(read)
     }
 }

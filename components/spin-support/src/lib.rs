@@ -25,6 +25,7 @@ pub mod deadline;
 pub mod hazards;
 pub mod http;
 pub mod kv;
+pub mod mirror;
 pub mod pipeline;
 pub mod redis;
 pub mod ring;

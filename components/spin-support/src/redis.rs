@@ -23,6 +23,10 @@ thread_local! {
     /// With `redis_cluster`: each cluster's slot map, by the seed address it
     /// was read through; read once per instance, and again after a `MOVED`.
     static MAPS: RefCell<HashMap<String, SlotMap>> = RefCell::new(HashMap::new());
+    /// With `redis_cluster`: each seed's own node (as its map names it) and a
+    /// hash tag whose slot it owns, by seed address (see [`crate::mirror`]);
+    /// `None` for a seed that owns no slot.
+    static SEEDS: RefCell<HashMap<String, Option<(String, String)>>> = RefCell::new(HashMap::new());
 }
 
 /// `MOVED` redirects a call follows before it fails (each has the slot map
@@ -144,6 +148,37 @@ impl Redis {
             return self.address.clone();
         }
         self.route(key_slot(key.as_bytes())).await
+    }
+
+    /// Runs one command at this server itself, whatever its keys: in a
+    /// cluster, a `MOVED` is the caller's failure to handle.
+    pub async fn execute_here(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
+        self.execute_or_noscript(None, command, args, None).await.map(|(r, _)| r).map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
+    }
+
+    /// With `redis_cluster`: a hash tag whose keys this server (a seed) holds,
+    /// if `key` is on another node; `None` if `key` is on this server, or this
+    /// server owns no slot (a replica: its keys never expire of themselves).
+    /// The seed's map is read once per instance, and again after [`Redis::forget_seed`].
+    pub async fn tag_here_if_elsewhere(&self, key: &str) -> Result<Option<String>, Problem> {
+        if !SEEDS.with_borrow(|s| s.contains_key(&self.address)) {
+            self.read_map(&self.address).await?;
+            let seed = MAPS.with_borrow(|m| {
+                let map = m.get(&self.address)?;
+                let myself = map.myself()?;
+                Some((myself.to_owned(), map.tag_owned_by(myself)?))
+            });
+            SEEDS.with_borrow_mut(|s| s.insert(self.address.clone(), seed));
+        }
+        let Some((myself, tag)) = SEEDS.with_borrow(|s| s.get(&self.address).cloned().flatten()) else { return Ok(None) };
+        let owner = self.route(key_slot(key.as_bytes())).await;
+        Ok((owner != node_url(&self.address, &myself)).then_some(tag))
+    }
+
+    /// Has [`Redis::tag_here_if_elsewhere`] read the seed's map again (its
+    /// tag's slot has moved away).
+    pub fn forget_seed(&self) {
+        SEEDS.with_borrow_mut(|s| s.remove(&self.address));
     }
 
     /// Like [`Redis::execute`], except that a `NOSCRIPT` refusal (Redis has

@@ -1,0 +1,89 @@
+//! Expiry mirrors, for self-healing with the shards on several servers.
+//!
+//! A shard whose holder died, or whose doorbell was lost, is resumed when its
+//! lease or doorbell flag expires: Redis's expired-key event. But a server
+//! publishes only its own keys' events, even in a cluster (ordinary messages
+//! cross the cluster bus; keyspace events do not), and the Redis trigger
+//! listens to one server, `redis_address`. So a shard whose keys live
+//! elsewhere (another node of the cluster, another of `shard_redis_addresses`)
+//! has its lease and flag mirrored there: a key that expires when the
+//! original would have (or a little after), in a slot the trigger's server
+//! owns, whose event the trigger hears and which names the shard
+//! (`Layout::mirror`). A mirror that fires early finds the shard held and does
+//! nothing; so each is set to outlive what it mirrors. Without a Redis trigger
+//! (`wake_url`: the HTTP-only deployment, woken by a cron) no event is heard,
+//! and nothing is mirrored.
+
+use spillway_core::settings::Settings;
+
+use crate::redis::{Redis, bin};
+
+/// What a mirror stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mirrored {
+    /// The shard's lease (and watch): set by its holder.
+    Lease,
+    /// The shard's doorbell flag: set by intake's ring.
+    Bell,
+}
+
+impl Mirrored {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Lease => "lease",
+            Self::Bell => "bell",
+        }
+    }
+}
+
+/// What [`mirror`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Set (or deleted) the mirror.
+    Done,
+    /// Nothing: the shard's own expiry is heard (or nothing is).
+    Unneeded,
+    /// Failed (logged): worth trying again at the next occasion.
+    Failed,
+}
+
+/// Sets `shard`'s mirror of `what` to expire in `ttl_ms`, or deletes it
+/// (`None`), if the shard's keys are on another server than the trigger's.
+/// Best effort: a failure is logged (the shard's own expiry on its server and
+/// a cron on `/v1/wake` remain).
+pub async fn mirror(s: &Settings, shard: u32, what: Mirrored, ttl_ms: Option<u64>) -> Outcome {
+    if s.wake_url.is_some() {
+        return Outcome::Unneeded;
+    }
+    let trigger = Redis::new(&s.redis_address);
+    let tag = if s.redis_cluster {
+        match trigger.tag_here_if_elsewhere(&s.layout.lease(shard)).await {
+            Ok(Some(tag)) => tag,
+            Ok(None) => return Outcome::Unneeded,
+            Err(p) => {
+                crate::log_ignored("finding where to mirror a shard's expiry", Err::<(), _>(p));
+                return Outcome::Failed;
+            }
+        }
+    } else if s.redis_for(shard) == s.redis_address {
+        return Outcome::Unneeded;
+    } else {
+        "heal".to_owned()
+    };
+    let key = s.layout.mirror(&tag, shard, what.name());
+    let args = match ttl_ms {
+        Some(ms) => vec![bin(&key), bin("1"), bin("PX"), bin(&ms.max(1).to_string())],
+        None => vec![bin(&key)],
+    };
+    let command = if ttl_ms.is_some() { "SET" } else { "DEL" };
+    match trigger.execute_here(command, args).await {
+        Ok(_) => Outcome::Done,
+        Err(p) => {
+            // A resharding may have moved the tag's slot away: found again
+            // next time.
+            trigger.forget_seed();
+            crate::log_ignored("mirroring a shard's expiry on the trigger's server", Err::<(), _>(p));
+            Outcome::Failed
+        }
+    }
+}
