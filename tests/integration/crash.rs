@@ -43,6 +43,13 @@ async fn increments_survive_processor_crashes_on_two_redis_cluster_nodes() {
     crash_run(Setup::TwoServers).await;
 }
 
+/// The same on a real three-master Redis Cluster, the app given one seed node:
+/// each shard's calls go to the node that owns its slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn increments_survive_processor_crashes_on_a_three_master_cluster() {
+    crash_run(Setup::Cluster).await;
+}
+
 /// What a crash run runs on.
 #[derive(Clone, Copy, PartialEq)]
 enum Setup {
@@ -53,6 +60,8 @@ enum Setup {
     /// The repository's manifest on SQLite, the shards on two Redis Cluster
     /// nodes.
     TwoServers,
+    /// The repository's manifest on SQLite, a three-master Redis Cluster.
+    Cluster,
 }
 
 async fn crash_run(setup: Setup) {
@@ -60,10 +69,16 @@ async fn crash_run(setup: Setup) {
     let (engine, http_only) = match setup {
         Setup::Trigger(engine) => (Some(engine), false),
         Setup::HttpOnly => (None, true),
-        Setup::TwoServers => (Some(Engine::Sqlite), false),
+        Setup::TwoServers | Setup::Cluster => (Some(Engine::Sqlite), false),
     };
-    // A password on the single server, as in production.
-    let (redis, second) = if setup == Setup::TwoServers { (Redis::start_cluster_node(), Some(Redis::start_cluster_node())) } else { (Redis::start_secured(), None) };
+    // A password on the single server, as in production. The first server is
+    // `redis_address`.
+    let nodes = match setup {
+        Setup::TwoServers => vec![Redis::start_cluster_node(), Redis::start_cluster_node()],
+        Setup::Cluster => Redis::start_cluster(3, 0),
+        _ => vec![Redis::start_secured()],
+    };
+    let redis = &nodes[0];
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (front_toml, processor_toml, triggers) = match engine.filter(|_| !http_only) {
@@ -82,9 +97,11 @@ async fn crash_run(setup: Setup) {
     if http_only {
         vars.push(("drain_budget_secs", "1"));
     }
-    let servers = second.as_ref().map(|two| format!("{},{}", redis.url(), two.url()));
-    if let Some(servers) = &servers {
-        vars.extend([("shard_redis_addresses", servers.as_str()), ("shard_redis_hosts", "redis://127.0.0.1:*"), ("redis_cluster", "true")]);
+    let servers = format!("{},{}", redis.url(), nodes.last().unwrap().url());
+    match setup {
+        Setup::TwoServers => vars.extend([("shard_redis_addresses", servers.as_str()), ("shard_redis_hosts", "redis://127.0.0.1:*"), ("redis_cluster", "true")]),
+        Setup::Cluster => vars.extend(crate::cluster::CLUSTER_VARS),
+        _ => {}
     }
     vars.extend(db_vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
 
@@ -154,15 +171,21 @@ async fn crash_run(setup: Setup) {
     assert_eq!(expected.values().sum::<u64>(), WRITES as u64);
 
     // The safety net (cron's drain) picks up whatever a killed holder left behind,
-    // once its lease has expired. Shard n is on server n % 2 with two servers.
-    let mut conns = vec![redis.conn()];
-    conns.extend(second.as_ref().map(Redis::conn));
-    let n = conns.len();
+    // once its lease has expired. Shard n is on server n % 2 with two servers,
+    // on the node that owns its slot in a cluster.
+    let mut conns: Vec<redis::Connection> = nodes.iter().map(Redis::conn).collect();
+    let node_of: Vec<usize> = match setup {
+        Setup::Cluster => {
+            let owners = crate::cluster::owners(redis);
+            owners.iter().map(|o| nodes.iter().position(|n| *o == format!("127.0.0.1:{}", n.port)).expect("an owner among the nodes")).collect()
+        }
+        _ => (0..16).map(|s| s % nodes.len()).collect(),
+    };
     let mut admin = Conn::open(front.port).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = String::new();
     loop {
-        let queued: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(crate::support::layout().stream(s as u32)).unwrap()).sum();
+        let queued: usize = (0..16).map(|s| conns[node_of[s]].xlen::<_, usize>(crate::support::layout().stream(s as u32)).unwrap()).sum();
         if queued == 0 {
             break;
         }
@@ -174,17 +197,17 @@ async fn crash_run(setup: Setup) {
         last = body;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let dead: usize = (0..16).map(|s| conns[s % n].xlen::<_, usize>(crate::support::layout().dead(s as u32)).unwrap()).sum();
+    let dead: usize = (0..16).map(|s| conns[node_of[s]].xlen::<_, usize>(crate::support::layout().dead(s as u32)).unwrap()).sum();
     let first_dead: Vec<redis::Value> = (0..16)
-        .flat_map(|s| redis::cmd("XRANGE").arg(crate::support::layout().dead(s as u32)).arg("-").arg("+").arg("COUNT").arg(1).query::<Vec<redis::Value>>(&mut conns[s % n]).unwrap())
+        .flat_map(|s| redis::cmd("XRANGE").arg(crate::support::layout().dead(s as u32)).arg("-").arg("+").arg("COUNT").arg(1).query::<Vec<redis::Value>>(&mut conns[node_of[s]]).unwrap())
         .take(1)
         .collect();
-    if let Some(two) = &second {
-        // Each server holds its own shards' streams, and only those.
-        let mut c = two.conn();
-        let mut keys: Vec<String> = redis::cmd("KEYS").arg("spillway:{s*}:stream").query(&mut c).unwrap();
-        keys.sort();
-        assert_eq!(keys, (0..16).filter(|s| s % 2 == 1).map(|s| crate::support::layout().stream(s as u32)).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
+    // Each server holds its own shards' streams, and only those.
+    for (i, c) in conns.iter_mut().enumerate().filter(|_| nodes.len() > 1) {
+        let keys: std::collections::BTreeSet<String> = redis::cmd("KEYS").arg("spillway:{s*}:stream").query::<Vec<String>>(c).unwrap().into_iter().collect();
+        let own: std::collections::BTreeSet<String> = (0..16).filter(|s| node_of[*s] == i).map(|s| crate::support::layout().stream(s as u32)).collect();
+        assert!(!own.is_empty(), "server {i} holds shards");
+        assert_eq!(keys, own, "server {i}");
     }
     assert_eq!(dead, 0, "nothing dead-lettered: {first_dead:?}");
 
