@@ -150,6 +150,12 @@ impl Call {
         }
     }
 
+    /// `NODES_SEEN`: `name` (if any) is alive; the nodes seen within
+    /// `window_ms`.
+    pub fn nodes_seen(l: &Layout, name: Option<&str>, window_ms: u64) -> Self {
+        Self { script: scripts::NODES_SEEN, keys: vec![l.nodes()], args: vec![name.unwrap_or_default().to_owned(), window_ms.max(1).to_string()] }
+    }
+
     /// `SHARD_STATS`: one shard's figures.
     pub fn shard_stats(l: &Layout, shard: u32) -> Self {
         Self { script: scripts::SHARD_STATS, keys: vec![l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], args: vec![GROUP.to_owned()] }

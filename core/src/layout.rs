@@ -106,6 +106,12 @@ impl Layout {
         self.shard_key(0, "cache-stats")
     }
 
+    /// The Spin hosts (`node_name`) seen draining lately, scored by when (one
+    /// sorted set, in shard 0's slot and on its server).
+    pub fn nodes(&self) -> String {
+        self.shard_key(0, "nodes")
+    }
+
     /// The shard's doorbell flag (coalesces wake-ups).
     pub fn bell(&self, shard: u32) -> String {
         self.shard_key(shard, "bell")

@@ -242,6 +242,18 @@ pub fn claimable(reply: &[Value]) -> Result<Vec<u32>, ReplyError> {
         .collect()
 }
 
+/// `NODES_SEEN`: each node seen and how long ago (ms), by name.
+pub fn nodes_seen(reply: &[Value]) -> Result<Vec<(String, u64)>, ReplyError> {
+    let now = reply.first().and_then(Value::int).ok_or_else(|| bad("NODES_SEEN", "no time"))?;
+    reply[1..]
+        .chunks(2)
+        .map(|pair| match pair {
+            [name, seen] => Ok((name.text().ok_or_else(|| bad("NODES_SEEN", "a name that is no text"))?, now.saturating_sub(seen.int().ok_or_else(|| bad("NODES_SEEN", "a time that is no number"))?).max(0) as u64)),
+            _ => Err(bad("NODES_SEEN", "a name without its time")),
+        })
+        .collect()
+}
+
 /// `SHARD_STATS`: one shard's figures.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardStats {
@@ -354,6 +366,16 @@ mod tests {
         assert_eq!(LeaseAcquired::parse(&[t("12")]), Ok(LeaseAcquired::Won(12)));
         for bad in [vec![], vec![Value::Nil], vec![t("OK")], vec![Value::Int(-1)], vec![Value::Int(1), Value::Int(2)]] {
             assert!(LeaseAcquired::parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The nodes seen read with their ages; a torn list is an error.
+    #[test]
+    fn nodes_seen_replies() {
+        assert_eq!(nodes_seen(&[Value::Int(5000), t("a"), Value::Int(4000), t("b"), t("5000")]), Ok(vec![("a".into(), 1000), ("b".into(), 0)]));
+        assert_eq!(nodes_seen(&[Value::Int(1)]), Ok(vec![]));
+        for bad in [vec![], vec![Value::Int(1), t("a")], vec![Value::Int(1), t("a"), t("x")]] {
+            assert!(nodes_seen(&bad).is_err(), "{bad:?}");
         }
     }
 

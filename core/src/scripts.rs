@@ -376,6 +376,28 @@ count(KEYS[6], 'dead', (#ARGV - 3) / 4, false)
 return (#ARGV - 3) / 4
 "#);
 
+/// The Spin hosts draining the queue: a node (`name`, unless empty) says it is
+/// alive, those not seen within `window_ms` are forgotten, and the rest are
+/// listed with when each was last seen.
+/// KEYS: `[nodes]`, ARGV: `[name, window_ms]`. Reply: `now_ms, (name, seen_ms)*`.
+pub const NODES_SEEN: &str = concat!(allow_oom!(), r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+if ARGV[1] ~= '' then
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window - 1)
+redis.call('PEXPIRE', KEYS[1], window)
+local out = {now}
+local seen = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #seen, 2 do
+  out[#out + 1] = seen[i]
+  out[#out + 1] = tonumber(seen[i + 1])
+end
+return out
+"#);
+
 /// Whether a shard has queued writes and no lease holder: work a processor may
 /// claim. A shard backing off (its lease holds [`BACKING_OFF`]) counts as
 /// claimable only for an operator's drain (`end_backoff` = `1`).

@@ -69,6 +69,11 @@ pub struct Settings {
     pub min_replicas: u32,
     /// `replica_timeout_ms`: how long intake waits for those replicas.
     pub replica_timeout_ms: u64,
+    /// `node_name`: this Spin host's name among several sharing the queue
+    /// (e.g. the pod's name); `None` (empty): one host, or no spreading. With
+    /// it, lease holders name their node and a drain takes only its share of
+    /// the shards (see `processor::drain`).
+    pub node_name: Option<String>,
     /// Request limits.
     pub limits: Limits,
     /// Masks the credentials of the addresses above and the admin token in any
@@ -237,6 +242,10 @@ impl Settings {
         };
         let redis_address = get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into());
         let admin_token = get("admin_token").filter(|t| !t.is_empty());
+        let node_name = get("node_name").map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
+        if node_name.as_deref().is_some_and(|n| n.len() > 63 || !n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))) {
+            return Err(SettingsError { name: "node_name", reason: "must be at most 63 letters, digits, '.', '_' or '-'".into() });
+        }
         let redactor = Redactor::new(
             std::iter::once(redis_address.as_str()).chain(shard_redis_addresses.iter().map(String::as_str)).chain([database.as_str()]),
             admin_token.as_deref(),
@@ -264,6 +273,7 @@ impl Settings {
             request_timeout_ms,
             min_replicas,
             replica_timeout_ms,
+            node_name,
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,
                 max_batch: num(&get, "max_batch", d.max_batch)?,
@@ -296,6 +306,11 @@ mod tests {
         assert_eq!(e.name, "database");
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert_eq!((s.wake_url.as_deref(), s.drain_budget_secs), (None, 0));
+        assert_eq!(s.node_name, None);
+        assert_eq!(Settings::load(|n| (n == "node_name").then(|| " pod-7.a_b ".to_owned())).unwrap().node_name.as_deref(), Some("pod-7.a_b"));
+        for bad in ["a b", "x~y", "n/1", &"n".repeat(64)] {
+            assert_eq!(Settings::load(|n| (n == "node_name").then(|| bad.to_owned())).unwrap_err().name, "node_name", "{bad}");
+        }
         assert_eq!((s.redis_for(7), s.redis_servers()), ("redis://127.0.0.1:6379", vec!["redis://127.0.0.1:6379"]));
         let two = Settings::load(|n| (n == "shard_redis_addresses").then(|| "redis://a:6379, redis://b:6379".to_owned())).unwrap();
         assert_eq!((two.redis_for(0), two.redis_for(1), two.redis_for(14)), ("redis://a:6379", "redis://b:6379", "redis://a:6379"));

@@ -68,7 +68,12 @@ fn spinkube_app_wires_every_variable_and_holds_no_secret() {
         let name = v["name"].as_str().unwrap().to_owned();
         assert!(declared.contains_key(&name), "{name} is not a variable of spin.toml");
         let from_secret = secret_ref(v);
-        assert!(from_secret.is_some() != v.get("value").is_some(), "{name}: a value or a secret reference, not both");
+        let from_pod = v.get("valueFrom").and_then(|f| f.get("fieldRef")?.get("fieldPath")?.as_str());
+        let sources = [from_secret.is_some(), v.get("value").is_some(), from_pod.is_some()];
+        assert_eq!(sources.iter().filter(|s| **s).count(), 1, "{name}: one of a value, a secret reference or a pod field");
+        if name == "node_name" {
+            assert_eq!(from_pod, Some("metadata.name"), "each replica named after its pod");
+        }
         wired.insert(name, from_secret.is_some());
     }
     for (name, secret) in &declared {
@@ -76,6 +81,7 @@ fn spinkube_app_wires_every_variable_and_holds_no_secret() {
             assert!(from_secret, "secret variable {name} comes from a Kubernetes Secret");
         }
     }
+    assert!(wired.contains_key("node_name"), "the replicas are named, so that the leases spread over them");
     for name in ["admin_token", "database", "redis_address"] {
         assert_eq!(wired.get(name), Some(&true), "{name} comes from a Kubernetes Secret");
     }

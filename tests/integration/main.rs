@@ -37,6 +37,8 @@ mod examples;
 mod faults;
 /// Network partitions: a processor cut off from Redis or the database.
 mod partitions;
+/// Several Spillway nodes sharing a Redis Cluster and PostgreSQL.
+mod nodes;
 /// Fencing: an expired lease holder cannot commit.
 mod fencing;
 /// The HTTP-only deployment: wake-ups over service chaining, drains within a budget.

@@ -27,6 +27,13 @@ use crate::lease::{Lease, Then};
 /// How often a drain looks for more shards with work while it runs.
 const RESCAN_MS: u64 = 100;
 
+/// With `node_name`: how long a shard beyond a drain's share may stay
+/// claimable (seen so by its scans) before the drain takes it anyway. Spin
+/// hands a trigger's messages to a component one at a time, so the doorbell of
+/// a shard no node took waits behind each node's running drain: its scans
+/// are what take it then.
+const BEYOND_SHARE_AFTER_MS: u64 = 500;
+
 /// What a drain did.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -101,7 +108,18 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         Scope::Only(shard) => (vec![shard], false),
         Scope::Claimable(first) => (first.into_iter().collect::<Vec<_>>(), true),
     };
-    let mut d = Drain { s, db, by_operator, explicit: wanted.clone(), wanted, held: Vec::new(), failed: HashSet::new(), failures: Vec::new(), stats };
+    let mut d = Drain {
+        s,
+        db,
+        by_operator,
+        explicit: wanted.clone(),
+        wanted,
+        held: Vec::new(),
+        failed: HashSet::new(),
+        failures: Vec::new(),
+        stats,
+        share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new() },
+    };
     let mut scanned_at = 0;
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
@@ -122,6 +140,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         if rescan && (d.held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
             scanned_at = spillway_spin::monotonic_ms();
             d.scan().await;
+            d.shed().await;
         }
         d.take_wanted().await;
         if d.held.is_empty() {
@@ -168,9 +187,44 @@ struct Drain<'a> {
     failed: HashSet<u32>,
     failures: Vec<(Option<u32>, Problem)>,
     stats: &'a mut Stats,
+    share: Share,
+}
+
+/// With `node_name` (several Spin hosts share the queue): how many shards a
+/// drain takes from its scans, so that the leases spread over the nodes. Each
+/// node says it is alive as it drains (`scripts::NODES_SEEN`), and a drain
+/// takes up to `ceil(shards / nodes seen)` from its scans, and hands back any
+/// beyond that once more nodes are seen (see [`Drain::shed`]); the shard whose
+/// doorbell started it, and one that stays claimable beyond
+/// [`BEYOND_SHARE_AFTER_MS`] (a node gone, or busy), it takes regardless. An
+/// operator's drain takes every shard.
+struct Share {
+    /// The most leases to hold from scans.
+    of: usize,
+    /// When the nodes were last counted (monotonic ms).
+    read_at: Option<u64>,
+    /// Claimable shards left to others, and when first seen so.
+    passed_over: HashMap<u32, u64>,
 }
 
 impl Drain<'_> {
+    /// Counts the nodes again (each quarter lease TTL), saying this one is
+    /// alive: the drain's share. A node is forgotten three lease TTLs after
+    /// it was last seen.
+    async fn count_nodes(&mut self) {
+        let Some(name) = self.s.node_name.as_deref().filter(|_| !self.by_operator) else { return };
+        let now = spillway_spin::monotonic_ms();
+        if self.share.read_at.is_some_and(|at| now.saturating_sub(at) < self.s.lease_ttl_ms / 4) {
+            return;
+        }
+        self.share.read_at = Some(now);
+        let call = Call::nodes_seen(&self.s.layout, Some(name), self.s.lease_ttl_ms.saturating_mul(3));
+        match Redis::for_shard(self.s, 0).call(&call).await.and_then(|r| reply::nodes_seen(&spillway_spin::redis::values(&r)).map_err(spillway_spin::redis::malformed)) {
+            Ok(nodes) => self.share.of = (self.s.layout.shards as usize).div_ceil(nodes.len().max(1)),
+            Err(p) => spillway_spin::log_ignored("counting the nodes that drain", Err::<(), _>(p)),
+        }
+    }
+
     /// Out of time (a hosted platform ends a request at 30 s): releases the
     /// shards and rings again, so a fresh invocation carries on. Entries read
     /// ahead stay pending: the next holder resumes them first. Released with a
@@ -185,10 +239,42 @@ impl Drain<'_> {
         spillway_spin::ring(self.s, &self.stats.handed_on).await;
     }
 
-    /// Looks for shards with queued writes and no holder.
+    /// Over its share (more nodes seen since it took its shards): hands the
+    /// excess back, released with a retry and rung, for the other nodes to
+    /// take (every node's trigger hears the ring; this one's is busy with this
+    /// drain). It takes them back itself only if they stay claimable (see
+    /// [`Share`]).
+    async fn shed(&mut self) {
+        if self.held.len() <= self.share.of {
+            return;
+        }
+        let excess = self.held.split_off(self.share.of);
+        let shards: Vec<u32> = excess.iter().map(|h| h.shard).collect();
+        let now = spillway_spin::monotonic_ms();
+        for h in excess {
+            h.lease.release(self.s, Then::Retry).await;
+            self.share.passed_over.insert(h.shard, now);
+        }
+        eprintln!("{}", serde_json::json!({"event": "shards_shed", "shards": shards, "share": self.share.of, "node": self.s.node_name}));
+        spillway_spin::ring(self.s, &shards).await;
+    }
+
+    /// Looks for shards with queued writes and no holder: those within the
+    /// drain's share, and those left to others for too long (see [`Share`]).
     async fn scan(&mut self) {
+        self.count_nodes().await;
         match claimable(self.s, self.by_operator).await {
-            Ok(found) => self.wanted.extend(found),
+            Ok(found) => {
+                let now = spillway_spin::monotonic_ms();
+                self.share.passed_over.retain(|shard, _| found.contains(shard));
+                for shard in found {
+                    let first_seen = *self.share.passed_over.entry(shard).or_insert(now);
+                    if self.held.len() + self.wanted.len() < self.share.of || now.saturating_sub(first_seen) >= BEYOND_SHARE_AFTER_MS {
+                        self.share.passed_over.remove(&shard);
+                        self.wanted.push(shard);
+                    }
+                }
+            }
             Err(p) if self.held.is_empty() && self.wanted.is_empty() => self.failures.push((None, p)),
             Err(p) => spillway_spin::log_ignored("looking for shards with work", Err::<(), _>(p)),
         }

@@ -51,7 +51,12 @@ impl Lease {
     /// backs off after a failed batch (`None`); an operator's drain
     /// (`end_backoff`) ends a backoff.
     pub(crate) async fn acquire(s: &Settings, shard: u32, end_backoff: bool) -> Result<Option<Self>, Problem> {
-        let token = token();
+        // Named after its node, if it has a name: `/v1/stats` shows who holds
+        // what.
+        let token = match &s.node_name {
+            Some(node) => format!("{node}~{}", token()),
+            None => token(),
+        };
         let reply = Redis::for_shard(s, shard).call(&Call::lease_acquire(&s.layout, shard, &token, s.lease_ttl_ms, end_backoff)).await?;
         Ok(match LeaseAcquired::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)? {
             LeaseAcquired::Won(fence) => {

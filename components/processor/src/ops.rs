@@ -37,6 +37,8 @@ struct Shard {
     dead_letters: u64,
     /// A short digest of the lease holder's token (not the token).
     holder: Option<String>,
+    /// The holder's node (`node_name`), if it has one.
+    node: Option<String>,
     lease_ms_left: Option<i64>,
     counters: HashMap<String, u64>,
     /// Accepted and applied over the window.
@@ -53,6 +55,8 @@ struct Snapshot {
     cache_hits: u64,
     cache_misses: u64,
     hazards: Vec<String>,
+    /// The nodes seen draining (with `node_name`), and how long ago (ms).
+    nodes: Vec<(String, u64)>,
 }
 
 async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
@@ -62,6 +66,7 @@ async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
     // A shard backing off after a failed batch shows as such (see
     // `scripts::BACKING_OFF`), a holder as a digest of its token.
     let holder = r.holder.as_ref().map(|t| if t == spillway_core::scripts::BACKING_OFF { t.clone() } else { md5_hex(t.as_bytes())[..8].to_owned() });
+    let node = r.holder.as_ref().and_then(|t| Some(t.split_once('~')?.0.to_owned()));
     let mut counters = HashMap::new();
     let mut window = HashMap::new();
     let bucket_now = r.now_ms / 10_000;
@@ -85,6 +90,7 @@ async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
         dead_letters: r.dead_letters,
         lease_ms_left: holder.as_ref().map(|_| r.lease_ms_left),
         holder,
+        node,
         counters,
         window,
         window_secs: ((WINDOW_BUCKETS - 1) * 10_000 + r.now_ms % 10_000) as f64 / 1000.0,
@@ -121,7 +127,13 @@ async fn snapshot(s: &Settings) -> Snapshot {
             note(h);
         }
     }
+    let seen = Redis::for_shard(s, 0).call(&Call::nodes_seen(&s.layout, None, s.lease_ttl_ms.saturating_mul(3))).await;
+    let nodes = seen.and_then(|r| spillway_core::reply::nodes_seen(&spillway_spin::redis::values(&r)).map_err(spillway_spin::redis::malformed)).unwrap_or_else(|p| {
+        note(p.detail);
+        Vec::new()
+    });
     Snapshot {
+        nodes,
         shards,
         unavailable,
         cache_hits: cache.first().and_then(int).unwrap_or(0).max(0) as u64,
@@ -153,7 +165,7 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
                 "unacknowledged": sh.unacknowledged,
                 "oldest_unapplied_age_ms": sh.oldest_age_ms,
                 "dead_letters": sh.dead_letters,
-                "lease": sh.holder.as_ref().map(|h| json!({"holder": h, "expires_in_ms": sh.lease_ms_left})),
+                "lease": sh.holder.as_ref().map(|h| json!({"holder": h, "node": sh.node, "expires_in_ms": sh.lease_ms_left})),
             });
             for c in COUNTERS {
                 let v = sh.counters.get(c).copied().unwrap_or(0);
@@ -176,6 +188,11 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
             "applied_per_sec": applied_window as f64 / window_secs,
         },
         "cache": {"hits": snap.cache_hits, "misses": snap.cache_misses},
+        "nodes": snap.nodes.iter().map(|(name, ago)| json!({
+            "name": name,
+            "seen_ms_ago": ago,
+            "leases": snap.shards.iter().filter(|sh| sh.node.as_deref() == Some(name.as_str())).count(),
+        })).collect::<Vec<_>>(),
         "hazards": snap.hazards,
         "unavailable_shards": snap.unavailable,
     });
