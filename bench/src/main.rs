@@ -19,6 +19,7 @@
 //! - [`report`]: the table, `RESULTS.md` and the chart.
 //! - this file: arguments, the processes under test, the scenarios.
 
+mod capacity;
 mod load;
 mod report;
 
@@ -64,6 +65,10 @@ struct Args {
     /// Leave BullMQ out.
     #[arg(long)]
     no_bullmq: bool,
+    /// Measure only the capacity model's inputs (docs/capacity.md) and print
+    /// them; nothing is written.
+    #[arg(long, conflicts_with = "url")]
+    capacity_only: bool,
     /// Where `RESULTS.md` and `results.png` go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
@@ -150,14 +155,15 @@ static HOST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// `spillway-host up` on `manifest`; returns it and its address once it serves.
 fn host(target: &Path, manifest: &Path, state: &Path, vars: &[(&str, &str)]) -> anyhow::Result<(Proc, String)> {
-    host_with_env(target, manifest, state, vars, &[])
+    host_with_env(target, manifest, state, vars, &[], &[])
 }
 
-/// [`host`] with environment variables set for the host process.
-fn host_with_env(target: &Path, manifest: &Path, state: &Path, vars: &[(&str, &str)], env: &[(&str, &str)]) -> anyhow::Result<(Proc, String)> {
+/// [`host`] with environment variables set for the host process and extra
+/// arguments to `up` (e.g. `--runtime-config-file`).
+fn host_with_env(target: &Path, manifest: &Path, state: &Path, vars: &[(&str, &str)], env: &[(&str, &str)], args: &[&str]) -> anyhow::Result<(Proc, String)> {
     let port = free_port()?;
     let mut cmd = Command::new(HOST.get().context("the host is built first")?);
-    cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"]).arg(manifest).arg("--state-dir").arg(state);
+    cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "-f"]).arg(manifest).arg("--state-dir").arg(state).args(args);
     cmd.envs(env.iter().copied());
     for (k, v) in vars {
         cmd.args(["--variable", &format!("{k}={v}")]);
@@ -233,16 +239,28 @@ impl RssPeaks {
 const MEMORY_RUNS: usize = 8;
 
 /// Writes still queued in Spillway's streams.
-fn queued(redis: &mut redis::Connection, layout: &Layout) -> anyhow::Result<u64> {
-    let mut n = 0;
-    for s in 0..layout.shards {
-        n += redis::cmd("XLEN").arg(layout.stream(s)).query::<u64>(redis)?;
+/// Where the queue's length is read: one Redis, or a cluster's nodes.
+trait Queue {
+    /// Writes queued over every shard.
+    fn queued(&mut self, layout: &Layout) -> anyhow::Result<u64>;
+}
+
+impl Queue for redis::Connection {
+    fn queued(&mut self, layout: &Layout) -> anyhow::Result<u64> {
+        let mut n = 0;
+        for s in 0..layout.shards {
+            n += redis::cmd("XLEN").arg(layout.stream(s)).query::<u64>(self)?;
+        }
+        Ok(n)
     }
-    Ok(n)
+}
+
+fn queued(redis: &mut impl Queue, layout: &Layout) -> anyhow::Result<u64> {
+    redis.queued(layout)
 }
 
 /// Seconds until the queue is empty (every accepted write applied and acknowledged).
-async fn until_drained(redis: &mut redis::Connection, layout: &Layout, bound: Duration) -> anyhow::Result<Duration> {
+async fn until_drained(redis: &mut impl Queue, layout: &Layout, bound: Duration) -> anyhow::Result<Duration> {
     let start = Instant::now();
     while queued(redis, layout)? > 0 {
         if start.elapsed() > bound {
@@ -306,7 +324,7 @@ fn latency_row(scenario: &str, m: &load::Measured) -> Row {
 
 /// End to end: `writes` increments over `keys` keys posted as batches of 100 by 16
 /// clients, timed from the first request until the queue is empty.
-async fn end_to_end(addr: &str, redis: &mut redis::Connection, layout: &Layout, writes: usize, keys: usize) -> anyhow::Result<f64> {
+async fn end_to_end(addr: &str, redis: &mut impl Queue, layout: &Layout, writes: usize, keys: usize) -> anyhow::Result<f64> {
     let start = Instant::now();
     load::http_count(addr, 16, writes / 100, move |i| request("POST", "/v1/writes", &batch(i * 100, keys))).await?;
     until_drained(redis, layout, Duration::from_secs(600)).await?;
@@ -367,6 +385,12 @@ async fn main() -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("spillway-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let target = build(args.host.as_deref())?;
+    if args.capacity_only {
+        let mut rows = capacity::costs(&target, &work, args.clients, duration).await?;
+        rows.push(capacity::cluster_against_one(&target, &work, args.writes).await?);
+        println!("{}", report::markdown(&rows));
+        return Ok(());
+    }
     let mut procs = Vec::new();
     // The same server the tests start (no password: the Redis ceiling and
     // BullMQ connect to it plainly).
@@ -413,7 +437,7 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let peaks = RssPeaks::start(spillway_pid);
 
-    let steps = 17;
+    let steps = 18;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -665,7 +689,7 @@ async fn main() -> anyhow::Result<()> {
         for (i, (label, env)) in [("Spin's allocation defaults", &[][..]), ("MALLOC_ARENA_MAX=1 + on-demand instances", &bounded[..])].into_iter().enumerate() {
             let prefix = format!("mem{i}:");
             let vars = [("redis_address", redis_url.as_str()), ("key_prefix", prefix.as_str()), ("queue_depth_limit", "100000000")];
-            let (p, addr) = host_with_env(&target, &workspace().join("spin.toml"), &work.join(format!("memory-state-{i}")), &vars, env)?;
+            let (p, addr) = host_with_env(&target, &workspace().join("spin.toml"), &work.join(format!("memory-state-{i}")), &vars, env, &[])?;
             let fresh = RssPeaks::start(Some(p.0.id()));
             let layout = Layout { prefix, shards: 16 };
             let mut series = Vec::new();
@@ -723,6 +747,16 @@ async fn main() -> anyhow::Result<()> {
         }
         .against("built-in operations in process", inproc)
         .note("target: within 10% (>= 0.9x)"));
+    }
+
+    // The capacity model's inputs (docs/capacity.md): each kind of request's
+    // cost on servers of its own, and a Redis Cluster against one Redis.
+    step("capacity: costs per request, a cluster against one Redis");
+    if args.url.is_some() {
+        eprintln!("capacity inputs not measured: --url given");
+    } else {
+        rows.extend(capacity::costs(&target, &work, clients, duration).await?);
+        rows.push(capacity::cluster_against_one(&target, &work, args.writes).await?);
     }
     bar.finish_and_clear();
 

@@ -137,6 +137,7 @@ fn spawn_postmaster(bin: &Path, dir: &Path, port: u16, as_pg: &[String], durable
     // the spawning thread, and a test's thread ends with the test.
     let (tx, rx) = std::sync::mpsc::channel();
     let (server_bin, server_dir, server_as_pg) = (bin.join("postgres"), dir.to_path_buf(), as_pg.to_vec());
+    let preload: &[&str] = if statements_tracked(&server_bin) { &["-c", "shared_preload_libraries=pg_stat_statements"] } else { &[] };
     let server_log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log")).expect("server log");
     std::thread::spawn(move || {
         let child = Command::new("setpriv")
@@ -155,6 +156,9 @@ fn spawn_postmaster(bin: &Path, dir: &Path, port: u16, as_pg: &[String], durable
             // every test's pool.
             .args(["-c", "fsync=off", "-c", if durable { "synchronous_commit=on" } else { "synchronous_commit=off" }, "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=400", "-c", "shared_buffers=64MB"])
+            // Statements counted per database, for the benchmark's capacity
+            // model, where the extension is installed (Debian's server package).
+            .args(preload)
             .stdout(Stdio::null())
             .stderr(server_log)
             .spawn();
@@ -169,6 +173,11 @@ fn spawn_postmaster(bin: &Path, dir: &Path, port: u16, as_pg: &[String], durable
         }
     });
     rx.recv().expect("spawner").expect("postgres starts")
+}
+
+/// Whether `pg_stat_statements` is installed beside the server program.
+fn statements_tracked(server: &Path) -> bool {
+    server.parent().and_then(Path::parent).is_some_and(|root| root.join("lib/pg_stat_statements.so").exists())
 }
 
 impl Cluster {
@@ -280,6 +289,14 @@ impl Drop for PgServer {
 }
 
 impl PgDb {
+    /// Runs `sql` in this database as the superuser, on the shared server
+    /// (the benchmark reads the server's statistics); its output, one row per
+    /// line, columns separated by `|`.
+    pub fn sql(&self, sql: &str) -> Result<String, String> {
+        let name = self.url.rsplit('/').next().unwrap_or_default();
+        cluster().psql(name, sql)
+    }
+
     /// Creates a database of its own on the shared server (started on first
     /// use; panics if PostgreSQL's programs are missing).
     pub fn create() -> Self {
