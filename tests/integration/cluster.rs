@@ -271,3 +271,51 @@ async fn a_master_killed_is_failed_over_by_the_cluster_and_loses_no_acknowledged
     assert!(out < Duration::from_secs(12), "the shard accepted writes again {out:?} after the kill");
     assert!(report.clean() && recover.is_some(), "{report:?}, recovered: {recover:?}");
 }
+
+/// Several seeds (`shard_redis_addresses` naming nodes of the one cluster),
+/// the first of them down: a fresh instance reads the slot map through
+/// another seed, and every shard's writes are applied, also those of the
+/// shards whose seed is the dead one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seed_that_is_down_is_stepped_over() {
+    let mut nodes = Redis::start_cluster(3, 0);
+    let seed = nodes.remove(0);
+    let dead = format!("redis://127.0.0.1:{}", crate::support::free_port());
+    let seeds = format!("{dead},{}", nodes[0].url());
+    let mut vars = CLUSTER_VARS.to_vec();
+    vars.push(("shard_redis_addresses", &seeds));
+    let s = Spillway::builder().redis(seed).vars(&vars).with_trigger().start().await;
+    let mut ids = Vec::new();
+    for i in 0..64 {
+        let (code, v) = s.write(json!({"key": format!("d{}", i % 32), "op": "incr", "field": "n"})).await;
+        assert_eq!(code, 202, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let shards: std::collections::BTreeSet<u32> = (0..32).map(|k| layout().shard_of(&format!("d{k}"))).collect();
+    assert!(shards.iter().any(|s| s % 2 == 0), "some shards' seed is the dead one: {shards:?}");
+    for id in &ids {
+        assert_eq!(s.settled(id).await["status"], "applied", "{id}");
+    }
+    for k in 0..32 {
+        let (code, _, v) = s.call("GET", &format!("/v1/records/d{k}"), None, &[]).await;
+        assert_eq!((code, &v["value"]["n"]), (200, &json!(2)), "d{k}: {v}");
+    }
+}
+
+/// A master of the cluster other than the seed runs without AOF: the drain's
+/// and `/v1/stats`'s hazards name that node (its shards' writes are what a
+/// crash would lose), and only it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hazard_on_any_cluster_node_is_reported_with_its_name() {
+    let mut nodes = Redis::start_cluster(3, 0);
+    let seed = nodes.remove(0);
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("appendonly").arg("no").query(&mut nodes[1].conn()).unwrap();
+    let s = Spillway::builder().redis(seed).vars(&CLUSTER_VARS).start().await;
+    let (code, _, out) = s.admin("POST", "/v1/drain", None).await;
+    assert_eq!(code, 200, "{out}");
+    let warnings: Vec<String> = serde_json::from_value(out["warnings"].clone()).unwrap();
+    assert_eq!(warnings, [format!("on cluster node 127.0.0.1:{}: Redis appendonly is off: writes accepted since the last snapshot are lost if Redis crashes; set appendonly yes", nodes[1].port)], "{warnings:?}");
+    let (code, _, stats) = s.admin("GET", "/v1/stats", None).await;
+    assert_eq!(code, 200, "{stats}");
+    assert_eq!(stats["hazards"], json!(warnings), "{stats}");
+}

@@ -44,18 +44,58 @@ pub async fn ensure(redis: &Redis) {
     }
 }
 
-/// [`check_and_log`] on every server the shards are on; the warnings of all, each
-/// once.
+/// [`check_and_log`] on every server the shards are on (with
+/// `redis_cluster`, every master of the cluster); the warnings of all, each
+/// once, a cluster node's naming it.
 pub async fn check_all(s: &spillway_core::settings::Settings) -> Vec<String> {
     let mut all: Vec<String> = Vec::new();
-    for address in s.redis_servers() {
-        for w in check_and_log(s, &Redis::new(address)).await {
+    for (address, node) in servers(s).await {
+        for w in check_and_log(s, &Redis::new(&address)).await {
+            let w = labelled(node.as_deref(), w);
             if !all.contains(&w) {
                 all.push(w);
             }
         }
     }
     all
+}
+
+/// [`check`] on the same servers as [`check_all`], without logging.
+pub async fn check_servers(s: &spillway_core::settings::Settings) -> Vec<String> {
+    let mut all: Vec<String> = Vec::new();
+    for (address, node) in servers(s).await {
+        for w in check(&Redis::new(&address)).await {
+            let w = labelled(node.as_deref(), w);
+            if !all.contains(&w) {
+                all.push(w);
+            }
+        }
+    }
+    all
+}
+
+/// The servers whose settings matter: those the settings name, and with
+/// `redis_cluster` every other master of the cluster (with its `host:port`:
+/// the warnings name it). A node's settings hold only for its own keys: one
+/// master without AOF loses its shards' writes in a crash.
+async fn servers(s: &spillway_core::settings::Settings) -> Vec<(String, Option<String>)> {
+    let named: Vec<String> = s.redis_servers().into_iter().map(str::to_owned).collect();
+    let mut out: Vec<(String, Option<String>)> = named.iter().map(|a| (a.clone(), None)).collect();
+    if s.redis_cluster {
+        for (url, node) in Redis::new(&s.redis_address).cluster_nodes().await {
+            if !named.contains(&url) {
+                out.push((url, Some(node)));
+            }
+        }
+    }
+    out
+}
+
+fn labelled(node: Option<&str>, warning: String) -> String {
+    match node {
+        Some(node) => format!("on cluster node {node}: {warning}"),
+        None => warning,
+    }
 }
 
 /// Like [`check`], and logs each hazard on stderr (where Spin collects component

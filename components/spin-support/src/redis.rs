@@ -67,11 +67,28 @@ impl Failure {
     }
 }
 
+/// A failure of a call that is no script call (`None`: `NOSCRIPT`, which
+/// only a script call expects) as its problem.
+fn noscript_as_problem(failure: Option<Problem>) -> Problem {
+    failure.unwrap_or_else(|| Problem::unavailable("NOSCRIPT"))
+}
+
+/// Whether the loaded settings say `redis_cluster`.
+fn cluster_mode() -> bool {
+    crate::settings::with_loaded(|s| s.is_some_and(|s| s.redis_cluster))
+}
+
+/// With `redis_cluster`: every server the settings name (`redis_address`,
+/// `shard_redis_addresses`), each a seed of the one cluster, but `except`.
+fn other_seeds(except: &str) -> Vec<String> {
+    crate::settings::with_loaded(|s| s.map(|s| s.redis_servers().into_iter().filter(|a| *a != except).map(str::to_owned).collect()).unwrap_or_default())
+}
+
 /// With `redis_cluster`, the hash slot a command's keys are in (its first key:
 /// every call of Spillway's stays in one slot); `None` for a command without
 /// keys, which any node answers.
 fn slot_of(command: &str, args: &[RedisParameter]) -> Option<u16> {
-    if !crate::settings::with_loaded(|s| s.is_some_and(|s| s.redis_cluster)) {
+    if !cluster_mode() {
         return None;
     }
     let key = match command.to_ascii_uppercase().as_str() {
@@ -137,14 +154,14 @@ impl Redis {
     /// With `redis_cluster`, it goes to the node that owns its keys' slot.
     pub async fn execute(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
         let slot = slot_of(command, &args);
-        self.execute_or_noscript(slot, command, args, None).await.map(|(r, _)| r).map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
+        self.execute_or_noscript(slot, command, args, None).await.map(|(r, _)| r).map_err(noscript_as_problem)
     }
 
     /// Where a call on `key` goes: the node that owns its slot with
     /// `redis_cluster` (the slot map read first if this instance has none),
     /// else this server.
     pub async fn address_for(&self, key: &str) -> String {
-        if !crate::settings::with_loaded(|s| s.is_some_and(|s| s.redis_cluster)) {
+        if !cluster_mode() {
             return self.address.clone();
         }
         self.route(key_slot(key.as_bytes())).await
@@ -153,7 +170,7 @@ impl Redis {
     /// Runs one command at this server itself, whatever its keys: in a
     /// cluster, a `MOVED` is the caller's failure to handle.
     pub async fn execute_here(&self, command: &str, args: Vec<RedisParameter>) -> Result<Vec<RedisResult>, Problem> {
-        self.execute_or_noscript(None, command, args, None).await.map(|(r, _)| r).map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))
+        self.execute_or_noscript(None, command, args, None).await.map(|(r, _)| r).map_err(noscript_as_problem)
     }
 
     /// With `redis_cluster`: a hash tag whose keys this server (a seed) holds,
@@ -173,6 +190,14 @@ impl Redis {
         let Some((myself, tag)) = SEEDS.with_borrow(|s| s.get(&self.address).cloned().flatten()) else { return Ok(None) };
         let owner = self.route(key_slot(key.as_bytes())).await;
         Ok((owner != node_url(&self.address, &myself)).then_some(tag))
+    }
+
+    /// With `redis_cluster`: every master of the cluster this server is a
+    /// seed of, as its URL (reached as this server is) and `host:port`, as
+    /// far as this instance knows (the map is read first if it has none).
+    pub async fn cluster_nodes(&self) -> Vec<(String, String)> {
+        self.route(0).await;
+        MAPS.with_borrow(|m| m.get(&self.address).map(|map| map.nodes().into_iter().map(|n| (node_url(&self.address, n), n.to_owned())).collect()).unwrap_or_default())
     }
 
     /// Has [`Redis::tag_here_if_elsewhere`] read the seed's map again (its
@@ -263,26 +288,35 @@ impl Redis {
     }
 
     /// The node that owns `slot`; the slot map is read through this server
-    /// first if this instance has none. A map that could not be read is kept
-    /// empty: calls go to this server, whose `MOVED` has the map read again.
+    /// first if this instance has none, else through the other seeds the
+    /// settings name (one seed down does not stop a fresh instance). A map
+    /// that could not be read is kept empty: calls go to this server, whose
+    /// `MOVED` (or failure) has the map read again.
     async fn route(&self, slot: u16) -> String {
-        if !MAPS.with_borrow(|m| m.contains_key(&self.address))
-            && let Err(p) = self.read_map(&self.address).await
-        {
-            MAPS.with_borrow_mut(|m| {
-                m.entry(self.address.clone()).or_default();
-            });
-            crate::log_ignored("reading the cluster's slot map", Err::<(), _>(p));
+        if !MAPS.with_borrow(|m| m.contains_key(&self.address)) {
+            let mut read = self.read_map(&self.address).await;
+            for seed in other_seeds(&self.address) {
+                if read.is_ok() {
+                    break;
+                }
+                read = self.read_map(&seed).await;
+            }
+            if let Err(p) = read {
+                MAPS.with_borrow_mut(|m| {
+                    m.entry(self.address.clone()).or_default();
+                });
+                crate::log_ignored("reading the cluster's slot map", Err::<(), _>(p));
+            }
         }
         self.cached_route(slot)
     }
 
     /// Reads the slot map again through the first node that answers (this
-    /// server, then the others the map knows, but not `failed`): `slot`'s owner
-    /// then.
+    /// server, the other seeds, then the nodes the map knows, but not
+    /// `failed`): `slot`'s owner then.
     async fn reread_map(&self, failed: &str, slot: u16) -> Option<String> {
         let known: Vec<String> = MAPS.with_borrow(|m| m.get(&self.address).map(|map| map.nodes().into_iter().map(|n| node_url(&self.address, n)).collect()).unwrap_or_default());
-        for through in std::iter::once(self.address.clone()).chain(known).filter(|a| a != failed) {
+        for through in std::iter::once(self.address.clone()).chain(other_seeds(&self.address)).chain(known).filter(|a| a != failed) {
             if self.read_map(&through).await.is_ok() {
                 return Some(self.cached_route(slot));
             }
@@ -292,7 +326,7 @@ impl Redis {
 
     /// Reads the slot map (`CLUSTER NODES`) through the node at `through`.
     async fn read_map(&self, through: &str) -> Result<(), Problem> {
-        let reply = execute_at(through, "CLUSTER", vec![bin("NODES")], None).await.map_err(|f| f.into_option().unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))?.0;
+        let reply = execute_at(through, "CLUSTER", vec![bin("NODES")], None).await.map_err(|f| noscript_as_problem(f.into_option()))?.0;
         let text = reply.first().and_then(text).ok_or_else(|| crate::backend::backend_failed(&redis_what(through), "CLUSTER NODES gave no text"))?;
         let map = SlotMap::parse_nodes(&text).map_err(|e| crate::backend::backend_failed(&redis_what(through), &e))?;
         MAPS.with_borrow_mut(|m| m.insert(self.address.clone(), map));
@@ -320,13 +354,13 @@ impl Redis {
     async fn eval_then(&self, script: &'static str, keys: &[String], args: &[String], wait: Option<Replicas>) -> Result<(Vec<RedisResult>, i64), Problem> {
         let id = script.as_ptr() as usize;
         let slot = match keys.first() {
-            Some(k) if crate::settings::with_loaded(|s| s.is_some_and(|s| s.redis_cluster)) => Some(key_slot(k.as_bytes())),
+            Some(k) if cluster_mode() => Some(key_slot(k.as_bytes())),
             _ => None,
         };
         let sha = match SHAS.with_borrow(|m| m.get(&id).cloned()) {
             Some(sha) => sha,
             None => {
-                let reply = self.execute_or_noscript(slot, "SCRIPT", vec![bin("LOAD"), bin(script)], None).await.map_err(|e| e.unwrap_or_else(|| Problem::unavailable("NOSCRIPT")))?.0;
+                let reply = self.execute_or_noscript(slot, "SCRIPT", vec![bin("LOAD"), bin(script)], None).await.map_err(noscript_as_problem)?.0;
                 let sha = reply.first().and_then(text).ok_or_else(|| Problem::unavailable("SCRIPT LOAD gave no SHA1"))?;
                 SHAS.with_borrow_mut(|m| m.insert(id, sha.clone()));
                 sha
