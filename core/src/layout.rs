@@ -192,6 +192,12 @@ impl Layout {
         matches!(name, "lease" | "watch" | "bell").then_some(shard)
     }
 
+    /// A record's cache entry in Redis (`cache_store=redis`): in its shard's
+    /// hash slot, beside its fill lock.
+    pub fn cached(&self, key: &str) -> String {
+        self.shard_key(self.shard_of(key), &format!("rec:{}", encode_key(key)))
+    }
+
     /// Key-value (cache) key of a record.
     pub fn cache_key(&self, key: &str) -> String {
         format!("{}rec:{}", self.prefix, encode_key(key))
@@ -248,6 +254,8 @@ mod tests {
         assert!(used.iter().all(|s| *s < 16));
         assert_eq!(used.len(), 16);
         assert_eq!(l.stream(7), "spillway:{s7}:stream");
+        let shard = l.shard_of("sku-1");
+        assert_eq!(l.cached("sku-1"), format!("spillway:{{s{shard}}}:rec:sku-1"), "beside the shard's keys");
     }
 
     /// Expired leases and doorbell flags name their shard; nothing else does.

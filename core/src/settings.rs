@@ -74,6 +74,8 @@ pub struct Settings {
     /// it, lease holders name their node and a drain takes only its share of
     /// the shards (see `processor::drain`).
     pub node_name: Option<String>,
+    /// `cache_store`: where the record cache lives.
+    pub cache_store: CacheStore,
     /// Request limits.
     pub limits: Limits,
     /// Masks the credentials of the addresses above and the admin token in any
@@ -150,6 +152,17 @@ impl Settings {
         }
         out
     }
+}
+
+/// Where the record cache lives (`cache_store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStore {
+    /// `kv`: Spin's key-value store `default` (SQLite under `spin up`, Redis
+    /// through runtime config, the platform's store when hosted).
+    Kv,
+    /// `redis`: in Redis through outbound Redis, each record beside its shard's
+    /// keys (its hash slot and server), with its fill lock.
+    Redis,
 }
 
 /// A variable that does not parse.
@@ -242,6 +255,11 @@ impl Settings {
         };
         let redis_address = get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into());
         let admin_token = get("admin_token").filter(|t| !t.is_empty());
+        let cache_store = match get("cache_store").as_deref().map(str::trim) {
+            None | Some("" | "kv") => CacheStore::Kv,
+            Some("redis") => CacheStore::Redis,
+            Some(v) => return Err(SettingsError { name: "cache_store", reason: format!("{v:?} is not kv or redis") }),
+        };
         let node_name = get("node_name").map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
         if node_name.as_deref().is_some_and(|n| n.len() > 63 || !n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))) {
             return Err(SettingsError { name: "node_name", reason: "must be at most 63 letters, digits, '.', '_' or '-'".into() });
@@ -274,6 +292,7 @@ impl Settings {
             min_replicas,
             replica_timeout_ms,
             node_name,
+            cache_store,
             limits: Limits {
                 max_body_bytes: num(&get, "max_body_bytes", d.max_body_bytes)?,
                 max_batch: num(&get, "max_batch", d.max_batch)?,
@@ -307,6 +326,9 @@ mod tests {
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert_eq!((s.wake_url.as_deref(), s.drain_budget_secs), (None, 0));
         assert_eq!(s.node_name, None);
+        assert_eq!(s.cache_store, CacheStore::Kv);
+        assert_eq!(Settings::load(|n| (n == "cache_store").then(|| "redis".to_owned())).unwrap().cache_store, CacheStore::Redis);
+        assert_eq!(Settings::load(|n| (n == "cache_store").then(|| "memcached".to_owned())).unwrap_err().name, "cache_store");
         assert_eq!(Settings::load(|n| (n == "node_name").then(|| " pod-7.a_b ".to_owned())).unwrap().node_name.as_deref(), Some("pod-7.a_b"));
         for bad in ["a b", "x~y", "n/1", &"n".repeat(64)] {
             assert_eq!(Settings::load(|n| (n == "node_name").then(|| bad.to_owned())).unwrap_err().name, "node_name", "{bad}");

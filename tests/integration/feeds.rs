@@ -57,10 +57,17 @@ async fn many_records_in_one_request() {
     many_records(Spillway::builder().start().await).await;
 }
 
-/// The same with the cache on Redis, whose `get-many` Spin cannot do (one by one).
+/// The same with the key-value store on Redis (runtime config), whose
+/// `get-many` Spin cannot do (one by one).
 #[tokio::test(flavor = "multi_thread")]
 async fn many_records_in_one_request_redis_cache() {
     many_records(Spillway::builder().kv_on_redis().start().await).await;
+}
+
+/// The same with `cache_store=redis` (one `MGET` per server).
+#[tokio::test(flavor = "multi_thread")]
+async fn many_records_in_one_request_cache_store_redis() {
+    many_records(Spillway::builder().vars(&[("cache_store", "redis")]).start().await).await;
 }
 
 /// A flood of reads of an absent key reaches the database a bounded number of
@@ -68,7 +75,17 @@ async fn many_records_in_one_request_redis_cache() {
 /// write is applied.
 #[tokio::test(flavor = "multi_thread")]
 async fn absent_keys_are_negatively_cached() {
-    let s = Arc::new(Spillway::builder().start().await);
+    negatively_cached(Spillway::builder().start().await).await;
+}
+
+/// The same with `cache_store=redis`.
+#[tokio::test(flavor = "multi_thread")]
+async fn absent_keys_are_negatively_cached_cache_store_redis() {
+    negatively_cached(Spillway::builder().vars(&[("cache_store", "redis")]).start().await).await;
+}
+
+async fn negatively_cached(s: Spillway) {
+    let s = Arc::new(s);
     s.write(json!({"key": "other", "op": "put", "value": 1})).await;
     drain(&s).await; // the tables exist
     let before = s.app.sqlite_statements("default");
@@ -160,7 +177,17 @@ impl Feed {
 /// `change_feed_secs`.
 #[tokio::test(flavor = "multi_thread")]
 async fn change_feed_streams_every_version() {
-    let s = Arc::new(Spillway::builder().vars(&[("change_feed_secs", "6")]).with_trigger().start().await);
+    change_feed(Spillway::builder().vars(&[("change_feed_secs", "6")]).with_trigger().start().await).await;
+}
+
+/// The same with `cache_store=redis`.
+#[tokio::test(flavor = "multi_thread")]
+async fn change_feed_streams_every_version_cache_store_redis() {
+    change_feed(Spillway::builder().vars(&[("change_feed_secs", "6"), ("cache_store", "redis")]).with_trigger().start().await).await;
+}
+
+async fn change_feed(s: Spillway) {
+    let s = Arc::new(s);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(s.app.clone().serve(listener));

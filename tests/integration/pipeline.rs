@@ -246,15 +246,31 @@ async fn drain_requires_the_admin_token(engine: Engine) {
 /// filling; once the lock is free, the next miss fills the cache.
 async fn cache_fill_is_single_flight(engine: Engine) {
     let s = Spillway::builder().engine(engine).with_trigger().start().await;
+    let kv_path = s.state.path().join("sqlite_key_value.db");
+    let kv = move || -> i64 {
+        let db = rusqlite::Connection::open(&kv_path).unwrap();
+        db.query_row("SELECT count(*) FROM spin_key_value WHERE key = 'spillway:rec:hot'", [], |r| r.get(0)).unwrap()
+    };
+    single_flight(s, kv).await;
+}
+
+/// The same with `cache_store=redis`: the entry is a Redis key beside the
+/// shard's.
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_fill_is_single_flight_cache_store_redis() {
+    let s = Spillway::builder().vars(&[("cache_store", "redis")]).with_trigger().start().await;
+    let entry = crate::support::layout().cached("hot");
+    let mut c = s.redis.conn();
+    let cached = move || -> i64 { redis::cmd("EXISTS").arg(&entry).query(&mut c).unwrap() };
+    single_flight(s, cached).await;
+}
+
+/// The single-flight run, `kv` counting the key's cache entries.
+async fn single_flight(s: Spillway, mut kv: impl FnMut() -> i64) {
     let (_, v) = s.write(json!({"key": "hot", "op": "put", "value": {"a": 1}})).await;
     s.settled(v["id"].as_str().unwrap()).await;
     let (code, _, _) = s.admin("DELETE", "/v1/cache/hot", None).await;
     assert_eq!(code, 204);
-    let kv_path = s.state.path().join("sqlite_key_value.db");
-    let kv = || -> i64 {
-        let db = rusqlite::Connection::open(&kv_path).unwrap();
-        db.query_row("SELECT count(*) FROM spin_key_value WHERE key = 'spillway:rec:hot'", [], |r| r.get(0)).unwrap()
-    };
     assert_eq!(kv(), 0);
     let lock = spillway_core::layout::Layout { prefix: "spillway:".into(), shards: 16 }.fill_lock("hot");
     let mut c = s.redis.conn();

@@ -18,7 +18,7 @@ pub(crate) async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Re
     if key.is_empty() || key.chars().count() > s.limits.max_key_len {
         return Err(Problem::invalid(&format!("the key must be 1 to {} characters", s.limits.max_key_len), "/path/key"));
     }
-    let store = CacheStore::kept().await?;
+    let store = CacheStore::kept(s).await?;
     let redis = Redis::for_shard(s, s.layout.shard_of(&key));
     let lock = s.layout.fill_lock(&key);
     let me = token();
@@ -26,17 +26,16 @@ pub(crate) async fn cache_admin(s: &Settings, raw_key: &str, delete: bool) -> Re
         let got = redis.call(&Call::lock(&s.layout, &key, &me, FILL_LOCK_TTL_MS)).await?;
         let grants = Grant::parse_all(&spillway_spin::redis::values(&got), 1).map_err(spillway_spin::redis::malformed)?;
         if grants == [Grant::Taken] {
-            let cache_key = s.layout.cache_key(&key);
             let result = async {
                 if delete {
-                    store.delete(&cache_key).await?;
+                    store.delete(s, &key).await?;
                     return Ok(respond(204, "application/json", String::new(), &[]));
                 }
                 let Some(entry) = from_db(&key).await? else {
-                    store.delete(&cache_key).await?;
+                    store.delete(s, &key).await?;
                     return Err(Problem::not_found(&format!("no record {key:?}")));
                 };
-                store.set(&cache_key, entry.to_text().as_bytes()).await?;
+                store.set(s, &key, entry.to_text().as_bytes()).await?;
                 Ok(respond(200, "application/json", entry.to_text(), &[]))
             }
             .await;

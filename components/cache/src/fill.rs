@@ -16,10 +16,9 @@ use crate::entry::{Entry, from_db};
 /// A cache store that fails or runs out of time is gone around: the record
 /// comes from the database and the cache is left alone.
 pub(crate) async fn cached_or_filled(s: &Settings, key: &str) -> Result<Option<Entry>, Problem> {
-    let cache_key = s.layout.cache_key(key);
     let looked = async {
-        let store = CacheStore::kept().await?;
-        let found = store.get(&cache_key).await?;
+        let store = CacheStore::kept(s).await?;
+        let found = store.get(s, key).await?;
         Ok::<_, Problem>((store, found))
     };
     let store = match looked.await {
@@ -33,7 +32,7 @@ pub(crate) async fn cached_or_filled(s: &Settings, key: &str) -> Result<Option<E
         Err(p) => return around_cache(key, &p).await,
     };
     count_read(s, false).await;
-    Ok(fill(s, &store, &cache_key, key).await?.as_ref().map(Entry::from_doc))
+    Ok(fill(s, &store, key).await?.as_ref().map(Entry::from_doc))
 }
 
 /// The record from the database, the cache store having failed (`why`).
@@ -89,7 +88,7 @@ async fn count_read(s: &Settings, hit: bool) {
 /// database without filling, as they do when the lock cannot be had (Redis
 /// failing or stalled). A key found absent is remembered for a while (the
 /// negative entry, see `scripts::FILL_BEGIN`), until it is created.
-async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> Result<Option<RecordDoc>, Problem> {
+async fn fill(s: &Settings, store: &CacheStore, key: &str) -> Result<Option<RecordDoc>, Problem> {
     let redis = Redis::for_shard(s, s.layout.shard_of(key));
     let l = &s.layout;
     let lock = l.fill_lock(key);
@@ -126,7 +125,7 @@ async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> R
                 // cache as it was; the reader has its record all the same. Its
                 // lock is then kept until it expires: the store may still carry
                 // the abandoned write out, and no newer value may go in first.
-                match store.set(cache_key, e.to_text().as_bytes()).await {
+                match store.set(s, key, e.to_text().as_bytes()).await {
                     Ok(()) => spillway_spin::log_ignored("releasing a fill lock", redis.call(&Call::unlock(vec![lock], &me)).await),
                     Err(p) => spillway_spin::log_ignored("filling the cache", Err::<(), _>(p)),
                 }
@@ -135,7 +134,7 @@ async fn fill(s: &Settings, store: &CacheStore, cache_key: &str, key: &str) -> R
             FillBegin::Busy => {}
         }
         spillway_spin::wait_ms(2).await;
-        match store.get(cache_key).await {
+        match store.get(s, key).await {
             Ok(found) => {
                 if let Some(e) = found.and_then(|b| serde_json::from_slice(&b).ok()) {
                     return Ok(Some(e));

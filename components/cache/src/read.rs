@@ -95,7 +95,7 @@ pub(crate) async fn record(s: &Settings, raw_key: &str, query: Option<&str>, hea
 /// notices and look again, until the deadline (then 412).
 async fn at_least(s: &Settings, key: &str, min: i64, deadline: u64, consistent: bool) -> Result<Option<Entry>, Problem> {
     // A cache store that fails is gone around: the database answers.
-    let cached = async { CacheStore::kept().await?.get(&s.layout.cache_key(key)).await };
+    let cached = async { CacheStore::kept(s).await?.get(s, key).await };
     if !consistent
         && let Ok(found) = cached.await
         && let Some(entry) = found.and_then(Entry::parse).filter(|e| e.version() >= min)

@@ -62,9 +62,8 @@ pub(crate) async fn get_many(s: &Settings, req: spin_sdk::http::Request, query: 
 
     let mut found: HashMap<&str, String> = HashMap::new();
     if !consistent {
-        let cache_keys: Vec<String> = keys.iter().map(|k| s.layout.cache_key(k)).collect();
         // A cache store that fails is gone around: every key from the database.
-        match async { CacheStore::kept().await?.get_many(&cache_keys).await }.await {
+        match async { CacheStore::kept(s).await?.get_many(s, &keys).await }.await {
             Ok(values) => {
                 for (key, value) in keys.iter().zip(values) {
                     if let Some(entry) = value.and_then(Entry::parse) {

@@ -18,7 +18,7 @@ use spillway_core::reply::{self, BatchRead, Grant};
 use spillway_core::record::RecordDoc;
 use spillway_core::settings::Settings;
 use spillway_spin::db::Db;
-use spillway_spin::kv::Kv;
+use spillway_spin::kv::CacheWriter;
 use spillway_spin::{Redis, int, token};
 
 use crate::db::{self, Batch};
@@ -577,7 +577,7 @@ async fn refresh_cache(
 ) -> Result<HashSet<u32>, Problem> {
     let l = &s.layout;
     let owned: Vec<u32> = owners.iter().map(|h| h.shard).collect();
-    let mut r = Refresh { s, state, owners, kv: Kv::open_default()?, me: token(), lost: HashSet::new() };
+    let mut r = Refresh { s, state, owners, cache: CacheWriter::open(s)?, me: token(), lost: HashSet::new() };
     let mut pending: Vec<&String> = state.keys().collect();
     // Wait out a lock's whole TTL: a holder that died (a reader, or a processor
     // killed mid-refresh) leaves its locks until they expire. Our own refresh locks
@@ -615,7 +615,7 @@ struct Refresh<'a> {
     s: &'a Settings,
     state: &'a BTreeMap<String, Option<Record>>,
     owners: &'a [&'a Held],
-    kv: Kv,
+    cache: CacheWriter,
     /// This refresh's lock token.
     me: String,
     /// Shards whose lease was found lost.
@@ -670,8 +670,8 @@ impl<'a> Refresh<'a> {
                 }
                 taken.push(l.fill_lock(key));
                 match &self.state[*key] {
-                    Some(r) => sets.push((l.cache_key(key), cache_entry(key, r).into_bytes())),
-                    None => deletes.push(l.cache_key(key)),
+                    Some(r) => sets.push(((*key).clone(), cache_entry(key, r).into_bytes())),
+                    None => deletes.push((*key).clone()),
                 }
             }
             if !taken.is_empty() {
@@ -687,14 +687,14 @@ impl<'a> Refresh<'a> {
         let mut written = if late {
             Err(Problem::unavailable("the cache refresh was held up until its locks expired; nothing was written and the batch will be retried"))
         } else {
-            self.kv.set_many(sets).and_then(|()| self.kv.delete_many(deletes))
+            self.cache.write(self.s, sets, deletes).await
         };
         // The batch calls are synchronous in Spin (no deadline can cut them
         // short). One that returns after the locks may have expired may have
         // landed after a newer refresh or fill: its keys are invalidated (a
         // deletion never makes the cache older) and the round is retried.
         if !late && outlived() {
-            spillway_spin::log_ignored("invalidating a late refresh", self.kv.delete_many(written_keys));
+            spillway_spin::log_ignored("invalidating a late refresh", self.cache.invalidate(self.s, written_keys).await);
             written = Err(Problem::unavailable("the cache refresh outlived its locks (the key-value store was slow); its keys were invalidated and the batch will be retried"));
         }
         let me = &self.me;
