@@ -10,12 +10,30 @@ use crate::spillway::{ADMIN, Spillway};
 /// keeps dropping its cache entry (so reads race cache fills against the
 /// processor's refresh): every read after `applied` returns v or newer.
 async fn read_your_writes(s: Spillway) {
+    let seen = ryw_rounds(s, 1000, true).await;
+    assert!(seen.stale.is_empty(), "reads older than an applied write: {:?}", seen.stale);
+}
+
+/// What [`ryw_rounds`] saw.
+struct Seen {
+    /// `(round, version applied, version read)` of each stale read.
+    stale: Vec<(u64, u64, serde_json::Value)>,
+    /// Rounds whose write was not applied (dead-lettered).
+    not_applied: usize,
+    /// Cache drops the store refused.
+    refused_drops: usize,
+}
+
+/// `rounds` rounds of the read-your-writes run; `strict`: every request must
+/// succeed and every write be applied (else what failed is counted).
+async fn ryw_rounds(s: Spillway, rounds: u64, strict: bool) -> Seen {
     let s = Arc::new(s);
     let (code, v) = s.write(json!({"key": "hot", "op": "put", "value": {"n": 0}})).await;
     assert_eq!(code, 202, "{v}");
     s.settled(v["id"].as_str().unwrap()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
     let mut background = Vec::new();
     for _ in 0..8 {
         let (s, stop, reads) = (s.clone(), stop.clone(), reads.clone());
@@ -24,46 +42,83 @@ async fn read_your_writes(s: Spillway) {
                 let (code, _, rec) = s.call("GET", "/v1/records/hot", None, &[]).await;
                 assert_eq!(code, 200, "{rec}");
                 reads.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(std::time::Duration::from_micros(500)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
         }));
     }
     {
-        let (s, stop) = (s.clone(), stop.clone());
+        let (s, stop, refused) = (s.clone(), stop.clone(), refused.clone());
         background.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let (code, _, _) = s.admin("DELETE", "/v1/cache/hot", None).await;
-                assert_eq!(code, 204);
+                let (code, _, p) = s.admin("DELETE", "/v1/cache/hot", None).await;
+                if code != 204 {
+                    assert!(!strict, "{code} {p}");
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
                 tokio::task::yield_now().await;
             }
         }));
     }
-    let mut stale = Vec::new();
-    for round in 1..=1000u64 {
+    let mut seen = Seen { stale: Vec::new(), not_applied: 0, refused_drops: 0 };
+    let mut version = 1;
+    for round in 1..=rounds {
         let (code, v) = s.write(json!({"key": "hot", "op": "incr", "field": "n"})).await;
         assert_eq!(code, 202, "{v}");
         let st = loop {
-            let (_, _, st) = s.call("GET", &format!("/v1/writes/{}", v["id"].as_str().unwrap()), None, &[]).await;
+            // Answered as soon as the write leaves `pending`.
+            let (_, _, st) = s.call("GET", &format!("/v1/writes/{}?wait=5", v["id"].as_str().unwrap()), None, &[]).await;
             if st["status"] != "pending" {
                 break st;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         };
-        assert_eq!(st["status"], "applied", "{st}");
-        let version = st["version"].as_u64().unwrap();
-        assert_eq!(version, round + 1);
+        if st["status"] != "applied" {
+            assert!(!strict, "{st}");
+            seen.not_applied += 1;
+            continue;
+        }
+        version += 1;
+        assert_eq!(st["version"].as_u64(), Some(version), "{st}");
         let (code, _, rec) = s.call("GET", "/v1/records/hot", None, &[]).await;
         assert_eq!(code, 200, "{rec}");
         if rec["version"].as_u64().unwrap() < version {
-            stale.push((round, version, rec["version"].clone()));
+            seen.stale.push((round, version, rec["version"].clone()));
         }
     }
     stop.store(true, Ordering::Relaxed);
     for b in background {
         b.await.unwrap();
     }
-    eprintln!("read-your-writes: 1000 rounds, {} concurrent reads, {} stale", reads.load(Ordering::Relaxed), stale.len());
-    assert!(stale.is_empty(), "reads older than an applied write: {stale:?}");
+    seen.refused_drops = refused.load(Ordering::Relaxed) as usize;
+    eprintln!(
+        "read-your-writes: {rounds} rounds, {} concurrent reads, {} stale, {} writes not applied, {} cache drops refused",
+        reads.load(Ordering::Relaxed),
+        seen.stale.len(),
+        seen.not_applied,
+        seen.refused_drops
+    );
+    seen
+}
+
+/// On the emulated hosted platform (`Hosted::AKAMAI_FUNCTIONS`), the HTTP-only
+/// manifest with its cache in Redis (`cache_store=redis`, its default): the
+/// 1,000 rounds, 0 stale.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_your_writes_on_the_hosted_platform() {
+    read_your_writes(Spillway::builder().hosted().start().await).await;
+}
+
+/// The same with the cache in the platform's key-value store
+/// (`cache_store=kv`): what breaks, kept as a documented negative result. The
+/// store takes 50 writes a second and shows another request a write only after
+/// it has replicated, so reads after `applied` return older versions and
+/// cache writes are refused. The test holds that the emulation shows it (a
+/// run where nothing broke would mean the emulation no longer models the
+/// platform).
+#[tokio::test(flavor = "multi_thread")]
+async fn read_your_writes_breaks_on_the_hosted_platform_with_its_key_value_store() {
+    let seen = ryw_rounds(Spillway::builder().hosted().vars(&[("cache_store", "kv")]).start().await, 15, false).await;
+    assert!(!seen.stale.is_empty(), "the platform's store gives stale reads after applied");
 }
 
 /// Read-your-writes with the cache in Spin's default SQLite key-value store.

@@ -195,6 +195,7 @@ pub(crate) struct Builder {
     kv_at: Option<String>,
     pg: Option<PgDb>,
     http_only: bool,
+    hosted: bool,
     apply: Option<std::path::PathBuf>,
     edit: Option<Box<dyn Fn(String) -> String>>,
     disk: Option<u64>,
@@ -253,6 +254,15 @@ impl Builder {
         self.http_only = true;
         self.engine = Engine::Postgres;
         self
+    }
+
+    /// The HTTP-only manifest on the emulated hosted platform
+    /// (`Hosted::AKAMAI_FUNCTIONS`: its key-value store's write rate and
+    /// replication delay, a fresh instance per request, 30 s per request,
+    /// 128 MiB per instance), on PostgreSQL.
+    pub(crate) fn hosted(mut self) -> Self {
+        self.hosted = true;
+        self.http_only()
     }
 
     /// The apply step replaced by the component at `apply` (both dependency
@@ -317,6 +327,9 @@ impl Builder {
             std::fs::write(&rc, format!("[key_value_store.default]\ntype = \"redis\"\nurl = \"{url}\"\n")).unwrap();
             opts.runtime_config = Some(rc);
         }
+        if self.hosted {
+            opts.hosted = Some(spillway_testhost::Hosted::AKAMAI_FUNCTIONS);
+        }
         let app = Arc::new(App::load(&opts).unwrap_or_else(|e| panic!("spillway loads ({}): {e:#}", opts.manifest.display())));
         let s = Spillway { app, redis, state, store, trigger: None.into(), disk };
         if self.trigger && !self.http_only {
@@ -329,7 +342,7 @@ impl Builder {
 impl Spillway {
     /// A test's Spillway, set up step by step (see [`Builder`]).
     pub(crate) fn builder() -> Builder {
-        Builder { redis: None, engine: Engine::Sqlite, vars: Vec::new(), trigger: false, kv_on_redis: false, kv_at: None, pg: None, http_only: false, apply: None, edit: None, disk: None }
+        Builder { redis: None, engine: Engine::Sqlite, vars: Vec::new(), trigger: false, kv_on_redis: false, kv_at: None, pg: None, http_only: false, hosted: false, apply: None, edit: None, disk: None }
     }
 
     /// Subscribes the Redis triggers (the doorbell and expired-key events) now

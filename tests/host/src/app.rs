@@ -54,6 +54,39 @@ impl Default for InstanceReuse {
     }
 }
 
+/// A hosted platform the host can stand in for (`up --emulate
+/// akamai-functions`): Fermyon Wasm Functions / Akamai Functions as their
+/// published limits describe them (Akamai Functions' "Quotas and limits" and
+/// "Use the Key Value store" pages): HTTP triggers only (an app with a Redis
+/// trigger or a SQLite database is refused, as the platform refuses it), a
+/// key-value store that takes 50 writes a second per app and shows a write to
+/// other requests only after it has replicated (see `host::hosted_kv`), no
+/// `wasi:keyvalue/atomics` (this host provides none anyway), every request a
+/// fresh instance, at most 128 MiB of memory per instance, and 30 s per
+/// request: a response not begun by then is cut off (`504`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hosted {
+    /// Key-value writes per second per app.
+    pub kv_writes_per_sec: u32,
+    /// How long a key-value write takes to reach other requests.
+    pub kv_replication_delay: Duration,
+    /// How long a request may take.
+    pub request_limit: Duration,
+    /// Memory per instance, in bytes.
+    pub memory_limit: usize,
+}
+
+impl Hosted {
+    /// Akamai Functions' published limits (the replication delay is not
+    /// published: 500 ms stands for "globally replicated").
+    pub const AKAMAI_FUNCTIONS: Self = Self {
+        kv_writes_per_sec: 50,
+        kv_replication_delay: Duration::from_millis(500),
+        request_limit: Duration::from_secs(30),
+        memory_limit: 128 << 20,
+    };
+}
+
 /// What to load and how.
 #[derive(Debug, Clone)]
 pub struct AppOptions {
@@ -71,6 +104,8 @@ pub struct AppOptions {
     pub reuse: InstanceReuse,
     /// Keep guest output in memory for [`App::guest_output`].
     pub capture_output: bool,
+    /// Stand in for a hosted platform (see [`Hosted`]).
+    pub hosted: Option<Hosted>,
 }
 
 impl AppOptions {
@@ -84,6 +119,7 @@ impl AppOptions {
             state_dir: None,
             reuse: InstanceReuse::default(),
             capture_output: false,
+            hosted: None,
         }
     }
 }
@@ -108,6 +144,8 @@ pub(crate) struct ComponentCaps {
     pub(crate) environment: Vec<(String, String)>,
     /// Where guest output is kept, when captured.
     pub(crate) output: Option<Arc<Mutex<Vec<u8>>>>,
+    /// Each instance's memory limit, in bytes (the hosted platform's), if any.
+    pub(crate) memory_limit: Option<usize>,
 }
 
 /// A compiled component with its capabilities.
@@ -164,7 +202,21 @@ impl App {
         let used_kv: HashSet<&String> = manifest.component.values().flat_map(|c| &c.key_value_stores).collect();
         let used_db: HashSet<&String> = manifest.component.values().flat_map(|c| &c.sqlite_databases).collect();
         let mut kv_backends = HashMap::new();
-        for (label, cfg) in &kv_configs {
+        if let Some(h) = &opts.hosted {
+            if let Some((id, _)) = manifest.component.iter().find(|(_, c)| !c.sqlite_databases.is_empty()) {
+                bail!("component {id:?} uses a SQLite database, which the hosted platform does not provide");
+            }
+            if !manifest.redis_triggers()?.is_empty() {
+                bail!("the app has a Redis trigger; the hosted platform runs HTTP triggers only");
+            }
+            if opts.runtime_config.is_some() {
+                bail!("the hosted platform takes no runtime config");
+            }
+            for label in &used_kv {
+                kv_backends.insert((*label).clone(), Arc::new(KvBackend::Hosted(crate::host::hosted_kv::HostedKv::new(h.kv_writes_per_sec, h.kv_replication_delay))));
+            }
+        }
+        for (label, cfg) in kv_configs.iter().filter(|_| opts.hosted.is_none()) {
             if used_kv.contains(label) {
                 kv_backends.insert(label.clone(), Arc::new(KvBackend::new(cfg)?));
                 if label == "default" && !runtime.key_value_stores.contains_key("default") {
@@ -236,6 +288,7 @@ impl App {
                 allowed_hosts,
                 environment: c.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 output: output.clone(),
+                memory_limit: opts.hosted.map(|h| h.memory_limit),
             });
             let path = manifest.source_path(id, &dir).with_context(ctx)?;
             if !path.exists() {
@@ -265,6 +318,9 @@ impl App {
 
         let mut router = Router::default();
         let mut http = HashMap::new();
+        // The hosted platform: a fresh instance per request, each within its limit.
+        let reuse = if opts.hosted.is_some() { InstanceReuse::PER_REQUEST } else { opts.reuse };
+        let request_limit = opts.hosted.map(|h| h.request_limit);
         for t in manifest.http_triggers()? {
             if t.static_response.is_some() {
                 bail!("[[trigger.http]] static_response is not supported by this host");
@@ -280,7 +336,7 @@ impl App {
                 // A private endpoint has no route: only service chaining reaches it.
                 toml::Value::Table(p) if p.get("private") == Some(&toml::Value::Boolean(true)) => {
                     if !http.contains_key(&id) {
-                        http.insert(id.clone(), HttpComponent::new(loaded.clone(), linker.clone(), opts.reuse).with_context(|| format!("component {id:?} cannot serve HTTP"))?);
+                        http.insert(id.clone(), HttpComponent::new(loaded.clone(), linker.clone(), reuse, request_limit).with_context(|| format!("component {id:?} cannot serve HTTP"))?);
                     }
                     continue;
                 }
@@ -288,7 +344,7 @@ impl App {
             };
             router.add(&route, &id)?;
             if !http.contains_key(&id) {
-                http.insert(id.clone(), HttpComponent::new(loaded.clone(), linker.clone(), opts.reuse).with_context(|| format!("component {id:?} cannot serve HTTP"))?);
+                http.insert(id.clone(), HttpComponent::new(loaded.clone(), linker.clone(), reuse, request_limit).with_context(|| format!("component {id:?} cannot serve HTTP"))?);
             }
         }
 

@@ -204,13 +204,28 @@ fn add_spin_headers(
 /// A component that serves HTTP, with its pool of reusable instances.
 pub(crate) struct HttpComponent {
     handler: ProxyHandler<HttpHandler>,
+    /// How long a request may take before it is cut off (the hosted
+    /// platform's limit), if at all.
+    limit: Option<std::time::Duration>,
 }
 
 impl HttpComponent {
     /// Runs the request (routed, `spin-*` headers set) on an instance; a failed
-    /// handler is an empty 500 (the error is logged).
+    /// handler is an empty 500 (the error is logged), one past the request
+    /// limit an empty 504.
     async fn call(&self, req: http::Request<WasiBody>) -> http::Response<WasiBody> {
-        match self.handler.handle((), req).await {
+        let handled = self.handler.handle((), req);
+        let result = match self.limit {
+            None => handled.await,
+            Some(limit) => match tokio::time::timeout(limit, handled).await {
+                Ok(r) => r,
+                Err(_) => {
+                    eprintln!("Request cut off: it ran past the platform's limit of {limit:?}");
+                    return empty(http::StatusCode::GATEWAY_TIMEOUT);
+                }
+            },
+        };
+        match result {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("Error processing request: {e:?}");
@@ -266,7 +281,7 @@ impl ChainTargets {
 }
 
 impl HttpComponent {
-    pub(crate) fn new(loaded: Arc<LoadedComponent>, linker: Arc<Linker<StoreData>>, reuse: InstanceReuse) -> anyhow::Result<Self> {
+    pub(crate) fn new(loaded: Arc<LoadedComponent>, linker: Arc<Linker<StoreData>>, reuse: InstanceReuse, limit: Option<std::time::Duration>) -> anyhow::Result<Self> {
         let pre = linker
             .instantiate_pre(&loaded.component)
             .map_err(anyhow::Error::from)
@@ -274,6 +289,7 @@ impl HttpComponent {
         let pre = ServicePre::new(pre).map_err(anyhow::Error::from).context("it does not export wasi:http/handler@0.3.0")?;
         Ok(Self {
             handler: ProxyHandler::new(HttpHandler { pre, loaded, reuse }),
+            limit,
         })
     }
 }
@@ -291,6 +307,10 @@ impl HandlerState for HttpHandler {
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<StoreData, IdleExpiration, HttpWorker>> {
         let mut store = crate::engine::new_store(StoreData::new(self.loaded.caps.clone()));
+        // A memory limit (the hosted platform's): growth beyond it fails.
+        if self.loaded.caps.memory_limit.is_some() {
+            store.limiter(|data| &mut data.limits);
+        }
         let service = self.pre.instantiate_async(&mut store).await?;
         Ok(Instance {
             store,

@@ -35,6 +35,6 @@ mod state;
 pub mod template;
 pub mod up;
 
-pub use app::{App, AppOptions, InstanceReuse};
+pub use app::{App, AppOptions, Hosted, InstanceReuse};
 pub use http::FullResponse;
 pub use state::StoreData;

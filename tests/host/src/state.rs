@@ -21,6 +21,11 @@ pub struct StoreData {
     pub(crate) http: WasiHttpCtx,
     pub(crate) caps: Arc<ComponentCaps>,
     hooks: OutboundHttp,
+    /// This instance's number, unique in the process (the hosted platform's
+    /// key-value store tells requests apart by it).
+    pub(crate) instance: u64,
+    /// The instance's memory limit (the hosted platform's 128 MiB), if any.
+    pub(crate) limits: wasmtime::StoreLimits,
 }
 
 impl StoreData {
@@ -32,12 +37,19 @@ impl StoreData {
         for (k, v) in &caps.environment {
             wasi.env(k, v);
         }
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let limits = match caps.memory_limit {
+            Some(bytes) => wasmtime::StoreLimitsBuilder::new().memory_size(bytes).build(),
+            None => wasmtime::StoreLimits::default(),
+        };
         Self {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: OutboundHttp { caps: caps.clone() },
             caps,
+            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            limits,
         }
     }
 }

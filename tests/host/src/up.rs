@@ -45,6 +45,11 @@ pub struct UpArgs {
     /// an append-only file under the state directory) for as long as `up` runs.
     #[arg(long, value_name = "REDIS_URL")]
     pub ensure_redis: Option<String>,
+    /// Stand in for a hosted platform, with its published limits (see
+    /// `tests/host/README.md`): `akamai-functions` (also Fermyon Wasm
+    /// Functions).
+    #[arg(long, value_name = "PLATFORM", value_parser = ["akamai-functions"])]
+    pub emulate: Option<String>,
 }
 
 /// Runs every component's build command, as `spin build` does.
@@ -152,6 +157,7 @@ impl UpArgs {
             max_concurrent: self.max_instance_concurrent_reuse_count.max(1),
             idle_timeout: self.idle_instance_timeout,
         };
+        opts.hosted = self.emulate.as_ref().map(|_| crate::app::Hosted::AKAMAI_FUNCTIONS);
         Ok(opts)
     }
 }

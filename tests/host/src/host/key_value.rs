@@ -22,6 +22,8 @@ type Pairs = Vec<(String, Option<Vec<u8>>)>;
 pub struct Store {
     label: String,
     backend: Arc<KvBackend>,
+    /// The instance that opened it (the request, on the hosted platform).
+    who: u64,
 }
 
 /// Where a label's data lives.
@@ -36,6 +38,8 @@ pub(crate) enum KvBackend {
         client: redis::Client,
         conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     },
+    /// The emulated hosted platform's store (see [`super::hosted_kv`]).
+    Hosted(super::hosted_kv::HostedKv),
 }
 
 /// Backend errors reach the guest as `other` with the error's debug text, as in Spin.
@@ -108,7 +112,7 @@ impl KvBackend {
     /// call. The SQLite store opens its file on first use.
     async fn after_open(&self) -> Result<(), Error> {
         match self {
-            Self::Sqlite { .. } => Ok(()),
+            Self::Sqlite { .. } | Self::Hosted(_) => Ok(()),
             Self::Redis { .. } => self.redis().await.map(drop),
         }
     }
@@ -120,7 +124,7 @@ impl KvBackend {
         }
     }
 
-    async fn get(self: Arc<Self>, store: String, key: String) -> Result<Option<Vec<u8>>, Error> {
+    async fn get(self: Arc<Self>, who: u64, store: String, key: String) -> Result<Option<Vec<u8>>, Error> {
         match &*self {
             Self::Sqlite { .. } => blocking(self.clone(), move |b| {
                 let Self::Sqlite { path, conn } = b else { unreachable!() };
@@ -131,6 +135,7 @@ impl KvBackend {
                 })
             })
             .await,
+            Self::Hosted(kv) => kv.read(who, &key),
             Self::Redis { .. } => {
                 let r: Result<Option<Vec<u8>>, _> = self.redis().await?.get(&key).await;
                 self.redis_result(r).await
@@ -138,7 +143,7 @@ impl KvBackend {
         }
     }
 
-    async fn set(self: Arc<Self>, store: String, key: String, value: Vec<u8>) -> Result<(), Error> {
+    async fn set(self: Arc<Self>, who: u64, store: String, key: String, value: Vec<u8>) -> Result<(), Error> {
         match &*self {
             Self::Sqlite { .. } => blocking(self.clone(), move |b| {
                 let Self::Sqlite { path, conn } = b else { unreachable!() };
@@ -152,6 +157,7 @@ impl KvBackend {
                 })
             })
             .await,
+            Self::Hosted(kv) => kv.write(who, vec![(key, Some(value))]),
             Self::Redis { .. } => {
                 let r: Result<(), _> = self.redis().await?.set(&key, value).await;
                 self.redis_result(r).await
@@ -159,7 +165,7 @@ impl KvBackend {
         }
     }
 
-    async fn delete(self: Arc<Self>, store: String, key: String) -> Result<(), Error> {
+    async fn delete(self: Arc<Self>, who: u64, store: String, key: String) -> Result<(), Error> {
         match &*self {
             Self::Sqlite { .. } => blocking(self.clone(), move |b| {
                 let Self::Sqlite { path, conn } = b else { unreachable!() };
@@ -170,6 +176,7 @@ impl KvBackend {
                 })
             })
             .await,
+            Self::Hosted(kv) => kv.write(who, vec![(key, None)]),
             Self::Redis { .. } => {
                 let r: Result<(), _> = self.redis().await?.del(&key).await;
                 self.redis_result(r).await
@@ -177,9 +184,10 @@ impl KvBackend {
         }
     }
 
-    async fn exists(self: Arc<Self>, store: String, key: String) -> Result<bool, Error> {
+    async fn exists(self: Arc<Self>, who: u64, store: String, key: String) -> Result<bool, Error> {
         match &*self {
-            Self::Sqlite { .. } => Ok(self.get(store, key).await?.is_some()),
+            Self::Sqlite { .. } => Ok(self.get(who, store, key).await?.is_some()),
+            Self::Hosted(kv) => kv.read(who, &key).map(|v| v.is_some()),
             Self::Redis { .. } => {
                 let r: Result<bool, _> = self.redis().await?.exists(&key).await;
                 self.redis_result(r).await
@@ -187,7 +195,7 @@ impl KvBackend {
         }
     }
 
-    async fn keys(self: Arc<Self>, store: String) -> Result<Vec<String>, Error> {
+    async fn keys(self: Arc<Self>, who: u64, store: String) -> Result<Vec<String>, Error> {
         match &*self {
             Self::Sqlite { .. } => blocking(self.clone(), move |b| {
                 let Self::Sqlite { path, conn } = b else { unreachable!() };
@@ -197,6 +205,7 @@ impl KvBackend {
                 })
             })
             .await,
+            Self::Hosted(kv) => kv.keys(who),
             Self::Redis { .. } => {
                 let mut conn = self.redis().await?;
                 let r: Result<Vec<String>, redis::RedisError> = async {
@@ -217,7 +226,7 @@ impl KvBackend {
     /// Spin's SQLite store answers). On Redis, Spin sends the keys to `KEYS` rather
     /// than `MGET`, which fails for more than one key; this host does the same, so a
     /// component meets that here rather than in production.
-    async fn get_many(self: Arc<Self>, store: String, keys: Vec<String>) -> Result<Pairs, Error> {
+    async fn get_many(self: Arc<Self>, who: u64, store: String, keys: Vec<String>) -> Result<Pairs, Error> {
         match &*self {
             Self::Sqlite { .. } => blocking(self.clone(), move |b| {
                 let Self::Sqlite { path, conn } = b else { unreachable!() };
@@ -230,6 +239,7 @@ impl KvBackend {
                 })
             })
             .await,
+            Self::Hosted(kv) => keys.into_iter().filter_map(|k| kv.read(who, &k).map(|v| v.map(|v| (k, Some(v)))).transpose()).collect(),
             Self::Redis { .. } => {
                 let mut conn = self.redis().await?;
                 let r: Result<Pairs, _> = redis::cmd("KEYS").arg(keys).query_async(&mut conn).await;
@@ -239,7 +249,7 @@ impl KvBackend {
     }
 
     /// `set-many`: one transaction on SQLite (Spin's store), `MSET` on Redis.
-    async fn set_many(self: Arc<Self>, store: String, pairs: Vec<(String, Vec<u8>)>) -> Result<(), Error> {
+    async fn set_many(self: Arc<Self>, who: u64, store: String, pairs: Vec<(String, Vec<u8>)>) -> Result<(), Error> {
         match &*self {
             Self::Sqlite { .. } => blocking(self.clone(), move |b| {
                 let Self::Sqlite { path, conn } = b else { unreachable!() };
@@ -256,6 +266,7 @@ impl KvBackend {
                 })
             })
             .await,
+            Self::Hosted(kv) => kv.write(who, pairs.into_iter().map(|(k, v)| (k, Some(v))).collect()),
             Self::Redis { .. } => {
                 let r: Result<(), _> = self.redis().await?.mset(&pairs).await;
                 self.redis_result(r).await
@@ -264,7 +275,7 @@ impl KvBackend {
     }
 
     /// `delete-many`: one statement on SQLite, one `DEL` on Redis.
-    async fn delete_many(self: Arc<Self>, store: String, keys: Vec<String>) -> Result<(), Error> {
+    async fn delete_many(self: Arc<Self>, who: u64, store: String, keys: Vec<String>) -> Result<(), Error> {
         match &*self {
             Self::Sqlite { .. } => blocking(self.clone(), move |b| {
                 let Self::Sqlite { path, conn } = b else { unreachable!() };
@@ -276,6 +287,7 @@ impl KvBackend {
                 })
             })
             .await,
+            Self::Hosted(kv) => kv.write(who, keys.into_iter().map(|k| (k, None)).collect()),
             Self::Redis { .. } => {
                 let r: Result<(), _> = self.redis().await?.del(keys).await;
                 self.redis_result(r).await
@@ -306,10 +318,10 @@ async fn blocking<R: Send + 'static>(
     tokio::task::block_in_place(move || f(&backend))
 }
 
-fn store_of<T>(accessor: &Accessor<T, Spin>, store: &Resource<Store>) -> wasmtime::Result<(String, Arc<KvBackend>)> {
+fn store_of<T>(accessor: &Accessor<T, Spin>, store: &Resource<Store>) -> wasmtime::Result<(u64, String, Arc<KvBackend>)> {
     accessor.with(|mut access| {
         let s = access.get().table.get(store)?;
-        Ok((s.label.clone(), s.backend.clone()))
+        Ok((s.who, s.label.clone(), s.backend.clone()))
     })
 }
 
@@ -321,35 +333,39 @@ impl<T> HostStoreWithStore<T> for Spin {
         if let Err(e) = backend.after_open().await {
             return Ok(Err(e));
         }
-        accessor.with(|mut access| Ok(Ok(access.get().table.push(Store { label, backend })?)))
+        accessor.with(|mut access| {
+            let view = access.get();
+            let who = view.instance;
+            Ok(Ok(view.table.push(Store { label, backend, who })?))
+        })
     }
 
     async fn get(accessor: &Accessor<T, Self>, store: Resource<Store>, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, Error>> {
-        let (label, backend) = store_of(accessor, &store)?;
-        Ok(backend.get(label, key).await)
+        let (who, label, backend) = store_of(accessor, &store)?;
+        Ok(backend.get(who, label, key).await)
     }
 
     async fn set(accessor: &Accessor<T, Self>, store: Resource<Store>, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), Error>> {
-        let (label, backend) = store_of(accessor, &store)?;
-        Ok(backend.set(label, key, value).await)
+        let (who, label, backend) = store_of(accessor, &store)?;
+        Ok(backend.set(who, label, key, value).await)
     }
 
     async fn delete(accessor: &Accessor<T, Self>, store: Resource<Store>, key: String) -> wasmtime::Result<Result<(), Error>> {
-        let (label, backend) = store_of(accessor, &store)?;
-        Ok(backend.delete(label, key).await)
+        let (who, label, backend) = store_of(accessor, &store)?;
+        Ok(backend.delete(who, label, key).await)
     }
 
     async fn exists(accessor: &Accessor<T, Self>, store: Resource<Store>, key: String) -> wasmtime::Result<Result<bool, Error>> {
-        let (label, backend) = store_of(accessor, &store)?;
-        Ok(backend.exists(label, key).await)
+        let (who, label, backend) = store_of(accessor, &store)?;
+        Ok(backend.exists(who, label, key).await)
     }
 
     async fn get_keys(
         accessor: &Accessor<T, Self>,
         store: Resource<Store>,
     ) -> wasmtime::Result<(StreamReader<String>, FutureReader<Result<(), Error>>)> {
-        let (label, backend) = store_of(accessor, &store)?;
-        let (keys, result) = match backend.keys(label).await {
+        let (who, label, backend) = store_of(accessor, &store)?;
+        let (keys, result) = match backend.keys(who, label).await {
             Ok(keys) => (keys, Ok(())),
             Err(e) => (Vec::new(), Err(e)),
         };
@@ -391,9 +407,9 @@ mod wasi {
 
     type Answer<T> = wasmtime::Result<Result<T, store::Error>>;
 
-    fn bucket(view: &SpinView<'_>, b: &Resource<Store>) -> wasmtime::Result<(String, std::sync::Arc<super::KvBackend>)> {
+    fn bucket(view: &SpinView<'_>, b: &Resource<Store>) -> wasmtime::Result<(u64, String, std::sync::Arc<super::KvBackend>)> {
         let s = view.table.get(b)?;
-        Ok((s.label.clone(), s.backend.clone()))
+        Ok((s.who, s.label.clone(), s.backend.clone()))
     }
 
     impl store::Host for SpinView<'_> {
@@ -404,37 +420,37 @@ mod wasi {
             if let Err(e) = backend.after_open().await {
                 return Ok(Err(to_wasi(e)));
             }
-            Ok(Ok(self.table.push(Store { label: identifier, backend })?))
+            Ok(Ok(self.table.push(Store { label: identifier, backend, who: self.instance })?))
         }
     }
 
     impl store::HostBucket for SpinView<'_> {
         async fn get(&mut self, b: Resource<Store>, key: String) -> Answer<Option<Vec<u8>>> {
-            let (label, backend) = bucket(self, &b)?;
-            Ok(backend.get(label, key).await.map_err(to_wasi))
+            let (who, label, backend) = bucket(self, &b)?;
+            Ok(backend.get(who, label, key).await.map_err(to_wasi))
         }
 
         async fn set(&mut self, b: Resource<Store>, key: String, value: Vec<u8>) -> Answer<()> {
-            let (label, backend) = bucket(self, &b)?;
-            Ok(backend.set(label, key, value).await.map_err(to_wasi))
+            let (who, label, backend) = bucket(self, &b)?;
+            Ok(backend.set(who, label, key, value).await.map_err(to_wasi))
         }
 
         async fn delete(&mut self, b: Resource<Store>, key: String) -> Answer<()> {
-            let (label, backend) = bucket(self, &b)?;
-            Ok(backend.delete(label, key).await.map_err(to_wasi))
+            let (who, label, backend) = bucket(self, &b)?;
+            Ok(backend.delete(who, label, key).await.map_err(to_wasi))
         }
 
         async fn exists(&mut self, b: Resource<Store>, key: String) -> Answer<bool> {
-            let (label, backend) = bucket(self, &b)?;
-            Ok(backend.exists(label, key).await.map_err(to_wasi))
+            let (who, label, backend) = bucket(self, &b)?;
+            Ok(backend.exists(who, label, key).await.map_err(to_wasi))
         }
 
         async fn list_keys(&mut self, b: Resource<Store>, cursor: Option<String>) -> Answer<store::KeyResponse> {
             if cursor.is_some() {
                 return Ok(Err(store::Error::Other("list_keys: cursor not supported".into())));
             }
-            let (label, backend) = bucket(self, &b)?;
-            Ok(backend.keys(label).await.map(|keys| store::KeyResponse { keys, cursor: None }).map_err(to_wasi))
+            let (who, label, backend) = bucket(self, &b)?;
+            Ok(backend.keys(who, label).await.map(|keys| store::KeyResponse { keys, cursor: None }).map_err(to_wasi))
         }
 
         async fn drop(&mut self, b: Resource<Store>) -> wasmtime::Result<()> {
@@ -445,27 +461,27 @@ mod wasi {
 
     impl batch::Host for SpinView<'_> {
         async fn get_many(&mut self, b: Resource<Store>, keys: Vec<String>) -> Answer<Vec<(String, Option<Vec<u8>>)>> {
-            let (label, backend) = bucket(self, &b)?;
+            let (who, label, backend) = bucket(self, &b)?;
             if keys.is_empty() {
                 return Ok(Ok(Vec::new()));
             }
-            Ok(backend.get_many(label, keys).await.map_err(to_wasi))
+            Ok(backend.get_many(who, label, keys).await.map_err(to_wasi))
         }
 
         async fn set_many(&mut self, b: Resource<Store>, pairs: Vec<(String, Vec<u8>)>) -> Answer<()> {
-            let (label, backend) = bucket(self, &b)?;
+            let (who, label, backend) = bucket(self, &b)?;
             if pairs.is_empty() {
                 return Ok(Ok(()));
             }
-            Ok(backend.set_many(label, pairs).await.map_err(to_wasi))
+            Ok(backend.set_many(who, label, pairs).await.map_err(to_wasi))
         }
 
         async fn delete_many(&mut self, b: Resource<Store>, keys: Vec<String>) -> Answer<()> {
-            let (label, backend) = bucket(self, &b)?;
+            let (who, label, backend) = bucket(self, &b)?;
             if keys.is_empty() {
                 return Ok(Ok(()));
             }
-            Ok(backend.delete_many(label, keys).await.map_err(to_wasi))
+            Ok(backend.delete_many(who, label, keys).await.map_err(to_wasi))
         }
     }
 }

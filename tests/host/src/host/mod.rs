@@ -6,6 +6,7 @@
 //! per-store [`SpinView`]: the resource table shared with WASI, and the calling
 //! component's [`ComponentCaps`] (what it may open).
 
+pub(crate) mod hosted_kv;
 pub(crate) mod key_value;
 pub(crate) mod postgres;
 pub(crate) mod redis;
@@ -102,12 +103,15 @@ pub(crate) struct SpinView<'a> {
     pub(crate) table: &'a mut ResourceTable,
     /// What the calling component is allowed to use.
     pub(crate) caps: &'a Arc<ComponentCaps>,
+    /// Which instance calls (unique in the process).
+    pub(crate) instance: u64,
 }
 
 fn view(data: &mut StoreData) -> SpinView<'_> {
     SpinView {
         table: &mut data.table,
         caps: &data.caps,
+        instance: data.instance,
     }
 }
 
