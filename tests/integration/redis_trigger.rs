@@ -65,6 +65,32 @@ async fn messages_in_order_and_failures_do_not_stop_it() {
     trigger.abort();
 }
 
+/// A trigger that is stopped (its future dropped) stops listening: its
+/// subscription's connection is closed, and a message published after has no
+/// receiver. (Its listener once outlived it, and went on handling messages.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_trigger_listens_no_more() {
+    let redis = Redis::start();
+    let (_t, app) = subscriber_app(&redis, "sink");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let trigger = tokio::spawn(app.clone().run_redis_triggers(move |_| {
+        let _ = ready_tx.send(());
+    }));
+    ready_rx.await.expect("trigger subscribed");
+    let mut conn = redis.conn();
+    let channel = format!("events-{}", redis.port);
+    let receivers: i64 = conn.publish(&channel, "m0").unwrap();
+    assert_eq!(receivers, 1);
+    trigger.abort();
+    let _ = trigger.await;
+    crate::support::eventually("the subscription is gone", std::time::Duration::from_secs(10), async || {
+        redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).query::<(String, i64)>(&mut redis.conn()).unwrap().1 == 0
+    })
+    .await;
+    let receivers: i64 = conn.publish(&channel, "m1").unwrap();
+    assert_eq!(receivers, 0, "a message after the stop reaches no listener");
+}
+
 /// An unreachable trigger address is a clear error naming it.
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_address_is_a_clear_error() {

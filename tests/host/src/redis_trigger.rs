@@ -65,7 +65,9 @@ impl App {
             by_address.entry(&s.address).or_default().entry(&s.channel).or_default().push(i);
         }
         let mut listing = String::new();
-        let mut tasks = Vec::new();
+        // A set that aborts its tasks when dropped: when this future is
+        // dropped (a caller stops the trigger), no listener is left running.
+        let mut tasks = tokio::task::JoinSet::new();
         for (address, channels) in by_address {
             // Errors name the server without its credentials.
             let server = crate::outbound::destination(address, "redis");
@@ -88,7 +90,7 @@ impl App {
             let routes: BTreeMap<String, Vec<usize>> =
                 channels.into_iter().map(|(c, s)| (c.to_owned(), s)).collect();
             let app = self.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn(async move {
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
                     let channel = msg.get_channel_name().to_owned();
@@ -106,16 +108,14 @@ impl App {
                     futures::future::join_all(runs).await;
                 }
                 bail!("disconnected from {server}")
-            }));
+            });
         }
         ready(listing);
         if tasks.is_empty() {
             return std::future::pending().await;
         }
-        let (first, _, rest) = futures::future::select_all(tasks).await;
-        for t in rest {
-            t.abort();
-        }
+        let first = tasks.join_next().await.expect("at least one listener");
+        tasks.abort_all();
         first.context("Redis trigger task panicked")?
     }
 }
