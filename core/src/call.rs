@@ -23,6 +23,9 @@ pub struct Call {
 pub struct BatchLimits {
     /// Entries per batch.
     pub count: usize,
+    /// The most payload bytes per batch (at least one entry is read); 0: no
+    /// limit.
+    pub bytes: usize,
     /// Deliveries before an entry is dead-lettered.
     pub max_attempts: u32,
     /// The lease's TTL (renewed by the read).
@@ -105,6 +108,7 @@ impl Call {
                 limits.lease_ttl_ms.to_string(),
                 limits.retention_ms.to_string(),
                 resume.unwrap_or_default().to_owned(),
+                limits.bytes.to_string(),
             ],
         }
     }
@@ -311,9 +315,9 @@ mod tests {
         let c = Call::lease_acquire(&l, 3, "tok", 5000, false);
         assert_eq!((c.keys, c.args), (vec!["spillway:{s3}:lease".to_owned(), "spillway:{s3}:fence".to_owned()], vec!["tok".to_owned(), "5000".to_owned(), "0".to_owned()]));
         assert_eq!(Call::lease_acquire(&l, 3, "tok", 5000, true).args[2], "1");
-        let limits = BatchLimits { count: 10, max_attempts: 5, lease_ttl_ms: 5000, retention_ms: 60_000 };
+        let limits = BatchLimits { count: 10, bytes: 4096, max_attempts: 5, lease_ttl_ms: 5000, retention_ms: 60_000 };
         let r = Call::read_batch(&l, 3, "tok", limits, None);
-        assert_eq!(r.args, ["tok", GROUP, CONSUMER, "10", "5", "5000", "60000", ""]);
+        assert_eq!(r.args, ["tok", GROUP, CONSUMER, "10", "5", "5000", "60000", "", "4096"]);
         assert!(r.keys.iter().all(|k| k.starts_with("spillway:{s3}:")), "one hash slot");
         assert_eq!(Call::read_batch(&l, 3, "tok", limits, Some("1-0")).args[7], "1-0");
         assert_eq!(Call::ack(&l, 1, 2, 0, ["1-0".to_owned()]).args, [GROUP, "2", "0", "1-0"]);

@@ -258,7 +258,11 @@ return 0
 ///
 /// KEYS: `[lease, stream, attempts, watch, applying]`.
 /// ARGV: `[token, group, consumer, count, max_attempts, lease_ttl_ms,
-/// retention_ms, resume]`.
+/// retention_ms, resume, bytes]`: at most `count` entries, and no more than fit
+/// in `bytes` of payload (at least one; `0`: no limit). New entries are
+/// measured before they are read (the group's last delivered id, then the
+/// entries after it), so none is delivered that the batch does not carry;
+/// pending ones are read, and those beyond stay pending, after the cursor.
 /// Reply: `lost` | `ok, prune_before_ms, cursor, (entry_id, payload, attempt)*`,
 /// where `attempt` counts this delivery (above `max_attempts`: past the limit);
 /// `cursor` is the last pending id read (resume from there next time) or empty
@@ -271,19 +275,45 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lost'} end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[4], ARGV[1], 'PX', 3 * tonumber(ARGV[6]))
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
+local count = tonumber(ARGV[4])
+local budget = tonumber(ARGV[9]) or 0
 local function read(from)
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', tonumber(ARGV[4]), 'STREAMS', KEYS[2], from)
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', count, 'STREAMS', KEYS[2], from)
   if not r then return {} end
   return r[1][2]
 end
+local function fitting(list)
+  if budget <= 0 then return #list end
+  local bytes, n = 0, 0
+  for _, e in ipairs(list) do
+    if e[2] then bytes = bytes + #e[2][2] end
+    if n > 0 and bytes > budget then break end
+    n = n + 1
+  end
+  return n
+end
 local entries = {}
-if ARGV[8] ~= '' then entries = read(ARGV[8]) end
+if ARGV[8] ~= '' then
+  entries = read(ARGV[8])
+  for i = #entries, fitting(entries) + 1, -1 do entries[i] = nil end
+end
 local redelivered = #entries > 0
 local cursor = ''
 if redelivered then
   cursor = entries[#entries][1]
 else
   redis.call('DEL', KEYS[5])
+  if budget > 0 then
+    local last = '0-0'
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
+      local name, id
+      for i = 1, #g, 2 do
+        if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then id = g[i + 1] end
+      end
+      if name == ARGV[2] then last = id end
+    end
+    count = math.max(1, fitting(redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', count)))
+  end
   entries = read('>')
 end
 local marked = redelivered and redis.call('EXISTS', KEYS[5]) == 1

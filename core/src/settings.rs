@@ -22,6 +22,10 @@ pub struct Settings {
     pub layout: Layout,
     /// `batch_size`: writes applied per transaction.
     pub batch_size: usize,
+    /// `round_bytes`: the most bytes of writes one round reads, over all its
+    /// shards (each shard's share, at least one write each): what bounds a
+    /// processor's memory when values are large.
+    pub round_bytes: usize,
     /// `lease_ttl_ms`.
     pub lease_ttl_ms: u64,
     /// `max_attempts`: deliveries before a write is dead-lettered.
@@ -202,6 +206,10 @@ impl Settings {
         if batch_size == 0 || batch_size > 10_000 {
             return Err(SettingsError { name: "batch_size", reason: "must be between 1 and 10000".into() });
         }
+        let round_bytes = num(&get, "round_bytes", 4 << 20)?;
+        if round_bytes == 0 {
+            return Err(SettingsError { name: "round_bytes", reason: "must be at least 1".into() });
+        }
         let status_retention_secs = num(&get, "status_retention_secs", 604_800)?;
         if status_retention_secs == 0 {
             return Err(SettingsError { name: "status_retention_secs", reason: "must be at least 1".into() });
@@ -278,6 +286,7 @@ impl Settings {
             redis_address,
             layout: Layout { prefix, shards },
             batch_size,
+            round_bytes,
             lease_ttl_ms,
             max_attempts: num(&get, "max_attempts", 5)?,
             retry_backoff_ms: num(&get, "retry_backoff_ms", 500)?,
@@ -326,6 +335,8 @@ mod tests {
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert_eq!((s.wake_url.as_deref(), s.drain_budget_secs), (None, 0));
         assert_eq!(s.node_name, None);
+        assert_eq!(s.round_bytes, 4 << 20);
+        assert_eq!(Settings::load(|n| (n == "round_bytes").then(|| "0".to_owned())).unwrap_err().name, "round_bytes");
         assert_eq!(s.cache_store, CacheStore::Kv);
         assert_eq!(Settings::load(|n| (n == "cache_store").then(|| "redis".to_owned())).unwrap().cache_store, CacheStore::Redis);
         assert_eq!(Settings::load(|n| (n == "cache_store").then(|| "memcached".to_owned())).unwrap_err().name, "cache_store");

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use redis::Commands as _;
 
-use crate::processes::{Conn, manifests, spawn};
+use crate::processes::{Conn, manifests, spawn_args};
 use crate::spillway::{ADMIN, Engine, Store, on_both_engines};
 use crate::support::{Redis, fixtures, workspace};
 
@@ -34,6 +34,16 @@ async fn increments_survive_processor_crashes_http_only() {
     crash_run(Setup::HttpOnly).await;
 }
 
+/// The same on the emulated hosted platform (`up --emulate
+/// akamai-functions`: a fresh instance per request, 30 s per request, 128 MiB
+/// per instance), and with no drain call anywhere: after the kills, the cron's
+/// wakes alone finish the queue. No request is cut off, no instance refused
+/// memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn increments_survive_processor_crashes_on_the_hosted_platform() {
+    crash_run(Setup::Hosted).await;
+}
+
 /// The same with the shards spread over two Redis servers, each a Redis Cluster
 /// node (which refuses any script or command whose keys span hash slots), with
 /// `redis_cluster` on: per-key order, exactly-once and the crash recovery hold
@@ -57,6 +67,8 @@ enum Setup {
     Trigger(Engine),
     /// The HTTP-only manifest on PostgreSQL.
     HttpOnly,
+    /// The HTTP-only manifest on PostgreSQL, on the emulated hosted platform.
+    Hosted,
     /// The repository's manifest on SQLite, the shards on two Redis Cluster
     /// nodes.
     TwoServers,
@@ -68,7 +80,7 @@ async fn crash_run(setup: Setup) {
     fixtures();
     let (engine, http_only) = match setup {
         Setup::Trigger(engine) => (Some(engine), false),
-        Setup::HttpOnly => (None, true),
+        Setup::HttpOnly | Setup::Hosted => (None, true),
         Setup::TwoServers | Setup::Cluster => (Some(Engine::Sqlite), false),
     };
     // A password on the single server, as in production. The first server is
@@ -107,11 +119,12 @@ async fn crash_run(setup: Setup) {
 
     // The front serves intake and reads (and, HTTP-only, the drains its own
     // intake wakes); the two others are the processors that get killed.
-    let front = spawn(&front_toml, &state, &redis.url(), &vars, false);
-    let mut processors = [
-        spawn(&processor_toml, &state, &redis.url(), &vars, triggers),
-        spawn(&processor_toml, &state, &redis.url(), &vars, triggers),
-    ];
+    let up_args: &[&str] = if setup == Setup::Hosted { &["--emulate", "akamai-functions"] } else { &[] };
+    let start = |toml: &std::path::Path, triggers: bool| spawn_args(toml, &state, &redis.url(), &vars, triggers, up_args);
+    let front = start(&front_toml, false);
+    let mut processors = [start(&processor_toml, triggers), start(&processor_toml, triggers)];
+    // What the killed processes said (for the hosted platform's refusals).
+    let mut said: Vec<String> = Vec::new();
     // HTTP-only: the cron, on whichever processes are up.
     let ports = Arc::new(std::sync::Mutex::new(processors.iter().map(|p| p.port).collect::<Vec<_>>()));
     let cron = (!triggers).then(|| {
@@ -154,10 +167,11 @@ async fn crash_run(setup: Setup) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         processors[n].kill();
+        said.append(&mut processors[n].stderr.lock().unwrap());
         let applied = store.int("SELECT count(*) FROM spillway_writes").await.unwrap_or(0);
         eprintln!("SIGKILL processor {n} at {} accepted, {applied} applied", accepted_total.load(Ordering::SeqCst));
         kills += 1;
-        processors[n] = spawn(&processor_toml, &state, &redis.url(), &vars, triggers);
+        processors[n] = start(&processor_toml, triggers);
         ports.lock().unwrap()[n] = processors[n].port;
     }
     assert_eq!(kills, 2);
@@ -190,6 +204,11 @@ async fn crash_run(setup: Setup) {
             break;
         }
         assert!(Instant::now() < deadline, "{queued} writes still queued; the last drain said {last}");
+        // On the hosted platform no one calls the drain: the cron's wakes do.
+        if setup == Setup::Hosted {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
         let (status, body) = admin.request("POST", "/v1/drain", &format!("authorization: Bearer {ADMIN}\r\n"), "").await;
         // The database may not answer in time while the machine is loaded: an
         // operator's drain is then tried again, as any 503.
@@ -221,6 +240,13 @@ async fn crash_run(setup: Setup) {
     if let Some(cron) = cron {
         cron.abort();
     }
+    // Within the hosted platform's limits: no request cut off at 30 s, no
+    // instance over 128 MiB.
+    for p in processors.iter().chain([&front]) {
+        said.extend(p.stderr.lock().unwrap().iter().cloned());
+    }
+    let refused: Vec<&String> = said.iter().filter(|l| l.starts_with("Request cut off") || l.contains("refused memory")).collect();
+    assert!(refused.is_empty(), "{refused:?}");
 }
 
 /// `GET /v1/wake` on `port`, as a cron sends it; a process that is down is

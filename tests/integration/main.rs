@@ -43,6 +43,8 @@ mod nodes;
 mod fencing;
 /// The HTTP-only deployment: wake-ups over service chaining, drains within a budget.
 mod http_only;
+/// The emulated hosted platform: a burst and large values within its limits.
+mod hosted;
 /// HTTP trigger: routing, `spin-*` headers, 404, instance reuse and isolation.
 mod http;
 /// `spin:key-value`: the default SQLite store, Redis per runtime config, refusals.

@@ -87,6 +87,11 @@ pub(crate) fn spawn_with(ns: Option<&Netns>, manifest: &Path, state: &Path, redi
     try_spawn_full(ns, args, manifest, state, redis_url, vars, true, &[]).unwrap_or_else(|why| panic!("{why}"))
 }
 
+/// [`spawn`] with extra arguments to `up` (e.g. `--emulate akamai-functions`).
+pub(crate) fn spawn_args(manifest: &Path, state: &Path, redis_url: &str, vars: &[(&str, &str)], wait_for_channels: bool, args: &[&str]) -> Host {
+    try_spawn_full(None, args, manifest, state, redis_url, vars, wait_for_channels, &[]).unwrap_or_else(|why| panic!("{why}"))
+}
+
 /// A runtime config in `dir` that puts the key-value store (the record cache)
 /// on the Redis at `url`, as a deployment of several processes shares it; its
 /// path.

@@ -162,7 +162,8 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
             .filter(|h| !careful && h.resume.is_none() && batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size))
             .cloned()
             .collect();
-        let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, h)));
+        let share = d.byte_share();
+        let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, h, share)));
         let ((), next) = futures::future::join(d.finish_round(&batches), next).await;
         // A shard that left in this round (failed, fenced) leaves its read-ahead in
         // the stream's pending list, for the next holder.
@@ -322,7 +323,8 @@ impl Drain<'_> {
     async fn read(&mut self, mut prefetched: HashMap<u32, Result<Read, Problem>>) -> Vec<Batch> {
         let s = self.s;
         let fresh: Vec<Held> = self.held.iter().filter(|h| !prefetched.contains_key(&h.shard)).cloned().collect();
-        let reads = futures::future::join_all(fresh.iter().map(|h| read_batch(s, h))).await;
+        let share = self.byte_share();
+        let reads = futures::future::join_all(fresh.iter().map(|h| read_batch(s, h, share))).await;
         prefetched.extend(fresh.iter().map(|h| h.shard).zip(reads));
         let mut batches = Vec::new();
         for mut h in std::mem::take(&mut self.held) {
@@ -352,6 +354,12 @@ impl Drain<'_> {
             }
         }
         batches
+    }
+
+    /// Each held shard's share of `round_bytes`: the most payload bytes its
+    /// next batch reads (it reads one write whatever its size).
+    fn byte_share(&self) -> usize {
+        (self.s.round_bytes / self.held.len().max(1)).max(1)
     }
 
     /// The doorbell handshake for a shard found empty: the first time its flag
@@ -540,10 +548,11 @@ async fn acquire(s: &Settings, shard: u32, end_backoff: bool) -> Result<Option<H
     Ok(Lease::acquire(s, shard, end_backoff).await?.map(|lease| Held { lease, cleared: false, resume: Some("0".into()), attempt: 0 }))
 }
 
-/// The next batch of a held shard (renewing its lease).
-async fn read_batch(s: &Settings, h: &Held) -> Result<Read, Problem> {
+/// The next batch of a held shard (renewing its lease), of at most `bytes` of
+/// payload (at least one write).
+async fn read_batch(s: &Settings, h: &Held, bytes: usize) -> Result<Read, Problem> {
     let started = spillway_spin::monotonic_ms();
-    let BatchRead::Batch { prune_before_ms, cursor, entries: read } = h.lease.read_batch(s, h.resume.as_deref()).await? else {
+    let BatchRead::Batch { prune_before_ms, cursor, entries: read } = h.lease.read_batch(s, h.resume.as_deref(), bytes).await? else {
         return Ok(Read::Lost);
     };
     let mut entries = Vec::with_capacity(read.len());

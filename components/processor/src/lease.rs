@@ -134,9 +134,10 @@ impl Lease {
     /// Renews the lease and reads the shard's next batch (from `resume` while a
     /// previous holder's pending entries are resumed); [`BatchRead::Lost`] when
     /// the lease is someone else's now.
-    pub(crate) async fn read_batch(&self, s: &Settings, resume: Option<&str>) -> Result<BatchRead, Problem> {
+    pub(crate) async fn read_batch(&self, s: &Settings, resume: Option<&str>, bytes: usize) -> Result<BatchRead, Problem> {
         let limits = BatchLimits {
             count: s.batch_size,
+            bytes,
             max_attempts: s.max_attempts,
             lease_ttl_ms: s.lease_ttl_ms,
             retention_ms: s.status_retention_secs.saturating_mul(1000),

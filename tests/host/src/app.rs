@@ -146,6 +146,37 @@ pub(crate) struct ComponentCaps {
     pub(crate) output: Option<Arc<Mutex<Vec<u8>>>>,
     /// Each instance's memory limit, in bytes (the hosted platform's), if any.
     pub(crate) memory_limit: Option<usize>,
+    /// The most any instance has used, and the longest request.
+    pub(crate) peaks: Peaks,
+}
+
+/// The most a component's instances have used so far (see [`App::peaks`]).
+#[derive(Default)]
+pub(crate) struct Peaks {
+    /// The largest linear memory of any instance, in bytes.
+    pub(crate) memory: std::sync::atomic::AtomicUsize,
+    /// The longest HTTP request, in microseconds.
+    pub(crate) request_us: std::sync::atomic::AtomicU64,
+    /// Requests cut off at the platform's limit.
+    pub(crate) cut_off: std::sync::atomic::AtomicU64,
+    /// Memory growths refused at the platform's limit.
+    pub(crate) memory_refused: std::sync::atomic::AtomicU64,
+}
+
+/// The most one component's instances have used so far: what tests compare
+/// with the hosted platform's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peak {
+    /// The largest linear memory any one instance grew to, in bytes.
+    pub memory_bytes: usize,
+    /// The longest HTTP request it served (zero for none; one cut off counts
+    /// as the limit).
+    pub longest_request: Duration,
+    /// Requests cut off at the platform's time limit (answered 504).
+    pub cut_off: u64,
+    /// Times an instance was refused memory at the platform's limit (the
+    /// guest then fails, usually trapping).
+    pub memory_refused: u64,
 }
 
 /// A compiled component with its capabilities.
@@ -289,6 +320,7 @@ impl App {
                 environment: c.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 output: output.clone(),
                 memory_limit: opts.hosted.map(|h| h.memory_limit),
+                peaks: Peaks::default(),
             });
             let path = manifest.source_path(id, &dir).with_context(ctx)?;
             if !path.exists() {
@@ -404,6 +436,25 @@ impl App {
     /// Lines `spin up` prints on stderr before serving (default store locations).
     pub fn notices(&self) -> &[String] {
         &self.notices
+    }
+
+    /// The most each component's instances have used so far: the largest
+    /// instance memory and the longest request.
+    pub fn peaks(&self) -> BTreeMap<String, Peak> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.components
+            .iter()
+            .map(|(id, c)| {
+                let p = &c.caps.peaks;
+                let peak = Peak {
+                    memory_bytes: p.memory.load(Relaxed),
+                    longest_request: Duration::from_micros(p.request_us.load(Relaxed)),
+                    cut_off: p.cut_off.load(Relaxed),
+                    memory_refused: p.memory_refused.load(Relaxed),
+                };
+                (id.clone(), peak)
+            })
+            .collect()
     }
 
     /// Ids of the loaded components.

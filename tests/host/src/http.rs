@@ -207,6 +207,7 @@ pub(crate) struct HttpComponent {
     /// How long a request may take before it is cut off (the hosted
     /// platform's limit), if at all.
     limit: Option<std::time::Duration>,
+    caps: Arc<crate::app::ComponentCaps>,
 }
 
 impl HttpComponent {
@@ -214,6 +215,8 @@ impl HttpComponent {
     /// handler is an empty 500 (the error is logged), one past the request
     /// limit an empty 504.
     async fn call(&self, req: http::Request<WasiBody>) -> http::Response<WasiBody> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let started = std::time::Instant::now();
         let handled = self.handler.handle((), req);
         let result = match self.limit {
             None => handled.await,
@@ -221,10 +224,13 @@ impl HttpComponent {
                 Ok(r) => r,
                 Err(_) => {
                     eprintln!("Request cut off: it ran past the platform's limit of {limit:?}");
+                    self.caps.peaks.cut_off.fetch_add(1, Relaxed);
+                    self.caps.peaks.request_us.fetch_max(u64::try_from(limit.as_micros()).unwrap_or(u64::MAX), Relaxed);
                     return empty(http::StatusCode::GATEWAY_TIMEOUT);
                 }
             },
         };
+        self.caps.peaks.request_us.fetch_max(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Relaxed);
         match result {
             Ok(r) => r,
             Err(e) => {
@@ -288,6 +294,7 @@ impl HttpComponent {
             .context("its imports cannot be satisfied")?;
         let pre = ServicePre::new(pre).map_err(anyhow::Error::from).context("it does not export wasi:http/handler@0.3.0")?;
         Ok(Self {
+            caps: loaded.caps.clone(),
             handler: ProxyHandler::new(HttpHandler { pre, loaded, reuse }),
             limit,
         })
@@ -307,10 +314,9 @@ impl HandlerState for HttpHandler {
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<StoreData, IdleExpiration, HttpWorker>> {
         let mut store = crate::engine::new_store(StoreData::new(self.loaded.caps.clone()));
-        // A memory limit (the hosted platform's): growth beyond it fails.
-        if self.loaded.caps.memory_limit.is_some() {
-            store.limiter(|data| &mut data.limits);
-        }
+        // A memory limit (the hosted platform's): growth beyond it fails. Every
+        // instance's growth is watched, for the component's peak.
+        store.limiter(|data| &mut data.limits);
         let service = self.pre.instantiate_async(&mut store).await?;
         Ok(Instance {
             store,

@@ -35,6 +35,6 @@ mod state;
 pub mod template;
 pub mod up;
 
-pub use app::{App, AppOptions, Hosted, InstanceReuse};
+pub use app::{App, AppOptions, Hosted, InstanceReuse, Peak};
 pub use http::FullResponse;
 pub use state::StoreData;

@@ -24,8 +24,9 @@ pub struct StoreData {
     /// This instance's number, unique in the process (the hosted platform's
     /// key-value store tells requests apart by it).
     pub(crate) instance: u64,
-    /// The instance's memory limit (the hosted platform's 128 MiB), if any.
-    pub(crate) limits: wasmtime::StoreLimits,
+    /// The instance's memory limit (the hosted platform's 128 MiB), if any,
+    /// and its component's peak.
+    pub(crate) limits: Limits,
 }
 
 impl StoreData {
@@ -38,19 +39,47 @@ impl StoreData {
             wasi.env(k, v);
         }
         static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let limits = match caps.memory_limit {
-            Some(bytes) => wasmtime::StoreLimitsBuilder::new().memory_size(bytes).build(),
-            None => wasmtime::StoreLimits::default(),
-        };
         Self {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: OutboundHttp { caps: caps.clone() },
+            limits: Limits { total: 0, caps: caps.clone() },
             caps,
             instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            limits,
         }
+    }
+}
+
+/// An instance's resource limits: its memory, all its linear memories together
+/// (a composed component has one per part), within the hosted platform's limit
+/// if any; it keeps its component's largest total, and says so when growth is
+/// refused.
+pub(crate) struct Limits {
+    /// The instance's linear memories together, in bytes (they never shrink).
+    total: usize,
+    caps: Arc<ComponentCaps>,
+}
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let total = self.total - current.min(self.total) + desired;
+        if let Some(limit) = self.caps.memory_limit.filter(|l| total > *l) {
+            self.caps.peaks.memory_refused.fetch_add(1, Relaxed);
+            eprintln!(
+                "Instance of component {:?} refused memory: it asked for {total} bytes in all; the platform's limit is {limit} bytes",
+                self.caps.id
+            );
+            return Ok(false);
+        }
+        self.total = total;
+        self.caps.peaks.memory.fetch_max(total, Relaxed);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, _desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(true)
     }
 }
 
