@@ -8,49 +8,60 @@ use crate::spillway::{ADMIN, Spillway};
 /// 1,000 rounds of "increment a hot key, wait until its status says applied with
 /// version v, read the record" while 8 readers keep reading it and another client
 /// keeps dropping its cache entry (so reads race cache fills against the
-/// processor's refresh): every read after `applied` returns v or newer.
+/// processor's refresh): every read after `applied` returns v or newer. The
+/// rounds run on [`LANES`] hot keys at once, each with its own readers and
+/// dropper.
 async fn read_your_writes(s: Spillway) {
     let seen = ryw_rounds(s, 1000, true).await;
     assert!(seen.stale.is_empty(), "reads older than an applied write: {:?}", seen.stale);
 }
 
+/// Hot keys whose rounds run side by side (a key's rounds run one after
+/// another).
+const LANES: u64 = 4;
+
 /// What [`ryw_rounds`] saw.
+#[derive(Default)]
 struct Seen {
-    /// `(round, version applied, version read)` of each stale read.
-    stale: Vec<(u64, u64, serde_json::Value)>,
-    /// Rounds whose write was not applied (dead-lettered).
+    /// `(key, round, version applied, version read)` of each stale read.
+    stale: Vec<(String, u64, u64, serde_json::Value)>,
+    /// Writes that ended other than `applied` (counted when not strict).
     not_applied: usize,
-    /// Cache drops the store refused.
+    /// Cache drops refused (counted when not strict).
     refused_drops: usize,
 }
 
-/// `rounds` rounds of the read-your-writes run; `strict`: every request must
-/// succeed and every write be applied (else what failed is counted).
+/// `rounds` rounds of the read-your-writes run, spread over [`LANES`] hot
+/// keys; `strict`: every request must succeed and every write be applied (else
+/// what failed is counted).
 async fn ryw_rounds(s: Spillway, rounds: u64, strict: bool) -> Seen {
     let s = Arc::new(s);
-    let (code, v) = s.write(json!({"key": "hot", "op": "put", "value": {"n": 0}})).await;
-    assert_eq!(code, 202, "{v}");
-    s.settled(v["id"].as_str().unwrap()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
-    let mut background = Vec::new();
-    for _ in 0..8 {
-        let (s, stop, reads) = (s.clone(), stop.clone(), reads.clone());
-        background.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let (code, _, rec) = s.call("GET", "/v1/records/hot", None, &[]).await;
-                assert_eq!(code, 200, "{rec}");
-                reads.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-        }));
+    let keys: Vec<String> = (0..LANES.min(rounds)).map(|i| format!("hot-{i}")).collect();
+    for key in &keys {
+        let (code, v) = s.write(json!({"key": key, "op": "put", "value": {"n": 0}})).await;
+        assert_eq!(code, 202, "{v}");
+        s.settled(v["id"].as_str().unwrap()).await;
     }
-    {
-        let (s, stop, refused) = (s.clone(), stop.clone(), refused.clone());
+    let mut background = Vec::new();
+    for key in &keys {
+        for _ in 0..8 / keys.len() {
+            let (s, stop, reads, key) = (s.clone(), stop.clone(), reads.clone(), key.clone());
+            background.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let (code, _, rec) = s.call("GET", &format!("/v1/records/{key}"), None, &[]).await;
+                    assert_eq!(code, 200, "{rec}");
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            }));
+        }
+        let (s, stop, refused, key) = (s.clone(), stop.clone(), refused.clone(), key.clone());
         background.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let (code, _, p) = s.admin("DELETE", "/v1/cache/hot", None).await;
+                let (code, _, p) = s.admin("DELETE", &format!("/v1/cache/{key}"), None).await;
                 if code != 204 {
                     assert!(!strict, "{code} {p}");
                     refused.fetch_add(1, Ordering::Relaxed);
@@ -60,30 +71,42 @@ async fn ryw_rounds(s: Spillway, rounds: u64, strict: bool) -> Seen {
             }
         }));
     }
-    let mut seen = Seen { stale: Vec::new(), not_applied: 0, refused_drops: 0 };
-    let mut version = 1;
-    for round in 1..=rounds {
-        let (code, v) = s.write(json!({"key": "hot", "op": "incr", "field": "n"})).await;
-        assert_eq!(code, 202, "{v}");
-        let st = loop {
-            // Answered as soon as the write leaves `pending`.
-            let (_, _, st) = s.call("GET", &format!("/v1/writes/{}?wait=5", v["id"].as_str().unwrap()), None, &[]).await;
-            if st["status"] != "pending" {
-                break st;
+    let lanes = keys.iter().enumerate().map(|(i, key)| {
+        let s = s.clone();
+        let mine = (0..rounds).filter(|r| r % keys.len() as u64 == i as u64).count() as u64;
+        async move {
+            let mut seen = Seen::default();
+            let mut version = 1;
+            for round in 1..=mine {
+                let (code, v) = s.write(json!({"key": key, "op": "incr", "field": "n"})).await;
+                assert_eq!(code, 202, "{v}");
+                let st = loop {
+                    // Answered as soon as the write leaves `pending`.
+                    let (_, _, st) = s.call("GET", &format!("/v1/writes/{}?wait=5", v["id"].as_str().unwrap()), None, &[]).await;
+                    if st["status"] != "pending" {
+                        break st;
+                    }
+                };
+                if st["status"] != "applied" {
+                    assert!(!strict, "{st}");
+                    seen.not_applied += 1;
+                    continue;
+                }
+                version += 1;
+                assert_eq!(st["version"].as_u64(), Some(version), "{st}");
+                let (code, _, rec) = s.call("GET", &format!("/v1/records/{key}"), None, &[]).await;
+                assert_eq!(code, 200, "{rec}");
+                if rec["version"].as_u64().unwrap() < version {
+                    seen.stale.push((key.clone(), round, version, rec["version"].clone()));
+                }
             }
-        };
-        if st["status"] != "applied" {
-            assert!(!strict, "{st}");
-            seen.not_applied += 1;
-            continue;
+            seen
         }
-        version += 1;
-        assert_eq!(st["version"].as_u64(), Some(version), "{st}");
-        let (code, _, rec) = s.call("GET", "/v1/records/hot", None, &[]).await;
-        assert_eq!(code, 200, "{rec}");
-        if rec["version"].as_u64().unwrap() < version {
-            seen.stale.push((round, version, rec["version"].clone()));
-        }
+    });
+    let mut seen = Seen::default();
+    for lane in futures::future::join_all(lanes).await {
+        seen.stale.extend(lane.stale);
+        seen.not_applied += lane.not_applied;
     }
     stop.store(true, Ordering::Relaxed);
     for b in background {
@@ -91,7 +114,8 @@ async fn ryw_rounds(s: Spillway, rounds: u64, strict: bool) -> Seen {
     }
     seen.refused_drops = refused.load(Ordering::Relaxed) as usize;
     eprintln!(
-        "read-your-writes: {rounds} rounds, {} concurrent reads, {} stale, {} writes not applied, {} cache drops refused",
+        "read-your-writes: {rounds} rounds on {} keys, {} concurrent reads, {} stale, {} writes not applied, {} cache drops refused",
+        keys.len(),
         reads.load(Ordering::Relaxed),
         seen.stale.len(),
         seen.not_applied,
