@@ -198,6 +198,12 @@ impl Problem {
         Self::outcome_unknown(&cause, keyed)
     }
 
+    /// Whether Redis refused a change at its memory limit (nothing of it was
+    /// stored).
+    pub fn is_redis_full(&self) -> bool {
+        self.code() == "redis-full"
+    }
+
     /// Whether the problem is a backend refusing Spillway's credentials.
     pub fn is_credentials_refused(&self) -> bool {
         self.code() == "credentials-refused"

@@ -282,20 +282,21 @@ local function read(from)
   if not r then return {} end
   return r[1][2]
 end
-local function fitting(list)
-  if budget <= 0 then return #list end
-  local bytes, n = 0, 0
-  for _, e in ipairs(list) do
-    if e[2] then bytes = bytes + #e[2][2] end
-    if n > 0 and bytes > budget then break end
-    n = n + 1
-  end
-  return n
-end
+local has_marker = redis.call('EXISTS', KEYS[5]) == 1
 local entries = {}
 if ARGV[8] ~= '' then
   entries = read(ARGV[8])
-  for i = #entries, fitting(entries) + 1, -1 do entries[i] = nil end
+  -- A careful round's batch (its marker set) is read whole: the marker names
+  -- writes of it, and the next careful round's start drops the marker.
+  if budget > 0 and not has_marker then
+    local bytes, n = 0, 0
+    for _, e in ipairs(entries) do
+      if e[2] then bytes = bytes + #e[2][2] end
+      if n > 0 and bytes > budget then break end
+      n = n + 1
+    end
+    for i = #entries, n + 1, -1 do entries[i] = nil end
+  end
 end
 local redelivered = #entries > 0
 local cursor = ''
@@ -304,19 +305,32 @@ if redelivered then
 else
   redis.call('DEL', KEYS[5])
   if budget > 0 then
-    local last = '0-0'
+    local from = '0-0'
     for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
       local name, id
       for i = 1, #g, 2 do
         if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then id = g[i + 1] end
       end
-      if name == ARGV[2] then last = id end
+      if name == ARGV[2] then from = id end
     end
-    count = math.max(1, fitting(redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', count)))
+    -- Measured in small chunks: large entries stop the look early.
+    local bytes, n = 0, 0
+    while n < count do
+      local want = math.min(64, count - n)
+      local chunk = redis.call('XRANGE', KEYS[2], '(' .. from, '+', 'COUNT', want)
+      for _, e in ipairs(chunk) do
+        bytes = bytes + #e[2][2]
+        if n > 0 and bytes > budget then want = -1 break end
+        n = n + 1
+      end
+      if #chunk < want or want < 0 then break end
+      from = chunk[#chunk][1]
+    end
+    count = math.max(1, n)
   end
   entries = read('>')
 end
-local marked = redelivered and redis.call('EXISTS', KEYS[5]) == 1
+local marked = redelivered and has_marker
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {'ok', 0, cursor}

@@ -461,7 +461,20 @@ async fn redis_busy_with_a_long_script_refuses_and_loses_nothing() {
 /// applied, and intake accepts again.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_at_maxmemory_refuses_writes_and_the_processor_still_drains_it() {
-    let s = Spillway::builder().start().await;
+    redis_at_maxmemory(&[]).await;
+}
+
+/// The same with the record cache in that Redis (`cache_store=redis`): a
+/// round's cache refresh is refused too, and its entries are dropped instead
+/// (before, the round failed and was redelivered for as long as Redis stayed
+/// full, and the queue never shrank).
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_at_maxmemory_with_the_cache_in_it_still_drains() {
+    redis_at_maxmemory(&[("cache_store", "redis")]).await;
+}
+
+async fn redis_at_maxmemory(vars: &[(&str, &str)]) {
+    let s = Spillway::builder().vars(vars).start().await;
     let mut c = s.redis.conn();
     // Warm: the scripts loaded, the connections open with their buffers
     // grown, then the queue applied, so that what is measured next is what

@@ -118,7 +118,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         failed: HashSet::new(),
         failures: Vec::new(),
         stats,
-        share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new() },
+        share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new(), shrunk: false },
     };
     let mut scanned_at = 0;
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
@@ -206,6 +206,9 @@ struct Share {
     read_at: Option<u64>,
     /// Claimable shards left to others, and when first seen so.
     passed_over: HashMap<u32, u64>,
+    /// The share went down when the nodes were last counted: the excess is
+    /// shed once (not a shard taken beyond the share later, see [`Drain::shed`]).
+    shrunk: bool,
 }
 
 impl Drain<'_> {
@@ -221,7 +224,11 @@ impl Drain<'_> {
         self.share.read_at = Some(now);
         let call = Call::nodes_seen(&self.s.layout, Some(name), self.s.lease_ttl_ms.saturating_mul(3));
         match Redis::for_shard(self.s, 0).call(&call).await.and_then(|r| reply::nodes_seen(&spillway_spin::redis::values(&r)).map_err(spillway_spin::redis::malformed)) {
-            Ok(nodes) => self.share.of = (self.s.layout.shards as usize).div_ceil(nodes.len().max(1)),
+            Ok(nodes) => {
+                let of = (self.s.layout.shards as usize).div_ceil(nodes.len().max(1));
+                self.share.shrunk |= of < self.share.of;
+                self.share.of = of;
+            }
             Err(p) => spillway_spin::log_ignored("counting the nodes that drain", Err::<(), _>(p)),
         }
     }
@@ -244,9 +251,12 @@ impl Drain<'_> {
     /// excess back, released with a retry and rung, for the other nodes to
     /// take (every node's trigger hears the ring; this one's is busy with this
     /// drain). It takes them back itself only if they stay claimable (see
-    /// [`Share`]).
+    /// [`Share`]). Only when the share has just gone down: a shard taken
+    /// beyond it later (left claimable too long: a node gone, or busy) is
+    /// kept, or it would be shed and taken back, a fresh tenure each time,
+    /// until that node is forgotten.
     async fn shed(&mut self) {
-        if self.held.len() <= self.share.of {
+        if !std::mem::take(&mut self.share.shrunk) || self.held.len() <= self.share.of {
             return;
         }
         let excess = self.held.split_off(self.share.of);

@@ -88,9 +88,13 @@ impl Lease {
             // The lease expires of itself: its mirror too.
             return;
         }
-        // The mirror follows the watch: gone, or expiring as the retry.
-        if self.mirrored_at.get().is_some() {
-            mirror(s, self.shard, Mirrored::Lease, (retry_ms > 0).then_some(retry_ms)).await;
+        // The mirror follows the watch when it expires as the retry. When
+        // done, the mirror is left to expire: deleting it could delete the
+        // next holder's (its lease taken between our release and the delete,
+        // on another server), and an expiry of a shard that is not held, or
+        // held anew, only has it looked at again.
+        if self.mirrored_at.get().is_some() && retry_ms > 0 {
+            mirror(s, self.shard, Mirrored::Lease, Some(retry_ms)).await;
         }
     }
 

@@ -238,9 +238,24 @@ impl CacheWriter {
             Self::Redis => {
                 let set_keys: Vec<&str> = sets.iter().map(|(k, _)| k.as_str()).collect();
                 let del_keys: Vec<&str> = deletes.iter().map(String::as_str).collect();
+                // A server at its memory limit (noeviction) refuses the
+                // `MSET`: the entries are deleted instead (an invalidation is
+                // always safe, and frees memory), or the round would fail and
+                // be redelivered for as long as Redis stays full, and the queue
+                // it holds would never shrink.
                 let set_calls = by_slot_group(s, &set_keys).into_iter().map(|(address, at)| {
-                    let args = at.iter().flat_map(|i| [bin(&s.layout.cached(&sets[*i].0)), RedisParameter::Binary(sets[*i].1.clone())]).collect();
-                    async move { Redis::new(address).execute("MSET", args).await }
+                    let keys: Vec<String> = at.iter().map(|i| s.layout.cached(&sets[*i].0)).collect();
+                    let args = at.iter().zip(&keys).flat_map(|(i, k)| [bin(k), RedisParameter::Binary(sets[*i].1.clone())]).collect();
+                    async move {
+                        let redis = Redis::new(address);
+                        match redis.execute("MSET", args).await {
+                            Err(p) if p.is_redis_full() => {
+                                crate::log_ignored("refreshing the cache (Redis is full: the entries are dropped instead)", Err::<(), _>(p));
+                                redis.execute("DEL", keys.iter().map(|k| bin(k)).collect()).await
+                            }
+                            done => done,
+                        }
+                    }
                 });
                 let del_calls = by_slot_group(s, &del_keys).into_iter().map(|(address, at)| {
                     let args = at.iter().map(|i| bin(&s.layout.cached(del_keys[*i]))).collect();
