@@ -1,5 +1,5 @@
 use serde_json::{Value, json};
-use spillway_testhost::{App, InstanceReuse};
+use spillway_testhost::{App, Hosted, InstanceReuse};
 
 use crate::support::{TestApp, get, probe};
 
@@ -87,6 +87,37 @@ async fn a_trap_is_a_500_and_serving_goes_on() {
     assert_eq!(res.status(), 500);
     assert!(res.body().is_empty());
     assert_eq!(seen(&app, "/x").await["method"], "GET");
+}
+
+/// The hosted platform's limits as the host emulates them (here 300 ms and
+/// 32 MiB): a request whose response is not begun in time is cut off (`504`)
+/// and its instance stopped, not left running; an instance that asks for more
+/// memory than the limit, all its linear memories together, is refused it (the
+/// guest fails: `500`). The component's peaks count both and stay within the
+/// limits.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hosted_platforms_time_and_memory_limits_hold() {
+    let t = TestApp::write(ROUTES, &[]);
+    let mut opts = t.options();
+    let limits = Hosted { request_limit: std::time::Duration::from_millis(300), memory_limit: 32 << 20, ..Hosted::AKAMAI_FUNCTIONS };
+    opts.hosted = Some(limits);
+    let app = App::load(&opts).unwrap();
+    let post = async |cmd: Value| {
+        let req = http::Request::post("http://127.0.0.1:3000/x").body(bytes::Bytes::from(cmd.to_string())).unwrap();
+        app.handle(req).await.unwrap().status().as_u16()
+    };
+    assert_eq!(post(json!({"op": "alloc", "mib": 4})).await, 200, "within the limits");
+    let within = app.peaks()["all"];
+    assert!(within.memory_bytes >= 4 << 20 && within.memory_bytes < limits.memory_limit, "{within:?}");
+    assert_eq!((within.cut_off, within.memory_refused), (0, 0), "{within:?}");
+    assert_eq!(post(json!({"op": "busy", "ms": 3000})).await, 504, "cut off at the time limit");
+    // The instance is stopped at the limit, not left to run its 3 s.
+    crate::support::eventually("the cut-off instance is gone", std::time::Duration::from_secs(10), async || app.peaks()["all"].longest_instance >= limits.request_limit).await;
+    let cut = app.peaks()["all"];
+    assert!(cut.cut_off >= 1 && cut.longest_instance < std::time::Duration::from_millis(1500), "{cut:?}");
+    assert_eq!(post(json!({"op": "alloc", "mib": 64})).await, 500, "refused the memory");
+    let refused = app.peaks()["all"];
+    assert!(refused.memory_refused >= 1 && refused.memory_bytes <= limits.memory_limit, "{refused:?}");
 }
 
 async fn counters(reuse: InstanceReuse) -> Vec<u64> {

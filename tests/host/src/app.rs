@@ -157,7 +157,10 @@ pub(crate) struct Peaks {
     pub(crate) memory: std::sync::atomic::AtomicUsize,
     /// The longest HTTP request, in microseconds.
     pub(crate) request_us: std::sync::atomic::AtomicU64,
-    /// Requests cut off at the platform's limit.
+    /// The longest life of an instance under the platform's time limit, in
+    /// microseconds.
+    pub(crate) instance_us: std::sync::atomic::AtomicU64,
+    /// Requests and instances cut off at the platform's limit.
     pub(crate) cut_off: std::sync::atomic::AtomicU64,
     /// Memory growths refused at the platform's limit.
     pub(crate) memory_refused: std::sync::atomic::AtomicU64,
@@ -172,7 +175,12 @@ pub struct Peak {
     /// The longest HTTP request it served (zero for none; one cut off counts
     /// as the limit).
     pub longest_request: Duration,
-    /// Requests cut off at the platform's time limit (answered 504).
+    /// Under the platform's time limit (a fresh instance per request): the
+    /// longest an instance lived, its request and the work after its
+    /// response together (zero without the limit).
+    pub longest_instance: Duration,
+    /// Requests cut off at the platform's time limit (answered 504), and
+    /// instances stopped there (work after the response included).
     pub cut_off: u64,
     /// Times an instance was refused memory at the platform's limit (the
     /// guest then fails, usually trapping).
@@ -449,6 +457,7 @@ impl App {
                 let peak = Peak {
                     memory_bytes: p.memory.load(Relaxed),
                     longest_request: Duration::from_micros(p.request_us.load(Relaxed)),
+                    longest_instance: Duration::from_micros(p.instance_us.load(Relaxed)),
                     cut_off: p.cut_off.load(Relaxed),
                     memory_refused: p.memory_refused.load(Relaxed),
                 };

@@ -81,7 +81,7 @@ pub fn engine() -> &'static Engine {
 }
 
 /// Spin's epoch tick (`DEFAULT_EPOCH_TICK_INTERVAL`).
-const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// A store on the engine, with the epoch deadline Spin gives every store (far
 /// enough that no request reaches it; Spin's request timeouts are timers).

@@ -295,7 +295,7 @@ impl HttpComponent {
         let pre = ServicePre::new(pre).map_err(anyhow::Error::from).context("it does not export wasi:http/handler@0.3.0")?;
         Ok(Self {
             caps: loaded.caps.clone(),
-            handler: ProxyHandler::new(HttpHandler { pre, loaded, reuse }),
+            handler: ProxyHandler::new(HttpHandler { pre, loaded, reuse, limit }),
             limit,
         })
     }
@@ -305,6 +305,8 @@ struct HttpHandler {
     pre: ServicePre<StoreData>,
     loaded: Arc<LoadedComponent>,
     reuse: InstanceReuse,
+    /// The platform's time limit, if any (see [`HttpComponent`]).
+    limit: Option<std::time::Duration>,
 }
 
 impl HandlerState for HttpHandler {
@@ -317,6 +319,24 @@ impl HandlerState for HttpHandler {
         // A memory limit (the hosted platform's): growth beyond it fails. Every
         // instance's growth is watched, for the component's peak.
         store.limiter(|data| &mut data.limits);
+        // The platform's time limit also ends the instance (a fresh one per
+        // request there): the guest traps the first time it runs once the
+        // limit has passed, work after its response included.
+        if let Some(limit) = self.limit {
+            let born = std::time::Instant::now();
+            store.data_mut().born = Some(born);
+            let caps = self.loaded.caps.clone();
+            let ticks = |left: std::time::Duration| (left.as_millis() / crate::engine::EPOCH_TICK.as_millis()).max(1) as u64;
+            store.set_epoch_deadline(ticks(limit));
+            store.epoch_deadline_callback(move |_| match limit.checked_sub(born.elapsed()) {
+                Some(left) if !left.is_zero() => Ok(wasmtime::UpdateDeadline::Continue(ticks(left))),
+                _ => {
+                    caps.peaks.cut_off.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    eprintln!("Instance cut off: component {:?} ran past the platform's limit of {limit:?}", caps.id);
+                    Ok(wasmtime::UpdateDeadline::Interrupt)
+                }
+            });
+        }
         let service = self.pre.instantiate_async(&mut store).await?;
         Ok(Instance {
             store,

@@ -27,6 +27,18 @@ pub struct StoreData {
     /// The instance's memory limit (the hosted platform's 128 MiB), if any,
     /// and its component's peak.
     pub(crate) limits: Limits,
+    /// When the instance was made, under the platform's time limit (see
+    /// `Peak::longest_instance`).
+    pub(crate) born: Option<std::time::Instant>,
+}
+
+impl Drop for StoreData {
+    fn drop(&mut self) {
+        if let Some(born) = self.born {
+            let us = u64::try_from(born.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.caps.peaks.instance_us.fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl StoreData {
@@ -45,6 +57,7 @@ impl StoreData {
             http: WasiHttpCtx::new(),
             hooks: OutboundHttp { caps: caps.clone() },
             limits: Limits { total: 0, caps: caps.clone() },
+            born: None,
             caps,
             instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
