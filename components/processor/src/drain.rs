@@ -171,6 +171,14 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
     }
 }
 
+/// The nodes seen draining within three lease TTLs, and how long ago each
+/// (ms); `name`, if given, says this node is alive first.
+pub(crate) async fn nodes_seen(s: &Settings, name: Option<&str>) -> Result<Vec<(String, u64)>, Problem> {
+    let call = Call::nodes_seen(&s.layout, name, s.lease_ttl_ms.saturating_mul(3));
+    let reply = Redis::for_shard(s, 0).call(&call).await?;
+    reply::nodes_seen(&spillway_spin::redis::values(&reply)).map_err(spillway_spin::redis::malformed)
+}
+
 /// One invocation's drain: the shards it holds and wants, and what failed.
 struct Drain<'a> {
     s: &'a Settings,
@@ -222,8 +230,7 @@ impl Drain<'_> {
             return;
         }
         self.share.read_at = Some(now);
-        let call = Call::nodes_seen(&self.s.layout, Some(name), self.s.lease_ttl_ms.saturating_mul(3));
-        match Redis::for_shard(self.s, 0).call(&call).await.and_then(|r| reply::nodes_seen(&spillway_spin::redis::values(&r)).map_err(spillway_spin::redis::malformed)) {
+        match nodes_seen(self.s, Some(name)).await {
             Ok(nodes) => {
                 let of = (self.s.layout.shards as usize).div_ceil(nodes.len().max(1));
                 self.share.shrunk |= of < self.share.of;
@@ -239,12 +246,21 @@ impl Drain<'_> {
     /// retry: should the ring be lost, the shard's watch expires one lease TTL
     /// from now and resumes it.
     async fn hand_on(&mut self) {
-        for h in self.held.drain(..) {
-            h.lease.release(self.s, Then::Retry).await;
-            self.stats.handed_on.push(h.shard);
-        }
+        let held = std::mem::take(&mut self.held);
+        let shards = self.let_go(held).await;
+        self.stats.handed_on.extend(shards);
         eprintln!("{}", serde_json::json!({"event": "handed_on", "shards": self.stats.handed_on, "budget_secs": self.s.drain_budget_secs}));
-        spillway_spin::ring(self.s, &self.stats.handed_on).await;
+    }
+
+    /// Releases `leases` with a retry and rings their shards, for another
+    /// invocation (or node) to take; their shards.
+    async fn let_go(&self, leases: Vec<Held>) -> Vec<u32> {
+        let shards: Vec<u32> = leases.iter().map(|h| h.shard).collect();
+        for h in leases {
+            h.lease.release(self.s, Then::Retry).await;
+        }
+        spillway_spin::ring(self.s, &shards).await;
+        shards
     }
 
     /// Over its share (more nodes seen since it took its shards): hands the
@@ -260,14 +276,10 @@ impl Drain<'_> {
             return;
         }
         let excess = self.held.split_off(self.share.of);
-        let shards: Vec<u32> = excess.iter().map(|h| h.shard).collect();
+        let shards = self.let_go(excess).await;
         let now = spillway_spin::monotonic_ms();
-        for h in excess {
-            h.lease.release(self.s, Then::Retry).await;
-            self.share.passed_over.insert(h.shard, now);
-        }
+        self.share.passed_over.extend(shards.iter().map(|shard| (*shard, now)));
         eprintln!("{}", serde_json::json!({"event": "shards_shed", "shards": shards, "share": self.share.of, "node": self.s.node_name}));
-        spillway_spin::ring(self.s, &shards).await;
     }
 
     /// Looks for shards with queued writes and no holder: those within the

@@ -125,8 +125,7 @@ async fn snapshot(s: &Settings) -> Snapshot {
     for h in spillway_spin::hazards::check_servers(s).await {
         note(h);
     }
-    let seen = Redis::for_shard(s, 0).call(&Call::nodes_seen(&s.layout, None, s.lease_ttl_ms.saturating_mul(3))).await;
-    let nodes = seen.and_then(|r| spillway_core::reply::nodes_seen(&spillway_spin::redis::values(&r)).map_err(spillway_spin::redis::malformed)).unwrap_or_else(|p| {
+    let nodes = crate::drain::nodes_seen(s, None).await.unwrap_or_else(|p| {
         note(p.detail);
         Vec::new()
     });

@@ -48,23 +48,20 @@ pub async fn ensure(redis: &Redis) {
 /// `redis_cluster`, every master of the cluster); the warnings of all, each
 /// once, a cluster node's naming it.
 pub async fn check_all(s: &spillway_core::settings::Settings) -> Vec<String> {
-    let mut all: Vec<String> = Vec::new();
-    for (address, node) in servers(s).await {
-        for w in check_and_log(s, &Redis::new(&address)).await {
-            let w = labelled(node.as_deref(), w);
-            if !all.contains(&w) {
-                all.push(w);
-            }
-        }
-    }
-    all
+    on_servers(s, true).await
 }
 
 /// [`check`] on the same servers as [`check_all`], without logging.
 pub async fn check_servers(s: &spillway_core::settings::Settings) -> Vec<String> {
+    on_servers(s, false).await
+}
+
+async fn on_servers(s: &spillway_core::settings::Settings, log: bool) -> Vec<String> {
     let mut all: Vec<String> = Vec::new();
     for (address, node) in servers(s).await {
-        for w in check(&Redis::new(&address)).await {
+        let redis = Redis::new(&address);
+        let found = if log { check_and_log(s, &redis).await } else { check(&redis).await };
+        for w in found {
             let w = labelled(node.as_deref(), w);
             if !all.contains(&w) {
                 all.push(w);
