@@ -30,17 +30,23 @@ variables = {{ redis_address = "redis://127.0.0.1:{{{{ redis_port }}}}", sink_ke
     (t, app)
 }
 
+/// Starts `app`'s Redis triggers in a task: the task, and the channel listing
+/// once every subscription is active.
+async fn start(app: &Arc<App>) -> (tokio::task::JoinHandle<anyhow::Result<()>>, String) {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let trigger = tokio::spawn(app.clone().run_redis_triggers(move |listing| {
+        let _ = ready_tx.send(listing);
+    }));
+    (trigger, ready_rx.await.expect("trigger subscribed"))
+}
+
 /// Published messages are each handled once, in publication order, and a failing
 /// handler does not stop the trigger.
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_in_order_and_failures_do_not_stop_it() {
     let redis = Redis::start();
     let (_t, app) = subscriber_app(&redis, "sink");
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let trigger = tokio::spawn(app.clone().run_redis_triggers(move |listing| {
-        let _ = ready_tx.send(listing);
-    }));
-    let listing = ready_rx.await.expect("trigger subscribed");
+    let (trigger, listing) = start(&app).await;
     assert!(listing.contains(&format!("/events-{}: [subscriber]", redis.port)), "{listing}");
     let mut conn = redis.conn();
     let channel = format!("events-{}", redis.port);
@@ -72,11 +78,7 @@ async fn messages_in_order_and_failures_do_not_stop_it() {
 async fn a_stopped_trigger_listens_no_more() {
     let redis = Redis::start();
     let (_t, app) = subscriber_app(&redis, "sink");
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let trigger = tokio::spawn(app.clone().run_redis_triggers(move |_| {
-        let _ = ready_tx.send(());
-    }));
-    ready_rx.await.expect("trigger subscribed");
+    let (trigger, _) = start(&app).await;
     let mut conn = redis.conn();
     let channel = format!("events-{}", redis.port);
     let receivers: i64 = conn.publish(&channel, "m0").unwrap();
