@@ -91,10 +91,23 @@ async fn ryw_rounds(s: Spillway, rounds: u64, lanes: u64, strict: bool) -> Seen 
                 if st["status"] != "applied" {
                     assert!(!strict, "{st}");
                     seen.not_applied += 1;
+                    // Still pending after a minute: the shard stalled (its
+                    // refresh refused by a store out of its write budget),
+                    // and this key's later rounds would wait behind it.
+                    if st["status"] == "pending" {
+                        break;
+                    }
                     continue;
                 }
-                version += 1;
-                assert_eq!(st["version"].as_u64(), Some(version), "{st}");
+                // Versions never go back; when not strict, a write given up
+                // on earlier may have been applied since.
+                let applied = st["version"].as_u64().unwrap_or(0);
+                if strict {
+                    assert_eq!(applied, version + 1, "{st}");
+                } else {
+                    assert!(applied > version, "{st}");
+                }
+                version = applied;
                 let (code, _, rec) = s.call("GET", &format!("/v1/records/{key}"), None, &[]).await;
                 assert_eq!(code, 200, "{rec}");
                 if rec["version"].as_u64().unwrap() < version {
@@ -145,7 +158,9 @@ async fn read_your_writes_breaks_on_the_hosted_platform_with_its_key_value_store
     // One hot key: its store's 50 writes a second are not shared out over
     // several keys' fills and refreshes.
     let seen = ryw_rounds(Spillway::builder().hosted().vars(&[("cache_store", "kv")]).start().await, 15, 1, false).await;
-    assert!(!seen.stale.is_empty(), "the platform's store gives stale reads after applied");
+    // What breaks: reads older than an applied write, or a write the shard
+    // stalls on (its refresh refused by the store's write budget).
+    assert!(!seen.stale.is_empty() || seen.not_applied > 0, "the platform's store gives stale reads after applied, or stalls a shard");
 }
 
 /// Read-your-writes with the cache in Spin's default SQLite key-value store.
