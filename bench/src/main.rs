@@ -31,9 +31,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use spillway_core::call::{Call, EnqueueLimits};
+use spillway_core::call::{Call, EnqueueLimits, Queued};
 use spillway_core::layout::Layout;
 use spillway_core::scripts;
+use spillway_core::schedule::Timing;
 
 use crate::load::request;
 use crate::report::Row;
@@ -483,8 +484,16 @@ async fn main() -> anyhow::Result<()> {
     let ceiling = load::redis_script(&redis_url, clients, duration, scripts::ENQUEUE, move |c, n| {
         let shard = ((c as u64 + n) % 16) as u32;
         let l = &ceiling_layout;
-        let limits = EnqueueLimits { idempotency: None, idempotency_ttl_secs: 60, queue_depth_limit: 100_000_000, bell_ttl_ms: 5000, seq_start: n as u32 };
-        let call = Call::enqueue(l, &[shard], shard, limits, &[(shard, incr("k"))]);
+        let limits = EnqueueLimits {
+            idempotency: None,
+            idempotency_ttl_secs: 60,
+            queue_depth_limit: 100_000_000,
+            bell_ttl_ms: 5000,
+            seq_start: n as u32,
+            scheduled_limit: 100_000,
+            retention_ms: 60_000,
+        };
+        let call = Call::enqueue(l, &[shard], shard, limits, &[Queued { shard, key: "k", timing: Timing::default(), payload: incr("k") }]);
         (call.keys, call.args)
     })
     .await?;

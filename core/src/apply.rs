@@ -1,7 +1,7 @@
 //! Applying writes to records: the built-in operations, preconditions and ETags.
 //! A write whose operation fails is *rejected* with a reason; it is never retried.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -260,7 +260,21 @@ pub fn plan_batch(
     let queued: Vec<(String, String, String)> =
         writes.iter().map(|(id, w)| (id.clone(), w.key.clone(), serde_json::to_string(w).unwrap_or_default())).collect();
     // The built-in step never waits: one poll finishes the plan.
-    at_once(plan_with(existing, tombstones, &queued, already, now_ms, async |key, value, version, writes| builtin_step(key, value, version, writes, now_ms)))
+    at_once(plan_with(existing, tombstones, &HashMap::new(), &queued, already, now_ms, async |key, value, version, writes| builtin_step(key, value, version, writes, now_ms)))
+}
+
+/// The write a queued expiry (`{"op": "$expire", "of": <write id>}`) is for;
+/// `None` for any other write.
+fn expiry_of(payload: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Expiry {
+        op: String,
+        of: Option<String>,
+    }
+    if !payload.contains(r#""op":"$expire""#) {
+        return None;
+    }
+    serde_json::from_str::<Expiry>(payload).ok().filter(|e| e.op == "$expire").and_then(|e| e.of)
 }
 
 /// The output of a future that finishes without waiting.
@@ -277,14 +291,22 @@ fn at_once<F: Future>(f: F) -> F::Output {
 /// key's value, `None` if absent, its version and its writes), skipping ids in
 /// `already` (applied by an earlier delivery): the exactly-once effect.
 /// `existing` holds the records there are; `tombstones` the version of each
-/// deleted key, so that a re-created key carries on from it. Versions are the
-/// plan's: every applied write raises its key's by one.
+/// deleted key, so that a re-created key carries on from it; `heads` each
+/// key's last applied write. Versions are the plan's: every applied write
+/// raises its key's by one.
+///
+/// A record's expiry (`{"op": "$expire", "of": <write id>}`, scheduled by
+/// intake for a write with `ttl_ms`) is not the step's: it goes to the step as
+/// a deletion if `of` is still the key's last applied write, and is rejected
+/// otherwise (a later write changed the record, or `of` never applied). The
+/// step is then called once per run of writes between expiries.
 // Long on purpose: one pass over the keys in order, whose state (records,
 // tombstones, outcomes, failures) is threaded through the loop; split, each
 // part would need all of it.
 pub async fn plan_with(
     mut existing: BTreeMap<String, Record>,
     tombstones: &BTreeMap<String, u64>,
+    heads: &HashMap<String, Option<String>>,
     writes: &[(String, String, String)],
     already: &HashSet<String>,
     now_ms: i64,
@@ -321,32 +343,53 @@ pub async fn plan_with(
         let group = &by_key[key];
         let mut record = existing.remove(key);
         let mut version = record.as_ref().map_or_else(|| tombstones.get(key).copied().unwrap_or(0), |r| r.version);
-        let results = match step(key, record.as_ref().map(|r| &r.value), version, group).await {
-            Ok(r) if r.len() == group.len() => Ok(r),
-            Ok(r) => Err(format!("the apply step returned {} outcomes for {} writes", r.len(), group.len())),
-            Err(e) => Err(e),
-        };
-        let results = match results {
-            Ok(r) => r,
-            Err(error) => {
-                plan.failed.push((key.to_owned(), group.iter().map(|(id, _)| (*id).to_owned()).collect(), error));
-                if let Some(r) = record {
-                    existing.insert(key.to_owned(), r);
+        let mut head: Option<String> = heads.get(key).cloned().flatten();
+        let deletion = serde_json::json!({"key": key, "op": "delete"}).to_string();
+        // The key's writes in runs through the step: an expiry alone (as a
+        // deletion, if the write it expires is still the key's last one
+        // applied), the writes between expiries together.
+        let mut rest: &[(&str, &str)] = group;
+        while let Some(&(first, payload)) = rest.first() {
+            let run: Vec<(&str, &str)> = match expiry_of(payload) {
+                Some(of) if head.as_deref() == Some(of.as_str()) => vec![(first, deletion.as_str())],
+                Some(of) => {
+                    let reason = match &head {
+                        Some(later) if later != &of => format!("not expired: write {later} changed the record after {of}"),
+                        _ => format!("not expired: write {of} did not apply"),
+                    };
+                    plan.outcomes.push((first.to_owned(), key.to_owned(), Outcome::Rejected { reason }));
+                    rest = &rest[1..];
+                    continue;
                 }
-                continue;
-            }
-        };
-        for ((id, _), result) in group.iter().zip(results) {
-            let outcome = match result {
-                Ok(value) => {
-                    version += 1;
-                    touched.insert(key.to_owned());
-                    record = value.clone().map(|value| Record { value, version, etag: String::new(), updated_at: now_ms });
-                    Outcome::Applied { version, value }
-                }
-                Err(reason) => Outcome::Rejected { reason },
+                None => rest.iter().take_while(|(_, p)| expiry_of(p).is_none()).copied().collect(),
             };
-            plan.outcomes.push(((*id).to_owned(), key.to_owned(), outcome));
+            let results = match step(key, record.as_ref().map(|r| &r.value), version, &run).await {
+                Ok(r) if r.len() == run.len() => Ok(r),
+                Ok(r) => Err(format!("the apply step returned {} outcomes for {} writes", r.len(), run.len())),
+                Err(e) => Err(e),
+            };
+            let results = match results {
+                Ok(r) => r,
+                Err(error) => {
+                    // This run and the key's later writes fail; earlier runs stand.
+                    plan.failed.push((key.to_owned(), rest.iter().map(|(id, _)| (*id).to_owned()).collect(), error));
+                    break;
+                }
+            };
+            for ((id, _), result) in run.iter().zip(results) {
+                let outcome = match result {
+                    Ok(value) => {
+                        version += 1;
+                        touched.insert(key.to_owned());
+                        head = Some((*id).to_owned());
+                        record = value.clone().map(|value| Record { value, version, etag: String::new(), updated_at: now_ms });
+                        Outcome::Applied { version, value }
+                    }
+                    Err(reason) => Outcome::Rejected { reason },
+                };
+                plan.outcomes.push(((*id).to_owned(), key.to_owned(), outcome));
+            }
+            rest = &rest[run.len()..];
         }
         match record {
             Some(r) => {
@@ -512,6 +555,40 @@ mod tests {
         assert_eq!(plan.outcomes[0].2, Outcome::Applied { version: 5, value: Some(json!(1)) });
     }
 
+    /// A record's expiry deletes it only while the write that set its ttl is
+    /// the key's last applied one (from the database's head, or earlier in the
+    /// round); otherwise it is rejected, saying why.
+    #[test]
+    fn an_expiry_deletes_only_what_its_write_left() {
+        let put = |n: i64| serde_json::to_string(&json!({"key": "k", "op": "put", "value": n})).unwrap();
+        let expire = |of: &str| serde_json::to_string(&json!({"key": "k", "op": "$expire", "of": of})).unwrap();
+        let run = |head: Option<&str>, writes: Vec<(&str, String)>| {
+            let existing = BTreeMap::from([("k".to_owned(), Record { value: json!(0), version: 3, etag: String::new(), updated_at: 0 })]);
+            let heads = HashMap::from([("k".to_owned(), head.map(str::to_owned))]);
+            let queued: Vec<(String, String, String)> = writes.into_iter().map(|(id, p)| (id.to_owned(), "k".to_owned(), p)).collect();
+            let plan = at_once(plan_with(existing, &BTreeMap::new(), &heads, &queued, &HashSet::new(), 0, async |key, value, version, ws| {
+                builtin_step(key, value, version, ws, 0)
+            }));
+            (plan.outcomes.into_iter().map(|(id, _, o)| (id, o)).collect::<Vec<_>>(), plan.records.get("k").cloned().flatten())
+        };
+        let (outcomes, record) = run(Some("p0"), vec![("x0", expire("p0"))]);
+        assert_eq!((outcomes, record), (vec![("x0".to_owned(), Outcome::Applied { version: 4, value: None })], None));
+        let (outcomes, record) = run(Some("p0"), vec![("p1", put(2)), ("x0", expire("p0"))]);
+        assert_eq!(outcomes[1], ("x0".to_owned(), Outcome::Rejected { reason: "not expired: write p1 changed the record after p0".into() }));
+        assert_eq!(record.map(|r| (r.value, r.version)), Some((json!(2), 4)));
+        let (outcomes, record) = run(Some("p0"), vec![("p1", put(2)), ("x1", expire("p1")), ("p2", put(5))]);
+        let versions: Vec<Option<u64>> = outcomes.iter().map(|(_, o)| match o {
+            Outcome::Applied { version, .. } => Some(*version),
+            Outcome::Rejected { .. } => None,
+        }).collect();
+        assert_eq!(versions, [Some(4), Some(5), Some(6)], "put, its expiry, a re-creation: {outcomes:?}");
+        assert_eq!(record.map(|r| r.value), Some(json!(5)));
+        let (outcomes, _) = run(None, vec![("x9", expire("p9"))]);
+        assert_eq!(outcomes, [("x9".to_owned(), Outcome::Rejected { reason: "not expired: write p9 did not apply".into() })]);
+        assert_eq!(expiry_of(&put(1)), None);
+        assert_eq!(expiry_of(&serde_json::to_string(&json!({"key": "k", "op": "put", "value": {"op": "$expire", "of": "p"}})).unwrap()), None, "a value that looks like one");
+    }
+
     /// A key whose apply step fails (or answers for the wrong number of writes)
     /// keeps its state and has no outcomes; the batch's other keys are applied.
     #[test]
@@ -523,7 +600,7 @@ mod tests {
             .collect();
         let existing = BTreeMap::from([("bad".to_owned(), Record { value: json!({"n": 5}), version: 5, etag: String::new(), updated_at: 0 })]);
         let (tombstones, none) = (BTreeMap::new(), HashSet::new());
-        let plan = at_once(plan_with(existing, &tombstones, &writes, &none, 1, async |key, value, version, ws| match key {
+        let plan = at_once(plan_with(existing, &tombstones, &HashMap::new(), &writes, &none, 1, async |key, value, version, ws| match key {
             "bad" => Err("boom".into()),
             "short" => Ok(vec![Ok(None)]),
             _ => builtin_step(key, value, version, ws, 1),

@@ -4,6 +4,7 @@
 //! client; its reply is read by [`crate::reply`].
 
 use crate::layout::{CONSUMER, GROUP, Layout};
+use crate::schedule::{ALARM_LEAD_MS, Timing};
 use crate::scripts;
 
 /// One script call: the script, its keys (all in one shard's hash slot) and its
@@ -98,7 +99,7 @@ impl Call {
     pub fn read_batch(l: &Layout, shard: u32, token: &str, limits: BatchLimits, resume: Option<&str>) -> Self {
         Self {
             script: scripts::READ_BATCH,
-            keys: vec![l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard), l.applying(shard)],
+            keys: vec![l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard), l.applying(shard), l.sched(shard), l.alarm(shard)],
             args: vec![
                 token.to_owned(),
                 GROUP.into(),
@@ -109,6 +110,7 @@ impl Call {
                 limits.retention_ms.to_string(),
                 resume.unwrap_or_default().to_owned(),
                 limits.bytes.to_string(),
+                ALARM_LEAD_MS.to_string(),
             ],
         }
     }
@@ -144,13 +146,14 @@ impl Call {
 
 impl Call {
     /// `CLAIMABLE`: which of `shards` (one server's, or one shard with
-    /// `redis_cluster`) have queued writes and no lease holder (or back off,
-    /// with `end_backoff`: an operator's drain).
+    /// `redis_cluster`) have queued writes (or scheduled ones due) and no lease
+    /// holder (or back off, with `end_backoff`: an operator's drain), and how
+    /// soon the next scheduled write of the others is due.
     pub fn claimable(l: &Layout, shards: &[u32], end_backoff: bool) -> Self {
         Self {
             script: scripts::CLAIMABLE,
-            keys: shards.iter().flat_map(|n| [l.stream(*n), l.lease(*n)]).collect(),
-            args: std::iter::once(flag(end_backoff)).chain(shards.iter().map(u32::to_string)).collect(),
+            keys: shards.iter().flat_map(|n| [l.stream(*n), l.lease(*n), l.sched(*n), l.alarm(*n)]).collect(),
+            args: [flag(end_backoff), ALARM_LEAD_MS.to_string()].into_iter().chain(shards.iter().map(u32::to_string)).collect(),
         }
     }
 
@@ -162,7 +165,11 @@ impl Call {
 
     /// `SHARD_STATS`: one shard's figures.
     pub fn shard_stats(l: &Layout, shard: u32) -> Self {
-        Self { script: scripts::SHARD_STATS, keys: vec![l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard)], args: vec![GROUP.to_owned()] }
+        Self {
+            script: scripts::SHARD_STATS,
+            keys: vec![l.stream(shard), l.lease(shard), l.dead(shard), l.stats(shard), l.sched(shard)],
+            args: vec![GROUP.to_owned()],
+        }
     }
 
     /// `REPLAY`: `ids` of `shard` back from its dead letters onto its stream;
@@ -170,7 +177,11 @@ impl Call {
     pub fn replay(l: &Layout, shard: u32, bell_ttl_ms: u64, retention_ms: u64, seq_start: u32, ids: impl IntoIterator<Item = String>) -> Self {
         let mut args = vec![seq_start.to_string(), bell_ttl_ms.to_string(), shard.to_string(), retention_ms.to_string()];
         args.extend(ids);
-        Self { script: scripts::REPLAY, keys: vec![l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard)], args }
+        Self {
+            script: scripts::REPLAY,
+            keys: vec![l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard), l.sched(shard)],
+            args,
+        }
     }
 
     /// `PURGE`: drops `ids` from `shard`'s dead letters (none: all of them).
@@ -199,6 +210,21 @@ impl Call {
     /// `LOCKS_RELEASE`: releases `locks` (fill-lock keys) held by `token`.
     pub fn unlock(locks: Vec<String>, token: &str) -> Self {
         Self { script: scripts::LOCKS_RELEASE, keys: locks, args: vec![token.to_owned()] }
+    }
+
+    /// `CANCEL`: takes the scheduled write at stream entry `entry` of `shard`
+    /// out of its schedule, if it is still there.
+    pub fn cancel(l: &Layout, shard: u32, entry: &str, retention_ms: u64) -> Option<Self> {
+        let (due, seq) = schedule_slot(entry)?;
+        let keys = vec![l.sched(shard), l.dead_status_prefix(shard), l.stats(shard), l.done(shard)];
+        Some(Self { script: scripts::CANCEL, keys, args: vec![due, seq, retention_ms.to_string(), entry.to_owned()] })
+    }
+
+    /// `SCHEDULED`: whether the write at stream entry `entry` of `shard` is in
+    /// its schedule.
+    pub fn scheduled(l: &Layout, shard: u32, entry: &str) -> Option<Self> {
+        let (due, seq) = schedule_slot(entry)?;
+        Some(Self { script: scripts::SCHEDULED, keys: vec![l.sched(shard)], args: vec![due, seq] })
     }
 
     /// `CACHE_COUNT`: adds an instance's cache hits and misses.
@@ -239,6 +265,15 @@ impl Call {
     }
 }
 
+/// Where a scheduled write with stream entry id `entry` (`<due ms>-<sequence>`)
+/// sits in its shard's schedule: its score (the due time) and the 19-digit
+/// sequence its member starts with (see `scripts::schedule_lua`); `None` if the
+/// sequence is too long to be one.
+fn schedule_slot(entry: &str) -> Option<(String, String)> {
+    let (due, seq) = entry.split_once('-')?;
+    (seq.len() <= 19).then(|| (due.to_owned(), format!("{seq:0>19}")))
+}
+
 /// What one `ENQUEUE` call carries besides its writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EnqueueLimits<'a> {
@@ -254,17 +289,33 @@ pub struct EnqueueLimits<'a> {
     /// in each stream starts (see `scripts::ENQUEUE`: ids a failed-over Redis
     /// hands out again must not be those of writes already applied).
     pub seq_start: u32,
+    /// Scheduled writes per shard before the call is refused.
+    pub scheduled_limit: u64,
+    /// How long outcomes are kept (a scheduled write's moved-id record).
+    pub retention_ms: u64,
+}
+
+/// One write of an `ENQUEUE` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued<'a> {
+    /// Its key's shard.
+    pub shard: u32,
+    /// Its key.
+    pub key: &'a str,
+    /// When it is due, and when what it writes expires.
+    pub timing: Timing,
+    /// The write as queued (JSON).
+    pub payload: String,
 }
 
 impl Call {
-    /// `ENQUEUE`: the writes (`(shard, payload)` in request order) of `group`'s
-    /// shards, in one call; the idempotency record in `idempotency_shard`'s
-    /// slot.
-    pub fn enqueue(l: &Layout, group: &[u32], idempotency_shard: u32, limits: EnqueueLimits<'_>, writes: &[(u32, String)]) -> Self {
+    /// `ENQUEUE`: the writes (in request order) of `group`'s shards, in one
+    /// call; the idempotency record in `idempotency_shard`'s slot.
+    pub fn enqueue(l: &Layout, group: &[u32], idempotency_shard: u32, limits: EnqueueLimits<'_>, writes: &[Queued<'_>]) -> Self {
         let (key, md5) = limits.idempotency.unwrap_or(("", ""));
         let mut keys = vec![l.idempotency(idempotency_shard, key)];
-        for shard in group {
-            keys.extend([l.stream(*shard), l.bell(*shard), l.lease(*shard), l.stats(*shard)]);
+        for &shard in group {
+            keys.extend([l.stream(shard), l.bell(shard), l.lease(shard), l.stats(shard), l.sched(shard), l.sched_seq(shard), l.alarm(shard)]);
         }
         let mut args = vec![
             flag(limits.idempotency.is_some()),
@@ -273,15 +324,21 @@ impl Call {
             limits.queue_depth_limit.to_string(),
             limits.bell_ttl_ms.to_string(),
             limits.seq_start.to_string(),
+            limits.scheduled_limit.to_string(),
+            ALARM_LEAD_MS.to_string(),
+            limits.retention_ms.to_string(),
             group.len().to_string(),
         ];
         args.extend(group.iter().map(u32::to_string));
-        let mine: Vec<&(u32, String)> = writes.iter().filter(|(shard, _)| group.contains(shard)).collect();
+        let mine: Vec<&Queued<'_>> = writes.iter().filter(|w| group.contains(&w.shard)).collect();
         args.push(mine.len().to_string());
-        for (shard, payload) in mine {
-            let slot = group.iter().position(|g| g == shard).unwrap_or(0) + 1;
+        for w in mine {
+            let slot = group.iter().position(|g| *g == w.shard).unwrap_or(0) + 1;
             args.push(slot.to_string());
-            args.push(payload.clone());
+            args.push(w.timing.due.map(|d| d.arg()).unwrap_or_default());
+            let key = serde_json::Value::String(w.key.to_owned());
+            args.push(w.timing.ttl_ms.map(|ttl| format!("{ttl}:{key}")).unwrap_or_default());
+            args.push(w.payload.clone());
         }
         Self { script: scripts::ENQUEUE, keys, args }
     }
@@ -290,6 +347,7 @@ impl Call {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::Due;
 
     fn layout() -> Layout {
         Layout { prefix: "spillway:".into(), shards: 16 }
@@ -317,7 +375,7 @@ mod tests {
         assert_eq!(Call::lease_acquire(&l, 3, "tok", 5000, true).args[2], "1");
         let limits = BatchLimits { count: 10, bytes: 4096, max_attempts: 5, lease_ttl_ms: 5000, retention_ms: 60_000 };
         let r = Call::read_batch(&l, 3, "tok", limits, None);
-        assert_eq!(r.args, ["tok", GROUP, CONSUMER, "10", "5", "5000", "60000", "", "4096"]);
+        assert_eq!(r.args, ["tok", GROUP, CONSUMER, "10", "5", "5000", "60000", "", "4096", "500"]);
         assert!(r.keys.iter().all(|k| k.starts_with("spillway:{s3}:")), "one hash slot");
         assert_eq!(Call::read_batch(&l, 3, "tok", limits, Some("1-0")).args[7], "1-0");
         assert_eq!(Call::ack(&l, 1, 2, 0, ["1-0".to_owned()]).args, [GROUP, "2", "0", "1-0"]);
@@ -328,8 +386,13 @@ mod tests {
         assert_eq!(Call::lease_release(&l, 2, "tok", 0, 0).args, ["tok", "0", "0"]);
         assert_eq!(Call::lease_release(&l, 2, "tok", 900, 400).args, ["tok", "900", "400"]);
         let c = Call::claimable(&l, &[1, 2], false);
-        assert_eq!((c.keys.len(), c.args), (4, vec!["0".to_owned(), "1".to_owned(), "2".to_owned()]));
-        assert_eq!(Call::claimable(&l, &[1], true).args, ["1", "1"]);
+        assert_eq!((c.keys.len(), c.args), (8, vec!["0".to_owned(), "500".to_owned(), "1".to_owned(), "2".to_owned()]));
+        assert_eq!(c.keys[4..], [l.stream(2), l.lease(2), l.sched(2), l.alarm(2)]);
+        assert_eq!(Call::claimable(&l, &[1], true).args, ["1", "500", "1"]);
+        let cancel = Call::cancel(&l, 5, "1796317200000-1000000042123456789", 9).unwrap();
+        assert_eq!(cancel.args, ["1796317200000", "1000000042123456789", "9", "1796317200000-1000000042123456789"]);
+        assert_eq!(Call::scheduled(&l, 5, "17-42").unwrap().args, ["17", "0000000000000000042"]);
+        assert_eq!(Call::scheduled(&l, 5, "17-12345678901234567890"), None);
         assert_eq!(Call::replay(&l, 4, 5000, 9, 77, ["4-1-0".to_owned()]).args, ["77", "5000", "4", "9", "4-1-0"]);
         assert_eq!(Call::purge(&l, 4, 9, []).args, ["4", "9"]);
         let f = Call::fill_begin(&l, "k", "tok", 100);
@@ -345,12 +408,23 @@ mod tests {
         assert_eq!(leased.keys, [l.lease(sa), l.lease(sb), l.fill_lock("a"), l.fill_lock("b")]);
         assert_eq!(leased.args[..5], ["2", "me", "5000", "ta", "tb"]);
         assert_eq!(leased.args[5], "1", "a's lease is the first");
-        let limits = EnqueueLimits { idempotency: Some(("k", "md5")), idempotency_ttl_secs: 60, queue_depth_limit: 10, bell_ttl_ms: 5000, seq_start: 77 };
-        let e = Call::enqueue(&l, &[3, 7], 3, limits, &[(7, "w1".into()), (9, "elsewhere".into()), (3, "w2".into())]);
-        assert_eq!(e.keys.len(), 9);
+        let limits = EnqueueLimits {
+            idempotency: Some(("k", "md5")),
+            idempotency_ttl_secs: 60,
+            queue_depth_limit: 10,
+            bell_ttl_ms: 5000,
+            seq_start: 77,
+            scheduled_limit: 8,
+            retention_ms: 9,
+        };
+        let q = |shard: u32, timing: Timing, payload: &str| Queued { shard, key: "k\"", timing, payload: payload.into() };
+        let scheduled = Timing { due: Some(Due::After(5)), ttl_ms: Some(9) };
+        let e = Call::enqueue(&l, &[3, 7], 3, limits, &[q(7, Timing::default(), "w1"), q(9, Timing::default(), "elsewhere"), q(3, scheduled, "w2")]);
+        assert_eq!(e.keys.len(), 15);
         assert_eq!(e.keys[0], l.idempotency(3, "k"));
-        assert_eq!(e.args, ["1", "md5", "60", "10", "5000", "77", "2", "3", "7", "2", "2", "w1", "1", "w2"]);
-        let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[(3, "w".into())]);
+        assert_eq!(e.keys[8..], [l.stream(7), l.bell(7), l.lease(7), l.stats(7), l.sched(7), l.sched_seq(7), l.alarm(7)]);
+        assert_eq!(e.args, ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "2", "3", "7", "2", "2", "", "", "w1", "1", "d5", r#"9:"k\"""#, "w2"]);
+        let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[q(3, Timing::default(), "w")]);
         assert_eq!((plain.keys[0].clone(), &plain.args[..2]), (l.idempotency(3, ""), &["0".to_owned(), String::new()][..]));
     }
 }

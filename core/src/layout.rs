@@ -112,6 +112,27 @@ impl Layout {
         self.shard_key(0, "nodes")
     }
 
+    /// The shard's schedule: writes not yet due, a sorted set scored by due
+    /// time (ms) whose members are a 19-digit sequence and the write (see
+    /// `scripts::ENQUEUE`).
+    pub fn sched(&self, shard: u32) -> String {
+        self.shard_key(shard, "sched")
+    }
+
+    /// The shard's count of scheduled writes ever accepted: the sequence
+    /// part of their ids, so that writes due at the same millisecond are
+    /// applied in order of acceptance.
+    pub fn sched_seq(&self, shard: u32) -> String {
+        self.shard_key(shard, "sched-seq")
+    }
+
+    /// The shard's alarm: a key that expires a little before its next
+    /// scheduled write is due (`schedule::ALARM_LEAD_MS`), whose expired-key
+    /// event wakes a processor; it holds when it fires (ms).
+    pub fn alarm(&self, shard: u32) -> String {
+        self.shard_key(shard, "alarm")
+    }
+
     /// The shard's doorbell flag (coalesces wake-ups).
     pub fn bell(&self, shard: u32) -> String {
         self.shard_key(shard, "bell")
@@ -179,9 +200,10 @@ impl Layout {
         key.strip_prefix(&self.prefix).is_some_and(|rest| rest.starts_with('{') && rest.contains("}:mirror:"))
     }
 
-    /// The shard whose lease, watch or doorbell flag `key` is (or a mirror of
-    /// one), if it is one of ours: the payload of an expired-key event that
-    /// means a processor may have died holding (or before taking) that shard.
+    /// The shard whose lease, watch, doorbell flag or alarm `key` is (or a
+    /// mirror of one), if it is one of ours: the payload of an expired-key
+    /// event that means a processor may have died holding (or before taking)
+    /// that shard, or that a scheduled write of it is nearly due.
     pub fn shard_of_expired(&self, key: &str) -> Option<u32> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix('{')?;
         let (shard, name) = match rest.split_once("}:mirror:") {
@@ -189,7 +211,7 @@ impl Layout {
             None => rest.strip_prefix('s')?.split_once("}:")?,
         };
         let shard: u32 = shard.parse().ok().filter(|s| *s < self.shards)?;
-        matches!(name, "lease" | "watch" | "bell").then_some(shard)
+        matches!(name, "lease" | "watch" | "bell" | "alarm").then_some(shard)
     }
 
     /// A record's cache entry in Redis (`cache_store=redis`): in its shard's
@@ -254,6 +276,7 @@ mod tests {
         assert!(used.iter().all(|s| *s < 16));
         assert_eq!(used.len(), 16);
         assert_eq!(l.stream(7), "spillway:{s7}:stream");
+        assert_eq!(l.stream(7).replace(":stream", ":dead:"), l.dead_status_prefix(7), "as the schedule's move derives it");
         let shard = l.shard_of("sku-1");
         assert_eq!(l.cached("sku-1"), format!("spillway:{{s{shard}}}:rec:sku-1"), "beside the shard's keys");
     }
@@ -265,12 +288,16 @@ mod tests {
         assert_eq!(l.shard_of_expired(&l.lease(7)), Some(7));
         assert_eq!(l.shard_of_expired(&l.bell(15)), Some(15));
         assert_eq!(l.shard_of_expired(&l.watch(0)), Some(0));
+        assert_eq!(l.shard_of_expired(&l.alarm(3)), Some(3));
+        assert_eq!(l.shard_of_expired(&l.mirror("heal1", 3, "alarm")), Some(3));
         assert_eq!(l.shard_of_expired(&l.mirror("heal12", 9, "lease")), Some(9));
         assert_eq!(l.shard_of_expired(&l.mirror("heal0", 15, "bell")), Some(15));
         assert_eq!(l.shard_of_expired(&l.mirror("s3", 4, "bell")), Some(4), "a tag like a shard's");
         assert!(l.is_mirror(&l.mirror("heal1", 2, "lease")) && !l.is_mirror(&l.lease(2)));
         for other in [
             l.stream(3),
+            l.sched(3),
+            l.sched_seq(3),
             l.fill_lock("k"),
             l.idempotency(3, "x"),
             "spillway:{s16}:lease".into(),

@@ -34,6 +34,7 @@ pub mod query;
 pub mod record;
 pub mod redact;
 pub mod reply;
+pub mod schedule;
 pub mod scripts;
 pub mod settings;
 pub mod sql;

@@ -86,6 +86,13 @@ impl Problem {
         p
     }
 
+    /// 429 with `Retry-After`: a shard holds as many scheduled writes as it may.
+    pub fn schedule_full(detail: &str, retry_after: u32) -> Self {
+        let mut p = Self::new(429, "schedule-full", "Schedule full", detail);
+        p.retry_after = Some(retry_after);
+        p
+    }
+
     /// 503 with `Retry-After`: a backend is unreachable.
     pub fn unavailable(detail: &str) -> Self {
         let mut p = Self::new(503, "unavailable", "Service unavailable", detail);

@@ -102,13 +102,17 @@ pub enum BatchRead {
         /// Where resuming a previous holder's pending entries goes on (`None`:
         /// they are done).
         cursor: Option<String>,
+        /// The TTL the shard's alarm was set to (its next scheduled write),
+        /// if the read set it.
+        armed_ms: Option<u64>,
         /// The entries, in stream order.
         entries: Vec<BatchEntry>,
     },
 }
 
 impl BatchRead {
-    /// Reads `lost` | `ok, prune_before_ms, cursor, (entry id, payload, attempt)*`.
+    /// Reads `lost` | `ok, prune_before_ms, cursor, armed_ms, (entry id, payload,
+    /// attempt)*`.
     pub fn parse(reply: &[Value]) -> Result<Self, ReplyError> {
         const S: &str = "READ_BATCH";
         match reply.first().and_then(Value::text).as_deref() {
@@ -118,7 +122,8 @@ impl BatchRead {
         }
         let prune_before_ms = int_at(S, reply, 1, "prune_before_ms")?;
         let cursor = reply.get(2).ok_or_else(|| bad(S, "no cursor"))?.text().filter(|c| !c.is_empty());
-        let rest = &reply[3..];
+        let armed_ms = u64::try_from(int_at(S, reply, 3, "armed_ms")?).ok();
+        let rest = &reply[4..];
         if !rest.len().is_multiple_of(3) {
             return Err(bad(S, format!("{} entry values are not whole (id, payload, attempt) triples", rest.len())));
         }
@@ -133,7 +138,7 @@ impl BatchRead {
                 })
             })
             .collect::<Result<_, ReplyError>>()?;
-        Ok(Self::Batch { prune_before_ms, cursor, entries })
+        Ok(Self::Batch { prune_before_ms, cursor, armed_ms, entries })
     }
 }
 
@@ -155,28 +160,57 @@ pub enum Enqueued {
         /// The shard.
         shard: String,
     },
+    /// This shard is over its scheduled-write limit: nothing was added.
+    FullScheduled {
+        /// The shard.
+        shard: String,
+    },
+}
+
+/// What an `ENQUEUE` call asks its caller to pass on, whatever else it says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rung {
+    /// The shards to ring.
+    pub rang: Vec<u32>,
+    /// The shards whose alarm the call set, and its TTL (ms).
+    pub armed: Vec<(u32, u64)>,
 }
 
 impl Enqueued {
-    /// Reads `ok, id*[, rang, shard*]` | `replay, id*` | `conflict` | `full,
-    /// shard`, and the shards the call rang (whatever else it says: a ring must
-    /// not be lost).
-    pub fn parse(reply: &[Value]) -> Result<(Self, Vec<u32>), ReplyError> {
+    /// Reads `ok, id*[, rang, shard*][, armed, (shard, ttl_ms)*]` | `replay,
+    /// id*` | `conflict` | `full, shard` | `full-scheduled, shard`, and the
+    /// shards the call rang and armed (whatever else it says: a ring must not
+    /// be lost).
+    pub fn parse(reply: &[Value]) -> Result<(Self, Rung), ReplyError> {
         const S: &str = "ENQUEUE";
         let texts: Vec<String> = reply.iter().map(|v| v.text().ok_or_else(|| bad(S, "a nil value"))).collect::<Result<_, _>>()?;
         let (head, rest) = texts.split_first().ok_or_else(|| bad(S, "an empty reply"))?;
+        let (rest, armed) = match rest.iter().position(|v| v == "armed") {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => (rest, &[][..]),
+        };
         let (values, rang) = match rest.iter().position(|v| v == "rang") {
             Some(at) => (&rest[..at], &rest[at + 1..]),
             None => (rest, &[][..]),
         };
-        let rang = rang.iter().map(|v| v.parse::<u32>().map_err(|_| bad(S, format!("a rung shard {v:?}")))).collect::<Result<Vec<_>, _>>()?;
+        let number = |v: &String| v.parse::<u32>().map_err(|_| bad(S, format!("a rung shard {v:?}")));
+        let rang = rang.iter().map(number).collect::<Result<Vec<_>, _>>()?;
+        if !armed.len().is_multiple_of(2) {
+            return Err(bad(S, "an armed shard without its TTL"));
+        }
+        let armed = armed
+            .chunks(2)
+            .map(|p| Ok((number(&p[0])?, p[1].parse::<u64>().map_err(|_| bad(S, format!("an alarm TTL {:?}", p[1])))?)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shard = || values.first().cloned().ok_or_else(|| bad(S, format!("{head} without a shard")));
         let outcome = match head.as_str() {
             "ok" | "replay" => Self::Accepted { ids: values.to_vec(), replay: head == "replay" },
             "conflict" => Self::Conflict,
-            "full" => Self::Full { shard: values.first().cloned().ok_or_else(|| bad(S, "full without a shard"))? },
+            "full" => Self::Full { shard: shard()? },
+            "full-scheduled" => Self::FullScheduled { shard: shard()? },
             other => return Err(bad(S, format!("it starts with {other:?}"))),
         };
-        Ok((outcome, rang))
+        Ok((outcome, Rung { rang, armed }))
     }
 }
 
@@ -233,13 +267,27 @@ impl Grant {
     }
 }
 
-/// `CLAIMABLE`: the shards with queued writes and no lease holder.
-pub fn claimable(reply: &[Value]) -> Result<Vec<u32>, ReplyError> {
-    reply
+/// `CLAIMABLE`: the shards with work and no lease holder, and how soon the
+/// next scheduled write of the others is due (within the alarm's lead).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claimable {
+    /// Milliseconds until the soonest scheduled write of an unheld shard is
+    /// due, if within the lead.
+    pub wait_ms: Option<u64>,
+    /// The claimable shards.
+    pub shards: Vec<u32>,
+}
+
+/// Reads `wait_ms, shard*`.
+pub fn claimable(reply: &[Value]) -> Result<Claimable, ReplyError> {
+    const S: &str = "CLAIMABLE";
+    let wait_ms = u64::try_from(int_at(S, reply, 0, "wait_ms")?).ok();
+    let shards = reply[1..]
         .iter()
         .enumerate()
-        .map(|(i, v)| v.int().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad("CLAIMABLE", format!("value {i} is not a shard: {v:?}"))))
-        .collect()
+        .map(|(i, v)| v.int().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(S, format!("value {} is not a shard: {v:?}", i + 1))))
+        .collect::<Result<_, _>>()?;
+    Ok(Claimable { wait_ms, shards })
 }
 
 /// `NODES_SEEN`: each node seen and how long ago (ms), by name.
@@ -271,21 +319,25 @@ pub struct ShardStats {
     pub lease_ms_left: i64,
     /// Redis's clock (ms since the epoch).
     pub now_ms: u64,
+    /// Scheduled writes not yet in the stream.
+    pub scheduled: u64,
+    /// When the next of them is due (ms since the epoch).
+    pub next_due_ms: Option<u64>,
     /// The stats hash, field by field.
     pub counters: Vec<(String, u64)>,
 }
 
 impl ShardStats {
     /// Reads `depth, unacknowledged, oldest, dead letters, holder, lease ms left,
-    /// now ms, (field, value)*`.
+    /// now ms, scheduled, next due ms, (field, value)*`.
     pub fn parse(reply: &[Value]) -> Result<Self, ReplyError> {
         const S: &str = "SHARD_STATS";
-        if reply.len() < 7 || reply.len().is_multiple_of(2) {
+        if reply.len() < 9 || reply.len().is_multiple_of(2) {
             return Err(bad(S, format!("{} values", reply.len())));
         }
         let count = |i: usize, name: &str| int_at(S, reply, i, name).map(|n| n.max(0) as u64);
         let text = |i: usize| reply[i].text().filter(|t| !t.is_empty());
-        let counters = reply[7..]
+        let counters = reply[9..]
             .chunks(2)
             .map(|p| match (p[0].text(), p[1].int()) {
                 (Some(f), Some(v)) => Ok((f, v.max(0) as u64)),
@@ -300,6 +352,8 @@ impl ShardStats {
             holder: text(4),
             lease_ms_left: int_at(S, reply, 5, "the lease's time left")?,
             now_ms: count(6, "now")?,
+            scheduled: count(7, "scheduled")?,
+            next_due_ms: u64::try_from(int_at(S, reply, 8, "next due")?).ok(),
             counters,
         })
     }
@@ -383,12 +437,16 @@ mod tests {
     #[test]
     fn batch_replies() {
         assert_eq!(BatchRead::parse(&[t("lost")]), Ok(BatchRead::Lost));
-        let ok = [t("ok"), Value::Int(5), t(""), t("1-0"), t("{}"), Value::Int(1), t("1-1"), t("[]"), Value::Int(3)];
-        let BatchRead::Batch { prune_before_ms, cursor, entries } = BatchRead::parse(&ok).unwrap() else { panic!() };
-        assert_eq!((prune_before_ms, cursor, entries.len(), entries[1].attempt), (5, None, 2, 3));
-        assert_eq!(BatchRead::parse(&[t("ok"), Value::Int(0), t("0-5")]).unwrap(), BatchRead::Batch { prune_before_ms: 0, cursor: Some("0-5".into()), entries: vec![] });
-        assert!(BatchRead::parse(&ok[..8]).is_err());
-        assert!(BatchRead::parse(&[t("ok"), Value::Nil, t("")]).is_err());
+        let ok = [t("ok"), Value::Int(5), t(""), Value::Int(-1), t("1-0"), t("{}"), Value::Int(1), t("1-1"), t("[]"), Value::Int(3)];
+        let BatchRead::Batch { prune_before_ms, cursor, armed_ms, entries } = BatchRead::parse(&ok).unwrap() else { panic!() };
+        assert_eq!((prune_before_ms, cursor, armed_ms, entries.len(), entries[1].attempt), (5, None, None, 2, 3));
+        assert_eq!(
+            BatchRead::parse(&[t("ok"), Value::Int(0), t("0-5"), Value::Int(700)]).unwrap(),
+            BatchRead::Batch { prune_before_ms: 0, cursor: Some("0-5".into()), armed_ms: Some(700), entries: vec![] }
+        );
+        assert!(BatchRead::parse(&ok[..9]).is_err());
+        assert!(BatchRead::parse(&[t("ok"), Value::Nil, t(""), Value::Int(-1)]).is_err());
+        assert!(BatchRead::parse(&[t("ok"), Value::Int(0), t("")]).is_err(), "no armed_ms");
         assert!(BatchRead::parse(&[]).is_err());
         assert!(BatchRead::parse(&[t("OK")]).is_err());
     }
@@ -396,8 +454,14 @@ mod tests {
     /// The other scripts' replies read by type, and refuse other shapes.
     #[test]
     fn other_replies() {
-        let (e, rang) = Enqueued::parse(&[t("ok"), t("1-1-0"), t("1-2-0"), t("rang"), Value::Int(1)]).unwrap();
-        assert_eq!((e, rang), (Enqueued::Accepted { ids: vec!["1-1-0".into(), "1-2-0".into()], replay: false }, vec![1]));
+        let (e, rung) = Enqueued::parse(&[t("ok"), t("1-1-0"), t("1-2-0"), t("rang"), Value::Int(1)]).unwrap();
+        assert_eq!((e, rung.rang, rung.armed), (Enqueued::Accepted { ids: vec!["1-1-0".into(), "1-2-0".into()], replay: false }, vec![1], vec![]));
+        let (e, rung) = Enqueued::parse(&[t("ok"), t("2-9-0"), t("armed"), Value::Int(2), Value::Int(8500)]).unwrap();
+        assert_eq!((e, rung), (Enqueued::Accepted { ids: vec!["2-9-0".into()], replay: false }, Rung { rang: vec![], armed: vec![(2, 8500)] }));
+        let (_, rung) = Enqueued::parse(&[t("ok"), t("2-9-0"), t("rang"), t("2"), t("armed"), t("2"), t("10")]).unwrap();
+        assert_eq!(rung, Rung { rang: vec![2], armed: vec![(2, 10)] });
+        assert!(Enqueued::parse(&[t("ok"), t("2-9-0"), t("armed"), t("2")]).is_err());
+        assert_eq!(Enqueued::parse(&[t("full-scheduled"), t("4")]).unwrap().0, Enqueued::FullScheduled { shard: "4".into() });
         assert_eq!(Enqueued::parse(&[t("replay"), t("1-1-0")]).unwrap().0, Enqueued::Accepted { ids: vec!["1-1-0".into()], replay: true });
         assert_eq!(Enqueued::parse(&[t("full"), t("3")]).unwrap().0, Enqueued::Full { shard: "3".into() });
         assert_eq!(Enqueued::parse(&[t("conflict")]).unwrap().0, Enqueued::Conflict);
@@ -407,10 +471,15 @@ mod tests {
         assert!(FillBegin::parse(&[Value::Int(3)]).is_err() && FillBegin::parse(&[]).is_err());
         assert_eq!(Grant::parse_all(&[Value::Int(1), Value::Int(0), Value::Int(2)], 3), Ok(vec![Grant::Taken, Grant::Busy, Grant::LeaseLost]));
         assert!(Grant::parse_all(&[Value::Int(1)], 2).is_err());
-        assert_eq!(claimable(&[Value::Int(3), t("5")]), Ok(vec![3, 5]));
-        assert!(claimable(&[Value::Int(-1)]).is_err());
-        let st = ShardStats::parse(&[Value::Int(4), Value::Int(1), t("17-0"), Value::Int(0), t(""), Value::Int(-2), Value::Int(20), t("accepted"), t("4")]).unwrap();
+        assert_eq!(claimable(&[Value::Int(-1), Value::Int(3), t("5")]), Ok(Claimable { wait_ms: None, shards: vec![3, 5] }));
+        assert_eq!(claimable(&[Value::Int(120)]), Ok(Claimable { wait_ms: Some(120), shards: vec![] }));
+        assert!(claimable(&[Value::Int(-1), Value::Int(-1)]).is_err() && claimable(&[]).is_err());
+        let st = ShardStats::parse(&[
+            Value::Int(4), Value::Int(1), t("17-0"), Value::Int(0), t(""), Value::Int(-2), Value::Int(20), Value::Int(3), Value::Int(90), t("accepted"), t("4"),
+        ])
+        .unwrap();
         assert_eq!((st.depth, st.oldest.as_deref(), st.holder, st.counters), (4, Some("17-0"), None, vec![("accepted".into(), 4)]));
+        assert_eq!((st.scheduled, st.next_due_ms), (3, Some(90)));
         assert!(ShardStats::parse(&[Value::Int(4)]).is_err());
         assert_eq!(replayed(&[t("1-1-0"), t("1-9-0")]), Ok(vec![("1-1-0".into(), "1-9-0".into())]));
         assert!(replayed(&[t("1-1-0")]).is_err());

@@ -72,28 +72,99 @@ end
     };
 }
 
+/// The Lua helpers of the schedule (see `crate::schedule`), after
+/// `add_entry_lua`:
+///
+/// - `move_due(sched, stream, now, max, retention_ms, seq_start)` moves up to
+///   `max` scheduled writes due at or before `now` from the shard's schedule
+///   into its stream, in order (due time, then acceptance), each under the id
+///   it was given (`<due>-<sequence>`), and returns whether more are due. Every
+///   script that adds to a stream moves first, so the stream's ids stay below
+///   those of the writes still scheduled; only after a failover to a replica
+///   whose clock was behind can the stream be past one: it then gets a new id,
+///   and its old id's status key says `moved:<new entry id>`.
+/// - `arm(sched, alarm, now, floor, lead)` sets the shard's alarm to expire
+///   `lead` ms before its next scheduled write is due (not before `floor`),
+///   unless it expires sooner already. Returns the ms until that write is due
+///   (-1: none) and the alarm's new TTL (-1: left as it was).
+/// - `seq_of(member)`: a member's sequence as it appears in the write id.
+///
+/// A schedule member is the 19-digit sequence (`%010d` of the shard's
+/// scheduled-write count, `%09d` of a random number) followed by the write:
+/// members with the same due time sort in order of acceptance.
+macro_rules! schedule_lua {
+    () => {
+        r#"
+local function seq_of(member)
+  return (string.gsub(string.sub(member, 1, 19), '^0+', ''))
+end
+local function move_due(sched, stream, now, max, retention, seq_start)
+  local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', 0, max)
+  for i = 1, #due, 2 do
+    local m = due[i]
+    local id = string.format('%d', tonumber(due[i + 1])) .. '-' .. seq_of(m)
+    local added = redis.pcall('XADD', stream, id, 'w', string.sub(m, 20))
+    if type(added) == 'table' then
+      if not string.find(added.err, 'equal or smaller', 1, true) then error(added) end
+      local new = add_entry(stream, string.sub(m, 20), now, seq_start)
+      redis.call('SET', string.gsub(stream, ':stream$', ':dead:') .. id, 'moved:' .. new, 'PX', retention)
+    end
+    redis.call('ZREM', sched, m)
+  end
+  if #due < 2 * max then return false end
+  return #redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, 1) > 0
+end
+local function arm(sched, alarm, now, floor, lead)
+  local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+  if #first == 0 then return -1, -1 end
+  local due = tonumber(first[2])
+  local at = math.max(floor, due - lead)
+  local cur = tonumber(redis.call('GET', alarm) or '')
+  if cur and cur <= at then return due - now, -1 end
+  redis.call('SET', alarm, string.format('%d', at), 'PX', math.max(1, at - now))
+  return due - now, math.max(1, at - now)
+end
+"#
+    };
+}
+
 /// Enqueue a request's writes on one Redis server in one round trip, all or
 /// nothing: the writes of every shard of the request that lives on that server
 /// (of one shard, with `redis_cluster`, so that the script touches one hash slot).
 ///
-/// KEYS: `[idempotency, (stream, bell, lease, stats)*]`, one group per shard; the
-/// idempotency key is in the first shard's slot.
+/// KEYS: `[idempotency, (stream, bell, lease, stats, sched, sched_seq, alarm)*]`,
+/// one group per shard; the idempotency key is in the first shard's slot.
 /// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, seq_start,
-/// n, shard_1..shard_n, writes, (slot, payload)*]` where `slot` is 1-based in the
-/// shard list and `seq_start` is random (see `add_entry_lua`): a request's
-/// first entry in each stream is added by `add_entry`, the rest follow it.
+/// scheduled_limit, lead_ms, retention_ms, n, shard_1..shard_n, writes, (slot,
+/// due, ttl, payload)*]` where `slot` is 1-based in the shard list, `due` is
+/// empty (now), `d<ms>` (a delay) or `a<epoch ms>` (a time; one past is now),
+/// `ttl` is empty or `<ttl_ms>:<the key as a JSON string>`, and `seq_start` is
+/// random (see `add_entry_lua`): a request's first entry in each stream is
+/// added by `add_entry`, the rest follow it.
 ///
-/// Reply: `ok, id*[, rang, shard*]` (`rang`: the shards whose doorbell this call
-/// rang; the caller rings them, on the doorbell channel or over HTTP) | `replay,
-/// id*` (same idempotency key and body) | `conflict` (same key, other body) |
-/// `full, shard` (over the depth limit; nothing added).
+/// A write due later goes to the shard's schedule (see `schedule_lua`), with
+/// the id it will have in the stream. What is due moves into the stream before
+/// anything is added to it; a shard with more due than one call moves keeps
+/// this call's writes in its schedule too, due now, behind the rest. A write
+/// with a `ttl` schedules its expiry beside it, `ttl_ms` after it is due: the
+/// write `{"key": .., "op": "$expire", "of": <its id>}`, which the processor
+/// applies as a deletion unless a later write of the key was applied since.
+///
+/// Reply: `ok, id*[, rang, shard*][, armed, (shard, ttl_ms)*]`, an id being
+/// `<write id>|<expiry's write id>` for a write with a `ttl` (`rang`: the
+/// shards whose doorbell this call rang, or whose next scheduled write is due
+/// within the alarm's lead; the caller rings them, on the doorbell channel or
+/// over HTTP; `armed`: the shards whose alarm this call set, and when it
+/// expires) | `replay, id*` (same idempotency key and body) | `conflict` (same
+/// key, other body) | `full, shard` (over the depth limit) | `full-scheduled,
+/// shard` (over the scheduled-write limit); nothing is added when refused.
 ///
 /// Doorbell: a shard whose flag is not set gets it (valued with the time it was
 /// rung, with a TTL) and is rung, so a burst rings once per shard, not once per
 /// write. A flag that has been set for more than half its TTL while no processor
 /// holds the shard's lease is a ring that was lost (the processor crashed before
 /// taking the lease, or the app restarted): it is rung again.
-pub const ENQUEUE: &str = concat!(count_lua!(), add_entry_lua!(), r#"
+pub const ENQUEUE: &str = concat!(count_lua!(), add_entry_lua!(), schedule_lua!(), r#"
 local use_idem = ARGV[1] == '1'
 if use_idem then
   local prev = redis.call('GET', KEYS[1])
@@ -108,55 +179,105 @@ if use_idem then
     return out
   end
 end
-local limit = tonumber(ARGV[4])
-local n = tonumber(ARGV[7])
-local base = 8 + n
+local limit, seq_start = tonumber(ARGV[4]), tonumber(ARGV[6])
+local sched_limit, lead, retention = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local n = tonumber(ARGV[10])
+local base = 11 + n
 local writes = tonumber(ARGV[base])
-local counts = {}
-for i = 1, writes do
-  local slot = tonumber(ARGV[base + 2 * i - 1])
-  counts[slot] = (counts[slot] or 0) + 1
-end
-for s = 1, n do
-  if redis.call('XLEN', KEYS[4 * s - 2]) + (counts[s] or 0) > limit then return {'full', ARGV[7 + s]} end
-end
+local function key(s, i) return KEYS[7 * s - 6 + i] end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local behind = {}
+for s = 1, n do behind[s] = move_due(key(s, 5), key(s, 1), now, 100, retention, seq_start) end
+local function arg(i, k) return ARGV[base + 4 * i - 4 + k] end
+local due, queued, scheduled = {}, {}, {}
+for i = 1, writes do
+  local slot = tonumber(arg(i, 1))
+  local d = arg(i, 2)
+  local at = now
+  if d ~= '' then
+    local v = tonumber(string.sub(d, 2))
+    if string.sub(d, 1, 1) == 'd' then at = now + v else at = math.max(now, v) end
+  end
+  due[i] = at
+  if at > now then
+    scheduled[slot] = (scheduled[slot] or 0) + 1
+  else
+    queued[slot] = (queued[slot] or 0) + 1
+  end
+  if arg(i, 3) ~= '' then scheduled[slot] = (scheduled[slot] or 0) + 1 end
+end
+for s = 1, n do
+  if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then return {'full', ARGV[10 + s]} end
+  if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then return {'full-scheduled', ARGV[10 + s]} end
+end
+local function schedule(slot, at, payload, i)
+  local c = redis.call('INCR', key(slot, 6))
+  local seq = string.format('%010d%09d', c % 10000000000, (seq_start + i) % 1000000000)
+  redis.call('ZADD', key(slot, 5), at, seq .. payload)
+  return ARGV[10 + slot] .. '-' .. string.format('%d', at) .. '-' .. seq_of(seq)
+end
 local out = {'ok'}
 local started = {}
 for i = 1, writes do
-  local slot = tonumber(ARGV[base + 2 * i - 1])
-  local stream, payload = KEYS[4 * slot - 2], ARGV[base + 2 * i]
+  local slot = tonumber(arg(i, 1))
+  local stream, payload = key(slot, 1), arg(i, 4)
   local id
-  if started[slot] then
-    id = redis.call('XADD', stream, '*', 'w', payload)
+  if due[i] > now or behind[slot] then
+    id = schedule(slot, due[i], payload, i)
+  elseif started[slot] then
+    id = ARGV[10 + slot] .. '-' .. redis.call('XADD', stream, '*', 'w', payload)
   else
     started[slot] = true
-    id = add_entry(stream, payload, now, tonumber(ARGV[6]))
+    id = ARGV[10 + slot] .. '-' .. add_entry(stream, payload, now, seq_start)
   end
-  out[#out + 1] = ARGV[7 + slot] .. '-' .. id
+  local ttl = arg(i, 3)
+  if ttl ~= '' then
+    local sep = string.find(ttl, ':', 1, true)
+    local expiry = '{"key":' .. string.sub(ttl, sep + 1) .. ',"op":"$expire","of":"' .. id .. '"}'
+    id = id .. '|' .. schedule(slot, due[i] + tonumber(string.sub(ttl, 1, sep - 1)), expiry, i)
+  end
+  out[#out + 1] = id
 end
-for s = 1, n do count(KEYS[4 * s + 1], 'accepted', counts[s] or 0, true) end
+for s = 1, n do
+  count(key(s, 4), 'accepted', (queued[s] or 0) + (scheduled[s] or 0), true)
+  count(key(s, 4), 'scheduled', scheduled[s] or 0, false)
+end
 if use_idem then
   redis.call('SET', KEYS[1], ARGV[2] .. '|' .. table.concat(out, ',', 2), 'EX', ARGV[3])
 end
 local ttl = tonumber(ARGV[5])
-local rang = {}
+local rang, armed = {}, {}
 for s = 1, n do
-  local bell = KEYS[4 * s - 1]
-  local ring = redis.call('SET', bell, now, 'NX', 'PX', ttl)
-  if not ring then
-    local at = tonumber(redis.call('GET', bell)) or 0
-    if now - at > ttl / 2 and redis.call('EXISTS', KEYS[4 * s]) == 0 then
-      redis.call('SET', bell, now, 'PX', ttl)
-      ring = true
+  local ring = false
+  if queued[s] then
+    local bell = key(s, 2)
+    ring = redis.call('SET', bell, now, 'NX', 'PX', ttl)
+    if not ring then
+      local at = tonumber(redis.call('GET', bell)) or 0
+      if now - at > ttl / 2 and redis.call('EXISTS', key(s, 3)) == 0 then
+        redis.call('SET', bell, now, 'PX', ttl)
+        ring = true
+      end
     end
   end
-  if ring then rang[#rang + 1] = ARGV[7 + s] end
+  if scheduled[s] then
+    local due_in, set = arm(key(s, 5), key(s, 7), now, now + 1, lead)
+    if due_in <= lead then ring = true end
+    if set > 0 then
+      armed[#armed + 1] = ARGV[10 + s]
+      armed[#armed + 1] = set
+    end
+  end
+  if ring then rang[#rang + 1] = ARGV[10 + s] end
 end
 if #rang > 0 then
   out[#out + 1] = 'rang'
   for _, s in ipairs(rang) do out[#out + 1] = s end
+end
+if #armed > 0 then
+  out[#out + 1] = 'armed'
+  for _, v in ipairs(armed) do out[#out + 1] = v end
 end
 return out
 "#);
@@ -256,26 +377,35 @@ return 0
 /// the shard's others are not. Once the pending entries are exhausted the
 /// marker is dropped.
 ///
-/// KEYS: `[lease, stream, attempts, watch, applying]`.
+/// Schedule: up to `count` scheduled writes that are due move into the
+/// stream first (see `schedule_lua`), and the shard's alarm is set for the
+/// next one.
+///
+/// KEYS: `[lease, stream, attempts, watch, applying, sched, alarm]`.
 /// ARGV: `[token, group, consumer, count, max_attempts, lease_ttl_ms,
-/// retention_ms, resume, bytes]`: at most `count` entries, and no more than fit
+/// retention_ms, resume, bytes, lead_ms]`: at most `count` entries, and no more than fit
 /// in `bytes` of payload (at least one; `0`: no limit). New entries are
 /// measured before they are read (the group's last delivered id, then the
 /// entries after it), so none is delivered that the batch does not carry;
 /// pending ones are read, and those beyond stay pending, after the cursor.
-/// Reply: `lost` | `ok, prune_before_ms, cursor, (entry_id, payload, attempt)*`,
+/// Reply: `lost` | `ok, prune_before_ms, cursor, armed_ms, (entry_id, payload,
+/// attempt)*`, where `armed_ms` is the TTL the shard's alarm was set to (-1:
+/// left as it was),
 /// where `attempt` counts this delivery (above `max_attempts`: past the limit);
 /// `cursor` is the last pending id read (resume from there next time) or empty
 /// once the pending entries are exhausted and the batch holds new entries, and
 /// `prune_before_ms` is the earlier of "now minus the retention" and the stream time
 /// of the oldest entry still in the stream (see `sql::PRUNE_WRITES`), both on Redis's
 /// clock, the clock of the entry ids.
-pub const READ_BATCH: &str = concat!(allow_oom!(), r#"
+pub const READ_BATCH: &str = concat!(allow_oom!(), add_entry_lua!(), schedule_lua!(), r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lost'} end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[4], ARGV[1], 'PX', 3 * tonumber(ARGV[6]))
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
 local count = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+move_due(KEYS[6], KEYS[2], now, count, ARGV[7], tonumber(t[2]))
 local budget = tonumber(ARGV[9]) or 0
 local function read(from)
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', count, 'STREAMS', KEYS[2], from)
@@ -331,9 +461,8 @@ else
   entries = read('>')
 end
 local marked = redelivered and has_marker
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {'ok', 0, cursor}
+local _, armed = arm(KEYS[6], KEYS[7], now, now + 1, tonumber(ARGV[10]))
+local out = {'ok', 0, cursor, armed}
 for _, e in ipairs(entries) do
   local id = e[1]
   local fields = e[2]
@@ -442,18 +571,38 @@ end
 return out
 "#);
 
-/// Whether a shard has queued writes and no lease holder: work a processor may
-/// claim. A shard backing off (its lease holds [`BACKING_OFF`]) counts as
-/// claimable only for an operator's drain (`end_backoff` = `1`).
-/// KEYS: `[stream, lease]*`, ARGV: `[end_backoff, shard*]` (one shard per
-/// call, one hash slot, unless the shards share a server). Reply: the shard
-/// numbers that are claimable.
-pub const CLAIMABLE: &str = concat!(allow_oom!(), r#"
-local out = {}
-for i = 2, #ARGV do
-  local lease = redis.call('GET', KEYS[2 * i - 2])
-  if (lease == false or (ARGV[1] == '1' and lease == 'backoff')) and redis.call('XLEN', KEYS[2 * i - 3]) > 0 then
-    out[#out + 1] = ARGV[i]
+/// Whether a shard has queued writes (or scheduled ones now due) and no lease
+/// holder: work a processor may claim. A shard backing off (its lease holds
+/// [`BACKING_OFF`]) counts as claimable only for an operator's drain
+/// (`end_backoff` = `1`). Of the other unheld shards, the one whose next
+/// scheduled write is due soonest within `lead_ms` gives `wait_ms` (a drain
+/// waits for it), and each of those has its alarm set to expire no sooner than
+/// `lead_ms` from now: should the waiting drain die, that expiry wakes another.
+/// KEYS: `[stream, lease, sched, alarm]*`, ARGV: `[end_backoff, lead_ms,
+/// shard*]` (one shard per call, one hash slot, unless the shards share a
+/// server). Reply: `wait_ms` (-1: none), then the shard numbers that are
+/// claimable.
+pub const CLAIMABLE: &str = concat!(allow_oom!(), add_entry_lua!(), schedule_lua!(), r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lead = tonumber(ARGV[2])
+local out = {-1}
+for i = 3, #ARGV do
+  local k = 4 * (i - 3)
+  local lease = redis.call('GET', KEYS[k + 2])
+  if lease == false or (ARGV[1] == '1' and lease == 'backoff') then
+    if redis.call('XLEN', KEYS[k + 1]) > 0 then
+      out[#out + 1] = ARGV[i]
+    else
+      local first = redis.call('ZRANGE', KEYS[k + 3], 0, 0, 'WITHSCORES')
+      local due_in = first[2] and tonumber(first[2]) - now
+      if due_in and due_in <= 0 then
+        out[#out + 1] = ARGV[i]
+      elseif due_in and due_in <= lead then
+        if out[1] < 0 or due_in < out[1] then out[1] = due_in end
+        arm(KEYS[k + 3], KEYS[k + 4], now, now + lead, lead)
+      end
+    end
   end
 end
 return out
@@ -589,16 +738,18 @@ return n
 /// each old id's status `replayed:<new id>` (for the status retention) and setting
 /// the doorbell flag (the caller rings it).
 ///
-/// KEYS: `[dead, dead_status_prefix, stream, bell, stats]`.
+/// KEYS: `[dead, dead_status_prefix, stream, bell, stats, sched]`.
 /// ARGV: `[seq_start, bell_ttl_ms, shard, retention_ms, write_id*]` (no write
 /// ids: all of the shard); the first new entry is added as intake adds a
 /// request's (see `add_entry_lua`), so that a new id never repeats one the
-/// database recorded before a failover.
+/// database recorded before a failover. Scheduled writes that are due move
+/// into the stream first (see `schedule_lua`).
 /// Reply: `(old write id, new write id)*`.
-pub const REPLAY: &str = concat!(count_lua!(), dead_lua!(), add_entry_lua!(), r#"
+pub const REPLAY: &str = concat!(count_lua!(), dead_lua!(), add_entry_lua!(), schedule_lua!(), r#"
 local out = {}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+move_due(KEYS[6], KEYS[3], now, 100, ARGV[4], tonumber(ARGV[1]))
 for i, d in ipairs(matching_dead(KEYS[1], 5)) do
   local f = d[2]
   local new
@@ -638,10 +789,10 @@ count(KEYS[3], 'purged', #out, false)
 return out
 "#);
 
-/// One shard's figures for the stats. KEYS: `[stream, lease, dead, stats]`,
-/// ARGV: `[group]`. Reply: `depth, unacknowledged, oldest entry id (or ''),
-/// dead letters, lease holder (or ''), lease ms left, now ms, (field, value)*` of
-/// the stats hash.
+/// One shard's figures for the stats. KEYS: `[stream, lease, dead, stats,
+/// sched]`, ARGV: `[group]`. Reply: `depth, unacknowledged, oldest entry id (or
+/// ''), dead letters, lease holder (or ''), lease ms left, now ms, scheduled
+/// writes, next due ms (-1: none), (field, value)*` of the stats hash.
 pub const SHARD_STATS: &str = r#"
 local depth = redis.call('XLEN', KEYS[1])
 local unacked = 0
@@ -654,10 +805,40 @@ local oldest = ''
 if first then oldest = first[1] end
 local holder = redis.call('GET', KEYS[2]) or ''
 local t = redis.call('TIME')
+local next_due = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')[2]
 local out = {depth, unacked, oldest, redis.call('XLEN', KEYS[3]), holder, redis.call('PTTL', KEYS[2]),
-  tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+  tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), redis.call('ZCARD', KEYS[5]),
+  next_due and tonumber(next_due) or -1}
 for _, v in ipairs(redis.call('HGETALL', KEYS[4])) do out[#out + 1] = v end
 return out
+"#;
+
+/// Cancel a scheduled write that is still in its shard's schedule: it leaves
+/// the schedule, its status key says `cancelled` (for the status retention),
+/// and a notice goes to `done` for waiting status reads.
+/// KEYS: `[sched, dead_status_prefix, stats, done]`. ARGV: `[due_ms, sequence
+/// (19 digits), retention_ms, entry_id]`. Reply: 1 cancelled, 0 not in the
+/// schedule (moved into the stream already, cancelled, or no such write).
+pub const CANCEL: &str = concat!(count_lua!(), r#"
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
+  if string.sub(m, 1, 19) == ARGV[2] then
+    redis.call('ZREM', KEYS[1], m)
+    redis.call('SET', KEYS[2] .. ARGV[4], 'cancelled', 'PX', ARGV[3])
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100, '*', 'cancelled', ARGV[4])
+    count(KEYS[3], 'cancelled', 1, false)
+    return 1
+  end
+end
+return 0
+"#);
+
+/// Whether a write is in its shard's schedule, and when it is due. KEYS:
+/// `[sched]`, ARGV: `[due_ms, sequence (19 digits)]`. Reply: 1 or 0.
+pub const SCHEDULED: &str = r#"
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
+  if string.sub(m, 1, 19) == ARGV[2] then return 1 end
+end
+return 0
 "#;
 
 /// Add a cache instance's counts: KEYS `[cache_stats]`, ARGV `[hits, misses]`.

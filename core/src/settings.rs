@@ -35,6 +35,11 @@ pub struct Settings {
     pub retry_backoff_ms: u64,
     /// `queue_depth_limit`: entries per shard stream before intake answers 429.
     pub queue_depth_limit: u64,
+    /// `scheduled_limit`: scheduled writes (not yet due) per shard before
+    /// intake answers 429.
+    pub scheduled_limit: u64,
+    /// `schedule_horizon_secs`: how far ahead a write may be scheduled.
+    pub schedule_horizon_secs: u64,
     /// `idempotency_ttl_secs`.
     pub idempotency_ttl_secs: u64,
     /// `status_retention_secs`: how long a write's outcome stays queryable after the
@@ -291,6 +296,8 @@ impl Settings {
             max_attempts: num(&get, "max_attempts", 5)?,
             retry_backoff_ms: num(&get, "retry_backoff_ms", 500)?,
             queue_depth_limit: num(&get, "queue_depth_limit", 100_000)?,
+            scheduled_limit: num(&get, "scheduled_limit", 100_000)?,
+            schedule_horizon_secs: num(&get, "schedule_horizon_secs", 604_800)?,
             idempotency_ttl_secs: num(&get, "idempotency_ttl_secs", 86_400)?,
             status_retention_secs,
             change_feed_secs,

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::problem::Problem;
+use crate::schedule::{self, Due, Timing};
 
 /// One write to one record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +212,9 @@ impl Accepted {
 pub struct WriteBatch {
     /// The writes, in request order.
     pub writes: Vec<Accepted>,
+    /// When each write is due (`delay_ms`, `apply_at`) and when what it
+    /// writes expires (`ttl_ms`), in the same order.
+    pub timing: Vec<Timing>,
     /// Whether the request used the batch form.
     pub batch: bool,
 }
@@ -253,8 +257,10 @@ pub fn parse_request_for(body: &[u8], limits: &Limits, operations: &[String]) ->
         ));
     }
     let mut out = Vec::with_capacity(writes.len());
-    for (i, w) in writes.into_iter().enumerate() {
+    let mut timing = Vec::with_capacity(writes.len());
+    for (i, mut w) in writes.into_iter().enumerate() {
         let pointer = if base.is_empty() { String::new() } else { format!("{base}/{i}") };
+        timing.push(take_timing(&mut w, &pointer)?);
         let custom = check_members(&w, &pointer, operations)?;
         let w = integral_numbers(w);
         if custom {
@@ -265,7 +271,57 @@ pub fn parse_request_for(body: &[u8], limits: &Limits, operations: &[String]) ->
         write.validate(limits, &pointer)?;
         out.push(Accepted::Builtin(write));
     }
-    Ok(WriteBatch { writes: out, batch: !base.is_empty() })
+    Ok(WriteBatch { writes: out, timing, batch: !base.is_empty() })
+}
+
+/// Takes a write's timing members out of it (they are not part of what is
+/// applied): `delay_ms` (an integer from 0) or `apply_at` (an RFC 3339 date or
+/// an integer of milliseconds since the Unix epoch), not both; and `ttl_ms`
+/// (an integer from 1; `put` and `merge` only). Whether the times are within
+/// bounds is checked against the clock by intake ([`Timing::check`]).
+fn take_timing(w: &mut Value, pointer: &str) -> Result<Timing, Problem> {
+    let Value::Object(o) = w else { return Ok(Timing::default()) };
+    let ttl_ms = match o.remove("ttl_ms") {
+        None => None,
+        Some(t) => {
+            let at = format!("{pointer}/ttl_ms");
+            if !matches!(o.get("op").and_then(Value::as_str), Some("put" | "merge")) {
+                return Err(Problem::invalid("ttl_ms is for put and merge: what they write expires", &at));
+            }
+            match t.as_f64().filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f <= MAX_INTEGER as f64) {
+                Some(ms) => Some(ms as u64),
+                None => return Err(Problem::invalid("ttl_ms must be an integer number of milliseconds from 1", &at)),
+            }
+        }
+    };
+    Ok(Timing { due: take_due(o, pointer)?, ttl_ms })
+}
+
+/// `delay_ms` or `apply_at` (see [`take_timing`]).
+fn take_due(o: &mut Map<String, Value>, pointer: &str) -> Result<Option<Due>, Problem> {
+    let (delay, at) = (o.remove("delay_ms"), o.remove("apply_at"));
+    match (delay, at) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(Problem::invalid("a write has delay_ms or apply_at, not both", &format!("{pointer}/apply_at"))),
+        (Some(d), None) => match d.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_INTEGER as f64) {
+            Some(ms) => Ok(Some(Due::After(ms as u64))),
+            None => Err(Problem::invalid("delay_ms must be an integer number of milliseconds from 0", &format!("{pointer}/delay_ms"))),
+        },
+        (None, Some(a)) => {
+            let ms = match &a {
+                Value::String(t) => schedule::parse_rfc3339(t),
+                Value::Number(n) => n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_INTEGER as f64).map(|f| f as u64),
+                _ => None,
+            };
+            match ms {
+                Some(ms) => Ok(Some(Due::At(ms))),
+                None => Err(Problem::invalid(
+                    "apply_at must be an RFC 3339 date-time (e.g. 2026-12-03T17:00:00Z) or milliseconds since the Unix epoch",
+                    &format!("{pointer}/apply_at"),
+                )),
+            }
+        }
+    }
 }
 
 /// A declared operation's write: its key checked, `if_version` (if any) a
@@ -440,6 +496,51 @@ mod tests {
         let deep = (0..40).fold(json!(1), |v, _| json!([v]));
         let e = parse(json!({"key": "a", "op": "put", "value": deep})).unwrap_err();
         assert_eq!(e.status, 422);
+    }
+
+    /// `delay_ms` and `apply_at` are taken out of the write (not applied) and
+    /// read; bad values name the member.
+    #[test]
+    fn scheduling_members() {
+        let b = parse(json!({"writes": [
+            {"key": "a", "op": "put", "value": 1, "delay_ms": 900_000},
+            {"key": "a", "op": "delete", "apply_at": "2026-12-03T17:00:00Z"},
+            {"key": "a", "op": "delete", "apply_at": 1_796_317_200_000u64},
+            {"key": "a", "op": "incr", "field": "n", "delay_ms": 0.0},
+            {"key": "a", "op": "delete"}
+        ]}))
+        .unwrap();
+        let due: Vec<Option<Due>> = b.timing.iter().map(|t| t.due).collect();
+        assert_eq!(due, [Some(Due::After(900_000)), Some(Due::At(1_796_317_200_000)), Some(Due::At(1_796_317_200_000)), Some(Due::After(0)), None]);
+        assert!(!b.writes[0].payload().contains("delay_ms") && !b.writes[1].payload().contains("apply_at"), "{}", b.writes[0].payload());
+        for (bad, at) in [
+            (json!({"key": "a", "op": "delete", "delay_ms": -1}), "/delay_ms"),
+            (json!({"key": "a", "op": "delete", "delay_ms": 1.5}), "/delay_ms"),
+            (json!({"key": "a", "op": "delete", "delay_ms": "5"}), "/delay_ms"),
+            (json!({"key": "a", "op": "delete", "apply_at": "tomorrow"}), "/apply_at"),
+            (json!({"key": "a", "op": "delete", "apply_at": -5}), "/apply_at"),
+            (json!({"key": "a", "op": "delete", "apply_at": 5, "delay_ms": 5}), "/apply_at"),
+        ] {
+            assert_eq!(parse(bad.clone()).unwrap_err().field.as_deref(), Some(at), "{bad}");
+        }
+        let custom = parse_request_for(json!({"key": "k", "op": "score", "points": 1, "delay_ms": 5}).to_string().as_bytes(), &Limits::default(), &["score".to_owned()]).unwrap();
+        assert_eq!((custom.timing[0].due, custom.writes[0].payload().contains("delay_ms")), (Some(Due::After(5)), false));
+        let ttl = parse(json!({"writes": [
+            {"key": "a", "op": "put", "value": 1, "ttl_ms": 1000},
+            {"key": "a", "op": "merge", "patch": {}, "ttl_ms": 5, "delay_ms": 10}
+        ]}))
+        .unwrap();
+        assert_eq!(ttl.timing, [Timing { due: None, ttl_ms: Some(1000) }, Timing { due: Some(Due::After(10)), ttl_ms: Some(5) }]);
+        assert!(!ttl.writes[0].payload().contains("ttl_ms"));
+        for bad in [
+            json!({"key": "a", "op": "put", "value": 1, "ttl_ms": 0}),
+            json!({"key": "a", "op": "put", "value": 1, "ttl_ms": -5}),
+            json!({"key": "a", "op": "put", "value": 1, "ttl_ms": "1s"}),
+            json!({"key": "a", "op": "delete", "ttl_ms": 1000}),
+            json!({"key": "a", "op": "incr", "field": "n", "ttl_ms": 1000}),
+        ] {
+            assert_eq!(parse(bad.clone()).unwrap_err().field.as_deref(), Some("/ttl_ms"), "{bad}");
+        }
     }
 
     /// A declared operation is accepted with its members as sent (left to its

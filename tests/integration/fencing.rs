@@ -1,7 +1,8 @@
 use std::time::{Duration, Instant};
 
 use redis::Script;
-use spillway_core::layout::{CONSUMER, GROUP, Layout};
+use spillway_core::call::{BatchLimits, Call};
+use spillway_core::layout::Layout;
 use spillway_core::scripts;
 use spillway_core::sql::postgres::DIALECT as PG;
 use spillway_core::sql::sqlite as sql;
@@ -20,11 +21,8 @@ fn acquire(c: &mut redis::Connection, l: &Layout, token: &str, ttl_ms: u64) -> i
 /// `READ_BATCH` on [`SHARD`] for `token`: up to `count` entries, resuming after
 /// `resume` (`"0"`: from the start of what is pending; `""`: new entries).
 fn read_batch<T: redis::FromRedisValue>(c: &mut redis::Connection, l: &Layout, token: &str, count: usize, resume: &str) -> T {
-    Script::new(scripts::READ_BATCH)
-        .key(l.lease(SHARD)).key(l.stream(SHARD)).key(l.attempts(SHARD)).key(l.watch(SHARD)).key(l.applying(SHARD))
-        .arg(token).arg(GROUP).arg(CONSUMER).arg(count).arg(5).arg(60_000).arg(1000).arg(resume)
-        .invoke(c)
-        .unwrap()
+    let limits = BatchLimits { count, bytes: 0, max_attempts: 5, lease_ttl_ms: 60_000, retention_ms: 1000 };
+    crate::support::invoke(c, &Call::read_batch(l, SHARD, token, limits, Some(resume)))
 }
 
 fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) -> bool {
@@ -174,7 +172,7 @@ fn resume_reads_every_pending_entry_in_order() {
     let read = |c: &mut redis::Connection, token: &str, resume: &str| -> (String, Vec<String>) {
         let reply: Vec<String> = read_batch(c, &l, token, 2, resume);
         assert_eq!(reply[0], "ok");
-        (reply[2].clone(), reply[3..].chunks(3).map(|e| e[0].clone()).collect())
+        (reply[2].clone(), reply[4..].chunks(3).map(|e| e[0].clone()).collect())
     };
     // Holder A: a first batch, then a read-ahead, then it dies (nothing acknowledged).
     assert!(acquire(&mut c, &l, "a", 60_000) > 0);
@@ -203,7 +201,7 @@ fn blame_markers_count_only_the_call_in_flight() {
     let ids: Vec<String> = (0..4).map(|i| redis::cmd("XADD").arg(l.stream(SHARD)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
     let read = |c: &mut redis::Connection, token: &str, resume: &str| -> Vec<(String, i64)> {
         let reply: Vec<redis::Value> = read_batch(c, &l, token, 10, resume);
-        reply[3..].chunks(3).map(|e| (redis::from_redis_value(e[0].clone()).unwrap(), redis::from_redis_value(e[2].clone()).unwrap())).collect()
+        reply[4..].chunks(3).map(|e| (redis::from_redis_value(e[0].clone()).unwrap(), redis::from_redis_value(e[2].clone()).unwrap())).collect()
     };
     let mark = |c: &mut redis::Connection, token: &str, previous: &[&String], next: &[&String]| -> i64 {
         let script = Script::new(scripts::MARK_CALL);
@@ -258,11 +256,7 @@ fn stats_counters_keep_only_the_last_minute() {
         let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 100 - old)).arg(1).query(&mut c).unwrap();
     }
     let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 2)).arg(5).query(&mut c).unwrap();
-    let acked: i64 = Script::new(scripts::ACK)
-        .key(l.stream(SHARD)).key(l.attempts(SHARD)).key(l.done(SHARD)).key(&stats)
-        .arg(GROUP).arg(7).arg(2)
-        .invoke(&mut c)
-        .unwrap();
+    let acked: i64 = crate::support::invoke(&mut c, &Call::ack(&l, SHARD, 7, 2, []));
     assert_eq!(acked, 0, "no entries to acknowledge");
     let fields: std::collections::HashMap<String, i64> = redis::cmd("HGETALL").arg(&stats).query(&mut c).unwrap();
     let now_field = format!("applied@{bucket}");

@@ -51,6 +51,9 @@ mod http;
 mod key_value;
 /// Spillway's pipeline: intake -> queue -> locked apply -> cached read.
 mod pipeline;
+/// Scheduled writes: applied when due with no traffic, in order, cancellable,
+/// bounded.
+mod schedule;
 /// Self-healing: lost wake-ups and crashed processors recover with no traffic;
 /// fresh start; bounded state; Redis hazards reported.
 mod selfheal;

@@ -399,13 +399,14 @@ impl Spillway {
         (s, v)
     }
 
-    /// Waits (bounded) until write `id` is no longer pending; returns its status.
+    /// Waits (bounded) until write `id` is no longer pending (nor scheduled);
+    /// returns its status.
     pub(crate) async fn settled(&self, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (s, _, v) = self.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
             assert_eq!(s, 200, "{v}");
-            if v["status"] != "pending" {
+            if v["status"] != "pending" && v["status"] != "scheduled" {
                 return v;
             }
             assert!(Instant::now() < deadline, "write {id} still pending; output:\n{}", self.app.guest_output());

@@ -200,3 +200,17 @@ impl Drop for Tmpfs {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// Runs one of Spillway's script calls (`spillway_core::call::Call`) as it is
+/// built for the components, on `c`.
+pub(crate) fn invoke<T: redis::FromRedisValue>(c: &mut redis::Connection, call: &spillway_core::call::Call) -> T {
+    let script = redis::Script::new(call.script);
+    let mut invocation = script.prepare_invoke();
+    for k in &call.keys {
+        invocation.key(k);
+    }
+    for a in &call.args {
+        invocation.arg(a);
+    }
+    invocation.invoke(c).unwrap()
+}

@@ -42,7 +42,7 @@ async fn handle_full(req: spin_sdk::http::Request) -> http::Response<String> {
     } else if path.starts_with("/v1/records/") {
         ("GET", Route::Record)
     } else if path.starts_with("/v1/writes/") {
-        ("GET", Route::Write)
+        ("GET, DELETE", Route::Write)
     } else if path.starts_with("/v1/cache/") {
         ("PUT, DELETE", Route::Cache)
     } else {
@@ -61,6 +61,7 @@ async fn handle_full(req: spin_sdk::http::Request) -> http::Response<String> {
         match route {
         Route::Record => read::record(&settings, &path["/v1/records/".len()..], query.as_deref(), req.headers()).await,
         Route::Records => records::get_many(&settings, req, query.as_deref()).await,
+        Route::Write if method == http::Method::DELETE => status::cancel(&settings, &path["/v1/writes/".len()..]).await,
         Route::Write => status::write_status(&settings, &path["/v1/writes/".len()..], query.as_deref()).await,
         Route::Cache => match authorize(req.headers(), settings.admin_token.as_deref()) {
             Ok(()) => admin::cache_admin(&settings, &path["/v1/cache/".len()..], method == http::Method::DELETE).await,

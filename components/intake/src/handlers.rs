@@ -1,10 +1,11 @@
 //! Request handling for `POST /v1/writes`.
 
 use serde_json::json;
-use spillway_core::call::{Call, EnqueueLimits};
+use spillway_core::call::{Call, EnqueueLimits, Queued};
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
-use spillway_core::reply::Enqueued;
+use spillway_core::reply::{Enqueued, Rung};
+use spillway_core::schedule::Timing;
 use spillway_core::settings::Settings;
 use spillway_core::write::{self, parse_request_for};
 use spillway_spin::redis::Replicas;
@@ -49,11 +50,12 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     let wait = prefer_wait(req.headers());
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
     let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
+    check_due(&settings, &batch)?;
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
     // Within the request's deadline. A timeout here is an unknown outcome: the
     // enqueue may be in Redis already, or arrive when Redis resumes.
     let replica_wait = if settings.min_replicas > 0 { settings.replica_timeout_ms } else { 0 };
-    let accepted = match spillway_spin::deadline::request(&settings, replica_wait, enqueue(&settings, &batch.writes, idem.as_deref(), &body)).await {
+    let accepted = match spillway_spin::deadline::request(&settings, replica_wait, enqueue(&settings, &batch, idem.as_deref(), &body)).await {
         Err(p) if p.is_timeout() => return Err(Problem::outcome_unknown(&p, idem.is_some())),
         r => r?,
     };
@@ -61,6 +63,17 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
         Some(deadline) => outcome(&settings, accepted, !batch.batch, deadline, wait.unwrap_or(0)).await,
         None => Ok(accepted.response(!batch.batch)),
     }
+}
+
+/// Each scheduled write's time within bounds, on this instance's clock (the
+/// delay itself counts from acceptance on Redis's clock).
+fn check_due(s: &Settings, batch: &write::WriteBatch) -> Result<(), Problem> {
+    let now = u64::try_from(spillway_spin::now_ms()).unwrap_or(0);
+    let horizon = s.schedule_horizon_secs.saturating_mul(1000);
+    for (i, timing) in batch.timing.iter().enumerate() {
+        timing.check(now, horizon, &if batch.batch { format!("/writes/{i}") } else { String::new() })?;
+    }
+    Ok(())
 }
 
 /// `Prefer: wait=<seconds>` (RFC 7240), in milliseconds, at most
@@ -90,14 +103,17 @@ async fn outcome(s: &Settings, accepted: Accepted, single: bool, deadline: u64, 
     for id in &accepted.ids {
         // The writes are queued: whatever goes wrong while waiting, the answer is
         // the 202 they earned (an error here would invite a retry that doubles them).
-        let waited = match WriteId::parse(id) {
+        let waited = match WriteId::parse(write_id(id)) {
             Some(parsed) => status::wait_for(s, &parsed, deadline).await.ok(),
             None => None,
         };
-        let Some(mut body) = waited.filter(|b| b["status"] != "pending") else {
+        let Some(mut body) = waited.filter(status::settled) else {
             return Ok(accepted.response(single));
         };
-        body["status_url"] = json!(format!("/v1/writes/{id}"));
+        body["status_url"] = json!(format!("/v1/writes/{}", write_id(id)));
+        if let Some((_, expiry)) = id.split_once('|') {
+            body["expiry_id"] = json!(expiry);
+        }
         outcomes.push(body);
     }
     let mut headers = vec![("preference-applied", format!("wait={}", wait_ms.div_ceil(1000)))];
@@ -106,6 +122,23 @@ async fn outcome(s: &Settings, accepted: Accepted, single: bool, deadline: u64, 
     }
     let body = if single { outcomes.swap_remove(0) } else { json!({ "writes": outcomes }) };
     Ok(json(200, &body, &headers))
+}
+
+/// A write's id as `ENQUEUE` gives it: `<id>` or, for a write with `ttl_ms`,
+/// `<id>|<its expiry's id>`.
+fn write_id(given: &str) -> &str {
+    given.split_once('|').map_or(given, |(id, _)| id)
+}
+
+/// A write's entry in a `202`: its id and status URL, and the id of its
+/// expiry (`ttl_ms`), a write of its own.
+fn entry(given: &str) -> serde_json::Value {
+    let id = write_id(given);
+    let mut e = json!({"id": id, "status_url": format!("/v1/writes/{id}")});
+    if let Some((_, expiry)) = given.split_once('|') {
+        e["expiry_id"] = json!(expiry);
+    }
+    e
 }
 
 /// Writes the enqueue script queued (or had queued, for a replayed
@@ -123,12 +156,11 @@ impl Accepted {
         if replayed {
             headers.push(("idempotent-replayed", "true".to_owned()));
         }
-        let entry = |id: &String| json!({"id": id, "status_url": format!("/v1/writes/{id}")});
         let body = if single {
-            headers.push(("location", format!("/v1/writes/{}", ids[0])));
+            headers.push(("location", format!("/v1/writes/{}", write_id(&ids[0]))));
             entry(&ids[0])
         } else {
-            json!({"writes": ids.iter().map(entry).collect::<Vec<_>>()})
+            json!({"writes": ids.iter().map(|id| entry(id)).collect::<Vec<_>>()})
         };
         json(202, &body, &headers)
     }
@@ -144,12 +176,8 @@ impl Accepted {
 /// group keeps its own idempotency record; see `scripts::ENQUEUE`).
 // A little over the usual length: the calls, the rings and the ids in request
 // order are one sequence that must ring before it answers anything.
-async fn enqueue(
-    s: &Settings,
-    writes: &[write::Accepted],
-    idem: Option<&str>,
-    body: &[u8],
-) -> Result<Accepted, Problem> {
+async fn enqueue(s: &Settings, batch: &write::WriteBatch, idem: Option<&str>, body: &[u8]) -> Result<Accepted, Problem> {
+    let (writes, timing) = (&batch.writes, &batch.timing);
     let layout = &s.layout;
     let shard_of: Vec<u32> = writes.iter().map(|w| layout.shard_of(w.key())).collect();
     let mut shards: Vec<u32> = Vec::new();
@@ -162,7 +190,7 @@ async fn enqueue(
     let body_md5 = idem.map(|_| spillway_core::layout::md5_hex(body)).unwrap_or_default();
     let replicas = (s.min_replicas > 0).then_some(Replicas { count: s.min_replicas, timeout_ms: s.replica_timeout_ms });
     let calls = groups.iter().map(|(address, group)| {
-        let call = enqueue_call(s, group, writes, &shard_of, idem, &body_md5);
+        let call = enqueue_call(s, group, writes, timing, &shard_of, idem, &body_md5);
         async move {
             let redis = Redis::new(address);
             // Once per instance and server: expiry events back on after a Redis
@@ -187,8 +215,12 @@ async fn enqueue(
         .collect();
     // Ring what was rung first, whatever else the replies say: a group accepted
     // beside one refused has its flag set, and no one else will ring it.
-    let rang: Vec<u32> = replies.iter().flatten().flat_map(|((_, rang), _)| rang.iter().copied()).collect();
-    ring(s, rang);
+    let mut rung = Rung::default();
+    for ((_, r), _) in replies.iter().flatten() {
+        rung.rang.extend(&r.rang);
+        rung.armed.extend(&r.armed);
+    }
+    ring(s, rung);
     // Ids back in request order: each group's ids are its writes' in order.
     let mut ids: Vec<Option<String>> = vec![None; writes.len()];
     let mut replayed = true;
@@ -219,44 +251,61 @@ async fn enqueue(
             Enqueued::Full { shard } => {
                 return Err(Problem::queue_full(&format!("shard {shard} is over its queue depth limit of {}; retry later", s.queue_depth_limit), 1));
             }
+            Enqueued::FullScheduled { shard } => {
+                return Err(Problem::schedule_full(
+                    &format!("shard {shard} holds its limit of {} scheduled writes (scheduled_limit); retry later", s.scheduled_limit),
+                    1,
+                ));
+            }
         }
     }
     let ids: Vec<String> = ids.into_iter().collect::<Option<_>>().ok_or_else(|| Problem::unavailable("the enqueue script gave too few ids"))?;
     Ok(Accepted { ids, replayed })
 }
 
-/// One group's `ENQUEUE` reply (with the shards it rang) and how many replicas
-/// confirmed it (0 without `min_replicas`).
-type GroupReply = Result<((Enqueued, Vec<u32>), i64), Problem>;
+/// One group's `ENQUEUE` reply (with the shards it rang and armed) and how
+/// many replicas confirmed it (0 without `min_replicas`).
+type GroupReply = Result<((Enqueued, Rung), i64), Problem>;
 
-/// Rings `shards` after the answer (the writes are durable already; a ring lost
-/// with a dying instance leaves the shard's flag to expire, which resumes it:
-/// heard through its mirror if the shard is on another server than the
-/// trigger's).
-fn ring(s: &Settings, shards: Vec<u32>) {
-    if shards.is_empty() {
+/// Rings the shards rung after the answer (the writes are durable already; a
+/// ring lost with a dying instance leaves the shard's flag to expire, which
+/// resumes it: heard through its mirror if the shard is on another server
+/// than the trigger's), and mirrors the alarms set.
+fn ring(s: &Settings, rung: Rung) {
+    if rung.rang.is_empty() && rung.armed.is_empty() {
         return;
     }
     let s = s.clone();
     spin_sdk::wasip3::spawn(async move {
-        spillway_spin::ring(&s, &shards).await;
-        for shard in shards {
+        spillway_spin::ring(&s, &rung.rang).await;
+        for shard in rung.rang {
             mirror(&s, shard, Mirrored::Bell, Some(s.lease_ttl_ms)).await;
+        }
+        for (shard, ttl_ms) in rung.armed {
+            mirror(&s, shard, Mirrored::Alarm, Some(ttl_ms)).await;
         }
     });
 }
 
 /// One `ENQUEUE` call: the writes of `group`'s shards.
-fn enqueue_call(s: &Settings, group: &[u32], writes: &[write::Accepted], shard_of: &[u32], idem: Option<&str>, body_md5: &str) -> Call {
+fn enqueue_call(s: &Settings, group: &[u32], writes: &[write::Accepted], timing: &[Timing], shard_of: &[u32], idem: Option<&str>, body_md5: &str) -> Call {
     let limits = EnqueueLimits {
         idempotency: idem.map(|k| (k, body_md5)),
         idempotency_ttl_secs: s.idempotency_ttl_secs,
         queue_depth_limit: s.queue_depth_limit,
         bell_ttl_ms: s.lease_ttl_ms,
         seq_start: spillway_spin::random_u32(),
+        scheduled_limit: s.scheduled_limit,
+        retention_ms: s.status_retention_secs.saturating_mul(1000),
     };
     // Only this group's writes are serialized (a request over several groups
     // must not serialize every write once per group).
-    let writes: Vec<(u32, String)> = writes.iter().zip(shard_of).filter(|(_, shard)| group.contains(shard)).map(|(w, shard)| (*shard, w.payload())).collect();
+    let writes: Vec<Queued<'_>> = writes
+        .iter()
+        .zip(timing)
+        .zip(shard_of)
+        .filter(|(_, shard)| group.contains(shard))
+        .map(|((w, timing), shard)| Queued { shard: *shard, key: w.key(), timing: *timing, payload: w.payload() })
+        .collect();
     Call::enqueue(&s.layout, group, s.idempotency_shard(group[0]), limits, &writes)
 }

@@ -280,7 +280,7 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     let keys: Vec<String> = e.writes.iter().map(|(_, key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let Current { existing, tombstones, mut heads } = current(db, &keys).await?;
     let now = spillway_spin::now_ms();
-    let plan = plan_round(s, batches, &e, existing, &tombstones, &already, now).await;
+    let plan = plan_round(s, batches, &e, (existing, &tombstones, &heads), &already, now).await;
     dead.extend(failed_keys(s, &e, &plan.failed));
 
     let mut out = Outcomes { entry_of: &e.entry_of, now, rows: Vec::with_capacity(e.writes.len() + e.unreadable.len()), per_shard: recorded, applied: 0, rejected: 0 };
@@ -327,14 +327,17 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     Ok(Applied { state: plan.records, dead, applied, rejected, per_shard, fenced: e.fenced })
 }
 
+/// What a round's keys hold before it: their records, tombstones, and last
+/// applied writes (see [`Current`]).
+type Stored<'a> = (BTreeMap<String, Record>, &'a BTreeMap<String, u64>, &'a HashMap<String, Option<String>>);
+
 /// Plans the round: each key's writes through the apply step, in order; a
 /// redelivered round carefully, each step call marked (see [`Careful`]).
 async fn plan_round(
     s: &Settings,
     batches: &[Batch],
     e: &Entries,
-    existing: BTreeMap<String, Record>,
-    tombstones: &BTreeMap<String, u64>,
+    (existing, tombstones, heads): Stored<'_>,
     already: &HashSet<String>,
     now: i64,
 ) -> spillway_core::apply::Plan {
@@ -343,7 +346,7 @@ async fn plan_round(
         c.begin().await;
     }
     let mut marked: Option<(u32, Vec<String>)> = None;
-    let plan = plan_with(existing, tombstones, &e.writes, already, now, async |key, value, version, group| {
+    let plan = plan_with(existing, tombstones, heads, &e.writes, already, now, async |key, value, version, group| {
         if let Some(c) = &careful {
             c.mark(&mut marked, group).await;
         }

@@ -19,6 +19,7 @@ use spillway_core::record::RecordDoc;
 use spillway_core::settings::Settings;
 use spillway_spin::db::Db;
 use spillway_spin::kv::CacheWriter;
+use spillway_spin::mirror::{Mirrored, mirror};
 use spillway_spin::{Redis, int, token};
 
 use crate::db::{self, Batch};
@@ -26,6 +27,11 @@ use crate::lease::{Lease, Then};
 
 /// How often a drain looks for more shards with work while it runs.
 const RESCAN_MS: u64 = 100;
+
+/// How often a drain with nothing to apply looks again while it waits for a
+/// scheduled write due within the alarm's lead (`schedule::ALARM_LEAD_MS`):
+/// also how long a doorbell of another shard may wait behind it.
+const WAIT_STEP_MS: u64 = 10;
 
 /// With `node_name`: how long a shard beyond a drain's share may stay
 /// claimable (seen so by its scans) before the drain takes it anyway. Spin
@@ -119,6 +125,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         failures: Vec::new(),
         stats,
         share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new(), shrunk: false },
+        due_in_ms: None,
     };
     let mut scanned_at = 0;
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
@@ -144,7 +151,14 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         }
         d.take_wanted().await;
         if d.held.is_empty() {
-            return d.failures;
+            // Nothing to apply, but a scheduled write due within the lead:
+            // wait for it (looking again every step for other work), so that
+            // it is applied on time whatever the alarm's own lateness.
+            match d.due_in_ms.take().filter(|_| rescan) {
+                Some(ms) => spillway_spin::wait_ms(ms.clamp(1, WAIT_STEP_MS)).await,
+                None => return d.failures,
+            }
+            continue;
         }
         let batches = d.read(std::mem::take(&mut prefetched)).await;
         if batches.is_empty() {
@@ -197,6 +211,9 @@ struct Drain<'a> {
     failures: Vec<(Option<u32>, Problem)>,
     stats: &'a mut Stats,
     share: Share,
+    /// From the latest scan: how soon the next scheduled write of an unheld
+    /// shard is due, if within the alarm's lead.
+    due_in_ms: Option<u64>,
 }
 
 /// With `node_name` (several Spin hosts share the queue): how many shards a
@@ -289,6 +306,8 @@ impl Drain<'_> {
         match claimable(self.s, self.by_operator).await {
             Ok(found) => {
                 let now = spillway_spin::monotonic_ms();
+                self.due_in_ms = found.wait_ms;
+                let found = found.shards;
                 self.share.passed_over.retain(|shard, _| found.contains(shard));
                 for shard in found {
                     let first_seen = *self.share.passed_over.entry(shard).or_insert(now);
@@ -551,15 +570,20 @@ fn log_failure(b: &Batch, step: &str, error: &str) {
 
 /// Shards with queued writes and no lease holder: one call per server (per
 /// shard with `redis_cluster`), all at once.
-pub(crate) async fn claimable(s: &Settings, end_backoff: bool) -> Result<Vec<u32>, Problem> {
+pub(crate) async fn claimable(s: &Settings, end_backoff: bool) -> Result<reply::Claimable, Problem> {
     let l = &s.layout;
     let all: Vec<u32> = (0..l.shards).collect();
     let calls = s.slot_groups(&all).into_iter().map(|(address, group)| async move {
         Redis::new(address).call(&Call::claimable(l, &group, end_backoff)).await
     });
-    let mut out = Vec::new();
+    let mut out = reply::Claimable::default();
     for reply in futures::future::join_all(calls).await {
-        out.extend(reply::claimable(&spillway_spin::redis::values(&reply?)).map_err(spillway_spin::redis::malformed)?);
+        let found = reply::claimable(&spillway_spin::redis::values(&reply?)).map_err(spillway_spin::redis::malformed)?;
+        out.shards.extend(found.shards);
+        out.wait_ms = match (out.wait_ms, found.wait_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
     Ok(out)
 }
@@ -574,9 +598,12 @@ async fn acquire(s: &Settings, shard: u32, end_backoff: bool) -> Result<Option<H
 /// payload (at least one write).
 async fn read_batch(s: &Settings, h: &Held, bytes: usize) -> Result<Read, Problem> {
     let started = spillway_spin::monotonic_ms();
-    let BatchRead::Batch { prune_before_ms, cursor, entries: read } = h.lease.read_batch(s, h.resume.as_deref(), bytes).await? else {
+    let BatchRead::Batch { prune_before_ms, cursor, armed_ms, entries: read } = h.lease.read_batch(s, h.resume.as_deref(), bytes).await? else {
         return Ok(Read::Lost);
     };
+    if armed_ms.is_some() {
+        mirror(s, h.shard, Mirrored::Alarm, armed_ms).await;
+    }
     let mut entries = Vec::with_capacity(read.len());
     let mut over = HashSet::new();
     let attempt = read.iter().map(|e| u32::try_from(e.attempt).unwrap_or(u32::MAX)).max().unwrap_or(0);

@@ -178,7 +178,7 @@ async fn wake(settings: std::rc::Rc<Settings>, query: Option<&str>, method: &htt
 /// A wake's drain, if any shard is there to claim.
 async fn wake_drain(settings: std::rc::Rc<Settings>, shard: Option<u32>) {
     match drain::claimable(&settings, false).await {
-        Ok(found) if found.is_empty() => return,
+        Ok(found) if found.shards.is_empty() && found.wait_ms.is_none() => return,
         Ok(_) => {}
         Err(p) => eprintln!("wake: {}", p.detail),
     }

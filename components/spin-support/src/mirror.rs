@@ -25,6 +25,9 @@ pub enum Mirrored {
     Lease,
     /// The shard's doorbell flag: set by intake's ring.
     Bell,
+    /// The shard's alarm (its next scheduled write): set by intake and the
+    /// processor.
+    Alarm,
 }
 
 impl Mirrored {
@@ -32,6 +35,7 @@ impl Mirrored {
         match self {
             Self::Lease => "lease",
             Self::Bell => "bell",
+            Self::Alarm => "alarm",
         }
     }
 }

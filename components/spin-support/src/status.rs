@@ -9,6 +9,7 @@
 //! is not held up), so a waiter checks again only when something happened.
 
 use serde_json::{Value as Json, json};
+use spillway_core::call::Call;
 use spillway_core::layout::WriteId;
 use spillway_core::problem::{Dependency, Problem};
 use spillway_core::settings::Settings;
@@ -108,8 +109,25 @@ async fn recorded(sid: &str) -> Result<Option<Json>, Problem> {
     Ok(Some(body))
 }
 
+/// Whether a status is an outcome: neither `pending` nor `scheduled` (a wait
+/// goes on through both).
+pub fn settled(body: &Json) -> bool {
+    !matches!(body["status"].as_str(), Some("pending" | "scheduled"))
+}
+
+/// Whether a write is in its shard's schedule (not yet moved into its stream).
+async fn in_schedule(s: &Settings, redis: &Redis, id: &WriteId) -> Result<bool, Problem> {
+    let Some(call) = Call::scheduled(&s.layout, id.shard, &id.entry) else { return Ok(false) };
+    let reply = redis.call(&call).await?;
+    Ok(reply.first().and_then(crate::int) == Some(1))
+}
+
 /// A write's status now.
 pub async fn status(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
+    Box::pin(status_of(s, id)).await
+}
+
+async fn status_of(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
     let sid = id.to_string();
     let l = &s.layout;
     let redis = Redis::for_shard(s, id.shard);
@@ -133,15 +151,31 @@ pub async fn status(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
         if let Some(new_id) = err.strip_prefix("replayed:") {
             return Ok(json!({"id": sid, "status": "replayed", "replayed_as": new_id}));
         }
-        if err == "purged" {
-            return Ok(json!({"id": sid, "status": "purged"}));
+        if err == "purged" || err == "cancelled" {
+            return Ok(json!({"id": sid, "status": err}));
+        }
+        // Moved into the stream under a new id (see `scripts::schedule_lua`).
+        if let Some(entry) = err.strip_prefix("moved:") {
+            let moved = WriteId { shard: id.shard, entry: entry.to_owned() };
+            let mut body = status(s, &moved).await?;
+            body["id"] = json!(sid);
+            body["moved_to"] = json!(moved.to_string());
+            return Ok(body);
         }
         return Ok(json!({"id": sid, "status": "dead", "reason": err}));
     }
     if in_stream().await? {
         return Ok(pending());
     }
-    // Applied (and acknowledged) between the database read and the Redis reads.
+    if in_schedule(s, &redis, id).await? {
+        // The entry id of a scheduled write is its due time and sequence.
+        let due: u64 = id.entry.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0);
+        let now = u64::try_from(crate::now_ms()).unwrap_or(0);
+        let status = if due > now { "scheduled" } else { "pending" };
+        return Ok(json!({"id": sid, "status": status, "due_at": spillway_core::schedule::format_rfc3339(due), "due_at_ms": due}));
+    }
+    // Applied (and acknowledged) between the database read and the Redis reads,
+    // or moved into the stream and applied since the schedule was read.
     match recorded(&sid).await? {
         Some(body) => Ok(body),
         None => Err(Problem::not_found(&format!(
@@ -150,15 +184,15 @@ pub async fn status(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
     }
 }
 
-/// A write's status once it has left `pending`, or still `pending` at
-/// `deadline_ms` (monotonic).
+/// A write's status once it has left `pending` (and `scheduled`), or as it
+/// is at `deadline_ms` (monotonic).
 pub async fn wait_for(s: &Settings, id: &WriteId, deadline_ms: u64) -> Result<Json, Problem> {
     let mut notices = Notices::follow(s, id.shard).await?;
     loop {
         let body = status(s, id).await?;
-        if body["status"] != "pending" || !notices.next(deadline_ms).await? {
+        if settled(&body) || !notices.next(deadline_ms).await? {
             // Out of time: one last look, as the last notice may have come just now.
-            return if body["status"] == "pending" { status(s, id).await } else { Ok(body) };
+            return if settled(&body) { Ok(body) } else { status(s, id).await };
         }
     }
 }
