@@ -22,6 +22,7 @@
 mod capacity;
 mod load;
 mod report;
+mod schedule;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -319,7 +320,7 @@ async fn single_writes(addr: &str, clients: usize, duration: Duration) -> anyhow
 }
 
 /// A latency row: the median in ms, with p50/p99/p99.9.
-fn latency_row(scenario: &str, m: &load::Measured) -> Row {
+pub(crate) fn latency_row(scenario: &str, m: &load::Measured) -> Row {
     Row { scenario: scenario.to_owned(), value: m.ms(0.5), unit: "ms (p50)", latency: Some([m.ms(0.5), m.ms(0.99), m.ms(0.999)]), baseline: None, peak_rss_mib: None, note: String::new() }
 }
 
@@ -438,7 +439,7 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let peaks = RssPeaks::start(spillway_pid);
 
-    let steps = 18;
+    let steps = 19;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -492,6 +493,7 @@ async fn main() -> anyhow::Result<()> {
             seq_start: n as u32,
             scheduled_limit: 100_000,
             retention_ms: 60_000,
+            past_ms: 60_000,
         };
         let call = Call::enqueue(l, &[shard], shard, limits, &[Queued { shard, key: "k", timing: Timing::default(), payload: incr("k") }]);
         (call.keys, call.args)
@@ -612,6 +614,16 @@ async fn main() -> anyhow::Result<()> {
                 .rss(rss_mib(Some(pid), "VmRSS"))
                 .note(format!("target: applied within 1 s; p99 {:.1}x the Redis trigger's", chained.ms(0.99) / trigger.ms(0.99))),
         );
+    }
+
+    step("scheduled writes");
+    match (&args.url, own_redis.is_some()) {
+        (None, true) => {
+            let mut plain = redis::Client::open(redis_url.as_str())?.get_connection()?;
+            let db = work.join("spillway-state").join("sqlite_db.db");
+            rows.extend(schedule::rows(&spillway_addr, &db, &mut plain, args.smoke, trigger.ms(0.5)).await?);
+        }
+        _ => eprintln!("scheduled writes not measured: --url or --redis given (the database and the Redis are the benchmark's own)"),
     }
 
     step("batch intake");

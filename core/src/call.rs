@@ -99,7 +99,16 @@ impl Call {
     pub fn read_batch(l: &Layout, shard: u32, token: &str, limits: BatchLimits, resume: Option<&str>) -> Self {
         Self {
             script: scripts::READ_BATCH,
-            keys: vec![l.lease(shard), l.stream(shard), l.attempts(shard), l.watch(shard), l.applying(shard), l.sched(shard), l.alarm(shard)],
+            keys: vec![
+                l.lease(shard),
+                l.stream(shard),
+                l.attempts(shard),
+                l.watch(shard),
+                l.applying(shard),
+                l.sched(shard),
+                l.sched_writes(shard),
+                l.alarm(shard),
+            ],
             args: vec![
                 token.to_owned(),
                 GROUP.into(),
@@ -179,7 +188,7 @@ impl Call {
         args.extend(ids);
         Self {
             script: scripts::REPLAY,
-            keys: vec![l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard), l.sched(shard)],
+            keys: vec![l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard), l.sched(shard), l.sched_writes(shard)],
             args,
         }
     }
@@ -216,7 +225,7 @@ impl Call {
     /// out of its schedule, if it is still there.
     pub fn cancel(l: &Layout, shard: u32, entry: &str, retention_ms: u64) -> Option<Self> {
         let (due, seq) = schedule_slot(entry)?;
-        let keys = vec![l.sched(shard), l.dead_status_prefix(shard), l.stats(shard), l.done(shard)];
+        let keys = vec![l.sched(shard), l.sched_writes(shard), l.dead_status_prefix(shard), l.stats(shard), l.done(shard)];
         Some(Self { script: scripts::CANCEL, keys, args: vec![due, seq, retention_ms.to_string(), entry.to_owned()] })
     }
 
@@ -266,12 +275,12 @@ impl Call {
 }
 
 /// Where a scheduled write with stream entry id `entry` (`<due ms>-<sequence>`)
-/// sits in its shard's schedule: its score (the due time) and the 19-digit
-/// sequence its member starts with (see `scripts::schedule_lua`); `None` if the
-/// sequence is too long to be one.
+/// sits in its shard's schedule: its score (the due time) and its member, the
+/// sequence in 16 digits (see `scripts::schedule_lua`); `None` if the sequence
+/// is too long to be one.
 fn schedule_slot(entry: &str) -> Option<(String, String)> {
     let (due, seq) = entry.split_once('-')?;
-    (seq.len() <= 19).then(|| (due.to_owned(), format!("{seq:0>19}")))
+    (seq.len() <= 16).then(|| (due.to_owned(), format!("{seq:0>16}")))
 }
 
 /// What one `ENQUEUE` call carries besides its writes.
@@ -293,6 +302,10 @@ pub struct EnqueueLimits<'a> {
     pub scheduled_limit: u64,
     /// How long outcomes are kept (a scheduled write's moved-id record).
     pub retention_ms: u64,
+    /// How far in the past an `apply_at` is still taken as now (further back
+    /// is refused); checked in the script, after a replayed request is
+    /// recognised.
+    pub past_ms: u64,
 }
 
 /// One write of an `ENQUEUE` call.
@@ -315,7 +328,7 @@ impl Call {
         let (key, md5) = limits.idempotency.unwrap_or(("", ""));
         let mut keys = vec![l.idempotency(idempotency_shard, key)];
         for &shard in group {
-            keys.extend([l.stream(shard), l.bell(shard), l.lease(shard), l.stats(shard), l.sched(shard), l.sched_seq(shard), l.alarm(shard)]);
+            keys.extend([l.stream(shard), l.bell(shard), l.lease(shard), l.stats(shard), l.sched(shard), l.sched_writes(shard), l.alarm(shard)]);
         }
         let mut args = vec![
             flag(limits.idempotency.is_some()),
@@ -327,6 +340,7 @@ impl Call {
             limits.scheduled_limit.to_string(),
             ALARM_LEAD_MS.to_string(),
             limits.retention_ms.to_string(),
+            limits.past_ms.to_string(),
             group.len().to_string(),
         ];
         args.extend(group.iter().map(u32::to_string));
@@ -389,10 +403,10 @@ mod tests {
         assert_eq!((c.keys.len(), c.args), (8, vec!["0".to_owned(), "500".to_owned(), "1".to_owned(), "2".to_owned()]));
         assert_eq!(c.keys[4..], [l.stream(2), l.lease(2), l.sched(2), l.alarm(2)]);
         assert_eq!(Call::claimable(&l, &[1], true).args, ["1", "500", "1"]);
-        let cancel = Call::cancel(&l, 5, "1796317200000-1000000042123456789", 9).unwrap();
-        assert_eq!(cancel.args, ["1796317200000", "1000000042123456789", "9", "1796317200000-1000000042123456789"]);
-        assert_eq!(Call::scheduled(&l, 5, "17-42").unwrap().args, ["17", "0000000000000000042"]);
-        assert_eq!(Call::scheduled(&l, 5, "17-12345678901234567890"), None);
+        let cancel = Call::cancel(&l, 5, "1796317200000-1000042123456", 9).unwrap();
+        assert_eq!(cancel.args, ["1796317200000", "0001000042123456", "9", "1796317200000-1000042123456"]);
+        assert_eq!(Call::scheduled(&l, 5, "17-42").unwrap().args, ["17", "0000000000000042"]);
+        assert_eq!(Call::scheduled(&l, 5, "17-12345678901234567"), None);
         assert_eq!(Call::replay(&l, 4, 5000, 9, 77, ["4-1-0".to_owned()]).args, ["77", "5000", "4", "9", "4-1-0"]);
         assert_eq!(Call::purge(&l, 4, 9, []).args, ["4", "9"]);
         let f = Call::fill_begin(&l, "k", "tok", 100);
@@ -416,14 +430,15 @@ mod tests {
             seq_start: 77,
             scheduled_limit: 8,
             retention_ms: 9,
+            past_ms: 60_000,
         };
         let q = |shard: u32, timing: Timing, payload: &str| Queued { shard, key: "k\"", timing, payload: payload.into() };
         let scheduled = Timing { due: Some(Due::After(5)), ttl_ms: Some(9) };
         let e = Call::enqueue(&l, &[3, 7], 3, limits, &[q(7, Timing::default(), "w1"), q(9, Timing::default(), "elsewhere"), q(3, scheduled, "w2")]);
         assert_eq!(e.keys.len(), 15);
         assert_eq!(e.keys[0], l.idempotency(3, "k"));
-        assert_eq!(e.keys[8..], [l.stream(7), l.bell(7), l.lease(7), l.stats(7), l.sched(7), l.sched_seq(7), l.alarm(7)]);
-        assert_eq!(e.args, ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "2", "3", "7", "2", "2", "", "", "w1", "1", "d5", r#"9:"k\"""#, "w2"]);
+        assert_eq!(e.keys[8..], [l.stream(7), l.bell(7), l.lease(7), l.stats(7), l.sched(7), l.sched_writes(7), l.alarm(7)]);
+        assert_eq!(e.args, ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "1", "d5", r#"9:"k\"""#, "w2"]);
         let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[q(3, Timing::default(), "w")]);
         assert_eq!((plain.keys[0].clone(), &plain.args[..2]), (l.idempotency(3, ""), &["0".to_owned(), String::new()][..]));
     }

@@ -112,18 +112,16 @@ impl Layout {
         self.shard_key(0, "nodes")
     }
 
-    /// The shard's schedule: writes not yet due, a sorted set scored by due
-    /// time (ms) whose members are a 19-digit sequence and the write (see
-    /// `scripts::ENQUEUE`).
+    /// The shard's schedule: the sequences of writes not yet due, a sorted set
+    /// scored by due time (ms) (see `scripts::schedule_lua`).
     pub fn sched(&self, shard: u32) -> String {
         self.shard_key(shard, "sched")
     }
 
-    /// The shard's count of scheduled writes ever accepted: the sequence
-    /// part of their ids, so that writes due at the same millisecond are
-    /// applied in order of acceptance.
-    pub fn sched_seq(&self, shard: u32) -> String {
-        self.shard_key(shard, "sched-seq")
+    /// The shard's scheduled writes by sequence, and the count of writes ever
+    /// scheduled (field `#`), whence the sequences (see `scripts::schedule_lua`).
+    pub fn sched_writes(&self, shard: u32) -> String {
+        self.shard_key(shard, "sched-w")
     }
 
     /// The shard's alarm: a key that expires a little before its next
@@ -238,8 +236,11 @@ pub struct WriteId {
 impl WriteId {
     /// Parses a write id, refusing anything else.
     pub fn parse(s: &str) -> Option<Self> {
-        let (shard, entry) = s.split_once('-')?;
-        let shard: u32 = shard.parse().ok()?;
+        let (shard_text, entry) = s.split_once('-')?;
+        if !shard_text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let shard: u32 = shard_text.parse().ok()?;
         let (ms, seq) = entry.split_once('-')?;
         if ms.is_empty() || seq.is_empty() || !ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit()) {
             return None;
@@ -247,6 +248,10 @@ impl WriteId {
         // Redis stream ids are two 64-bit numbers; anything larger is no write.
         ms.parse::<u64>().ok()?;
         seq.parse::<u64>().ok()?;
+        // One spelling per id: no leading zeros (a status key is named by it).
+        if [shard_text, ms, seq].iter().any(|part| part.len() > 1 && part.starts_with('0')) {
+            return None;
+        }
         Some(Self { shard, entry: entry.to_owned() })
     }
 
@@ -297,7 +302,7 @@ mod tests {
         for other in [
             l.stream(3),
             l.sched(3),
-            l.sched_seq(3),
+            l.sched_writes(3),
             l.fill_lock("k"),
             l.idempotency(3, "x"),
             "spillway:{s16}:lease".into(),
@@ -332,7 +337,8 @@ mod tests {
         let id = WriteId::parse("7-1700000000000-3").unwrap();
         assert_eq!((id.shard, id.entry.as_str()), (7, "1700000000000-3"));
         assert_eq!(id.to_string(), "7-1700000000000-3");
-        for bad in ["", "7", "x-1-2", "7-1", "7-1-x", "7-1-2-3"] {
+        assert!(WriteId::parse("0-1700000000000-0").is_some());
+        for bad in ["", "7", "x-1-2", "7-1", "7-1-x", "7-1-2-3", "07-1-2", "7-01-2", "7-1-02", "+7-1-2"] {
             assert!(WriteId::parse(bad).is_none(), "{bad}");
         }
     }

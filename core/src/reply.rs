@@ -165,6 +165,12 @@ pub enum Enqueued {
         /// The shard.
         shard: String,
     },
+    /// The call's `index`-th write (from 0) is due too far in the past:
+    /// nothing was added.
+    Past {
+        /// Which write of the call.
+        index: usize,
+    },
 }
 
 /// What an `ENQUEUE` call asks its caller to pass on, whatever else it says.
@@ -208,6 +214,9 @@ impl Enqueued {
             "conflict" => Self::Conflict,
             "full" => Self::Full { shard: shard()? },
             "full-scheduled" => Self::FullScheduled { shard: shard()? },
+            "past" => Self::Past {
+                index: shard()?.parse::<usize>().ok().and_then(|i| i.checked_sub(1)).ok_or_else(|| bad(S, "past without a write's place"))?,
+            },
             other => return Err(bad(S, format!("it starts with {other:?}"))),
         };
         Ok((outcome, Rung { rang, armed }))
@@ -267,8 +276,9 @@ impl Grant {
     }
 }
 
-/// `CLAIMABLE`: the shards with work and no lease holder, and how soon the
-/// next scheduled write of the others is due (within the alarm's lead).
+/// `CLAIMABLE`: the shards with work and no lease holder, how soon the next
+/// scheduled write of the others is due (within the alarm's lead), and the
+/// alarms the call set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Claimable {
     /// Milliseconds until the soonest scheduled write of an unheld shard is
@@ -276,18 +286,26 @@ pub struct Claimable {
     pub wait_ms: Option<u64>,
     /// The claimable shards.
     pub shards: Vec<u32>,
+    /// The shards whose alarm was set, and its TTL (ms).
+    pub armed: Vec<(u32, u64)>,
 }
 
-/// Reads `wait_ms, shard*`.
+/// Reads `wait_ms, n, shard{n}, (shard, ttl_ms)*`.
 pub fn claimable(reply: &[Value]) -> Result<Claimable, ReplyError> {
     const S: &str = "CLAIMABLE";
     let wait_ms = u64::try_from(int_at(S, reply, 0, "wait_ms")?).ok();
-    let shards = reply[1..]
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v.int().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(S, format!("value {} is not a shard: {v:?}", i + 1))))
-        .collect::<Result<_, _>>()?;
-    Ok(Claimable { wait_ms, shards })
+    let n = usize::try_from(int_at(S, reply, 1, "the number of claimable shards")?).map_err(|_| bad(S, "a negative count"))?;
+    let number = |i: usize| {
+        let v = reply.get(i).ok_or_else(|| bad(S, format!("no value {i}")))?;
+        v.int().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(S, format!("value {i} is not a shard: {v:?}")))
+    };
+    let shards = (2..2 + n).map(number).collect::<Result<_, _>>()?;
+    let rest = reply.len().checked_sub(2 + n).ok_or_else(|| bad(S, "fewer shards than counted"))?;
+    if !rest.is_multiple_of(2) {
+        return Err(bad(S, "an armed shard without its TTL"));
+    }
+    let armed = (0..rest / 2).map(|j| Ok((number(2 + n + 2 * j)?, number(3 + n + 2 * j)?.into()))).collect::<Result<_, ReplyError>>()?;
+    Ok(Claimable { wait_ms, shards, armed })
 }
 
 /// `NODES_SEEN`: each node seen and how long ago (ms), by name.
@@ -471,9 +489,13 @@ mod tests {
         assert!(FillBegin::parse(&[Value::Int(3)]).is_err() && FillBegin::parse(&[]).is_err());
         assert_eq!(Grant::parse_all(&[Value::Int(1), Value::Int(0), Value::Int(2)], 3), Ok(vec![Grant::Taken, Grant::Busy, Grant::LeaseLost]));
         assert!(Grant::parse_all(&[Value::Int(1)], 2).is_err());
-        assert_eq!(claimable(&[Value::Int(-1), Value::Int(3), t("5")]), Ok(Claimable { wait_ms: None, shards: vec![3, 5] }));
-        assert_eq!(claimable(&[Value::Int(120)]), Ok(Claimable { wait_ms: Some(120), shards: vec![] }));
-        assert!(claimable(&[Value::Int(-1), Value::Int(-1)]).is_err() && claimable(&[]).is_err());
+        assert_eq!(claimable(&[Value::Int(-1), Value::Int(2), Value::Int(3), t("5")]), Ok(Claimable { wait_ms: None, shards: vec![3, 5], armed: vec![] }));
+        assert_eq!(claimable(&[Value::Int(120), Value::Int(0), Value::Int(4), Value::Int(500)]), Ok(Claimable { wait_ms: Some(120), shards: vec![], armed: vec![(4, 500)] }));
+        for bad in [vec![Value::Int(-1), Value::Int(1), Value::Int(-1)], vec![], vec![Value::Int(-1), Value::Int(2), Value::Int(3)], vec![Value::Int(-1), Value::Int(0), Value::Int(4)]] {
+            assert!(claimable(&bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(Enqueued::parse(&[t("past"), t("2")]).unwrap().0, Enqueued::Past { index: 1 });
+        assert!(Enqueued::parse(&[t("past"), t("0")]).is_err());
         let st = ShardStats::parse(&[
             Value::Int(4), Value::Int(1), t("17-0"), Value::Int(0), t(""), Value::Int(-2), Value::Int(20), Value::Int(3), Value::Int(90), t("accepted"), t("4"),
         ])

@@ -73,46 +73,60 @@ end
 }
 
 /// The Lua helpers of the schedule (see `crate::schedule`), after
-/// `add_entry_lua`:
+/// `add_entry_lua`. A shard's schedule is a sorted set (`sched`) of 16-digit
+/// sequences scored by due time, and a hash (`sched_w`) from each sequence to
+/// its write, plus the field `#`: the count of writes ever scheduled. A
+/// sequence is that count (modulo 9e9) times a million plus a random number
+/// below a million: unique in the shard, ordered by acceptance, and exact in
+/// Lua's numbers (below 2^53). A scheduled write's stream id is
+/// `<due ms>-<sequence>`.
 ///
-/// - `move_due(sched, stream, now, max, retention_ms, seq_start)` moves up to
-///   `max` scheduled writes due at or before `now` from the shard's schedule
-///   into its stream, in order (due time, then acceptance), each under the id
-///   it was given (`<due>-<sequence>`), and returns whether more are due. Every
-///   script that adds to a stream moves first, so the stream's ids stay below
-///   those of the writes still scheduled; only after a failover to a replica
-///   whose clock was behind can the stream be past one: it then gets a new id,
-///   and its old id's status key says `moved:<new entry id>`.
+/// - `schedule(sched, sched_w, at, payload, rand)` adds a write due `at`;
+///   returns its entry id.
+/// - `move_due(sched, sched_w, stream, now, max, retention_ms, seq_start)`
+///   moves up to `max` scheduled writes due at or before `now` into the stream,
+///   in order (due time, then acceptance), each under its id, and returns how
+///   many it moved and whether more are due. Every script that adds to a
+///   stream moves first, and adds its own entries at `now` (or the stream's
+///   last millisecond, if later), so the stream's ids stay below those of the
+///   writes still scheduled; only after a failover to a replica whose clock
+///   was behind can the stream be past one: it then gets a new id, and its old
+///   id's status key says `moved:<new entry id>`.
 /// - `arm(sched, alarm, now, floor, lead)` sets the shard's alarm to expire
 ///   `lead` ms before its next scheduled write is due (not before `floor`),
 ///   unless it expires sooner already. Returns the ms until that write is due
-///   (-1: none) and the alarm's new TTL (-1: left as it was).
-/// - `seq_of(member)`: a member's sequence as it appears in the write id.
-///
-/// A schedule member is the 19-digit sequence (`%010d` of the shard's
-/// scheduled-write count, `%09d` of a random number) followed by the write:
-/// members with the same due time sort in order of acceptance.
+///   (-1: none) and the alarm's TTL if it was set (-1: left as it was).
+/// - `seq_of(member)`: a sequence as it appears in the write id.
 macro_rules! schedule_lua {
     () => {
         r#"
 local function seq_of(member)
-  return (string.gsub(string.sub(member, 1, 19), '^0+', ''))
+  return (string.gsub(member, '^0+', ''))
 end
-local function move_due(sched, stream, now, max, retention, seq_start)
+local function schedule(sched, sched_w, at, payload, rand)
+  local c = redis.call('HINCRBY', sched_w, '#', 1)
+  local seq = string.format('%016.0f', (c % 9000000000) * 1000000 + rand % 1000000)
+  redis.call('ZADD', sched, at, seq)
+  redis.call('HSET', sched_w, seq, payload)
+  return string.format('%d', at) .. '-' .. seq_of(seq)
+end
+local function move_due(sched, sched_w, stream, now, max, retention, seq_start)
   local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', 0, max)
   for i = 1, #due, 2 do
     local m = due[i]
+    local payload = redis.call('HGET', sched_w, m) or ''
     local id = string.format('%d', tonumber(due[i + 1])) .. '-' .. seq_of(m)
-    local added = redis.pcall('XADD', stream, id, 'w', string.sub(m, 20))
+    local added = redis.pcall('XADD', stream, id, 'w', payload)
     if type(added) == 'table' then
       if not string.find(added.err, 'equal or smaller', 1, true) then error(added) end
-      local new = add_entry(stream, string.sub(m, 20), now, seq_start)
+      local new = add_entry(stream, payload, now, seq_start)
       redis.call('SET', string.gsub(stream, ':stream$', ':dead:') .. id, 'moved:' .. new, 'PX', retention)
     end
     redis.call('ZREM', sched, m)
+    redis.call('HDEL', sched_w, m)
   end
-  if #due < 2 * max then return false end
-  return #redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, 1) > 0
+  if #due < 2 * max then return #due / 2, false end
+  return #due / 2, #redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, 1) > 0
 end
 local function arm(sched, alarm, now, floor, lead)
   local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
@@ -132,12 +146,14 @@ end
 /// nothing: the writes of every shard of the request that lives on that server
 /// (of one shard, with `redis_cluster`, so that the script touches one hash slot).
 ///
-/// KEYS: `[idempotency, (stream, bell, lease, stats, sched, sched_seq, alarm)*]`,
+/// KEYS: `[idempotency, (stream, bell, lease, stats, sched, sched_w, alarm)*]`,
 /// one group per shard; the idempotency key is in the first shard's slot.
 /// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, seq_start,
-/// scheduled_limit, lead_ms, retention_ms, n, shard_1..shard_n, writes, (slot,
-/// due, ttl, payload)*]` where `slot` is 1-based in the shard list, `due` is
-/// empty (now), `d<ms>` (a delay) or `a<epoch ms>` (a time; one past is now),
+/// scheduled_limit, lead_ms, retention_ms, past_ms, n, shard_1..shard_n, writes,
+/// (slot, due, ttl, payload)*]` where `slot` is 1-based in the shard list, `due`
+/// is empty (now), `d<ms>` (a delay) or `a<epoch ms>` (a time: one past by up
+/// to `past_ms` is now, one further back is refused, after the idempotency
+/// record is looked up, so that a retry of an accepted request replays it),
 /// `ttl` is empty or `<ttl_ms>:<the key as a JSON string>`, and `seq_start` is
 /// random (see `add_entry_lua`): a request's first entry in each stream is
 /// added by `add_entry`, the rest follow it.
@@ -157,7 +173,8 @@ end
 /// over HTTP; `armed`: the shards whose alarm this call set, and when it
 /// expires) | `replay, id*` (same idempotency key and body) | `conflict` (same
 /// key, other body) | `full, shard` (over the depth limit) | `full-scheduled,
-/// shard` (over the scheduled-write limit); nothing is added when refused.
+/// shard` (over the scheduled-write limit) | `past, i` (the call's `i`-th write,
+/// 1-based, is due too far in the past); nothing is added when refused.
 ///
 /// Doorbell: a shard whose flag is not set gets it (valued with the time it was
 /// rung, with a TTL) and is rung, so a burst rings once per shard, not once per
@@ -180,16 +197,20 @@ if use_idem then
   end
 end
 local limit, seq_start = tonumber(ARGV[4]), tonumber(ARGV[6])
-local sched_limit, lead, retention = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local n = tonumber(ARGV[10])
-local base = 11 + n
+local sched_limit, lead, retention, past = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local n = tonumber(ARGV[11])
+local base = 12 + n
 local writes = tonumber(ARGV[base])
 local function key(s, i) return KEYS[7 * s - 6 + i] end
+local function arg(i, k) return ARGV[base + 4 * i - 4 + k] end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local behind = {}
-for s = 1, n do behind[s] = move_due(key(s, 5), key(s, 1), now, 100, retention, seq_start) end
-local function arg(i, k) return ARGV[base + 4 * i - 4 + k] end
+for i = 1, writes do
+  local d = arg(i, 2)
+  if string.sub(d, 1, 1) == 'a' and tonumber(string.sub(d, 2)) < now - past then return {'past', tostring(i)} end
+end
+local behind, moved = {}, {}
+for s = 1, n do moved[s], behind[s] = move_due(key(s, 5), key(s, 6), key(s, 1), now, 100, retention, seq_start) end
 local due, queued, scheduled = {}, {}, {}
 for i = 1, writes do
   local slot = tonumber(arg(i, 1))
@@ -208,34 +229,33 @@ for i = 1, writes do
   if arg(i, 3) ~= '' then scheduled[slot] = (scheduled[slot] or 0) + 1 end
 end
 for s = 1, n do
-  if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then return {'full', ARGV[10 + s]} end
-  if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then return {'full-scheduled', ARGV[10 + s]} end
-end
-local function schedule(slot, at, payload, i)
-  local c = redis.call('INCR', key(slot, 6))
-  local seq = string.format('%010d%09d', c % 10000000000, (seq_start + i) % 1000000000)
-  redis.call('ZADD', key(slot, 5), at, seq .. payload)
-  return ARGV[10 + slot] .. '-' .. string.format('%d', at) .. '-' .. seq_of(seq)
+  if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then return {'full', ARGV[11 + s]} end
+  if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then return {'full-scheduled', ARGV[11 + s]} end
 end
 local out = {'ok'}
-local started = {}
+-- A request's entries in one stream share a millisecond (its first entry's):
+-- XADD's own clock runs on during a long script, and must not carry the
+-- stream past a write scheduled for the next milliseconds.
+local first_ms = {}
 for i = 1, writes do
   local slot = tonumber(arg(i, 1))
   local stream, payload = key(slot, 1), arg(i, 4)
+  local prefix = ARGV[11 + slot] .. '-'
   local id
   if due[i] > now or behind[slot] then
-    id = schedule(slot, due[i], payload, i)
-  elseif started[slot] then
-    id = ARGV[10 + slot] .. '-' .. redis.call('XADD', stream, '*', 'w', payload)
+    id = prefix .. schedule(key(slot, 5), key(slot, 6), due[i], payload, seq_start + i)
+  elseif first_ms[slot] then
+    id = prefix .. redis.call('XADD', stream, first_ms[slot] .. '-*', 'w', payload)
   else
-    started[slot] = true
-    id = ARGV[10 + slot] .. '-' .. add_entry(stream, payload, now, seq_start)
+    local entry = add_entry(stream, payload, now, seq_start)
+    first_ms[slot] = string.match(entry, '^(%d+)')
+    id = prefix .. entry
   end
   local ttl = arg(i, 3)
   if ttl ~= '' then
     local sep = string.find(ttl, ':', 1, true)
     local expiry = '{"key":' .. string.sub(ttl, sep + 1) .. ',"op":"$expire","of":"' .. id .. '"}'
-    id = id .. '|' .. schedule(slot, due[i] + tonumber(string.sub(ttl, 1, sep - 1)), expiry, i)
+    id = id .. '|' .. prefix .. schedule(key(slot, 5), key(slot, 6), due[i] + tonumber(string.sub(ttl, 1, sep - 1)), expiry, seq_start + i)
   end
   out[#out + 1] = id
 end
@@ -250,7 +270,7 @@ local ttl = tonumber(ARGV[5])
 local rang, armed = {}, {}
 for s = 1, n do
   local ring = false
-  if queued[s] then
+  if queued[s] or moved[s] > 0 then
     local bell = key(s, 2)
     ring = redis.call('SET', bell, now, 'NX', 'PX', ttl)
     if not ring then
@@ -261,15 +281,15 @@ for s = 1, n do
       end
     end
   end
-  if scheduled[s] then
-    local due_in, set = arm(key(s, 5), key(s, 7), now, now + 1, lead)
-    if due_in <= lead then ring = true end
-    if set > 0 then
-      armed[#armed + 1] = ARGV[10 + s]
-      armed[#armed + 1] = set
-    end
+  -- Every shard of the call with a schedule is armed (a lost alarm is set
+  -- again here); one whose next write is due within the lead is rung too.
+  local due_in, set = arm(key(s, 5), key(s, 7), now, now + 1, lead)
+  if scheduled[s] and due_in >= 0 and due_in <= lead then ring = true end
+  if set > 0 then
+    armed[#armed + 1] = ARGV[11 + s]
+    armed[#armed + 1] = set
   end
-  if ring then rang[#rang + 1] = ARGV[10 + s] end
+  if ring then rang[#rang + 1] = ARGV[11 + s] end
 end
 if #rang > 0 then
   out[#out + 1] = 'rang'
@@ -381,7 +401,7 @@ return 0
 /// stream first (see `schedule_lua`), and the shard's alarm is set for the
 /// next one.
 ///
-/// KEYS: `[lease, stream, attempts, watch, applying, sched, alarm]`.
+/// KEYS: `[lease, stream, attempts, watch, applying, sched, sched_w, alarm]`.
 /// ARGV: `[token, group, consumer, count, max_attempts, lease_ttl_ms,
 /// retention_ms, resume, bytes, lead_ms]`: at most `count` entries, and no more than fit
 /// in `bytes` of payload (at least one; `0`: no limit). New entries are
@@ -405,7 +425,7 @@ redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
 local count = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-move_due(KEYS[6], KEYS[2], now, count, ARGV[7], tonumber(t[2]))
+local _, more_due = move_due(KEYS[6], KEYS[7], KEYS[2], now, count, ARGV[7], tonumber(t[2]))
 local budget = tonumber(ARGV[9]) or 0
 local function read(from)
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', count, 'STREAMS', KEYS[2], from)
@@ -461,7 +481,9 @@ else
   entries = read('>')
 end
 local marked = redelivered and has_marker
-local _, armed = arm(KEYS[6], KEYS[7], now, now + 1, tonumber(ARGV[10]))
+-- With more due than one read moves, the holder reads on: no alarm.
+local armed = -1
+if not more_due then _, armed = arm(KEYS[6], KEYS[8], now, now + 1, tonumber(ARGV[10])) end
 local out = {'ok', 0, cursor, armed}
 for _, e in ipairs(entries) do
   local id = e[1]
@@ -576,35 +598,43 @@ return out
 /// [`BACKING_OFF`]) counts as claimable only for an operator's drain
 /// (`end_backoff` = `1`). Of the other unheld shards, the one whose next
 /// scheduled write is due soonest within `lead_ms` gives `wait_ms` (a drain
-/// waits for it), and each of those has its alarm set to expire no sooner than
-/// `lead_ms` from now: should the waiting drain die, that expiry wakes another.
+/// waits for it). Every shard with a schedule, held or not, has its alarm set
+/// (see `schedule_lua`), no sooner than `lead_ms` from now for one due within
+/// the lead: a lost alarm is set again, and should a waiting drain die, that
+/// expiry wakes another.
 /// KEYS: `[stream, lease, sched, alarm]*`, ARGV: `[end_backoff, lead_ms,
 /// shard*]` (one shard per call, one hash slot, unless the shards share a
-/// server). Reply: `wait_ms` (-1: none), then the shard numbers that are
-/// claimable.
+/// server). Reply: `wait_ms` (-1: none), the number of claimable shards, those
+/// shards, then `(shard, alarm ttl_ms)` for each alarm set.
 pub const CLAIMABLE: &str = concat!(allow_oom!(), add_entry_lua!(), schedule_lua!(), r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lead = tonumber(ARGV[2])
-local out = {-1}
+local wait, claimable, armed = -1, {}, {}
 for i = 3, #ARGV do
   local k = 4 * (i - 3)
   local lease = redis.call('GET', KEYS[k + 2])
-  if lease == false or (ARGV[1] == '1' and lease == 'backoff') then
-    if redis.call('XLEN', KEYS[k + 1]) > 0 then
-      out[#out + 1] = ARGV[i]
-    else
-      local first = redis.call('ZRANGE', KEYS[k + 3], 0, 0, 'WITHSCORES')
-      local due_in = first[2] and tonumber(first[2]) - now
-      if due_in and due_in <= 0 then
-        out[#out + 1] = ARGV[i]
-      elseif due_in and due_in <= lead then
-        if out[1] < 0 or due_in < out[1] then out[1] = due_in end
-        arm(KEYS[k + 3], KEYS[k + 4], now, now + lead, lead)
-      end
+  local free = lease == false or (ARGV[1] == '1' and lease == 'backoff')
+  local first = redis.call('ZRANGE', KEYS[k + 3], 0, 0, 'WITHSCORES')
+  local due_in = first[2] and tonumber(first[2]) - now
+  if free and (redis.call('XLEN', KEYS[k + 1]) > 0 or (due_in and due_in <= 0)) then
+    claimable[#claimable + 1] = ARGV[i]
+  elseif free and due_in and due_in <= lead and (wait < 0 or due_in < wait) then
+    wait = due_in
+  end
+  if due_in then
+    local floor = now + 1
+    if due_in <= lead then floor = now + lead end
+    local _, set = arm(KEYS[k + 3], KEYS[k + 4], now, floor, lead)
+    if set > 0 then
+      armed[#armed + 1] = ARGV[i]
+      armed[#armed + 1] = set
     end
   end
 end
+local out = {wait, #claimable}
+for _, s in ipairs(claimable) do out[#out + 1] = s end
+for _, v in ipairs(armed) do out[#out + 1] = v end
 return out
 "#);
 
@@ -738,25 +768,30 @@ return n
 /// each old id's status `replayed:<new id>` (for the status retention) and setting
 /// the doorbell flag (the caller rings it).
 ///
-/// KEYS: `[dead, dead_status_prefix, stream, bell, stats, sched]`.
+/// KEYS: `[dead, dead_status_prefix, stream, bell, stats, sched, sched_w]`.
 /// ARGV: `[seq_start, bell_ttl_ms, shard, retention_ms, write_id*]` (no write
 /// ids: all of the shard); the first new entry is added as intake adds a
 /// request's (see `add_entry_lua`), so that a new id never repeats one the
 /// database recorded before a failover. Scheduled writes that are due move
-/// into the stream first (see `schedule_lua`).
+/// into the stream first (see `schedule_lua`); with more due than one call
+/// moves, the replayed writes join the schedule, due now, behind them.
 /// Reply: `(old write id, new write id)*`.
 pub const REPLAY: &str = concat!(count_lua!(), dead_lua!(), add_entry_lua!(), schedule_lua!(), r#"
 local out = {}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-move_due(KEYS[6], KEYS[3], now, 100, ARGV[4], tonumber(ARGV[1]))
+local _, behind = move_due(KEYS[6], KEYS[7], KEYS[3], now, 100, ARGV[4], tonumber(ARGV[1]))
+local first_ms
 for i, d in ipairs(matching_dead(KEYS[1], 5)) do
   local f = d[2]
   local new
-  if i == 1 then
-    new = add_entry(KEYS[3], f['w'], now, tonumber(ARGV[1]))
+  if behind then
+    new = schedule(KEYS[6], KEYS[7], now, f['w'], tonumber(ARGV[1]) + i)
+  elseif first_ms then
+    new = redis.call('XADD', KEYS[3], first_ms .. '-*', 'w', f['w'])
   else
-    new = redis.call('XADD', KEYS[3], '*', 'w', f['w'])
+    new = add_entry(KEYS[3], f['w'], now, tonumber(ARGV[1]))
+    first_ms = string.match(new, '^(%d+)')
   end
   local new_id = ARGV[3] .. '-' .. new
   local entry = string.sub(f['id'], string.len(ARGV[3]) + 2)
@@ -816,28 +851,24 @@ return out
 /// Cancel a scheduled write that is still in its shard's schedule: it leaves
 /// the schedule, its status key says `cancelled` (for the status retention),
 /// and a notice goes to `done` for waiting status reads.
-/// KEYS: `[sched, dead_status_prefix, stats, done]`. ARGV: `[due_ms, sequence
-/// (19 digits), retention_ms, entry_id]`. Reply: 1 cancelled, 0 not in the
-/// schedule (moved into the stream already, cancelled, or no such write).
+/// KEYS: `[sched, sched_w, dead_status_prefix, stats, done]`. ARGV: `[due_ms,
+/// sequence (16 digits), retention_ms, entry_id]`. Reply: 1 cancelled, 0 not
+/// in the schedule (moved into the stream already, cancelled, or no such
+/// write).
 pub const CANCEL: &str = concat!(count_lua!(), r#"
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
-  if string.sub(m, 1, 19) == ARGV[2] then
-    redis.call('ZREM', KEYS[1], m)
-    redis.call('SET', KEYS[2] .. ARGV[4], 'cancelled', 'PX', ARGV[3])
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100, '*', 'cancelled', ARGV[4])
-    count(KEYS[3], 'cancelled', 1, false)
-    return 1
-  end
-end
-return 0
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[2]) or '-1') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3] .. ARGV[4], 'cancelled', 'PX', ARGV[3])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100, '*', 'cancelled', ARGV[4])
+count(KEYS[4], 'cancelled', 1, false)
+return 1
 "#);
 
-/// Whether a write is in its shard's schedule, and when it is due. KEYS:
-/// `[sched]`, ARGV: `[due_ms, sequence (19 digits)]`. Reply: 1 or 0.
+/// Whether a write is in its shard's schedule. KEYS: `[sched]`, ARGV:
+/// `[due_ms, sequence (16 digits)]`. Reply: 1 or 0.
 pub const SCHEDULED: &str = r#"
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
-  if string.sub(m, 1, 19) == ARGV[2] then return 1 end
-end
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[2]) or '-1') == tonumber(ARGV[1]) then return 1 end
 return 0
 "#;
 

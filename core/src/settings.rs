@@ -18,6 +18,11 @@ pub struct Settings {
     /// slot), for a Redis Cluster; else a call may cover every shard of one
     /// server (a request's writes enqueued in one round trip).
     pub redis_cluster: bool,
+    /// `alarm_db`: the database (on `redis_address`'s server) where each
+    /// shard's alarm is mirrored, for its expired-key event to come on time
+    /// (see `spillway_spin::mirror`); `None` (empty, or with `redis_cluster`,
+    /// which has database 0 only): the alarms' own events alone.
+    pub alarm_db: Option<u32>,
     /// `key_prefix` and `shard_count`.
     pub layout: Layout,
     /// `batch_size`: writes applied per transaction.
@@ -150,6 +155,11 @@ impl Settings {
         }
     }
 
+    /// `redis_address` with its database replaced by `db`.
+    pub fn redis_address_in(&self, db: u32) -> String {
+        with_db(&self.redis_address, db)
+    }
+
     /// Every server shards are on, each once, in order.
     pub fn redis_servers(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
@@ -160,6 +170,27 @@ impl Settings {
             }
         }
         out
+    }
+}
+
+/// A Redis URL (`redis[s]://[user[:password]@]host:port[/db][?query]`) with
+/// its database replaced by (or set to) `db`.
+pub fn with_db(address: &str, db: u32) -> String {
+    let (scheme, rest) = address.split_once("://").unwrap_or(("redis", address));
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    // The path starts at the first '/' after the user information (a
+    // password may hold '/').
+    let after_user = rest.rfind('@').map_or(0, |i| i + 1);
+    let authority = match rest[after_user..].find('/') {
+        Some(i) => &rest[..after_user + i],
+        None => rest,
+    };
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
     }
 }
 
@@ -267,6 +298,12 @@ impl Settings {
             Some(v) => return Err(SettingsError { name: "redis_cluster", reason: format!("{v:?} is not true or false") }),
         };
         let redis_address = get("redis_address").unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+        let alarm_db = match get("alarm_db").as_deref().map(str::trim) {
+            None => Some(1),
+            Some("") => None,
+            Some(v) => Some(v.parse::<u32>().map_err(|_| SettingsError { name: "alarm_db", reason: format!("{v:?} is not a database number") })?),
+        }
+        .filter(|_| !redis_cluster);
         let admin_token = get("admin_token").filter(|t| !t.is_empty());
         let cache_store = match get("cache_store").as_deref().map(str::trim) {
             None | Some("" | "kv") => CacheStore::Kv,
@@ -285,6 +322,7 @@ impl Settings {
             redactor,
             shard_redis_addresses,
             redis_cluster,
+            alarm_db,
             wake_url,
             drain_budget_secs: num(&get, "drain_budget_secs", 0)?,
             database,
@@ -323,6 +361,21 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database set or replaced in any Redis URL, credentials and query
+    /// kept.
+    #[test]
+    fn addresses_in_another_database() {
+        assert_eq!(with_db("redis://127.0.0.1:6379", 1), "redis://127.0.0.1:6379/1");
+        assert_eq!(with_db("redis://h:6379/0", 3), "redis://h:6379/3");
+        assert_eq!(with_db("rediss://u:p/w@h:6380/2?protocol=resp3", 1), "rediss://u:p/w@h:6380/1?protocol=resp3");
+        assert_eq!(with_db("redis://:pw@h:1/", 1), "redis://:pw@h:1/1");
+        let s = Settings::load(|_| None).unwrap();
+        assert_eq!((s.alarm_db, s.redis_address_in(1)), (Some(1), "redis://127.0.0.1:6379/1".to_owned()));
+        assert_eq!(Settings::load(|n| (n == "alarm_db").then(String::new)).unwrap().alarm_db, None);
+        assert_eq!(Settings::load(|n| (n == "redis_cluster").then(|| "true".to_owned())).unwrap().alarm_db, None, "a cluster has database 0 only");
+        assert_eq!(Settings::load(|n| (n == "alarm_db").then(|| "x".to_owned())).unwrap_err().name, "alarm_db");
+    }
 
     /// With nothing set, the documented defaults apply; bad numbers name the variable.
     #[test]

@@ -24,12 +24,16 @@ fn recorded(s: &Spillway, ids: &[String]) -> Vec<(String, i64, i64)> {
 }
 
 /// Waits (bounded, reading the database only) until every one of `ids` has
-/// an outcome recorded; returns them.
+/// an outcome recorded, then until each status has left `pending` (its batch
+/// acknowledged, so reads of its key see it); returns the outcomes.
 async fn wait_applied(s: &Spillway, ids: &[String], bound: Duration) -> Vec<(String, i64, i64)> {
     let start = Instant::now();
     loop {
         let got = recorded(s, ids);
         if got.len() == ids.len() {
+            for id in ids {
+                s.settled(id).await;
+            }
             return got;
         }
         assert!(start.elapsed() < bound, "{} of {} scheduled writes applied after {bound:?}; output:\n{}", got.len(), ids.len(), s.app.guest_output());
@@ -93,7 +97,7 @@ fn chrono_free_rfc3339(ms: u64) -> String {
 async fn a_keys_writes_apply_in_order_of_due_time_then_acceptance() {
     let s = Spillway::builder().start().await;
     s.start_trigger().await;
-    let at = now_ms() + 700;
+    let at = now_ms() + 1500;
     let append = |v: &str| json!({"key": "order", "op": "append", "field": "seen", "value": v});
     let with = |mut w: Value, k: &str, v: Value| {
         w[k] = v;
@@ -101,7 +105,7 @@ async fn a_keys_writes_apply_in_order_of_due_time_then_acceptance() {
     };
     let writes = [
         append("now-1"),
-        with(append("delay-1100"), "delay_ms", json!(1100)),
+        with(append("delay-2500"), "delay_ms", json!(2500)),
         with(append("at-first"), "apply_at", json!(at)),
         with(append("at-second"), "apply_at", json!(at)),
         with(append("delay-300"), "delay_ms", json!(300)),
@@ -120,7 +124,7 @@ async fn a_keys_writes_apply_in_order_of_due_time_then_acceptance() {
     wait_applied(&s, &ids, Duration::from_secs(20)).await;
     let (code, _, rec) = s.call("GET", "/v1/records/order", None, &[]).await;
     assert_eq!(code, 200, "{rec}");
-    assert_eq!(rec["value"]["seen"], json!(["now-1", "now-2", "delay-300", "at-first", "at-second", "batch-a", "batch-b", "delay-1100"]), "{rec}");
+    assert_eq!(rec["value"]["seen"], json!(["now-1", "now-2", "delay-300", "at-first", "at-second", "batch-a", "batch-b", "delay-2500"]), "{rec}");
     assert_eq!(rec["version"], 8);
 }
 
@@ -349,5 +353,104 @@ async fn expiring_records_are_deleted_unless_changed_since() {
     ] {
         let (code, _, p) = s.call("POST", "/v1/writes", Some(bad.clone()), &[]).await;
         assert_eq!((code, p["field"].as_str()), (422, Some(field)), "{bad}: {p}");
+    }
+}
+
+/// A long request's own entries all take its first millisecond: the stream
+/// is never carried past a write scheduled for the next milliseconds, so that
+/// write keeps its id when it moves into the stream, and its expiry (which
+/// names that id) deletes what it wrote.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_request_leaves_a_write_scheduled_just_after_it_its_id() {
+    let s = Spillway::builder().vars(&[("max_batch", "2000"), ("max_body_bytes", "4194304")]).start().await;
+    s.start_trigger().await;
+    let mut writes: Vec<Value> = (0..1500).map(|i| json!({"key": "long", "op": "put", "value": i})).collect();
+    writes.push(json!({"key": "long", "op": "put", "value": "last", "delay_ms": 2, "ttl_ms": 300}));
+    let (code, v) = s.write(json!({"writes": writes})).await;
+    assert_eq!(code, 202, "{v}");
+    let last = &v["writes"][1500];
+    let (id, expiry) = (id_of(last), last["expiry_id"].as_str().unwrap().to_owned());
+    wait_applied(&s, &[id.clone(), expiry.clone()], Duration::from_secs(30)).await;
+    let st = s.settled(&id).await;
+    assert_eq!((st["status"].as_str(), st.get("moved_to")), (Some("applied"), None), "kept its id: {st}");
+    let st = s.settled(&expiry).await;
+    assert_eq!(st["status"], "applied", "the expiry found its write: {st}");
+    let (code, _, rec) = s.call("GET", "/v1/records/long", None, &[]).await;
+    assert_eq!(code, 404, "{rec}");
+}
+
+/// The alarm fires while another holder has the shard (an operator's drain,
+/// another node) and that holder lets go without reading again: the woken
+/// drain's scan sets the alarm again, so the write is applied once the shard
+/// is free, and the write after it too, with no request sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alarm_that_fires_on_a_held_shard_is_set_again() {
+    let s = Spillway::builder().start().await;
+    s.start_trigger().await;
+    let layout = crate::support::layout();
+    let shard = layout.shard_of("held");
+    let (_, v) = s.write(json!({"key": "held", "op": "put", "value": 1, "delay_ms": 900})).await;
+    let first = id_of(&v);
+    let (_, v) = s.write(json!({"key": "held", "op": "put", "value": 2, "delay_ms": 2500})).await;
+    let second = id_of(&v);
+    // Someone holds the shard while the first write's alarm fires, and lets
+    // go (deletes its lease: no expired-key event) after the write is due.
+    let _: () = redis::cmd("SET").arg(layout.lease(shard)).arg("someone").query(&mut s.redis.conn()).unwrap();
+    let fired = Instant::now();
+    while redis::cmd("EXISTS").arg(layout.alarm(shard)).query::<bool>(&mut s.redis.conn()).unwrap()
+        || redis::cmd("GET").arg(layout.alarm(shard)).query::<Option<u64>>(&mut s.redis.conn()).unwrap().is_some_and(|at| at + 100 > now_ms() + 500)
+    {
+        assert!(fired.elapsed() < Duration::from_secs(10), "the alarm never fired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000u64.saturating_sub(fired.elapsed().as_millis() as u64))).await;
+    let _: () = redis::cmd("DEL").arg(layout.lease(shard)).query(&mut s.redis.conn()).unwrap();
+    wait_applied(&s, &[first, second], Duration::from_secs(20)).await;
+}
+
+/// A retry of an accepted request with the same `Idempotency-Key` replays
+/// its answer even once its `apply_at` has fallen further into the past than
+/// the tolerance; a new request with that time is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_retry_of_a_scheduled_request_replays_it() {
+    let s = Spillway::builder().start().await;
+    let at = now_ms() - spillway_core::schedule::PAST_TOLERANCE_MS + 300;
+    let body = json!({"key": "retry", "op": "put", "value": 1, "apply_at": at});
+    let (code, headers, first) = s.call("POST", "/v1/writes", Some(body.clone()), &[("idempotency-key", "late-retry")]).await;
+    assert_eq!((code, headers.get("idempotent-replayed")), (202, None), "{first}");
+    // Past the tolerance now.
+    tokio::time::sleep(Duration::from_millis((at + spillway_core::schedule::PAST_TOLERANCE_MS + 50).saturating_sub(now_ms()))).await;
+    let (code, headers, again) = s.call("POST", "/v1/writes", Some(body.clone()), &[("idempotency-key", "late-retry")]).await;
+    assert_eq!((code, headers["idempotent-replayed"].to_str().unwrap(), again["id"].clone()), (202, "true", first["id"].clone()), "{again}");
+    for key in [Some("fresh-key"), None] {
+        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        let (code, _, p) = s.call("POST", "/v1/writes", Some(body.clone()), &headers).await;
+        assert_eq!((code, p["field"].as_str()), (422, Some("/apply_at")), "{key:?}: {p}");
+    }
+}
+
+/// Among many keys with a TTL (here 200,000, as idempotency records leave),
+/// Redis's sampling expiry reaches a given key only after many minutes; the
+/// alarms' mirrors in `alarm_db` (a database of their own) still expire on
+/// time, so scheduled writes are applied on time with no request sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_writes_are_on_time_among_many_keys_with_a_ttl() {
+    let s = Spillway::builder().start().await;
+    let _: () = redis::cmd("EVAL")
+        .arg("for i = 1, 200000 do redis.call('SET', 'other:' .. i, 1, 'EX', 3600) end")
+        .arg(0)
+        .query(&mut s.redis.conn())
+        .unwrap();
+    s.start_trigger().await;
+    let mut ids = Vec::new();
+    for (i, delay) in [1200u64, 2000, 2800].iter().enumerate() {
+        let (code, v) = s.write(json!({"key": format!("crowd-{i}"), "op": "put", "value": i, "delay_ms": delay})).await;
+        assert_eq!(code, 202, "{v}");
+        ids.push(id_of(&v));
+    }
+    for (id, applied_at, due) in wait_applied(&s, &ids, Duration::from_secs(30)).await {
+        let late = applied_at - due;
+        eprintln!("{id}: applied {late} ms after its due time, among 200,000 keys with a TTL");
+        assert!((0..5000).contains(&late), "{id} applied {late} ms after its due time");
     }
 }

@@ -5,7 +5,7 @@ use spillway_core::call::{Call, EnqueueLimits, Queued};
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
 use spillway_core::reply::{Enqueued, Rung};
-use spillway_core::schedule::Timing;
+use spillway_core::schedule::{Due, PAST_TOLERANCE_MS, Timing};
 use spillway_core::settings::Settings;
 use spillway_core::write::{self, parse_request_for};
 use spillway_spin::redis::Replicas;
@@ -50,7 +50,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     let wait = prefer_wait(req.headers());
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
     let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
-    check_due(&settings, &batch)?;
+    check_timing(&settings, &batch, idem.is_none())?;
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
     // Within the request's deadline. A timeout here is an unknown outcome: the
     // enqueue may be in Redis already, or arrive when Redis resumes.
@@ -65,15 +65,27 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     }
 }
 
-/// Each scheduled write's time within bounds, on this instance's clock (the
-/// delay itself counts from acceptance on Redis's clock).
-fn check_due(s: &Settings, batch: &write::WriteBatch) -> Result<(), Problem> {
+/// Each write's times within bounds, on this instance's clock (a delay
+/// itself counts from acceptance, on Redis's clock). An `apply_at` too far in
+/// the past is refused here only without an `Idempotency-Key`: with one, the
+/// enqueue script refuses it after looking the key up, so that a late retry of
+/// an accepted request replays its answer.
+fn check_timing(s: &Settings, batch: &write::WriteBatch, check_past: bool) -> Result<(), Problem> {
     let now = u64::try_from(spillway_spin::now_ms()).unwrap_or(0);
     let horizon = s.schedule_horizon_secs.saturating_mul(1000);
     for (i, timing) in batch.timing.iter().enumerate() {
-        timing.check(now, horizon, &if batch.batch { format!("/writes/{i}") } else { String::new() })?;
+        let pointer = pointer_of(batch, i);
+        match timing.due {
+            Some(Due::At(_)) if !check_past => Timing { due: None, ..*timing }.check(now, horizon, &pointer)?,
+            _ => timing.check(now, horizon, &pointer)?,
+        }
     }
     Ok(())
+}
+
+/// The JSON pointer of the request's `i`-th write.
+fn pointer_of(batch: &write::WriteBatch, i: usize) -> String {
+    if batch.batch { format!("/writes/{i}") } else { String::new() }
 }
 
 /// `Prefer: wait=<seconds>` (RFC 7240), in milliseconds, at most
@@ -251,6 +263,13 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, idem: Option<&str>, bo
             Enqueued::Full { shard } => {
                 return Err(Problem::queue_full(&format!("shard {shard} is over its queue depth limit of {}; retry later", s.queue_depth_limit), 1));
             }
+            Enqueued::Past { index } => {
+                let i = (0..writes.len()).filter(|i| group.contains(&shard_of[*i])).nth(index).unwrap_or(0);
+                return Err(Problem::invalid(
+                    &format!("apply_at is more than {PAST_TOLERANCE_MS} ms in the past"),
+                    &format!("{}/apply_at", pointer_of(batch, i)),
+                ));
+            }
             Enqueued::FullScheduled { shard } => {
                 return Err(Problem::schedule_full(
                     &format!("shard {shard} holds its limit of {} scheduled writes (scheduled_limit); retry later", s.scheduled_limit),
@@ -297,6 +316,7 @@ fn enqueue_call(s: &Settings, group: &[u32], writes: &[write::Accepted], timing:
         seq_start: spillway_spin::random_u32(),
         scheduled_limit: s.scheduled_limit,
         retention_ms: s.status_retention_secs.saturating_mul(1000),
+        past_ms: PAST_TOLERANCE_MS,
     };
     // Only this group's writes are serialized (a request over several groups
     // must not serialize every write once per group).

@@ -579,6 +579,9 @@ pub(crate) async fn claimable(s: &Settings, end_backoff: bool) -> Result<reply::
     let mut out = reply::Claimable::default();
     for reply in futures::future::join_all(calls).await {
         let found = reply::claimable(&spillway_spin::redis::values(&reply?)).map_err(spillway_spin::redis::malformed)?;
+        for (shard, ttl_ms) in &found.armed {
+            mirror(s, *shard, Mirrored::Alarm, Some(*ttl_ms)).await;
+        }
         out.shards.extend(found.shards);
         out.wait_ms = match (out.wait_ms, found.wait_ms) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -24,7 +24,7 @@ use spillway_core::settings::Settings;
 use spillway_spin::{Redis, bin, int, json, respond};
 
 /// The outcome counters, in the order they are reported.
-const COUNTERS: [&str; 7] = ["accepted", "applied", "rejected", "dead", "retried", "replayed", "purged"];
+const COUNTERS: [&str; 9] = ["accepted", "applied", "rejected", "dead", "retried", "replayed", "purged", "scheduled", "cancelled"];
 /// The throughput window: the current 10-second bucket and the five before it.
 const WINDOW_BUCKETS: u64 = 6;
 
@@ -35,6 +35,10 @@ struct Shard {
     unacknowledged: u64,
     oldest_age_ms: Option<u64>,
     dead_letters: u64,
+    /// Scheduled writes not yet in the stream, and when the next is due (ms
+    /// from now; 0 when overdue).
+    scheduled: u64,
+    next_due_in_ms: Option<u64>,
     /// A short digest of the lease holder's token (not the token).
     holder: Option<String>,
     /// The holder's node (`node_name`), if it has one.
@@ -88,6 +92,8 @@ async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
         unacknowledged: r.unacknowledged,
         oldest_age_ms,
         dead_letters: r.dead_letters,
+        scheduled: r.scheduled,
+        next_due_in_ms: r.next_due_ms.map(|due| due.saturating_sub(r.now_ms)),
         lease_ms_left: holder.as_ref().map(|_| r.lease_ms_left),
         holder,
         node,
@@ -144,6 +150,7 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
     let snap = snapshot(s).await;
     let mut totals: serde_json::Map<String, Json> = COUNTERS.iter().map(|c| ((*c).to_owned(), json!(0))).collect();
     let (mut depth, mut unacked, mut dead_letters, mut oldest) = (0, 0, 0, None::<u64>);
+    let (mut scheduled, mut next_due) = (0, None::<u64>);
     let (mut accepted_window, mut applied_window) = (0, 0);
     let window_secs = snap.shards.first().map_or(60.0, |sh| sh.window_secs);
     let shards: Vec<Json> = snap
@@ -154,6 +161,11 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
             unacked += sh.unacknowledged;
             dead_letters += sh.dead_letters;
             oldest = oldest.max(sh.oldest_age_ms);
+            scheduled += sh.scheduled;
+            next_due = match (next_due, sh.next_due_in_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             accepted_window += sh.window.get("accepted").copied().unwrap_or(0);
             applied_window += sh.window.get("applied").copied().unwrap_or(0);
             let mut o = json!({
@@ -162,6 +174,8 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
                 "unacknowledged": sh.unacknowledged,
                 "oldest_unapplied_age_ms": sh.oldest_age_ms,
                 "dead_letters": sh.dead_letters,
+                "in_schedule": sh.scheduled,
+                "next_due_in_ms": sh.next_due_in_ms,
                 "lease": sh.holder.as_ref().map(|h| json!({"holder": h, "node": sh.node, "expires_in_ms": sh.lease_ms_left})),
             });
             for c in COUNTERS {
@@ -176,6 +190,8 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
     totals.insert("unacknowledged".into(), json!(unacked));
     totals.insert("dead_letters".into(), json!(dead_letters));
     totals.insert("oldest_unapplied_age_ms".into(), json!(oldest));
+    totals.insert("in_schedule".into(), json!(scheduled));
+    totals.insert("next_due_in_ms".into(), json!(next_due));
     let body = json!({
         "shards": shards,
         "totals": totals,
@@ -213,6 +229,7 @@ pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Prob
     let oldest = gauge(&mut registry, "oldest_unapplied_age_milliseconds", "Age of the shard's oldest unapplied write (0 when none).");
     let dead = gauge(&mut registry, "dead_letters", "Writes in the shard's dead-letter stream.");
     let lease = gauge(&mut registry, "lease_held", "1 while a processor holds the shard's lease.");
+    let scheduled = gauge(&mut registry, "writes_in_schedule", "Scheduled writes (delay_ms, apply_at, ttl_ms expiries) not yet moved into the shard's queue.");
     let counters: Vec<(&str, Family<Labels, Counter>)> = COUNTERS
         .iter()
         .map(|c| {
@@ -227,6 +244,7 @@ pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Prob
         unacked.get_or_create(&labels).set(sh.unacknowledged as i64);
         oldest.get_or_create(&labels).set(sh.oldest_age_ms.unwrap_or(0) as i64);
         dead.get_or_create(&labels).set(sh.dead_letters as i64);
+        scheduled.get_or_create(&labels).set(sh.scheduled as i64);
         lease.get_or_create(&labels).set(i64::from(sh.holder.as_deref().is_some_and(|h| h != spillway_core::scripts::BACKING_OFF)));
         for (name, family) in &counters {
             family.get_or_create(&labels).inc_by(sh.counters.get(*name).copied().unwrap_or(0));

@@ -13,6 +13,15 @@
 //! nothing; so each is set to outlive what it mirrors. Without a Redis trigger
 //! (`wake_url`: the HTTP-only deployment, woken by a cron) no event is heard,
 //! and nothing is mirrored.
+//!
+//! A shard's alarm (its next scheduled write) is also mirrored where its own
+//! expiry would be heard late: Redis expires keys by sampling those with a TTL,
+//! ten times a second, twenty at a time, so among a million keys with a TTL
+//! (idempotency records, other applications' keys) a key may expire many
+//! minutes after its time. In a database of its own (`alarm_db`, 1 by
+//! default), holding only the alarms' mirrors, every one is looked at in each
+//! cycle: its event comes within about 100 ms (`hz` 10). The Redis trigger
+//! listens to that database's expired-key events too.
 
 use spillway_core::settings::Settings;
 
@@ -59,6 +68,16 @@ pub async fn mirror(s: &Settings, shard: u32, what: Mirrored, ttl_ms: Option<u64
     if s.wake_url.is_some() {
         return Outcome::Unneeded;
     }
+    if let (Mirrored::Alarm, Some(db)) = (what, s.alarm_db) {
+        let key = s.layout.mirror("heal", shard, what.name());
+        return match Redis::new(&s.redis_address_in(db)).execute_here(set_or_del(ttl_ms), mirror_args(&key, ttl_ms)).await {
+            Ok(_) => Outcome::Done,
+            Err(p) => {
+                crate::log_ignored("mirroring a shard's alarm in alarm_db", Err::<(), _>(p));
+                Outcome::Failed
+            }
+        };
+    }
     let trigger = Redis::new(&s.redis_address);
     let tag = if s.redis_cluster {
         match trigger.tag_here_if_elsewhere(&s.layout.lease(shard)).await {
@@ -75,12 +94,7 @@ pub async fn mirror(s: &Settings, shard: u32, what: Mirrored, ttl_ms: Option<u64
         "heal".to_owned()
     };
     let key = s.layout.mirror(&tag, shard, what.name());
-    let args = match ttl_ms {
-        Some(ms) => vec![bin(&key), bin("1"), bin("PX"), bin(&ms.max(1).to_string())],
-        None => vec![bin(&key)],
-    };
-    let command = if ttl_ms.is_some() { "SET" } else { "DEL" };
-    match trigger.execute_here(command, args).await {
+    match trigger.execute_here(set_or_del(ttl_ms), mirror_args(&key, ttl_ms)).await {
         Ok(_) => Outcome::Done,
         Err(p) => {
             // A resharding may have moved the tag's slot away: found again
@@ -89,5 +103,18 @@ pub async fn mirror(s: &Settings, shard: u32, what: Mirrored, ttl_ms: Option<u64
             crate::log_ignored("mirroring a shard's expiry on the trigger's server", Err::<(), _>(p));
             Outcome::Failed
         }
+    }
+}
+
+/// The command that sets a mirror to expire in `ttl_ms`, or deletes it.
+fn set_or_del(ttl_ms: Option<u64>) -> &'static str {
+    if ttl_ms.is_some() { "SET" } else { "DEL" }
+}
+
+/// [`set_or_del`]'s arguments for the mirror `key`.
+fn mirror_args(key: &str, ttl_ms: Option<u64>) -> Vec<spin_sdk::redis::RedisParameter> {
+    match ttl_ms {
+        Some(ms) => vec![bin(key), bin("1"), bin("PX"), bin(&ms.max(1).to_string())],
+        None => vec![bin(key)],
     }
 }

@@ -124,10 +124,11 @@ async fn in_schedule(s: &Settings, redis: &Redis, id: &WriteId) -> Result<bool, 
 
 /// A write's status now.
 pub async fn status(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
-    Box::pin(status_of(s, id)).await
+    status_of(s, id, false).await
 }
 
-async fn status_of(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
+/// [`status`]; `hop`: this is the write a moved one became.
+async fn status_of(s: &Settings, id: &WriteId, hop: bool) -> Result<Json, Problem> {
     let sid = id.to_string();
     let l = &s.layout;
     let redis = Redis::for_shard(s, id.shard);
@@ -154,25 +155,28 @@ async fn status_of(s: &Settings, id: &WriteId) -> Result<Json, Problem> {
         if err == "purged" || err == "cancelled" {
             return Ok(json!({"id": sid, "status": err}));
         }
-        // Moved into the stream under a new id (see `scripts::schedule_lua`).
-        if let Some(entry) = err.strip_prefix("moved:") {
+        // Moved into the stream under a new id (see `scripts::schedule_lua`),
+        // which is never moved again: one hop.
+        if let Some(entry) = err.strip_prefix("moved:").filter(|_| !hop) {
             let moved = WriteId { shard: id.shard, entry: entry.to_owned() };
-            let mut body = status(s, &moved).await?;
+            let mut body = Box::pin(status_of(s, &moved, true)).await?;
             body["id"] = json!(sid);
             body["moved_to"] = json!(moved.to_string());
             return Ok(body);
         }
         return Ok(json!({"id": sid, "status": "dead", "reason": err}));
     }
-    if in_stream().await? {
-        return Ok(pending());
-    }
+    // In the order a write goes: the schedule, the stream, the database (a
+    // write moved on between two looks is found at the next).
     if in_schedule(s, &redis, id).await? {
         // The entry id of a scheduled write is its due time and sequence.
         let due: u64 = id.entry.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0);
         let now = u64::try_from(crate::now_ms()).unwrap_or(0);
         let status = if due > now { "scheduled" } else { "pending" };
         return Ok(json!({"id": sid, "status": status, "due_at": spillway_core::schedule::format_rfc3339(due), "due_at_ms": due}));
+    }
+    if in_stream().await? {
+        return Ok(pending());
     }
     // Applied (and acknowledged) between the database read and the Redis reads,
     // or moved into the stream and applied since the schedule was read.
