@@ -482,6 +482,8 @@ mod tests {
         assert_eq!(Enqueued::parse(&[t("full-scheduled"), t("4")]).unwrap().0, Enqueued::FullScheduled { shard: "4".into() });
         assert_eq!(Enqueued::parse(&[t("replay"), t("1-1-0")]).unwrap().0, Enqueued::Accepted { ids: vec!["1-1-0".into()], replay: true });
         assert_eq!(Enqueued::parse(&[t("full"), t("3")]).unwrap().0, Enqueued::Full { shard: "3".into() });
+        let (full, rung) = Enqueued::parse(&[t("full"), t("3"), t("rang"), t("5")]).unwrap();
+        assert_eq!((full, rung.rang), (Enqueued::Full { shard: "3".into() }, vec![5]), "a refused call rings what it moved");
         assert_eq!(Enqueued::parse(&[t("conflict")]).unwrap().0, Enqueued::Conflict);
         assert!(Enqueued::parse(&[t("full")]).is_err() && Enqueued::parse(&[]).is_err() && Enqueued::parse(&[t("what")]).is_err());
         assert!(Enqueued::parse(&[t("ok"), t("rang"), t("x")]).is_err());

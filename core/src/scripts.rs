@@ -94,8 +94,11 @@ end
 ///   id's status key says `moved:<new entry id>`.
 /// - `arm(sched, alarm, now, floor, lead)` sets the shard's alarm to expire
 ///   `lead` ms before its next scheduled write is due (not before `floor`),
-///   unless it expires sooner already. Returns the ms until that write is due
-///   (-1: none) and the alarm's TTL if it was set (-1: left as it was).
+///   unless it expires sooner already. A write due within the lead is the
+///   business of a drain that waits for it (its caller rings, or holds the
+///   shard): its alarm is a backstop, `lead` ms from now at the soonest, not
+///   set again and again. Returns the ms until that write is due (-1: none)
+///   and the alarm's TTL if it was set (-1: left as it was).
 /// - `seq_of(member)`: a sequence as it appears in the write id.
 macro_rules! schedule_lua {
     () => {
@@ -132,6 +135,7 @@ local function arm(sched, alarm, now, floor, lead)
   local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
   if #first == 0 then return -1, -1 end
   local due = tonumber(first[2])
+  if due - now <= lead then floor = math.max(floor, now + lead) end
   local at = math.max(floor, due - lead)
   local cur = tonumber(redis.call('GET', alarm) or '')
   if cur and cur <= at then return due - now, -1 end
@@ -228,9 +232,17 @@ for i = 1, writes do
   end
   if arg(i, 3) ~= '' then scheduled[slot] = (scheduled[slot] or 0) + 1 end
 end
+-- Refused: nothing of the call is added, but what was moved is rung.
+local function refused(kind, shard)
+  local out = {kind, shard, 'rang'}
+  for s = 1, n do
+    if moved[s] > 0 then out[#out + 1] = ARGV[11 + s] end
+  end
+  return out
+end
 for s = 1, n do
-  if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then return {'full', ARGV[11 + s]} end
-  if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then return {'full-scheduled', ARGV[11 + s]} end
+  if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then return refused('full', ARGV[11 + s]) end
+  if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then return refused('full-scheduled', ARGV[11 + s]) end
 end
 local out = {'ok'}
 -- A request's entries in one stream share a millisecond (its first entry's):
@@ -599,9 +611,10 @@ return out
 /// (`end_backoff` = `1`). Of the other unheld shards, the one whose next
 /// scheduled write is due soonest within `lead_ms` gives `wait_ms` (a drain
 /// waits for it). Every shard with a schedule, held or not, has its alarm set
-/// (see `schedule_lua`), no sooner than `lead_ms` from now for one due within
-/// the lead: a lost alarm is set again, and should a waiting drain die, that
-/// expiry wakes another.
+/// (see `schedule_lua`; no sooner than `lead_ms` from now for one due within
+/// the lead, nor before its lease expires for a held one): a lost alarm is set
+/// again, and should a waiting drain die, or a holder let go, that expiry
+/// wakes another.
 /// KEYS: `[stream, lease, sched, alarm]*`, ARGV: `[end_backoff, lead_ms,
 /// shard*]` (one shard per call, one hash slot, unless the shards share a
 /// server). Reply: `wait_ms` (-1: none), the number of claimable shards, those
@@ -623,8 +636,10 @@ for i = 3, #ARGV do
     wait = due_in
   end
   if due_in then
+    -- A held (or backing-off) shard's holder moves its writes; should it let
+    -- go without reading again, the alarm wakes a drain once its lease is up.
     local floor = now + 1
-    if due_in <= lead then floor = now + lead end
+    if not free then floor = now + math.max(lead, redis.call('PTTL', KEYS[k + 2])) end
     local _, set = arm(KEYS[k + 3], KEYS[k + 4], now, floor, lead)
     if set > 0 then
       armed[#armed + 1] = ARGV[i]

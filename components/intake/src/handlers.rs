@@ -76,7 +76,8 @@ fn check_timing(s: &Settings, batch: &write::WriteBatch, check_past: bool) -> Re
     for (i, timing) in batch.timing.iter().enumerate() {
         let pointer = pointer_of(batch, i);
         match timing.due {
-            Some(Due::At(_)) if !check_past => Timing { due: None, ..*timing }.check(now, horizon, &pointer)?,
+            // Only how far ahead: a time in the past is checked by the script.
+            Some(Due::At(at)) if !check_past => Timing { due: Some(Due::At(at.max(now))), ..*timing }.check(now, horizon, &pointer)?,
             _ => timing.check(now, horizon, &pointer)?,
         }
     }

@@ -31,7 +31,7 @@ pub(crate) async fn on_message(message: &[u8]) -> anyhow::Result<()> {
         },
     };
     let drained = drain_claimable(&settings, Some(shard)).await;
-    if settings.layout.is_mirror(text) {
+    if settings.layout.is_mirror(text) && !text.ends_with(":alarm") {
         rearm(&settings, shard).await;
     }
     drained
