@@ -166,8 +166,12 @@ async fn status_of(s: &Settings, id: &WriteId, hop: bool) -> Result<Json, Proble
         }
         return Ok(json!({"id": sid, "status": "dead", "reason": err}));
     }
-    // In the order a write goes: the schedule, the stream, the database (a
-    // write moved on between two looks is found at the next).
+    // A queued write (the common case) is found with one look. Otherwise the
+    // schedule, then the stream again: a write moved from the schedule into
+    // the stream between the first two looks is found by the third.
+    if in_stream().await? {
+        return Ok(pending());
+    }
     if in_schedule(s, &redis, id).await? {
         // The entry id of a scheduled write is its due time and sequence.
         let due: u64 = id.entry.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0);
