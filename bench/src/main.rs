@@ -23,6 +23,7 @@ mod capacity;
 mod load;
 mod report;
 mod schedule;
+mod tenants;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -439,7 +440,7 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let peaks = RssPeaks::start(spillway_pid);
 
-    let steps = 19;
+    let steps = 20;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -495,7 +496,7 @@ async fn main() -> anyhow::Result<()> {
             retention_ms: 60_000,
             past_ms: 60_000,
         };
-        let call = Call::enqueue(l, &[shard], shard, limits, &[Queued { shard, key: "k", timing: Timing::default(), payload: incr("k") }]);
+        let call = Call::enqueue(l, &[shard], shard, limits, &[Queued { shard, key: "k", timing: Timing::default(), payload: incr("k"), tenant: None }], |_| Default::default());
         (call.keys, call.args)
     })
     .await?;
@@ -624,6 +625,18 @@ async fn main() -> anyhow::Result<()> {
             rows.extend(schedule::rows(&spillway_addr, &db, &mut plain, args.smoke, trigger.ms(0.5)).await?);
         }
         _ => eprintln!("scheduled writes not measured: --url or --redis given (the database and the Redis are the benchmark's own)"),
+    }
+
+    step("tenants");
+    match &args.url {
+        None => {
+            let quotas = [("tenant_rate", tenants::RATE.to_string()), ("tenant_depth", tenants::DEPTH.to_string())];
+            let quotas: Vec<(&str, &str)> = quotas.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let (p, addr, _) = variant(&target, &work, &redis_url, "tenants", &quotas)?;
+            rows.extend(tenants::rows(&addr, &work.join("tenants-state").join("sqlite_db.db"), args.smoke).await?);
+            drop(p);
+        }
+        Some(_) => eprintln!("tenants not measured: --url given (the app's quotas are the benchmark's own)"),
     }
 
     step("batch intake");

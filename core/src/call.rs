@@ -5,6 +5,7 @@
 
 use crate::layout::{CONSUMER, GROUP, Layout};
 use crate::schedule::{ALARM_LEAD_MS, Timing};
+use crate::tenant::Quota;
 use crate::scripts;
 
 /// One script call: the script, its keys (all in one shard's hash slot) and its
@@ -47,6 +48,8 @@ pub struct DeadLetter {
     pub error: String,
     /// Deliveries made.
     pub attempts: String,
+    /// The tenant it was charged to, if any.
+    pub tenant: Option<String>,
 }
 
 /// A yes/no argument as the scripts read it: `1` or `0`.
@@ -125,23 +128,38 @@ impl Call {
     }
 
     /// `ACK`: acknowledges `entries` and counts the batch's new outcomes.
-    pub fn ack(l: &Layout, shard: u32, applied: u64, rejected: u64, entries: impl IntoIterator<Item = String>) -> Self {
+    /// The entries are `(id, tenant)`; the tenants' figures are kept in
+    /// `tenant_home`'s slot (see `Settings::idempotency_shard`).
+    pub fn ack<'e>(l: &Layout, shard: u32, tenant_home: u32, applied: u64, rejected: u64, entries: impl IntoIterator<Item = (&'e str, Option<&'e str>)>) -> Self {
+        let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+        for (id, tenant) in entries {
+            let tenant = tenant.unwrap_or("");
+            match groups.iter_mut().find(|(t, _)| *t == tenant) {
+                Some((_, ids)) => ids.push(id),
+                None => groups.push((tenant, vec![id])),
+            }
+        }
         let mut args = vec![GROUP.to_owned(), applied.to_string(), rejected.to_string()];
-        args.extend(entries);
-        Self { script: scripts::ACK, keys: vec![l.stream(shard), l.attempts(shard), l.done(shard), l.stats(shard)], args }
+        for (tenant, ids) in groups {
+            args.extend([tenant.to_owned(), ids.len().to_string()]);
+            args.extend(ids.into_iter().map(str::to_owned));
+        }
+        let keys = vec![l.stream(shard), l.attempts(shard), l.done(shard), l.stats(shard), l.tenants(tenant_home)];
+        Self { script: scripts::ACK, keys, args }
     }
 
     /// `DEAD_LETTER`: moves `dead` to the shard's dead letters (`None` when there
     /// are none: no call).
-    pub fn dead_letter(l: &Layout, shard: u32, retention_ms: u64, dead: &[DeadLetter]) -> Option<Self> {
+    pub fn dead_letter(l: &Layout, shard: u32, tenant_home: u32, retention_ms: u64, dead: &[DeadLetter]) -> Option<Self> {
         if dead.is_empty() {
             return None;
         }
         let mut args = vec![GROUP.to_owned(), shard.to_string(), retention_ms.to_string()];
         for d in dead {
-            args.extend([d.entry.clone(), d.payload.clone(), d.error.clone(), d.attempts.clone()]);
+            args.extend([d.entry.clone(), d.payload.clone(), d.error.clone(), d.attempts.clone(), d.tenant.clone().unwrap_or_default()]);
         }
-        let keys = vec![l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_status_prefix(shard), l.done(shard), l.stats(shard)];
+        let keys =
+            vec![l.stream(shard), l.attempts(shard), l.dead(shard), l.dead_status_prefix(shard), l.done(shard), l.stats(shard), l.tenants(tenant_home)];
         Some(Self { script: scripts::DEAD_LETTER, keys, args })
     }
 
@@ -183,14 +201,20 @@ impl Call {
 
     /// `REPLAY`: `ids` of `shard` back from its dead letters onto its stream;
     /// `seq_start` is random (see `scripts::ENQUEUE`).
-    pub fn replay(l: &Layout, shard: u32, bell_ttl_ms: u64, retention_ms: u64, seq_start: u32, ids: impl IntoIterator<Item = String>) -> Self {
+    pub fn replay(l: &Layout, shard: u32, tenant_home: u32, bell_ttl_ms: u64, retention_ms: u64, seq_start: u32, ids: impl IntoIterator<Item = String>) -> Self {
         let mut args = vec![seq_start.to_string(), bell_ttl_ms.to_string(), shard.to_string(), retention_ms.to_string()];
         args.extend(ids);
-        Self {
-            script: scripts::REPLAY,
-            keys: vec![l.dead(shard), l.dead_status_prefix(shard), l.stream(shard), l.bell(shard), l.stats(shard), l.sched(shard), l.sched_writes(shard)],
-            args,
-        }
+        let keys = vec![
+            l.dead(shard),
+            l.dead_status_prefix(shard),
+            l.stream(shard),
+            l.bell(shard),
+            l.stats(shard),
+            l.sched(shard),
+            l.sched_writes(shard),
+            l.tenants(tenant_home),
+        ];
+        Self { script: scripts::REPLAY, keys, args }
     }
 
     /// `PURGE`: drops `ids` from `shard`'s dead letters (none: all of them).
@@ -223,9 +247,9 @@ impl Call {
 
     /// `CANCEL`: takes the scheduled write at stream entry `entry` of `shard`
     /// out of its schedule, if it is still there.
-    pub fn cancel(l: &Layout, shard: u32, entry: &str, retention_ms: u64) -> Option<Self> {
+    pub fn cancel(l: &Layout, shard: u32, tenant_home: u32, entry: &str, retention_ms: u64) -> Option<Self> {
         let (due, seq) = schedule_slot(entry)?;
-        let keys = vec![l.sched(shard), l.sched_writes(shard), l.dead_status_prefix(shard), l.stats(shard), l.done(shard)];
+        let keys = vec![l.sched(shard), l.sched_writes(shard), l.dead_status_prefix(shard), l.stats(shard), l.done(shard), l.tenants(tenant_home)];
         Some(Self { script: scripts::CANCEL, keys, args: vec![due, seq, retention_ms.to_string(), entry.to_owned()] })
     }
 
@@ -319,12 +343,16 @@ pub struct Queued<'a> {
     pub timing: Timing,
     /// The write as queued (JSON).
     pub payload: String,
+    /// The tenant it is charged to, if any.
+    pub tenant: Option<&'a str>,
 }
 
 impl Call {
     /// `ENQUEUE`: the writes (in request order) of `group`'s shards, in one
-    /// call; the idempotency record in `idempotency_shard`'s slot.
-    pub fn enqueue(l: &Layout, group: &[u32], idempotency_shard: u32, limits: EnqueueLimits<'_>, writes: &[Queued<'_>]) -> Self {
+    /// call; the idempotency record and the tenants' quota state in
+    /// `idempotency_shard`'s slot, each tenant held to `quota(tenant)` (this
+    /// call's share of it).
+    pub fn enqueue(l: &Layout, group: &[u32], idempotency_shard: u32, limits: EnqueueLimits<'_>, writes: &[Queued<'_>], quota: impl Fn(&str) -> Quota) -> Self {
         let (key, md5) = limits.idempotency.unwrap_or(("", ""));
         let mut keys = vec![l.idempotency(idempotency_shard, key)];
         for &shard in group {
@@ -345,6 +373,7 @@ impl Call {
         ];
         args.extend(group.iter().map(u32::to_string));
         let mine: Vec<&Queued<'_>> = writes.iter().filter(|w| group.contains(&w.shard)).collect();
+        let mut tenants: Vec<&str> = Vec::new();
         args.push(mine.len().to_string());
         for w in mine {
             let slot = group.iter().position(|g| *g == w.shard).unwrap_or(0) + 1;
@@ -353,6 +382,21 @@ impl Call {
             let key = serde_json::Value::String(w.key.to_owned());
             args.push(w.timing.ttl_ms.map(|ttl| format!("{ttl}:{key}")).unwrap_or_default());
             args.push(w.payload.clone());
+            let tenant = w.tenant.map_or(0, |t| match tenants.iter().position(|n| *n == t) {
+                Some(j) => j + 1,
+                None => {
+                    tenants.push(t);
+                    tenants.len()
+                }
+            });
+            args.push(tenant.to_string());
+        }
+        keys.push(l.tenants(idempotency_shard));
+        args.push(tenants.len().to_string());
+        for t in tenants {
+            let q = quota(t);
+            keys.push(l.bucket(idempotency_shard, t));
+            args.extend([t.to_owned(), q.rate.to_string(), q.burst.to_string(), q.depth.to_string()]);
         }
         Self { script: scripts::ENQUEUE, keys, args }
     }
@@ -392,10 +436,12 @@ mod tests {
         assert_eq!(r.args, ["tok", GROUP, CONSUMER, "10", "5", "5000", "60000", "", "4096", "500"]);
         assert!(r.keys.iter().all(|k| k.starts_with("spillway:{s3}:")), "one hash slot");
         assert_eq!(Call::read_batch(&l, 3, "tok", limits, Some("1-0")).args[7], "1-0");
-        assert_eq!(Call::ack(&l, 1, 2, 0, ["1-0".to_owned()]).args, [GROUP, "2", "0", "1-0"]);
-        assert_eq!(Call::dead_letter(&l, 1, 9, &[]), None);
-        let d = DeadLetter { entry: "1-0".into(), payload: "{}".into(), error: String::new(), attempts: String::new() };
-        assert_eq!(Call::dead_letter(&l, 1, 9, &[d]).unwrap().args, [GROUP, "1", "9", "1-0", "{}", "", ""]);
+        let ack = Call::ack(&l, 1, 0, 2, 0, [("1-0", None), ("1-1", Some("acme")), ("1-2", None)]);
+        assert_eq!(ack.args, [GROUP, "2", "0", "", "2", "1-0", "1-2", "acme", "1", "1-1"], "grouped by tenant, in order within each");
+        assert_eq!(ack.keys[4], l.tenants(0));
+        assert_eq!(Call::dead_letter(&l, 1, 0, 9, &[]), None);
+        let d = DeadLetter { entry: "1-0".into(), payload: "{}".into(), error: String::new(), attempts: String::new(), tenant: Some("acme".into()) };
+        assert_eq!(Call::dead_letter(&l, 1, 0, 9, &[d]).unwrap().args, [GROUP, "1", "9", "1-0", "{}", "", "", "acme"]);
         assert_eq!(Call::record_error(&l, 1, "why", ["1-0".to_owned()]).keys, ["spillway:{s1}:attempts", "spillway:{s1}:stats"]);
         assert_eq!(Call::lease_release(&l, 2, "tok", 0, 0).args, ["tok", "0", "0"]);
         assert_eq!(Call::lease_release(&l, 2, "tok", 900, 400).args, ["tok", "900", "400"]);
@@ -403,11 +449,11 @@ mod tests {
         assert_eq!((c.keys.len(), c.args), (8, vec!["0".to_owned(), "500".to_owned(), "1".to_owned(), "2".to_owned()]));
         assert_eq!(c.keys[4..], [l.stream(2), l.lease(2), l.sched(2), l.alarm(2)]);
         assert_eq!(Call::claimable(&l, &[1], true).args, ["1", "500", "1"]);
-        let cancel = Call::cancel(&l, 5, "1796317200000-1000042123456", 9).unwrap();
+        let cancel = Call::cancel(&l, 5, 0, "1796317200000-1000042123456", 9).unwrap();
         assert_eq!(cancel.args, ["1796317200000", "0001000042123456", "9", "1796317200000-1000042123456"]);
         assert_eq!(Call::scheduled(&l, 5, "17-42").unwrap().args, ["17", "0000000000000042"]);
         assert_eq!(Call::scheduled(&l, 5, "17-12345678901234567"), None);
-        assert_eq!(Call::replay(&l, 4, 5000, 9, 77, ["4-1-0".to_owned()]).args, ["77", "5000", "4", "9", "4-1-0"]);
+        assert_eq!(Call::replay(&l, 4, 0, 5000, 9, 77, ["4-1-0".to_owned()]).args, ["77", "5000", "4", "9", "4-1-0"]);
         assert_eq!(Call::purge(&l, 4, 9, []).args, ["4", "9"]);
         let f = Call::fill_begin(&l, "k", "tok", 100);
         assert_eq!((f.keys, f.args), (vec![l.fill_lock("k")], vec!["tok".to_owned(), "100".to_owned()]));
@@ -432,14 +478,20 @@ mod tests {
             retention_ms: 9,
             past_ms: 60_000,
         };
-        let q = |shard: u32, timing: Timing, payload: &str| Queued { shard, key: "k\"", timing, payload: payload.into() };
+        let q = |shard: u32, timing: Timing, payload: &str| Queued { shard, key: "k\"", timing, payload: payload.into(), tenant: None };
         let scheduled = Timing { due: Some(Due::After(5)), ttl_ms: Some(9) };
-        let e = Call::enqueue(&l, &[3, 7], 3, limits, &[q(7, Timing::default(), "w1"), q(9, Timing::default(), "elsewhere"), q(3, scheduled, "w2")]);
-        assert_eq!(e.keys.len(), 15);
+        let acme = Queued { tenant: Some("acme"), ..q(3, scheduled, "w2") };
+        let quota = |t: &str| Quota { rate: t.len() as u64, burst: 2, depth: 3 };
+        let e = Call::enqueue(&l, &[3, 7], 3, limits, &[q(7, Timing::default(), "w1"), q(9, Timing::default(), "elsewhere"), acme], quota);
+        assert_eq!(e.keys.len(), 17);
         assert_eq!(e.keys[0], l.idempotency(3, "k"));
-        assert_eq!(e.keys[8..], [l.stream(7), l.bell(7), l.lease(7), l.stats(7), l.sched(7), l.sched_writes(7), l.alarm(7)]);
-        assert_eq!(e.args, ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "1", "d5", r#"9:"k\"""#, "w2"]);
-        let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[q(3, Timing::default(), "w")]);
+        assert_eq!(e.keys[8..15], [l.stream(7), l.bell(7), l.lease(7), l.stats(7), l.sched(7), l.sched_writes(7), l.alarm(7)]);
+        assert_eq!(e.keys[15..], [l.tenants(3), l.bucket(3, "acme")]);
+        assert_eq!(
+            e.args,
+            ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "0", "1", "d5", r#"9:"k\"""#, "w2", "1", "1", "acme", "4", "2", "3"]
+        );
+        let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[q(3, Timing::default(), "w")], quota);
         assert_eq!((plain.keys[0].clone(), &plain.args[..2]), (l.idempotency(3, ""), &["0".to_owned(), String::new()][..]));
     }
 }

@@ -7,7 +7,8 @@ use crate::layout::WriteId;
 use crate::problem::Problem;
 
 /// One dead letter, as the dead-letter stream holds it (`XADD dead * id <write
-/// id> w <write> error <why> attempts <n>`, see `scripts::DEAD_LETTER`).
+/// id> w <write> error <why> attempts <n> [t <tenant>]`, see
+/// `scripts::DEAD_LETTER`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadEntry {
     /// The stream entry's id (for `XDEL`).
@@ -20,17 +21,28 @@ pub struct DeadEntry {
     pub error: String,
     /// Deliveries made.
     pub attempts: u64,
+    /// The tenant it was charged to, if any.
+    pub tenant: Option<String>,
 }
 
 impl DeadEntry {
     /// The entries of a flattened `XRANGE` reply (entry id, then the four
-    /// field/value pairs, per entry). A reply of another shape is an error,
-    /// never skipped or defaulted.
+    /// field/value pairs and, for a tenant's write, a fifth, `t`, per entry).
+    /// A reply of another shape is an error, never skipped or defaulted.
     pub fn parse_all(flat: &[Option<String>]) -> Result<Vec<Self>, String> {
-        if !flat.len().is_multiple_of(9) {
-            return Err(format!("a dead-letter reply of {} values is not whole entries of 9", flat.len()));
+        let mut out = Vec::new();
+        let mut rest = flat;
+        while !rest.is_empty() {
+            // An entry id never reads `t`: the pair after `attempts` is the
+            // tenant's, or the next entry begins.
+            let len = if rest.get(9).cloned().flatten().as_deref() == Some("t") { 11 } else { 9 };
+            if rest.len() < len {
+                return Err(format!("a dead-letter reply ends within an entry ({} values left, not {len})", rest.len()));
+            }
+            out.push(Self::parse(&rest[..len])?);
+            rest = &rest[len..];
         }
-        flat.chunks(9).map(Self::parse).collect()
+        Ok(out)
     }
 
     fn parse(e: &[Option<String>]) -> Result<Self, String> {
@@ -46,13 +58,18 @@ impl DeadEntry {
             write: field(3, "w")?,
             error: field(5, "error")?,
             attempts: attempts.parse().map_err(|_| format!("dead-letter attempts {attempts:?} is not a number"))?,
+            tenant: if e.len() > 9 { Some(field(9, "t")?) } else { None },
         })
     }
 
     /// As `GET /v1/dead` lists it.
     pub fn to_json(&self) -> Json {
         let write: Json = serde_json::from_str(&self.write).unwrap_or(Json::Null);
-        serde_json::json!({"id": self.id, "write": write, "error": self.error, "attempts": self.attempts})
+        let mut j = serde_json::json!({"id": self.id, "write": write, "error": self.error, "attempts": self.attempts});
+        if let Some(t) = &self.tenant {
+            j["tenant"] = Json::from(t.as_str());
+        }
+        j
     }
 }
 
@@ -168,5 +185,15 @@ mod tests {
         wrong[5] = Some("err".into());
         assert!(DeadEntry::parse_all(&wrong).unwrap_err().contains("\"error\""));
         assert_eq!(DeadEntry::parse_all(&[]).unwrap(), vec![]);
+        // A tenant's entry between two without one.
+        let mut three = flat.clone();
+        three.extend(s(&["2-0", "id", "3-18-0", "w", "{}", "error", "x", "attempts", "1", "t", "acme"]));
+        three.extend(flat.clone());
+        let all = DeadEntry::parse_all(&three).unwrap();
+        let tenants: Vec<Option<&str>> = all.iter().map(|e| e.tenant.as_deref()).collect();
+        assert_eq!(tenants, [None, Some("acme"), None]);
+        assert_eq!((all[1].entry.as_str(), all[2].entry.as_str()), ("2-0", "1-0"));
+        assert_eq!(all[1].to_json()["tenant"], "acme");
+        assert!(DeadEntry::parse_all(&three[..19]).is_err(), "cut within the tenant's pair");
     }
 }

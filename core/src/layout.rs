@@ -131,6 +131,19 @@ impl Layout {
         self.shard_key(shard, "alarm")
     }
 
+    /// The tenants' figures where `home` keeps them (see [`crate::tenant`]):
+    /// a hash of `d:<tenant>` (writes accepted and not yet settled),
+    /// `a:<tenant>` (accepted, ever) and `x:<tenant>` (throttled, ever).
+    pub fn tenants(&self, home: u32) -> String {
+        self.shard_key(home, "tenants")
+    }
+
+    /// A tenant's token bucket where `home` keeps it: `<tokens>:<ms>`, gone
+    /// once full again (its TTL). Tenant names never hold `{` or `}`.
+    pub fn bucket(&self, home: u32, tenant: &str) -> String {
+        self.shard_key(home, &format!("bucket:{tenant}"))
+    }
+
     /// The shard's doorbell flag (coalesces wake-ups).
     pub fn bell(&self, shard: u32) -> String {
         self.shard_key(shard, "bell")

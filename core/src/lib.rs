@@ -22,6 +22,7 @@
 //! - [`redact`]: credentials kept out of answers and log lines.
 //! - [`problem`]: RFC 9457 problem details, the one error shape of the HTTP API.
 //! - [`settings`]: configuration read from Spin variables, with defaults.
+//! - [`tenant`]: tenants, named by a header or key prefix, and their quotas.
 
 pub mod apply;
 pub mod call;
@@ -38,4 +39,5 @@ pub mod schedule;
 pub mod scripts;
 pub mod settings;
 pub mod sql;
+pub mod tenant;
 pub mod write;

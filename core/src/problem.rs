@@ -93,6 +93,14 @@ impl Problem {
         p
     }
 
+    /// 429 with `Retry-After`: a tenant's writes are over one of its quotas
+    /// (`type`: `tenant-rate-limited` or `tenant-queue-full`).
+    pub fn tenant_throttled(kind: &str, title: &str, detail: &str, retry_after: u32) -> Self {
+        let mut p = Self::new(429, kind, title, detail);
+        p.retry_after = Some(retry_after.max(1));
+        p
+    }
+
     /// 503 with `Retry-After`: a backend is unreachable.
     pub fn unavailable(detail: &str) -> Self {
         let mut p = Self::new(503, "unavailable", "Service unavailable", detail);

@@ -88,6 +88,8 @@ pub struct BatchEntry {
     pub payload: String,
     /// 1 for the first delivery.
     pub attempt: i64,
+    /// The tenant it is charged to, if any.
+    pub tenant: Option<String>,
 }
 
 /// `READ_BATCH`: the lease was lost, or a batch.
@@ -112,7 +114,7 @@ pub enum BatchRead {
 
 impl BatchRead {
     /// Reads `lost` | `ok, prune_before_ms, cursor, armed_ms, (entry id, payload,
-    /// attempt)*`.
+    /// attempt, tenant)*`.
     pub fn parse(reply: &[Value]) -> Result<Self, ReplyError> {
         const S: &str = "READ_BATCH";
         match reply.first().and_then(Value::text).as_deref() {
@@ -124,17 +126,18 @@ impl BatchRead {
         let cursor = reply.get(2).ok_or_else(|| bad(S, "no cursor"))?.text().filter(|c| !c.is_empty());
         let armed_ms = u64::try_from(int_at(S, reply, 3, "armed_ms")?).ok();
         let rest = &reply[4..];
-        if !rest.len().is_multiple_of(3) {
-            return Err(bad(S, format!("{} entry values are not whole (id, payload, attempt) triples", rest.len())));
+        if !rest.len().is_multiple_of(4) {
+            return Err(bad(S, format!("{} entry values are not whole (id, payload, attempt, tenant) quadruples", rest.len())));
         }
         let entries = rest
-            .chunks(3)
+            .chunks(4)
             .enumerate()
             .map(|(i, c)| {
                 Ok(BatchEntry {
                     id: c[0].text().ok_or_else(|| bad(S, format!("entry {i} has no id")))?,
                     payload: c[1].text().ok_or_else(|| bad(S, format!("entry {i} has no payload")))?,
                     attempt: c[2].int().ok_or_else(|| bad(S, format!("entry {i}'s attempt is not an integer")))?,
+                    tenant: c[3].text().filter(|t| !t.is_empty()),
                 })
             })
             .collect::<Result<_, ReplyError>>()?;
@@ -171,6 +174,24 @@ pub enum Enqueued {
         /// Which write of the call.
         index: usize,
     },
+    /// A tenant's writes would not fit its quota: nothing was added.
+    Throttled {
+        /// Which tenant of the call (from 0).
+        tenant: usize,
+        /// Which quota.
+        by: Throttle,
+    },
+}
+
+/// Which of a tenant's quotas refused an `ENQUEUE` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// Its depth: it holds this many writes not yet settled.
+    Depth(u64),
+    /// Its rate: its bucket has the tokens in this many ms.
+    Rate(u64),
+    /// Its burst: the call has more of its writes than its bucket holds.
+    Burst(u64),
 }
 
 /// What an `ENQUEUE` call asks its caller to pass on, whatever else it says.
@@ -184,7 +205,8 @@ pub struct Rung {
 
 impl Enqueued {
     /// Reads `ok, id*[, rang, shard*][, armed, (shard, ttl_ms)*]` | `replay,
-    /// id*` | `conflict` | `full, shard` | `full-scheduled, shard`, and the
+    /// id*` | `conflict` | `full, shard` | `full-scheduled, shard` | `past, i` |
+    /// `tenant-full|tenant-rate|tenant-burst, j, figure`, and the
     /// shards the call rang and armed (whatever else it says: a ring must not
     /// be lost).
     pub fn parse(reply: &[Value]) -> Result<(Self, Rung), ReplyError> {
@@ -217,6 +239,16 @@ impl Enqueued {
             "past" => Self::Past {
                 index: shard()?.parse::<usize>().ok().and_then(|i| i.checked_sub(1)).ok_or_else(|| bad(S, "past without a write's place"))?,
             },
+            "tenant-full" | "tenant-rate" | "tenant-burst" => {
+                let tenant = shard()?.parse::<usize>().ok().and_then(|i| i.checked_sub(1)).ok_or_else(|| bad(S, format!("{head} without a tenant")))?;
+                let n = values.get(1).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| bad(S, format!("{head} without its figure")))?;
+                let by = match head.as_str() {
+                    "tenant-full" => Throttle::Depth(n),
+                    "tenant-rate" => Throttle::Rate(n),
+                    _ => Throttle::Burst(n),
+                };
+                Self::Throttled { tenant, by }
+            }
             other => return Err(bad(S, format!("it starts with {other:?}"))),
         };
         Ok((outcome, Rung { rang, armed }))
@@ -455,14 +487,15 @@ mod tests {
     #[test]
     fn batch_replies() {
         assert_eq!(BatchRead::parse(&[t("lost")]), Ok(BatchRead::Lost));
-        let ok = [t("ok"), Value::Int(5), t(""), Value::Int(-1), t("1-0"), t("{}"), Value::Int(1), t("1-1"), t("[]"), Value::Int(3)];
+        let ok = [t("ok"), Value::Int(5), t(""), Value::Int(-1), t("1-0"), t("{}"), Value::Int(1), t(""), t("1-1"), t("[]"), Value::Int(3), t("acme")];
         let BatchRead::Batch { prune_before_ms, cursor, armed_ms, entries } = BatchRead::parse(&ok).unwrap() else { panic!() };
         assert_eq!((prune_before_ms, cursor, armed_ms, entries.len(), entries[1].attempt), (5, None, None, 2, 3));
+        assert_eq!((entries[0].tenant.as_deref(), entries[1].tenant.as_deref()), (None, Some("acme")));
         assert_eq!(
             BatchRead::parse(&[t("ok"), Value::Int(0), t("0-5"), Value::Int(700)]).unwrap(),
             BatchRead::Batch { prune_before_ms: 0, cursor: Some("0-5".into()), armed_ms: Some(700), entries: vec![] }
         );
-        assert!(BatchRead::parse(&ok[..9]).is_err());
+        assert!(BatchRead::parse(&ok[..11]).is_err());
         assert!(BatchRead::parse(&[t("ok"), Value::Nil, t(""), Value::Int(-1)]).is_err());
         assert!(BatchRead::parse(&[t("ok"), Value::Int(0), t("")]).is_err(), "no armed_ms");
         assert!(BatchRead::parse(&[]).is_err());
@@ -497,6 +530,11 @@ mod tests {
             assert!(claimable(&bad).is_err(), "{bad:?}");
         }
         assert_eq!(Enqueued::parse(&[t("past"), t("2")]).unwrap().0, Enqueued::Past { index: 1 });
+        let (e, rung) = Enqueued::parse(&[t("tenant-rate"), t("2"), t("250"), t("rang"), t("3")]).unwrap();
+        assert_eq!((e, rung.rang), (Enqueued::Throttled { tenant: 1, by: Throttle::Rate(250) }, vec![3]));
+        assert_eq!(Enqueued::parse(&[t("tenant-full"), t("1"), t("40"), t("rang")]).unwrap().0, Enqueued::Throttled { tenant: 0, by: Throttle::Depth(40) });
+        assert_eq!(Enqueued::parse(&[t("tenant-burst"), t("1"), t("5")]).unwrap().0, Enqueued::Throttled { tenant: 0, by: Throttle::Burst(5) });
+        assert!(Enqueued::parse(&[t("tenant-rate"), t("1")]).is_err() && Enqueued::parse(&[t("tenant-rate"), t("0"), t("5")]).is_err());
         assert!(Enqueued::parse(&[t("past"), t("0")]).is_err());
         let st = ShardStats::parse(&[
             Value::Int(4), Value::Int(1), t("17-0"), Value::Int(0), t(""), Value::Int(-2), Value::Int(20), Value::Int(3), Value::Int(90), t("accepted"), t("4"),

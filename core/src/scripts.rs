@@ -40,8 +40,26 @@ end
     };
 }
 
+/// The Lua helper that settles a tenant's writes:
+/// `settle(tenants_hash, tenant, n)` takes `n` from the tenant's count of
+/// writes accepted and not yet settled (see `Layout::tenants`), and drops the
+/// field at zero, so the hash holds only tenants with writes in flight and
+/// their counters.
+macro_rules! tenant_lua {
+    () => {
+        r#"
+local function settle(hash, tenant, n)
+  if tenant == nil or tenant == '' or n <= 0 then return end
+  if redis.call('HINCRBY', hash, 'd:' .. tenant, -n) <= 0 then redis.call('HDEL', hash, 'd:' .. tenant) end
+end
+"#
+    };
+}
+
 /// The Lua helper that adds a request's first entry to a shard's stream:
-/// `add_entry(stream, payload, now_ms, seq_start)`, returning its id.
+/// `add_entry(stream, payload, now_ms, seq_start, tenant)`, returning its id;
+/// and `fields(payload, tenant)`, an entry's fields: the write (`w`) and, if
+/// it has one, its tenant (`t`).
 ///
 /// A write's id is its entry id, so two writes must never get the same one,
 /// yet `XADD *` hands out ids from the server's clock and the stream's last id:
@@ -56,8 +74,12 @@ end
 macro_rules! add_entry_lua {
     () => {
         r#"
-local function add_entry(stream, payload, now, seq_start)
-  local id = redis.pcall('XADD', stream, string.format('%d-%d', now, seq_start), 'w', payload)
+local function fields(payload, tenant)
+  if tenant and tenant ~= '' then return 'w', payload, 't', tenant end
+  return 'w', payload
+end
+local function add_entry(stream, payload, now, seq_start, tenant)
+  local id = redis.pcall('XADD', stream, string.format('%d-%d', now, seq_start), fields(payload, tenant))
   if type(id) ~= 'table' then return id end
   if not string.find(id.err, 'equal or smaller', 1, true) then error(id) end
   local info = redis.call('XINFO', 'STREAM', stream)
@@ -66,7 +88,7 @@ local function add_entry(stream, payload, now, seq_start)
     if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
   local ms, seq = string.match(last, '^(%d+)-(%d+)$')
-  return redis.call('XADD', stream, ms .. '-' .. string.format('%.0f', tonumber(seq) + 1 + seq_start), 'w', payload)
+  return redis.call('XADD', stream, ms .. '-' .. string.format('%.0f', tonumber(seq) + 1 + seq_start), fields(payload, tenant))
 end
 "#
     };
@@ -75,14 +97,17 @@ end
 /// The Lua helpers of the schedule (see `crate::schedule`), after
 /// `add_entry_lua`. A shard's schedule is a sorted set (`sched`) of 16-digit
 /// sequences scored by due time, and a hash (`sched_w`) from each sequence to
-/// its write, plus the field `#`: the count of writes ever scheduled. A
+/// its write (after its tenant's name, if it has one: a write is a JSON
+/// object, so its first `{` ends the name), plus the field `#`: the count
+/// of writes ever scheduled. A
 /// sequence is that count (modulo 9e9) times a million plus a random number
 /// below a million: unique in the shard, ordered by acceptance, and exact in
 /// Lua's numbers (below 2^53). A scheduled write's stream id is
 /// `<due ms>-<sequence>`.
 ///
-/// - `schedule(sched, sched_w, at, payload, rand)` adds a write due `at`;
-///   returns its entry id.
+/// - `schedule(sched, sched_w, at, payload, rand, tenant)` adds a write due
+///   `at`; returns its entry id.
+/// - `unpack_write(stored)`: a stored write's payload and tenant (`''`: none).
 /// - `move_due(sched, sched_w, stream, now, max, retention_ms, seq_start)`
 ///   moves up to `max` scheduled writes due at or before `now` into the stream,
 ///   in order (due time, then acceptance), each under its id, and returns how
@@ -106,23 +131,27 @@ macro_rules! schedule_lua {
 local function seq_of(member)
   return (string.gsub(member, '^0+', ''))
 end
-local function schedule(sched, sched_w, at, payload, rand)
+local function unpack_write(stored)
+  local brace = string.find(stored, '{', 1, true) or 1
+  return string.sub(stored, brace), string.sub(stored, 1, brace - 1)
+end
+local function schedule(sched, sched_w, at, payload, rand, tenant)
   local c = redis.call('HINCRBY', sched_w, '#', 1)
   local seq = string.format('%016.0f', (c % 9000000000) * 1000000 + rand % 1000000)
   redis.call('ZADD', sched, at, seq)
-  redis.call('HSET', sched_w, seq, payload)
+  redis.call('HSET', sched_w, seq, (tenant or '') .. payload)
   return string.format('%d', at) .. '-' .. seq_of(seq)
 end
 local function move_due(sched, sched_w, stream, now, max, retention, seq_start)
   local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', 0, max)
   for i = 1, #due, 2 do
     local m = due[i]
-    local payload = redis.call('HGET', sched_w, m) or ''
+    local payload, tenant = unpack_write(redis.call('HGET', sched_w, m) or '')
     local id = string.format('%d', tonumber(due[i + 1])) .. '-' .. seq_of(m)
-    local added = redis.pcall('XADD', stream, id, 'w', payload)
+    local added = redis.pcall('XADD', stream, id, fields(payload, tenant))
     if type(added) == 'table' then
       if not string.find(added.err, 'equal or smaller', 1, true) then error(added) end
-      local new = add_entry(stream, payload, now, seq_start)
+      local new = add_entry(stream, payload, now, seq_start, tenant)
       redis.call('SET', string.gsub(stream, ':stream$', ':dead:') .. id, 'moved:' .. new, 'PX', retention)
     end
     redis.call('ZREM', sched, m)
@@ -150,17 +179,26 @@ end
 /// nothing: the writes of every shard of the request that lives on that server
 /// (of one shard, with `redis_cluster`, so that the script touches one hash slot).
 ///
-/// KEYS: `[idempotency, (stream, bell, lease, stats, sched, sched_w, alarm)*]`,
-/// one group per shard; the idempotency key is in the first shard's slot.
+/// KEYS: `[idempotency, (stream, bell, lease, stats, sched, sched_w, alarm)*,
+/// tenants, bucket*]`, one group per shard, then the tenants' hash and each
+/// tenant's token bucket (see `Layout::tenants`), in the idempotency key's slot.
 /// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, seq_start,
 /// scheduled_limit, lead_ms, retention_ms, past_ms, n, shard_1..shard_n, writes,
-/// (slot, due, ttl, payload)*]` where `slot` is 1-based in the shard list, `due`
+/// (slot, due, ttl, payload, tenant)*, tenants, (name, rate, burst, depth)*]`
+/// where `slot` is 1-based in the shard list, `tenant` is 1-based in the
+/// tenant list (0: none), each tenant's quota is this call's share of it (0:
+/// no limit), `due`
 /// is empty (now), `d<ms>` (a delay) or `a<epoch ms>` (a time: one past by up
 /// to `past_ms` is now, one further back is refused, after the idempotency
 /// record is looked up, so that a retry of an accepted request replays it),
 /// `ttl` is empty or `<ttl_ms>:<the key as a JSON string>`, and `seq_start` is
 /// random (see `add_entry_lua`): a request's first entry in each stream is
 /// added by `add_entry`, the rest follow it.
+///
+/// Quotas: a tenant's writes must fit its depth (writes accepted and not yet
+/// settled, an expiry counting as one) and its token bucket (one token per
+/// write, refilled at `rate` per second up to `burst`). Checked before
+/// anything is added; a refusal counts the tenant's writes as throttled.
 ///
 /// A write due later goes to the shard's schedule (see `schedule_lua`), with
 /// the id it will have in the stream. What is due moves into the stream before
@@ -178,7 +216,10 @@ end
 /// expires) | `replay, id*` (same idempotency key and body) | `conflict` (same
 /// key, other body) | `full, shard` (over the depth limit) | `full-scheduled,
 /// shard` (over the scheduled-write limit) | `past, i` (the call's `i`-th write,
-/// 1-based, is due too far in the past); nothing is added when refused.
+/// 1-based, is due too far in the past) | `tenant-full, j, depth` (tenant `j`,
+/// 1-based, holds `depth` writes) | `tenant-rate, j, retry_ms` (its bucket has
+/// enough tokens in `retry_ms`) | `tenant-burst, j, burst` (the call has more of
+/// its writes than its bucket holds); nothing is added when refused.
 ///
 /// Doorbell: a shard whose flag is not set gets it (valued with the time it was
 /// rung, with a TTL) and is rung, so a burst rings once per shard, not once per
@@ -206,7 +247,10 @@ local n = tonumber(ARGV[11])
 local base = 12 + n
 local writes = tonumber(ARGV[base])
 local function key(s, i) return KEYS[7 * s - 6 + i] end
-local function arg(i, k) return ARGV[base + 4 * i - 4 + k] end
+local function arg(i, k) return ARGV[base + 5 * i - 5 + k] end
+local tbase = base + 5 * writes + 1
+local tenants, tkey = tonumber(ARGV[tbase]), KEYS[7 * n + 2]
+local function tenant(j, k) return ARGV[tbase + 4 * j - 4 + k] end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, writes do
@@ -233,16 +277,65 @@ for i = 1, writes do
   if arg(i, 3) ~= '' then scheduled[slot] = (scheduled[slot] or 0) + 1 end
 end
 -- Refused: nothing of the call is added, but what was moved is rung.
-local function refused(kind, shard)
-  local out = {kind, shard, 'rang'}
+local function refused(kind, shard, extra)
+  local out = {kind, shard}
+  if extra then out[#out + 1] = extra end
+  out[#out + 1] = 'rang'
   for s = 1, n do
     if moved[s] > 0 then out[#out + 1] = ARGV[11 + s] end
   end
   return out
 end
+-- Each tenant's writes (rate) and entries (depth: a write, and its expiry).
+local asked, entries, tokens = {}, {}, {}
+for i = 1, writes do
+  local j = tonumber(arg(i, 5))
+  if j > 0 then
+    asked[j] = (asked[j] or 0) + 1
+    entries[j] = (entries[j] or 0) + 1
+    if arg(i, 3) ~= '' then entries[j] = entries[j] + 1 end
+  end
+end
+for j = 1, tenants do
+  local name, rate, burst, depth = tenant(j, 1), tonumber(tenant(j, 2)), tonumber(tenant(j, 3)), tonumber(tenant(j, 4))
+  local function throttled(kind, extra)
+    redis.call('HINCRBY', tkey, 'x:' .. name, asked[j])
+    return refused(kind, tostring(j), tostring(extra))
+  end
+  if depth > 0 then
+    local held = tonumber(redis.call('HGET', tkey, 'd:' .. name) or '0')
+    if held + entries[j] > depth then return throttled('tenant-full', held) end
+  end
+  if rate > 0 then
+    local v = redis.call('GET', KEYS[7 * n + 2 + j])
+    local have = burst
+    if v then
+      local sep = string.find(v, ':', 1, true)
+      have = math.min(burst, tonumber(string.sub(v, 1, sep - 1)) + math.max(0, now - tonumber(string.sub(v, sep + 1))) * rate / 1000)
+    end
+    if asked[j] > burst then return throttled('tenant-burst', burst) end
+    if have < asked[j] then return throttled('tenant-rate', math.ceil((asked[j] - have) * 1000 / rate)) end
+    tokens[j] = have - asked[j]
+  end
+end
 for s = 1, n do
   if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then return refused('full', ARGV[11 + s]) end
   if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then return refused('full-scheduled', ARGV[11 + s]) end
+end
+-- Accepted: the tenants are charged.
+for j = 1, tenants do
+  local name = tenant(j, 1)
+  if tokens[j] then
+    local rate, burst = tonumber(tenant(j, 2)), tonumber(tenant(j, 3))
+    local full_in = math.ceil((burst - tokens[j]) * 1000 / rate)
+    if full_in > 0 then
+      redis.call('SET', KEYS[7 * n + 2 + j], string.format('%.3f', tokens[j]) .. ':' .. now, 'PX', full_in)
+    else
+      redis.call('DEL', KEYS[7 * n + 2 + j])
+    end
+  end
+  redis.call('HINCRBY', tkey, 'd:' .. name, entries[j])
+  redis.call('HINCRBY', tkey, 'a:' .. name, asked[j])
 end
 local out = {'ok'}
 -- A request's entries in one stream share a millisecond (its first entry's):
@@ -252,14 +345,16 @@ local first_ms = {}
 for i = 1, writes do
   local slot = tonumber(arg(i, 1))
   local stream, payload = key(slot, 1), arg(i, 4)
+  local j = tonumber(arg(i, 5))
+  local name = j > 0 and tenant(j, 1) or ''
   local prefix = ARGV[11 + slot] .. '-'
   local id
   if due[i] > now or behind[slot] then
-    id = prefix .. schedule(key(slot, 5), key(slot, 6), due[i], payload, seq_start + i)
+    id = prefix .. schedule(key(slot, 5), key(slot, 6), due[i], payload, seq_start + i, name)
   elseif first_ms[slot] then
-    id = prefix .. redis.call('XADD', stream, first_ms[slot] .. '-*', 'w', payload)
+    id = prefix .. redis.call('XADD', stream, first_ms[slot] .. '-*', fields(payload, name))
   else
-    local entry = add_entry(stream, payload, now, seq_start)
+    local entry = add_entry(stream, payload, now, seq_start, name)
     first_ms[slot] = string.match(entry, '^(%d+)')
     id = prefix .. entry
   end
@@ -267,7 +362,7 @@ for i = 1, writes do
   if ttl ~= '' then
     local sep = string.find(ttl, ':', 1, true)
     local expiry = '{"key":' .. string.sub(ttl, sep + 1) .. ',"op":"$expire","of":"' .. id .. '"}'
-    id = id .. '|' .. prefix .. schedule(key(slot, 5), key(slot, 6), due[i] + tonumber(string.sub(ttl, 1, sep - 1)), expiry, seq_start + i)
+    id = id .. '|' .. prefix .. schedule(key(slot, 5), key(slot, 6), due[i] + tonumber(string.sub(ttl, 1, sep - 1)), expiry, seq_start + i, name)
   end
   out[#out + 1] = id
 end
@@ -421,8 +516,8 @@ return 0
 /// entries after it), so none is delivered that the batch does not carry;
 /// pending ones are read, and those beyond stay pending, after the cursor.
 /// Reply: `lost` | `ok, prune_before_ms, cursor, armed_ms, (entry_id, payload,
-/// attempt)*`, where `armed_ms` is the TTL the shard's alarm was set to (-1:
-/// left as it was),
+/// attempt, tenant)*`, where `armed_ms` is the TTL the shard's alarm was set
+/// to (-1: left as it was), `tenant` is empty for a write of no tenant,
 /// where `attempt` counts this delivery (above `max_attempts`: past the limit);
 /// `cursor` is the last pending id read (resume from there next time) or empty
 /// once the pending entries are exhausted and the batch holds new entries, and
@@ -517,6 +612,7 @@ for _, e in ipairs(entries) do
     out[#out + 1] = id
     out[#out + 1] = fields[2]
     out[#out + 1] = n
+    out[#out + 1] = fields[4] or ''
   end
 end
 local horizon = now - tonumber(ARGV[7])
@@ -563,24 +659,31 @@ return 1
 /// its status key says `dead` (for the status retention), and a notice goes to
 /// `done` for waiting status reads.
 ///
-/// KEYS: `[stream, attempts, dead, dead_status_prefix, done, stats]`.
-/// ARGV: `[group, shard, retention_ms, (entry_id, payload, error, attempts)*]`,
-/// an empty error or attempt count meaning the one recorded.
-pub const DEAD_LETTER: &str = concat!(allow_oom!(), count_lua!(), r#"
-for i = 4, #ARGV, 4 do
+/// A tenant's dead-lettered writes are settled (see `tenant_lua`).
+///
+/// KEYS: `[stream, attempts, dead, dead_status_prefix, done, stats, tenants]`.
+/// ARGV: `[group, shard, retention_ms, (entry_id, payload, error, attempts,
+/// tenant)*]`, an empty error or attempt count meaning the one recorded.
+pub const DEAD_LETTER: &str = concat!(allow_oom!(), count_lua!(), tenant_lua!(), r#"
+for i = 4, #ARGV, 5 do
   local id = ARGV[i]
   local err = ARGV[i + 2]
   if err == '' then err = redis.call('HGET', KEYS[2], 'err:' .. id) or 'unknown error' end
   local n = tonumber(ARGV[i + 3]) or tonumber(redis.call('HGET', KEYS[2], id) or '0')
-  redis.call('XADD', KEYS[3], '*', 'id', ARGV[2] .. '-' .. id, 'w', ARGV[i + 1], 'error', err, 'attempts', tostring(n))
+  local entry = {'id', ARGV[2] .. '-' .. id, 'w', ARGV[i + 1], 'error', err, 'attempts', tostring(n)}
+  if ARGV[i + 4] ~= '' then
+    entry[9] = 't'
+    entry[10] = ARGV[i + 4]
+  end
+  redis.call('XADD', KEYS[3], '*', unpack(entry))
   redis.call('SET', KEYS[4] .. id, err, 'PX', ARGV[3])
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100, '*', 'dead', id)
   redis.call('XACK', KEYS[1], ARGV[1], id)
-  redis.call('XDEL', KEYS[1], id)
+  settle(KEYS[7], ARGV[i + 4], redis.call('XDEL', KEYS[1], id))
   redis.call('HDEL', KEYS[2], id, 'err:' .. id)
 end
-count(KEYS[6], 'dead', (#ARGV - 3) / 4, false)
-return (#ARGV - 3) / 4
+count(KEYS[6], 'dead', (#ARGV - 3) / 5, false)
+return (#ARGV - 3) / 5
 "#);
 
 /// The Spin hosts draining the queue: a node (`name`, unless empty) says it is
@@ -656,25 +759,33 @@ return out
 /// Acknowledge applied entries: XACK, XDEL (so XLEN is the queue depth), forget
 /// their attempts (many ids per command), and add one notice to the shard's capped
 /// `done` stream for status reads waiting on these writes.
-/// Counts the batch's new outcomes (`applied`, `rejected`) in the shard's stats.
-/// KEYS: `[stream, attempts, done, stats]`, ARGV: `[group, applied, rejected,
-/// entry_id*]`.
-pub const ACK: &str = concat!(allow_oom!(), count_lua!(), r#"
-local n = #ARGV
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'n', n - 3)
-for i = 4, n, 1000 do
-  local j = math.min(i + 999, n)
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, j))
-  redis.call('XDEL', KEYS[1], unpack(ARGV, i, j))
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  for i = 4, n do
-    redis.call('HDEL', KEYS[2], ARGV[i], 'err:' .. ARGV[i])
+/// Counts the batch's new outcomes (`applied`, `rejected`) in the shard's stats,
+/// and settles each tenant's writes that left the stream (see `tenant_lua`):
+/// those this call deleted, so a write acknowledged twice is settled once.
+/// KEYS: `[stream, attempts, done, stats, tenants]`, ARGV: `[group, applied,
+/// rejected, (tenant, count, entry_id*count)*]` (the entries grouped by
+/// tenant, `''` for none).
+pub const ACK: &str = concat!(allow_oom!(), count_lua!(), tenant_lua!(), r#"
+local total, i = 0, 4
+local track = redis.call('EXISTS', KEYS[2]) == 1
+while i <= #ARGV do
+  local tenant, k = ARGV[i], tonumber(ARGV[i + 1])
+  local first, last = i + 2, i + 1 + k
+  for a = first, last, 1000 do
+    local b = math.min(a + 999, last)
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, a, b))
+    settle(KEYS[5], tenant, redis.call('XDEL', KEYS[1], unpack(ARGV, a, b)))
   end
+  if track then
+    for a = first, last do redis.call('HDEL', KEYS[2], ARGV[a], 'err:' .. ARGV[a]) end
+  end
+  total = total + k
+  i = last + 1
 end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'n', total)
 count(KEYS[4], 'applied', tonumber(ARGV[2]), true)
 count(KEYS[4], 'rejected', tonumber(ARGV[3]), false)
-return n - 3
+return total
 "#);
 
 /// Record why a batch failed, for the dead letter, and count the deliveries to
@@ -783,7 +894,11 @@ return n
 /// each old id's status `replayed:<new id>` (for the status retention) and setting
 /// the doorbell flag (the caller rings it).
 ///
-/// KEYS: `[dead, dead_status_prefix, stream, bell, stats, sched, sched_w]`.
+/// A replayed write keeps its tenant and counts in its depth again (an
+/// operator's replay is not throttled).
+///
+/// KEYS: `[dead, dead_status_prefix, stream, bell, stats, sched, sched_w,
+/// tenants]`.
 /// ARGV: `[seq_start, bell_ttl_ms, shard, retention_ms, write_id*]` (no write
 /// ids: all of the shard); the first new entry is added as intake adds a
 /// request's (see `add_entry_lua`), so that a new id never repeats one the
@@ -801,13 +916,14 @@ for i, d in ipairs(matching_dead(KEYS[1], 5)) do
   local f = d[2]
   local new
   if behind then
-    new = schedule(KEYS[6], KEYS[7], now, f['w'], tonumber(ARGV[1]) + i)
+    new = schedule(KEYS[6], KEYS[7], now, f['w'], tonumber(ARGV[1]) + i, f['t'])
   elseif first_ms then
-    new = redis.call('XADD', KEYS[3], first_ms .. '-*', 'w', f['w'])
+    new = redis.call('XADD', KEYS[3], first_ms .. '-*', fields(f['w'], f['t']))
   else
-    new = add_entry(KEYS[3], f['w'], now, tonumber(ARGV[1]))
+    new = add_entry(KEYS[3], f['w'], now, tonumber(ARGV[1]), f['t'])
     first_ms = string.match(new, '^(%d+)')
   end
+  if f['t'] then redis.call('HINCRBY', KEYS[8], 'd:' .. f['t'], 1) end
   local new_id = ARGV[3] .. '-' .. new
   local entry = string.sub(f['id'], string.len(ARGV[3]) + 2)
   redis.call('SET', KEYS[2] .. entry, 'replayed:' .. new_id, 'PX', ARGV[4])
@@ -866,12 +982,15 @@ return out
 /// Cancel a scheduled write that is still in its shard's schedule: it leaves
 /// the schedule, its status key says `cancelled` (for the status retention),
 /// and a notice goes to `done` for waiting status reads.
-/// KEYS: `[sched, sched_w, dead_status_prefix, stats, done]`. ARGV: `[due_ms,
-/// sequence (16 digits), retention_ms, entry_id]`. Reply: 1 cancelled, 0 not
-/// in the schedule (moved into the stream already, cancelled, or no such
-/// write).
-pub const CANCEL: &str = concat!(count_lua!(), r#"
+/// Its tenant's write is settled (see `tenant_lua`).
+/// KEYS: `[sched, sched_w, dead_status_prefix, stats, done, tenants]`. ARGV:
+/// `[due_ms, sequence (16 digits), retention_ms, entry_id]`. Reply: 1
+/// cancelled, 0 not in the schedule (moved into the stream already,
+/// cancelled, or no such write).
+pub const CANCEL: &str = concat!(count_lua!(), add_entry_lua!(), schedule_lua!(), tenant_lua!(), r#"
 if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[2]) or '-1') ~= tonumber(ARGV[1]) then return 0 end
+local _, name = unpack_write(redis.call('HGET', KEYS[2], ARGV[2]) or '')
+settle(KEYS[6], name, 1)
 redis.call('ZREM', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[3] .. ARGV[4], 'cancelled', 'PX', ARGV[3])

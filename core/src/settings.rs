@@ -3,6 +3,7 @@
 
 use crate::layout::Layout;
 use crate::redact::{Redactor, server_of};
+use crate::tenant::{Quota, Tenancy};
 use crate::write::Limits;
 
 /// Everything the components read from variables.
@@ -92,6 +93,9 @@ pub struct Settings {
     pub cache_store: CacheStore,
     /// Request limits.
     pub limits: Limits,
+    /// `tenant_from`, `tenant_rate`, `tenant_burst`, `tenant_depth`,
+    /// `tenant_overrides`: who writes are charged to, and their quotas.
+    pub tenancy: Tenancy,
     /// Masks the credentials of the addresses above and the admin token in any
     /// text that leaves a component (see [`crate::redact`]).
     pub redactor: Redactor,
@@ -133,6 +137,14 @@ impl Settings {
         }
         let address = self.redis_for(shard);
         (0..self.layout.shards).find(|n| self.redis_for(*n) == address).unwrap_or(shard)
+    }
+
+    /// How many shards share `shard`'s tenant quota state (see
+    /// [`crate::tenant`]), which lives with its idempotency records: all on
+    /// one server, one with `redis_cluster`.
+    pub fn tenant_share(&self, shard: u32) -> u32 {
+        let home = self.idempotency_shard(shard);
+        (0..self.layout.shards).filter(|n| self.idempotency_shard(*n) == home).count() as u32
     }
 
     /// The shard whose slot holds a server's own bookkeeping keys (hazard
@@ -314,11 +326,15 @@ impl Settings {
         if node_name.as_deref().is_some_and(|n| n.len() > 63 || !n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))) {
             return Err(SettingsError { name: "node_name", reason: "must be at most 63 letters, digits, '.', '_' or '-'".into() });
         }
+        let tenant_default = Quota { rate: num(&get, "tenant_rate", 0)?, burst: num(&get, "tenant_burst", 0)?, depth: num(&get, "tenant_depth", 0)? };
+        let tenancy = Tenancy::parse(&get("tenant_from").unwrap_or_default(), tenant_default, &get("tenant_overrides").unwrap_or_default())
+            .map_err(|(name, reason)| SettingsError { name, reason })?;
         let redactor = Redactor::new(
             std::iter::once(redis_address.as_str()).chain(shard_redis_addresses.iter().map(String::as_str)).chain([database.as_str()]),
             admin_token.as_deref(),
         );
         Ok(Self {
+            tenancy,
             redactor,
             shard_redis_addresses,
             redis_cluster,
@@ -411,8 +427,12 @@ mod tests {
         assert_eq!(two.slot_groups(&[3, 0, 1, 2]), vec![("redis://b:6379", vec![3, 1]), ("redis://a:6379", vec![0, 2])]);
         assert_eq!(s.slot_groups(&[3, 0]), vec![("redis://127.0.0.1:6379", vec![3, 0])]);
         assert_eq!((two.idempotency_shard(7), two.idempotency_shard(6), s.idempotency_shard(9)), (1, 0, 0));
+        assert_eq!((two.tenant_share(7), s.tenant_share(9)), (8, 16));
         let cluster = Settings::load(|n| (n == "redis_cluster").then(|| "true".to_owned())).unwrap();
-        assert_eq!(cluster.idempotency_shard(9), 9);
+        assert_eq!((cluster.idempotency_shard(9), cluster.tenant_share(9)), (9, 1));
+        let e = Settings::load(|n| (n == "tenant_overrides").then(|| "{\"a\": {\"depth\": \"x\"}}".to_owned())).unwrap_err();
+        assert_eq!(e.name, "tenant_overrides");
+        assert_eq!(Settings::load(|n| (n == "tenant_from").then(|| "body".to_owned())).unwrap_err().name, "tenant_from");
         assert_eq!(cluster.slot_groups(&[3, 0]), vec![("redis://127.0.0.1:6379", vec![3]), ("redis://127.0.0.1:6379", vec![0])]);
         let e = Settings::load(|n| (n == "wake_url").then(|| "processor.spin.internal/v1/wake".to_owned())).unwrap_err();
         assert_eq!(e.name, "wake_url");

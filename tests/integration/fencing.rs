@@ -172,7 +172,7 @@ fn resume_reads_every_pending_entry_in_order() {
     let read = |c: &mut redis::Connection, token: &str, resume: &str| -> (String, Vec<String>) {
         let reply: Vec<String> = read_batch(c, &l, token, 2, resume);
         assert_eq!(reply[0], "ok");
-        (reply[2].clone(), reply[4..].chunks(3).map(|e| e[0].clone()).collect())
+        (reply[2].clone(), reply[4..].chunks(4).map(|e| e[0].clone()).collect())
     };
     // Holder A: a first batch, then a read-ahead, then it dies (nothing acknowledged).
     assert!(acquire(&mut c, &l, "a", 60_000) > 0);
@@ -201,7 +201,7 @@ fn blame_markers_count_only_the_call_in_flight() {
     let ids: Vec<String> = (0..4).map(|i| redis::cmd("XADD").arg(l.stream(SHARD)).arg("*").arg("w").arg(i.to_string()).query(&mut c).unwrap()).collect();
     let read = |c: &mut redis::Connection, token: &str, resume: &str| -> Vec<(String, i64)> {
         let reply: Vec<redis::Value> = read_batch(c, &l, token, 10, resume);
-        reply[4..].chunks(3).map(|e| (redis::from_redis_value(e[0].clone()).unwrap(), redis::from_redis_value(e[2].clone()).unwrap())).collect()
+        reply[4..].chunks(4).map(|e| (redis::from_redis_value(e[0].clone()).unwrap(), redis::from_redis_value(e[2].clone()).unwrap())).collect()
     };
     let mark = |c: &mut redis::Connection, token: &str, previous: &[&String], next: &[&String]| -> i64 {
         let script = Script::new(scripts::MARK_CALL);
@@ -256,7 +256,7 @@ fn stats_counters_keep_only_the_last_minute() {
         let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 100 - old)).arg(1).query(&mut c).unwrap();
     }
     let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 2)).arg(5).query(&mut c).unwrap();
-    let acked: i64 = crate::support::invoke(&mut c, &Call::ack(&l, SHARD, 7, 2, []));
+    let acked: i64 = crate::support::invoke(&mut c, &Call::ack(&l, SHARD, 0, 7, 2, []));
     assert_eq!(acked, 0, "no entries to acknowledge");
     let fields: std::collections::HashMap<String, i64> = redis::cmd("HGETALL").arg(&stats).query(&mut c).unwrap();
     let now_field = format!("applied@{bucket}");

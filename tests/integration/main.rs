@@ -54,6 +54,9 @@ mod pipeline;
 /// Scheduled writes: applied when due with no traffic, in order, cancellable,
 /// bounded.
 mod schedule;
+/// Tenants: quotas on rate and depth, checked where writes are enqueued;
+/// fairness under one tenant's flood.
+mod tenants;
 /// Self-healing: lost wake-ups and crashed processors recover with no traffic;
 /// fresh start; bounded state; Redis hazards reported.
 mod selfheal;

@@ -208,7 +208,7 @@ async fn a_replayed_dead_letter_gets_an_id_no_earlier_write_can_have() {
     let shard = 2;
     let replay = |c: &mut redis::Connection, seq_start: u32| -> Vec<String> {
         let _: String = redis::cmd("XADD").arg(l.dead(shard)).arg("*").arg("id").arg(format!("{shard}-5-0")).arg("w").arg("{}").arg("error").arg("e").arg("attempts").arg(5).query(c).unwrap();
-        crate::support::invoke(c, &spillway_core::call::Call::replay(&l, shard, 5000, 60_000, seq_start, []))
+        crate::support::invoke(c, &spillway_core::call::Call::replay(&l, shard, 0, 5000, 60_000, seq_start, []))
     };
     let first = replay(&mut c, 123_456);
     assert_eq!(first[0], "2-5-0");

@@ -35,7 +35,7 @@ pub(crate) async fn cancel(s: &Settings, raw: &str) -> Result<http::Response<Str
         return Err(Problem::not_found(&format!("no write {raw:?}")));
     };
     let retention_ms = s.status_retention_secs.saturating_mul(1000);
-    if let Some(call) = Call::cancel(&s.layout, id.shard, &id.entry, retention_ms) {
+    if let Some(call) = Call::cancel(&s.layout, id.shard, s.idempotency_shard(id.shard), &id.entry, retention_ms) {
         let reply = Redis::for_shard(s, id.shard).call(&call).await?;
         if reply.first().and_then(int) == Some(1) {
             return Ok(json(200, &json!({"id": id.to_string(), "status": "cancelled"}), &[]));

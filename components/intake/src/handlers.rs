@@ -4,9 +4,10 @@ use serde_json::json;
 use spillway_core::call::{Call, EnqueueLimits, Queued};
 use spillway_core::layout::WriteId;
 use spillway_core::problem::Problem;
-use spillway_core::reply::{Enqueued, Rung};
+use spillway_core::reply::{Enqueued, Rung, Throttle};
 use spillway_core::schedule::{Due, PAST_TOLERANCE_MS, Timing};
 use spillway_core::settings::Settings;
+use spillway_core::tenant;
 use spillway_core::write::{self, parse_request_for};
 use spillway_spin::redis::Replicas;
 use spillway_spin::{Redis, json, problem, status};
@@ -48,14 +49,25 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
         }
     };
     let wait = prefer_wait(req.headers());
+    let by_header = settings.tenancy.source == tenant::Source::Header;
+    let header_tenant = match req.headers().get(tenant::HEADER).filter(|_| by_header) {
+        None => None,
+        Some(v) => Some(v.to_str().ok().filter(|t| tenant::valid_name(t)).map(str::to_owned).ok_or_else(|| {
+            Problem::invalid(
+                &format!("Spillway-Tenant must be 1 to {} of the characters A-Z a-z 0-9 . _ -", tenant::MAX_NAME),
+                "/headers/spillway-tenant",
+            )
+        })?),
+    };
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
     let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
     check_timing(&settings, &batch, idem.is_none())?;
+    let tenants = tenants_of(&settings, &batch, header_tenant.as_deref())?;
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
     // Within the request's deadline. A timeout here is an unknown outcome: the
     // enqueue may be in Redis already, or arrive when Redis resumes.
     let replica_wait = if settings.min_replicas > 0 { settings.replica_timeout_ms } else { 0 };
-    let accepted = match spillway_spin::deadline::request(&settings, replica_wait, enqueue(&settings, &batch, idem.as_deref(), &body)).await {
+    let accepted = match spillway_spin::deadline::request(&settings, replica_wait, enqueue(&settings, &batch, &tenants, idem.as_deref(), &body)).await {
         Err(p) if p.is_timeout() => return Err(Problem::outcome_unknown(&p, idem.is_some())),
         r => r?,
     };
@@ -82,6 +94,28 @@ fn check_timing(s: &Settings, batch: &write::WriteBatch, check_past: bool) -> Re
         }
     }
     Ok(())
+}
+
+/// The tenant each write is charged to (see `spillway_core::tenant`): the
+/// request's `Spillway-Tenant`, or each key's prefix with `tenant_from =
+/// key:<separator>` (a prefix outside the tenant charset is refused, naming
+/// its write; the header is then not read).
+fn tenants_of<'b>(s: &Settings, batch: &'b write::WriteBatch, header: Option<&'b str>) -> Result<Vec<Option<&'b str>>, Problem> {
+    match s.tenancy.source {
+        tenant::Source::Header => Ok(vec![header; batch.writes.len()]),
+        tenant::Source::KeyPrefix(_) => batch
+            .writes
+            .iter()
+            .enumerate()
+            .map(|(i, w)| match s.tenancy.of_key(w.key()) {
+                Some(t) if !tenant::valid_name(t) => Err(Problem::invalid(
+                    &format!("the key's tenant (its part before the separator) must be 1 to {} of the characters A-Z a-z 0-9 . _ -", tenant::MAX_NAME),
+                    &format!("{}/key", pointer_of(batch, i)),
+                )),
+                t => Ok(t),
+            })
+            .collect(),
+    }
 }
 
 /// The JSON pointer of the request's `i`-th write.
@@ -189,7 +223,7 @@ impl Accepted {
 /// group keeps its own idempotency record; see `scripts::ENQUEUE`).
 // A little over the usual length: the calls, the rings and the ids in request
 // order are one sequence that must ring before it answers anything.
-async fn enqueue(s: &Settings, batch: &write::WriteBatch, idem: Option<&str>, body: &[u8]) -> Result<Accepted, Problem> {
+async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str>], idem: Option<&str>, body: &[u8]) -> Result<Accepted, Problem> {
     let (writes, timing) = (&batch.writes, &batch.timing);
     let layout = &s.layout;
     let shard_of: Vec<u32> = writes.iter().map(|w| layout.shard_of(w.key())).collect();
@@ -203,7 +237,7 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, idem: Option<&str>, bo
     let body_md5 = idem.map(|_| spillway_core::layout::md5_hex(body)).unwrap_or_default();
     let replicas = (s.min_replicas > 0).then_some(Replicas { count: s.min_replicas, timeout_ms: s.replica_timeout_ms });
     let calls = groups.iter().map(|(address, group)| {
-        let call = enqueue_call(s, group, writes, timing, &shard_of, idem, &body_md5);
+        let call = enqueue_call(s, group, writes, timing, tenants, &shard_of, idem, &body_md5);
         async move {
             let redis = Redis::new(address);
             // Once per instance and server: expiry events back on after a Redis
@@ -277,6 +311,10 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, idem: Option<&str>, bo
                     1,
                 ));
             }
+            Enqueued::Throttled { tenant, by } => {
+                let name = group_tenants(group, tenants, &shard_of).get(tenant).copied().unwrap_or("?");
+                return Err(throttled(s, name, group[0], by));
+            }
         }
     }
     let ids: Vec<String> = ids.into_iter().collect::<Option<_>>().ok_or_else(|| Problem::unavailable("the enqueue script gave too few ids"))?;
@@ -307,8 +345,56 @@ fn ring(s: &Settings, rung: Rung) {
     });
 }
 
+/// The tenants of `group`'s writes, each once, in the order `Call::enqueue`
+/// lists them (by first write).
+fn group_tenants<'t>(group: &[u32], tenants: &[Option<&'t str>], shard_of: &[u32]) -> Vec<&'t str> {
+    let mut out: Vec<&str> = Vec::new();
+    for (t, shard) in tenants.iter().zip(shard_of) {
+        if let Some(t) = t.filter(|t| group.contains(shard) && !out.contains(t)) {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// The answer to a call a tenant's quota refused (`shard`: one of the call's,
+/// whose share of the quota it checked).
+fn throttled(s: &Settings, tenant: &str, shard: u32, by: Throttle) -> Problem {
+    let share = s.tenant_share(shard);
+    let quota = s.tenancy.quota(tenant);
+    let note = if share < s.layout.shards { format!(", this server's share: {share} of {} shards", s.layout.shards) } else { String::new() };
+    match by {
+        Throttle::Rate(ms) => Problem::tenant_throttled(
+            "tenant-rate-limited",
+            "Tenant rate limited",
+            &format!("tenant {tenant} is over its quota of {} writes per second (tenant_rate{note}); retry in {ms} ms", quota.rate),
+            u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX),
+        ),
+        Throttle::Depth(held) => Problem::tenant_throttled(
+            "tenant-queue-full",
+            "Tenant queue full",
+            &format!("tenant {tenant} has {held} writes waiting, at its quota of {} (tenant_depth{note}); retry once some are applied", quota.depth),
+            1,
+        ),
+        Throttle::Burst(burst) => Problem::invalid(
+            &format!("the request has more of tenant {tenant}'s writes than its quota lets through at once ({burst}: tenant_burst{note}); split it"),
+            "/writes",
+        ),
+    }
+}
+
 /// One `ENQUEUE` call: the writes of `group`'s shards.
-fn enqueue_call(s: &Settings, group: &[u32], writes: &[write::Accepted], timing: &[Timing], shard_of: &[u32], idem: Option<&str>, body_md5: &str) -> Call {
+#[allow(clippy::too_many_arguments)]
+fn enqueue_call(
+    s: &Settings,
+    group: &[u32],
+    writes: &[write::Accepted],
+    timing: &[Timing],
+    tenants: &[Option<&str>],
+    shard_of: &[u32],
+    idem: Option<&str>,
+    body_md5: &str,
+) -> Call {
     let limits = EnqueueLimits {
         idempotency: idem.map(|k| (k, body_md5)),
         idempotency_ttl_secs: s.idempotency_ttl_secs,
@@ -324,9 +410,11 @@ fn enqueue_call(s: &Settings, group: &[u32], writes: &[write::Accepted], timing:
     let writes: Vec<Queued<'_>> = writes
         .iter()
         .zip(timing)
+        .zip(tenants)
         .zip(shard_of)
         .filter(|(_, shard)| group.contains(shard))
-        .map(|((w, timing), shard)| Queued { shard: *shard, key: w.key(), timing: *timing, payload: w.payload() })
+        .map(|(((w, timing), tenant), shard)| Queued { shard: *shard, key: w.key(), timing: *timing, payload: w.payload(), tenant: *tenant })
         .collect();
-    Call::enqueue(&s.layout, group, s.idempotency_shard(group[0]), limits, &writes)
+    let share = s.tenant_share(group[0]);
+    Call::enqueue(&s.layout, group, s.idempotency_shard(group[0]), limits, &writes, |t| s.tenancy.quota(t).share(share, s.layout.shards))
 }

@@ -73,6 +73,9 @@ pub(crate) struct Batch {
     pub(crate) fence: i64,
     /// `(stream entry id, payload)` in stream order.
     pub(crate) entries: Vec<(String, String)>,
+    /// The tenant of each entry that has one (see `spillway_core::tenant`),
+    /// by entry id: settled when the entry is acknowledged or dead-lettered.
+    pub(crate) tenants: HashMap<String, String>,
     /// Entries past their attempt limit (see `scripts::READ_BATCH`): applied only
     /// if an earlier delivery committed them (then refreshed and acknowledged),
     /// else dead-lettered.

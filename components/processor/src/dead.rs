@@ -72,7 +72,7 @@ pub(crate) async fn replay(s: &Settings, req: Request) -> Result<http::Response<
                 continue;
             }
             let retention_ms = s.status_retention_secs.saturating_mul(1000);
-            let flat = redis.call(&Call::replay(l, shard, s.lease_ttl_ms, retention_ms, spillway_spin::random_u32(), todo.into_iter().map(|(_, id)| id))).await?;
+            let flat = redis.call(&Call::replay(l, shard, s.idempotency_shard(shard), s.lease_ttl_ms, retention_ms, spillway_spin::random_u32(), todo.into_iter().map(|(_, id)| id))).await?;
             // Rung (the script set the flags) even when its reply cannot be read.
             if !flat.is_empty() {
                 rang.push(shard);

@@ -496,9 +496,16 @@ impl Drain<'_> {
                 .dead
                 .iter()
                 .filter(|d| d.shard == b.shard)
-                .map(|d| DeadLetter { entry: d.entry.clone(), payload: d.payload.clone(), error: d.error.clone(), attempts: d.attempts.clone() })
+                .map(|d| DeadLetter {
+                    entry: d.entry.clone(),
+                    payload: d.payload.clone(),
+                    error: d.error.clone(),
+                    attempts: d.attempts.clone(),
+                    tenant: b.tenants.get(&d.entry).cloned(),
+                })
                 .collect();
-            if let Some(call) = Call::dead_letter(&s.layout, b.shard, s.status_retention_secs.saturating_mul(1000), &dead)
+            let home = s.idempotency_shard(b.shard);
+            if let Some(call) = Call::dead_letter(&s.layout, b.shard, home, s.status_retention_secs.saturating_mul(1000), &dead)
                 && let Err(p) = Redis::for_shard(s, b.shard).call(&call).await
             {
                 log_failure(b, "dead-letter", p.cause_or_detail());
@@ -520,7 +527,8 @@ impl Drain<'_> {
         let s = self.s;
         let acks = done.iter().map(|b| {
             let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
-            let call = Call::ack(&s.layout, b.shard, new_applied, new_rejected, b.entries.iter().map(|(id, _)| id.clone()));
+            let entries = b.entries.iter().map(|(id, _)| (id.as_str(), b.tenants.get(id).map(String::as_str)));
+            let call = Call::ack(&s.layout, b.shard, s.idempotency_shard(b.shard), new_applied, new_rejected, entries);
             async move {
                 let started = spillway_spin::monotonic_ms();
                 let r = Redis::for_shard(s, b.shard).call(&call).await;
@@ -608,18 +616,22 @@ async fn read_batch(s: &Settings, h: &Held, bytes: usize) -> Result<Read, Proble
         mirror(s, h.shard, Mirrored::Alarm, armed_ms).await;
     }
     let mut entries = Vec::with_capacity(read.len());
+    let mut tenants = HashMap::new();
     let mut over = HashSet::new();
     let attempt = read.iter().map(|e| u32::try_from(e.attempt).unwrap_or(u32::MAX)).max().unwrap_or(0);
     for e in read {
         if e.attempt > i64::from(s.max_attempts) {
             over.insert(e.id.clone());
         }
+        if let Some(t) = e.tenant {
+            tenants.insert(e.id.clone(), t);
+        }
         entries.push((e.id, e.payload));
     }
     let read_ms = spillway_spin::monotonic_ms() - started;
     // Pending entries read again (a cursor) are a redelivery.
     let careful = cursor.is_some() && !entries.is_empty();
-    let batch = Batch { shard: h.shard, fence: h.fence, entries, over, careful, token: h.token.clone(), prune_before_ms, read_ms, attempt };
+    let batch = Batch { shard: h.shard, fence: h.fence, entries, tenants, over, careful, token: h.token.clone(), prune_before_ms, read_ms, attempt };
     Ok(Read::Batch(batch, cursor))
 }
 

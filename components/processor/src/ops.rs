@@ -8,7 +8,7 @@
 //! applied also per 10 s for the last minute's throughput). Cache hits and misses
 //! are counted by the cache instances.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -61,6 +61,50 @@ struct Snapshot {
     hazards: Vec<String>,
     /// The nodes seen draining (with `node_name`), and how long ago (ms).
     nodes: Vec<(String, u64)>,
+    /// Each tenant's figures (see `spillway_core::tenant`), summed over the
+    /// servers (or shards) that keep them.
+    tenants: BTreeMap<String, Tenant>,
+}
+
+/// A tenant's figures.
+#[derive(Default)]
+struct Tenant {
+    /// Writes accepted and not yet settled.
+    waiting: u64,
+    /// Writes accepted, ever.
+    accepted: u64,
+    /// Writes refused by its quotas, ever.
+    throttled: u64,
+}
+
+/// The tenants' figures, from the hash each server (each shard, with
+/// `redis_cluster`) keeps them in.
+async fn tenants(s: &Settings, note: &mut impl FnMut(String)) -> BTreeMap<String, Tenant> {
+    let homes: BTreeSet<u32> = (0..s.layout.shards).map(|n| s.idempotency_shard(n)).collect();
+    let reads = homes.iter().map(|home| async move { Redis::for_shard(s, *home).execute("HGETALL", vec![bin(&s.layout.tenants(*home))]).await });
+    let mut out: BTreeMap<String, Tenant> = BTreeMap::new();
+    for r in futures::future::join_all(reads).await {
+        let flat = match r {
+            Ok(flat) => flat,
+            Err(p) => {
+                note(p.detail);
+                continue;
+            }
+        };
+        for pair in flat.chunks(2) {
+            let (Some(field), Some(v)) = (pair.first().and_then(spillway_spin::redis::text), pair.get(1).and_then(int)) else { continue };
+            let Some((kind, name)) = field.split_once(':') else { continue };
+            let t = out.entry(name.to_owned()).or_default();
+            let v = v.max(0) as u64;
+            match kind {
+                "d" => t.waiting += v,
+                "a" => t.accepted += v,
+                "x" => t.throttled += v,
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
@@ -135,7 +179,9 @@ async fn snapshot(s: &Settings) -> Snapshot {
         note(p.detail);
         Vec::new()
     });
+    let tenants = tenants(s, &mut note).await;
     Snapshot {
+        tenants,
         nodes,
         shards,
         unavailable,
@@ -206,6 +252,11 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
             "seen_ms_ago": ago,
             "leases": snap.shards.iter().filter(|sh| sh.node.as_deref() == Some(name.as_str())).count(),
         })).collect::<Vec<_>>(),
+        "tenants": snap.tenants.iter().map(|(name, t)| (name.clone(), json!({
+            "waiting": t.waiting,
+            "accepted": t.accepted,
+            "throttled": t.throttled,
+        }))).collect::<serde_json::Map<_, _>>(),
         "hazards": snap.hazards,
         "unavailable_shards": snap.unavailable,
     });
@@ -249,6 +300,20 @@ pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Prob
         for (name, family) in &counters {
             family.get_or_create(&labels).inc_by(sh.counters.get(*name).copied().unwrap_or(0));
         }
+    }
+    let waiting = gauge(&mut registry, "tenant_writes_waiting", "A tenant's writes accepted and not yet settled (what tenant_depth bounds).");
+    let tenant_counter = |registry: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Counter>::default();
+        registry.register(name, help, f.clone());
+        f
+    };
+    let accepted = tenant_counter(&mut registry, "tenant_writes_accepted", "A tenant's writes accepted, since the counters began.");
+    let throttled = tenant_counter(&mut registry, "tenant_writes_throttled", "A tenant's writes refused by its quotas (tenant_rate, tenant_depth), since the counters began.");
+    for (name, t) in &snap.tenants {
+        let labels = vec![("tenant".to_owned(), name.clone())];
+        waiting.get_or_create(&labels).set(t.waiting as i64);
+        accepted.get_or_create(&labels).inc_by(t.accepted);
+        throttled.get_or_create(&labels).inc_by(t.throttled);
     }
     let hits = Counter::<u64>::default();
     hits.inc_by(snap.cache_hits);

@@ -12,6 +12,7 @@ const VARIABLES: &[&str] = &[
     "redis_address", "key_prefix", "shard_count", "batch_size", "round_bytes", "lease_ttl_ms", "max_attempts", "retry_backoff_ms",
     "queue_depth_limit", "scheduled_limit", "schedule_horizon_secs", "idempotency_ttl_secs", "admin_token", "max_body_bytes", "max_batch",
     "max_key_len", "max_value_bytes", "max_json_depth", "status_retention_secs", "change_feed_secs", "stats_public", "database", "wake_url", "drain_budget_secs", "shard_redis_addresses", "redis_cluster", "call_timeout_ms", "request_timeout_ms", "min_replicas", "replica_timeout_ms", "node_name", "cache_store", "alarm_db",
+    "tenant_from", "tenant_rate", "tenant_burst", "tenant_depth", "tenant_overrides",
 ];
 
 thread_local! {

@@ -233,6 +233,13 @@ impl HttpComponent {
         self.caps.peaks.request_us.fetch_max(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Relaxed);
         match result {
             Ok(r) => r,
+            // The instance's own cut-off (its epoch deadline) can end the
+            // handler before the timeout above is polled on a loaded machine:
+            // still the platform's time limit, answered as such.
+            Err(_) if self.limit.is_some_and(|limit| started.elapsed() >= limit) => {
+                eprintln!("Request cut off: its instance ran past the platform's limit");
+                empty(http::StatusCode::GATEWAY_TIMEOUT)
+            }
             Err(e) => {
                 eprintln!("Error processing request: {e:?}");
                 empty(http::StatusCode::INTERNAL_SERVER_ERROR)

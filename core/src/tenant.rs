@@ -1,0 +1,207 @@
+//! Tenants and their quotas: who a write is charged to, and how much each
+//! tenant may send (a token bucket of writes per second) and keep waiting
+//! (queue depth).
+//!
+//! A tenant is named by the `Spillway-Tenant` header, or by the part of each
+//! record key before a separator (`tenant_from`). Writes with no tenant are
+//! charged to no one. Quotas are checked in the enqueue script itself (see
+//! `scripts::ENQUEUE`), against state kept beside the request's idempotency
+//! record: one set per Redis server, or per shard with `redis_cluster`, each
+//! enforcing the share of the quota that its shards are of all shards.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The request header that names the tenant (with `tenant_from = header`).
+pub const HEADER: &str = "spillway-tenant";
+
+/// The longest tenant name.
+pub const MAX_NAME: usize = 64;
+
+/// Whether `name` may name a tenant: 1 to [`MAX_NAME`] letters, digits, `.`,
+/// `_` or `-` (so it never holds a `{` or a `:`, which the scripts' keys and
+/// stored writes rely on).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// What a tenant may do. Zero is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Writes accepted per second, on average (the bucket's refill rate).
+    #[serde(default)]
+    pub rate: u64,
+    /// Writes accepted at once after a quiet spell (the bucket's size; unset:
+    /// one second's worth of `rate`).
+    #[serde(default)]
+    pub burst: u64,
+    /// Writes accepted and not yet settled (applied, rejected, dead-lettered
+    /// or cancelled), scheduled ones and pending expiries included.
+    #[serde(default)]
+    pub depth: u64,
+}
+
+impl Quota {
+    /// Whether it limits anything.
+    pub fn limits(&self) -> bool {
+        self.rate > 0 || self.depth > 0
+    }
+
+    /// The share of this quota that state covering `of` of all `shards` shards
+    /// enforces: rounded up, so that a limit never becomes 0 (no limit).
+    pub fn share(self, of: u32, shards: u32) -> Self {
+        let part = |v: u64| if v == 0 || of >= shards { v } else { (v * u64::from(of)).div_ceil(u64::from(shards.max(1))).max(1) };
+        Self { rate: part(self.rate), burst: part(self.burst), depth: part(self.depth) }
+    }
+}
+
+/// Where a write's tenant comes from (`tenant_from`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The `Spillway-Tenant` header, for the whole request.
+    Header,
+    /// Each key's part before this separator (a key without it has no tenant).
+    KeyPrefix(String),
+}
+
+/// The tenant settings: where tenants come from, and their quotas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenancy {
+    /// `tenant_from`.
+    pub source: Source,
+    /// `tenant_rate`, `tenant_burst`, `tenant_depth`: every tenant's quota
+    /// unless overridden.
+    pub default: Quota,
+    /// `tenant_overrides`: quotas of named tenants (members left out take the
+    /// default's).
+    pub overrides: BTreeMap<String, Quota>,
+}
+
+impl Default for Tenancy {
+    fn default() -> Self {
+        Self { source: Source::Header, default: Quota::default(), overrides: BTreeMap::new() }
+    }
+}
+
+impl Tenancy {
+    /// Reads `tenant_from` (`header`, or `key:<separator>`) and the overrides
+    /// (a JSON object of tenant name to `{"rate", "burst", "depth"}`); the
+    /// error names what is wrong, for the variable's error.
+    pub fn parse(from: &str, default: Quota, overrides: &str) -> Result<Self, (&'static str, String)> {
+        let source = match from.trim() {
+            "" | "header" => Source::Header,
+            other => match other.strip_prefix("key:") {
+                Some(sep) if !sep.is_empty() => Source::KeyPrefix(sep.to_owned()),
+                _ => return Err(("tenant_from", format!("{other:?} is not header or key:<separator>"))),
+            },
+        };
+        let default = with_burst(default);
+        let overrides = if overrides.trim().is_empty() {
+            BTreeMap::new()
+        } else {
+            let raw: BTreeMap<String, serde_json::Value> =
+                serde_json::from_str(overrides).map_err(|e| ("tenant_overrides", format!("not a JSON object of tenant quotas: {e}")))?;
+            let mut out = BTreeMap::new();
+            for (name, v) in raw {
+                if !valid_name(&name) {
+                    return Err(("tenant_overrides", format!("{name:?} is not a tenant name (1 to {MAX_NAME} of A-Z a-z 0-9 . _ -)")));
+                }
+                let mut q: serde_json::Map<String, serde_json::Value> = match v {
+                    serde_json::Value::Object(o) => o,
+                    _ => return Err(("tenant_overrides", format!("{name}: not an object of rate, burst, depth"))),
+                };
+                // Members left out take the default's; a burst left out
+                // follows the tenant's own rate.
+                for (member, value) in [("rate", default.rate), ("depth", default.depth)] {
+                    q.entry(member).or_insert(value.into());
+                }
+                let own_rate = q.contains_key("rate") && !q.contains_key("burst");
+                let mut quota: Quota =
+                    serde_json::from_value(q.into()).map_err(|e| ("tenant_overrides", format!("{name}: {e}")))?;
+                if own_rate {
+                    quota.burst = 0;
+                }
+                out.insert(name, with_burst(quota));
+            }
+            out
+        };
+        Ok(Self { source, default, overrides })
+    }
+
+    /// `name`'s quota.
+    pub fn quota(&self, name: &str) -> Quota {
+        self.overrides.get(name).copied().unwrap_or(self.default)
+    }
+
+    /// The tenant `key` names (with `tenant_from = key:<separator>`): its
+    /// part before the separator, or none.
+    pub fn of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        match &self.source {
+            Source::Header => None,
+            Source::KeyPrefix(sep) => key.split_once(sep.as_str()).map(|(t, _)| t),
+        }
+    }
+}
+
+/// A burst left unset is one second's worth of the rate (at least 1).
+fn with_burst(q: Quota) -> Quota {
+    Quota { burst: if q.burst == 0 && q.rate > 0 { q.rate } else { q.burst }, ..q }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names: the documented charset and length, nothing else.
+    #[test]
+    fn tenant_names() {
+        for ok in ["a", "acme-corp", "A.b_c-9", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "a b", "a:b", "a{b}", "é", "x/y", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    /// Overrides inherit what they leave out; a burst follows its own rate.
+    #[test]
+    fn overrides_and_defaults() {
+        let default = Quota { rate: 100, burst: 0, depth: 1000 };
+        let t = Tenancy::parse("header", default, r#"{"gold": {"rate": 5000}, "tiny": {"depth": 10, "burst": 3}}"#).unwrap();
+        assert_eq!(t.quota("anyone"), Quota { rate: 100, burst: 100, depth: 1000 });
+        assert_eq!(t.quota("gold"), Quota { rate: 5000, burst: 5000, depth: 1000 });
+        assert_eq!(t.quota("tiny"), Quota { rate: 100, burst: 3, depth: 10 });
+        assert_eq!(Tenancy::parse("", Quota::default(), "").unwrap(), Tenancy::default());
+        assert!(!Tenancy::default().default.limits());
+        for (from, overrides, name) in [
+            ("cookie", "", "tenant_from"),
+            ("key:", "", "tenant_from"),
+            ("header", "[1]", "tenant_overrides"),
+            ("header", r#"{"a b": {}}"#, "tenant_overrides"),
+            ("header", r#"{"a": {"rate": -1}}"#, "tenant_overrides"),
+            ("header", r#"{"a": {"rates": 1}}"#, "tenant_overrides"),
+        ] {
+            assert_eq!(Tenancy::parse(from, default, overrides).unwrap_err().0, name, "{from} {overrides}");
+        }
+    }
+
+    /// A key's tenant is its part before the separator, if it has one.
+    #[test]
+    fn tenants_of_keys() {
+        let t = Tenancy::parse("key::", Quota::default(), "").unwrap();
+        assert_eq!((t.of_key("acme:order:7"), t.of_key("plain")), (Some("acme"), None));
+        assert_eq!(Tenancy::default().of_key("acme:order:7"), None);
+    }
+
+    /// A group of shards enforces its share, rounded up; never 0 for a limit.
+    #[test]
+    fn shares_of_a_quota() {
+        let q = Quota { rate: 100, burst: 150, depth: 0 };
+        assert_eq!(q.share(16, 16), q);
+        assert_eq!(q.share(1, 16), Quota { rate: 7, burst: 10, depth: 0 });
+        assert_eq!(Quota { rate: 1, burst: 1, depth: 3 }.share(1, 16), Quota { rate: 1, burst: 1, depth: 1 });
+        assert_eq!(q.share(8, 16), Quota { rate: 50, burst: 75, depth: 0 });
+    }
+}
