@@ -84,7 +84,7 @@ fn bytes_per_write(redis: &mut redis::Connection, prefix: &str, n: usize, timing
         let writes: Vec<Queued<'_>> = (0..100)
             .map(|i| Queued { shard, key: "k", timing, payload: format!(r#"{{"key":"k{}","op":"incr","field":"n","by":1}}"#, call_no * 100 + i), tenant: None })
             .collect();
-        let call = Call::enqueue(&layout, &[shard], shard, limits, &writes, |_| Default::default());
+        let call = Call::enqueue(&layout, &[shard], shard, limits, &writes, |_| (Default::default(), 0));
         let _: redis::Value = redis::cmd("EVAL").arg(call.script).arg(call.keys.len()).arg(&call.keys).arg(&call.args).query(redis)?;
     }
     let after = used_memory(redis)?;

@@ -52,6 +52,50 @@ pub struct DeadLetter {
     pub tenant: Option<String>,
 }
 
+/// Upper bounds (ms) of the apply-delay histogram's buckets (and `inf`): how
+/// long after a write was due (accepted, or scheduled for) its outcome was
+/// acknowledged. Kept in each shard's stats hash as `delay_le_<bound>` (the
+/// writes in that bucket alone) and `delay_sum_ms`.
+pub const DELAY_BUCKETS_MS: [u64; 11] = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 60_000];
+
+/// The stats field of the bucket of `bound` (`None`: above the last).
+pub fn delay_field(bound: Option<u64>) -> String {
+    match bound {
+        Some(b) => format!("delay_le_{b}"),
+        None => "delay_le_inf".to_owned(),
+    }
+}
+
+/// A batch's apply delays, counted per bucket.
+#[derive(Debug, Default)]
+struct DelayCounts {
+    buckets: [u64; DELAY_BUCKETS_MS.len() + 1],
+    sum_ms: u64,
+}
+
+impl DelayCounts {
+    fn add(&mut self, ms: u64) {
+        let at = DELAY_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(DELAY_BUCKETS_MS.len());
+        self.buckets[at] += 1;
+        self.sum_ms = self.sum_ms.saturating_add(ms);
+    }
+
+    /// The stats fields to add to, and by how much (none for an empty bucket).
+    fn fields(&self) -> Vec<(String, u64)> {
+        let bounds = DELAY_BUCKETS_MS.iter().map(|b| Some(*b)).chain([None]);
+        let mut out: Vec<(String, u64)> = bounds.zip(self.buckets).filter(|(_, n)| *n > 0).map(|(b, n)| (delay_field(b), n)).collect();
+        if self.sum_ms > 0 {
+            out.push(("delay_sum_ms".to_owned(), self.sum_ms));
+        }
+        out
+    }
+}
+
+/// The time part (ms) of a stream entry id `<ms>-<seq>` (0 if it has none).
+fn entry_ms(id: &str) -> u64 {
+    id.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
+}
+
 /// A yes/no argument as the scripts read it: `1` or `0`.
 fn flag(on: bool) -> String {
     if on { "1" } else { "0" }.to_owned()
@@ -128,11 +172,25 @@ impl Call {
     }
 
     /// `ACK`: acknowledges `entries` and counts the batch's new outcomes.
-    /// The entries are `(id, tenant)`; the tenants' figures are kept in
-    /// `tenant_home`'s slot (see `Settings::idempotency_shard`).
-    pub fn ack<'e>(l: &Layout, shard: u32, tenant_home: u32, applied: u64, rejected: u64, entries: impl IntoIterator<Item = (&'e str, Option<&'e str>)>) -> Self {
+    /// The entries are `(id, tenant, outcome)`; the tenants' figures are kept
+    /// in `tenant_home`'s slot (see `Settings::idempotency_shard`). For each
+    /// entry with an outcome here (applied or rejected, not dead-lettered),
+    /// `now_ms` (the processor's clock) less its time (when it was accepted, or
+    /// due) is its apply delay, counted in the shard's histogram.
+    pub fn ack<'e>(
+        l: &Layout,
+        shard: u32,
+        tenant_home: u32,
+        (applied, rejected): (u64, u64),
+        now_ms: u64,
+        entries: impl IntoIterator<Item = (&'e str, Option<&'e str>, bool)>,
+    ) -> Self {
         let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
-        for (id, tenant) in entries {
+        let mut delays = DelayCounts::default();
+        for (id, tenant, outcome) in entries {
+            if outcome {
+                delays.add(now_ms.saturating_sub(entry_ms(id)));
+            }
             let tenant = tenant.unwrap_or("");
             match groups.iter_mut().find(|(t, _)| *t == tenant) {
                 Some((_, ids)) => ids.push(id),
@@ -140,6 +198,11 @@ impl Call {
             }
         }
         let mut args = vec![GROUP.to_owned(), applied.to_string(), rejected.to_string()];
+        let fields = delays.fields();
+        args.push(fields.len().to_string());
+        for (field, n) in fields {
+            args.extend([field, n.to_string()]);
+        }
         for (tenant, ids) in groups {
             args.extend([tenant.to_owned(), ids.len().to_string()]);
             args.extend(ids.into_iter().map(str::to_owned));
@@ -350,9 +413,10 @@ pub struct Queued<'a> {
 impl Call {
     /// `ENQUEUE`: the writes (in request order) of `group`'s shards, in one
     /// call; the idempotency record and the tenants' quota state in
-    /// `idempotency_shard`'s slot, each tenant held to `quota(tenant)` (this
-    /// call's share of it).
-    pub fn enqueue(l: &Layout, group: &[u32], idempotency_shard: u32, limits: EnqueueLimits<'_>, writes: &[Queued<'_>], quota: impl Fn(&str) -> Quota) -> Self {
+    /// `idempotency_shard`'s slot, each tenant held to the quota `tenant(name)`
+    /// gives (this call's share of it), which also says how many of its
+    /// requests the caller refused on its own since it last counted them.
+    pub fn enqueue(l: &Layout, group: &[u32], idempotency_shard: u32, limits: EnqueueLimits<'_>, writes: &[Queued<'_>], tenant: impl Fn(&str) -> (Quota, u64)) -> Self {
         let (key, md5) = limits.idempotency.unwrap_or(("", ""));
         let mut keys = vec![l.idempotency(idempotency_shard, key)];
         for &shard in group {
@@ -394,9 +458,9 @@ impl Call {
         keys.push(l.tenants(idempotency_shard));
         args.push(tenants.len().to_string());
         for t in tenants {
-            let q = quota(t);
+            let (q, refused) = tenant(t);
             keys.push(l.bucket(idempotency_shard, t));
-            args.extend([t.to_owned(), q.rate.to_string(), q.burst.to_string(), q.depth.to_string()]);
+            args.extend([t.to_owned(), q.rate.to_string(), q.burst.to_string(), q.depth.to_string(), refused.to_string()]);
         }
         Self { script: scripts::ENQUEUE, keys, args }
     }
@@ -436,8 +500,12 @@ mod tests {
         assert_eq!(r.args, ["tok", GROUP, CONSUMER, "10", "5", "5000", "60000", "", "4096", "500"]);
         assert!(r.keys.iter().all(|k| k.starts_with("spillway:{s3}:")), "one hash slot");
         assert_eq!(Call::read_batch(&l, 3, "tok", limits, Some("1-0")).args[7], "1-0");
-        let ack = Call::ack(&l, 1, 0, 2, 0, [("1-0", None), ("1-1", Some("acme")), ("1-2", None)]);
-        assert_eq!(ack.args, [GROUP, "2", "0", "", "2", "1-0", "1-2", "acme", "1", "1-1"], "grouped by tenant, in order within each");
+        let ack = Call::ack(&l, 1, 0, (2, 0), 30, [("1-0", None, true), ("20-1", Some("acme"), true), ("1-2", None, true), ("2-0", None, false)]);
+        assert_eq!(
+            ack.args,
+            [GROUP, "2", "0", "3", "delay_le_10", "1", "delay_le_50", "2", "delay_sum_ms", "68", "", "3", "1-0", "1-2", "2-0", "acme", "1", "20-1"],
+            "delays per bucket (29, 10 and 29 ms; none for the dead letter), then the entries grouped by tenant, in order within each"
+        );
         assert_eq!(ack.keys[4], l.tenants(0));
         assert_eq!(Call::dead_letter(&l, 1, 0, 9, &[]), None);
         let d = DeadLetter { entry: "1-0".into(), payload: "{}".into(), error: String::new(), attempts: String::new(), tenant: Some("acme".into()) };
@@ -481,7 +549,7 @@ mod tests {
         let q = |shard: u32, timing: Timing, payload: &str| Queued { shard, key: "k\"", timing, payload: payload.into(), tenant: None };
         let scheduled = Timing { due: Some(Due::After(5)), ttl_ms: Some(9) };
         let acme = Queued { tenant: Some("acme"), ..q(3, scheduled, "w2") };
-        let quota = |t: &str| Quota { rate: t.len() as u64, burst: 2, depth: 3 };
+        let quota = |t: &str| (Quota { rate: t.len() as u64, burst: 2, depth: 3 }, 7);
         let e = Call::enqueue(&l, &[3, 7], 3, limits, &[q(7, Timing::default(), "w1"), q(9, Timing::default(), "elsewhere"), acme], quota);
         assert_eq!(e.keys.len(), 17);
         assert_eq!(e.keys[0], l.idempotency(3, "k"));
@@ -489,7 +557,7 @@ mod tests {
         assert_eq!(e.keys[15..], [l.tenants(3), l.bucket(3, "acme")]);
         assert_eq!(
             e.args,
-            ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "0", "1", "d5", r#"9:"k\"""#, "w2", "1", "1", "acme", "4", "2", "3"]
+            ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "0", "1", "d5", r#"9:"k\"""#, "w2", "1", "1", "acme", "4", "2", "3", "7"]
         );
         let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[q(3, Timing::default(), "w")], quota);
         assert_eq!((plain.keys[0].clone(), &plain.args[..2]), (l.idempotency(3, ""), &["0".to_owned(), String::new()][..]));

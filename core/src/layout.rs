@@ -133,7 +133,8 @@ impl Layout {
 
     /// The tenants' figures where `home` keeps them (see [`crate::tenant`]):
     /// a hash of `d:<tenant>` (writes accepted and not yet settled),
-    /// `a:<tenant>` (accepted, ever) and `x:<tenant>` (throttled, ever).
+    /// `a:<tenant>` (writes accepted, ever) and `x:<tenant>` (requests
+    /// refused by its quotas, ever).
     pub fn tenants(&self, home: u32) -> String {
         self.shard_key(home, "tenants")
     }

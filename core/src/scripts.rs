@@ -28,8 +28,8 @@ local function count(key, field, n, windowed)
   if not windowed then return end
   local t = redis.call('TIME')
   local b = math.floor(tonumber(t[1]) / 10)
-  redis.call('HINCRBY', key, field .. '@' .. b, n)
-  if redis.call('HLEN', key) > 32 then
+  -- A new bucket (once per 10 s) drops the ones older than the window.
+  if redis.call('HINCRBY', key, field .. '@' .. b, n) == n then
     for _, f in ipairs(redis.call('HKEYS', key)) do
       local at = string.match(f, '@(%d+)$')
       if at and tonumber(at) < b - 6 then redis.call('HDEL', key, f) end
@@ -184,10 +184,11 @@ end
 /// tenant's token bucket (see `Layout::tenants`), in the idempotency key's slot.
 /// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, seq_start,
 /// scheduled_limit, lead_ms, retention_ms, past_ms, n, shard_1..shard_n, writes,
-/// (slot, due, ttl, payload, tenant)*, tenants, (name, rate, burst, depth)*]`
-/// where `slot` is 1-based in the shard list, `tenant` is 1-based in the
-/// tenant list (0: none), each tenant's quota is this call's share of it (0:
-/// no limit), `due`
+/// (slot, due, ttl, payload, tenant)*, tenants, (name, rate, burst, depth,
+/// refused)*]` where `slot` is 1-based in the shard list, `tenant` is 1-based
+/// in the tenant list (0: none), each tenant's quota is this call's share of
+/// it (0: no limit) and `refused` the requests of it the caller refused on
+/// its own (counted as throttled here), `due`
 /// is empty (now), `d<ms>` (a delay) or `a<epoch ms>` (a time: one past by up
 /// to `past_ms` is now, one further back is refused, after the idempotency
 /// record is looked up, so that a retry of an accepted request replays it),
@@ -198,7 +199,7 @@ end
 /// Quotas: a tenant's writes must fit its depth (writes accepted and not yet
 /// settled, an expiry counting as one) and its token bucket (one token per
 /// write, refilled at `rate` per second up to `burst`). Checked before
-/// anything is added; a refusal counts the tenant's writes as throttled.
+/// anything is added; a refusal counts one throttled request of the tenant.
 ///
 /// A write due later goes to the shard's schedule (see `schedule_lua`), with
 /// the id it will have in the stream. What is due moves into the stream before
@@ -250,7 +251,7 @@ local function key(s, i) return KEYS[7 * s - 6 + i] end
 local function arg(i, k) return ARGV[base + 5 * i - 5 + k] end
 local tbase = base + 5 * writes + 1
 local tenants, tkey = tonumber(ARGV[tbase]), KEYS[7 * n + 2]
-local function tenant(j, k) return ARGV[tbase + 4 * j - 4 + k] end
+local function tenant(j, k) return ARGV[tbase + 5 * j - 5 + k] end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, writes do
@@ -299,9 +300,11 @@ end
 for j = 1, tenants do
   local name, rate, burst, depth = tenant(j, 1), tonumber(tenant(j, 2)), tonumber(tenant(j, 3)), tonumber(tenant(j, 4))
   local function throttled(kind, extra)
-    redis.call('HINCRBY', tkey, 'x:' .. name, asked[j])
+    redis.call('HINCRBY', tkey, 'x:' .. name, 1)
     return refused(kind, tostring(j), tostring(extra))
   end
+  local before = tonumber(tenant(j, 5))
+  if before > 0 then redis.call('HINCRBY', tkey, 'x:' .. name, before) end
   if depth > 0 then
     local held = tonumber(redis.call('HGET', tkey, 'd:' .. name) or '0')
     if held + entries[j] > depth then return throttled('tenant-full', held) end
@@ -759,14 +762,18 @@ return out
 /// Acknowledge applied entries: XACK, XDEL (so XLEN is the queue depth), forget
 /// their attempts (many ids per command), and add one notice to the shard's capped
 /// `done` stream for status reads waiting on these writes.
-/// Counts the batch's new outcomes (`applied`, `rejected`) in the shard's stats,
-/// and settles each tenant's writes that left the stream (see `tenant_lua`):
-/// those this call deleted, so a write acknowledged twice is settled once.
+/// Counts the batch's new outcomes (`applied`, `rejected`) and how long after
+/// they were due they were applied (a histogram: `call::delay_fields`) in the
+/// shard's stats, and settles each tenant's writes that left the stream (see
+/// `tenant_lua`): those this call deleted, so a write acknowledged twice is
+/// settled once.
 /// KEYS: `[stream, attempts, done, stats, tenants]`, ARGV: `[group, applied,
-/// rejected, (tenant, count, entry_id*count)*]` (the entries grouped by
-/// tenant, `''` for none).
+/// rejected, fields, (stats field, n)*, (tenant, count, entry_id*count)*]`
+/// (the entries grouped by tenant, `''` for none).
 pub const ACK: &str = concat!(allow_oom!(), count_lua!(), tenant_lua!(), r#"
-local total, i = 0, 4
+local fields = tonumber(ARGV[4])
+for f = 1, fields do count(KEYS[4], ARGV[3 + 2 * f], tonumber(ARGV[4 + 2 * f]), false) end
+local total, i = 0, 5 + 2 * fields
 local track = redis.call('EXISTS', KEYS[2]) == 1
 while i <= #ARGV do
   local tenant, k = ARGV[i], tonumber(ARGV[i + 1])

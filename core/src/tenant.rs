@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::problem::Problem;
+
 /// The request header that names the tenant (with `tenant_from = header`).
 pub const HEADER: &str = "spillway-tenant";
 
@@ -150,9 +152,75 @@ fn with_burst(q: Quota) -> Quota {
     Quota { burst: if q.burst == 0 && q.rate > 0 { q.rate } else { q.burst }, ..q }
 }
 
+/// The refusals a caller remembers, to refuse a tenant again without asking
+/// Redis while a refusal is sure to hold (see the intake's `throttle`), and
+/// the requests so refused, to count with the tenant's next enqueue.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// Per tenant: until when (a monotonic ms) and the answer.
+    held: std::collections::HashMap<String, (u64, Problem)>,
+    /// Requests refused here per tenant, not yet counted in Redis.
+    uncounted: std::collections::HashMap<String, u64>,
+}
+
+/// The most tenants [`Refusals`] remembers; past it, those whose refusal has
+/// ended go (and a new one is not remembered while all still hold).
+const MAX_REFUSALS: usize = 256;
+
+impl Refusals {
+    /// The answer to a request of `tenant` at `now_ms`, if a refusal of it
+    /// still holds (its `Retry-After` what is left of it); counted.
+    pub fn check(&mut self, tenant: &str, now_ms: u64) -> Option<Problem> {
+        let (until, p) = self.held.get(tenant).filter(|(until, _)| now_ms < *until)?;
+        let mut p = p.clone();
+        p.retry_after = Some(u32::try_from((until - now_ms).div_ceil(1000).max(1)).unwrap_or(u32::MAX));
+        *self.uncounted.entry(tenant.to_owned()).or_default() += 1;
+        Some(p)
+    }
+
+    /// Remembers that `tenant` was refused with `problem`, which holds for
+    /// `for_ms` from `now_ms`.
+    pub fn note(&mut self, tenant: &str, problem: &Problem, now_ms: u64, for_ms: u64) {
+        if self.held.len() >= MAX_REFUSALS {
+            self.held.retain(|_, (until, _)| now_ms < *until);
+        }
+        if self.held.len() < MAX_REFUSALS {
+            self.held.insert(tenant.to_owned(), (now_ms + for_ms, problem.clone()));
+        }
+    }
+
+    /// The requests of `tenant` refused here since the last call (then
+    /// forgotten).
+    pub fn take_uncounted(&mut self, tenant: &str) -> u64 {
+        self.uncounted.remove(tenant).unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal holds for its time only, with what is left of it as its
+    /// `Retry-After`; the requests refused meanwhile are counted once.
+    #[test]
+    fn refusals_hold_for_their_time_and_are_counted_once() {
+        let mut r = Refusals::default();
+        let p = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 1);
+        assert_eq!(r.check("acme", 1000), None);
+        r.note("acme", &p, 1000, 2500);
+        let again = r.check("acme", 1100).unwrap();
+        assert_eq!((again.kind.as_str(), again.retry_after), (p.kind.as_str(), Some(3)));
+        assert_eq!(r.check("acme", 3400).unwrap().retry_after, Some(1));
+        assert_eq!(r.check("acme", 3500), None, "over");
+        assert_eq!(r.check("beta", 1100), None, "another tenant");
+        assert_eq!((r.take_uncounted("acme"), r.take_uncounted("acme"), r.take_uncounted("beta")), (2, 0, 0));
+        for i in 0..MAX_REFUSALS + 10 {
+            r.note(&format!("t{i}"), &p, 5000, 10);
+        }
+        assert!(r.held.len() <= MAX_REFUSALS, "bounded");
+        r.note("late", &p, 6000, 10);
+        assert!(r.check("late", 6001).is_some(), "the ended ones made room");
+    }
 
     /// Names: the documented charset and length, nothing else.
     #[test]

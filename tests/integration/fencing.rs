@@ -256,7 +256,7 @@ fn stats_counters_keep_only_the_last_minute() {
         let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 100 - old)).arg(1).query(&mut c).unwrap();
     }
     let _: () = redis::cmd("HSET").arg(&stats).arg(format!("applied@{}", bucket - 2)).arg(5).query(&mut c).unwrap();
-    let acked: i64 = crate::support::invoke(&mut c, &Call::ack(&l, SHARD, 0, 7, 2, []));
+    let acked: i64 = crate::support::invoke(&mut c, &Call::ack(&l, SHARD, 0, (7, 2), 0, []));
     assert_eq!(acked, 0, "no entries to acknowledge");
     let fields: std::collections::HashMap<String, i64> = redis::cmd("HGETALL").arg(&stats).query(&mut c).unwrap();
     let now_field = format!("applied@{bucket}");

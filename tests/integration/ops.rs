@@ -70,6 +70,12 @@ async fn stats_and_metrics_carry_the_workload() {
     let shards = stats["shards"].as_array().unwrap();
     assert_eq!(shards.len(), 16);
     assert_eq!(shards.iter().map(|sh| sh["applied"].as_u64().unwrap()).sum::<u64>(), 21, "the shards add up");
+    // Every acknowledged write (20 applied, 5 rejected, 1 replayed) in the
+    // apply-delay histogram; the dead letters are not acknowledged.
+    let delay = &stats["apply_delay_ms"];
+    let in_buckets: u64 = delay["buckets"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    assert_eq!((delay["count"].as_u64(), in_buckets), (Some(26), 26), "{delay}");
+    assert!(delay["p50_le"].as_u64().is_some_and(|p| p <= delay["p99_le"].as_u64().unwrap_or(u64::MAX)), "{delay}");
     let tp = &stats["throughput"];
     let secs = tp["window_secs"].as_f64().unwrap();
     assert!((50.0..=60.0).contains(&secs), "{tp}");
@@ -113,6 +119,8 @@ async fn stats_and_metrics_carry_the_workload() {
         ]),
         "{text}"
     );
+    assert!(text.lines().any(|l| l == "spillway_write_apply_delay_seconds_count 26"), "{text}");
+    assert!(text.lines().any(|l| l == "spillway_write_apply_delay_seconds_bucket{le=\"+Inf\"} 26"), "{text}");
     assert_eq!(scrape.samples.iter().filter(|x| x.metric == "spillway_queue_depth").count(), 16, "one per shard");
     assert!(scrape.samples.iter().any(|x| x.labels.get("shard") == Some("15")), "a shard label");
 

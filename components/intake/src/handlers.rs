@@ -60,9 +60,20 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
         })?),
     };
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
+    // A tenant refused a moment ago is refused again before anything is parsed.
+    let ask_redis = idem.is_some();
+    if let Some(p) = header_tenant.as_deref().filter(|_| !ask_redis).and_then(|t| crate::throttle::check(t, spillway_spin::monotonic_ms())) {
+        return Err(p);
+    }
     let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
     check_timing(&settings, &batch, idem.is_none())?;
     let tenants = tenants_of(&settings, &batch, header_tenant.as_deref())?;
+    if !by_header && !ask_redis {
+        let now = spillway_spin::monotonic_ms();
+        if let Some(p) = tenants.iter().flatten().find_map(|t| crate::throttle::check(t, now)) {
+            return Err(p);
+        }
+    }
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
     // Within the request's deadline. A timeout here is an unknown outcome: the
     // enqueue may be in Redis already, or arrive when Redis resumes.
@@ -313,7 +324,16 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
             }
             Enqueued::Throttled { tenant, by } => {
                 let name = group_tenants(group, tenants, &shard_of).get(tenant).copied().unwrap_or("?");
-                return Err(throttled(s, name, group[0], by));
+                let p = throttled(s, name, group[0], by);
+                let holds_ms = match by {
+                    Throttle::Rate(ms) => Some(ms),
+                    Throttle::Depth(_) => Some(crate::throttle::DEPTH_RECHECK_MS),
+                    Throttle::Burst(_) => None,
+                };
+                if let Some(ms) = holds_ms {
+                    crate::throttle::note(name, &p, spillway_spin::monotonic_ms(), ms);
+                }
+                return Err(p);
             }
         }
     }
@@ -416,5 +436,7 @@ fn enqueue_call(
         .map(|(((w, timing), tenant), shard)| Queued { shard: *shard, key: w.key(), timing: *timing, payload: w.payload(), tenant: *tenant })
         .collect();
     let share = s.tenant_share(group[0]);
-    Call::enqueue(&s.layout, group, s.idempotency_shard(group[0]), limits, &writes, |t| s.tenancy.quota(t).share(share, s.layout.shards))
+    Call::enqueue(&s.layout, group, s.idempotency_shard(group[0]), limits, &writes, |t| {
+        (s.tenancy.quota(t).share(share, s.layout.shards), crate::throttle::take_uncounted(t))
+    })
 }

@@ -6,6 +6,7 @@
 //! write ids and status URLs. A refused request enqueues nothing.
 
 mod handlers;
+mod throttle;
 
 use spin_sdk::http::{IntoResponse, Request};
 use spin_sdk::http_service;

@@ -527,8 +527,10 @@ impl Drain<'_> {
         let s = self.s;
         let acks = done.iter().map(|b| {
             let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
-            let entries = b.entries.iter().map(|(id, _)| (id.as_str(), b.tenants.get(id).map(String::as_str)));
-            let call = Call::ack(&s.layout, b.shard, s.idempotency_shard(b.shard), new_applied, new_rejected, entries);
+            let dead: HashSet<&str> = applied.dead.iter().filter(|d| d.shard == b.shard).map(|d| d.entry.as_str()).collect();
+            let entries = b.entries.iter().map(move |(id, _)| (id.as_str(), b.tenants.get(id).map(String::as_str), !dead.contains(id.as_str())));
+            let now = u64::try_from(spillway_spin::now_ms()).unwrap_or(0);
+            let call = Call::ack(&s.layout, b.shard, s.idempotency_shard(b.shard), (new_applied, new_rejected), now, entries);
             async move {
                 let started = spillway_spin::monotonic_ms();
                 let r = Redis::for_shard(s, b.shard).call(&call).await;

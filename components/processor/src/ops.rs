@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{Value as Json, json};
 use spillway_core::layout::md5_hex;
-use spillway_core::call::Call;
+use spillway_core::call::{Call, DELAY_BUCKETS_MS, delay_field};
 use spillway_core::problem::Problem;
 use spillway_core::reply::ShardStats;
 use spillway_core::settings::Settings;
@@ -73,8 +73,49 @@ struct Tenant {
     waiting: u64,
     /// Writes accepted, ever.
     accepted: u64,
-    /// Writes refused by its quotas, ever.
+    /// Requests refused by its quotas, ever.
     throttled: u64,
+}
+
+/// The apply-delay histogram (see `spillway_core::call::DELAY_BUCKETS_MS`)
+/// over all shards: the writes per bucket (its own, not cumulative; the last
+/// is above every bound), and the sum of the delays in ms.
+fn delays(shards: &[Shard]) -> (Vec<(Option<u64>, u64)>, u64) {
+    let bounds = DELAY_BUCKETS_MS.iter().map(|b| Some(*b)).chain([None]);
+    let buckets = bounds.map(|b| (b, shards.iter().map(|sh| sh.counters.get(&delay_field(b)).copied().unwrap_or(0)).sum())).collect();
+    (buckets, shards.iter().map(|sh| sh.counters.get("delay_sum_ms").copied().unwrap_or(0)).sum())
+}
+
+/// The smallest bucket bound at or below which a share `q` of the writes
+/// were applied (`None`: above the last bound, or no writes).
+fn delay_quantile(buckets: &[(Option<u64>, u64)], q: f64) -> Option<u64> {
+    let count: u64 = buckets.iter().map(|(_, n)| n).sum();
+    let mut seen = 0;
+    for (bound, n) in buckets {
+        seen += n;
+        if count > 0 && seen as f64 >= q * count as f64 {
+            return *bound;
+        }
+    }
+    None
+}
+
+/// The apply-delay histogram as a Prometheus histogram (seconds).
+#[derive(Debug)]
+struct DelayHistogram {
+    buckets: Vec<(f64, u64)>,
+    count: u64,
+    sum_secs: f64,
+}
+
+impl prometheus_client::encoding::EncodeMetric for DelayHistogram {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(self.sum_secs, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
 }
 
 /// The tenants' figures, from the hash each server (each shard, with
@@ -238,6 +279,8 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
     totals.insert("oldest_unapplied_age_ms".into(), json!(oldest));
     totals.insert("in_schedule".into(), json!(scheduled));
     totals.insert("next_due_in_ms".into(), json!(next_due));
+    let (buckets, sum_ms) = delays(&snap.shards);
+    let count: u64 = buckets.iter().map(|(_, n)| n).sum();
     let body = json!({
         "shards": shards,
         "totals": totals,
@@ -245,6 +288,13 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
             "window_secs": window_secs,
             "accepted_per_sec": accepted_window as f64 / window_secs,
             "applied_per_sec": applied_window as f64 / window_secs,
+        },
+        "apply_delay_ms": {
+            "buckets": buckets.iter().map(|(le, n)| json!({"le": le, "count": n})).collect::<Vec<_>>(),
+            "count": count,
+            "sum": sum_ms,
+            "p50_le": delay_quantile(&buckets, 0.5),
+            "p99_le": delay_quantile(&buckets, 0.99),
         },
         "cache": {"hits": snap.cache_hits, "misses": snap.cache_misses},
         "nodes": snap.nodes.iter().map(|(name, ago)| json!({
@@ -308,13 +358,24 @@ pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Prob
         f
     };
     let accepted = tenant_counter(&mut registry, "tenant_writes_accepted", "A tenant's writes accepted, since the counters began.");
-    let throttled = tenant_counter(&mut registry, "tenant_writes_throttled", "A tenant's writes refused by its quotas (tenant_rate, tenant_depth), since the counters began.");
+    let throttled = tenant_counter(&mut registry, "tenant_requests_throttled", "A tenant's requests refused by its quotas (tenant_rate, tenant_depth), since the counters began.");
     for (name, t) in &snap.tenants {
         let labels = vec![("tenant".to_owned(), name.clone())];
         waiting.get_or_create(&labels).set(t.waiting as i64);
         accepted.get_or_create(&labels).inc_by(t.accepted);
         throttled.get_or_create(&labels).inc_by(t.throttled);
     }
+    let (buckets, sum_ms) = delays(&snap.shards);
+    let delay = DelayHistogram {
+        buckets: buckets.iter().map(|(le, n)| (le.map_or(f64::INFINITY, |ms| ms as f64 / 1000.0), *n)).collect(),
+        count: buckets.iter().map(|(_, n)| n).sum(),
+        sum_secs: sum_ms as f64 / 1000.0,
+    };
+    registry.register(
+        "write_apply_delay_seconds",
+        "How long after a write was due (accepted, or scheduled for) its outcome was acknowledged.",
+        delay,
+    );
     let hits = Counter::<u64>::default();
     hits.inc_by(snap.cache_hits);
     registry.register("cache_hits", "Record reads answered from the cache.", hits);
