@@ -72,6 +72,10 @@ struct Args {
     /// them; nothing is written.
     #[arg(long, conflicts_with = "url")]
     capacity_only: bool,
+    /// Measure only fairness between tenants (a quiet one beside a flood)
+    /// and print it; nothing is written.
+    #[arg(long, conflicts_with_all = ["url", "capacity_only"])]
+    tenants_only: bool,
     /// Where `RESULTS.md` and `results.png` go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
@@ -304,6 +308,20 @@ async fn write_to_applied(addr: &str, n: usize) -> anyhow::Result<load::Measured
     Ok(load::Measured { ops: n as u64, elapsed: started.elapsed(), latency, failed: (0, None) })
 }
 
+/// Fairness between tenants (see `tenants`), on an app of its own with every
+/// tenant's quotas set, and on one without quotas.
+async fn tenant_rows(target: &Path, work: &Path, redis_url: &str, smoke: bool) -> anyhow::Result<Vec<Row>> {
+    let quotas = [("tenant_rate", tenants::RATE.to_string()), ("tenant_burst", tenants::BURST.to_string()), ("tenant_depth", tenants::DEPTH.to_string())];
+    let quotas: Vec<(&str, &str)> = quotas.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut rows = {
+        let (_p, addr, _) = variant(target, work, redis_url, "tenants", &quotas)?;
+        tenants::rows(&addr, &work.join("tenants-state").join("sqlite_db.db"), smoke, true).await?
+    };
+    let (_p, addr, _) = variant(target, work, redis_url, "no-quotas", &[])?;
+    rows.extend(tenants::rows(&addr, &work.join("no-quotas-state").join("sqlite_db.db"), smoke, false).await?);
+    Ok(rows)
+}
+
 /// The repository's app with `vars` over the benchmark's, on key prefix
 /// `<name>:` of the same Redis (state in `<work>/<name>-state`): a variant
 /// measured back to back with the default app. Its host, address and layout.
@@ -392,6 +410,11 @@ async fn main() -> anyhow::Result<()> {
         let mut rows = capacity::costs(&target, &work, args.clients, duration).await?;
         rows.push(capacity::cluster_against_one(&target, &work, args.writes).await?);
         println!("{}", report::markdown(&rows));
+        return Ok(());
+    }
+    if args.tenants_only {
+        let redis = spillway_redis_server::RedisServer::start();
+        println!("{}", report::markdown(&tenant_rows(&target, &work, &redis.url(), args.smoke).await?));
         return Ok(());
     }
     let mut procs = Vec::new();
@@ -629,13 +652,7 @@ async fn main() -> anyhow::Result<()> {
 
     step("tenants");
     match &args.url {
-        None => {
-            let quotas = [("tenant_rate", tenants::RATE.to_string()), ("tenant_depth", tenants::DEPTH.to_string())];
-            let quotas: Vec<(&str, &str)> = quotas.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let (p, addr, _) = variant(&target, &work, &redis_url, "tenants", &quotas)?;
-            rows.extend(tenants::rows(&addr, &work.join("tenants-state").join("sqlite_db.db"), args.smoke).await?);
-            drop(p);
-        }
+        None => rows.extend(tenant_rows(&target, &work, &redis_url, args.smoke).await?),
         Some(_) => eprintln!("tenants not measured: --url given (the app's quotas are the benchmark's own)"),
     }
 

@@ -155,13 +155,26 @@ fn with_burst(q: Quota) -> Quota {
 /// The refusals a caller remembers, to refuse a tenant again without asking
 /// Redis while a refusal is sure to hold (see the intake's `throttle`), and
 /// the requests so refused, to count with the tenant's next enqueue.
+///
+/// A request refused so is answered once the `Retry-After` of the refusal
+/// has passed, and a random part of a second more, so that the requests held
+/// are not all answered, and sent again, at once (at most [`MAX_HOLD_MS`]
+/// later): a client that sends again while
+/// told to wait (closed-loop, ignoring `Retry-After`) waits as it was told
+/// instead of keeping the host busy with refusals, which would slow every
+/// tenant's requests and the processor beside them. A client that honours
+/// `Retry-After` is never held.
 #[derive(Debug, Default)]
 pub struct Refusals {
-    /// Per tenant: until when (a monotonic ms) and the answer.
-    held: std::collections::HashMap<String, (u64, Problem)>,
+    /// Per tenant: until when (a monotonic ms) the refusal holds, until when
+    /// its `Retry-After` said to wait, and the answer.
+    held: std::collections::HashMap<String, (u64, u64, Problem)>,
     /// Requests refused here per tenant, not yet counted in Redis.
     uncounted: std::collections::HashMap<String, u64>,
 }
+
+/// The longest a request refused by a remembered refusal is held.
+pub const MAX_HOLD_MS: u64 = 2000;
 
 /// The most tenants [`Refusals`] remembers; past it, those whose refusal has
 /// ended go (and a new one is not remembered while all still hold).
@@ -169,23 +182,28 @@ const MAX_REFUSALS: usize = 256;
 
 impl Refusals {
     /// The answer to a request of `tenant` at `now_ms`, if a refusal of it
-    /// still holds (its `Retry-After` what is left of it); counted.
-    pub fn check(&mut self, tenant: &str, now_ms: u64) -> Option<Problem> {
-        let (until, p) = self.held.get(tenant).filter(|(until, _)| now_ms < *until)?;
+    /// still holds, and how long to hold it first (until the time its
+    /// `Retry-After` told, and `jitter_ms` more, at most [`MAX_HOLD_MS`]; its
+    /// `Retry-After` what is left after that); counted.
+    pub fn check(&mut self, tenant: &str, now_ms: u64, jitter_ms: u64) -> Option<(Problem, u64)> {
+        let (_, told, p) = self.held.get(tenant).filter(|(until, _, _)| now_ms < *until)?;
+        let hold = (told.saturating_sub(now_ms) + jitter_ms % 1000).min(MAX_HOLD_MS);
         let mut p = p.clone();
-        p.retry_after = Some(u32::try_from((until - now_ms).div_ceil(1000).max(1)).unwrap_or(u32::MAX));
+        p.retry_after = Some(u32::try_from(told.saturating_sub(now_ms + hold).div_ceil(1000).max(1)).unwrap_or(u32::MAX));
         *self.uncounted.entry(tenant.to_owned()).or_default() += 1;
-        Some(p)
+        Some((p, hold))
     }
 
-    /// Remembers that `tenant` was refused with `problem`, which holds for
+    /// Remembers that `tenant` was refused with `problem` (whose
+    /// `Retry-After` says how long it was told to wait), which holds for
     /// `for_ms` from `now_ms`.
     pub fn note(&mut self, tenant: &str, problem: &Problem, now_ms: u64, for_ms: u64) {
         if self.held.len() >= MAX_REFUSALS {
-            self.held.retain(|_, (until, _)| now_ms < *until);
+            self.held.retain(|_, (until, _, _)| now_ms < *until);
         }
         if self.held.len() < MAX_REFUSALS {
-            self.held.insert(tenant.to_owned(), (now_ms + for_ms, problem.clone()));
+            let told = now_ms + u64::from(problem.retry_after.unwrap_or(1).max(1)) * 1000;
+            self.held.insert(tenant.to_owned(), (now_ms + for_ms, told.max(now_ms + for_ms), problem.clone()));
         }
     }
 
@@ -205,21 +223,28 @@ mod tests {
     #[test]
     fn refusals_hold_for_their_time_and_are_counted_once() {
         let mut r = Refusals::default();
-        let p = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 1);
-        assert_eq!(r.check("acme", 1000), None);
+        let p = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 3);
+        assert_eq!(r.check("acme", 1000, 0), None);
         r.note("acme", &p, 1000, 2500);
-        let again = r.check("acme", 1100).unwrap();
-        assert_eq!((again.kind.as_str(), again.retry_after), (p.kind.as_str(), Some(3)));
-        assert_eq!(r.check("acme", 3400).unwrap().retry_after, Some(1));
-        assert_eq!(r.check("acme", 3500), None, "over");
-        assert_eq!(r.check("beta", 1100), None, "another tenant");
-        assert_eq!((r.take_uncounted("acme"), r.take_uncounted("acme"), r.take_uncounted("beta")), (2, 0, 0));
+        let (again, hold) = r.check("acme", 1100, 0).unwrap();
+        assert_eq!((again.kind.as_str(), again.retry_after, hold), (p.kind.as_str(), Some(1), 2000), "held two seconds, then 0.9 s of the 3 s told left");
+        let (end, hold) = r.check("acme", 3400, 250).unwrap();
+        assert_eq!((end.retry_after, hold), (Some(1), 850), "held to the time told (4000), and the jitter");
+        assert_eq!(r.check("acme", 3500, 0), None, "the refusal itself is over: the script decides");
+        // A refusal shorter than its Retry-After (whole seconds): refused
+        // while it holds, and held to the second told.
+        let short = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 1);
+        r.note("acme", &short, 5000, 200);
+        assert_eq!(r.check("acme", 5100, 1999).map(|(_, hold)| hold), Some(1899), "jitter below a second");
+        assert_eq!(r.check("acme", 5200, 0), None);
+        assert_eq!(r.check("beta", 1100, 0), None, "another tenant");
+        assert_eq!((r.take_uncounted("acme"), r.take_uncounted("acme"), r.take_uncounted("beta")), (3, 0, 0));
         for i in 0..MAX_REFUSALS + 10 {
             r.note(&format!("t{i}"), &p, 5000, 10);
         }
         assert!(r.held.len() <= MAX_REFUSALS, "bounded");
         r.note("late", &p, 6000, 10);
-        assert!(r.check("late", 6001).is_some(), "the ended ones made room");
+        assert!(r.check("late", 6001, 0).is_some(), "the ended ones made room");
     }
 
     /// Names: the documented charset and length, nothing else.

@@ -66,7 +66,7 @@ async fn a_tenant_over_its_rate_is_refused_until_its_bucket_refills() {
         assert_eq!((code, v["type"].as_str()), (429, Some(&*format!("{PROBLEMS}tenant-rate-limited"))), "{v}");
         assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
         refused += 1;
-        assert!(started.elapsed() < Duration::from_secs(3), "the bucket never refilled");
+        assert!(started.elapsed() < Duration::from_secs(5), "the bucket never refilled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused > 1, "polled while refused");
@@ -109,8 +109,8 @@ async fn a_flooding_tenant_is_held_to_its_depth_and_others_get_in() {
     let t = tenants(&s).await;
     assert!(t["flood"]["waiting"].is_null() || t["flood"]["waiting"] == 0, "settled when acknowledged: {t}");
     assert_eq!((t["flood"]["accepted"].as_u64(), t["flood"]["throttled"].as_u64()), (Some(200), Some(1)), "writes accepted, requests refused: {t}");
-    // Accepted again once the depth refusal this instance remembers (a
-    // quarter of a second) is over.
+    // Accepted again once the depth refusal this instance remembers (the
+    // second its Retry-After says) is over.
     let started = Instant::now();
     loop {
         let (code, _, v) = write_as(&s, "flood", batch("again", 50)).await;
@@ -118,7 +118,7 @@ async fn a_flooding_tenant_is_held_to_its_depth_and_others_get_in() {
             break;
         }
         assert_eq!((code, v["type"].as_str()), (429, Some(&*format!("{PROBLEMS}tenant-queue-full"))), "{v}");
-        assert!(started.elapsed() < Duration::from_secs(2), "still refused");
+        assert!(started.elapsed() < Duration::from_secs(4), "still refused");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

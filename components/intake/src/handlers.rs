@@ -62,17 +62,16 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
     // A tenant refused a moment ago is refused again before anything is parsed.
     let ask_redis = idem.is_some();
-    if let Some(p) = header_tenant.as_deref().filter(|_| !ask_redis).and_then(|t| crate::throttle::check(t, spillway_spin::monotonic_ms())) {
+    if let Some(t) = header_tenant.as_deref().filter(|_| !ask_redis)
+        && let Some(p) = crate::throttle::refused([t]).await
+    {
         return Err(p);
     }
     let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
     check_timing(&settings, &batch, idem.is_none())?;
     let tenants = tenants_of(&settings, &batch, header_tenant.as_deref())?;
-    if !by_header && !ask_redis {
-        let now = spillway_spin::monotonic_ms();
-        if let Some(p) = tenants.iter().flatten().find_map(|t| crate::throttle::check(t, now)) {
-            return Err(p);
-        }
+    if !by_header && !ask_redis && let Some(p) = crate::throttle::refused(tenants.iter().flatten().copied()).await {
+        return Err(p);
     }
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
     // Within the request's deadline. A timeout here is an unknown outcome: the
