@@ -188,8 +188,16 @@ pub enum Enqueued {
 pub enum Throttle {
     /// Its depth: it holds this many writes not yet settled.
     Depth(u64),
-    /// Its rate: its bucket has the tokens in this many ms.
-    Rate(u64),
+    /// Its depth: the call alone has more entries than this depth.
+    OverDepth(u64),
+    /// Its rate: its bucket has the tokens in `retry_ms`; it holds
+    /// `tokens_milli` thousandths of a token now.
+    Rate {
+        /// When the call's writes would fit.
+        retry_ms: u64,
+        /// The bucket now, in thousandths of a token.
+        tokens_milli: u64,
+    },
     /// Its burst: the call has more of its writes than its bucket holds.
     Burst(u64),
 }
@@ -239,13 +247,14 @@ impl Enqueued {
             "past" => Self::Past {
                 index: shard()?.parse::<usize>().ok().and_then(|i| i.checked_sub(1)).ok_or_else(|| bad(S, "past without a write's place"))?,
             },
-            "tenant-full" | "tenant-rate" | "tenant-burst" => {
+            "tenant-full" | "tenant-over-depth" | "tenant-rate" | "tenant-burst" => {
                 let tenant = shard()?.parse::<usize>().ok().and_then(|i| i.checked_sub(1)).ok_or_else(|| bad(S, format!("{head} without a tenant")))?;
-                let n = values.get(1).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| bad(S, format!("{head} without its figure")))?;
+                let figure = |i: usize| values.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| bad(S, format!("{head} without its figure {i}")));
                 let by = match head.as_str() {
-                    "tenant-full" => Throttle::Depth(n),
-                    "tenant-rate" => Throttle::Rate(n),
-                    _ => Throttle::Burst(n),
+                    "tenant-full" => Throttle::Depth(figure(1)?),
+                    "tenant-over-depth" => Throttle::OverDepth(figure(1)?),
+                    "tenant-rate" => Throttle::Rate { retry_ms: figure(1)?, tokens_milli: figure(2)? },
+                    _ => Throttle::Burst(figure(1)?),
                 };
                 Self::Throttled { tenant, by }
             }
@@ -530,11 +539,12 @@ mod tests {
             assert!(claimable(&bad).is_err(), "{bad:?}");
         }
         assert_eq!(Enqueued::parse(&[t("past"), t("2")]).unwrap().0, Enqueued::Past { index: 1 });
-        let (e, rung) = Enqueued::parse(&[t("tenant-rate"), t("2"), t("250"), t("rang"), t("3")]).unwrap();
-        assert_eq!((e, rung.rang), (Enqueued::Throttled { tenant: 1, by: Throttle::Rate(250) }, vec![3]));
+        let (e, rung) = Enqueued::parse(&[t("tenant-rate"), t("2"), t("250"), t("1500"), t("rang"), t("3")]).unwrap();
+        assert_eq!((e, rung.rang), (Enqueued::Throttled { tenant: 1, by: Throttle::Rate { retry_ms: 250, tokens_milli: 1500 } }, vec![3]));
+        assert_eq!(Enqueued::parse(&[t("tenant-over-depth"), t("1"), t("2")]).unwrap().0, Enqueued::Throttled { tenant: 0, by: Throttle::OverDepth(2) });
         assert_eq!(Enqueued::parse(&[t("tenant-full"), t("1"), t("40"), t("rang")]).unwrap().0, Enqueued::Throttled { tenant: 0, by: Throttle::Depth(40) });
         assert_eq!(Enqueued::parse(&[t("tenant-burst"), t("1"), t("5")]).unwrap().0, Enqueued::Throttled { tenant: 0, by: Throttle::Burst(5) });
-        assert!(Enqueued::parse(&[t("tenant-rate"), t("1")]).is_err() && Enqueued::parse(&[t("tenant-rate"), t("0"), t("5")]).is_err());
+        assert!(Enqueued::parse(&[t("tenant-rate"), t("1"), t("5")]).is_err() && Enqueued::parse(&[t("tenant-rate"), t("0"), t("5"), t("1")]).is_err());
         assert!(Enqueued::parse(&[t("past"), t("0")]).is_err());
         let st = ShardStats::parse(&[
             Value::Int(4), Value::Int(1), t("17-0"), Value::Int(0), t(""), Value::Int(-2), Value::Int(20), Value::Int(3), Value::Int(90), t("accepted"), t("4"),

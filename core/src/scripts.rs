@@ -218,9 +218,13 @@ end
 /// key, other body) | `full, shard` (over the depth limit) | `full-scheduled,
 /// shard` (over the scheduled-write limit) | `past, i` (the call's `i`-th write,
 /// 1-based, is due too far in the past) | `tenant-full, j, depth` (tenant `j`,
-/// 1-based, holds `depth` writes) | `tenant-rate, j, retry_ms` (its bucket has
-/// enough tokens in `retry_ms`) | `tenant-burst, j, burst` (the call has more of
-/// its writes than its bucket holds); nothing is added when refused.
+/// 1-based, holds `depth` writes) | `tenant-over-depth, j, depth` (the call has
+/// more of its entries than its depth) | `tenant-rate, j, retry_ms,
+/// tokens_milli` (its bucket has enough tokens in `retry_ms`; it holds
+/// `tokens_milli` / 1000 now) | `tenant-burst, j, burst` (the call has more of
+/// its writes than its bucket holds); nothing is added when refused. The
+/// requests the caller refused on its own are counted first, whatever the
+/// answer.
 ///
 /// Doorbell: a shard whose flag is not set gets it (valued with the time it was
 /// rung, with a TTL) and is rung, so a burst rings once per shard, not once per
@@ -228,6 +232,17 @@ end
 /// holds the shard's lease is a ring that was lost (the processor crashed before
 /// taking the lease, or the app restarted): it is rung again.
 pub const ENQUEUE: &str = concat!(count_lua!(), add_entry_lua!(), schedule_lua!(), r#"
+local n = tonumber(ARGV[11])
+local base = 12 + n
+local writes = tonumber(ARGV[base])
+local tbase = base + 5 * writes + 1
+local tenants, tkey = tonumber(ARGV[tbase]), KEYS[7 * n + 2]
+local function tenant(j, k) return ARGV[tbase + 5 * j - 5 + k] end
+-- The requests the caller refused on its own are counted whatever happens next.
+for j = 1, tenants do
+  local before = tonumber(tenant(j, 5))
+  if before > 0 then redis.call('HINCRBY', tkey, 'x:' .. tenant(j, 1), before) end
+end
 local use_idem = ARGV[1] == '1'
 if use_idem then
   local prev = redis.call('GET', KEYS[1])
@@ -244,14 +259,8 @@ if use_idem then
 end
 local limit, seq_start = tonumber(ARGV[4]), tonumber(ARGV[6])
 local sched_limit, lead, retention, past = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local n = tonumber(ARGV[11])
-local base = 12 + n
-local writes = tonumber(ARGV[base])
 local function key(s, i) return KEYS[7 * s - 6 + i] end
 local function arg(i, k) return ARGV[base + 5 * i - 5 + k] end
-local tbase = base + 5 * writes + 1
-local tenants, tkey = tonumber(ARGV[tbase]), KEYS[7 * n + 2]
-local function tenant(j, k) return ARGV[tbase + 5 * j - 5 + k] end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, writes do
@@ -278,9 +287,9 @@ for i = 1, writes do
   if arg(i, 3) ~= '' then scheduled[slot] = (scheduled[slot] or 0) + 1 end
 end
 -- Refused: nothing of the call is added, but what was moved is rung.
-local function refused(kind, shard, extra)
+local function refused(kind, shard, ...)
   local out = {kind, shard}
-  if extra then out[#out + 1] = extra end
+  for _, extra in ipairs({...}) do out[#out + 1] = tostring(extra) end
   out[#out + 1] = 'rang'
   for s = 1, n do
     if moved[s] > 0 then out[#out + 1] = ARGV[11 + s] end
@@ -299,13 +308,12 @@ for i = 1, writes do
 end
 for j = 1, tenants do
   local name, rate, burst, depth = tenant(j, 1), tonumber(tenant(j, 2)), tonumber(tenant(j, 3)), tonumber(tenant(j, 4))
-  local function throttled(kind, extra)
+  local function throttled(kind, ...)
     redis.call('HINCRBY', tkey, 'x:' .. name, 1)
-    return refused(kind, tostring(j), tostring(extra))
+    return refused(kind, tostring(j), ...)
   end
-  local before = tonumber(tenant(j, 5))
-  if before > 0 then redis.call('HINCRBY', tkey, 'x:' .. name, before) end
   if depth > 0 then
+    if entries[j] > depth then return throttled('tenant-over-depth', depth) end
     local held = tonumber(redis.call('HGET', tkey, 'd:' .. name) or '0')
     if held + entries[j] > depth then return throttled('tenant-full', held) end
   end
@@ -317,7 +325,7 @@ for j = 1, tenants do
       have = math.min(burst, tonumber(string.sub(v, 1, sep - 1)) + math.max(0, now - tonumber(string.sub(v, sep + 1))) * rate / 1000)
     end
     if asked[j] > burst then return throttled('tenant-burst', burst) end
-    if have < asked[j] then return throttled('tenant-rate', math.ceil((asked[j] - have) * 1000 / rate)) end
+    if have < asked[j] then return throttled('tenant-rate', math.ceil((asked[j] - have) * 1000 / rate), math.floor(have * 1000)) end
     tokens[j] = have - asked[j]
   end
 end

@@ -54,7 +54,7 @@ impl Quota {
     /// The share of this quota that state covering `of` of all `shards` shards
     /// enforces: rounded up, so that a limit never becomes 0 (no limit).
     pub fn share(self, of: u32, shards: u32) -> Self {
-        let part = |v: u64| if v == 0 || of >= shards { v } else { (v * u64::from(of)).div_ceil(u64::from(shards.max(1))).max(1) };
+        let part = |v: u64| if v == 0 || of >= shards { v } else { v.saturating_mul(u64::from(of)).div_ceil(u64::from(shards.max(1))).max(1) };
         Self { rate: part(self.rate), burst: part(self.burst), depth: part(self.depth) }
     }
 }
@@ -115,16 +115,14 @@ impl Tenancy {
                     _ => return Err(("tenant_overrides", format!("{name}: not an object of rate, burst, depth"))),
                 };
                 // Members left out take the default's; a burst left out
-                // follows the tenant's own rate.
+                // follows the tenant's own rate if it sets one.
+                if !q.contains_key("burst") && !q.contains_key("rate") {
+                    q.insert("burst".into(), default.burst.into());
+                }
                 for (member, value) in [("rate", default.rate), ("depth", default.depth)] {
                     q.entry(member).or_insert(value.into());
                 }
-                let own_rate = q.contains_key("rate") && !q.contains_key("burst");
-                let mut quota: Quota =
-                    serde_json::from_value(q.into()).map_err(|e| ("tenant_overrides", format!("{name}: {e}")))?;
-                if own_rate {
-                    quota.burst = 0;
-                }
+                let quota: Quota = serde_json::from_value(q.into()).map_err(|e| ("tenant_overrides", format!("{name}: {e}")))?;
                 out.insert(name, with_burst(quota));
             }
             out
@@ -156,21 +154,61 @@ fn with_burst(q: Quota) -> Quota {
 /// Redis while a refusal is sure to hold (see the intake's `throttle`), and
 /// the requests so refused, to count with the tenant's next enqueue.
 ///
+/// A rate refusal is sure to hold for a request of `n` writes while the
+/// bucket, as the script found it and refilled at the tenant's rate since,
+/// has fewer than `n` tokens (other callers only take tokens). A depth
+/// refusal is remembered for a fixed time, its `Retry-After`.
+///
 /// A request refused so is answered once the `Retry-After` of the refusal
 /// has passed, and a random part of a second more, so that the requests held
 /// are not all answered, and sent again, at once (at most [`MAX_HOLD_MS`]
-/// later): a client that sends again while
-/// told to wait (closed-loop, ignoring `Retry-After`) waits as it was told
-/// instead of keeping the host busy with refusals, which would slow every
-/// tenant's requests and the processor beside them. A client that honours
-/// `Retry-After` is never held.
+/// later): a client that sends again while told to wait (closed-loop,
+/// ignoring `Retry-After`) waits as it was told instead of keeping the host
+/// busy with refusals, which would slow every tenant's requests and the
+/// processor beside them. A client that honours `Retry-After` is never held.
 #[derive(Debug, Default)]
 pub struct Refusals {
-    /// Per tenant: until when (a monotonic ms) the refusal holds, until when
-    /// its `Retry-After` said to wait, and the answer.
-    held: std::collections::HashMap<String, (u64, u64, Problem)>,
+    held: std::collections::HashMap<String, Held>,
     /// Requests refused here per tenant, not yet counted in Redis.
     uncounted: std::collections::HashMap<String, u64>,
+}
+
+/// One remembered refusal.
+#[derive(Debug)]
+struct Held {
+    what: Holds,
+    /// Until when (a monotonic ms) its `Retry-After` said to wait.
+    told_ms: u64,
+    problem: Problem,
+}
+
+/// What a remembered refusal refuses.
+#[derive(Debug)]
+enum Holds {
+    /// Requests with more writes than the bucket has: it held `tokens_milli`
+    /// thousandths of a token at `at_ms`, refilled at `rate` per second up to
+    /// `burst`.
+    Rate { tokens_milli: u64, at_ms: u64, rate: u64, burst: u64 },
+    /// Every request, until then.
+    Until(u64),
+}
+
+impl Held {
+    /// Whether a request of `writes` writes at `now_ms` is refused.
+    fn refuses(&self, writes: u64, now_ms: u64) -> bool {
+        match self.what {
+            Holds::Rate { tokens_milli, at_ms, rate, burst } => {
+                let now_milli = tokens_milli.saturating_add(now_ms.saturating_sub(at_ms).saturating_mul(rate)).min(burst.saturating_mul(1000));
+                now_milli < writes.saturating_mul(1000)
+            }
+            Holds::Until(until) => now_ms < until,
+        }
+    }
+
+    /// Whether it refuses nothing any more.
+    fn ended(&self, now_ms: u64) -> bool {
+        !self.refuses(1, now_ms)
+    }
 }
 
 /// The longest a request refused by a remembered refusal is held.
@@ -181,29 +219,40 @@ pub const MAX_HOLD_MS: u64 = 2000;
 const MAX_REFUSALS: usize = 256;
 
 impl Refusals {
-    /// The answer to a request of `tenant` at `now_ms`, if a refusal of it
-    /// still holds, and how long to hold it first (until the time its
-    /// `Retry-After` told, and `jitter_ms` more, at most [`MAX_HOLD_MS`]; its
-    /// `Retry-After` what is left after that); counted.
-    pub fn check(&mut self, tenant: &str, now_ms: u64, jitter_ms: u64) -> Option<(Problem, u64)> {
-        let (_, told, p) = self.held.get(tenant).filter(|(until, _, _)| now_ms < *until)?;
-        let hold = (told.saturating_sub(now_ms) + jitter_ms % 1000).min(MAX_HOLD_MS);
-        let mut p = p.clone();
-        p.retry_after = Some(u32::try_from(told.saturating_sub(now_ms + hold).div_ceil(1000).max(1)).unwrap_or(u32::MAX));
+    /// The answer to a request of `writes` of `tenant`'s writes at `now_ms`,
+    /// if a refusal of it is sure to hold, and how long to hold it first
+    /// (until the time its `Retry-After` told, and `jitter_ms` (below a
+    /// second) more, at most [`MAX_HOLD_MS`]; its `Retry-After` what is left
+    /// after that); counted.
+    pub fn check(&mut self, tenant: &str, writes: u64, now_ms: u64, jitter_ms: u64) -> Option<(Problem, u64)> {
+        let held = self.held.get(tenant).filter(|h| h.refuses(writes, now_ms))?;
+        let hold = (held.told_ms.saturating_sub(now_ms) + jitter_ms % 1000).min(MAX_HOLD_MS);
+        let mut p = held.problem.clone();
+        p.retry_after = Some(u32::try_from(held.told_ms.saturating_sub(now_ms + hold).div_ceil(1000).max(1)).unwrap_or(u32::MAX));
         *self.uncounted.entry(tenant.to_owned()).or_default() += 1;
         Some((p, hold))
     }
 
-    /// Remembers that `tenant` was refused with `problem` (whose
-    /// `Retry-After` says how long it was told to wait), which holds for
-    /// `for_ms` from `now_ms`.
-    pub fn note(&mut self, tenant: &str, problem: &Problem, now_ms: u64, for_ms: u64) {
+    /// Remembers that the script refused `tenant` with `problem` at `now_ms`
+    /// for its rate: its bucket held `tokens_milli` thousandths of a token,
+    /// refilled at `rate` per second up to `burst`.
+    pub fn note_rate(&mut self, tenant: &str, problem: &Problem, now_ms: u64, (tokens_milli, rate, burst): (u64, u64, u64)) {
+        self.note(tenant, problem, now_ms, Holds::Rate { tokens_milli, at_ms: now_ms, rate, burst });
+    }
+
+    /// Remembers that the script refused `tenant` with `problem` at `now_ms`,
+    /// a refusal taken to hold for `for_ms`.
+    pub fn note_for(&mut self, tenant: &str, problem: &Problem, now_ms: u64, for_ms: u64) {
+        self.note(tenant, problem, now_ms, Holds::Until(now_ms + for_ms));
+    }
+
+    fn note(&mut self, tenant: &str, problem: &Problem, now_ms: u64, what: Holds) {
         if self.held.len() >= MAX_REFUSALS {
-            self.held.retain(|_, (until, _, _)| now_ms < *until);
+            self.held.retain(|_, h| !h.ended(now_ms));
         }
         if self.held.len() < MAX_REFUSALS {
-            let told = now_ms + u64::from(problem.retry_after.unwrap_or(1).max(1)) * 1000;
-            self.held.insert(tenant.to_owned(), (now_ms + for_ms, told.max(now_ms + for_ms), problem.clone()));
+            let told_ms = now_ms + u64::from(problem.retry_after.unwrap_or(1).max(1)) * 1000;
+            self.held.insert(tenant.to_owned(), Held { what, told_ms, problem: problem.clone() });
         }
     }
 
@@ -218,33 +267,34 @@ impl Refusals {
 mod tests {
     use super::*;
 
-    /// A refusal holds for its time only, with what is left of it as its
-    /// `Retry-After`; the requests refused meanwhile are counted once.
+    /// A rate refusal holds while the refilled bucket is short of a
+    /// request's writes, a depth refusal for its time; each refused request
+    /// is held to the `Retry-After` told (with its jitter) and counted once.
     #[test]
-    fn refusals_hold_for_their_time_and_are_counted_once() {
+    fn refusals_hold_while_sure_and_are_counted_once() {
         let mut r = Refusals::default();
-        let p = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 3);
-        assert_eq!(r.check("acme", 1000, 0), None);
-        r.note("acme", &p, 1000, 2500);
-        let (again, hold) = r.check("acme", 1100, 0).unwrap();
-        assert_eq!((again.kind.as_str(), again.retry_after, hold), (p.kind.as_str(), Some(1), 2000), "held two seconds, then 0.9 s of the 3 s told left");
-        let (end, hold) = r.check("acme", 3400, 250).unwrap();
-        assert_eq!((end.retry_after, hold), (Some(1), 850), "held to the time told (4000), and the jitter");
-        assert_eq!(r.check("acme", 3500, 0), None, "the refusal itself is over: the script decides");
-        // A refusal shorter than its Retry-After (whole seconds): refused
-        // while it holds, and held to the second told.
-        let short = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 1);
-        r.note("acme", &short, 5000, 200);
-        assert_eq!(r.check("acme", 5100, 1999).map(|(_, hold)| hold), Some(1899), "jitter below a second");
-        assert_eq!(r.check("acme", 5200, 0), None);
-        assert_eq!(r.check("beta", 1100, 0), None, "another tenant");
-        assert_eq!((r.take_uncounted("acme"), r.take_uncounted("acme"), r.take_uncounted("beta")), (3, 0, 0));
+        let p = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 1);
+        assert_eq!(r.check("acme", 1, 1000, 0), None);
+        // 0.5 tokens at t=1000, 10 per second, burst 100.
+        r.note_rate("acme", &p, 1000, (500, 10, 100));
+        let (again, hold) = r.check("acme", 100, 1100, 250).unwrap();
+        assert_eq!((again.kind.as_str(), again.retry_after, hold), (p.kind.as_str(), Some(1), 1150), "held to the second told, and the jitter");
+        assert_eq!(r.check("acme", 1, 1100, 0), None, "1.5 tokens by then: a one-write request may pass");
+        assert!(r.check("acme", 2, 1100, 0).is_some());
+        assert_eq!(r.check("acme", 2, 1150, 0), None, "2 tokens at 1150");
+        assert_eq!(r.check("beta", 1, 1100, 0), None, "another tenant");
+        let full = Problem::tenant_throttled("tenant-queue-full", "Tenant queue full", "full", 1);
+        r.note_for("beta", &full, 2000, 1000);
+        let (_, hold) = r.check("beta", 1, 2999, 1999).unwrap();
+        assert_eq!(hold, 1000, "jitter below a second");
+        assert_eq!(r.check("beta", 1, 3000, 0), None);
+        assert_eq!((r.take_uncounted("acme"), r.take_uncounted("acme"), r.take_uncounted("beta")), (2, 0, 1));
         for i in 0..MAX_REFUSALS + 10 {
-            r.note(&format!("t{i}"), &p, 5000, 10);
+            r.note_for(&format!("t{i}"), &p, 5000, 10);
         }
         assert!(r.held.len() <= MAX_REFUSALS, "bounded");
-        r.note("late", &p, 6000, 10);
-        assert!(r.check("late", 6001, 0).is_some(), "the ended ones made room");
+        r.note_for("late", &p, 6000, 10);
+        assert!(r.check("late", 1, 6001, 0).is_some(), "the ended ones made room");
     }
 
     /// Names: the documented charset and length, nothing else.
@@ -262,8 +312,11 @@ mod tests {
     #[test]
     fn overrides_and_defaults() {
         let default = Quota { rate: 100, burst: 0, depth: 1000 };
-        let t = Tenancy::parse("header", default, r#"{"gold": {"rate": 5000}, "tiny": {"depth": 10, "burst": 3}}"#).unwrap();
+        let t = Tenancy::parse("header", default, r#"{"gold": {"rate": 5000}, "tiny": {"depth": 10, "burst": 3}, "deep": {"depth": 5}}"#).unwrap();
         assert_eq!(t.quota("anyone"), Quota { rate: 100, burst: 100, depth: 1000 });
+        let bursty = Tenancy::parse("header", Quota { rate: 100, burst: 500, depth: 0 }, r#"{"deep": {"depth": 5}, "fast": {"rate": 300}}"#).unwrap();
+        assert_eq!(bursty.quota("deep"), Quota { rate: 100, burst: 500, depth: 5 }, "the default burst, with the default rate");
+        assert_eq!(bursty.quota("fast").burst, 300, "its own rate's second");
         assert_eq!(t.quota("gold"), Quota { rate: 5000, burst: 5000, depth: 1000 });
         assert_eq!(t.quota("tiny"), Quota { rate: 100, burst: 3, depth: 10 });
         assert_eq!(Tenancy::parse("", Quota::default(), "").unwrap(), Tenancy::default());

@@ -77,6 +77,14 @@ async fn a_tenant_over_its_rate_is_refused_until_its_bucket_refills() {
     let (code, _, p) = write_as(&s, "beta", json!({"writes": six})).await;
     assert_eq!((code, p["field"].as_str()), (422, Some("/writes")), "{p}");
     assert!(p["detail"].as_str().unwrap().contains("split"), "{p}");
+    // Likewise a request with more writes than the tenant's depth.
+    let s = Spillway::builder().vars(&[("tenant_depth", "2")]).start().await;
+    let (code, _, p) = write_as(&s, "acme", json!({"key": "k", "op": "put", "value": 1, "ttl_ms": 1000})).await;
+    assert_eq!(code, 202, "a write and its expiry fit: {p}");
+    let s = Spillway::builder().vars(&[("tenant_depth", "1")]).start().await;
+    let (code, _, p) = write_as(&s, "acme", json!({"key": "k", "op": "put", "value": 1, "ttl_ms": 1000})).await;
+    assert_eq!((code, p["field"].as_str()), (422, Some("/writes")), "two entries never fit a depth of 1: {p}");
+    assert_eq!(queued(&s), 0);
 }
 
 /// A tenant holding its depth of writes not yet settled is refused with
@@ -158,6 +166,22 @@ async fn a_tenants_depth_is_settled_on_every_path() {
     assert_eq!((code, waiting().await), (200, 2), "cancelled: {c}");
     s.drain().await;
     assert_eq!(waiting().await, 1, "applied; its expiry still scheduled");
+    // A scheduled write keeps its tenant when it becomes due, and settles
+    // when applied.
+    let (_, _, v) = write_as(&s, "acme", json!({"key": "soon", "op": "put", "value": 1, "delay_ms": 50})).await;
+    assert_eq!(waiting().await, 2);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    loop {
+        s.drain().await;
+        let (_, _, st) = s.call("GET", &format!("/v1/writes/{id}"), None, &[]).await;
+        if st["status"] == "applied" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never applied: {st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(waiting().await, 1, "the due write settled; the expiry remains");
 }
 
 /// An idempotent retry replays its first answer and is not charged again,

@@ -60,17 +60,13 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
         })?),
     };
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
-    // A tenant refused a moment ago is refused again before anything is parsed.
-    let ask_redis = idem.is_some();
-    if let Some(t) = header_tenant.as_deref().filter(|_| !ask_redis)
-        && let Some(p) = crate::throttle::refused([t]).await
-    {
-        return Err(p);
-    }
     let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
     check_timing(&settings, &batch, idem.is_none())?;
     let tenants = tenants_of(&settings, &batch, header_tenant.as_deref())?;
-    if !by_header && !ask_redis && let Some(p) = crate::throttle::refused(tenants.iter().flatten().copied()).await {
+    // A tenant refused a moment ago, with a refusal sure to hold for this
+    // request, is refused again here (a request with an Idempotency-Key may
+    // be the retry of an accepted one: the script answers it).
+    if idem.is_none() && let Some(p) = crate::throttle::refused(writes_per_tenant(&tenants)).await {
         return Err(p);
     }
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);
@@ -126,6 +122,18 @@ fn tenants_of<'b>(s: &Settings, batch: &'b write::WriteBatch, header: Option<&'b
             })
             .collect(),
     }
+}
+
+/// How many of the request's writes each tenant has.
+fn writes_per_tenant<'t>(tenants: &[Option<&'t str>]) -> Vec<(&'t str, u64)> {
+    let mut out: Vec<(&str, u64)> = Vec::new();
+    for t in tenants.iter().flatten() {
+        match out.iter_mut().find(|(n, _)| n == t) {
+            Some((_, c)) => *c += 1,
+            None => out.push((t, 1)),
+        }
+    }
+    out
 }
 
 /// The JSON pointer of the request's `i`-th write.
@@ -324,13 +332,14 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
             Enqueued::Throttled { tenant, by } => {
                 let name = group_tenants(group, tenants, &shard_of).get(tenant).copied().unwrap_or("?");
                 let p = throttled(s, name, group[0], by);
-                let holds_ms = match by {
-                    Throttle::Rate(ms) => Some(ms),
-                    Throttle::Depth(_) => Some(crate::throttle::DEPTH_RECHECK_MS),
-                    Throttle::Burst(_) => None,
-                };
-                if let Some(ms) = holds_ms {
-                    crate::throttle::note(name, &p, spillway_spin::monotonic_ms(), ms);
+                // Remembered where one server enforces the whole quota.
+                if s.tenant_share(group[0]) == s.layout.shards {
+                    let quota = s.tenancy.quota(name);
+                    match by {
+                        Throttle::Rate { tokens_milli, .. } => crate::throttle::note_rate(name, &p, (tokens_milli, quota.rate, quota.burst)),
+                        Throttle::Depth(_) => crate::throttle::note_depth(name, &p),
+                        Throttle::OverDepth(_) | Throttle::Burst(_) => {}
+                    }
                 }
                 return Err(p);
             }
@@ -383,7 +392,7 @@ fn throttled(s: &Settings, tenant: &str, shard: u32, by: Throttle) -> Problem {
     let quota = s.tenancy.quota(tenant);
     let note = if share < s.layout.shards { format!(", this server's share: {share} of {} shards", s.layout.shards) } else { String::new() };
     match by {
-        Throttle::Rate(ms) => Problem::tenant_throttled(
+        Throttle::Rate { retry_ms: ms, .. } => Problem::tenant_throttled(
             "tenant-rate-limited",
             "Tenant rate limited",
             &format!("tenant {tenant} is over its quota of {} writes per second (tenant_rate{note}); retry in {ms} ms", quota.rate),
@@ -397,6 +406,10 @@ fn throttled(s: &Settings, tenant: &str, shard: u32, by: Throttle) -> Problem {
         ),
         Throttle::Burst(burst) => Problem::invalid(
             &format!("the request has more of tenant {tenant}'s writes than its quota lets through at once ({burst}: tenant_burst{note}); split it"),
+            "/writes",
+        ),
+        Throttle::OverDepth(depth) => Problem::invalid(
+            &format!("the request has more of tenant {tenant}'s writes (an expiry counting as one) than it may have waiting ({depth}: tenant_depth{note}); split it"),
             "/writes",
         ),
     }

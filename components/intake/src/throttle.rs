@@ -5,16 +5,18 @@
 //! but a tenant flooding past its quota would otherwise cost a body parse and a
 //! script run per refused request, in this host and in Redis, which everyone's
 //! writes share. A reused instance (up to 128 requests) remembers each refusal
-//! for as long as it is sure to hold (a rate refusal: until the bucket has the
-//! tokens the script named; a depth refusal: [`DEPTH_RECHECK_MS`]), refuses
-//! that tenant's requests itself meanwhile, and answers them only once the
+//! for as long as it is sure to hold (a rate refusal: while the bucket, refilled
+//! since, is short of a request's writes; a depth refusal: [`DEPTH_RECHECK_MS`]),
+//! refuses that tenant's requests itself meanwhile, and answers them only once the
 //! `Retry-After` the refusal gave has passed, with a random part of a second
 //! more (at most two seconds later): a
 //! client that honours `Retry-After` never meets this, one that does not
 //! waits as it was told instead of keeping the host busy. A request
 //! with an `Idempotency-Key` always asks the script (a retry of an accepted
-//! request replays its answer). The requests refused here are counted with the
-//! tenant's next enqueue from this instance.
+//! request replays its answer). Only where one server holds every shard (the
+//! default): with several, or a cluster, each enforces a share of the quota,
+//! and a refusal by one says nothing of the others. The requests refused here
+//! are counted with the tenant's next enqueue from this instance.
 
 use std::cell::RefCell;
 
@@ -30,27 +32,27 @@ thread_local! {
     static REFUSALS: RefCell<Refusals> = RefCell::new(Refusals::default());
 }
 
-/// The answer to a request of `tenant` at monotonic time `now_ms`, if a
-/// refusal of it still holds, and how long to hold it before answering (see
-/// `spillway_core::tenant::Refusals`).
-pub(crate) fn check(tenant: &str, now_ms: u64) -> Option<(Problem, u64)> {
-    let jitter = u64::from(spillway_spin::random_u32());
-    REFUSALS.with_borrow_mut(|r| r.check(tenant, now_ms, jitter))
-}
-
-/// [`check`] for each of `tenants`: the first refusal that holds, answered
+/// The first refusal that is sure to hold for a request with `writes`
+/// writes of each tenant (see `spillway_core::tenant::Refusals`), answered
 /// once its hold is over.
-pub(crate) async fn refused(tenants: impl IntoIterator<Item = &str>) -> Option<Problem> {
+pub(crate) async fn refused<'t>(writes: impl IntoIterator<Item = (&'t str, u64)>) -> Option<Problem> {
     let now = spillway_spin::monotonic_ms();
-    let (p, hold) = tenants.into_iter().find_map(|t| check(t, now))?;
+    let jitter = u64::from(spillway_spin::random_u32());
+    let (p, hold) = REFUSALS.with_borrow_mut(|r| writes.into_iter().find_map(|(t, n)| r.check(t, n, now, jitter)))?;
     spillway_spin::wait_ms(hold).await;
     Some(p)
 }
 
-/// Remembers that the script refused `tenant` with `problem`, which holds
-/// for `for_ms` from `now_ms`.
-pub(crate) fn note(tenant: &str, problem: &Problem, now_ms: u64, for_ms: u64) {
-    REFUSALS.with_borrow_mut(|r| r.note(tenant, problem, now_ms, for_ms));
+/// Remembers that the script refused `tenant` for its rate: its bucket held
+/// `tokens_milli` thousandths of a token, refilled at `rate` up to `burst`.
+pub(crate) fn note_rate(tenant: &str, problem: &Problem, bucket: (u64, u64, u64)) {
+    REFUSALS.with_borrow_mut(|r| r.note_rate(tenant, problem, spillway_spin::monotonic_ms(), bucket));
+}
+
+/// Remembers that the script refused `tenant` for its depth, for
+/// [`DEPTH_RECHECK_MS`].
+pub(crate) fn note_depth(tenant: &str, problem: &Problem) {
+    REFUSALS.with_borrow_mut(|r| r.note_for(tenant, problem, spillway_spin::monotonic_ms(), DEPTH_RECHECK_MS));
 }
 
 /// The requests of `tenant` refused here since the last call, to be counted
