@@ -143,8 +143,11 @@ impl Settings {
     /// [`crate::tenant`]), which lives with its idempotency records: all on
     /// one server, one with `redis_cluster`.
     pub fn tenant_share(&self, shard: u32) -> u32 {
-        let home = self.idempotency_shard(shard);
-        (0..self.layout.shards).filter(|n| self.idempotency_shard(*n) == home).count() as u32
+        if self.redis_cluster {
+            return 1;
+        }
+        let address = self.redis_for(shard);
+        (0..self.layout.shards).filter(|n| self.redis_for(*n) == address).count() as u32
     }
 
     /// The shard whose slot holds a server's own bookkeeping keys (hazard

@@ -21,6 +21,9 @@ pub const HEADER: &str = "spillway-tenant";
 /// The longest tenant name.
 pub const MAX_NAME: usize = 64;
 
+/// What a tenant name must be, as error messages say it.
+pub const NAME_RULE: &str = "1 to 64 of the characters A-Z a-z 0-9 . _ -";
+
 /// Whether `name` may name a tenant: 1 to [`MAX_NAME`] letters, digits, `.`,
 /// `_` or `-` (so it never holds a `{` or a `:`, which the scripts' keys and
 /// stored writes rely on).
@@ -108,7 +111,7 @@ impl Tenancy {
             let mut out = BTreeMap::new();
             for (name, v) in raw {
                 if !valid_name(&name) {
-                    return Err(("tenant_overrides", format!("{name:?} is not a tenant name (1 to {MAX_NAME} of A-Z a-z 0-9 . _ -)")));
+                    return Err(("tenant_overrides", format!("{name:?} is not a tenant name ({NAME_RULE})")));
                 }
                 let mut q: serde_json::Map<String, serde_json::Value> = match v {
                     serde_json::Value::Object(o) => o,
@@ -306,6 +309,7 @@ mod tests {
         for bad in ["", "a b", "a:b", "a{b}", "é", "x/y", &"x".repeat(65)] {
             assert!(!valid_name(bad), "{bad}");
         }
+        assert!(NAME_RULE.starts_with(&format!("1 to {MAX_NAME} ")), "the rule names the limit");
     }
 
     /// Overrides inherit what they leave out; a burst follows its own rate.

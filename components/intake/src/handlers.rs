@@ -54,7 +54,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
         None => None,
         Some(v) => Some(v.to_str().ok().filter(|t| tenant::valid_name(t)).map(str::to_owned).ok_or_else(|| {
             Problem::invalid(
-                &format!("Spillway-Tenant must be 1 to {} of the characters A-Z a-z 0-9 . _ -", tenant::MAX_NAME),
+                &format!("Spillway-Tenant must be {}", tenant::NAME_RULE),
                 "/headers/spillway-tenant",
             )
         })?),
@@ -115,7 +115,7 @@ fn tenants_of<'b>(s: &Settings, batch: &'b write::WriteBatch, header: Option<&'b
             .enumerate()
             .map(|(i, w)| match s.tenancy.of_key(w.key()) {
                 Some(t) if !tenant::valid_name(t) => Err(Problem::invalid(
-                    &format!("the key's tenant (its part before the separator) must be 1 to {} of the characters A-Z a-z 0-9 . _ -", tenant::MAX_NAME),
+                    &format!("the key's tenant (its part before the separator) must be {}", tenant::NAME_RULE),
                     &format!("{}/key", pointer_of(batch, i)),
                 )),
                 t => Ok(t),
@@ -447,8 +447,7 @@ fn enqueue_call(
         .filter(|(_, shard)| group.contains(shard))
         .map(|(((w, timing), tenant), shard)| Queued { shard: *shard, key: w.key(), timing: *timing, payload: w.payload(), tenant: *tenant })
         .collect();
-    let share = s.tenant_share(group[0]);
     Call::enqueue(&s.layout, group, s.idempotency_shard(group[0]), limits, &writes, |t| {
-        (s.tenancy.quota(t).share(share, s.layout.shards), crate::throttle::take_uncounted(t))
+        (s.tenancy.quota(t).share(s.tenant_share(group[0]), s.layout.shards), crate::throttle::take_uncounted(t))
     })
 }
