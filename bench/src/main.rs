@@ -522,6 +522,7 @@ async fn main() -> anyhow::Result<()> {
             scheduled_limit: 100_000,
             retention_ms: 60_000,
             past_ms: 60_000,
+            answered: &[],
         };
         let call = Call::enqueue(l, &[shard], shard, limits, &[Queued { shard, key: "k", timing: Timing::default(), payload: incr("k"), tenant: None }], |_| (Default::default(), 0));
         (call.keys, call.args)

@@ -80,6 +80,7 @@ fn bytes_per_write(redis: &mut redis::Connection, prefix: &str, n: usize, timing
             scheduled_limit: u64::MAX / 2,
             retention_ms: 60_000,
             past_ms: 60_000,
+            answered: &[],
         };
         let writes: Vec<Queued<'_>> = (0..100)
             .map(|i| Queued { shard, key: "k", timing, payload: format!(r#"{{"key":"k{}","op":"incr","field":"n","by":1}}"#, call_no * 100 + i), tenant: None })

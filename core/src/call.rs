@@ -393,6 +393,9 @@ pub struct EnqueueLimits<'a> {
     /// is refused); checked in the script, after a replayed request is
     /// recognised.
     pub past_ms: u64,
+    /// Error answers given without Redis since the last call (5xx, by
+    /// problem type), to be counted by this one.
+    pub answered: &'a [(String, u64)],
 }
 
 /// One write of an `ENQUEUE` call.
@@ -461,6 +464,10 @@ impl Call {
             let (q, refused) = tenant(t);
             keys.push(l.bucket(idempotency_shard, t));
             args.extend([t.to_owned(), q.rate.to_string(), q.burst.to_string(), q.depth.to_string(), refused.to_string()]);
+        }
+        args.push(limits.answered.len().to_string());
+        for (kind, n) in limits.answered {
+            args.extend([kind.clone(), n.to_string()]);
         }
         Self { script: scripts::ENQUEUE, keys, args }
     }
@@ -536,6 +543,7 @@ mod tests {
         assert_eq!(leased.keys, [l.lease(sa), l.lease(sb), l.fill_lock("a"), l.fill_lock("b")]);
         assert_eq!(leased.args[..5], ["2", "me", "5000", "ta", "tb"]);
         assert_eq!(leased.args[5], "1", "a's lease is the first");
+        let answered = [("unavailable".to_owned(), 2)];
         let limits = EnqueueLimits {
             idempotency: Some(("k", "md5")),
             idempotency_ttl_secs: 60,
@@ -545,6 +553,7 @@ mod tests {
             scheduled_limit: 8,
             retention_ms: 9,
             past_ms: 60_000,
+            answered: &answered,
         };
         let q = |shard: u32, timing: Timing, payload: &str| Queued { shard, key: "k\"", timing, payload: payload.into(), tenant: None };
         let scheduled = Timing { due: Some(Due::After(5)), ttl_ms: Some(9) };
@@ -557,7 +566,7 @@ mod tests {
         assert_eq!(e.keys[15..], [l.tenants(3), l.bucket(3, "acme")]);
         assert_eq!(
             e.args,
-            ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "0", "1", "d5", r#"9:"k\"""#, "w2", "1", "1", "acme", "4", "2", "3", "7"]
+            ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "0", "1", "d5", r#"9:"k\"""#, "w2", "1", "1", "acme", "4", "2", "3", "7", "1", "unavailable", "2"]
         );
         let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[q(3, Timing::default(), "w")], quota);
         assert_eq!((plain.keys[0].clone(), &plain.args[..2]), (l.idempotency(3, ""), &["0".to_owned(), String::new()][..]));

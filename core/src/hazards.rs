@@ -11,6 +11,27 @@
 //! - `appendonly` should be `yes`: without it, writes accepted since the last
 //!   snapshot are lost when Redis crashes.
 
+/// The kinds of hazard, as the `kind` label of `spillway_redis_hazards`
+/// names them: what [`kind`] tells a warning of this module by.
+pub const KINDS: [&str; 5] = ["eviction_policy", "appendonly_off", "expiry_events_off", "config_unreadable", "unreachable"];
+
+/// The kind of a warning made by this module (a cluster node's, prefixed
+/// with it, included); any other (a server failing when read) is
+/// `unreachable`.
+pub fn kind(warning: &str) -> &'static str {
+    if warning.contains("Redis maxmemory-policy is ") {
+        KINDS[0]
+    } else if warning.contains("Redis appendonly is off") {
+        KINDS[1]
+    } else if warning.contains("Redis keyspace expiry events are off") {
+        KINDS[2]
+    } else if warning.contains("cannot read the Redis configuration") {
+        KINDS[3]
+    } else {
+        KINDS[4]
+    }
+}
+
 /// Whether `flags` (a `notify-keyspace-events` value) publish expired-key events.
 pub fn has_expiry_events(flags: &str) -> bool {
     flags.contains('E') && (flags.contains('x') || flags.contains('A'))
@@ -79,5 +100,16 @@ mod tests {
         let w = assess("allkeys-lru", "no");
         assert_eq!(w.len(), 2);
         assert!(w[0].contains("allkeys-lru") && w[1].contains("appendonly"));
+    }
+
+    /// Each warning is told by its kind, on a cluster node too; anything
+    /// else is a server that could not be read.
+    #[test]
+    fn warnings_have_kinds() {
+        let w = assess("allkeys-lru", "no");
+        let kinds: Vec<&str> = [&w[0], &w[1], &expiry_events_refused("ERR"), &config_unreadable("NOPERM")].iter().map(|w| kind(w)).collect();
+        assert_eq!(kinds, KINDS[..4]);
+        assert_eq!(kind(&format!("on cluster node 10.0.0.2:7001: {}", w[1])), "appendonly_off");
+        assert_eq!(kind("Redis (redis_address) is unreachable or failed"), "unreachable");
     }
 }

@@ -11,6 +11,7 @@
 //! - [`cluster`]: Redis Cluster as a client without redirects sees it: key slots,
 //!   the slot map (`CLUSTER NODES`), `MOVED`/`ASK`/`TRYAGAIN`, nodes' URLs.
 //! - [`dead`]: dead-letter entries, and which ones a request selects.
+//! - [`exposition`]: the Prometheus text format `/metrics` is served in.
 //! - [`hazards`]: the Redis settings Spillway depends on, and what to do about each.
 //! - [`layout`]: the Redis key layout (prefix, shard hash tags) and write ids.
 //! - [`call`]: the processor's protocol scripts as typed calls.
@@ -28,6 +29,7 @@ pub mod apply;
 pub mod call;
 pub mod cluster;
 pub mod dead;
+pub mod exposition;
 pub mod hazards;
 pub mod layout;
 pub mod problem;

@@ -5,6 +5,12 @@ use serde::Serialize;
 /// Base of the stable `type` URIs.
 pub const TYPE_BASE: &str = "https://spillway.dev/problems/";
 
+/// The problem types intake's refusals are usually of (429 for a full queue
+/// or schedule, 503 for a Redis server unreachable, slow or refusing
+/// Spillway, or replicas not confirming): `spillway_intake_refused_total`
+/// gives each from 0, so that its first refusal shows as an increase.
+pub const INTAKE_REFUSALS: [&str; 6] = ["queue-full", "schedule-full", "unavailable", "outcome-unknown", "deadline-exceeded", "credentials-refused"];
+
 /// A problem: `type`, `title`, `status`, `detail`, and the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {

@@ -185,10 +185,13 @@ end
 /// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, seq_start,
 /// scheduled_limit, lead_ms, retention_ms, past_ms, n, shard_1..shard_n, writes,
 /// (slot, due, ttl, payload, tenant)*, tenants, (name, rate, burst, depth,
-/// refused)*]` where `slot` is 1-based in the shard list, `tenant` is 1-based
-/// in the tenant list (0: none), each tenant's quota is this call's share of
-/// it (0: no limit) and `refused` the requests of it the caller refused on
-/// its own (counted as throttled here), `due`
+/// refused)*, answers, (type, count)*]` where `slot` is 1-based in the shard
+/// list, `tenant` is 1-based in the tenant list (0: none), each tenant's quota
+/// is this call's share of it (0: no limit) and `refused` the requests of it
+/// the caller refused on its own (counted as throttled here), `answers` the
+/// error answers the caller gave without Redis (by problem type, counted in
+/// the first shard's stats as `refused:<type>`, as a refusal for a full
+/// queue or schedule is counted in its shard's), `due`
 /// is empty (now), `d<ms>` (a delay) or `a<epoch ms>` (a time: one past by up
 /// to `past_ms` is now, one further back is refused, after the idempotency
 /// record is looked up, so that a retry of an accepted request replays it),
@@ -242,6 +245,10 @@ local function tenant(j, k) return ARGV[tbase + 5 * j - 5 + k] end
 for j = 1, tenants do
   local before = tonumber(tenant(j, 5))
   if before > 0 then redis.call('HINCRBY', tkey, 'x:' .. tenant(j, 1), before) end
+end
+local rbase = tbase + 5 * tenants + 1
+for r = 1, tonumber(ARGV[rbase]) do
+  redis.call('HINCRBY', KEYS[5], 'refused:' .. ARGV[rbase + 2 * r - 1], ARGV[rbase + 2 * r])
 end
 local use_idem = ARGV[1] == '1'
 if use_idem then
@@ -330,8 +337,14 @@ for j = 1, tenants do
   end
 end
 for s = 1, n do
-  if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then return refused('full', ARGV[11 + s]) end
-  if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then return refused('full-scheduled', ARGV[11 + s]) end
+  if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then
+    redis.call('HINCRBY', key(s, 4), 'refused:queue-full', 1)
+    return refused('full', ARGV[11 + s])
+  end
+  if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then
+    redis.call('HINCRBY', key(s, 4), 'refused:schedule-full', 1)
+    return refused('full-scheduled', ARGV[11 + s])
+  end
 end
 -- Accepted: the tenants are charged.
 for j = 1, tenants do

@@ -69,6 +69,8 @@ mod reads;
 mod feeds;
 /// Stats, metrics, dead-letter purge, JSON log lines.
 mod ops;
+/// A real Prometheus scraping, the shipped alert rules and Grafana dashboard.
+mod prometheus;
 /// Credentials: passwords work, and show in no answer or log line.
 mod secrets;
 /// `spin:redis`: commands, reply flattening, `allowed_outbound_hosts`.

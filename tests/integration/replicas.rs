@@ -118,13 +118,21 @@ async fn without_min_replicas_a_failover_loses_the_replicas_lag() {
 }
 
 /// `min_replicas` asks for more replicas than there are: every write is a 503
-/// that changes nothing a retry cannot settle, never a 202.
+/// that changes nothing a retry cannot settle, never a 202. Each 503 is
+/// counted (`intake_refused`, `spillway_intake_refused_total`) by the
+/// instance's next write.
 #[tokio::test(flavor = "multi_thread")]
 async fn asking_for_more_replicas_than_exist_never_answers_202() {
     let s = Spillway::builder().vars(&[("min_replicas", "2"), ("replica_timeout_ms", "100")]).start().await;
-    let (code, v) = s.write(json!({"key": "x", "op": "put", "value": 1})).await;
-    assert_eq!((code, &v["type"]), (503, &Value::from("https://spillway.dev/problems/outcome-unknown")), "{v}");
-    assert!(v["detail"].as_str().unwrap().contains("0 of the 2 replicas"), "{v}");
+    for i in 0..3 {
+        let (code, v) = s.write(json!({"key": "x", "op": "put", "value": i})).await;
+        assert_eq!((code, &v["type"]), (503, &Value::from("https://spillway.dev/problems/outcome-unknown")), "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("0 of the 2 replicas"), "{v}");
+    }
+    let (code, _, stats) = s.admin("GET", "/v1/stats", None).await;
+    assert_eq!(code, 200, "{stats}");
+    assert_eq!(stats["intake_refused"]["outcome-unknown"], 2, "the first two, counted by the writes after them: {stats}");
+    assert_eq!(stats["intake_refused"]["queue-full"], 0, "{stats}");
 }
 
 /// A failover to a replica that lagged while the processor went on applying:

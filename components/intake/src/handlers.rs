@@ -20,7 +20,10 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 pub(crate) async fn handle(req: Request) -> http::Response<String> {
     match accept(req).await {
         Ok(r) => r,
-        Err(p) => problem(&p),
+        Err(p) => {
+            crate::answered::note(&p);
+            problem(&p)
+        }
     }
 }
 
@@ -254,8 +257,10 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
     let groups = s.slot_groups(&shards);
     let body_md5 = idem.map(|_| spillway_core::layout::md5_hex(body)).unwrap_or_default();
     let replicas = (s.min_replicas > 0).then_some(Replicas { count: s.min_replicas, timeout_ms: s.replica_timeout_ms });
-    let calls = groups.iter().map(|(address, group)| {
-        let call = enqueue_call(s, group, writes, timing, tenants, &shard_of, idem, &body_md5);
+    // The error answers not yet counted ride on the first group's call.
+    let answered = crate::answered::take();
+    let calls = groups.iter().enumerate().map(|(i, (address, group))| {
+        let call = enqueue_call(s, group, (writes, timing, tenants, &shard_of), idem, &body_md5, if i == 0 { &answered } else { &[] });
         async move {
             let redis = Redis::new(address);
             // Once per instance and server: expiry events back on after a Redis
@@ -278,6 +283,9 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
             })
         })
         .collect();
+    if replies.first().is_some_and(Result::is_err) {
+        crate::answered::add(answered);
+    }
     // Ring what was rung first, whatever else the replies say: a group accepted
     // beside one refused has its flag set, and no one else will ring it.
     let mut rung = Rung::default();
@@ -415,18 +423,12 @@ fn throttled(s: &Settings, tenant: &str, shard: u32, by: Throttle) -> Problem {
     }
 }
 
-/// One `ENQUEUE` call: the writes of `group`'s shards.
-#[allow(clippy::too_many_arguments)]
-fn enqueue_call(
-    s: &Settings,
-    group: &[u32],
-    writes: &[write::Accepted],
-    timing: &[Timing],
-    tenants: &[Option<&str>],
-    shard_of: &[u32],
-    idem: Option<&str>,
-    body_md5: &str,
-) -> Call {
+/// The request's writes, each write's timing, tenant and shard.
+type Writes<'r> = (&'r [write::Accepted], &'r [Timing], &'r [Option<&'r str>], &'r [u32]);
+
+/// One `ENQUEUE` call: the writes of `group`'s shards (and the error answers
+/// not yet counted).
+fn enqueue_call(s: &Settings, group: &[u32], (writes, timing, tenants, shard_of): Writes<'_>, idem: Option<&str>, body_md5: &str, answered: &[(String, u64)]) -> Call {
     let limits = EnqueueLimits {
         idempotency: idem.map(|k| (k, body_md5)),
         idempotency_ttl_secs: s.idempotency_ttl_secs,
@@ -436,6 +438,7 @@ fn enqueue_call(
         scheduled_limit: s.scheduled_limit,
         retention_ms: s.status_retention_secs.saturating_mul(1000),
         past_ms: PAST_TOLERANCE_MS,
+        answered,
     };
     // Only this group's writes are serialized (a request over several groups
     // must not serialize every write once per group).

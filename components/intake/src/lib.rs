@@ -5,6 +5,7 @@
 //! check, `XADD` per write, coalesced doorbell), and answered `202 Accepted` with the
 //! write ids and status URLs. A refused request enqueues nothing.
 
+mod answered;
 mod handlers;
 mod throttle;
 

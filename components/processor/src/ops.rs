@@ -1,5 +1,5 @@
-//! Seeing and running it: `GET /v1/stats` (JSON), `GET /metrics` (Prometheus /
-//! OpenMetrics text), the `GET /dashboard` page and `POST /v1/dead/purge`.
+//! Seeing and running it: `GET /v1/stats` (JSON), `GET /metrics` (Prometheus
+//! text), the `GET /dashboard` page and `POST /v1/dead/purge`.
 //!
 //! Every figure comes from Redis: per shard, one script call reads the queue
 //! (depth, delivered but unacknowledged, oldest entry), the dead letters, the lease
@@ -10,14 +10,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use serde_json::{Value as Json, json};
 use spillway_core::layout::md5_hex;
 use spillway_core::call::{Call, DELAY_BUCKETS_MS, delay_field};
+use spillway_core::exposition::{Exposition, Kind};
 use spillway_core::problem::Problem;
 use spillway_core::reply::ShardStats;
 use spillway_core::settings::Settings;
@@ -49,6 +45,8 @@ struct Shard {
     window: HashMap<String, u64>,
     /// Seconds the window covers (50 to 60: its newest bucket is under way).
     window_secs: f64,
+    /// Redis's clock when read (ms since the epoch).
+    now_ms: u64,
 }
 
 struct Snapshot {
@@ -98,24 +96,6 @@ fn delay_quantile(buckets: &[(Option<u64>, u64)], q: f64) -> Option<u64> {
         }
     }
     None
-}
-
-/// The apply-delay histogram as a Prometheus histogram (seconds).
-#[derive(Debug)]
-struct DelayHistogram {
-    buckets: Vec<(f64, u64)>,
-    count: u64,
-    sum_secs: f64,
-}
-
-impl prometheus_client::encoding::EncodeMetric for DelayHistogram {
-    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(self.sum_secs, self.count, &self.buckets, None)
-    }
-
-    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
-        prometheus_client::metrics::MetricType::Histogram
-    }
 }
 
 /// The tenants' figures, from the hash each server (each shard, with
@@ -185,6 +165,7 @@ async fn shard(s: &Settings, shard: u32) -> Result<Shard, Problem> {
         counters,
         window,
         window_secs: ((WINDOW_BUCKETS - 1) * 10_000 + r.now_ms % 10_000) as f64 / 1000.0,
+        now_ms: r.now_ms,
     })
 }
 
@@ -281,7 +262,11 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
     totals.insert("next_due_in_ms".into(), json!(next_due));
     let (buckets, sum_ms) = delays(&snap.shards);
     let count: u64 = buckets.iter().map(|(_, n)| n).sum();
+    // The time the figures are of (Redis's clock), for a reader to turn two
+    // readings into rates.
+    let now_ms = snap.shards.iter().map(|sh| sh.now_ms).max().unwrap_or_else(|| u64::try_from(spillway_spin::now_ms()).unwrap_or(0));
     let body = json!({
+        "now_ms": now_ms,
         "shards": shards,
         "totals": totals,
         "throughput": {
@@ -296,6 +281,7 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
             "p50_le": delay_quantile(&buckets, 0.5),
             "p99_le": delay_quantile(&buckets, 0.99),
         },
+        "intake_refused": refusals(&snap.shards),
         "cache": {"hits": snap.cache_hits, "misses": snap.cache_misses},
         "nodes": snap.nodes.iter().map(|(name, ago)| json!({
             "name": name,
@@ -313,84 +299,98 @@ pub(crate) async fn stats(s: &Settings) -> Result<http::Response<String>, Proble
     Ok(json(200, &body, &[("cache-control", "no-store".into())]))
 }
 
-type Labels = Vec<(String, String)>;
-
-/// `GET /metrics`: the same figures for a Prometheus scraper, encoded by
-/// `prometheus-client` (OpenMetrics text, which Prometheus reads).
+/// `GET /metrics`: the same figures for a Prometheus scraper, in the text
+/// format (0.0.4; see `spillway_core::exposition`), named as Prometheus's
+/// conventions have it (base units, `_total` counters).
 pub(crate) async fn metrics(s: &Settings) -> Result<http::Response<String>, Problem> {
     let snap = snapshot(s).await;
-    let mut registry = Registry::with_prefix("spillway");
-    let gauge = |registry: &mut Registry, name: &str, help: &str| {
-        let f = Family::<Labels, Gauge>::default();
-        registry.register(name, help, f.clone());
-        f
+    let mut e = Exposition::default();
+    let per_shard = |e: &mut Exposition, name: &str, kind: Kind, help: &str, value: &dyn Fn(&Shard) -> f64| {
+        let mut f = e.family(name, kind, help);
+        for sh in &snap.shards {
+            f.sample(&[("shard", &sh.shard.to_string())], value(sh));
+        }
     };
-    let depth = gauge(&mut registry, "queue_depth", "Writes queued in the shard's stream (not yet applied).");
-    let unacked = gauge(&mut registry, "unacknowledged", "Writes delivered to a processor and not yet acknowledged.");
-    let oldest = gauge(&mut registry, "oldest_unapplied_age_milliseconds", "Age of the shard's oldest unapplied write (0 when none).");
-    let dead = gauge(&mut registry, "dead_letters", "Writes in the shard's dead-letter stream.");
-    let lease = gauge(&mut registry, "lease_held", "1 while a processor holds the shard's lease.");
-    let scheduled = gauge(&mut registry, "writes_in_schedule", "Scheduled writes (delay_ms, apply_at, ttl_ms expiries) not yet moved into the shard's queue.");
-    let counters: Vec<(&str, Family<Labels, Counter>)> = COUNTERS
-        .iter()
-        .map(|c| {
-            let f = Family::<Labels, Counter>::default();
-            registry.register(format!("writes_{c}"), format!("Writes {c}, since the counters began."), f.clone());
-            (*c, f)
-        })
-        .collect();
-    for sh in &snap.shards {
-        let labels = vec![("shard".to_owned(), sh.shard.to_string())];
-        depth.get_or_create(&labels).set(sh.depth as i64);
-        unacked.get_or_create(&labels).set(sh.unacknowledged as i64);
-        oldest.get_or_create(&labels).set(sh.oldest_age_ms.unwrap_or(0) as i64);
-        dead.get_or_create(&labels).set(sh.dead_letters as i64);
-        scheduled.get_or_create(&labels).set(sh.scheduled as i64);
-        lease.get_or_create(&labels).set(i64::from(sh.holder.as_deref().is_some_and(|h| h != spillway_core::scripts::BACKING_OFF)));
-        for (name, family) in &counters {
-            family.get_or_create(&labels).inc_by(sh.counters.get(*name).copied().unwrap_or(0));
+    per_shard(&mut e, "spillway_queue_depth", Kind::Gauge, "Writes queued in the shard's stream (not yet applied).", &|sh| sh.depth as f64);
+    per_shard(&mut e, "spillway_writes_unacknowledged", Kind::Gauge, "Writes delivered to a processor and not yet acknowledged.", &|sh| sh.unacknowledged as f64);
+    per_shard(&mut e, "spillway_oldest_unapplied_age_seconds", Kind::Gauge, "Age of the shard's oldest unapplied write (0 when none).", &|sh| {
+        sh.oldest_age_ms.unwrap_or(0) as f64 / 1000.0
+    });
+    per_shard(&mut e, "spillway_dead_letters", Kind::Gauge, "Writes in the shard's dead-letter stream.", &|sh| sh.dead_letters as f64);
+    per_shard(&mut e, "spillway_lease_held", Kind::Gauge, "1 while a processor holds the shard's lease.", &|sh| {
+        f64::from(u8::from(sh.holder.as_deref().is_some_and(|h| h != spillway_core::scripts::BACKING_OFF)))
+    });
+    per_shard(
+        &mut e,
+        "spillway_writes_in_schedule",
+        Kind::Gauge,
+        "Scheduled writes (delay_ms, apply_at, ttl_ms expiries) not yet moved into the shard's queue.",
+        &|sh| sh.scheduled as f64,
+    );
+    for c in COUNTERS {
+        per_shard(&mut e, &format!("spillway_writes_{c}_total"), Kind::Counter, &format!("Writes {c}, since the counters began."), &|sh| {
+            sh.counters.get(c).copied().unwrap_or(0) as f64
+        });
+    }
+    let mut f = e.family(
+        "spillway_intake_refused_total",
+        Kind::Counter,
+        "Requests intake answered 429 for a full queue or schedule, or 5xx, by problem type (tenant quotas are counted per tenant).",
+    );
+    for (reason, n) in refusals(&snap.shards) {
+        f.sample(&[("reason", &reason)], n as f64);
+    }
+    let tenants = |e: &mut Exposition, name: &str, kind: Kind, help: &str, value: &dyn Fn(&Tenant) -> u64| {
+        let mut f = e.family(name, kind, help);
+        for (tenant, t) in &snap.tenants {
+            f.sample(&[("tenant", tenant)], value(t) as f64);
+        }
+    };
+    tenants(&mut e, "spillway_tenant_writes_waiting", Kind::Gauge, "A tenant's writes accepted and not yet settled (what tenant_depth bounds).", &|t| t.waiting);
+    tenants(&mut e, "spillway_tenant_writes_accepted_total", Kind::Counter, "A tenant's writes accepted, since the counters began.", &|t| t.accepted);
+    tenants(
+        &mut e,
+        "spillway_tenant_requests_throttled_total",
+        Kind::Counter,
+        "A tenant's requests refused by its quotas (tenant_rate, tenant_depth), since the counters began.",
+        &|t| t.throttled,
+    );
+    let (buckets, sum_ms) = delays(&snap.shards);
+    let buckets: Vec<(Option<f64>, u64)> = buckets.iter().map(|(le, n)| (le.map(|ms| ms as f64 / 1000.0), *n)).collect();
+    e.family(
+        "spillway_write_apply_delay_seconds",
+        Kind::Histogram,
+        "How long after a write was due (accepted, or scheduled for) its outcome was acknowledged.",
+    )
+    .histogram(&[], &buckets, sum_ms as f64 / 1000.0);
+    e.family("spillway_cache_hits_total", Kind::Counter, "Record reads answered from the cache.").sample(&[], snap.cache_hits as f64);
+    e.family("spillway_cache_misses_total", Kind::Counter, "Record reads that missed the cache.").sample(&[], snap.cache_misses as f64);
+    let mut f = e.family(
+        "spillway_redis_hazards",
+        Kind::Gauge,
+        "Redis servers with a setting or failure that puts writes at risk, by kind (see /v1/stats for which).",
+    );
+    for kind in spillway_core::hazards::KINDS {
+        f.sample(&[("kind", kind)], snap.hazards.iter().filter(|h| spillway_core::hazards::kind(h) == kind).count() as f64);
+    }
+    e.family("spillway_unavailable_shards", Kind::Gauge, "Shards whose Redis server failed when read (see /v1/stats for why).")
+        .sample(&[], snap.unavailable.len() as f64);
+    Ok(respond(200, spillway_core::exposition::CONTENT_TYPE, e.finish(), &[("cache-control", "no-store".into())]))
+}
+
+/// Intake's refusals counted so far, by problem type, summed over the shards
+/// (see `scripts::ENQUEUE`: `refused:<type>` in a shard's stats), the usual
+/// types from 0.
+fn refusals(shards: &[Shard]) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = spillway_core::problem::INTAKE_REFUSALS.iter().map(|r| ((*r).to_owned(), 0)).collect();
+    for sh in shards {
+        for (field, n) in &sh.counters {
+            if let Some(reason) = field.strip_prefix("refused:") {
+                *out.entry(reason.to_owned()).or_default() += n;
+            }
         }
     }
-    let waiting = gauge(&mut registry, "tenant_writes_waiting", "A tenant's writes accepted and not yet settled (what tenant_depth bounds).");
-    let tenant_counter = |registry: &mut Registry, name: &str, help: &str| {
-        let f = Family::<Labels, Counter>::default();
-        registry.register(name, help, f.clone());
-        f
-    };
-    let accepted = tenant_counter(&mut registry, "tenant_writes_accepted", "A tenant's writes accepted, since the counters began.");
-    let throttled = tenant_counter(&mut registry, "tenant_requests_throttled", "A tenant's requests refused by its quotas (tenant_rate, tenant_depth), since the counters began.");
-    for (name, t) in &snap.tenants {
-        let labels = vec![("tenant".to_owned(), name.clone())];
-        waiting.get_or_create(&labels).set(t.waiting as i64);
-        accepted.get_or_create(&labels).inc_by(t.accepted);
-        throttled.get_or_create(&labels).inc_by(t.throttled);
-    }
-    let (buckets, sum_ms) = delays(&snap.shards);
-    let delay = DelayHistogram {
-        buckets: buckets.iter().map(|(le, n)| (le.map_or(f64::INFINITY, |ms| ms as f64 / 1000.0), *n)).collect(),
-        count: buckets.iter().map(|(_, n)| n).sum(),
-        sum_secs: sum_ms as f64 / 1000.0,
-    };
-    registry.register(
-        "write_apply_delay_seconds",
-        "How long after a write was due (accepted, or scheduled for) its outcome was acknowledged.",
-        delay,
-    );
-    let hits = Counter::<u64>::default();
-    hits.inc_by(snap.cache_hits);
-    registry.register("cache_hits", "Record reads answered from the cache.", hits);
-    let misses = Counter::<u64>::default();
-    misses.inc_by(snap.cache_misses);
-    registry.register("cache_misses", "Record reads that missed the cache.", misses);
-    let hazards = Gauge::<i64>::default();
-    hazards.set(snap.hazards.len() as i64);
-    registry.register("redis_hazards", "Redis settings or failures that put writes at risk (see /v1/stats for which).", hazards);
-    let unavailable = Gauge::<i64>::default();
-    unavailable.set(snap.unavailable.len() as i64);
-    registry.register("unavailable_shards", "Shards whose Redis server failed when read (see /v1/stats for why).", unavailable);
-    let mut out = String::new();
-    encode(&mut out, &registry).map_err(|e| Problem::unavailable(&format!("metrics encoding: {e}")))?;
-    Ok(respond(200, "application/openmetrics-text; version=1.0.0; charset=utf-8", out, &[("cache-control", "no-store".into())]))
+    out
 }
 
 /// The dashboard page: charts drawn by its own script from `/v1/stats`, polled
