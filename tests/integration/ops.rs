@@ -174,9 +174,12 @@ async fn stats_access_and_cache_counts() {
 }
 
 /// The dashboard in a real browser (headless Chromium, `tests/browser/dashboard.sh`)
-/// during a load run: its charts are drawn from `/v1/stats` with non-zero data;
-/// the screenshot is left in `target/dashboard.png`. The page loads nothing from
-/// elsewhere (its CSP forbids it).
+/// during a load run: its charts are drawn from `/v1/stats` on a five-minute
+/// time axis with labelled ticks and a y scale in their units, the accepted
+/// and the applied rates both non-zero, a legend entry per shard; at a
+/// phone's width nothing overflows the page. The screenshots are left in
+/// `target/dashboard.png` and `target/dashboard-phone.png`. The page loads
+/// nothing from elsewhere (its CSP forbids it).
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_shows_live_charts() {
     let s = std::sync::Arc::new(Spillway::builder().with_trigger().start().await);
@@ -200,16 +203,23 @@ async fn dashboard_shows_live_charts() {
             }
         })
     };
-    let shot = crate::support::workspace().join("target/dashboard.png");
     let script = crate::support::workspace().join("tests/browser/dashboard.sh");
     let url = format!("http://{addr}/dashboard#token={ADMIN}");
-    let out = tokio::process::Command::new("bash").arg(&script).arg(&url).arg(&shot).output().await.unwrap();
+    let mut doms = Vec::new();
+    for (name, size) in [("dashboard.png", "1640,900"), ("dashboard-phone.png", "390,844")] {
+        let shot = crate::support::workspace().join("target").join(name);
+        let out = tokio::process::Command::new("bash").arg(&script).arg(&url).arg(&shot).arg(size).output().await.unwrap();
+        assert!(out.status.success(), "the browser script failed: {}", String::from_utf8_lossy(&out.stderr));
+        let png = std::fs::read(&shot).expect("the screenshot is left behind");
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot ({} bytes)", png.len());
+        doms.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.await.unwrap();
     server.abort();
-    assert!(out.status.success(), "the browser script failed: {}", String::from_utf8_lossy(&out.stderr));
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-    // Each chart's <svg> carries how many points it drew and their largest value.
+    let (dom, phone) = (&doms[0], &doms[1]);
+    // Each chart's <svg> carries how many points it drew, their largest
+    // value (per series too) and how many ticks each axis has.
     let attr = |id: &str, name: &str| -> f64 {
         let start = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no chart {id} in:\n{dom}"));
         let tag = &dom[start..start + dom[start..].find('>').unwrap()];
@@ -219,12 +229,24 @@ async fn dashboard_shows_live_charts() {
     let status = dom.split("id=\"status\"").nth(1).and_then(|r| r.split("</p>").next()).unwrap_or("").to_owned();
     for chart in ["depth", "throughput", "lag"] {
         assert!(attr(chart, "data-points") >= 2.0, "{chart} drew {} points; status: {status}", attr(chart, "data-points"));
+        assert!(attr(chart, "data-xticks") >= 5.0, "{chart}: a tick a minute over five minutes");
+        assert!(attr(chart, "data-yticks") >= 2.0, "{chart}: a y scale");
     }
-    assert!(attr("throughput", "data-max") > 0.0, "the throughput chart shows traffic");
+    assert!(attr("throughput", "data-max-accepted") > 0.0, "the accepted rate shows the load; status: {status}");
+    assert!(attr("throughput", "data-max-applied") > 0.0, "the applied rate shows the processor at work; status: {status}");
+    // Units on the y axes, times on the x axes, a legend entry per shard.
+    let chart = |id: &str| -> &str {
+        let start = dom.find(&format!("id=\"{id}\"")).unwrap();
+        &dom[start..start + dom[start..].find("</svg>").unwrap()]
+    };
+    assert!(chart("throughput").contains("/s</text>"), "{}", chart("throughput"));
+    assert!(chart("lag").contains(" ms</text>") || chart("lag").contains(" s</text>"), "{}", chart("lag"));
+    assert!(chart("depth").contains("now "), "the time of the newest reading");
+    let legend = dom.split("id=\"lag-legend\"").nth(1).and_then(|r| r.split("</div>").next()).unwrap_or("");
+    assert_eq!((0..16).filter(|n| legend.contains(&format!("shard {n} "))).count(), 16, "{legend}");
     assert!(dom.contains("<polyline"), "lines are drawn");
     assert!(!dom.contains("class=\"error\""), "the page reports no error:\n{dom}");
-    let png = std::fs::read(&shot).expect("the screenshot is left behind");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot ({} bytes)", png.len());
+    assert!(phone.contains("data-overflow=\"false\""), "nothing is wider than a phone's screen");
 }
 
 /// Dead letters: a replay puts a key's writes back in the order they were first
