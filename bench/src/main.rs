@@ -23,6 +23,7 @@ mod capacity;
 mod load;
 mod report;
 mod schedule;
+mod single;
 mod tenants;
 
 use std::io::{BufRead as _, BufReader};
@@ -76,6 +77,15 @@ struct Args {
     /// and print it; nothing is written.
     #[arg(long, conflicts_with_all = ["url", "capacity_only"])]
     tenants_only: bool,
+    /// Measure only single writes against their shape (at `--clients` and at
+    /// one client) and the Redis commands per write, and print them.
+    #[arg(long, conflicts_with_all = ["capacity_only", "tenants_only"])]
+    single_only: bool,
+    /// The baselines (hello-world, shapes, naive) served elsewhere, e.g. by
+    /// `spin up -f <the bench's baseline.toml>` beside Spillway's own `spin
+    /// up` at `--url`, instead of by the embedded host.
+    #[arg(long, requires = "url")]
+    baseline_url: Option<String>,
     /// Where `RESULTS.md` and `results.png` go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
@@ -338,7 +348,7 @@ fn variant(target: &Path, work: &Path, redis_url: &str, name: &str, vars: &[(&st
 }
 
 /// Single-write intake on `addr`: one increment per request over 1,000 keys.
-async fn single_writes(addr: &str, clients: usize, duration: Duration) -> anyhow::Result<load::Measured> {
+pub(crate) async fn single_writes(addr: &str, clients: usize, duration: Duration) -> anyhow::Result<load::Measured> {
     load::http(addr, clients, duration, 1, |c, n| request("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)))).await
 }
 
@@ -449,8 +459,14 @@ async fn main() -> anyhow::Result<()> {
             wasm.join("fixture_shapes.wasm").display()
         ),
     )?;
-    let (base_proc, base_addr) = host(&target, &baseline, &work.join("baseline-state"), &[("redis_address", redis_url.as_str())])?;
-    procs.push(base_proc);
+    let base_addr = match &args.baseline_url {
+        Some(url) => url.trim_start_matches("http://").trim_end_matches('/').to_owned(),
+        None => {
+            let (base_proc, base_addr) = host(&target, &baseline, &work.join("baseline-state"), &[("redis_address", redis_url.as_str())])?;
+            procs.push(base_proc);
+            base_addr
+        }
+    };
 
     // Spillway, with the queue limit out of the way of the batch-intake flood.
     let (spillway_addr, spillway_pid) = match &args.url {
@@ -467,7 +483,7 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let peaks = RssPeaks::start(spillway_pid);
 
-    let steps = 20;
+    let steps = 21;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
@@ -541,8 +557,10 @@ async fn main() -> anyhow::Result<()> {
 
     step("single-write intake");
     peaks.take();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut redis)?;
     let single = single_writes(&spillway_addr, clients, duration).await?;
     let drained = until_drained(&mut redis, &layout, Duration::from_secs(600)).await?;
+    let (commands, per_command) = single::commands_per_write(&mut redis, single.ops)?;
     rows.push(
         Row::from("Spillway single-write intake", "req/s", &single)
             .against("floor", floor.rate())
@@ -562,6 +580,15 @@ async fn main() -> anyhow::Result<()> {
         peak_rss_mib: peaks.take(),
         note: "target <= 2 s".into(),
     });
+    rows.push(single::commands_row(commands, &per_command));
+    step("one client");
+    rows.extend(single::one_client(&base_addr, &spillway_addr, duration, &one_write).await?);
+    until_drained(&mut redis, &layout, Duration::from_secs(600)).await?;
+    if args.single_only {
+        bar.finish_and_clear();
+        println!("{}", report::markdown(&rows));
+        return Ok(());
+    }
 
     step("warm reads");
     let reads = load::http(&spillway_addr, clients, duration, 1, |_, _| request("GET", "/v1/records/k1", "")).await?;

@@ -6,6 +6,15 @@
 //! stats hash (see `Layout::stats`): totals per outcome, and accepted / applied
 //! per 10-second bucket (`<field>@<bucket>`, the last minute kept) for throughput.
 
+/// A script's SHA1, as Redis names it (`EVALSHA`, `SCRIPT LOAD`'s answer):
+/// computed here, so that a new instance calls `EVALSHA` at once instead of
+/// sending the script's text first (a round trip per script and instance;
+/// on a platform with a fresh instance per request, per request).
+pub fn sha1_hex(script: &str) -> String {
+    use sha1::Digest as _;
+    hex::encode(sha1::Sha1::digest(script.as_bytes()))
+}
+
 /// The first line of the scripts the processor drains the queue with: they run
 /// even when Redis is at its `maxmemory` (policy `noeviction`), where Redis
 /// refuses a script's first command that may grow memory. Applying the queue
@@ -18,7 +27,9 @@ macro_rules! allow_oom {
     };
 }
 
-/// The Lua counting helper the scripts share: `count(stats_key, field, n, windowed)`.
+/// The Lua counting helper the scripts share: `count(stats_key, field, n,
+/// windowed)`, `windowed` being false, true (Redis's clock read here) or the
+/// time in ms the caller read already.
 macro_rules! count_lua {
     () => {
         r#"
@@ -26,8 +37,13 @@ local function count(key, field, n, windowed)
   if n <= 0 then return end
   redis.call('HINCRBY', key, field, n)
   if not windowed then return end
-  local t = redis.call('TIME')
-  local b = math.floor(tonumber(t[1]) / 10)
+  local secs
+  if type(windowed) == 'number' then
+    secs = windowed / 1000
+  else
+    secs = tonumber(redis.call('TIME')[1])
+  end
+  local b = math.floor(secs / 10)
   -- A new bucket (once per 10 s) drops the ones older than the window.
   if redis.call('HINCRBY', key, field .. '@' .. b, n) == n then
     for _, f in ipairs(redis.call('HKEYS', key)) do
@@ -391,7 +407,7 @@ for i = 1, writes do
   out[#out + 1] = id
 end
 for s = 1, n do
-  count(key(s, 4), 'accepted', (queued[s] or 0) + (scheduled[s] or 0), true)
+  count(key(s, 4), 'accepted', (queued[s] or 0) + (scheduled[s] or 0), now)
   count(key(s, 4), 'scheduled', scheduled[s] or 0, false)
 end
 if use_idem then
@@ -1040,3 +1056,14 @@ if tonumber(ARGV[1]) > 0 then redis.call('HINCRBY', KEYS[1], 'hits', ARGV[1]) en
 if tonumber(ARGV[2]) > 0 then redis.call('HINCRBY', KEYS[1], 'misses', ARGV[2]) end
 return 1
 "#;
+
+#[cfg(test)]
+mod tests {
+    /// The SHA1 Redis gives `SCRIPT LOAD "return 1"` (its documentation's
+    /// example), and one per script.
+    #[test]
+    fn script_shas_are_redis_s() {
+        assert_eq!(super::sha1_hex("return 1"), "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
+        assert_ne!(super::sha1_hex(super::ENQUEUE), super::sha1_hex(super::SHARD_STATS));
+    }
+}

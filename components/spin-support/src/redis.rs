@@ -345,8 +345,9 @@ impl Redis {
     }
 
     /// Runs one of the fixed Lua scripts with `keys` and `args`, by its SHA1
-    /// (`EVALSHA`): the script text travels once per instance (`SCRIPT LOAD`), and
-    /// again only if Redis has forgotten it (restart, `SCRIPT FLUSH`).
+    /// (`EVALSHA`, the SHA1 computed here): the script text travels only when
+    /// Redis does not have it (`NOSCRIPT`: its first use on a server, a restart,
+    /// `SCRIPT FLUSH`), as an `EVAL`, after which Redis keeps it.
     pub async fn eval(&self, script: &'static str, keys: &[String], args: &[String]) -> Result<Vec<RedisResult>, Problem> {
         self.eval_then(script, keys, args, None).await.map(|(r, _)| r)
     }
@@ -360,8 +361,7 @@ impl Redis {
         let sha = match SHAS.with_borrow(|m| m.get(&id).cloned()) {
             Some(sha) => sha,
             None => {
-                let reply = self.execute_or_noscript(slot, "SCRIPT", vec![bin("LOAD"), bin(script)], None).await.map_err(noscript_as_problem)?.0;
-                let sha = reply.first().and_then(text).ok_or_else(|| Problem::unavailable("SCRIPT LOAD gave no SHA1"))?;
+                let sha = spillway_core::scripts::sha1_hex(script);
                 SHAS.with_borrow_mut(|m| m.insert(id, sha.clone()));
                 sha
             }

@@ -1,0 +1,63 @@
+//! Single writes against their shape (issue: single writes on Spin): the
+//! floor, the shape of a single write's host interactions (body + one Redis
+//! command) and Spillway's intake, at many clients and at one (median and
+//! p99), and the Redis commands each accepted write costs (`INFO
+//! commandstats`, processor included), so that an added round trip shows.
+
+use std::time::Duration;
+
+use crate::load::{self, Measured, request};
+use crate::report::Row;
+
+/// Calls per accepted write of each Redis command run since `CONFIG
+/// RESETSTAT`, most first, and their total.
+pub(crate) fn commands_per_write(redis: &mut redis::Connection, writes: u64) -> anyhow::Result<(f64, Vec<(String, f64)>)> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(redis)?;
+    let mut per: Vec<(String, f64)> = info
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls: f64 = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+            // The benchmark's own reads of the queue (XLEN) and of these stats.
+            (!["info", "config"].contains(&name)).then(|| (name.to_uppercase(), calls / writes.max(1) as f64))
+        })
+        .collect();
+    per.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok((per.iter().map(|(_, n)| n).sum(), per))
+}
+
+/// The commands figure as a row.
+pub(crate) fn commands_row(total: f64, per: &[(String, f64)]) -> Row {
+    let top: Vec<String> = per.iter().filter(|(_, n)| *n >= 0.05).map(|(c, n)| format!("{c} {n:.2}")).collect();
+    Row {
+        scenario: "Redis commands per accepted single write (INFO commandstats, processor and the benchmark's XLEN polls included)".into(),
+        value: total,
+        unit: "commands",
+        latency: None,
+        baseline: None,
+        peak_rss_mib: None,
+        note: top.join(", "),
+    }
+}
+
+/// One client, one request after another: the floor, the write's shape and
+/// intake; intake against its shape, in throughput and p99.
+pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, one_write: &str) -> anyhow::Result<Vec<Row>> {
+    let floor = load::http(base, 1, duration, 1, |_, _| request("GET", "/hello", "")).await?;
+    let body = one_write.to_owned();
+    let shape = load::http(base, 1, duration, 1, move |_, _| request("POST", "/shape/body-redis", &body)).await?;
+    anyhow::ensure!(shape.failed.0 == 0, "the shape failed: {:?}", shape.failed.1);
+    let intake = crate::single_writes(spillway, 1, duration).await?;
+    let p99 = |m: &Measured| m.ms(0.99);
+    Ok(vec![
+        Row::from("one client: floor (hello-world)", "req/s", &floor),
+        Row::from("one client: shape (floor + body + one Redis command)", "req/s", &shape)
+            .against("floor", floor.rate())
+            .note(format!("p99 {:.1}x the floor's", p99(&shape) / p99(&floor))),
+        Row::from("one client: Spillway single-write intake", "req/s", &intake).against("its shape", shape.rate()).note(format!(
+            "target >= 0.9x its shape, p99 <= 2x the shape's: p99 {:.1}x the shape's, p50 {:.1}x",
+            p99(&intake) / p99(&shape),
+            intake.ms(0.5) / shape.ms(0.5)
+        )),
+    ])
+}
