@@ -148,10 +148,17 @@ impl RedisServer {
     /// Moves `slots` slots from cluster node `from` to node `to` (this node
     /// names the cluster), as an operator reshards: `redis-cli --cluster
     /// reshard`, which migrates the slots' keys one batch at a time.
+    /// Both nodes must know each other first: a node just added is known to
+    /// the others only once gossip has reached them (slow on a busy machine),
+    /// and a migration to a node the source does not know fails.
     pub fn reshard(&self, from: &Self, to: &Self, slots: u32) {
+        let (from_id, to_id) = (from.node_id(), to.node_id());
+        from.wait_for(&["CLUSTER", "NODES"], &to_id, "the source node never learned of the destination");
+        to.wait_for(&["CLUSTER", "NODES"], &from_id, "the destination node never learned of the source");
+        self.wait_for(&["CLUSTER", "NODES"], &to_id, "the node resharding never learned of the destination");
         let out = Command::new("redis-cli")
             .args(["--cluster", "reshard", &format!("127.0.0.1:{}", self.port)])
-            .args(["--cluster-from", &from.node_id(), "--cluster-to", &to.node_id(), "--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .args(["--cluster-from", &from_id, "--cluster-to", &to_id, "--cluster-slots", &slots.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli runs");
