@@ -539,6 +539,7 @@ async fn main() -> anyhow::Result<()> {
             retention_ms: 60_000,
             past_ms: 60_000,
             answered: &[],
+            doorbell: "",
         };
         let call = Call::enqueue(l, &[shard], shard, limits, &[Queued { shard, key: "k", timing: Timing::default(), payload: incr("k"), tenant: None }], |_| (Default::default(), 0));
         (call.keys, call.args)

@@ -81,6 +81,7 @@ fn bytes_per_write(redis: &mut redis::Connection, prefix: &str, n: usize, timing
             retention_ms: 60_000,
             past_ms: 60_000,
             answered: &[],
+            doorbell: "",
         };
         let writes: Vec<Queued<'_>> = (0..100)
             .map(|i| Queued { shard, key: "k", timing, payload: format!(r#"{{"key":"k{}","op":"incr","field":"n","by":1}}"#, call_no * 100 + i), tenant: None })

@@ -396,6 +396,9 @@ pub struct EnqueueLimits<'a> {
     /// Error answers given without Redis since the last call (5xx, by
     /// problem type), to be counted by this one.
     pub answered: &'a [(String, u64)],
+    /// The doorbell channel, for a call to the Redis trigger's server (the
+    /// script publishes the shards it rings), or empty (the caller rings).
+    pub doorbell: &'a str,
 }
 
 /// One write of an `ENQUEUE` call.
@@ -469,6 +472,7 @@ impl Call {
         for (kind, n) in limits.answered {
             args.extend([kind.clone(), n.to_string()]);
         }
+        args.push(limits.doorbell.to_owned());
         Self { script: scripts::ENQUEUE, keys, args }
     }
 }
@@ -554,6 +558,7 @@ mod tests {
             retention_ms: 9,
             past_ms: 60_000,
             answered: &answered,
+            doorbell: "spillway:doorbell",
         };
         let q = |shard: u32, timing: Timing, payload: &str| Queued { shard, key: "k\"", timing, payload: payload.into(), tenant: None };
         let scheduled = Timing { due: Some(Due::After(5)), ttl_ms: Some(9) };
@@ -566,7 +571,7 @@ mod tests {
         assert_eq!(e.keys[15..], [l.tenants(3), l.bucket(3, "acme")]);
         assert_eq!(
             e.args,
-            ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "0", "1", "d5", r#"9:"k\"""#, "w2", "1", "1", "acme", "4", "2", "3", "7", "1", "unavailable", "2"]
+            ["1", "md5", "60", "10", "5000", "77", "8", "500", "9", "60000", "2", "3", "7", "2", "2", "", "", "w1", "0", "1", "d5", r#"9:"k\"""#, "w2", "1", "1", "acme", "4", "2", "3", "7", "1", "unavailable", "2", "spillway:doorbell"]
         );
         let plain = Call::enqueue(&l, &[3], 3, EnqueueLimits { idempotency: None, ..limits }, &[q(3, Timing::default(), "w")], quota);
         assert_eq!((plain.keys[0].clone(), &plain.args[..2]), (l.idempotency(3, ""), &["0".to_owned(), String::new()][..]));

@@ -201,13 +201,15 @@ end
 /// ARGV: `[use_idem, body_md5, idem_ttl_s, depth_limit, bell_ttl_ms, seq_start,
 /// scheduled_limit, lead_ms, retention_ms, past_ms, n, shard_1..shard_n, writes,
 /// (slot, due, ttl, payload, tenant)*, tenants, (name, rate, burst, depth,
-/// refused)*, answers, (type, count)*]` where `slot` is 1-based in the shard
+/// refused)*, answers, (type, count)*, channel]` where `slot` is 1-based in the shard
 /// list, `tenant` is 1-based in the tenant list (0: none), each tenant's quota
 /// is this call's share of it (0: no limit) and `refused` the requests of it
 /// the caller refused on its own (counted as throttled here), `answers` the
 /// error answers the caller gave without Redis (by problem type, counted in
 /// the first shard's stats as `refused:<type>`, as a refusal for a full
-/// queue or schedule is counted in its shard's), `due`
+/// queue or schedule is counted in its shard's), `channel` the doorbell
+/// channel when this server is the Redis trigger's (the call publishes each
+/// shard it rings there; empty: the caller rings them), `due`
 /// is empty (now), `d<ms>` (a delay) or `a<epoch ms>` (a time: one past by up
 /// to `past_ms` is now, one further back is refused, after the idempotency
 /// record is looked up, so that a retry of an accepted request replays it),
@@ -263,8 +265,16 @@ for j = 1, tenants do
   if before > 0 then redis.call('HINCRBY', tkey, 'x:' .. tenant(j, 1), before) end
 end
 local rbase = tbase + 5 * tenants + 1
-for r = 1, tonumber(ARGV[rbase]) do
+local answers = tonumber(ARGV[rbase])
+for r = 1, answers do
   redis.call('HINCRBY', KEYS[5], 'refused:' .. ARGV[rbase + 2 * r - 1], ARGV[rbase + 2 * r])
+end
+-- The doorbell channel, when this server is the one the processor's Redis
+-- trigger listens to: the call rings it itself (no round trip after).
+local channel = ARGV[rbase + 2 * answers + 1]
+local function ring(shard)
+  if channel ~= '' then redis.call('PUBLISH', channel, shard) end
+  return shard
 end
 local use_idem = ARGV[1] == '1'
 if use_idem then
@@ -315,7 +325,7 @@ local function refused(kind, shard, ...)
   for _, extra in ipairs({...}) do out[#out + 1] = tostring(extra) end
   out[#out + 1] = 'rang'
   for s = 1, n do
-    if moved[s] > 0 then out[#out + 1] = ARGV[11 + s] end
+    if moved[s] > 0 then out[#out + 1] = ring(ARGV[11 + s]) end
   end
   return out
 end
@@ -416,27 +426,27 @@ end
 local ttl = tonumber(ARGV[5])
 local rang, armed = {}, {}
 for s = 1, n do
-  local ring = false
+  local rings = false
   if queued[s] or moved[s] > 0 then
     local bell = key(s, 2)
-    ring = redis.call('SET', bell, now, 'NX', 'PX', ttl)
-    if not ring then
+    rings = redis.call('SET', bell, now, 'NX', 'PX', ttl)
+    if not rings then
       local at = tonumber(redis.call('GET', bell)) or 0
       if now - at > ttl / 2 and redis.call('EXISTS', key(s, 3)) == 0 then
         redis.call('SET', bell, now, 'PX', ttl)
-        ring = true
+        rings = true
       end
     end
   end
   -- Every shard of the call with a schedule is armed (a lost alarm is set
   -- again here); one whose next write is due within the lead is rung too.
   local due_in, set = arm(key(s, 5), key(s, 7), now, now + 1, lead)
-  if scheduled[s] and due_in >= 0 and due_in <= lead then ring = true end
+  if scheduled[s] and due_in >= 0 and due_in <= lead then rings = true end
   if set > 0 then
     armed[#armed + 1] = ARGV[11 + s]
     armed[#armed + 1] = set
   end
-  if ring then rang[#rang + 1] = ARGV[11 + s] end
+  if rings then rang[#rang + 1] = ring(ARGV[11 + s]) end
 end
 if #rang > 0 then
   out[#out + 1] = 'rang'

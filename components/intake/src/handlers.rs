@@ -259,8 +259,10 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
     let replicas = (s.min_replicas > 0).then_some(Replicas { count: s.min_replicas, timeout_ms: s.replica_timeout_ms });
     // The error answers not yet counted ride on the first group's call.
     let answered = crate::answered::take();
+    let channel = s.layout.doorbell_channel();
     let calls = groups.iter().enumerate().map(|(i, (address, group))| {
-        let call = enqueue_call(s, group, (writes, timing, tenants, &shard_of), idem, &body_md5, if i == 0 { &answered } else { &[] });
+        let doorbell = if rings_itself(s, address) { channel.as_str() } else { "" };
+        let call = enqueue_call(s, group, (writes, timing, tenants, &shard_of), (idem, &body_md5), if i == 0 { &answered } else { &[] }, doorbell);
         async move {
             let redis = Redis::new(address);
             // Once per instance and server: expiry events back on after a Redis
@@ -288,9 +290,12 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
     }
     // Ring what was rung first, whatever else the replies say: a group accepted
     // beside one refused has its flag set, and no one else will ring it.
+    // (Those of the trigger's own server the script rang itself.)
     let mut rung = Rung::default();
-    for ((_, r), _) in replies.iter().flatten() {
-        rung.rang.extend(&r.rang);
+    for ((address, _), ((_, r), _)) in groups.iter().zip(&replies).filter_map(|(g, r)| Some((g, r.as_ref().ok()?))) {
+        if !rings_itself(s, address) {
+            rung.rang.extend(&r.rang);
+        }
         rung.armed.extend(&r.armed);
     }
     ring(s, rung);
@@ -357,14 +362,22 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
     Ok(Accepted { ids, replayed })
 }
 
+/// Whether the enqueue script on `address` publishes its rings itself: it is
+/// the server the processor's Redis trigger listens to (`redis_address`, no
+/// `wake_url`, not a cluster, whose seed may own none of the call's slots).
+fn rings_itself(s: &Settings, address: &str) -> bool {
+    s.wake_url.is_none() && !s.redis_cluster && address == s.redis_address
+}
+
 /// One group's `ENQUEUE` reply (with the shards it rang and armed) and how
 /// many replicas confirmed it (0 without `min_replicas`).
 type GroupReply = Result<((Enqueued, Rung), i64), Problem>;
 
-/// Rings the shards rung after the answer (the writes are durable already; a
-/// ring lost with a dying instance leaves the shard's flag to expire, which
-/// resumes it: heard through its mirror if the shard is on another server
-/// than the trigger's), and mirrors the alarms set.
+/// Rings the shards rung that the script could not publish itself (on a
+/// server other than the trigger's, or woken over HTTP) after the answer (the
+/// writes are durable already; a ring lost with a dying instance leaves the
+/// shard's flag to expire, which resumes it: heard through its mirror), and
+/// mirrors the alarms set.
 fn ring(s: &Settings, rung: Rung) {
     if rung.rang.is_empty() && rung.armed.is_empty() {
         return;
@@ -428,7 +441,14 @@ type Writes<'r> = (&'r [write::Accepted], &'r [Timing], &'r [Option<&'r str>], &
 
 /// One `ENQUEUE` call: the writes of `group`'s shards (and the error answers
 /// not yet counted).
-fn enqueue_call(s: &Settings, group: &[u32], (writes, timing, tenants, shard_of): Writes<'_>, idem: Option<&str>, body_md5: &str, answered: &[(String, u64)]) -> Call {
+fn enqueue_call(
+    s: &Settings,
+    group: &[u32],
+    (writes, timing, tenants, shard_of): Writes<'_>,
+    (idem, body_md5): (Option<&str>, &str),
+    answered: &[(String, u64)],
+    doorbell: &str,
+) -> Call {
     let limits = EnqueueLimits {
         idempotency: idem.map(|k| (k, body_md5)),
         idempotency_ttl_secs: s.idempotency_ttl_secs,
@@ -439,6 +459,7 @@ fn enqueue_call(s: &Settings, group: &[u32], (writes, timing, tenants, shard_of)
         retention_ms: s.status_retention_secs.saturating_mul(1000),
         past_ms: PAST_TOLERANCE_MS,
         answered,
+        doorbell,
     };
     // Only this group's writes are serialized (a request over several groups
     // must not serialize every write once per group).
