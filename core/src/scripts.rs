@@ -266,8 +266,9 @@ for j = 1, tenants do
 end
 local rbase = tbase + 5 * tenants + 1
 local answers = tonumber(ARGV[rbase])
+-- (Counts: redis.pcall, so that a Redis at maxmemory still gives the answer.)
 for r = 1, answers do
-  redis.call('HINCRBY', KEYS[5], 'refused:' .. ARGV[rbase + 2 * r - 1], ARGV[rbase + 2 * r])
+  redis.pcall('HINCRBY', KEYS[5], 'refused:' .. ARGV[rbase + 2 * r - 1], ARGV[rbase + 2 * r])
 end
 -- The doorbell channel, when this server is the one the processor's Redis
 -- trigger listens to: the call rings it itself (no round trip after).
@@ -364,11 +365,11 @@ for j = 1, tenants do
 end
 for s = 1, n do
   if redis.call('XLEN', key(s, 1)) + (queued[s] or 0) > limit then
-    redis.call('HINCRBY', key(s, 4), 'refused:queue-full', 1)
+    redis.pcall('HINCRBY', key(s, 4), 'refused:queue-full', 1)
     return refused('full', ARGV[11 + s])
   end
   if scheduled[s] and redis.call('ZCARD', key(s, 5)) + scheduled[s] > sched_limit then
-    redis.call('HINCRBY', key(s, 4), 'refused:schedule-full', 1)
+    redis.pcall('HINCRBY', key(s, 4), 'refused:schedule-full', 1)
     return refused('full-scheduled', ARGV[11 + s])
   end
 end
