@@ -410,6 +410,7 @@ fn machine() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
     let mut args = Args::parse();
     if args.smoke {
         args.seconds = 1;
@@ -485,9 +486,12 @@ async fn main() -> anyhow::Result<()> {
 
     let steps = 21;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
+    // Each step's time, printed at the end (a smoke run in CI should stay short).
+    let took = std::cell::RefCell::new(vec![(String::from("build, servers and hosts"), started)]);
     let step = |msg: &str| {
         bar.set_message(msg.to_owned());
         bar.inc(1);
+        took.borrow_mut().push((msg.to_owned(), Instant::now()));
     };
     let mut rows = Vec::new();
     let clients = args.clients;
@@ -898,6 +902,9 @@ async fn main() -> anyhow::Result<()> {
         rows.push(capacity::cluster_against_one(&target, &work, args.writes).await?);
     }
     bar.finish_and_clear();
+    took.borrow_mut().push(("end".into(), Instant::now()));
+    let steps_took: Vec<String> = took.borrow().windows(2).map(|w| format!("{} {:.0}s", w[0].0, (w[1].1 - w[0].1).as_secs_f64())).collect();
+    eprintln!("steps took: {}", steps_took.join(", "));
 
     let peak = rss_mib(spillway_pid, "VmHWM");
     let table = report::markdown(&rows);
