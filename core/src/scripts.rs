@@ -127,19 +127,26 @@ end
 /// - `move_due(sched, sched_w, stream, now, max, retention_ms, seq_start)`
 ///   moves up to `max` scheduled writes due at or before `now` into the stream,
 ///   in order (due time, then acceptance), each under its id, and returns how
-///   many it moved and whether more are due. Every script that adds to a
+///   many it moved, whether more are due, and, when it moved none, the
+///   schedule's next due time (`false`: it is empty; `nil` when it moved
+///   some), which `arm` then need not read again. It reads the schedule's
+///   first member before anything else: on a shard with nothing due, that
+///   one read is all it does. Every script that adds to a
 ///   stream moves first, and adds its own entries at `now` (or the stream's
 ///   last millisecond, if later), so the stream's ids stay below those of the
 ///   writes still scheduled; only after a failover to a replica whose clock
 ///   was behind can the stream be past one: it then gets a new id, and its old
 ///   id's status key says `moved:<new entry id>`.
-/// - `arm(sched, alarm, now, floor, lead)` sets the shard's alarm to expire
+/// - `arm(sched, alarm, now, floor, lead, soonest)` sets the shard's alarm to expire
 ///   `lead` ms before its next scheduled write is due (not before `floor`),
 ///   unless it expires sooner already. A write due within the lead is the
 ///   business of a drain that waits for it (its caller rings, or holds the
 ///   shard): its alarm is a backstop, `lead` ms from now at the soonest, not
 ///   set again and again. Returns the ms until that write is due (-1: none)
-///   and the alarm's TTL if it was set (-1: left as it was).
+///   and the alarm's TTL if it was set (-1: left as it was). `soonest` is the
+///   schedule's next due time if the caller knows it (`false`: empty; `nil`:
+///   read it here).
+/// - `next_due(sched)`: the schedule's next due time, or `false` if it is empty.
 /// - `seq_of(member)`: a sequence as it appears in the write id.
 macro_rules! schedule_lua {
     () => {
@@ -158,7 +165,14 @@ local function schedule(sched, sched_w, at, payload, rand, tenant)
   redis.call('HSET', sched_w, seq, (tenant or '') .. payload)
   return string.format('%d', at) .. '-' .. seq_of(seq)
 end
+local function next_due(sched)
+  local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+  if #first == 0 then return false end
+  return tonumber(first[2])
+end
 local function move_due(sched, sched_w, stream, now, max, retention, seq_start)
+  local soonest = next_due(sched)
+  if not soonest or soonest > now then return 0, false, soonest end
   local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', 0, max)
   for i = 1, #due, 2 do
     local m = due[i]
@@ -176,10 +190,10 @@ local function move_due(sched, sched_w, stream, now, max, retention, seq_start)
   if #due < 2 * max then return #due / 2, false end
   return #due / 2, #redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, 1) > 0
 end
-local function arm(sched, alarm, now, floor, lead)
-  local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
-  if #first == 0 then return -1, -1 end
-  local due = tonumber(first[2])
+local function arm(sched, alarm, now, floor, lead, soonest)
+  if soonest == nil then soonest = next_due(sched) end
+  if not soonest then return -1, -1 end
+  local due = soonest
   if due - now <= lead then floor = math.max(floor, now + lead) end
   local at = math.max(floor, due - lead)
   local cur = tonumber(redis.call('GET', alarm) or '')
@@ -301,8 +315,8 @@ for i = 1, writes do
   local d = arg(i, 2)
   if string.sub(d, 1, 1) == 'a' and tonumber(string.sub(d, 2)) < now - past then return {'past', tostring(i)} end
 end
-local behind, moved = {}, {}
-for s = 1, n do moved[s], behind[s] = move_due(key(s, 5), key(s, 6), key(s, 1), now, 100, retention, seq_start) end
+local behind, moved, soonest = {}, {}, {}
+for s = 1, n do moved[s], behind[s], soonest[s] = move_due(key(s, 5), key(s, 6), key(s, 1), now, 100, retention, seq_start) end
 local due, queued, scheduled = {}, {}, {}
 for i = 1, writes do
   local slot = tonumber(arg(i, 1))
@@ -430,9 +444,11 @@ for s = 1, n do
   local rings = false
   if queued[s] or moved[s] > 0 then
     local bell = key(s, 2)
-    rings = redis.call('SET', bell, now, 'NX', 'PX', ttl)
+    -- Set if unset, else read (Redis >= 7.0: NX with GET): one command.
+    local rung_at = redis.call('SET', bell, now, 'NX', 'GET', 'PX', ttl)
+    rings = not rung_at
     if not rings then
-      local at = tonumber(redis.call('GET', bell)) or 0
+      local at = tonumber(rung_at) or 0
       if now - at > ttl / 2 and redis.call('EXISTS', key(s, 3)) == 0 then
         redis.call('SET', bell, now, 'PX', ttl)
         rings = true
@@ -441,7 +457,11 @@ for s = 1, n do
   end
   -- Every shard of the call with a schedule is armed (a lost alarm is set
   -- again here); one whose next write is due within the lead is rung too.
-  local due_in, set = arm(key(s, 5), key(s, 7), now, now + 1, lead)
+  -- The schedule's next due time as move_due read it, unless this call
+  -- added to the schedule.
+  local known
+  if not scheduled[s] then known = soonest[s] end
+  local due_in, set = arm(key(s, 5), key(s, 7), now, now + 1, lead, known)
   if scheduled[s] and due_in >= 0 and due_in <= lead then rings = true end
   if set > 0 then
     armed[#armed + 1] = ARGV[11 + s]
@@ -583,7 +603,7 @@ redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
 local count = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local _, more_due = move_due(KEYS[6], KEYS[7], KEYS[2], now, count, ARGV[7], tonumber(t[2]))
+local _, more_due, soonest = move_due(KEYS[6], KEYS[7], KEYS[2], now, count, ARGV[7], tonumber(t[2]))
 local budget = tonumber(ARGV[9]) or 0
 local function read(from)
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', count, 'STREAMS', KEYS[2], from)
@@ -641,7 +661,7 @@ end
 local marked = redelivered and has_marker
 -- With more due than one read moves, the holder reads on: no alarm.
 local armed = -1
-if not more_due then _, armed = arm(KEYS[6], KEYS[8], now, now + 1, tonumber(ARGV[10])) end
+if not more_due then _, armed = arm(KEYS[6], KEYS[8], now, now + 1, tonumber(ARGV[10]), soonest) end
 local out = {'ok', 0, cursor, armed}
 for _, e in ipairs(entries) do
   local id = e[1]
