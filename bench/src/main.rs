@@ -288,6 +288,10 @@ async fn until_drained(redis: &mut impl Queue, layout: &Layout, bound: Duration)
     Ok(start.elapsed())
 }
 
+/// The Redis ceiling's baseline: a write's one necessary command, as a script
+/// (as intake's is one).
+const XADD_ONLY: &str = "return redis.call('XADD', KEYS[1], '*', 'w', ARGV[1])";
+
 fn incr(key: &str) -> String {
     format!(r#"{{"key":"{key}","op":"incr","field":"n"}}"#)
 }
@@ -484,7 +488,7 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url.as_str())?.get_connection()?;
     let peaks = RssPeaks::start(spillway_pid);
 
-    let steps = 21;
+    let steps = 22;
     let bar = ProgressBar::new(steps).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     // Each step's time, printed at the end (a smoke run in CI should stay short).
     let took = std::cell::RefCell::new(vec![(String::from("build, servers and hosts"), started)]);
@@ -549,8 +553,15 @@ async fn main() -> anyhow::Result<()> {
         (call.keys, call.args)
     })
     .await?;
+    // The same writes as one XADD in a script: what the enqueue script costs
+    // Redis beyond the one command a write needs.
+    let xadd = load::redis_script(&redis_url, clients, duration, XADD_ONLY, |c, n| {
+        (vec![format!("bench:ceiling:xadd:{}", (c as u64 + n) % 16)], vec![incr("k")])
+    })
+    .await?;
     let _: () = redis::cmd("EVAL").arg("for _, k in ipairs(redis.call('KEYS', 'bench:ceiling:*')) do redis.call('DEL', k) end").arg(0).query(&mut redis)?;
-    rows.push(Row::from("Redis ceiling: intake's script, native", "writes/s", &ceiling));
+    rows.push(Row::from("Redis ceiling: one XADD per write, in a script", "writes/s", &xadd));
+    rows.push(Row::from("Redis ceiling: intake's script, native", "writes/s", &ceiling).against("one XADD", xadd.rate()));
 
     step("naive design");
     let naive = load::http(&base_addr, clients, duration, 1, |c, n| {
@@ -587,8 +598,22 @@ async fn main() -> anyhow::Result<()> {
     });
     rows.push(single::commands_row(commands, &per_command));
     step("one client");
-    rows.extend(single::one_client(&base_addr, &spillway_addr, duration, &one_write).await?);
+    let (one_client, one_shape) = single::one_client(&base_addr, &spillway_addr, duration, &one_write).await?;
+    rows.extend(one_client);
     until_drained(&mut redis, &layout, Duration::from_secs(600)).await?;
+    step("intake, processor held off");
+    let (many, one) = single::held_off(&mut redis, &layout, async {
+        Ok((single_writes(&spillway_addr, clients, duration).await?, single_writes(&spillway_addr, 1, duration).await?))
+    })
+    .await?;
+    for (name, m, [shape, shape_p99]) in [("", &many, [write_shape.rate(), write_shape.ms(0.99)]), ("one client: ", &one, one_shape)] {
+        let failed = if m.failed.0 > 0 { format!("; {} answered with an error, first: {:?}", m.failed.0, m.failed.1) } else { String::new() };
+        rows.push(
+            Row::from(&format!("{name}Spillway single-write intake, the processor held off (its leases taken)"), "req/s", m)
+                .against("its shape", shape)
+                .note(format!("intake's own cost, apart from the processor's work on the same cores; p99 {:.1}x the shape's{failed}", m.ms(0.99) / shape_p99)),
+        );
+    }
     if args.single_only {
         bar.finish_and_clear();
         println!("{}", report::markdown(&rows));

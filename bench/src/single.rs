@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use spillway_core::layout::Layout;
+
 use crate::load::{self, Measured, request};
 use crate::report::Row;
 
@@ -41,15 +43,16 @@ pub(crate) fn commands_row(total: f64, per: &[(String, f64)]) -> Row {
 }
 
 /// One client, one request after another: the floor, the write's shape and
-/// intake; intake against its shape, in throughput and p99.
-pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, one_write: &str) -> anyhow::Result<Vec<Row>> {
+/// intake; intake against its shape, in throughput and p99. Also returns the
+/// shape's rate and p99.
+pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, one_write: &str) -> anyhow::Result<(Vec<Row>, [f64; 2])> {
     let floor = load::http(base, 1, duration, 1, |_, _| request("GET", "/hello", "")).await?;
     let body = one_write.to_owned();
     let shape = load::http(base, 1, duration, 1, move |_, _| request("POST", "/shape/body-redis", &body)).await?;
     anyhow::ensure!(shape.failed.0 == 0, "the shape failed: {:?}", shape.failed.1);
     let intake = crate::single_writes(spillway, 1, duration).await?;
     let p99 = |m: &Measured| m.ms(0.99);
-    Ok(vec![
+    Ok((vec![
         Row::from("one client: floor (hello-world)", "req/s", &floor),
         Row::from("one client: shape (floor + body + one Redis command)", "req/s", &shape)
             .against("floor", floor.rate())
@@ -59,5 +62,44 @@ pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, o
             p99(&intake) / p99(&shape),
             intake.ms(0.5) / shape.ms(0.5)
         )),
-    ])
+    ], [shape.rate(), p99(&shape)]))
 }
+
+/// Runs `load` with the processor held off: the benchmark takes every
+/// shard's lease first (once the queue is empty), so a processor woken by
+/// a doorbell finds each shard held and does nothing; then lets the leases
+/// expire, and an expired lease resumes its shard, as after a processor
+/// that died holding it. What intake costs on its own, apart from the
+/// processor's work on the same machine.
+pub(crate) async fn held_off<T>(redis: &mut redis::Connection, layout: &Layout, load: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    crate::until_drained(redis, layout, Duration::from_secs(600)).await?;
+    let mut left: Vec<u32> = (0..layout.shards).collect();
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    // A processor may still hold a shard for a moment after the queue emptied.
+    while !left.is_empty() {
+        anyhow::ensure!(std::time::Instant::now() < give_up, "shards {left:?} stayed held by a processor");
+        let mut still = Vec::new();
+        for shard in left {
+            let taken: Option<String> = redis::cmd("SET").arg(layout.lease(shard)).arg(HOLDER).arg("NX").arg("PX").arg(600_000).query(redis)?;
+            if taken.is_none() {
+                still.push(shard);
+            }
+        }
+        left = still;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out = load.await;
+    for shard in 0..layout.shards {
+        let _: () = redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], 1) end")
+            .arg(1)
+            .arg(layout.lease(shard))
+            .arg(HOLDER)
+            .query(redis)?;
+    }
+    crate::until_drained(redis, layout, Duration::from_secs(600)).await?;
+    out
+}
+
+/// The lease token the benchmark holds shards with (see [`held_off`]).
+const HOLDER: &str = "benchmark-holds-off-the-processor";
