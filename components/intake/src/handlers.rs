@@ -62,6 +62,15 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
             )
         })?),
     };
+    // A tenant named by the header whose refusal holds even for one write
+    // is refused before its body is read: a flood past a quota costs this
+    // host as little as it can (see `crate::throttle`).
+    if idem.is_none()
+        && let Some(t) = header_tenant.as_deref()
+        && let Some(p) = crate::throttle::refused([(t, 1)]).await
+    {
+        return Err(p);
+    }
     let body = spillway_spin::read_body(req, limits.max_body_bytes).await?;
     let batch = parse_request_for(&body, &limits, spillway_spin::pipeline::operations())?;
     check_timing(&settings, &batch, idem.is_none())?;
