@@ -222,6 +222,12 @@ pub const MAX_HOLD_MS: u64 = 2000;
 const MAX_REFUSALS: usize = 256;
 
 impl Refusals {
+    /// Whether a refusal of `tenant` is remembered at all (held or ended): a
+    /// request of no such tenant needs no clock read to be let through.
+    pub fn remembers(&self, tenant: &str) -> bool {
+        self.held.contains_key(tenant)
+    }
+
     /// The answer to a request of `writes` of `tenant`'s writes at `now_ms`,
     /// if a refusal of it is sure to hold, and how long to hold it first
     /// (until the time its `Retry-After` told, and `jitter_ms` (below a
@@ -278,8 +284,10 @@ mod tests {
         let mut r = Refusals::default();
         let p = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 1);
         assert_eq!(r.check("acme", 1, 1000, 0), None);
+        assert!(!r.remembers("acme"));
         // 0.5 tokens at t=1000, 10 per second, burst 100.
         r.note_rate("acme", &p, 1000, (500, 10, 100));
+        assert!(r.remembers("acme") && !r.remembers("beta"), "only the tenant refused");
         let (again, hold) = r.check("acme", 100, 1100, 250).unwrap();
         assert_eq!((again.kind.as_str(), again.retry_after, hold), (p.kind.as_str(), Some(1), 1150), "held to the second told, and the jitter");
         assert_eq!(r.check("acme", 1, 1100, 0), None, "1.5 tokens by then: a one-write request may pass");

@@ -36,6 +36,11 @@ thread_local! {
 /// writes of each tenant (see `spillway_core::tenant::Refusals`), answered
 /// once its hold is over.
 pub(crate) async fn refused<'t>(writes: impl IntoIterator<Item = (&'t str, u64)>) -> Option<Problem> {
+    let writes: Vec<(&str, u64)> = writes.into_iter().collect();
+    // Most requests are of no tenant refused here: no clock or random read.
+    if !REFUSALS.with_borrow(|r| writes.iter().any(|(t, _)| r.remembers(t))) {
+        return None;
+    }
     let now = spillway_spin::monotonic_ms();
     let jitter = u64::from(spillway_spin::random_u32());
     let (p, hold) = REFUSALS.with_borrow_mut(|r| writes.into_iter().find_map(|(t, n)| r.check(t, n, now, jitter)))?;
