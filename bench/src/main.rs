@@ -602,7 +602,7 @@ async fn main() -> anyhow::Result<()> {
     rows.extend(one_client);
     until_drained(&mut redis, &layout, Duration::from_secs(600)).await?;
     step("intake, processor held off");
-    let (many, one) = single::held_off(&mut redis, &layout, async {
+    let (many, one) = single::held_off(&mut redis, &layout, 2 * duration + Duration::from_secs(60), async {
         Ok((single_writes(&spillway_addr, clients, duration).await?, single_writes(&spillway_addr, 1, duration).await?))
     })
     .await?;

@@ -70,17 +70,56 @@ pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, o
 /// a doorbell finds each shard held and does nothing; then lets the leases
 /// expire, and an expired lease resumes its shard, as after a processor
 /// that died holding it. What intake costs on its own, apart from the
-/// processor's work on the same machine.
-pub(crate) async fn held_off<T>(redis: &mut redis::Connection, layout: &Layout, load: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+/// processor's work on the same machine. The leases last `hold` at most (a
+/// load that outlasts them is an error: its figures would include the
+/// processor) and are given back on every path.
+pub(crate) async fn held_off<T>(
+    redis: &mut redis::Connection,
+    layout: &Layout,
+    hold: Duration,
+    load: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     crate::until_drained(redis, layout, Duration::from_secs(600)).await?;
+    // Held for `hold` at most: a benchmark stopped here leaves the shards
+    // to their lease's expiry, which resumes them.
+    let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+    let taken = take_all(redis, layout, hold_ms).await;
+    let out = match taken {
+        Ok(()) => load.await,
+        Err(e) => Err(e),
+    };
+    // Given back on every path, each shard whatever the others' answers.
+    let mut given_back = Ok(());
+    for shard in 0..layout.shards {
+        let r: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], 1) end return -1")
+            .arg(1)
+            .arg(layout.lease(shard))
+            .arg(HOLDER)
+            .query(redis);
+        match r {
+            // Expired while the load ran: the row measured the processor too.
+            Ok(-1) if out.is_ok() => given_back = Err(anyhow::anyhow!("shard {shard}'s lease ran out before the load ended (hold {hold:?})")),
+            Ok(_) => {}
+            Err(e) => given_back = Err(e.into()),
+        }
+    }
+    let out = out?;
+    given_back?;
+    crate::until_drained(redis, layout, Duration::from_secs(600)).await?;
+    Ok(out)
+}
+
+/// Takes every shard's lease for `hold_ms`, waiting (bounded) for a
+/// processor still holding one after the queue emptied.
+async fn take_all(redis: &mut redis::Connection, layout: &Layout, hold_ms: u64) -> anyhow::Result<()> {
     let mut left: Vec<u32> = (0..layout.shards).collect();
     let give_up = std::time::Instant::now() + Duration::from_secs(30);
-    // A processor may still hold a shard for a moment after the queue emptied.
     while !left.is_empty() {
         anyhow::ensure!(std::time::Instant::now() < give_up, "shards {left:?} stayed held by a processor");
         let mut still = Vec::new();
         for shard in left {
-            let taken: Option<String> = redis::cmd("SET").arg(layout.lease(shard)).arg(HOLDER).arg("NX").arg("PX").arg(600_000).query(redis)?;
+            let taken: Option<String> = redis::cmd("SET").arg(layout.lease(shard)).arg(HOLDER).arg("NX").arg("PX").arg(hold_ms).query(redis)?;
             if taken.is_none() {
                 still.push(shard);
             }
@@ -88,17 +127,7 @@ pub(crate) async fn held_off<T>(redis: &mut redis::Connection, layout: &Layout, 
         left = still;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let out = load.await;
-    for shard in 0..layout.shards {
-        let _: () = redis::cmd("EVAL")
-            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], 1) end")
-            .arg(1)
-            .arg(layout.lease(shard))
-            .arg(HOLDER)
-            .query(redis)?;
-    }
-    crate::until_drained(redis, layout, Duration::from_secs(600)).await?;
-    out
+    Ok(())
 }
 
 /// The lease token the benchmark holds shards with (see [`held_off`]).
