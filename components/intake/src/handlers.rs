@@ -67,7 +67,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     // host as little as it can (see `crate::throttle`).
     if idem.is_none()
         && let Some(t) = header_tenant.as_deref()
-        && let Some(p) = crate::throttle::refused([(t, 1)]).await
+        && let Some(p) = crate::throttle::refused(&[(t, 1)]).await
     {
         return Err(p);
     }
@@ -78,7 +78,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     // A tenant refused a moment ago, with a refusal sure to hold for this
     // request, is refused again here (a request with an Idempotency-Key may
     // be the retry of an accepted one: the script answers it).
-    if idem.is_none() && let Some(p) = crate::throttle::refused(writes_per_tenant(&tenants)).await {
+    if idem.is_none() && let Some(p) = crate::throttle::refused(&writes_per_tenant(&tenants)).await {
         return Err(p);
     }
     let deadline = wait.map(|ms| spillway_spin::monotonic_ms() + ms);

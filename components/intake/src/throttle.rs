@@ -35,15 +35,14 @@ thread_local! {
 /// The first refusal that is sure to hold for a request with `writes`
 /// writes of each tenant (see `spillway_core::tenant::Refusals`), answered
 /// once its hold is over.
-pub(crate) async fn refused<'t>(writes: impl IntoIterator<Item = (&'t str, u64)>) -> Option<Problem> {
-    let writes: Vec<(&str, u64)> = writes.into_iter().collect();
+pub(crate) async fn refused(writes: &[(&str, u64)]) -> Option<Problem> {
     // Most requests are of no tenant refused here: no clock or random read.
     if !REFUSALS.with_borrow(|r| writes.iter().any(|(t, _)| r.remembers(t))) {
         return None;
     }
     let now = spillway_spin::monotonic_ms();
     let jitter = u64::from(spillway_spin::random_u32());
-    let (p, hold) = REFUSALS.with_borrow_mut(|r| writes.into_iter().find_map(|(t, n)| r.check(t, n, now, jitter)))?;
+    let (p, hold) = REFUSALS.with_borrow_mut(|r| writes.iter().find_map(|(t, n)| r.check(t, *n, now, jitter)))?;
     spillway_spin::wait_ms(hold).await;
     Some(p)
 }
