@@ -25,9 +25,14 @@ fn read_batch<T: redis::FromRedisValue>(c: &mut redis::Connection, l: &Layout, t
     crate::support::invoke(c, &Call::read_batch(l, SHARD, token, limits, Some(resume)))
 }
 
+/// The fence statement's parameter for one shard (a round's rows: `[[shard, token]]`).
+fn fence(shard: i64, token: i64) -> String {
+    serde_json::json!([[shard, token]]).to_string()
+}
+
 fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) -> bool {
     let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
-    let advanced: Option<i64> = tx.query_row(sql::FENCE, (shard, token), |r| r.get(0)).ok();
+    let advanced: Option<i64> = tx.query_row(sql::FENCE, [fence(shard, token)], |r| r.get(1)).ok();
     if advanced != Some(token) {
         return false; // dropped: rolled back
     }
@@ -40,7 +45,7 @@ fn commit(db: &mut rusqlite::Connection, shard: i64, token: i64, value: &str) ->
 /// [`commit`] in PostgreSQL, with the app's statements.
 async fn commit_pg(db: &tokio_postgres::Client, shard: i64, token: i64, value: &str) -> bool {
     db.batch_execute(PG.begin).await.unwrap();
-    let advanced: Option<i64> = db.query(PG.fence, &[&shard, &token]).await.unwrap().first().map(|r| r.get(0));
+    let advanced: Option<i64> = db.query(PG.fence, &[&fence(shard, token)]).await.unwrap().first().map(|r| r.get(1));
     if advanced != Some(token) {
         db.batch_execute(PG.rollback).await.unwrap();
         return false;
@@ -117,10 +122,10 @@ async fn postgres_fence_orders_overlapping_holders() {
     let stale = crate::pg::client(&db).await;
     // The new holder (token 2) fences first; the stale one (token 1) waits.
     new.batch_execute(PG.begin).await.unwrap();
-    assert_eq!(new.query(PG.fence, &[&3_i64, &2_i64]).await.unwrap().len(), 1);
+    assert_eq!(new.query(PG.fence, &[&fence(3, 2)]).await.unwrap().len(), 1);
     stale.batch_execute(PG.begin).await.unwrap();
     let waiting = tokio::spawn(async move {
-        let rows = stale.query(PG.fence, &[&3_i64, &1_i64]).await.unwrap();
+        let rows = stale.query(PG.fence, &[&fence(3, 1)]).await.unwrap();
         stale.batch_execute(PG.rollback).await.unwrap();
         rows.len()
     });
@@ -144,10 +149,10 @@ async fn postgres_fence_orders_overlapping_holders() {
     let (db, first) = pg_schema().await;
     let second = crate::pg::client(&db).await;
     first.batch_execute(PG.begin).await.unwrap();
-    assert_eq!(first.query(PG.fence, &[&3_i64, &3_i64]).await.unwrap().len(), 1);
+    assert_eq!(first.query(PG.fence, &[&fence(3, 3)]).await.unwrap().len(), 1);
     second.batch_execute(PG.begin).await.unwrap();
     let waiting = tokio::spawn(async move {
-        let fenced = second.query(PG.fence, &[&3_i64, &4_i64]).await.unwrap().len();
+        let fenced = second.query(PG.fence, &[&fence(3, 4)]).await.unwrap().len();
         let keys = serde_json::json!(["k"]).to_string();
         let seen: Option<String> = second.query(PG.records, &[&keys]).await.unwrap().first().map(|r| r.get(1));
         second.batch_execute(PG.commit).await.unwrap();

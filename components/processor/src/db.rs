@@ -16,7 +16,8 @@ use spillway_spin::db::{Db, SqlValue as Value, integer, text};
 use spillway_spin::pipeline;
 use spillway_spin::Redis;
 
-/// Outcomes pruned per batch (per shard and round) at most: pruning keeps up with a full write rate
+/// Outcomes pruned per batch at most (a round prunes its shards' together, up
+/// to this many times its batches): pruning keeps up with a full write rate
 /// without ever making one transaction long.
 const PRUNE_PER_BATCH: i64 = 1_000;
 
@@ -177,16 +178,23 @@ struct Entries {
     over: Vec<(u32, String, String, String)>,
 }
 
-/// Checks each batch's fence (in shard order, so two processors whose rounds
-/// share shards, a stale holder and the new one, cannot wait on each other in a
-/// cycle) and gathers the entries of the batches that pass.
+/// Checks the batches' fences (one statement for the round, in shard order, so
+/// two processors whose rounds share shards, a stale holder and the new one,
+/// cannot wait on each other in a cycle) and gathers the entries of the batches
+/// that pass.
 async fn fence_and_gather(db: &Db, batches: &[Batch]) -> Result<Entries, Problem> {
     let mut e = Entries::default();
     let mut in_order: Vec<&Batch> = batches.iter().collect();
     in_order.sort_by_key(|b| b.shard);
+    let fences: Vec<(i64, i64)> = in_order.iter().map(|b| (i64::from(b.shard), b.fence)).collect();
+    let advanced: HashMap<i64, i64> = db
+        .query(db.sql().fence, vec![json_param(&fences)])
+        .await?
+        .iter()
+        .filter_map(|r| Some((integer(r.first()?)?, integer(r.get(1)?)?)))
+        .collect();
     for b in in_order {
-        let rows = db.query(db.sql().fence, vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.fence)]).await?;
-        if rows.first().and_then(|r| r.first()).and_then(integer) != Some(b.fence) {
+        if advanced.get(&i64::from(b.shard)) != Some(&b.fence) {
             let rows = db.query(db.sql().fence_token, vec![Value::Integer(i64::from(b.shard))]).await?;
             e.fenced.insert(b.shard, rows.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0));
             continue;
@@ -322,9 +330,10 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     if !out.rows.is_empty() {
         db.query(db.sql().insert_writes, vec![json_param(&out.rows)]).await?;
     }
-    for b in batches.iter().filter(|b| !e.fenced.contains_key(&b.shard)) {
-        let params = vec![Value::Integer(i64::from(b.shard)), Value::Integer(b.prune_before_ms), Value::Integer(PRUNE_PER_BATCH)];
-        db.query(db.sql().prune_writes, params).await?;
+    let bounds: Vec<(i64, i64)> = batches.iter().filter(|b| !e.fenced.contains_key(&b.shard)).map(|b| (i64::from(b.shard), b.prune_before_ms)).collect();
+    if !bounds.is_empty() {
+        let limit = PRUNE_PER_BATCH.saturating_mul(bounds.len() as i64);
+        db.query(db.sql().prune_writes, vec![json_param(&bounds), Value::Integer(limit)]).await?;
     }
     let Outcomes { applied, rejected, per_shard, .. } = out;
     Ok(Applied { state: plan.records, dead, applied, rejected, per_shard, fenced: e.fenced })

@@ -107,9 +107,12 @@ pub struct Dialect {
     pub commit: &'static str,
     /// Abandons it.
     pub rollback: &'static str,
-    /// Advances the shard's fence to the token unless a newer token was seen, and
-    /// returns the token when it did: params `(shard, token)`. No row back means a
-    /// newer holder has written since: the batch must not commit.
+    /// Advances the fences of one round's shards, each to its token unless a
+    /// newer token was seen, in shard order (two processors whose rounds share
+    /// shards, a stale holder and the new one, cannot wait on each other in a
+    /// cycle): params `(JSON array of [shard, token] rows)`, columns `shard,
+    /// token` for each fence that advanced. A shard without a row back has had
+    /// a newer holder write since: its batch must not commit.
     pub fence: &'static str,
     /// The fencing token the database has seen for a shard: params `(shard)`,
     /// column `token`.
@@ -140,15 +143,15 @@ pub struct Dialect {
     /// or predate the chain, so a first version above `after + 1` means the ones
     /// between are gone.
     pub changes: &'static str,
-    /// Forgets up to `limit` outcomes of a shard whose stream time is before a
-    /// bound (milliseconds): params `(shard, before_ms, limit)`. It walks the
-    /// primary key: a write id is `<shard>-<ms>-<seq>` with 13-digit milliseconds
-    /// (until the year 2286), so one shard's ids are one key range, in stream
-    /// order (byte order: PostgreSQL's ids are `COLLATE "C"`), and
-    /// `'<shard>-<ms>'` bounds it.
+    /// Forgets up to `limit` outcomes, in all, of one round's shards whose stream
+    /// time is before the shard's bound (milliseconds): params `(JSON array of
+    /// [shard, before_ms] rows, limit)`. It walks the primary key: a write id is
+    /// `<shard>-<ms>-<seq>` with 13-digit milliseconds (until the year 2286), so
+    /// one shard's ids are one key range, in stream order (byte order:
+    /// PostgreSQL's ids are `COLLATE "C"`), and `'<shard>-<ms>'` bounds it.
     ///
-    /// Safe for exactly-once as long as the bound is at most the stream time of
-    /// the shard's oldest entry still in its stream: a write can be delivered
+    /// Safe for exactly-once as long as each bound is at most the stream time of
+    /// its shard's oldest entry still in its stream: a write can be delivered
     /// (again) only while its entry is in the stream (pending or
     /// unacknowledged), entry ids only grow, and a replayed dead letter gets a new
     /// id. So an outcome older than every entry still in the stream belongs to a

@@ -54,9 +54,10 @@ pub const DIALECT: Dialect = Dialect {
     rollback: "ROLLBACK",
     // Under READ COMMITTED, a second holder's upsert waits on the first's row
     // lock and then checks its WHERE against the committed token.
-    fence: "INSERT INTO spillway_fences (shard, token) VALUES ($1::bigint, $2::bigint)
+    fence: "INSERT INTO spillway_fences (shard, token)
+  SELECT (r->>0)::bigint, (r->>1)::bigint FROM jsonb_array_elements($1::text::jsonb) AS j(r) ORDER BY 1
   ON CONFLICT (shard) DO UPDATE SET token = excluded.token WHERE excluded.token >= spillway_fences.token
-  RETURNING token",
+  RETURNING shard, token",
     fence_token: "SELECT token FROM spillway_fences WHERE shard = $1::bigint",
     applied_ids: "SELECT id, status FROM spillway_writes
   WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))",
@@ -80,8 +81,10 @@ pub const DIALECT: Dialect = Dialect {
     FROM chain AS c JOIN spillway_writes AS w ON w.id = c.prev
     WHERE c.version > $2::bigint + 1 AND w.version > $2::bigint AND c.steps < $3::bigint)
   SELECT version, value, reason, id, applied_at FROM chain ORDER BY version",
+    // Each shard's range walked in key order, at most the limit each, and in all.
     prune_writes: "DELETE FROM spillway_writes WHERE id IN (
-  SELECT id FROM spillway_writes WHERE id > $1::bigint::text || '-' AND id < $1::bigint::text || '-' || $2::bigint::text
-  ORDER BY id LIMIT $3::bigint)",
+  SELECT w.id FROM jsonb_array_elements($1::text::jsonb) AS b(r) CROSS JOIN LATERAL (
+    SELECT id FROM spillway_writes WHERE id > (r->>0) || '-' AND id < (r->>0) || '-' || (r->>1) ORDER BY id LIMIT $2::bigint) AS w
+  LIMIT $2::bigint)",
     write_status: "SELECT status, version, reason, key FROM spillway_writes WHERE id = $1::text",
 };

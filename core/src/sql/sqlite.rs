@@ -87,12 +87,15 @@ pub const COMMIT: &str = "COMMIT";
 /// Abandons it.
 pub const ROLLBACK: &str = "ROLLBACK";
 
-/// Advances the shard's fence to `?2` unless a newer token was seen, and returns the
-/// token when it did: params `(shard, token)`. No row back means a newer holder has
-/// written since: the batch must not commit.
-pub const FENCE: &str = "INSERT INTO spillway_fences (shard, token) VALUES (?1, ?2)
+/// Advances the fences of the JSON array `?1` of `[shard, token]` rows (one
+/// round's shards), each unless a newer token was seen, in shard order, and
+/// returns `shard, token` for each one that advanced. A shard without a row back
+/// has had a newer holder write since: its batch must not commit. (`WHERE true`
+/// lets SQLite tell the upsert clause from a join.)
+pub const FENCE: &str = "INSERT INTO spillway_fences (shard, token)
+  SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]') FROM json_each(?1) AS j WHERE true ORDER BY 1
   ON CONFLICT(shard) DO UPDATE SET token = excluded.token WHERE excluded.token >= spillway_fences.token
-  RETURNING token";
+  RETURNING shard, token";
 
 /// Write ids already recorded, among the JSON array of ids `?1`, with their
 /// status: `id, status`.
@@ -147,18 +150,22 @@ pub const CHANGES: &str = "WITH RECURSIVE chain(id, version, value, reason, appl
     WHERE c.version > ?2 + 1 AND w.version > ?2 AND c.steps < ?3)
   SELECT version, value, reason, id, applied_at FROM chain ORDER BY version";
 
-/// Forgets up to `?3` outcomes of shard `?1` whose stream time is before `?2`
-/// (milliseconds), walking the primary key: a write id is `<shard>-<ms>-<seq>`
-/// with 13-digit milliseconds (until the year 2286), so one shard's ids are one
-/// key range, in stream order, and `'<shard>-<ms>'` bounds it.
+/// Forgets up to `?2` outcomes, in all, of the shards of the JSON array `?1` of
+/// `[shard, before_ms]` rows whose stream time is before the shard's bound,
+/// walking the primary key: a write id is `<shard>-<ms>-<seq>` with 13-digit
+/// milliseconds (until the year 2286), so one shard's ids are one key range, in
+/// stream order, and `'<shard>-<ms>'` bounds it. (`CROSS JOIN` keeps the bounds
+/// the outer loop: each shard one range of the key.)
 ///
-/// Safe for exactly-once as long as `?2` is at most the stream time of the shard's
-/// oldest entry still in its stream: a write can be delivered (again) only while its
+/// Safe for exactly-once as long as a shard's bound is at most the stream time of
+/// its oldest entry still in its stream: a write can be delivered (again) only while its
 /// entry is in the stream (pending or unacknowledged), entry ids only grow, and a
 /// replayed dead letter gets a new id. So an outcome older than every entry still
 /// in the stream belongs to a write that can never come back.
 pub const PRUNE_WRITES: &str = "DELETE FROM spillway_writes WHERE id IN (
-  SELECT id FROM spillway_writes WHERE id > ?1 || '-' AND id < ?1 || '-' || ?2 ORDER BY id LIMIT ?3)";
+  SELECT w.id FROM json_each(?1) AS b CROSS JOIN spillway_writes AS w
+  WHERE w.id > json_extract(b.value, '$[0]') || '-' AND w.id < json_extract(b.value, '$[0]') || '-' || json_extract(b.value, '$[1]')
+  LIMIT ?2)";
 
 /// A write's outcome by id: `status, version, reason, key`.
 pub const WRITE_STATUS: &str = "SELECT status, version, reason, key FROM spillway_writes WHERE id = ?1";
@@ -239,6 +246,52 @@ mod tests {
         assert!(changes(2, 100).is_empty());
     }
 
+    /// A round's fences and pruning, one statement each for all its shards:
+    /// a fence advances only to a token at least as new as the one seen, and
+    /// says so by its row; pruning takes each shard's range before its own
+    /// bound, within the limit in all, walking the key (never the table).
+    #[test]
+    fn round_statements_take_every_shard_at_once() {
+        let db = rusqlite::Connection::open_in_memory().unwrap();
+        for stmt in SCHEMA_STATEMENTS {
+            db.execute(stmt, []).unwrap();
+        }
+        let fence = |rows: &str| -> Vec<(i64, i64)> {
+            db.prepare(FENCE).unwrap().query_map([rows], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+        };
+        assert_eq!(fence("[[3, 5], [1, 2]]"), vec![(1, 2), (3, 5)]);
+        // Shard 3 has seen 5: an older holder's 4 is fenced off (no row), a
+        // newer 6 and the same 2 pass.
+        assert_eq!(fence("[[1, 2], [3, 4], [7, 6]]"), vec![(1, 2), (7, 6)]);
+        let token: i64 = db.query_row("SELECT token FROM spillway_fences WHERE shard = 3", [], |r| r.get(0)).unwrap();
+        assert_eq!(token, 5);
+
+        for (id, shard, ms) in [("1-1000000000001-0", 1, 1), ("1-1000000000002-0", 1, 2), ("2-1000000000001-0", 2, 1), ("2-1000000000003-0", 2, 3), ("12-1000000000001-0", 12, 1)] {
+            db.execute(
+                "INSERT INTO spillway_writes (id, key, status, applied_at, shard, entry_ms) VALUES (?1, 'k', 'applied', 0, ?2, ?3)",
+                rusqlite::params![id, shard, 1_000_000_000_000_i64 + ms],
+            )
+            .unwrap();
+        }
+        let left = || -> Vec<String> { db.prepare("SELECT id FROM spillway_writes ORDER BY id").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect() };
+        // Shard 1 before ms ...002 (one), shard 2 before ...003 (one); shard
+        // 12 is not named (shard 1's range is not shard 12's).
+        assert_eq!(db.execute(PRUNE_WRITES, rusqlite::params!["[[1, 1000000000002], [2, 1000000000003]]", 10]).unwrap(), 2);
+        assert_eq!(left(), vec!["1-1000000000002-0", "12-1000000000001-0", "2-1000000000003-0"]);
+        // The limit holds over all the shards together.
+        assert_eq!(db.execute(PRUNE_WRITES, rusqlite::params!["[[1, 1000000000009], [2, 1000000000009], [12, 1000000000009]]", 2]).unwrap(), 2);
+        assert_eq!(left().len(), 1);
+        let plan: Vec<String> = db
+            .prepare(&format!("EXPLAIN QUERY PLAN {PRUNE_WRITES}"))
+            .unwrap()
+            .query_map(rusqlite::params!["[]", 1], |r| r.get(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(plan.iter().any(|step| step.starts_with("SEARCH w USING PRIMARY KEY (id>? AND id<?)")), "{plan:?}");
+        assert!(!plan.iter().any(|step| step.starts_with("SCAN w")), "{plan:?}");
+    }
+
     /// The v1 -> v2 migration reads shard and stream time out of the write id; v3
     /// adds its columns to the result.
     #[test]
@@ -275,7 +328,7 @@ mod tests {
         assert_eq!((rows, deleted), (1, 0));
         assert!(db.prepare("SELECT rowid FROM spillway_writes").is_err());
         // Pruning takes shard 12's ids before the bound, not shard 1's, not the bound's own.
-        assert_eq!(db.execute(PRUNE_WRITES, rusqlite::params![12, 1_795_472_253_740_i64, 10]).unwrap(), 1);
+        assert_eq!(db.execute(PRUNE_WRITES, rusqlite::params!["[[12, 1795472253740]]", 10]).unwrap(), 1);
         let left: Vec<String> = db.prepare("SELECT id FROM spillway_writes ORDER BY id").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
         assert_eq!(left, vec!["1-1795472253739-0", "12-1795472253740-0"]);
     }
