@@ -127,7 +127,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new(), shrunk: false },
         due_in_ms: None,
     };
-    let mut scanned_at = 0;
+    let (mut scanned_at, mut probed_at) = (0, 0);
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
     loop {
@@ -178,7 +178,19 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
             .collect();
         let share = d.byte_share();
         let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, h, share)));
-        let ((), next) = futures::future::join(d.finish_round(&batches), next).await;
+        // Meanwhile, the shards rung since the last look: their rings wait
+        // behind this drain (see `rung`).
+        let now = spillway_spin::monotonic_ms();
+        let unheld: Vec<u32> = (0..s.layout.shards).filter(|shard| !d.held.iter().any(|h| h.shard == *shard)).collect();
+        let look = rescan && !unheld.is_empty() && now >= probed_at + WAIT_STEP_MS;
+        if look {
+            probed_at = now;
+        }
+        let ((), next, rang) = futures::future::join3(d.finish_round(&batches), next, async move {
+            if look { rung(s, &unheld).await } else { Vec::new() }
+        })
+        .await;
+        d.want(rang);
         // A shard that left in this round (failed, fenced) leaves its read-ahead in
         // the stream's pending list, for the next holder.
         prefetched = ahead.iter().map(|h| h.shard).zip(next).filter(|(shard, _)| d.held.iter().any(|h| h.shard == *shard)).collect();
@@ -324,15 +336,32 @@ impl Drain<'_> {
 
     /// Takes the leases of the wanted shards that are free.
     async fn take_wanted(&mut self) {
+        let mut wanted: Vec<u32> = Vec::new();
         for shard in std::mem::take(&mut self.wanted) {
-            if self.failed.contains(&shard) || self.held.iter().any(|h| h.shard == shard) {
-                continue;
+            if !self.failed.contains(&shard) && !self.held.iter().any(|h| h.shard == shard) && !wanted.contains(&shard) {
+                wanted.push(shard);
             }
-            match acquire(self.s, shard, self.by_operator).await {
+        }
+        // All at once: under load, one lease call after another would hold
+        // the next round (and the writes waiting on these shards) back.
+        let taken = futures::future::join_all(wanted.iter().map(|shard| acquire(self.s, *shard, self.by_operator))).await;
+        for (shard, got) in wanted.into_iter().zip(taken) {
+            match got {
                 Ok(Some(h)) => self.held.push(h),
                 Ok(None) if self.explicit.contains(&shard) => self.stats.busy.push(shard),
                 Ok(None) => {}
                 Err(p) => self.failures.push((Some(shard), p)),
+            }
+        }
+    }
+
+    /// Wants the shards rung while this drain ran (see [`rung`]) that are
+    /// within its share, as a scan would (taking one beyond it is left to the
+    /// scans, see [`Share`]).
+    fn want(&mut self, rung: Vec<u32>) {
+        for shard in rung {
+            if self.held.len() + self.wanted.len() < self.share.of && !self.wanted.contains(&shard) && !self.held.iter().any(|h| h.shard == shard) {
+                self.wanted.push(shard);
             }
         }
     }
@@ -367,7 +396,7 @@ impl Drain<'_> {
         let share = self.byte_share();
         let reads = futures::future::join_all(fresh.iter().map(|h| read_batch(s, h, share))).await;
         prefetched.extend(fresh.iter().map(|h| h.shard).zip(reads));
-        let mut batches = Vec::new();
+        let (mut batches, mut empties) = (Vec::new(), Vec::new());
         for mut h in std::mem::take(&mut self.held) {
             match prefetched.remove(&h.shard).unwrap_or(Ok(Read::Lost)) {
                 Err(p) => {
@@ -383,7 +412,7 @@ impl Drain<'_> {
                 }
                 Ok(Read::Batch(b, None)) if b.entries.is_empty() => {
                     h.resume = None;
-                    self.empty(h).await;
+                    empties.push(h);
                 }
                 Ok(Read::Batch(b, resume)) => {
                     h.cleared = false;
@@ -394,6 +423,12 @@ impl Drain<'_> {
                 }
             }
         }
+        // The shards found empty, all at once.
+        for e in futures::future::join_all(empties.into_iter().map(|h| empty(s, h))).await {
+            self.held.extend(e.kept);
+            self.wanted.extend(e.retake);
+            self.failures.extend(e.failure);
+        }
         batches
     }
 
@@ -401,29 +436,6 @@ impl Drain<'_> {
     /// next batch reads (it reads one write whatever its size).
     fn byte_share(&self) -> usize {
         (self.s.round_bytes / self.held.len().max(1)).max(1)
-    }
-
-    /// The doorbell handshake for a shard found empty: the first time its flag
-    /// is cleared and it is read once more; the second time its lease is
-    /// released, and taken again if the flag was set meanwhile.
-    async fn empty(&mut self, mut h: Held) {
-        let bell = spillway_spin::bin(&self.s.layout.bell(h.shard));
-        let redis = Redis::for_shard(self.s, h.shard);
-        if !h.cleared {
-            if let Err(p) = redis.execute("DEL", vec![bell]).await {
-                self.failures.push((Some(h.shard), p));
-            }
-            h.cleared = true;
-            self.held.push(h);
-            return;
-        }
-        h.lease.release(self.s, Then::Done).await;
-        match redis.execute("EXISTS", vec![bell]).await {
-            Ok(r) if r.first().and_then(int).unwrap_or(0) > 0 => self.wanted.push(h.shard),
-            Ok(_) => {}
-            // The flag's expiry rings again if it was set.
-            Err(p) => spillway_spin::log_ignored("reading a doorbell flag", Err::<(), _>(p)),
-        }
     }
 
     /// Applies a round's batches in one transaction, refreshes the cache and
@@ -537,11 +549,12 @@ impl Drain<'_> {
                 (*b, r, spillway_spin::monotonic_ms() - started)
             }
         });
+        let mut lines = Vec::with_capacity(done.len());
         for (b, r, ack_ms) in futures::future::join_all(acks).await {
             match r {
                 Ok(_) => {
                     let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
-                    log_batch(b, new_applied, new_rejected, [b.read_ms, apply_ms, cache_ms, ack_ms]);
+                    lines.push(batch_line(b, new_applied, new_rejected, [b.read_ms, apply_ms, cache_ms, ack_ms]));
                 }
                 Err(p) => {
                     log_failure(b, "ack", p.cause_or_detail());
@@ -549,14 +562,18 @@ impl Drain<'_> {
                 }
             }
         }
+        // The round's lines in one write: each write to stderr is a host call.
+        if !lines.is_empty() {
+            eprintln!("{}", lines.join("\n"));
+        }
     }
 }
 
-/// One JSON line on stderr (where Spin collects a component's logs) per applied
-/// batch: shard, fencing token, writes, new outcomes, first and last write id, and
-/// how long each step took (the apply and cache steps are the round's, shared by
-/// the shards in it).
-fn log_batch(b: &Batch, applied: u64, rejected: u64, [read_ms, apply_ms, cache_ms, ack_ms]: [u64; 4]) {
+/// The JSON line on stderr (where Spin collects a component's logs) of an
+/// applied batch: shard, fencing token, writes, new outcomes, first and last
+/// write id, and how long each step took (the apply and cache steps are the
+/// round's, shared by the shards in it).
+fn batch_line(b: &Batch, applied: u64, rejected: u64, [read_ms, apply_ms, cache_ms, ack_ms]: [u64; 4]) -> String {
     let line = serde_json::json!({
         "event": "batch", "shard": b.shard, "fence": b.fence, "writes": b.entries.len(),
         "applied": applied, "rejected": rejected,
@@ -564,7 +581,7 @@ fn log_batch(b: &Batch, applied: u64, rejected: u64, [read_ms, apply_ms, cache_m
         "last": b.entries.last().map(|(id, _)| WriteId::of_entry(b.shard, id)),
         "ms": {"read": read_ms, "apply": apply_ms, "cache": cache_ms, "ack": ack_ms},
     });
-    eprintln!("{line}");
+    line.to_string()
 }
 
 /// One JSON line on stderr per failed batch: which step failed and why.
@@ -576,6 +593,62 @@ fn log_failure(b: &Batch, step: &str, error: &str) {
         "error": error,
     });
     eprintln!("{line}");
+}
+
+/// The doorbell handshake for a shard found empty: the first time its flag
+/// is cleared and it is kept, to be read once more; the second time its lease
+/// is released (and the shard given back to be taken again if the flag was set
+/// meanwhile). A failure to clear the flag is reported; the shard is kept.
+async fn empty(s: &Settings, mut h: Held) -> Emptied {
+    let bell = spillway_spin::bin(&s.layout.bell(h.shard));
+    let redis = Redis::for_shard(s, h.shard);
+    if !h.cleared {
+        let failure = redis.execute("DEL", vec![bell]).await.err().map(|p| (Some(h.shard), p));
+        h.cleared = true;
+        return Emptied { kept: Some(h), retake: None, failure };
+    }
+    h.lease.release(s, Then::Done).await;
+    let retake = match redis.execute("EXISTS", vec![bell]).await {
+        Ok(r) => (r.first().and_then(int).unwrap_or(0) > 0).then_some(h.shard),
+        // The flag's expiry rings again if it was set.
+        Err(p) => {
+            spillway_spin::log_ignored("reading a doorbell flag", Err::<(), _>(p));
+            None
+        }
+    };
+    Emptied { kept: None, retake, failure: None }
+}
+
+/// What [`empty`] did with a shard: kept it, or let it go (to be taken again
+/// if rung meanwhile); and what failed.
+struct Emptied {
+    kept: Option<Held>,
+    retake: Option<u32>,
+    failure: Option<(Option<u32>, Problem)>,
+}
+
+/// Which of `shards` have their doorbell flag set: a write was queued on each
+/// since its holder last found it empty, and its ring (the trigger hands this
+/// component one message at a time) waits for this drain to end. A drain looks
+/// between its rounds (every [`WAIT_STEP_MS`] at most: one `MGET` per server,
+/// per shard with `redis_cluster`, beside the round's own calls) and takes
+/// them, so a write to a shard the drain does not hold waits for a round, not
+/// for the next scan. A flag set for a shard another holder has costs a
+/// failed lease call.
+async fn rung(s: &Settings, shards: &[u32]) -> Vec<u32> {
+    let groups = s.slot_groups(shards);
+    let looks = groups.iter().map(|(address, group)| async move {
+        let bells = group.iter().map(|shard| spillway_spin::bin(&s.layout.bell(*shard))).collect();
+        (group, Redis::new(address).execute("MGET", bells).await)
+    });
+    let mut out = Vec::new();
+    for (group, reply) in futures::future::join_all(looks).await {
+        match reply {
+            Ok(flags) => out.extend(group.iter().zip(flags).filter(|(_, flag)| spillway_spin::text(flag).is_some()).map(|(shard, _)| *shard)),
+            Err(p) => spillway_spin::log_ignored("looking for shards rung during a drain", Err::<(), _>(p)),
+        }
+    }
+    out
 }
 
 /// Shards with queued writes and no lease holder: one call per server (per
