@@ -330,7 +330,7 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     if !out.rows.is_empty() {
         db.query(db.sql().insert_writes, vec![json_param(&out.rows)]).await?;
     }
-    let bounds: Vec<(i64, i64)> = batches.iter().filter(|b| !e.fenced.contains_key(&b.shard)).map(|b| (i64::from(b.shard), b.prune_before_ms)).collect();
+    let bounds: Vec<(i64, i64)> = batches.iter().filter(|b| !e.fenced.contains_key(&b.shard)).map(|b| (i64::from(b.shard), spillway_core::sql::prune_bound(b.prune_before_ms))).collect();
     if !bounds.is_empty() {
         let limit = PRUNE_PER_BATCH.saturating_mul(bounds.len() as i64);
         db.query(db.sql().prune_writes, vec![json_param(&bounds), Value::Integer(limit)]).await?;

@@ -30,6 +30,21 @@ pub enum SqlValue {
     Text(String),
 }
 
+/// The earliest stream time a pruning bound names: the first millisecond
+/// with 13 digits (2001-09-09). Write ids compare as text
+/// (`<shard>-<ms>-<seq>`), which orders them by time only while every
+/// millisecond has 13 digits: a bound of fewer (a retention reaching back
+/// before 2001, or a clock gone wrong) would sort after every id of its shard
+/// and forget the outcomes of writes still in the stream. No write is older,
+/// so the bound forgets nothing it should keep.
+pub const EARLIEST_PRUNE_MS: i64 = 1_000_000_000_000;
+
+/// `before_ms` as a bound of [`Dialect::prune_writes`]: never before
+/// [`EARLIEST_PRUNE_MS`].
+pub fn prune_bound(before_ms: i64) -> i64 {
+    before_ms.max(EARLIEST_PRUNE_MS)
+}
+
 /// A text value.
 pub fn text(v: &SqlValue) -> Option<String> {
     match v {

@@ -292,6 +292,28 @@ mod tests {
         assert!(!plan.iter().any(|step| step.starts_with("SCAN w")), "{plan:?}");
     }
 
+    /// A retention reaching back before 2001 gives a bound of 12 digits,
+    /// which sorts after every id of the shard: pruning would forget the
+    /// outcomes of writes still in the stream. Bounds are taken from 2001 on.
+    #[test]
+    fn a_bound_before_2001_forgets_nothing() {
+        let db = rusqlite::Connection::open_in_memory().unwrap();
+        for stmt in SCHEMA_STATEMENTS {
+            db.execute(stmt, []).unwrap();
+        }
+        let insert = || {
+            db.execute("INSERT INTO spillway_writes (id, key, status, applied_at, shard, entry_ms) VALUES ('4-1795472253740-0', 'k', 'applied', 0, 4, 1795472253740)", [])
+                .unwrap()
+        };
+        insert();
+        let bounds = |before: i64| serde_json::json!([[4, before]]).to_string();
+        let raw = 1_795_472_253_740 - 999_999_999 * 1000;
+        assert_eq!(db.execute(PRUNE_WRITES, rusqlite::params![bounds(crate::sql::prune_bound(raw)), 10]).unwrap(), 0, "nothing before 2001");
+        assert_eq!(db.execute(PRUNE_WRITES, rusqlite::params![bounds(raw), 10]).unwrap(), 1, "the raw bound sorts after the id");
+        insert();
+        assert_eq!(db.execute(PRUNE_WRITES, rusqlite::params![bounds(crate::sql::prune_bound(-5)), 10]).unwrap(), 0);
+    }
+
     /// The v1 -> v2 migration reads shard and stream time out of the write id; v3
     /// adds its columns to the result.
     #[test]
