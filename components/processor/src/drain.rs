@@ -122,6 +122,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         wanted,
         held: Vec::new(),
         failed: HashSet::new(),
+        unreachable: HashSet::new(),
         failures: Vec::new(),
         stats,
         share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new(), shrunk: false },
@@ -220,6 +221,9 @@ struct Drain<'a> {
     /// retries it after a lease TTL, and its attempts are not burnt in a tight
     /// loop.
     failed: HashSet<u32>,
+    /// Shards whose lease call failed in this drain: only the scans try them
+    /// again, not each look at the doorbell flags (see [`Drain::want`]).
+    unreachable: HashSet<u32>,
     failures: Vec<(Option<u32>, Problem)>,
     stats: &'a mut Stats,
     share: Share,
@@ -350,16 +354,19 @@ impl Drain<'_> {
                 Ok(Some(h)) => self.held.push(h),
                 Ok(None) if self.explicit.contains(&shard) => self.stats.busy.push(shard),
                 Ok(None) => {}
-                Err(p) => self.failures.push((Some(shard), p)),
+                Err(p) => {
+                    self.unreachable.insert(shard);
+                    self.failures.push((Some(shard), p));
+                }
             }
         }
     }
 
     /// Wants the shards rung while this drain ran (see [`rung`]) that are
     /// within its share, as a scan would (taking one beyond it is left to the
-    /// scans, see [`Share`]).
+    /// scans, see [`Share`]), unless taking one failed in this drain.
     fn want(&mut self, rung: Vec<u32>) {
-        for shard in rung {
+        for shard in rung.into_iter().filter(|shard| !self.unreachable.contains(shard)) {
             if self.held.len() + self.wanted.len() < self.share.of && !self.wanted.contains(&shard) && !self.held.iter().any(|h| h.shard == shard) {
                 self.wanted.push(shard);
             }
