@@ -223,6 +223,22 @@ async fn outcomes_are_pruned_after_the_retention() {
     assert!(notices < 1000, "the outcome notices are capped ({notices})");
 }
 
+/// A retention reaching back before 2001 (a "keep forever" value) forgets no
+/// outcome: write ids compare as text, and a bound of 12-digit milliseconds
+/// would sort after every id of its shard. Regression: each round forgot its
+/// shard's outcomes, its own included.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retention_reaching_before_2001_forgets_no_outcome() {
+    let s = Spillway::builder().vars(&[("status_retention_secs", "999999999")]).start().await;
+    for _ in 0..3 {
+        let (code, v) = s.write(json!({"key": "k", "op": "incr", "field": "n", "by": 1})).await;
+        assert_eq!(code, 202, "{v}");
+        s.drain().await;
+    }
+    let rows: i64 = s.db().query_row("SELECT count(*) FROM spillway_writes", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 3, "every outcome kept");
+}
+
 /// Redis settings that would lose or strand writes are reported (in the drain reply
 /// and once on the processor's stderr), and expired-key events are turned on.
 #[tokio::test(flavor = "multi_thread")]
