@@ -182,13 +182,15 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         // Meanwhile, the shards rung since the last look: their rings wait
         // behind this drain (see `rung`).
         let now = spillway_spin::monotonic_ms();
-        let unheld: Vec<u32> = (0..s.layout.shards).filter(|shard| !d.held.iter().any(|h| h.shard == *shard)).collect();
-        let look = rescan && !unheld.is_empty() && now >= probed_at + WAIT_STEP_MS;
-        if look {
+        let look = rescan && d.held.len() < s.layout.shards as usize && now >= probed_at + WAIT_STEP_MS;
+        let unheld: Vec<u32> = if look {
             probed_at = now;
-        }
+            (0..s.layout.shards).filter(|shard| !d.held.iter().any(|h| h.shard == *shard)).collect()
+        } else {
+            Vec::new()
+        };
         let ((), next, rang) = futures::future::join3(d.finish_round(&batches), next, async move {
-            if look { rung(s, &unheld).await } else { Vec::new() }
+            if unheld.is_empty() { Vec::new() } else { rung(s, &unheld).await }
         })
         .await;
         d.want(rang);
