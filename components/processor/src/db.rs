@@ -96,6 +96,13 @@ pub(crate) struct Batch {
     pub(crate) attempt: u32,
 }
 
+impl Batch {
+    /// The keys its writes are for (an entry that is not a write has none).
+    pub(crate) fn keys(&self) -> impl Iterator<Item = String> + '_ {
+        self.entries.iter().filter_map(|(_, payload)| serde_json::from_str::<Envelope>(payload).ok().map(|w| w.key))
+    }
+}
+
 /// Applies the batches of several shards in ONE transaction (one commit, one disk
 /// sync, for all of them: shards own disjoint keys, so their batches are
 /// independent). If that transaction fails, each batch is tried in a transaction of

@@ -7,6 +7,12 @@
 //! acknowledged, and a write's status reads `applied` only once its entry has left
 //! the stream (see the cache component). So whoever has seen `applied` with version
 //! v reads v or newer from the cache.
+//!
+//! A round's refresh and acknowledgement run beside the next round's read and
+//! commit, never beside a commit of one of its own keys, and the rounds'
+//! refreshes run in order: a key's cache entries are written in the order of
+//! its commits, so a fill that read a newer commit is never overwritten by an
+//! older refresh.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -97,7 +103,10 @@ enum Read {
 /// held (concurrently), applies them all in ONE database transaction (one disk sync
 /// for all), refreshes the cache once for all, and acknowledges each. Shards join
 /// as their leases are won and leave when empty. While a round is applied, the next
-/// batch of each shard that filled its batch is already being read.
+/// batch of each shard that filled its batch is already being read, and the last
+/// round's cache refresh and acknowledgement (its [`Tail`]) still run: a write
+/// that arrives while a large round is applied waits for that commit, not for
+/// its whole round.
 ///
 /// The doorbell handshake, per shard: on an empty read the flag is cleared and the
 /// shard read once more (a write added before the clear is seen; one added after
@@ -131,27 +140,40 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
     let (mut scanned_at, mut probed_at) = (0, 0);
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
+    // The last round's tail, running beside this round's read and commit.
+    let mut behind = Behind::default();
     loop {
         // A statement ran out of time: this connection runs nothing more, and
         // taking more shards would only burn their writes' attempts. Their
         // watches resume them on a fresh invocation.
         if db.abandoned() {
+            d.catch_up(&mut behind).await;
             for h in std::mem::take(&mut d.held) {
                 h.lease.release(s, Then::BackOff { attempt: h.attempt }).await;
             }
             return d.failures;
         }
         if deadline.is_some_and(|t| spillway_spin::monotonic_ms() >= t) && !d.held.is_empty() {
+            d.catch_up(&mut behind).await;
             d.hand_on().await;
             return d.failures;
         }
         if rescan && (d.held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
             scanned_at = spillway_spin::monotonic_ms();
-            d.scan().await;
-            d.shed().await;
+            behind.beside(d.scan()).await;
+            if d.share.shrunk {
+                // Shedding lets leases go: not one whose round is still
+                // being acknowledged.
+                d.catch_up(&mut behind).await;
+                d.shed().await;
+            }
         }
-        d.take_wanted().await;
+        behind.beside(d.take_wanted()).await;
         if d.held.is_empty() {
+            d.catch_up(&mut behind).await;
+            if !d.held.is_empty() {
+                continue;
+            }
             // Nothing to apply, but a scheduled write due within the lead:
             // wait for it (looking again every step for other work), so that
             // it is applied on time whatever the alarm's own lateness.
@@ -161,9 +183,19 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
             }
             continue;
         }
-        let batches = d.read(std::mem::take(&mut prefetched)).await;
+        // A shard is let go after two empty reads in a row (see `empty`), so
+        // never while the tail of its last batch runs: that tail is the last
+        // round's, settled before this round's tail starts.
+        let batches = behind.beside(d.read(std::mem::take(&mut prefetched))).await;
         if batches.is_empty() {
+            d.catch_up(&mut behind).await;
             continue;
+        }
+        // A key of this round whose last round's cache refresh has not run
+        // yet: that refresh must come first (a cache fill meanwhile could read
+        // this round's commit, and the refresh then write an older value).
+        if let Some(tail_keys) = behind.keys() && batches.iter().any(|b| b.keys().any(|k| tail_keys.contains(&k))) {
+            d.catch_up(&mut behind).await;
         }
         // Shards that filled their batch of new entries most likely have more: read
         // their next batch while this round is applied (not while resuming: the
@@ -189,11 +221,14 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         } else {
             Vec::new()
         };
-        let ((), next, rang) = futures::future::join3(d.finish_round(&batches), next, async move {
+        let ((applied, apply_ms), next, rang) = futures::future::join3(behind.beside(d.apply(&batches)), next, async move {
             if unheld.is_empty() { Vec::new() } else { rung(s, &unheld).await }
         })
         .await;
         d.want(rang);
+        // This round's tail follows the last one's.
+        d.catch_up(&mut behind).await;
+        behind.start(d.tail(batches, applied, apply_ms));
         // A shard that left in this round (failed, fenced) leaves its read-ahead in
         // the stream's pending list, for the next holder.
         prefetched = ahead.iter().map(|h| h.shard).zip(next).filter(|(shard, _)| d.held.iter().any(|h| h.shard == *shard)).collect();
@@ -254,7 +289,7 @@ struct Share {
     shrunk: bool,
 }
 
-impl Drain<'_> {
+impl<'a> Drain<'a> {
     /// Counts the nodes again (each quarter lease TTL), saying this one is
     /// alive: the drain's share. A node is forgotten three lease TTLs after
     /// it was last seen.
@@ -387,14 +422,6 @@ impl Drain<'_> {
         self.failures.push((Some(shard), p));
     }
 
-    /// Counts a failed attempt for each of `entries` with what their status
-    /// and dead letter will say: the safe message (the backend's own text is in
-    /// the batch's log line).
-    async fn record_failure(&self, shard: u32, entries: impl Iterator<Item = String>, p: &Problem) {
-        let recorded = Redis::for_shard(self.s, shard).call(&Call::record_error(&self.s.layout, shard, &p.detail, entries)).await;
-        spillway_spin::log_ignored("recording a batch's failure", recorded);
-    }
-
     /// Reads a batch from every held shard (those read ahead, from
     /// `prefetched`) and settles each shard's state: a lost lease leaves, an
     /// empty shard goes through the doorbell handshake (see [`drain`]), a batch
@@ -447,9 +474,10 @@ impl Drain<'_> {
         (self.s.round_bytes / self.held.len().max(1)).max(1)
     }
 
-    /// Applies a round's batches in one transaction, refreshes the cache and
-    /// acknowledges; shards whose batch failed (or was fenced) leave.
-    async fn finish_round(&mut self, batches: &[Batch]) {
+    /// Applies a round's batches in one transaction; shards whose batch failed
+    /// (or was fenced) leave. The rest of the round, its [`Tail`], is the
+    /// caller's to run.
+    async fn apply(&mut self, batches: &[Batch]) -> (db::Applied, u64) {
         let started = spillway_spin::monotonic_ms();
         let (applied, errors) = db::apply_round(self.s, self.db, batches).await;
         let apply_ms = spillway_spin::monotonic_ms() - started;
@@ -458,7 +486,7 @@ impl Drain<'_> {
             if let Some(b) = batches.iter().find(|b| b.shard == shard) {
                 log_failure(b, "apply", p.cause_or_detail());
             }
-            self.record_failure(shard, ids, &p).await;
+            record_failure(self.s, shard, ids, &p).await;
             self.fail(shard, p).await;
         }
         // Fenced: a newer holder has written; these entries are its now. Unless
@@ -470,50 +498,122 @@ impl Drain<'_> {
             h.lease.fenced_off(self.s, seen).await;
         }
         self.held.retain(|h| !applied.fenced.contains_key(&h.shard));
-        let refresh_started = spillway_spin::monotonic_ms();
-        let Some(done) = self.refresh(batches, &applied).await else { return };
-        let cache_ms = spillway_spin::monotonic_ms() - refresh_started;
-        let done = self.dead_letter(done, &applied).await;
-        self.acknowledge(&done, &applied, [apply_ms, cache_ms]).await;
-        self.stats.applied += applied.applied;
-        self.stats.rejected += applied.rejected;
-        self.stats.batches += done.len() as u64;
+        (applied, apply_ms)
+    }
+
+    /// The tail of a round just applied, for the shards still held: to run
+    /// (see [`Tail::run`]) and then [`Drain::settle`].
+    fn tail(&self, batches: Vec<Batch>, applied: db::Applied, apply_ms: u64) -> Tail<'a> {
+        let owners: Vec<Held> = self.held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard)).cloned().collect();
+        Tail { s: self.s, owners, batches, applied, apply_ms, cache_ms: 0, lost: HashSet::new(), failed: Vec::new(), done: 0 }
+    }
+
+    /// Waits for the last round's tail, if any, and takes in what it did.
+    async fn catch_up(&mut self, behind: &mut Behind<'a>) {
+        if let Some(t) = behind.finish().await {
+            self.settle(t).await;
+        }
+    }
+
+    /// Takes in what a round's tail did: shards whose lease it found lost
+    /// leave, and those whose step failed leave after their backoff.
+    async fn settle(&mut self, t: Settled) {
+        self.held.retain(|h| !t.lost.contains(&h.shard));
+        for (shard, p) in t.failed {
+            self.fail(shard, p).await;
+        }
+        self.stats.applied += t.applied;
+        self.stats.rejected += t.rejected;
+        self.stats.batches += t.batches;
+    }
+}
+
+/// The steps of a round after its commit: the cache refresh, the dead
+/// letters, and the acknowledgement (in that order: read-your-writes). They
+/// run beside the next round's read and commit (see [`Behind`]), whose keys
+/// they do not share; the next round's own tail starts only once this one
+/// is done, so each key's cache entries are written in the order of its
+/// commits.
+struct Tail<'a> {
+    s: &'a Settings,
+    /// The leases of the shards in the round (a copy: the drain goes on).
+    owners: Vec<Held>,
+    batches: Vec<Batch>,
+    applied: db::Applied,
+    apply_ms: u64,
+    cache_ms: u64,
+    /// Shards whose lease was found lost.
+    lost: HashSet<u32>,
+    /// Shards that failed a step, and why.
+    failed: Vec<(u32, Problem)>,
+    /// Batches acknowledged.
+    done: u64,
+}
+
+/// What a round's tail did, for [`Drain::settle`].
+#[derive(Default)]
+struct Settled {
+    lost: HashSet<u32>,
+    failed: Vec<(u32, Problem)>,
+    applied: u64,
+    rejected: u64,
+    batches: u64,
+}
+
+impl<'a> Tail<'a> {
+    /// The keys whose cache entries this tail writes.
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.applied.state.keys()
+    }
+
+    async fn run(mut self) -> Settled {
+        let batches = std::mem::take(&mut self.batches);
+        let Some(done) = self.refresh(&batches).await else {
+            return Settled { lost: self.lost, failed: self.failed, ..Settled::default() };
+        };
+        let done = self.dead_letter(done).await;
+        self.acknowledge(&done).await;
+        Settled { lost: self.lost, failed: self.failed, applied: self.applied.applied, rejected: self.applied.rejected, batches: self.done }
     }
 
     /// Refreshes the cache with the round's records; the batches of the shards
     /// still held after it (`None`: the refresh failed, and every batch leaves:
     /// committed, not acknowledged, they are redelivered, found applied, and
     /// refreshed then).
-    async fn refresh<'b>(&mut self, batches: &'b [Batch], applied: &db::Applied) -> Option<Vec<&'b Batch>> {
-        let owners: Vec<&Held> = self.held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard)).collect();
-        let done: Vec<&Batch> = batches.iter().filter(|b| owners.iter().any(|h| h.shard == b.shard)).collect();
-        match refresh_cache(self.s, &applied.state, &owners).await {
+    async fn refresh<'b>(&mut self, batches: &'b [Batch]) -> Option<Vec<&'b Batch>> {
+        let done: Vec<&Batch> = batches.iter().filter(|b| self.owners.iter().any(|h| h.shard == b.shard)).collect();
+        let owners: Vec<&Held> = self.owners.iter().collect();
+        let started = spillway_spin::monotonic_ms();
+        let refreshed = refresh_cache(self.s, &self.applied.state, &owners).await;
+        self.cache_ms = spillway_spin::monotonic_ms() - started;
+        match refreshed {
             Ok(lost) => {
                 // Lease lost during the refresh: the new holder redelivers and
                 // refreshes.
-                self.held.retain(|h| !lost.contains(&h.shard));
-                Some(done.into_iter().filter(|b| !lost.contains(&b.shard)).collect())
+                let kept = done.into_iter().filter(|b| !lost.contains(&b.shard)).collect();
+                self.lost.extend(lost);
+                Some(kept)
             }
             Err(p) => {
                 for b in done {
                     log_failure(b, "cache", p.cause_or_detail());
-                    self.record_failure(b.shard, b.entries.iter().map(|(id, _)| id.clone()), &p).await;
-                    self.fail(b.shard, p.clone()).await;
+                    record_failure(self.s, b.shard, b.entries.iter().map(|(id, _)| id.clone()), &p).await;
+                    self.failed.push((b.shard, p.clone()));
                 }
                 None
             }
         }
     }
-
     /// Writes past their attempt limit that the database does not have: out of
     /// the stream to the dead letters, before the batch's acknowledgement (which
     /// would forget their errors). Returns the batches to acknowledge; a shard
     /// whose dead-lettering failed leaves, unacknowledged (redelivered later).
-    async fn dead_letter<'b>(&mut self, done: Vec<&'b Batch>, applied: &db::Applied) -> Vec<&'b Batch> {
+    async fn dead_letter<'b>(&mut self, done: Vec<&'b Batch>) -> Vec<&'b Batch> {
         let s = self.s;
-        let mut undead = Vec::new();
+        let mut left = Vec::new();
         for b in &done {
-            let dead: Vec<DeadLetter> = applied
+            let dead: Vec<DeadLetter> = self
+                .applied
                 .dead
                 .iter()
                 .filter(|d| d.shard == b.shard)
@@ -530,12 +630,9 @@ impl Drain<'_> {
                 && let Err(p) = Redis::for_shard(s, b.shard).call(&call).await
             {
                 log_failure(b, "dead-letter", p.cause_or_detail());
-                undead.push((b.shard, p));
+                left.push(b.shard);
+                self.failed.push((b.shard, p));
             }
-        }
-        let left: Vec<u32> = undead.iter().map(|(shard, _)| *shard).collect();
-        for (shard, p) in undead {
-            self.fail(shard, p).await;
         }
         done.into_iter().filter(|b| !left.contains(&b.shard)).collect()
     }
@@ -544,8 +641,8 @@ impl Drain<'_> {
     /// acknowledgement failed leaves: applied but still pending, and this tenure
     /// reads only new entries, so the watch's retry starts a tenure that
     /// resumes them.
-    async fn acknowledge(&mut self, done: &[&Batch], applied: &db::Applied, [apply_ms, cache_ms]: [u64; 2]) {
-        let s = self.s;
+    async fn acknowledge(&mut self, done: &[&Batch]) {
+        let (s, applied) = (self.s, &self.applied);
         let acks = done.iter().map(|b| {
             let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
             let dead: HashSet<&str> = applied.dead.iter().filter(|d| d.shard == b.shard).map(|d| d.entry.as_str()).collect();
@@ -559,23 +656,79 @@ impl Drain<'_> {
             }
         });
         let mut lines = Vec::with_capacity(done.len());
+        let mut failed = Vec::new();
         for (b, r, ack_ms) in futures::future::join_all(acks).await {
             match r {
                 Ok(_) => {
                     let (new_applied, new_rejected) = applied.per_shard.get(&b.shard).copied().unwrap_or_default();
-                    lines.push(batch_line(b, new_applied, new_rejected, [b.read_ms, apply_ms, cache_ms, ack_ms]));
+                    lines.push(batch_line(b, new_applied, new_rejected, [b.read_ms, self.apply_ms, self.cache_ms, ack_ms]));
                 }
                 Err(p) => {
                     log_failure(b, "ack", p.cause_or_detail());
-                    self.fail(b.shard, p).await;
+                    failed.push((b.shard, p));
                 }
             }
         }
+        self.done += lines.len() as u64;
+        self.failed.extend(failed);
         // The round's lines in one write: each write to stderr is a host call.
         if !lines.is_empty() {
             eprintln!("{}", lines.join("\n"));
         }
     }
+}
+
+/// A round's tail running beside the work that follows it (see [`Tail`]).
+#[derive(Default)]
+struct Behind<'a> {
+    running: Option<futures::future::LocalBoxFuture<'a, Settled>>,
+    /// The keys of the running tail's refresh.
+    keys: HashSet<String>,
+    finished: Option<Settled>,
+}
+
+impl<'a> Behind<'a> {
+    fn start(&mut self, tail: Tail<'a>) {
+        debug_assert!(self.running.is_none() && self.finished.is_none(), "a tail starts once the last one is settled");
+        self.keys = tail.keys().cloned().collect();
+        self.running = Some(Box::pin(tail.run()));
+    }
+
+    /// Runs `work`, letting the tail (if any) go on meanwhile.
+    async fn beside<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        let Some(running) = self.running.take() else { return work.await };
+        match futures::future::select(std::pin::pin!(work), running).await {
+            futures::future::Either::Left((out, running)) => {
+                self.running = Some(running);
+                out
+            }
+            futures::future::Either::Right((settled, work)) => {
+                self.finished = Some(settled);
+                work.await
+            }
+        }
+    }
+
+    /// The keys the running tail has still to refresh (`None`: no tail runs).
+    fn keys(&self) -> Option<&HashSet<String>> {
+        self.running.as_ref().map(|_| &self.keys)
+    }
+
+    /// Waits for the tail (if any) to finish; what it did.
+    async fn finish(&mut self) -> Option<Settled> {
+        if let Some(running) = self.running.take() {
+            self.finished = Some(running.await);
+        }
+        self.finished.take()
+    }
+}
+
+/// Counts a failed attempt for each of `entries` with what their status
+/// and dead letter will say: the safe message (the backend's own text is in
+/// the batch's log line).
+async fn record_failure(s: &Settings, shard: u32, entries: impl Iterator<Item = String>, p: &Problem) {
+    let recorded = Redis::for_shard(s, shard).call(&Call::record_error(&s.layout, shard, &p.detail, entries)).await;
+    spillway_spin::log_ignored("recording a batch's failure", recorded);
 }
 
 /// The JSON line on stderr (where Spin collects a component's logs) of an
