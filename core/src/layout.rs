@@ -140,7 +140,8 @@ impl Layout {
     }
 
     /// A tenant's token bucket where `home` keeps it: `<tokens>:<ms>`, gone
-    /// once full again (its TTL). Tenant names never hold `{` or `}`.
+    /// a minute after it is full again (its TTL; absent means full). Tenant
+    /// names never hold `{` or `}`.
     pub fn bucket(&self, home: u32, tenant: &str) -> String {
         self.shard_key(home, &format!("bucket:{tenant}"))
     }

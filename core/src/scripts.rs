@@ -394,7 +394,10 @@ for j = 1, tenants do
     local rate, burst = tonumber(tenant(j, 2)), tonumber(tenant(j, 3))
     local full_in = math.ceil((burst - tokens[j]) * 1000 / rate)
     if full_in > 0 then
-      redis.call('SET', KEYS[7 * n + 2 + j], string.format('%.3f', tokens[j]) .. ':' .. now, 'PX', full_in)
+      -- Kept a minute past full (its refill is computed from its time, capped
+      -- at the burst): a key that expired when full would, for a busy
+      -- tenant, be an expired-key event, a processor invocation, per write.
+      redis.call('SET', KEYS[7 * n + 2 + j], string.format('%.3f', tokens[j]) .. ':' .. now, 'PX', full_in + 60000)
     else
       redis.call('DEL', KEYS[7 * n + 2 + j])
     end

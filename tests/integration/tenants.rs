@@ -205,6 +205,24 @@ async fn an_idempotent_retry_is_not_charged_twice() {
     assert_eq!(tenants(&s).await["acme"]["accepted"], 1);
 }
 
+/// A busy tenant's bucket outlives its refill: a bucket that expired once
+/// full again (a few milliseconds after each write, at a high rate) would
+/// publish an expired-key event, a processor invocation, per write. Its
+/// refill is computed from its time, so keeping it changes no answer (the
+/// refill itself: `a_tenant_over_its_rate_is_refused_until_its_bucket_refills`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_tenants_bucket_outlives_its_refill() {
+    let s = Spillway::builder().vars(&[("tenant_rate", "1000"), ("tenant_burst", "10")]).start().await;
+    for i in 0..3 {
+        assert_eq!(write_as(&s, "acme", put(&format!("k{i}"))).await.0, 202);
+    }
+    let mut c = s.redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*bucket:acme").query(&mut c).unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query(&mut c).unwrap();
+    assert!(ttl > 30_000, "full again 3 ms after the last write, and kept: PTTL {ttl} ms");
+}
+
 /// With `tenant_from = key:<separator>`, each key's prefix is its tenant
 /// (a key without one has none), and overrides set named tenants' quotas;
 /// a prefix outside the charset is refused, naming its write.
