@@ -139,6 +139,11 @@ impl Db {
         for stmt in db.sql.tune {
             crate::log_ignored("database tuning", db.query(stmt, Vec::new()).await);
         }
+        // Every open but the first finds the schema current: one statement.
+        let current = db.query_for(&spillway_core::sql::schema_current(db.sql.schema), Vec::new(), SCHEMA_EXTRA_MS).await?;
+        if current.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0) > 0 {
+            return Ok(db);
+        }
         for step in db.sql.schema {
             db.migrate(step).await?;
         }

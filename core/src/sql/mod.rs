@@ -176,6 +176,15 @@ pub struct Dialect {
     pub write_status: &'static str,
 }
 
+/// One query saying whether every step of `steps` has run (a row whose first
+/// column is true): the checks of all the steps at once, so that opening a
+/// database whose schema is current (every open but the first) costs one
+/// statement, not one per step.
+pub fn schema_current(steps: &[Step]) -> String {
+    let checks: Vec<String> = steps.iter().map(|s| format!("coalesce(({}) > 0, false)", s.done)).collect();
+    format!("SELECT {}", checks.join(" AND "))
+}
+
 /// The engine behind a `database` setting: `sqlite` (Spin's `default` database)
 /// or a `postgres://` / `postgresql://` URL.
 pub fn dialect_for(database: &str) -> Option<&'static Dialect> {

@@ -208,6 +208,27 @@ pub const DIALECT: super::Dialect = super::Dialect {
 mod tests {
     use super::*;
 
+    /// The one-statement check of the whole schema says "due" on a fresh
+    /// database and while any step's own check does (an old index still
+    /// there), and "current" once every step's check says it has run.
+    #[test]
+    fn the_schema_is_checked_in_one_statement() {
+        let db = rusqlite::Connection::open_in_memory().unwrap();
+        let current = || db.query_row(&super::super::schema_current(DIALECT.schema), [], |r| r.get::<_, bool>(0)).unwrap();
+        let each = || DIALECT.schema.iter().all(|step| db.query_row(step.done, [], |r| r.get::<_, i64>(0)).unwrap_or(0) > 0);
+        assert!(!current() && !each(), "a fresh database");
+        for stmt in SCHEMA_STATEMENTS {
+            db.execute_batch(stmt).unwrap();
+        }
+        assert!(current() && each(), "the tables made as they are now");
+        db.execute_batch("CREATE INDEX spillway_writes_by_entry ON spillway_writes (shard, entry_ms)").unwrap();
+        assert!(!current() && !each(), "the old index is there: its step is due");
+        for stmt in INDEXES {
+            db.execute_batch(stmt).unwrap();
+        }
+        assert!(current(), "and done again");
+    }
+
     /// The batch statements take their rows as one JSON array, and SQLite reads
     /// every column (text, integer, null) back out of it as it was.
     #[test]
