@@ -59,8 +59,10 @@ const REARM_MARGIN_MS: u64 = 100;
 /// Drains `shard` (if any) and every shard with queued writes and no holder: a
 /// doorbell, an expired lease or flag, or a wake.
 async fn drain_claimable(settings: &Settings, shard: Option<u32>) -> anyhow::Result<()> {
-    spillway_spin::hazards::check_all(settings).await;
-    let db = Db::open_with_schema().await.map_err(|p| anyhow::anyhow!(p.detail))?;
+    // Each message gets a fresh instance: its setup (Redis's settings, the
+    // database), both at once.
+    let (_, db) = futures::future::join(spillway_spin::hazards::check_all(settings), Db::open_with_schema()).await;
+    let db = db.map_err(|p| anyhow::anyhow!(p.detail))?;
     let mut stats = Stats::default();
     let failures = drain::drain(settings, &db, Scope::Claimable(shard), false, &mut stats).await;
     match failures.first() {
@@ -135,8 +137,8 @@ async fn drain_endpoint(settings: &Settings, query: Option<&str>) -> Result<http
         Some(s) => Scope::Only(s),
         None => Scope::Claimable(None),
     };
-    let warnings = spillway_spin::hazards::check_all(settings).await;
-    let db = Db::open_with_schema().await?;
+    let (warnings, db) = futures::future::join(spillway_spin::hazards::check_all(settings), Db::open_with_schema()).await;
+    let db = db?;
     let mut stats = Stats::default();
     // An operator's drain retries at once: it ends any shard's backoff.
     let errors: Vec<_> = drain::drain(settings, &db, scope, true, &mut stats)
