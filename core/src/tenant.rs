@@ -244,25 +244,44 @@ impl Refusals {
 
     /// Remembers that the script refused `tenant` with `problem` at `now_ms`
     /// for its rate: its bucket held `tokens_milli` thousandths of a token,
-    /// refilled at `rate` per second up to `burst`.
-    pub fn note_rate(&mut self, tenant: &str, problem: &Problem, now_ms: u64, (tokens_milli, rate, burst): (u64, u64, u64)) {
-        self.note(tenant, problem, now_ms, Holds::Rate { tokens_milli, at_ms: now_ms, rate, burst });
+    /// refilled at `rate` per second up to `burst`. The refusal's answer, held
+    /// (see [`Refusals::note`]), if the tenant was told to wait and came back
+    /// early.
+    pub fn note_rate(&mut self, tenant: &str, problem: &Problem, now_ms: u64, (tokens_milli, rate, burst): (u64, u64, u64), jitter_ms: u64) -> Option<(Problem, u64)> {
+        self.note(tenant, problem, now_ms, Holds::Rate { tokens_milli, at_ms: now_ms, rate, burst }, jitter_ms)
     }
 
     /// Remembers that the script refused `tenant` with `problem` at `now_ms`,
-    /// a refusal taken to hold for `for_ms`.
-    pub fn note_for(&mut self, tenant: &str, problem: &Problem, now_ms: u64, for_ms: u64) {
-        self.note(tenant, problem, now_ms, Holds::Until(now_ms + for_ms));
+    /// a refusal taken to hold for `for_ms`; its answer held as
+    /// [`Refusals::note_rate`]'s.
+    pub fn note_for(&mut self, tenant: &str, problem: &Problem, now_ms: u64, for_ms: u64, jitter_ms: u64) -> Option<(Problem, u64)> {
+        self.note(tenant, problem, now_ms, Holds::Until(now_ms + for_ms), jitter_ms)
     }
 
-    fn note(&mut self, tenant: &str, problem: &Problem, now_ms: u64, what: Holds) {
+    /// Remembers a refusal by the script. A tenant refused by the script
+    /// before the time an earlier refusal here told it to wait (its refusal
+    /// here had ended, the bucket refilled, and others took the tokens
+    /// first) has not waited as told: its answer is held as a remembered
+    /// refusal's are (see [`Refusals::check`]), so that a flood sent again
+    /// at once costs a script call and a body parse per `Retry-After`, not
+    /// per request. A tenant that waited as told is answered at once.
+    fn note(&mut self, tenant: &str, problem: &Problem, now_ms: u64, what: Holds, jitter_ms: u64) -> Option<(Problem, u64)> {
+        let early = self.held.get(tenant).is_some_and(|h| now_ms < h.told_ms);
         if self.held.len() >= MAX_REFUSALS {
             self.held.retain(|_, h| !h.ended(now_ms));
         }
-        if self.held.len() < MAX_REFUSALS {
-            let told_ms = now_ms + u64::from(problem.retry_after.unwrap_or(1).max(1)) * 1000;
-            self.held.insert(tenant.to_owned(), Held { what, told_ms, problem: problem.clone() });
+        if self.held.len() >= MAX_REFUSALS {
+            return None;
         }
+        let told_ms = now_ms + u64::from(problem.retry_after.unwrap_or(1).max(1)) * 1000;
+        self.held.insert(tenant.to_owned(), Held { what, told_ms, problem: problem.clone() });
+        if !early {
+            return None;
+        }
+        let hold = (told_ms.saturating_sub(now_ms) + jitter_ms % 1000).min(MAX_HOLD_MS);
+        let mut p = problem.clone();
+        p.retry_after = Some(u32::try_from(told_ms.saturating_sub(now_ms + hold).div_ceil(1000).max(1)).unwrap_or(u32::MAX));
+        Some((p, hold))
     }
 
     /// The requests of `tenant` refused here since the last call (then
@@ -286,7 +305,7 @@ mod tests {
         assert_eq!(r.check("acme", 1, 1000, 0), None);
         assert!(!r.remembers("acme"));
         // 0.5 tokens at t=1000, 10 per second, burst 100.
-        r.note_rate("acme", &p, 1000, (500, 10, 100));
+        assert_eq!(r.note_rate("acme", &p, 1000, (500, 10, 100), 0), None, "the first refusal is answered at once");
         assert!(r.remembers("acme") && !r.remembers("beta"), "only the tenant refused");
         let (again, hold) = r.check("acme", 100, 1100, 250).unwrap();
         assert_eq!((again.kind.as_str(), again.retry_after, hold), (p.kind.as_str(), Some(1), 1150), "held to the second told, and the jitter");
@@ -295,17 +314,44 @@ mod tests {
         assert_eq!(r.check("acme", 2, 1150, 0), None, "2 tokens at 1150");
         assert_eq!(r.check("beta", 1, 1100, 0), None, "another tenant");
         let full = Problem::tenant_throttled("tenant-queue-full", "Tenant queue full", "full", 1);
-        r.note_for("beta", &full, 2000, 1000);
+        assert_eq!(r.note_for("beta", &full, 2000, 1000, 0), None);
         let (_, hold) = r.check("beta", 1, 2999, 1999).unwrap();
         assert_eq!(hold, 1000, "jitter below a second");
         assert_eq!(r.check("beta", 1, 3000, 0), None);
         assert_eq!((r.take_uncounted("acme"), r.take_uncounted("acme"), r.take_uncounted("beta")), (2, 0, 1));
         for i in 0..MAX_REFUSALS + 10 {
-            r.note_for(&format!("t{i}"), &p, 5000, 10);
+            r.note_for(&format!("t{i}"), &p, 5000, 10, 0);
         }
         assert!(r.held.len() <= MAX_REFUSALS, "bounded");
-        r.note_for("late", &p, 6000, 10);
+        r.note_for("late", &p, 6000, 10, 0);
         assert!(r.check("late", 1, 6001, 0).is_some(), "the ended ones made room");
+    }
+
+    /// A tenant the script refuses again before the `Retry-After` its last
+    /// refusal here told (it did not wait) gets its answer held to the new
+    /// refusal's time, with the jitter, at most `MAX_HOLD_MS`; one that
+    /// waited as told, or is refused here for the first time, is answered at
+    /// once.
+    #[test]
+    fn a_tenant_refused_again_before_it_was_told_is_held() {
+        let mut r = Refusals::default();
+        let p = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 1);
+        // Empty at t=1000, 500 per second, burst 100: a 100-write request
+        // passes here again from t=1200, yet it was told to wait until 2000.
+        assert_eq!(r.note_rate("flood", &p, 1000, (0, 500, 100), 0), None);
+        assert_eq!(r.check("flood", 100, 1200, 0), None, "the bucket has refilled: the script is asked");
+        let (again, hold) = r.note_rate("flood", &p, 1200, (0, 500, 100), 300).unwrap();
+        assert_eq!((hold, again.retry_after), (1300, Some(1)), "held to the new refusal's second, and the jitter");
+        assert_eq!(again.kind, p.kind);
+        // Told until 2200 now; refused by the script after it: at once.
+        assert_eq!(r.note_rate("flood", &p, 2300, (0, 500, 100), 300), None, "it waited as told");
+        let long = Problem::tenant_throttled("tenant-rate-limited", "Tenant rate limited", "over", 5);
+        let (_, hold) = r.note_rate("flood", &long, 2400, (0, 500, 100), 999).unwrap();
+        assert_eq!(hold, MAX_HOLD_MS, "never longer than the most a request is held");
+        let full = Problem::tenant_throttled("tenant-queue-full", "Tenant queue full", "full", 1);
+        assert_eq!(r.note_for("deep", &full, 0, 1000, 0), None);
+        assert!(r.note_for("deep", &full, 500, 1000, 0).is_some(), "a depth refusal likewise");
+        assert_eq!(r.take_uncounted("flood"), 0, "the script counted these refusals itself");
     }
 
     /// Names: the documented charset and length, nothing else.

@@ -205,6 +205,37 @@ async fn an_idempotent_retry_is_not_charged_twice() {
     assert_eq!(tenants(&s).await["acme"]["accepted"], 1);
 }
 
+/// A tenant the script refuses again before the `Retry-After` it was told
+/// (its refusal here ended as the bucket refilled, but other requests took
+/// the tokens first) gets that answer held until the new refusal's time, as
+/// a remembered refusal's are: a flood sent again at once is not a body
+/// parse and a script call per request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_refused_again_before_it_was_told_is_held() {
+    let s = Spillway::builder().vars(&[("tenant_rate", "10"), ("tenant_burst", "2")]).start().await;
+    let two = |k: &str| json!({"writes": [put(&format!("{k}a")), put(&format!("{k}b"))]});
+    assert_eq!(write_as(&s, "acme", two("a")).await.0, 202, "the burst");
+    let told = Instant::now();
+    let (code, h, p) = write_as(&s, "acme", two("b")).await;
+    assert_eq!((code, p["type"].as_str()), (429, Some(&*format!("{PROBLEMS}tenant-rate-limited"))), "{p}");
+    assert_eq!(h["retry-after"], "1", "told to wait a second");
+    assert!(told.elapsed() < Duration::from_millis(900), "the first refusal is answered at once");
+    // The bucket refills two tokens in 200 ms, so the refusal remembered
+    // here ends then; meanwhile another instance or host takes them (the
+    // bucket emptied in Redis behind this instance's back).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = s.redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*bucket:acme").query(&mut c).unwrap();
+    let (secs, micros): (String, String) = redis::cmd("TIME").query(&mut c).unwrap();
+    let now_ms = secs.parse::<u64>().unwrap() * 1000 + micros.parse::<u64>().unwrap() / 1000;
+    let _: () = redis::cmd("SET").arg(&keys[0]).arg(format!("0.000:{now_ms}")).arg("PX").arg(60_000).query(&mut c).unwrap();
+    let (code, h, p) = write_as(&s, "acme", two("c")).await;
+    assert_eq!((code, p["type"].as_str()), (429, Some(&*format!("{PROBLEMS}tenant-rate-limited"))), "{p}");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(told.elapsed() >= Duration::from_millis(1000), "answered no sooner than the second it was told, then: {:?}", told.elapsed());
+    assert_eq!(tenants(&s).await["acme"]["throttled"].as_u64(), Some(2), "each refusal counted once, by the script");
+}
+
 /// A busy tenant's bucket outlives its refill: a bucket that expired once
 /// full again (a few milliseconds after each write, at a high rate) would
 /// publish an expired-key event, a processor invocation, per write. Its

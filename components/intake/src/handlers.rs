@@ -89,6 +89,12 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
         Err(p) if p.is_timeout() => return Err(Problem::outcome_unknown(&p, idem.is_some())),
         r => r?,
     };
+    // A tenant's refusal, answered after its hold (outside the request's
+    // deadline: the outcome is known).
+    let accepted = match accepted {
+        Ok(a) => a,
+        Err(refused) => return Err(crate::throttle::answer(refused).await),
+    };
     match deadline {
         Some(deadline) => outcome(&settings, accepted, !batch.batch, deadline, wait.unwrap_or(0)).await,
         None => Ok(accepted.response(!batch.batch)),
@@ -253,7 +259,7 @@ impl Accepted {
 /// group keeps its own idempotency record; see `scripts::ENQUEUE`).
 // A little over the usual length: the calls, the rings and the ids in request
 // order are one sequence that must ring before it answers anything.
-async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str>], idem: Option<&str>, body: &[u8]) -> Result<Accepted, Problem> {
+async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str>], idem: Option<&str>, body: &[u8]) -> Result<Result<Accepted, Refused>, Problem> {
     let (writes, timing) = (&batch.writes, &batch.timing);
     let layout = &s.layout;
     let shard_of: Vec<u32> = writes.iter().map(|w| layout.shard_of(w.key())).collect();
@@ -355,20 +361,22 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
                 let name = group_tenants(group, tenants, &shard_of).get(tenant).copied().unwrap_or("?");
                 let p = throttled(s, name, group[0], by);
                 // Remembered where one server enforces the whole quota.
-                if s.tenant_share(group[0]) == s.layout.shards {
+                let held = if s.tenant_share(group[0]) == s.layout.shards {
                     let quota = s.tenancy.quota(name);
                     match by {
                         Throttle::Rate { tokens_milli, .. } => crate::throttle::note_rate(name, &p, (tokens_milli, quota.rate, quota.burst)),
                         Throttle::Depth(_) => crate::throttle::note_depth(name, &p),
-                        Throttle::OverDepth(_) | Throttle::Burst(_) => {}
+                        Throttle::OverDepth(_) | Throttle::Burst(_) => None,
                     }
-                }
-                return Err(p);
+                } else {
+                    None
+                };
+                return Ok(Err(held.unwrap_or((p, 0))));
             }
         }
     }
     let ids: Vec<String> = ids.into_iter().collect::<Option<_>>().ok_or_else(|| Problem::unavailable("the enqueue script gave too few ids"))?;
-    Ok(Accepted { ids, replayed })
+    Ok(Ok(Accepted { ids, replayed }))
 }
 
 /// Whether the enqueue script on `address` publishes its rings itself: it is
@@ -402,6 +410,10 @@ fn ring(s: &Settings, rung: Rung) {
         }
     });
 }
+
+/// A tenant's refusal by the script, and how long to hold its answer (see
+/// `crate::throttle`).
+type Refused = (Problem, u64);
 
 /// The tenants of `group`'s writes, each once, in the order `Call::enqueue`
 /// lists them (by first write).

@@ -11,7 +11,12 @@
 //! `Retry-After` the refusal gave has passed, with a random part of a second
 //! more (at most two seconds later): a
 //! client that honours `Retry-After` never meets this, one that does not
-//! waits as it was told instead of keeping the host busy. A request
+//! waits as it was told instead of keeping the host busy. Once a remembered
+//! rate refusal ends (the bucket refilled), the next request asks the script;
+//! refused again before the `Retry-After` this instance told the tenant (a
+//! flood's other requests took the tokens first), its answer is held the same
+//! way, so that each instance asks the script for a flooding tenant about
+//! once per `Retry-After`, not once per refill. A request
 //! with an `Idempotency-Key` always asks the script (a retry of an accepted
 //! request replays its answer). Only where one server holds every shard (the
 //! default): with several, or a cluster, each enforces a share of the quota,
@@ -49,14 +54,26 @@ pub(crate) async fn refused(writes: &[(&str, u64)]) -> Option<Problem> {
 
 /// Remembers that the script refused `tenant` for its rate: its bucket held
 /// `tokens_milli` thousandths of a token, refilled at `rate` up to `burst`.
-pub(crate) fn note_rate(tenant: &str, problem: &Problem, bucket: (u64, u64, u64)) {
-    REFUSALS.with_borrow_mut(|r| r.note_rate(tenant, problem, spillway_spin::monotonic_ms(), bucket));
+/// The answer, held (see [`answer`]), if the tenant came back before it was
+/// told to.
+pub(crate) fn note_rate(tenant: &str, problem: &Problem, bucket: (u64, u64, u64)) -> Option<(Problem, u64)> {
+    let jitter = u64::from(spillway_spin::random_u32());
+    REFUSALS.with_borrow_mut(|r| r.note_rate(tenant, problem, spillway_spin::monotonic_ms(), bucket, jitter))
 }
 
 /// Remembers that the script refused `tenant` for its depth, for
-/// [`DEPTH_RECHECK_MS`].
-pub(crate) fn note_depth(tenant: &str, problem: &Problem) {
-    REFUSALS.with_borrow_mut(|r| r.note_for(tenant, problem, spillway_spin::monotonic_ms(), DEPTH_RECHECK_MS));
+/// [`DEPTH_RECHECK_MS`]; the answer as [`note_rate`]'s.
+pub(crate) fn note_depth(tenant: &str, problem: &Problem) -> Option<(Problem, u64)> {
+    let jitter = u64::from(spillway_spin::random_u32());
+    REFUSALS.with_borrow_mut(|r| r.note_for(tenant, problem, spillway_spin::monotonic_ms(), DEPTH_RECHECK_MS, jitter))
+}
+
+/// A refusal's answer, after its hold (0: at once).
+pub(crate) async fn answer((problem, hold_ms): (Problem, u64)) -> Problem {
+    if hold_ms > 0 {
+        spillway_spin::wait_ms(hold_ms).await;
+    }
+    problem
 }
 
 /// The requests of `tenant` refused here since the last call, to be counted
