@@ -378,14 +378,15 @@ impl Spillway {
 
     /// `POST /v1/drain` as an operator: asserts 200 and returns the reply. A
     /// `503 database-timeout` (a statement past `call_timeout_ms` on a loaded
-    /// machine; the round was rolled back) is tried again, as an operator
-    /// would, a few times.
+    /// machine, the round rolled back; or, on PostgreSQL, one waiting on a row
+    /// lock that an abandoned transaction holds until the server's
+    /// `lock_timeout`, 10 s) is tried again, as an operator would, for up to
+    /// 20 s.
     pub(crate) async fn drain(&self) -> Value {
-        let mut tries = 0;
+        let started = Instant::now();
         loop {
             let (code, _, out) = self.admin("POST", "/v1/drain", None).await;
-            tries += 1;
-            if code == 503 && out["type"] == "https://spillway.dev/problems/database-timeout" && tries < 5 {
+            if code == 503 && out["type"] == "https://spillway.dev/problems/database-timeout" && started.elapsed() < Duration::from_secs(20) {
                 continue;
             }
             assert_eq!(code, 200, "{out}");
