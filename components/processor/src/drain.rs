@@ -203,6 +203,13 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         // Nor in a careful round: a read then could drop the blame marker (see
         // `scripts::READ_BATCH`) between its setting and the call it marks.
         let careful = batches.iter().any(|b| b.careful);
+        // Nor beside the last round's tail: a step that traps ends the
+        // instance, and a redelivery must find this round's entries first
+        // in the pending list (its blame marker is the holder's), not the
+        // last round's still unacknowledged.
+        if careful {
+            d.catch_up(&mut behind).await;
+        }
         let ahead: Vec<Held> = d
             .held
             .iter()
@@ -516,11 +523,17 @@ impl<'a> Drain<'a> {
     }
 
     /// Takes in what a round's tail did: shards whose lease it found lost
-    /// leave, and those whose step failed leave after their backoff.
+    /// leave, and those whose step failed leave after their backoff. By
+    /// tenure (the lease's token): a shard let go and taken again since is
+    /// another tenure, not the tail's.
     async fn settle(&mut self, t: Settled) {
-        self.held.retain(|h| !t.lost.contains(&h.shard));
-        for (shard, p) in t.failed {
-            self.fail(shard, p).await;
+        self.held.retain(|h| !t.lost.contains(&h.token));
+        for (shard, token, p) in t.failed {
+            if self.held.iter().any(|h| h.shard == shard && h.token == token) {
+                self.fail(shard, p).await;
+            } else {
+                self.failures.push((Some(shard), p));
+            }
         }
         self.stats.applied += t.applied;
         self.stats.rejected += t.rejected;
@@ -542,10 +555,10 @@ struct Tail<'a> {
     applied: db::Applied,
     apply_ms: u64,
     cache_ms: u64,
-    /// Shards whose lease was found lost.
-    lost: HashSet<u32>,
-    /// Shards that failed a step, and why.
-    failed: Vec<(u32, Problem)>,
+    /// The tenures (lease tokens) of the shards whose lease was found lost.
+    lost: HashSet<String>,
+    /// Shards that failed a step, their tenure, and why.
+    failed: Vec<(u32, String, Problem)>,
     /// Batches acknowledged.
     done: u64,
 }
@@ -553,14 +566,19 @@ struct Tail<'a> {
 /// What a round's tail did, for [`Drain::settle`].
 #[derive(Default)]
 struct Settled {
-    lost: HashSet<u32>,
-    failed: Vec<(u32, Problem)>,
+    lost: HashSet<String>,
+    failed: Vec<(u32, String, Problem)>,
     applied: u64,
     rejected: u64,
     batches: u64,
 }
 
 impl<'a> Tail<'a> {
+    /// The tenure (lease token) under which this tail holds `shard`.
+    fn tenure(&self, shard: u32) -> String {
+        self.owners.iter().find(|h| h.shard == shard).map(|h| h.token.clone()).unwrap_or_default()
+    }
+
     /// The keys whose cache entries this tail writes.
     fn keys(&self) -> impl Iterator<Item = &String> {
         self.applied.state.keys()
@@ -591,14 +609,14 @@ impl<'a> Tail<'a> {
                 // Lease lost during the refresh: the new holder redelivers and
                 // refreshes.
                 let kept = done.into_iter().filter(|b| !lost.contains(&b.shard)).collect();
-                self.lost.extend(lost);
+                self.lost.extend(self.owners.iter().filter(|h| lost.contains(&h.shard)).map(|h| h.token.clone()));
                 Some(kept)
             }
             Err(p) => {
                 for b in done {
                     log_failure(b, "cache", p.cause_or_detail());
                     record_failure(self.s, b.shard, b.entries.iter().map(|(id, _)| id.clone()), &p).await;
-                    self.failed.push((b.shard, p.clone()));
+                    self.failed.push((b.shard, self.tenure(b.shard), p.clone()));
                 }
                 None
             }
@@ -631,7 +649,7 @@ impl<'a> Tail<'a> {
             {
                 log_failure(b, "dead-letter", p.cause_or_detail());
                 left.push(b.shard);
-                self.failed.push((b.shard, p));
+                self.failed.push((b.shard, self.tenure(b.shard), p));
             }
         }
         done.into_iter().filter(|b| !left.contains(&b.shard)).collect()
@@ -665,7 +683,7 @@ impl<'a> Tail<'a> {
                 }
                 Err(p) => {
                     log_failure(b, "ack", p.cause_or_detail());
-                    failed.push((b.shard, p));
+                    failed.push((b.shard, self.tenure(b.shard), p));
                 }
             }
         }
