@@ -177,12 +177,13 @@ pub struct Dialect {
 }
 
 /// One query saying whether every step of `steps` has run (a row whose first
-/// column is true): the checks of all the steps at once, so that opening a
-/// database whose schema is current (every open but the first) costs one
-/// statement, not one per step.
+/// column is 1, else 0: an integer, as both engines' drivers read it the
+/// same): the checks of all the steps at once, so that opening a database
+/// whose schema is current (every open but the first) costs one statement,
+/// not one per step.
 pub fn schema_current(steps: &[Step]) -> String {
     let checks: Vec<String> = steps.iter().map(|s| format!("coalesce(({}) > 0, false)", s.done)).collect();
-    format!("SELECT {}", checks.join(" AND "))
+    format!("SELECT CASE WHEN {} THEN 1 ELSE 0 END", checks.join(" AND "))
 }
 
 /// The engine behind a `database` setting: `sqlite` (Spin's `default` database)

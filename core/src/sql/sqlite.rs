@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn the_schema_is_checked_in_one_statement() {
         let db = rusqlite::Connection::open_in_memory().unwrap();
-        let current = || db.query_row(&super::super::schema_current(DIALECT.schema), [], |r| r.get::<_, bool>(0)).unwrap();
+        let current = || db.query_row(&super::super::schema_current(DIALECT.schema), [], |r| r.get::<_, i64>(0)).unwrap() == 1;
         let each = || DIALECT.schema.iter().all(|step| db.query_row(step.done, [], |r| r.get::<_, i64>(0)).unwrap_or(0) > 0);
         assert!(!current() && !each(), "a fresh database");
         for stmt in SCHEMA_STATEMENTS {
