@@ -267,10 +267,11 @@ impl Refusals {
     /// per request. A tenant that waited as told is answered at once.
     fn note(&mut self, tenant: &str, problem: &Problem, now_ms: u64, what: Holds, jitter_ms: u64) -> Option<(Problem, u64)> {
         let early = self.held.get(tenant).is_some_and(|h| now_ms < h.told_ms);
-        if self.held.len() >= MAX_REFUSALS {
+        let full = |held: &std::collections::HashMap<String, Held>| held.len() >= MAX_REFUSALS && !held.contains_key(tenant);
+        if full(&self.held) {
             self.held.retain(|_, h| !h.ended(now_ms));
         }
-        if self.held.len() >= MAX_REFUSALS {
+        if full(&self.held) {
             return None;
         }
         let told_ms = now_ms + u64::from(problem.retry_after.unwrap_or(1).max(1)) * 1000;
@@ -352,6 +353,16 @@ mod tests {
         assert_eq!(r.note_for("deep", &full, 0, 1000, 0), None);
         assert!(r.note_for("deep", &full, 500, 1000, 0).is_some(), "a depth refusal likewise");
         assert_eq!(r.take_uncounted("flood"), 0, "the script counted these refusals itself");
+        // With every slot taken by refusals still holding, a tenant already
+        // remembered is still noted again (and held): it takes no new slot.
+        assert_eq!(r.note_for("kept", &full, 10_000, 60_000, 0), None);
+        for i in 0..MAX_REFUSALS {
+            r.note_for(&format!("t{i}"), &full, 10_000, 60_000, 0);
+        }
+        assert_eq!(r.held.len(), MAX_REFUSALS, "full");
+        assert!(r.note_for("kept", &full, 10_500, 60_000, 0).is_some(), "noted again, and held");
+        assert_eq!(r.note_for("newcomer", &full, 10_500, 60_000, 0), None, "no slot for a new one");
+        assert!(!r.held.contains_key("newcomer"));
     }
 
     /// Names: the documented charset and length, nothing else.
