@@ -74,6 +74,8 @@ pub(crate) struct Batch {
     pub(crate) fence: i64,
     /// `(stream entry id, payload)` in stream order.
     pub(crate) entries: Vec<(String, String)>,
+    /// Each entry's key (see [`key_of`]), in the same order.
+    pub(crate) keys: Vec<Result<String, String>>,
     /// The tenant of each entry that has one (see `spillway_core::tenant`),
     /// by entry id: settled when the entry is acknowledged or dead-lettered.
     pub(crate) tenants: HashMap<String, String>,
@@ -98,9 +100,15 @@ pub(crate) struct Batch {
 
 impl Batch {
     /// The keys its writes are for (an entry that is not a write has none).
-    pub(crate) fn keys(&self) -> impl Iterator<Item = String> + '_ {
-        self.entries.iter().filter_map(|(_, payload)| serde_json::from_str::<Envelope>(payload).ok().map(|w| w.key))
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &String> + '_ {
+        self.keys.iter().filter_map(|k| k.as_ref().ok())
     }
+}
+
+/// Each entry's key, read once when its batch is read: the key, or why the
+/// payload is not a write.
+pub(crate) fn key_of(payload: &str) -> Result<String, String> {
+    serde_json::from_str::<Envelope>(payload).map(|w| w.key).map_err(|e| e.to_string())
 }
 
 /// Applies the batches of several shards in ONE transaction (one commit, one disk
@@ -206,15 +214,15 @@ async fn fence_and_gather(db: &Db, batches: &[Batch]) -> Result<Entries, Problem
             e.fenced.insert(b.shard, rows.first().and_then(|r| r.first()).and_then(integer).unwrap_or(0));
             continue;
         }
-        for (entry, payload) in &b.entries {
+        for ((entry, payload), key) in b.entries.iter().zip(&b.keys) {
             let id = WriteId::of_entry(b.shard, entry);
             e.entry_of.insert(id.clone(), (i64::from(b.shard), entry_ms(entry)));
             if b.over.contains(entry) {
                 e.over.push((b.shard, entry.clone(), payload.clone(), id.clone()));
             }
-            match serde_json::from_str::<Envelope>(payload) {
-                Ok(w) => e.writes.push((id, w.key, payload.clone())),
-                Err(err) => e.unreadable.push((id, err.to_string())),
+            match key {
+                Ok(key) => e.writes.push((id, key.clone(), payload.clone())),
+                Err(err) => e.unreadable.push((id, err.clone())),
             }
         }
     }

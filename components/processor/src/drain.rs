@@ -194,7 +194,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         // A key of this round whose last round's cache refresh has not run
         // yet: that refresh must come first (a cache fill meanwhile could read
         // this round's commit, and the refresh then write an older value).
-        if let Some(tail_keys) = behind.keys() && batches.iter().any(|b| b.keys().any(|k| tail_keys.contains(&k))) {
+        if let Some(tail_keys) = behind.keys() && batches.iter().any(|b| b.keys().any(|k| tail_keys.contains(k))) {
             d.catch_up(&mut behind).await;
         }
         // Shards that filled their batch of new entries most likely have more: read
@@ -886,7 +886,8 @@ async fn read_batch(s: &Settings, h: &Held, bytes: usize) -> Result<Read, Proble
     let read_ms = spillway_spin::monotonic_ms() - started;
     // Pending entries read again (a cursor) are a redelivery.
     let careful = cursor.is_some() && !entries.is_empty();
-    let batch = Batch { shard: h.shard, fence: h.fence, entries, tenants, over, careful, token: h.token.clone(), prune_before_ms, read_ms, attempt };
+    let keys = entries.iter().map(|(_, payload)| db::key_of(payload)).collect();
+    let batch = Batch { shard: h.shard, fence: h.fence, entries, keys, tenants, over, careful, token: h.token.clone(), prune_before_ms, read_ms, attempt };
     Ok(Read::Batch(batch, cursor))
 }
 
