@@ -219,7 +219,8 @@ async fn a_tenant_refused_again_before_it_was_told_is_held() {
     let (code, h, p) = write_as(&s, "acme", two("b")).await;
     assert_eq!((code, p["type"].as_str()), (429, Some(&*format!("{PROBLEMS}tenant-rate-limited"))), "{p}");
     assert_eq!(h["retry-after"], "1", "told to wait a second");
-    assert!(told.elapsed() < Duration::from_millis(900), "the first refusal is answered at once");
+    // (That the first refusal is answered at once, unheld, is the unit
+    // test's: here it would be a bound on speed.)
     // The bucket refills two tokens in 200 ms, so the refusal remembered
     // here ends then; meanwhile another instance or host takes them (the
     // bucket emptied in Redis behind this instance's back).
