@@ -77,7 +77,15 @@ impl Conn {
 
 /// An HTTP/1.1 request with a JSON body.
 pub(crate) fn request(method: &str, path: &str, body: &str) -> Vec<u8> {
+    request_with(method, path, body, &[])
+}
+
+/// [`request`] with more headers.
+pub(crate) fn request_with(method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     let mut r = format!("{method} {path} HTTP/1.1\r\nhost: bench\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
     if !body.is_empty() {
         r.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()));
     }

@@ -365,7 +365,12 @@ fn variant(target: &Path, work: &Path, redis_url: &str, name: &str, vars: &[(&st
 
 /// Single-write intake on `addr`: one increment per request over 1,000 keys.
 pub(crate) async fn single_writes(addr: &str, clients: usize, duration: Duration) -> anyhow::Result<load::Measured> {
-    load::http(addr, clients, duration, 1, |c, n| request("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)))).await
+    single_writes_with(addr, clients, duration, &[]).await
+}
+
+/// [`single_writes`] with more headers on each request (e.g. `Prefer`).
+pub(crate) async fn single_writes_with(addr: &str, clients: usize, duration: Duration, headers: &'static [(&'static str, &'static str)]) -> anyhow::Result<load::Measured> {
+    load::http(addr, clients, duration, 1, move |c, n| load::request_with("POST", "/v1/writes", &incr(&format!("k{}", (c as u64 * 7919 + n) % 1000)), headers)).await
 }
 
 /// A latency row: the median in ms, with p50/p99/p99.9.

@@ -51,6 +51,7 @@ pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, o
     let shape = load::http(base, 1, duration, 1, move |_, _| request("POST", "/shape/body-redis", &body)).await?;
     anyhow::ensure!(shape.failed.0 == 0, "the shape failed: {:?}", shape.failed.1);
     let intake = crate::single_writes(spillway, 1, duration).await?;
+    let minimal = crate::single_writes_with(spillway, 1, duration, &[("prefer", "return=minimal")]).await?;
     let p99 = |m: &Measured| m.ms(0.99);
     Ok((vec![
         Row::from("one client: floor (hello-world)", "req/s", &floor),
@@ -62,6 +63,9 @@ pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, o
             p99(&intake) / p99(&shape),
             intake.ms(0.5) / shape.ms(0.5)
         )),
+        Row::from("one client: Spillway single-write intake, `Prefer: return=minimal` (a 202 with no body)", "req/s", &minimal)
+            .against("its shape", shape.rate())
+            .note(format!("p99 {:.1}x the shape's, p50 {:.1}x", p99(&minimal) / p99(&shape), minimal.ms(0.5) / shape.ms(0.5))),
     ], [shape.rate(), p99(&shape)]))
 }
 

@@ -1,9 +1,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::spillway::{ADMIN, Spillway};
+use crate::spillway::{ADMIN, Spillway, batch_of_incr};
 
 /// 1,000 rounds of "increment a hot key, wait until its status says applied with
 /// version v, read the record" while 8 readers keep reading it and another client
@@ -263,6 +263,54 @@ async fn prefer_wait_answers_with_the_outcome() {
     let (code, _, _) = s.call("POST", "/v1/writes", Some(json!({"key": "p", "op": "delete"})), &[("prefer", "wait=soon")]).await;
     assert_eq!(code, 202);
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "not held for the longest wait (25 s)");
+}
+
+/// `POST /v1/writes` with `Prefer: return=minimal` (RFC 7240) answers a single
+/// write's `202` with no body: its `Location` names the write, which is queued
+/// and applied as usual. A batch, whose ids would have nowhere to go, gets the
+/// usual body; with `wait` too, an outcome in time is the usual `200`.
+#[tokio::test(flavor = "multi_thread")]
+async fn prefer_return_minimal_answers_with_the_location_only() {
+    let s = Arc::new(Spillway::builder().start().await);
+    let (code, headers, v) = s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "return=minimal")]).await;
+    assert_eq!((code, &v), (202, &Value::Null), "no body");
+    assert_eq!(headers["content-length"], "0");
+    assert!(!headers.contains_key("content-type"), "{headers:?}");
+    assert_eq!(headers["preference-applied"], "return=minimal");
+    let location = headers["location"].to_str().unwrap().to_owned();
+    let id = location.strip_prefix("/v1/writes/").expect("the write's status URL");
+    s.drain().await;
+    let st = s.settled(id).await;
+    assert_eq!((st["status"].as_str(), st["version"].as_i64()), (Some("applied"), Some(1)), "{st}");
+
+    // Names are case-insensitive; other preferences beside it are kept apart.
+    let (code, headers, v) = s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "respond-async, Return=Minimal")]).await;
+    assert_eq!((code, &v, headers["preference-applied"].to_str().unwrap()), (202, &Value::Null, "return=minimal"));
+
+    // A batch: the ids in the body, the preference not applied.
+    let (code, headers, v) = s.call("POST", "/v1/writes", Some(batch_of_incr(0, 2, 2)), &[("prefer", "return=minimal")]).await;
+    assert_eq!((code, v["writes"].as_array().map(Vec::len)), (202, Some(2)), "{v}");
+    assert!(!headers.contains_key("preference-applied"), "{headers:?}");
+
+    // With a wait that the outcome beats: the outcome.
+    let drain = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            s.admin("POST", "/v1/drain", None).await
+        })
+    };
+    let (code, _, v) = s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "return=minimal, wait=20")]).await;
+    drain.await.unwrap();
+    assert_eq!((code, v["status"].as_str()), (200, Some("applied")), "{v}");
+    // One it does not: the minimal 202.
+    let (code, headers, v) = s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "return=minimal, wait=0.2")]).await;
+    assert_eq!((code, &v), (202, &Value::Null));
+    assert!(headers["location"].to_str().unwrap().starts_with("/v1/writes/"));
+    // Another value of `return`: the usual body.
+    let (code, _, v) = s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "return=representation")]).await;
+    assert_eq!(code, 202);
+    assert!(v["id"].is_string(), "{v}");
 }
 
 /// `?consistent=true` reads the database, not the cache; `?min_version=v` answers

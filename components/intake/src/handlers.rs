@@ -52,6 +52,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
         }
     };
     let wait = prefer_wait(req.headers());
+    let minimal = preference(req.headers(), "return").is_some_and(|v| v.eq_ignore_ascii_case("minimal"));
     let by_header = settings.tenancy.source == tenant::Source::Header;
     let header_tenant = match req.headers().get(tenant::HEADER).filter(|_| by_header) {
         None => None,
@@ -92,7 +93,7 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     // A tenant's refusal, answered after its hold (outside the request's
     // deadline: the outcome is known).
     let accepted = match accepted {
-        Ok(a) => a,
+        Ok(a) => Accepted { minimal: minimal && !batch.batch, ..a },
         Err(refused) => return Err(crate::throttle::answer(refused).await),
     };
     match deadline {
@@ -163,18 +164,22 @@ fn pointer_of(batch: &write::WriteBatch, i: usize) -> String {
 /// [`status::MAX_WAIT_SECS`]. As the RFC asks, a preference the server cannot
 /// read is ignored, not an error; a longer wait is cut to the bound.
 fn prefer_wait(headers: &http::HeaderMap) -> Option<u64> {
+    let secs: f64 = preference(headers, "wait")?.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0)?;
+    Some((secs.min(status::MAX_WAIT_SECS) * 1000.0) as u64)
+}
+
+/// The value of the `Prefer` preference `name` (RFC 7240: names are
+/// case-insensitive, parameters after `;` are ignored, a quoted value is
+/// unquoted), the first one if it is given twice.
+fn preference<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all("prefer")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .find_map(|pref| {
-            let (name, value) = pref.split(';').next()?.split_once('=')?;
-            if !name.trim().eq_ignore_ascii_case("wait") {
-                return None;
-            }
-            let secs: f64 = value.trim().trim_matches('"').parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0)?;
-            Some((secs.min(status::MAX_WAIT_SECS) * 1000.0) as u64)
+            let (n, value) = pref.split(';').next()?.split_once('=')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| value.trim().trim_matches('"'))
         })
 }
 
@@ -229,15 +234,24 @@ fn entry(given: &str) -> serde_json::Value {
 struct Accepted {
     ids: Vec<String>,
     replayed: bool,
+    /// A single write's client asked for `Prefer: return=minimal`: the
+    /// `202` has no body, its `Location` names the write.
+    minimal: bool,
 }
 
 impl Accepted {
-    /// `202 Accepted` with each write's id and status URL.
+    /// `202 Accepted` with each write's id and status URL (a single write's
+    /// `Location` only, with `Prefer: return=minimal`).
     fn response(self, single: bool) -> http::Response<String> {
-        let Accepted { ids, replayed } = self;
+        let Accepted { ids, replayed, minimal } = self;
         let mut headers = Vec::new();
         if replayed {
             headers.push(("idempotent-replayed", "true".to_owned()));
+        }
+        if minimal {
+            headers.push(("location", format!("/v1/writes/{}", write_id(&ids[0]))));
+            headers.push(("preference-applied", "return=minimal".to_owned()));
+            return spillway_spin::respond(202, "", String::new(), &headers);
         }
         let body = if single {
             headers.push(("location", format!("/v1/writes/{}", write_id(&ids[0]))));
@@ -376,7 +390,7 @@ async fn enqueue(s: &Settings, batch: &write::WriteBatch, tenants: &[Option<&str
         }
     }
     let ids: Vec<String> = ids.into_iter().collect::<Option<_>>().ok_or_else(|| Problem::unavailable("the enqueue script gave too few ids"))?;
-    Ok(Ok(Accepted { ids, replayed }))
+    Ok(Ok(Accepted { ids, replayed, minimal: false }))
 }
 
 /// Whether the enqueue script on `address` publishes its rings itself: it is

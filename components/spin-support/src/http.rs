@@ -98,6 +98,37 @@ pub fn with_request_id<B>(mut res: http::Response<B>, id: &str) -> http::Respons
     res
 }
 
+/// A response as the host takes it, with the request id. One with an empty
+/// body is handed over with no body stream at all (`contents: none`): the
+/// host then has the whole response at once and can send it in one write.
+/// A body stream, even an empty one, is written by the component after the
+/// response is handed over, and a host that sends the headers before it
+/// has read the stream's end sends the response in two pieces (see
+/// `docs/operations.md`, Spin's HTTP tail).
+pub fn finish(res: http::Response<String>, id: &str) -> spin_sdk::wasip3::http::types::Response {
+    use spin_sdk::http::IntoResponse as _;
+    use spin_sdk::wasip3::http::types::{ErrorCode, Fields, Response, Trailers};
+    let res = with_request_id(res, id);
+    if !res.body().is_empty() {
+        return res.into_response().unwrap_or_else(|_| unreachable_response());
+    }
+    let (parts, _) = res.into_parts();
+    let Ok(headers) = Fields::try_from(parts.headers) else { return unreachable_response() };
+    // No trailers: the future's writer is dropped, which resolves it to
+    // its default, `Ok(None)`.
+    let (_, trailers) = spin_sdk::wasip3::wit_future::new::<Result<Option<Trailers>, ErrorCode>>(|| Ok(None));
+    let (response, _) = Response::new(headers, None, trailers);
+    let _ = response.set_status_code(parts.status.as_u16());
+    response
+}
+
+/// A bare 500, for a response that could not be converted (its parts come
+/// from this crate and are valid, so this is not expected).
+fn unreachable_response() -> spin_sdk::wasip3::http::types::Response {
+    use spin_sdk::http::IntoResponse as _;
+    spin_sdk::http::StatusCode::INTERNAL_SERVER_ERROR.into_response().expect("a bare status converts")
+}
+
 /// Reads a request body, refusing (413) as soon as it passes `limit` bytes, whether
 /// or not the client sent `Content-Length`: an oversized body is never buffered.
 pub async fn read_body(req: spin_sdk::http::Request, limit: usize) -> Result<Vec<u8>, Problem> {
