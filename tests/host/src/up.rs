@@ -162,6 +162,26 @@ impl UpArgs {
     }
 }
 
+/// Runs the app's Redis triggers on a runtime of their own, on threads of
+/// their own, as many workers as the HTTP trigger's runtime has; the returned
+/// future ends when they do. Spin's `spin up` runs each trigger type in a
+/// process of its own (`spin trigger http`, `spin trigger redis`), so the
+/// system shares the cores between a processor woken by the Redis trigger
+/// and the HTTP requests beside it; on one runtime, its invocation would
+/// instead wait in one queue behind every HTTP request ready to run.
+fn redis_triggers_apart(app: Arc<App>) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("redis-trigger").build()?;
+    let (done, ended) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("redis-trigger".into()).spawn(move || {
+        let r = runtime.block_on(app.run_redis_triggers(|listing| {
+            print!("{listing}");
+            let _ = std::io::stdout().flush();
+        }));
+        let _ = done.send(r);
+    })?;
+    Ok(async move { ended.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the Redis trigger's runtime stopped"))) })
+}
+
 /// Loads the app, prints what it serves and serves until interrupted or a trigger
 /// fails.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -192,10 +212,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     print!("{}", app.route_listing(&format!("http://{local}")));
     std::io::stdout().flush()?;
     let http = app.clone().serve(listener);
-    let redis = app.clone().run_redis_triggers(|listing| {
-        print!("{listing}");
-        let _ = std::io::stdout().flush();
-    });
+    let redis = redis_triggers_apart(app.clone())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = http => r,
