@@ -22,5 +22,5 @@ use spin_sdk::http_service;
 #[http_service]
 async fn handle(req: Request) -> impl IntoResponse {
     let id = spillway_spin::request_id(req.headers());
-    spillway_spin::with_request_id(routes::handle(req).await, &id)
+    spillway_spin::finish(routes::handle(req).await, &id).await
 }

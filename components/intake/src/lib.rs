@@ -15,5 +15,5 @@ use spin_sdk::http_service;
 #[http_service]
 async fn handle(req: Request) -> impl IntoResponse {
     let id = spillway_spin::request_id(req.headers());
-    spillway_spin::finish(handlers::handle(req).await, &id)
+    spillway_spin::finish(handlers::handle(req).await, &id).await
 }

@@ -24,7 +24,7 @@ use spin_sdk::{http_service, redis_subscriber};
 #[http_service]
 async fn handle(req: Request) -> impl IntoResponse {
     let id = spillway_spin::request_id(req.headers());
-    spillway_spin::finish(handlers::handle(req).await, &id)
+    spillway_spin::finish(handlers::handle(req).await, &id).await
 }
 
 /// Both Redis-trigger channels: the doorbell and Redis's expired-key events.

@@ -98,26 +98,59 @@ pub fn with_request_id<B>(mut res: http::Response<B>, id: &str) -> http::Respons
     res
 }
 
-/// A response as the host takes it, with the request id. One with an empty
-/// body is handed over with no body stream at all (`contents: none`): the
-/// host then has the whole response at once and can send it in one write.
-/// A body stream, even an empty one, is written by the component after the
-/// response is handed over, and a host that sends the headers before it
-/// has read the stream's end sends the response in two pieces (see
-/// `docs/operations.md`, Spin's HTTP tail).
-pub fn finish(res: http::Response<String>, id: &str) -> spin_sdk::wasip3::http::types::Response {
-    use spin_sdk::http::IntoResponse as _;
+/// A response with the request id, handed over as [`hand_over`] does.
+pub async fn finish<B>(res: http::Response<B>, id: &str) -> spin_sdk::wasip3::http::types::Response
+where
+    B: http_body::Body + Unpin + 'static,
+    B::Data: Into<Vec<u8>>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+{
+    hand_over(with_request_id(res, id)).await
+}
+
+/// A response as the host takes it, handed over so that a server can send
+/// it in one piece.
+///
+/// Spin's HTTP server sends a response's headers as soon as it is handed
+/// over and, when its body is not there to read at that moment, sends the
+/// body later as a packet of its own, which Nagle's algorithm holds until the
+/// client acknowledges the headers (a delayed ACK: 40 ms). The SDK writes a
+/// body from a task of the component's own that runs only after the handler
+/// has returned. Here that task has issued its first write (of the body's
+/// first frame, if it is ready) before the response is handed over, so the
+/// server finds the body waiting when it reads. A response with an empty
+/// body is handed over with no body stream at all (`contents: none`).
+pub async fn hand_over<B>(res: http::Response<B>) -> spin_sdk::wasip3::http::types::Response
+where
+    B: http_body::Body + Unpin + 'static,
+    B::Data: Into<Vec<u8>>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+{
     use spin_sdk::wasip3::http::types::{ErrorCode, Fields, Response, Trailers};
-    let res = with_request_id(res, id);
-    if !res.body().is_empty() {
-        return res.into_response().unwrap_or_else(|_| unreachable_response());
-    }
-    let (parts, _) = res.into_parts();
+    let (parts, mut body) = res.into_parts();
     let Ok(headers) = Fields::try_from(parts.headers) else { return unreachable_response() };
-    // No trailers: the future's writer is dropped, which resolves it to
-    // its default, `Ok(None)`.
-    let (_, trailers) = spin_sdk::wasip3::wit_future::new::<Result<Option<Trailers>, ErrorCode>>(|| Ok(None));
-    let (response, _) = Response::new(headers, None, trailers);
+    let (response, _) = if body.size_hint().exact() == Some(0) {
+        // No trailers: the future's writer is dropped, which resolves it to
+        // its default, `Ok(None)`.
+        let (_, trailers) = spin_sdk::wasip3::wit_future::new::<Result<Option<Trailers>, ErrorCode>>(|| Ok(None));
+        Response::new(headers, None, trailers)
+    } else {
+        let (writer, contents, trailers) = spin_sdk::wasip3::http_compat::BodyWriter::new();
+        let started = std::rc::Rc::new(std::cell::Cell::new(false));
+        let turned = started.clone();
+        spin_sdk::wit_bindgen::spawn(async move {
+            let mut send = std::pin::pin!(writer.send_http_body(&mut body));
+            let first = futures::poll!(send.as_mut());
+            turned.set(true);
+            if first.is_pending() {
+                let _ = send.await;
+            }
+        });
+        while !started.get() {
+            spin_sdk::wit_bindgen::yield_async().await;
+        }
+        Response::new(headers, Some(contents), trailers)
+    };
     let _ = response.set_status_code(parts.status.as_u16());
     response
 }
