@@ -52,6 +52,9 @@ pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, o
     anyhow::ensure!(shape.failed.0 == 0, "the shape failed: {:?}", shape.failed.1);
     let intake = crate::single_writes(spillway, 1, duration).await?;
     let minimal = crate::single_writes_with(spillway, 1, duration, &[("prefer", "return=minimal")]).await?;
+    for (what, m) in [("intake", &intake), ("intake with return=minimal", &minimal)] {
+        anyhow::ensure!(m.failed.0 == 0, "{what} failed at one client: {:?}", m.failed.1);
+    }
     let p99 = |m: &Measured| m.ms(0.99);
     Ok((vec![
         Row::from("one client: floor (hello-world)", "req/s", &floor),

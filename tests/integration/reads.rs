@@ -268,7 +268,8 @@ async fn prefer_wait_answers_with_the_outcome() {
 /// `POST /v1/writes` with `Prefer: return=minimal` (RFC 7240) answers a single
 /// write's `202` with no body: its `Location` names the write, which is queued
 /// and applied as usual. A batch, whose ids would have nowhere to go, gets the
-/// usual body; with `wait` too, an outcome in time is the usual `200`.
+/// usual body, as does a write with an expiry (its expiry's id is in the
+/// body only); with `wait` too, an outcome in time is the usual `200`.
 #[tokio::test(flavor = "multi_thread")]
 async fn prefer_return_minimal_answers_with_the_location_only() {
     let s = Arc::new(Spillway::builder().start().await);
@@ -292,21 +293,25 @@ async fn prefer_return_minimal_answers_with_the_location_only() {
     assert_eq!((code, v["writes"].as_array().map(Vec::len)), (202, Some(2)), "{v}");
     assert!(!headers.contains_key("preference-applied"), "{headers:?}");
 
-    // With a wait that the outcome beats: the outcome.
-    let drain = {
+    // With a wait that the outcome beats: the outcome (drained until it is answered).
+    let waiting = {
         let s = s.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            s.admin("POST", "/v1/drain", None).await
-        })
+        tokio::spawn(async move { s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "return=minimal, wait=20")]).await })
     };
-    let (code, _, v) = s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "return=minimal, wait=20")]).await;
-    drain.await.unwrap();
+    while !waiting.is_finished() {
+        s.drain().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (code, _, v) = waiting.await.unwrap();
     assert_eq!((code, v["status"].as_str()), (200, Some("applied")), "{v}");
     // One it does not: the minimal 202.
     let (code, headers, v) = s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "return=minimal, wait=0.2")]).await;
     assert_eq!((code, &v), (202, &Value::Null));
     assert!(headers["location"].to_str().unwrap().starts_with("/v1/writes/"));
+    // A write with an expiry: its expiry's id is in the body only, so the body stays.
+    let (code, headers, v) = s.call("POST", "/v1/writes", Some(json!({"key": "t", "op": "put", "value": 1, "ttl_ms": 60000})), &[("prefer", "return=minimal")]).await;
+    assert_eq!(code, 202);
+    assert!(v["expiry_id"].is_string() && !headers.contains_key("preference-applied"), "{v}");
     // Another value of `return`: the usual body.
     let (code, _, v) = s.call("POST", "/v1/writes", Some(json!({"key": "m", "op": "incr", "field": "n"})), &[("prefer", "return=representation")]).await;
     assert_eq!(code, 202);

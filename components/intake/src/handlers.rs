@@ -93,7 +93,8 @@ async fn accept(req: Request) -> Result<http::Response<String>, Problem> {
     // A tenant's refusal, answered after its hold (outside the request's
     // deadline: the outcome is known).
     let accepted = match accepted {
-        Ok(a) => Accepted { minimal: minimal && !batch.batch, ..a },
+        // Not for a write with an expiry: its id is in the body only.
+        Ok(a) => Accepted { minimal: minimal && !batch.batch && !a.ids.iter().any(|id| id.contains('|')), ..a },
         Err(refused) => return Err(crate::throttle::answer(refused).await),
     };
     match deadline {
@@ -234,8 +235,9 @@ fn entry(given: &str) -> serde_json::Value {
 struct Accepted {
     ids: Vec<String>,
     replayed: bool,
-    /// A single write's client asked for `Prefer: return=minimal`: the
-    /// `202` has no body, its `Location` names the write.
+    /// A single write's client asked for `Prefer: return=minimal` (and the
+    /// write has no expiry, whose id only the body gives): the `202` has no
+    /// body, its `Location` names the write.
     minimal: bool,
 }
 

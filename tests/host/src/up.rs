@@ -212,7 +212,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     print!("{}", app.route_listing(&format!("http://{local}")));
     std::io::stdout().flush()?;
     let http = app.clone().serve(listener);
-    let redis = redis_triggers_apart(app.clone())?;
+    let redis: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>> = if app.has_redis_triggers() {
+        Box::pin(redis_triggers_apart(app.clone())?)
+    } else {
+        Box::pin(std::future::pending())
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = http => r,
