@@ -43,7 +43,8 @@ pub(crate) fn commands_row(total: f64, per: &[(String, f64)]) -> Row {
 }
 
 /// One client, one request after another: the floor, the write's shape and
-/// intake; intake against its shape, in throughput and p99. Also returns the
+/// intake (also with `Prefer: return=minimal`), a warm read and its shape;
+/// each against its shape, in throughput and p99. Also returns the
 /// shape's rate and p99.
 pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, one_write: &str) -> anyhow::Result<(Vec<Row>, [f64; 2])> {
     let floor = load::http(base, 1, duration, 1, |_, _| request("GET", "/hello", "")).await?;
@@ -53,6 +54,13 @@ pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, o
     let intake = crate::single_writes(spillway, 1, duration).await?;
     let minimal = crate::single_writes_with(spillway, 1, duration, &[("prefer", "return=minimal")]).await?;
     for (what, m) in [("intake", &intake), ("intake with return=minimal", &minimal)] {
+        anyhow::ensure!(m.failed.0 == 0, "{what} failed at one client: {:?}", m.failed.1);
+    }
+    // A warm read and its shape (one key-value get), one client: a read
+    // answers with a body right after a host call, as a write does.
+    let read_shape = load::http(base, 1, duration, 1, |_, _| request("GET", "/shape/kv", "")).await?;
+    let read = load::http(spillway, 1, duration, 1, |_, _| request("GET", "/v1/records/k1", "")).await?;
+    for (what, m) in [("the read's shape", &read_shape), ("the warm read", &read)] {
         anyhow::ensure!(m.failed.0 == 0, "{what} failed at one client: {:?}", m.failed.1);
     }
     let p99 = |m: &Measured| m.ms(0.99);
@@ -69,6 +77,12 @@ pub(crate) async fn one_client(base: &str, spillway: &str, duration: Duration, o
         Row::from("one client: Spillway single-write intake, `Prefer: return=minimal` (a 202 with no body)", "req/s", &minimal)
             .against("its shape", shape.rate())
             .note(format!("p99 {:.1}x the shape's, p50 {:.1}x", p99(&minimal) / p99(&shape), minimal.ms(0.5) / shape.ms(0.5))),
+        Row::from("one client: shape (floor + one key-value get)", "req/s", &read_shape)
+            .against("floor", floor.rate())
+            .note(format!("p99 {:.1}x the floor's", p99(&read_shape) / p99(&floor))),
+        Row::from("one client: Spillway warm read (one record)", "req/s", &read)
+            .against("its shape", read_shape.rate())
+            .note(format!("{:.2}x the floor; p99 {:.1}x the shape's, p50 {:.1}x", read.rate() / floor.rate(), p99(&read) / p99(&read_shape), read.ms(0.5) / read_shape.ms(0.5))),
     ], [shape.rate(), p99(&shape)]))
 }
 
