@@ -34,7 +34,7 @@ pub mod status;
 
 pub use backend::{backend_failed, log_ignored, redact};
 pub use clock::{monotonic_ms, now_ms, random_u32, token, wait_ms};
-pub use http::{answer, authorize, finish, json, method_not_allowed, problem, read_body, request_id, respond, with_request_id};
+pub use http::{answer, authorize, finish, json, method_not_allowed, problem, read_body, request_id, respond};
 pub use redis::{Redis, bin, int, text};
 pub use ring::{ring, wake};
 pub use settings::settings;
