@@ -334,3 +334,52 @@ async fn reads_go_around_a_stalled_or_dead_cache_store() {
     assert_eq!((code, &r["value"], &r["version"]), (200, &json!({"v": 2}), &json!(2)), "{r}");
     assert_eq!(s.store.int("SELECT count(*) FROM spillway_writes WHERE key = 'k'").await, Some(2));
 }
+
+/// A round's key-value write (a synchronous host call: it holds the whole
+/// processor instance until it returns) waits until the drain waits for it:
+/// with the cache store's server paused under it, the next round, already
+/// read, is still committed. Each round is applied for readers once the
+/// store is back, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_round_is_committed_while_the_last_rounds_cache_write_waits_for_its_store() {
+    let kv = Redis::start();
+    let s = Spillway::builder().kv_at(kv.url()).with_trigger().start().await;
+    // Two keys of one shard: one drain reads them in consecutive rounds.
+    let shard = layout().shard_of("first");
+    let second = (0..).map(|i| format!("second-{i}")).find(|k| layout().shard_of(k) == shard).unwrap();
+    let (code, v) = s.write(json!({"key": "first", "op": "put", "value": {"v": 0}})).await;
+    assert_eq!(code, 202, "{v}");
+    s.settled(v["id"].as_str().unwrap()).await;
+
+    // The first write's round waits for a transaction of the test's own,
+    // once it has been read.
+    let holder = Holder::take(&s).await;
+    let (code, first) = s.write(json!({"key": "first", "op": "put", "value": {"v": 1}})).await;
+    assert_eq!(code, 202, "{first}");
+    let mut redis = s.redis.conn();
+    let stream = layout().stream(shard);
+    eventually("the first write is read into a round", Duration::from_secs(10), async || {
+        let (pending, _, _, _): (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING").arg(&stream).arg(spillway_core::layout::GROUP).query(&mut redis).unwrap();
+        pending == 1
+    })
+    .await;
+    let (code, next) = s.write(json!({"key": second, "op": "put", "value": {"v": 2}})).await;
+    assert_eq!(code, 202, "{next}");
+    kv.pause();
+    holder.release().await;
+
+    let committed = format!("SELECT count(*) FROM spillway_writes WHERE key = '{second}'");
+    eventually("the next round is committed while the first round's cache write waits for its store", Duration::from_secs(10), async || {
+        s.store.int(&committed).await == Some(1)
+    })
+    .await;
+    let (_, _, status) = s.call("GET", &format!("/v1/writes/{}", first["id"].as_str().unwrap()), None, &[]).await;
+    assert_eq!(status["status"], "pending", "the first round waits for its cache write: {status}");
+
+    kv.resume();
+    for (id, key, v) in [(&first, "first", 1), (&next, second.as_str(), 2)] {
+        assert_eq!(s.settled(id["id"].as_str().unwrap()).await["status"], "applied");
+        let (code, _, record) = s.call("GET", &format!("/v1/records/{key}"), None, &[]).await;
+        assert_eq!((code, &record["value"]), (200, &json!({"v": v})), "{record}");
+    }
+}
