@@ -12,13 +12,9 @@
 //! commit, never beside a commit of one of its own keys, and the rounds'
 //! refreshes run in order: a key's cache entries are written in the order of
 //! its commits, so a fill that read a newer commit is never overwritten by an
-//! older refresh. The refresh's key-value write, a synchronous host call that
-//! holds the whole instance while it runs, waits until the drain waits for it
-//! (see [`Gate`]).
+//! older refresh.
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::rc::Rc;
 
 use spillway_core::apply::Record;
 use spillway_core::call::{Call, DeadLetter};
@@ -516,7 +512,7 @@ impl<'a> Drain<'a> {
     /// (see [`Tail::run`]) and then [`Drain::settle`].
     fn tail(&self, batches: Vec<Batch>, applied: db::Applied, apply_ms: u64) -> Tail<'a> {
         let owners: Vec<Held> = self.held.iter().filter(|h| batches.iter().any(|b| b.shard == h.shard)).cloned().collect();
-        Tail { s: self.s, owners, batches, applied, apply_ms, cache_ms: 0, lost: HashSet::new(), failed: Vec::new(), done: 0, gate: Gate::default() }
+        Tail { s: self.s, owners, batches, applied, apply_ms, cache_ms: 0, lost: HashSet::new(), failed: Vec::new(), done: 0 }
     }
 
     /// Waits for the last round's tail, if any, and takes in what it did.
@@ -565,8 +561,6 @@ struct Tail<'a> {
     failed: Vec<(u32, String, Problem)>,
     /// Batches acknowledged.
     done: u64,
-    /// Opens when the drain waits for this tail (see [`Gate`]).
-    gate: Gate,
 }
 
 /// What a round's tail did, for [`Drain::settle`].
@@ -608,9 +602,8 @@ impl<'a> Tail<'a> {
         let done: Vec<&Batch> = batches.iter().filter(|b| self.owners.iter().any(|h| h.shard == b.shard)).collect();
         let owners: Vec<&Held> = self.owners.iter().collect();
         let started = spillway_spin::monotonic_ms();
-        let refreshed = refresh_cache(self.s, &self.applied.state, &owners, &self.gate).await;
-        // The refresh's own time, not its wait for the next round's commit.
-        self.cache_ms = (spillway_spin::monotonic_ms() - started).saturating_sub(self.gate.waited_ms.take());
+        let refreshed = refresh_cache(self.s, &self.applied.state, &owners).await;
+        self.cache_ms = spillway_spin::monotonic_ms() - started;
         match refreshed {
             Ok(lost) => {
                 // Lease lost during the refresh: the new holder redelivers and
@@ -703,32 +696,6 @@ impl<'a> Tail<'a> {
     }
 }
 
-/// When a tail may make a synchronous host call: only while the drain waits
-/// for it. Such a call (the key-value store's `set-many`: Spin runs it in
-/// place, blocking the instance's task) holds the whole instance, so made
-/// beside the next round it would hold that round's read and commit back
-/// (the replies already in are not taken in until it returns): a quiet
-/// tenant's write in the round after a flood's would wait for the flood's
-/// cache write. Made once the drain waits for the tail (after the next
-/// round's commit, or when there is nothing more to apply), it holds back
-/// nothing that could run.
-#[derive(Clone, Default)]
-struct Gate {
-    open: Rc<Cell<bool>>,
-    /// How long the tail waited at it (ms), for its log line.
-    waited_ms: Rc<Cell<u64>>,
-}
-
-impl Gate {
-    /// Resolves once the gate is open. Nothing wakes it: the drain opens the
-    /// gate and then polls the tail (see [`Behind::finish`]).
-    async fn passed(&self) {
-        let started = spillway_spin::monotonic_ms();
-        std::future::poll_fn(|_| if self.open.get() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }).await;
-        self.waited_ms.set(self.waited_ms.get() + (spillway_spin::monotonic_ms() - started));
-    }
-}
-
 /// A round's tail running beside the work that follows it (see [`Tail`]).
 #[derive(Default)]
 struct Behind<'a> {
@@ -736,15 +703,12 @@ struct Behind<'a> {
     /// The keys of the running tail's refresh.
     keys: HashSet<String>,
     finished: Option<Settled>,
-    /// Open while [`Behind::finish`] waits for the running tail.
-    gate: Gate,
 }
 
 impl<'a> Behind<'a> {
-    fn start(&mut self, mut tail: Tail<'a>) {
+    fn start(&mut self, tail: Tail<'a>) {
         debug_assert!(self.running.is_none() && self.finished.is_none(), "a tail starts once the last one is settled");
         self.keys = tail.keys().cloned().collect();
-        tail.gate = self.gate.clone();
         self.running = Some(Box::pin(tail.run()));
     }
 
@@ -771,9 +735,7 @@ impl<'a> Behind<'a> {
     /// Waits for the tail (if any) to finish; what it did.
     async fn finish(&mut self) -> Option<Settled> {
         if let Some(running) = self.running.take() {
-            self.gate.open.set(true);
             self.finished = Some(running.await);
-            self.gate.open.set(false);
         }
         self.finished.take()
     }
@@ -935,18 +897,16 @@ async fn read_batch(s: &Settings, h: &Held, bytes: usize) -> Result<Read, Proble
 /// so a holder that lost its lease cannot write after the new one, and renewing
 /// the leases while it waits for busy locks), the values in
 /// one `set-many` (one transaction on Spin's SQLite store) and the deletions in one
-/// `delete-many` (once `gate` is open). Returns the shards whose lease was lost:
-/// their keys were not written, and their batches must not be acknowledged (the
-/// new holder refreshes).
+/// `delete-many`. Returns the shards whose lease was lost: their keys were not
+/// written, and their batches must not be acknowledged (the new holder refreshes).
 async fn refresh_cache(
     s: &Settings,
     state: &BTreeMap<String, Option<Record>>,
     owners: &[&Held],
-    gate: &Gate,
 ) -> Result<HashSet<u32>, Problem> {
     let l = &s.layout;
     let owned: Vec<u32> = owners.iter().map(|h| h.shard).collect();
-    let mut r = Refresh { s, state, owners, cache: CacheWriter::open(s)?, me: token(), lost: HashSet::new(), gate };
+    let mut r = Refresh { s, state, owners, cache: CacheWriter::open(s)?, me: token(), lost: HashSet::new() };
     let mut pending: Vec<&String> = state.keys().collect();
     // Wait out a lock's whole TTL: a holder that died (a reader, or a processor
     // killed mid-refresh) leaves its locks until they expire. Our own refresh locks
@@ -989,8 +949,6 @@ struct Refresh<'a> {
     me: String,
     /// Shards whose lease was found lost.
     lost: HashSet<u32>,
-    /// Opens when the drain waits for the refresh: its key-value write waits.
-    gate: &'a Gate,
 }
 
 impl<'a> Refresh<'a> {
@@ -1051,14 +1009,9 @@ impl<'a> Refresh<'a> {
         }
         let written_keys: Vec<String> = sets.iter().map(|(k, _)| k.clone()).chain(deletes.iter().cloned()).collect();
         let outlived = || spillway_spin::monotonic_ms().saturating_sub(started) >= self.s.lease_ttl_ms;
-        // The key-value store's calls hold the instance: not beside the next
-        // round (see [`Gate`]). Redis's are asynchronous.
-        if matches!(self.cache, CacheWriter::Kv(_)) && !(sets.is_empty() && deletes.is_empty()) {
-            self.gate.passed().await;
-        }
-        // A refresh held up (a paused process, a slow Redis, a long round
-        // before the gate opened) until its locks may have expired writes
-        // nothing: a newer refresh or fill may have been written since.
+        // A refresh held up (a paused process, a slow Redis) until its locks may
+        // have expired writes nothing: a newer refresh or fill may have been
+        // written since.
         let late = outlived();
         let mut written = if late {
             Err(Problem::unavailable("the cache refresh was held up until its locks expired; nothing was written and the batch will be retried"))
