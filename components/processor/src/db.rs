@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use futures::channel::oneshot;
 use serde_json::Value as Json;
 use spillway_core::apply::{Outcome, Record, StepResult, StepWrites, canonical, plan_with};
 use spillway_core::call::Call;
@@ -115,16 +116,21 @@ pub(crate) fn key_of(payload: &str) -> Result<String, String> {
 /// sync, for all of them: shards own disjoint keys, so their batches are
 /// independent). If that transaction fails, each batch is tried in a transaction of
 /// its own, so a batch that cannot be applied fails alone. Returns what committed
-/// and the shards whose batch failed.
-pub(crate) async fn apply_round(s: &Settings, db: &Db, batches: &[Batch]) -> (Applied, Vec<(u32, Problem)>) {
-    match in_transaction(s, db, batches).await {
+/// and the shards whose batch failed. `planned` is told when the first
+/// transaction has planned its writes (or failed before): what is left is
+/// writing them and the commit.
+pub(crate) async fn apply_round(s: &Settings, db: &Db, batches: &[Batch], planned: oneshot::Sender<()>) -> (Applied, Vec<(u32, Problem)>) {
+    let mut planned = Some(planned);
+    let first = in_transaction(s, db, batches, &mut planned).await;
+    drop(planned);
+    match first {
         Ok(a) => (a, Vec::new()),
         Err(p) if batches.len() == 1 => (Applied::default(), vec![(batches[0].shard, p)]),
         Err(_) => {
             let mut applied = Applied::default();
             let mut failed = Vec::new();
             for b in batches {
-                match in_transaction(s, db, std::slice::from_ref(b)).await {
+                match in_transaction(s, db, std::slice::from_ref(b), &mut None).await {
                     Ok(a) => applied.merge(a),
                     Err(p) => failed.push((b.shard, p)),
                 }
@@ -134,14 +140,14 @@ pub(crate) async fn apply_round(s: &Settings, db: &Db, batches: &[Batch]) -> (Ap
     }
 }
 
-async fn in_transaction(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
+async fn in_transaction(s: &Settings, db: &Db, batches: &[Batch], planned: &mut Option<oneshot::Sender<()>>) -> Result<Applied, Problem> {
     db.query(db.sql().begin, vec![]).await?;
     let applied = async {
         if let Some(stmt) = db.sql().in_transaction {
             // PostgreSQL takes at most 2^31 - 1 ms.
             db.query(stmt, vec![Value::Text(s.lease_ttl_ms.min(i32::MAX as u64).to_string())]).await?;
         }
-        apply_in_tx(s, db, batches).await
+        apply_in_tx(s, db, batches, planned).await
     };
     match applied.await {
         Ok(a) => match db.query(db.sql().commit, vec![]).await {
@@ -288,8 +294,9 @@ struct Current {
 
 /// Applies one round inside the open transaction: fences, already-recorded
 /// writes, the plan (the apply step per key, in order), then the records, the
-/// outcomes and the pruning, each in one statement.
-async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied, Problem> {
+/// outcomes and the pruning, each in one statement. `planned` is told once
+/// the plan is made.
+async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch], planned: &mut Option<oneshot::Sender<()>>) -> Result<Applied, Problem> {
     let mut e = fence_and_gather(db, batches).await?;
     let (already, recorded) = recorded_before(db, &e).await?;
     // Past the attempt limit and not in the database: left out, to be
@@ -307,6 +314,9 @@ async fn apply_in_tx(s: &Settings, db: &Db, batches: &[Batch]) -> Result<Applied
     let Current { existing, tombstones, mut heads } = current(db, &keys).await?;
     let now = spillway_spin::now_ms();
     let plan = plan_round(s, batches, &e, (existing, &tombstones, &heads), &already, now).await;
+    if let Some(tx) = planned.take() {
+        let _ = tx.send(());
+    }
     dead.extend(failed_keys(s, &e, &plan.failed));
 
     let mut out = Outcomes { entry_of: &e.entry_of, now, rows: Vec::with_capacity(e.writes.len() + e.unreadable.len()), per_shard: recorded, applied: 0, rejected: 0 };

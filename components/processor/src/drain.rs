@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use futures::channel::oneshot;
 use spillway_core::apply::Record;
 use spillway_core::call::{Call, DeadLetter};
 use spillway_core::layout::{FILL_LOCK_TTL_MS, WriteId};
@@ -103,7 +104,8 @@ enum Read {
 /// held (concurrently), applies them all in ONE database transaction (one disk sync
 /// for all), refreshes the cache once for all, and acknowledges each. Shards join
 /// as their leases are won and leave when empty. While a round is applied, the next
-/// batch of each shard that filled its batch is already being read, and the last
+/// batch of each of its shards is already being read (of a shard that filled its
+/// batch at once, of the others once the round's writes are planned), and the last
 /// round's cache refresh and acknowledgement (its [`Tail`]) still run: a write
 /// that arrives while a large round is applied waits for that commit, not for
 /// its whole round.
@@ -130,11 +132,12 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         explicit: wanted.clone(),
         wanted,
         held: Vec::new(),
+        emptying: Vec::new(),
         failed: HashSet::new(),
         unreachable: HashSet::new(),
         failures: Vec::new(),
         stats,
-        share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new(), shrunk: false },
+        share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new(), shrunk: false, shedding: HashSet::new() },
         due_in_ms: None,
     };
     let (mut scanned_at, mut probed_at) = (0, 0);
@@ -153,22 +156,33 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
             }
             return d.failures;
         }
-        if deadline.is_some_and(|t| spillway_spin::monotonic_ms() >= t) && !d.held.is_empty() {
+        // A batch read ahead before the time was up is applied first (handed
+        // on, it would be delivered again, and counted as a second attempt),
+        // in one last round that takes no more shards.
+        let out_of_time = deadline.is_some_and(|t| spillway_spin::monotonic_ms() >= t);
+        if out_of_time && !d.held.is_empty() && prefetched.is_empty() {
             d.catch_up(&mut behind).await;
             d.hand_on().await;
             return d.failures;
         }
-        if rescan && (d.held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
+        let last_round = out_of_time && !prefetched.is_empty();
+        if !last_round && rescan && (d.held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
             scanned_at = spillway_spin::monotonic_ms();
             behind.beside(d.scan()).await;
             if d.share.shrunk {
                 // Shedding lets leases go: not one whose round is still
                 // being acknowledged.
                 d.catch_up(&mut behind).await;
-                d.shed().await;
+                d.shed(&prefetched).await;
             }
         }
-        behind.beside(d.take_wanted()).await;
+        // A shard that left meanwhile (a tail settled above found its lease
+        // lost) leaves its read-ahead behind: taken again, it is a new tenure,
+        // which resumes its pending entries first.
+        prefetched.retain(|shard, _| d.held.iter().any(|h| h.shard == *shard));
+        if !last_round {
+            behind.beside(d.take_wanted()).await;
+        }
         if d.held.is_empty() {
             d.catch_up(&mut behind).await;
             if !d.held.is_empty() {
@@ -197,9 +211,14 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         if let Some(tail_keys) = behind.keys() && batches.iter().any(|b| b.keys().any(|k| tail_keys.contains(k))) {
             d.catch_up(&mut behind).await;
         }
-        // Shards that filled their batch of new entries most likely have more: read
-        // their next batch while this round is applied (not while resuming: the
-        // pending entries must all come first, in order).
+        // Each shard's next batch is read while this round is applied: at once
+        // for a shard that filled its batch of new entries (it most likely has
+        // more), and for the others once the round's writes are planned, beside
+        // their writing and the commit, so that a write that arrived during the
+        // plan is read by the time the round commits and applied in the next
+        // round. Not while resuming: the pending entries must all come first,
+        // in order. Nor once the drain's time is up: it hands its shards on
+        // with nothing read ahead (see `Drain::hand_on`).
         // Nor in a careful round: a read then could drop the blame marker (see
         // `scripts::READ_BATCH`) between its setting and the call it marks.
         let careful = batches.iter().any(|b| b.careful);
@@ -210,35 +229,64 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         if careful {
             d.catch_up(&mut behind).await;
         }
-        let ahead: Vec<Held> = d
-            .held
-            .iter()
-            .filter(|h| !careful && h.resume.is_none() && batches.iter().any(|b| b.shard == h.shard && b.entries.len() >= s.batch_size))
-            .cloned()
-            .collect();
-        let share = d.byte_share();
-        let next = futures::future::join_all(ahead.iter().map(|h| read_batch(s, h, share)));
+        let reading_on = deadline.is_none_or(|t| spillway_spin::monotonic_ms() < t);
+        let (mut ahead, mut later) = (Vec::new(), Vec::new());
+        for h in d.held.iter().filter(|h| reading_on && !careful && h.resume.is_none() && !d.share.shedding.contains(&h.shard)) {
+            match batches.iter().find(|b| b.shard == h.shard) {
+                Some(b) if b.entries.len() >= s.batch_size => ahead.push(h.clone()),
+                Some(_) => later.push(h.clone()),
+                None => {}
+            }
+        }
+        // The shards this round's read found empty, for their handshake
+        // beside the apply (taken after the catch-ups above, which settle
+        // them too, see `Drain::settle`).
+        let emptying = std::mem::take(&mut d.emptying);
+        let share = d.byte_share(emptying.len());
+        let (planned, plan_made) = oneshot::channel();
+        let next = futures::future::join(futures::future::join_all(ahead.iter().map(|h| read_batch(s, h, share))), async {
+            // A round that failed before its plan reads nothing more: its
+            // shards may leave, and a batch read for one would be delivered
+            // again to the next holder, as a second attempt. (One that fails
+            // after it, in its writing or commit, may still leave a shard with
+            // a batch read ahead, as a full shard's always could: those writes
+            // count one delivery more.)
+            if plan_made.await.is_err() {
+                return Vec::new();
+            }
+            futures::future::join_all(later.iter().map(|h| read_batch(s, h, share))).await
+        });
         // Meanwhile, the shards rung since the last look: their rings wait
         // behind this drain (see `rung`).
         let now = spillway_spin::monotonic_ms();
-        let look = rescan && d.held.len() < s.layout.shards as usize && now >= probed_at + WAIT_STEP_MS;
+        let look = rescan && d.held.len() + emptying.len() < s.layout.shards as usize && now >= probed_at + WAIT_STEP_MS;
         let unheld: Vec<u32> = if look {
             probed_at = now;
-            (0..s.layout.shards).filter(|shard| !d.held.iter().any(|h| h.shard == *shard)).collect()
+            (0..s.layout.shards).filter(|shard| !d.held.iter().chain(&emptying).any(|h| h.shard == *shard)).collect()
         } else {
             Vec::new()
         };
-        let ((applied, apply_ms), next, rang) = futures::future::join3(behind.beside(d.apply(&batches)), next, async move {
+        // And the handshake of the shards this round's read found empty.
+        let handshake = futures::future::join_all(emptying.into_iter().map(|h| empty(s, h)));
+        let ((applied, apply_ms), (next, next_later), rang, emptied) = futures::future::join4(behind.beside(d.apply(&batches, planned)), next, async move {
             if unheld.is_empty() { Vec::new() } else { rung(s, &unheld).await }
-        })
+        }, handshake)
         .await;
+        d.emptied(emptied);
         d.want(rang);
         // This round's tail follows the last one's.
         d.catch_up(&mut behind).await;
         behind.start(d.tail(batches, applied, apply_ms));
         // A shard that left in this round (failed, fenced) leaves its read-ahead in
-        // the stream's pending list, for the next holder.
-        prefetched = ahead.iter().map(|h| h.shard).zip(next).filter(|(shard, _)| d.held.iter().any(|h| h.shard == *shard)).collect();
+        // the stream's pending list, for the next holder (`later`, last, is
+        // short of its reads if the round failed before its plan).
+        prefetched = ahead
+            .iter()
+            .chain(&later)
+            .map(|h| h.shard)
+            .zip(next.into_iter().chain(next_later))
+            .filter(|(shard, _)| d.held.iter().any(|h| h.shard == *shard))
+            .collect();
     }
 }
 
@@ -261,6 +309,9 @@ struct Drain<'a> {
     /// Shards asked for by name (a busy one is reported).
     explicit: Vec<u32>,
     held: Vec<Held>,
+    /// Held shards found empty by a read that found batches too, out of
+    /// `held` until their doorbell handshake (see [`Drain::read`]).
+    emptying: Vec<Held>,
     /// A shard that failed is not taken again in this invocation: its watch
     /// retries it after a lease TTL, and its attempts are not burnt in a tight
     /// loop.
@@ -294,6 +345,9 @@ struct Share {
     /// The share went down when the nodes were last counted: the excess is
     /// shed once (not a shard taken beyond the share later, see [`Drain::shed`]).
     shrunk: bool,
+    /// Shards in excess kept until their batch read ahead is applied: read no
+    /// further ahead, shed at the next scan.
+    shedding: HashSet<u32>,
 }
 
 impl<'a> Drain<'a> {
@@ -318,8 +372,9 @@ impl<'a> Drain<'a> {
     }
 
     /// Out of time (a hosted platform ends a request at 30 s): releases the
-    /// shards and rings again, so a fresh invocation carries on. Entries read
-    /// ahead stay pending: the next holder resumes them first. Released with a
+    /// shards and rings again, so a fresh invocation carries on. Nothing read
+    /// ahead is left behind (the drain applies it first, see [`drain`]): the
+    /// next holder would resume it as a second delivery. Released with a
     /// retry: should the ring be lost, the shard's watch expires one lease TTL
     /// from now and resumes it.
     async fn hand_on(&mut self) {
@@ -348,11 +403,22 @@ impl<'a> Drain<'a> {
     /// beyond it later (left claimable too long: a node gone, or busy) is
     /// kept, or it would be shed and taken back, a fresh tenure each time,
     /// until that node is forgotten.
-    async fn shed(&mut self) {
+    async fn shed(&mut self, prefetched: &HashMap<u32, Result<Read, Problem>>) {
+        self.share.shedding.clear();
         if !std::mem::take(&mut self.share.shrunk) || self.held.len() <= self.share.of {
             return;
         }
-        let excess = self.held.split_off(self.share.of);
+        // A shard with a batch read ahead is not let go before that batch is
+        // applied (the next holder would have it delivered again, as a second
+        // attempt): it is kept first, and if it is still in excess, read no
+        // further ahead and shed at the next scan.
+        self.held.sort_by_key(|h| !prefetched.contains_key(&h.shard));
+        let (excess, kept): (Vec<Held>, Vec<Held>) = self.held.split_off(self.share.of).into_iter().partition(|h| !prefetched.contains_key(&h.shard));
+        self.share.shedding = kept.iter().map(|h| h.shard).collect();
+        if !kept.is_empty() {
+            self.share.shrunk = true;
+            self.held.extend(kept);
+        }
         let shards = self.let_go(excess).await;
         let now = spillway_spin::monotonic_ms();
         self.share.passed_over.extend(shards.iter().map(|shard| (*shard, now)));
@@ -430,13 +496,17 @@ impl<'a> Drain<'a> {
     }
 
     /// Reads a batch from every held shard (those read ahead, from
-    /// `prefetched`) and settles each shard's state: a lost lease leaves, an
-    /// empty shard goes through the doorbell handshake (see [`drain`]), a batch
-    /// joins the round.
+    /// `prefetched`) and settles each shard's state: a lost lease leaves, a
+    /// batch joins the round, an empty shard goes through the doorbell
+    /// handshake (see [`drain`]). When the read found batches, the empty
+    /// shards wait in `emptying` instead, their handshake left to run beside
+    /// the round's apply (see [`Drain::emptied`]): a write that waited through
+    /// a large round is applied one read after it, not one read and a
+    /// handshake of every other shard.
     async fn read(&mut self, mut prefetched: HashMap<u32, Result<Read, Problem>>) -> Vec<Batch> {
         let s = self.s;
         let fresh: Vec<Held> = self.held.iter().filter(|h| !prefetched.contains_key(&h.shard)).cloned().collect();
-        let share = self.byte_share();
+        let share = self.byte_share(0);
         let reads = futures::future::join_all(fresh.iter().map(|h| read_batch(s, h, share))).await;
         prefetched.extend(fresh.iter().map(|h| h.shard).zip(reads));
         let (mut batches, mut empties) = (Vec::new(), Vec::new());
@@ -466,27 +536,39 @@ impl<'a> Drain<'a> {
                 }
             }
         }
+        if !batches.is_empty() {
+            self.emptying = empties;
+            return batches;
+        }
         // The shards found empty, all at once.
-        for e in futures::future::join_all(empties.into_iter().map(|h| empty(s, h))).await {
+        let emptied = futures::future::join_all(empties.into_iter().map(|h| empty(s, h))).await;
+        self.emptied(emptied);
+        batches
+    }
+
+    /// Settles the shards that went through the doorbell handshake (see
+    /// [`empty`]): kept, given back to be taken again, or failed.
+    fn emptied(&mut self, emptied: Vec<Emptied>) {
+        for e in emptied {
             self.held.extend(e.kept);
             self.wanted.extend(e.retake);
             self.failures.extend(e.failure);
         }
-        batches
     }
 
     /// Each held shard's share of `round_bytes`: the most payload bytes its
-    /// next batch reads (it reads one write whatever its size).
-    fn byte_share(&self) -> usize {
-        (self.s.round_bytes / self.held.len().max(1)).max(1)
+    /// next batch reads (it reads one write whatever its size). `emptying`:
+    /// held shards out of `held` for their doorbell handshake.
+    fn byte_share(&self, emptying: usize) -> usize {
+        (self.s.round_bytes / (self.held.len() + emptying).max(1)).max(1)
     }
 
     /// Applies a round's batches in one transaction; shards whose batch failed
     /// (or was fenced) leave. The rest of the round, its [`Tail`], is the
-    /// caller's to run.
-    async fn apply(&mut self, batches: &[Batch]) -> (db::Applied, u64) {
+    /// caller's to run. `planned`: see [`db::apply_round`].
+    async fn apply(&mut self, batches: &[Batch], planned: oneshot::Sender<()>) -> (db::Applied, u64) {
         let started = spillway_spin::monotonic_ms();
-        let (applied, errors) = db::apply_round(self.s, self.db, batches).await;
+        let (applied, errors) = db::apply_round(self.s, self.db, batches, planned).await;
         let apply_ms = spillway_spin::monotonic_ms() - started;
         for (shard, p) in errors {
             let ids = batches.iter().filter(|b| b.shard == shard).flat_map(|b| b.entries.iter().map(|(id, _)| id.clone()));
@@ -528,7 +610,12 @@ impl<'a> Drain<'a> {
     /// another tenure, not the tail's.
     async fn settle(&mut self, t: Settled) {
         self.held.retain(|h| !t.lost.contains(&h.token));
+        self.emptying.retain(|h| !t.lost.contains(&h.token));
         for (shard, token, p) in t.failed {
+            if let Some(i) = self.emptying.iter().position(|h| h.shard == shard && h.token == token) {
+                // Waiting for its handshake: it leaves as a held shard would.
+                self.held.push(self.emptying.remove(i));
+            }
             if self.held.iter().any(|h| h.shard == shard && h.token == token) {
                 self.fail(shard, p).await;
             } else {
