@@ -143,6 +143,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
     let (mut scanned_at, mut probed_at) = (0, 0);
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
+    let out_of_time = || deadline.is_some_and(|t| spillway_spin::monotonic_ms() >= t);
     // The last round's tail, running beside this round's read and commit.
     let mut behind = Behind::default();
     loop {
@@ -159,13 +160,13 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         // A batch read ahead before the time was up is applied first (handed
         // on, it would be delivered again, and counted as a second attempt),
         // in one last round that takes no more shards.
-        let out_of_time = deadline.is_some_and(|t| spillway_spin::monotonic_ms() >= t);
-        if out_of_time && !d.held.is_empty() && prefetched.is_empty() {
+        let out_of_time_now = out_of_time();
+        if out_of_time_now && !d.held.is_empty() && prefetched.is_empty() {
             d.catch_up(&mut behind).await;
             d.hand_on().await;
             return d.failures;
         }
-        let last_round = out_of_time && !prefetched.is_empty();
+        let last_round = out_of_time_now && !prefetched.is_empty();
         if !last_round && rescan && (d.held.is_empty() || spillway_spin::monotonic_ms() >= scanned_at + RESCAN_MS) {
             scanned_at = spillway_spin::monotonic_ms();
             behind.beside(d.scan()).await;
@@ -229,7 +230,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         if careful {
             d.catch_up(&mut behind).await;
         }
-        let reading_on = deadline.is_none_or(|t| spillway_spin::monotonic_ms() < t);
+        let reading_on = !out_of_time();
         let (mut ahead, mut later) = (Vec::new(), Vec::new());
         for h in d.held.iter().filter(|h| reading_on && !careful && h.resume.is_none() && !d.share.shedding.contains(&h.shard)) {
             match batches.iter().find(|b| b.shard == h.shard) {
