@@ -140,7 +140,10 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         share: Share { of: usize::MAX, read_at: None, passed_over: HashMap::new(), shrunk: false, shedding: HashSet::new() },
         due_in_ms: None,
     };
-    let (mut scanned_at, mut probed_at) = (0, 0);
+    // WASI's monotonic clock starts near zero with each instance: the
+    // first round with batches looks for rung shards whenever it comes, not
+    // once the instance is older than a step.
+    let (mut scanned_at, mut probed_at): (u64, Option<u64>) = (0, None);
     let mut prefetched: HashMap<u32, Result<Read, Problem>> = HashMap::new();
     let deadline = (s.drain_budget_secs > 0).then(|| spillway_spin::monotonic_ms() + s.drain_budget_secs.saturating_mul(1000));
     let out_of_time = || deadline.is_some_and(|t| spillway_spin::monotonic_ms() >= t);
@@ -260,9 +263,9 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
         // Meanwhile, the shards rung since the last look: their rings wait
         // behind this drain (see `rung`).
         let now = spillway_spin::monotonic_ms();
-        let look = rescan && d.held.len() + emptying.len() < s.layout.shards as usize && now >= probed_at + WAIT_STEP_MS;
+        let look = rescan && d.held.len() + emptying.len() < s.layout.shards as usize && probed_at.is_none_or(|at| now >= at + WAIT_STEP_MS);
         let unheld: Vec<u32> = if look {
-            probed_at = now;
+            probed_at = Some(now);
             (0..s.layout.shards).filter(|shard| !d.held.iter().chain(&emptying).any(|h| h.shard == *shard)).collect()
         } else {
             Vec::new()
