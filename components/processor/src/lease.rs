@@ -35,9 +35,21 @@ pub(crate) struct Lease {
     pub(crate) token: String,
     /// The fencing token the database write checks.
     pub(crate) fence: i64,
-    /// The lease's mirror on the trigger's server (see `spillway_spin::mirror`):
-    /// when it was last set (monotonic ms), if it is needed and set.
-    mirrored_at: Cell<Option<u64>>,
+    /// The lease's mirror on the trigger's server (see `spillway_spin::mirror`).
+    mirrored: Cell<Mirror>,
+}
+
+/// Where a lease's mirror stands.
+#[derive(Clone, Copy, Debug)]
+enum Mirror {
+    /// The shard needs none (or it is not set yet).
+    Unneeded,
+    /// Set at this monotonic time (ms).
+    SetAt(u64),
+    /// Setting it failed: tried again at the next round. (Not a time: WASI's
+    /// monotonic clock starts near zero with each instance, so no time
+    /// stands for "long ago".)
+    Retry,
 }
 
 /// A lease's mirror lives this many halves of the lease TTL, and is set again
@@ -60,7 +72,7 @@ impl Lease {
         let reply = Redis::for_shard(s, shard).call(&Call::lease_acquire(&s.layout, shard, &token, s.lease_ttl_ms, end_backoff)).await?;
         Ok(match LeaseAcquired::parse(&spillway_spin::redis::values(&reply)).map_err(malformed)? {
             LeaseAcquired::Won(fence) => {
-                let lease = Self { shard, token, fence, mirrored_at: Cell::new(None) };
+                let lease = Self { shard, token, fence, mirrored: Cell::new(Mirror::Unneeded) };
                 lease.mirror(s, true).await;
                 Some(lease)
             }
@@ -93,7 +105,7 @@ impl Lease {
         // next holder's (its lease taken between our release and the delete,
         // on another server), and an expiry of a shard that is not held, or
         // held anew, only has it looked at again.
-        if self.mirrored_at.get().is_some() && retry_ms > 0 {
+        if !matches!(self.mirrored.get(), Mirror::Unneeded) && retry_ms > 0 {
             mirror(s, self.shard, Mirrored::Lease, Some(retry_ms)).await;
         }
     }
@@ -102,16 +114,20 @@ impl Lease {
     /// last is half a TTL old.
     async fn mirror(&self, s: &Settings, now: bool) {
         let at = spillway_spin::monotonic_ms();
-        let due = now || self.mirrored_at.get().is_some_and(|last| at.saturating_sub(last) >= s.lease_ttl_ms / 2);
+        let due = now
+            || match self.mirrored.get() {
+                Mirror::Unneeded => false,
+                Mirror::Retry => true,
+                Mirror::SetAt(last) => at.saturating_sub(last) >= s.lease_ttl_ms / 2,
+            };
         if !due {
             return;
         }
         let ttl = s.lease_ttl_ms.saturating_mul(MIRROR_HALVES) / 2;
-        self.mirrored_at.set(match mirror(s, self.shard, Mirrored::Lease, Some(ttl)).await {
-            Outcome::Done => Some(at),
-            // Tried again at the next round.
-            Outcome::Failed => Some(0),
-            Outcome::Unneeded => None,
+        self.mirrored.set(match mirror(s, self.shard, Mirrored::Lease, Some(ttl)).await {
+            Outcome::Done => Mirror::SetAt(at),
+            Outcome::Failed => Mirror::Retry,
+            Outcome::Unneeded => Mirror::Unneeded,
         });
     }
 
