@@ -141,6 +141,18 @@ impl Call {
         }
     }
 
+    /// `RELEASE_EMPTY`: releases the leases of `held` (shard and token, all
+    /// on one server, or one shard with `redis_cluster`) and reads their
+    /// doorbell flags.
+    pub fn release_empty<'t>(l: &Layout, held: impl IntoIterator<Item = (u32, &'t str)>) -> Self {
+        let (mut keys, mut args) = (Vec::new(), Vec::new());
+        for (shard, token) in held {
+            keys.extend([l.lease(shard), l.watch(shard), l.bell(shard)]);
+            args.push(token.to_owned());
+        }
+        Self { script: scripts::RELEASE_EMPTY, keys, args }
+    }
+
     /// `READ_BATCH`: renews `token`'s lease and reads the next batch (from
     /// `resume` while resuming a previous holder's pending entries).
     pub fn read_batch(l: &Layout, shard: u32, token: &str, limits: BatchLimits, resume: Option<&str>) -> Self {
@@ -524,6 +536,9 @@ mod tests {
         assert_eq!(Call::record_error(&l, 1, "why", ["1-0".to_owned()]).keys, ["spillway:{s1}:attempts", "spillway:{s1}:stats"]);
         assert_eq!(Call::lease_release(&l, 2, "tok", 0, 0).args, ["tok", "0", "0"]);
         assert_eq!(Call::lease_release(&l, 2, "tok", 900, 400).args, ["tok", "900", "400"]);
+        let released = Call::release_empty(&l, [(2, "a"), (5, "b")]);
+        assert_eq!(released.keys, [l.lease(2), l.watch(2), l.bell(2), l.lease(5), l.watch(5), l.bell(5)]);
+        assert_eq!(released.args, ["a", "b"]);
         let c = Call::claimable(&l, &[1, 2], false);
         assert_eq!((c.keys.len(), c.args), (8, vec!["0".to_owned(), "500".to_owned(), "1".to_owned(), "2".to_owned()]));
         assert_eq!(c.keys[4..], [l.stream(2), l.lease(2), l.sched(2), l.alarm(2)]);

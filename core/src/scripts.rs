@@ -557,6 +557,25 @@ end
 return 0
 "#);
 
+/// The doorbell handshake's last step, for shards found empty twice in a row
+/// (see the processor's drain): per shard, as the holder of `token`, releases
+/// its lease and drops its watch (done: as [`LEASE_RELEASE`] with no retry and
+/// no backoff), then says whether its doorbell flag is set (a ring that found
+/// the lease held: the shard is taken again). One call for all the shards of
+/// a server (of one shard with `redis_cluster`). KEYS: `[(lease, watch,
+/// bell)*]`. ARGV: `[token*]`. Reply: per shard, 1 if its flag is set, else 0.
+pub const RELEASE_EMPTY: &str = concat!(allow_oom!(), r#"
+local out = {}
+for i = 1, #ARGV do
+  if redis.call('GET', KEYS[3 * i - 2]) == ARGV[i] then
+    redis.call('DEL', KEYS[3 * i - 1])
+    redis.call('DEL', KEYS[3 * i - 2])
+  end
+  out[i] = redis.call('EXISTS', KEYS[3 * i])
+end
+return out
+"#);
+
 /// Read the next batch of a shard, as the lease holder, renewing the lease (and
 /// setting the shard's watch to three lease TTLs). A tenure starts by resuming: it
 /// reads the pending (delivered, unacknowledged) entries a previous holder left,

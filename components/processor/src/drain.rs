@@ -271,7 +271,7 @@ pub(crate) async fn drain(s: &Settings, db: &Db, scope: Scope, by_operator: bool
             Vec::new()
         };
         // And the handshake of the shards this round's read found empty.
-        let handshake = futures::future::join_all(emptying.into_iter().map(|h| empty(s, h)));
+        let handshake = empty(s, emptying);
         let ((applied, apply_ms), (next, next_later), rang, emptied) = futures::future::join4(behind.beside(d.apply(&batches, planned)), next, async move {
             if unheld.is_empty() { Vec::new() } else { rung(s, &unheld).await }
         }, handshake)
@@ -545,7 +545,7 @@ impl<'a> Drain<'a> {
             return batches;
         }
         // The shards found empty, all at once.
-        let emptied = futures::future::join_all(empties.into_iter().map(|h| empty(s, h))).await;
+        let emptied = empty(s, empties).await;
         self.emptied(emptied);
         batches
     }
@@ -866,28 +866,65 @@ fn log_failure(b: &Batch, step: &str, error: &str) {
     eprintln!("{line}");
 }
 
-/// The doorbell handshake for a shard found empty: the first time its flag
-/// is cleared and it is kept, to be read once more; the second time its lease
-/// is released (and the shard given back to be taken again if the flag was set
-/// meanwhile). A failure to clear the flag is reported; the shard is kept.
-async fn empty(s: &Settings, mut h: Held) -> Emptied {
-    let bell = spillway_spin::bin(&s.layout.bell(h.shard));
-    let redis = Redis::for_shard(s, h.shard);
-    if !h.cleared {
-        let failure = redis.execute("DEL", vec![bell]).await.err().map(|p| (Some(h.shard), p));
-        h.cleared = true;
-        return Emptied { kept: Some(h), retake: None, failure };
-    }
-    h.lease.release(s, Then::Done).await;
-    let retake = match redis.execute("EXISTS", vec![bell]).await {
-        Ok(r) => (r.first().and_then(int).unwrap_or(0) > 0).then_some(h.shard),
-        // The flag's expiry rings again if it was set.
-        Err(p) => {
-            spillway_spin::log_ignored("reading a doorbell flag", Err::<(), _>(p));
-            None
+/// The doorbell handshake for shards found empty, all at once: the first time,
+/// a shard's flag is cleared and it is kept, to be read once more; the second
+/// time its lease is released, and the shard given back to be taken again if
+/// the flag was set meanwhile. One call per server (per shard with
+/// `redis_cluster`) for each step: a `DEL` of the flags, a `RELEASE_EMPTY`. A
+/// failure to clear a flag is reported, the shard kept; one to release is
+/// logged (the lease expires of itself, and the flag's expiry rings again if
+/// it was set).
+async fn empty(s: &Settings, shards: Vec<Held>) -> Vec<Emptied> {
+    let (twice, once): (Vec<Held>, Vec<Held>) = shards.into_iter().partition(|h| h.cleared);
+    let clear = async {
+        let ids: Vec<u32> = once.iter().map(|h| h.shard).collect();
+        let calls = s.slot_groups(&ids).into_iter().map(|(address, group)| async move {
+            let bells = group.iter().map(|shard| spillway_spin::bin(&s.layout.bell(*shard))).collect();
+            (group, Redis::new(address).execute("DEL", bells).await)
+        });
+        let mut failed: HashMap<u32, Problem> = HashMap::new();
+        for (group, r) in futures::future::join_all(calls).await {
+            if let Err(p) = r {
+                failed.extend(group.into_iter().map(|shard| (shard, p.clone())));
+            }
         }
+        once.into_iter()
+            .map(|mut h| {
+                let failure = failed.remove(&h.shard).map(|p| (Some(h.shard), p));
+                h.cleared = true;
+                Emptied { kept: Some(h), retake: None, failure }
+            })
+            .collect::<Vec<_>>()
     };
-    Emptied { kept: None, retake, failure: None }
+    let release = async {
+        let ids: Vec<u32> = twice.iter().map(|h| h.shard).collect();
+        let twice = &twice;
+        let calls = s.slot_groups(&ids).into_iter().map(|(address, group)| async move {
+            let held = group.iter().filter_map(|shard| twice.iter().find(|h| h.shard == *shard)).map(|h| (h.shard, h.token.as_str()));
+            let call = Call::release_empty(&s.layout, held);
+            (group, Redis::new(address).call(&call).await)
+        });
+        let mut out = Vec::with_capacity(twice.len());
+        for (group, r) in futures::future::join_all(calls).await {
+            match r {
+                Ok(flags) => out.extend(group.into_iter().zip(flags.iter().map(|f| int(f).unwrap_or(0) > 0).chain(std::iter::repeat(false))).map(|(shard, rung)| Emptied {
+                    kept: None,
+                    retake: rung.then_some(shard),
+                    failure: None,
+                })),
+                // As `Lease::release` logs it, per shard.
+                Err(p) => {
+                    for h in twice.iter().filter(|h| group.contains(&h.shard)) {
+                        eprintln!("{}", serde_json::json!({"event": "lease_release_failed", "shard": h.shard, "fence": h.fence, "error": p.detail}));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let (mut kept, released) = futures::future::join(clear, release).await;
+    kept.extend(released);
+    kept
 }
 
 /// What [`empty`] did with a shard: kept it, or let it go (to be taken again

@@ -14,11 +14,10 @@ use spillway_spin::mirror::{Mirrored, Outcome, mirror};
 use spillway_spin::{Redis, token};
 use std::cell::Cell;
 
-/// What follows a lease's release.
+/// What follows a lease's release (a shard found empty is let go with its
+/// flag read, see the drain's `empty`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Then {
-    /// Nothing: the shard is done (or another holder has it).
-    Done,
     /// A retry (the shard's watch), at once.
     Retry,
     /// A retry after the backoff for a batch whose `attempt`-th delivery
@@ -80,14 +79,13 @@ impl Lease {
         })
     }
 
-    /// Releases the lease. After a failure (anything but [`Then::Done`]) the
+    /// Releases the lease after a failure, or to hand the shard on: the
     /// shard's watch stays, to expire one lease TTL after any backoff: that
     /// expiry is the retry, whatever else happens. After a failed batch
     /// ([`Then::BackOff`]) the shard backs off first. A release that fails
     /// leaves the lease to expire, which resumes the shard too; it is logged.
     pub(crate) async fn release(&self, s: &Settings, then: Then) {
         let (retry_ms, backoff) = match then {
-            Then::Done => (0, 0),
             Then::Retry => (s.lease_ttl_ms, 0),
             Then::BackOff { attempt } => {
                 let backoff = backoff_ms(s.retry_backoff_ms, attempt);
@@ -100,12 +98,13 @@ impl Lease {
             // The lease expires of itself: its mirror too.
             return;
         }
-        // The mirror follows the watch when it expires as the retry. When
-        // done, the mirror is left to expire: deleting it could delete the
-        // next holder's (its lease taken between our release and the delete,
-        // on another server), and an expiry of a shard that is not held, or
-        // held anew, only has it looked at again.
-        if !matches!(self.mirrored.get(), Mirror::Unneeded) && retry_ms > 0 {
+        // The mirror follows the watch when it expires as the retry. (A shard
+        // let go as done, by the drain's `empty`, leaves its mirror to
+        // expire: deleting it could delete the next holder's, its lease taken
+        // between our release and the delete, on another server; and an
+        // expiry of a shard that is not held, or held anew, only has it
+        // looked at again.)
+        if !matches!(self.mirrored.get(), Mirror::Unneeded) {
             mirror(s, self.shard, Mirrored::Lease, Some(retry_ms)).await;
         }
     }
