@@ -32,6 +32,7 @@ pub mod dead;
 pub mod exposition;
 pub mod hazards;
 pub mod layout;
+pub mod lease;
 pub mod problem;
 pub mod query;
 pub mod record;

@@ -6,6 +6,7 @@
 //! lease expired cannot release, renew or commit over the next holder.
 
 use spillway_core::call::{BatchLimits, Call, backoff_ms};
+use spillway_core::lease::Mirror;
 use spillway_core::problem::Problem;
 use spillway_core::reply::{BatchRead, LeaseAcquired};
 use spillway_spin::redis::malformed;
@@ -36,19 +37,6 @@ pub(crate) struct Lease {
     pub(crate) fence: i64,
     /// The lease's mirror on the trigger's server (see `spillway_spin::mirror`).
     mirrored: Cell<Mirror>,
-}
-
-/// Where a lease's mirror stands.
-#[derive(Clone, Copy, Debug)]
-enum Mirror {
-    /// The shard needs none (or it is not set yet).
-    Unneeded,
-    /// Set at this monotonic time (ms).
-    SetAt(u64),
-    /// Setting it failed: tried again at the next round. (Not a time: WASI's
-    /// monotonic clock starts near zero with each instance, so no time
-    /// stands for "long ago".)
-    Retry,
 }
 
 /// A lease's mirror lives this many halves of the lease TTL, and is set again
@@ -113,12 +101,7 @@ impl Lease {
     /// last is half a TTL old.
     async fn mirror(&self, s: &Settings, now: bool) {
         let at = spillway_spin::monotonic_ms();
-        let due = now
-            || match self.mirrored.get() {
-                Mirror::Unneeded => false,
-                Mirror::Retry => true,
-                Mirror::SetAt(last) => at.saturating_sub(last) >= s.lease_ttl_ms / 2,
-            };
+        let due = now || self.mirrored.get().due(at, s.lease_ttl_ms);
         if !due {
             return;
         }
